@@ -1,0 +1,1329 @@
+"""The patch engine: plan → backup → transform → validate → commit | rollback → verify.
+
+Each step is a plain function of (engine, execution_id, ...) that reads and writes durable state
+in the StockRx database, so it can run in its own process and be re-executed. Dagster ops in
+``patch_ops.ops`` are thin wrappers around these functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pandas as pd
+import pandera.errors as pa_errors
+from sqlalchemy import (
+    Integer,
+    Numeric,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    text,
+    true,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql import ColumnElement
+
+from patch_ops import state
+from patch_ops.patch import (
+    Changes,
+    Patch,
+    PatchConfigError,
+    PatchRunConfig,
+    PatchSettings,
+    RunContext,
+    Tables,
+)
+from patch_ops.state import INSERT, UPDATE, executions, locks, mirror_table, targets
+from resources.database import check_connection, write_transaction
+from resources.memory import MemoryGuard
+
+BACKUP = "B"
+SAMPLE_ROWS = 10
+MAX_REJECTS_STORED = 1000
+
+
+class PatchError(Exception):
+    """A patch step refused or failed; the message is meant for the release engineer."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+class PlanRefused(PatchError):
+    pass
+
+
+class CommitConflict(PatchError):
+    pass
+
+
+class VerificationFailed(PatchError):
+    pass
+
+
+class RestoreRefused(PatchError):
+    pass
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution rows
+# ---------------------------------------------------------------------------------------------
+
+
+def load_execution(conn: Connection, execution_id: str) -> dict[str, Any]:
+    row = conn.execute(
+        select(executions).where(executions.c.execution_id == execution_id)
+    ).mappings().first()
+    if row is None:
+        raise PatchError(f"unknown execution {execution_id}")
+    return dict(row)
+
+
+def set_execution(conn: Connection, execution_id: str, **values: Any) -> None:
+    conn.execute(
+        update(executions).where(executions.c.execution_id == execution_id).values(**values)
+    )
+
+
+def finish_execution(
+    engine: Engine,
+    execution_id: str,
+    status: str,
+    error: str | None = None,
+    keep_work_tables: bool = True,
+    **values: Any,
+) -> None:
+    """Close an execution: status, completion time, locks released, scratch data dropped."""
+    with write_transaction(engine) as conn:
+        set_execution(
+            conn,
+            execution_id,
+            status=status,
+            completed_at=utcnow(),
+            error_message=error,
+            **values,
+        )
+        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
+        if not keep_work_tables:
+            _drop_work_rows(conn, execution_id)
+
+
+def _drop_work_rows(conn: Connection, execution_id: str) -> None:
+    """Backup/stage/target rows of an execution that never reached live tables."""
+    ex = load_execution(conn, execution_id)
+    decl = ex.get("declaration") or {}
+    for table in decl.get("tables", []):
+        for kind in ("backup", "stage"):
+            name = state.mirror_name(kind, table)
+            mirror = _mirror_by_name(conn, name)
+            if mirror is not None:
+                conn.execute(delete(mirror).where(mirror.c.dp_execution_id == execution_id))
+    conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
+    conn.execute(delete(state.rejects).where(state.rejects.c.execution_id == execution_id))
+
+
+def _mirror_by_name(conn: Connection, name: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import MetaData, inspect
+
+    if not inspect(conn).has_table(name):
+        return None
+    md = MetaData()
+    md.reflect(conn, only=[name])
+    return md.tables[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+def declaration_of(patch: Patch) -> dict[str, Any]:
+    return {
+        "driving_table": patch.driving_table,
+        "tables": list(patch.tables()),
+        "updates": {t: list(c) for t, c in patch.updates.items()},
+        "inserts": {t: list(c) for t, c in patch.inserts.items()},
+        "related": dict(patch.related),
+    }
+
+
+def _written_tables(decl: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys([*decl["updates"], *decl["inserts"]]))
+
+
+def check_columns(tables: Tables, patch: Patch) -> None:
+    for table, cols in patch.required_columns().items():
+        missing = sorted(set(cols) - set(tables[table].c.keys()))
+        if missing:
+            raise PlanRefused(
+                f"column(s) missing in table {table!r}: {', '.join(missing)} "
+                f"(patch {patch.name} needs them)"
+            )
+
+
+def acquire_locks(
+    conn: Connection, tables: Iterable[str], execution_id: str, run_id: str | None
+) -> None:
+    """Take the per-table locks of an execution (re-entrant for the same execution)."""
+    for table in tables:
+        holder = conn.execute(select(locks).where(locks.c.table_name == table)).mappings().first()
+        if holder is not None:
+            if holder["execution_id"] == execution_id:
+                continue
+            raise PlanRefused(
+                f"table {table!r} is locked by execution {holder['execution_id']} "
+                f"(Dagster run {holder['dagster_run_id']}, host {holder['hostname']}, "
+                f"pid {holder['pid']}, since {holder['acquired_at']:%Y-%m-%d %H:%M:%S} UTC)",
+                {"holder": dict(holder)},
+            )
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(locks).values(
+                        table_name=table,
+                        execution_id=execution_id,
+                        dagster_run_id=run_id,
+                        hostname=socket.gethostname(),
+                        pid=os.getpid(),
+                        acquired_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            raise PlanRefused(
+                f"table {table!r} was locked by another execution a moment ago; try again"
+            ) from None
+
+
+def estimate_seconds(conn: Connection, patch_name: str, records: int) -> float | None:
+    """From the throughput of this patch's past successful runs, if there are any."""
+    rows = conn.execute(
+        select(executions.c.processed_records, executions.c.started_at, executions.c.completed_at)
+        .where(
+            executions.c.patch_name == patch_name,
+            executions.c.status == "completed",
+            executions.c.kind == "patch",
+            executions.c.processed_records > 0,
+        )
+        .order_by(executions.c.started_at.desc())
+        .limit(5)
+    ).all()
+    rates = [
+        r.processed_records / max((r.completed_at - r.started_at).total_seconds(), 0.001)
+        for r in rows
+        if r.completed_at is not None
+    ]
+    if not rates:
+        return None
+    return records / (sum(rates) / len(rates))
+
+
+def plan_execution(
+    engine: Engine,
+    patch: Patch,
+    settings: PatchSettings,
+    config: PatchRunConfig,
+    dagster_run_id: str | None = None,
+    root_run_id: str | None = None,
+    log: logging.Logger | Any = None,
+) -> str:
+    """Create the execution, validate everything, lock the tables, freeze the target set."""
+    log = log or logging.getLogger(__name__)
+    check_connection(engine)
+    state.ensure_framework_tables(engine)
+
+    with write_transaction(engine) as conn:
+        if root_run_id:
+            existing = conn.execute(
+                select(executions.c.execution_id, executions.c.phase).where(
+                    executions.c.root_run_id == root_run_id,
+                    executions.c.status.in_(["running", "failed"]),
+                    executions.c.kind == "patch",
+                )
+            ).first()
+            if existing is not None and existing.phase != "planning":
+                # Re-execution of the same Dagster run: carry on with the same execution.
+                set_execution(
+                    conn,
+                    existing.execution_id,
+                    status="running",
+                    error_message=None,
+                    completed_at=None,
+                    dagster_run_id=dagster_run_id,
+                )
+                acquire_locks(
+                    conn,
+                    patch.tables(),
+                    existing.execution_id,
+                    dagster_run_id,
+                )
+                log.info(f"resuming execution {existing.execution_id}")
+                return str(existing.execution_id)
+
+    execution_id = str(uuid.uuid4())
+    run_at = utcnow().replace(microsecond=0)
+    business_date = dt.datetime.now(ZoneInfo(patch.timezone)).date()
+    cfg = config.model_dump()
+    bd_override = cfg.get("business_date")
+    if bd_override:
+        try:
+            business_date = dt.date.fromisoformat(str(bd_override))
+        except ValueError:
+            pass  # reported by check_config below
+    batch_size = config.batch_size or settings.batch_size
+    memory_limit = config.memory_limit_mb or settings.memory_limit_mb
+    with write_transaction(engine) as conn:
+        conn.execute(
+            insert(executions).values(
+                execution_id=execution_id,
+                patch_name=patch.name,
+                kind="patch",
+                status="running",
+                phase="planning",
+                dry_run=bool(config.dry_run),
+                started_at=utcnow(),
+                dagster_run_id=dagster_run_id,
+                root_run_id=root_run_id or dagster_run_id,
+                launched_by=config.launched_by or _default_user(),
+                config=cfg,
+                declaration=declaration_of(patch),
+                run_at=run_at,
+                business_date=business_date.isoformat(),
+                batch_size=batch_size,
+                memory_limit_mb=memory_limit,
+                heartbeat_at=utcnow(),
+            )
+        )
+    try:
+        if batch_size <= 0:
+            raise PatchConfigError(f"batch_size must be positive, got {batch_size}")
+        if memory_limit <= 0:
+            raise PatchConfigError(f"memory_limit_mb must be positive, got {memory_limit}")
+        patch.check_config(config)
+        tables = state.reflect_tables(engine, patch.tables())
+        check_columns(tables, patch)
+        ctx = RunContext(execution_id, run_at, business_date)
+        selects = patch.targets(tables, config, ctx)
+        unknown = set(selects) - set(patch.updates) - {patch.driving_table}
+        if unknown or patch.driving_table not in selects:
+            raise PlanRefused(
+                f"patch {patch.name} targets() must select ids of {patch.driving_table} and of "
+                f"its updated tables only (got {sorted(selects)})"
+            )
+        for table in patch.tables():
+            mirror_table(engine, tables[table], "backup")
+            mirror_table(engine, tables[table], "stage")
+        with write_transaction(engine) as conn:
+            acquire_locks(conn, patch.tables(), execution_id, dagster_run_id)
+            counts = {}
+            for table, sel in selects.items():
+                ids = sel.subquery()
+                id_col = list(ids.c)[0]
+                conn.execute(
+                    insert(targets).from_select(
+                        ["execution_id", "table_name", "row_id"],
+                        select(literal(execution_id), literal(table), id_col).distinct(),
+                    )
+                )
+                counts[table] = conn.execute(
+                    select(func.count()).select_from(targets).where(
+                        targets.c.execution_id == execution_id, targets.c.table_name == table
+                    )
+                ).scalar_one()
+            target_count = counts[patch.driving_table]
+            set_execution(
+                conn,
+                execution_id,
+                phase="planned",
+                target_count=target_count,
+                estimated_seconds=estimate_seconds(conn, patch.name, target_count),
+                report={"targets": counts},
+            )
+    except Exception as exc:
+        finish_execution(engine, execution_id, "failed", error=_describe(exc))
+        raise
+    log.info(
+        f"planned execution {execution_id} of {patch.name} "
+        f"({'DRY RUN' if config.dry_run else 'REAL RUN'}): "
+        + ", ".join(f"{n:,} {t}" for t, n in counts.items())
+    )
+    return execution_id
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database in some containers
+        return "unknown"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Backup
+# ---------------------------------------------------------------------------------------------
+
+
+def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str, int]:
+    """Copy the before-image (every column) of every targeted row, set-based."""
+    log = log or logging.getLogger(__name__)
+    with write_transaction(engine) as conn:
+        ex = load_execution(conn, execution_id)
+    decl = ex["declaration"]
+    if ex["phase"] not in ("planned",):
+        log.info(f"backup already taken for {execution_id} (phase {ex['phase']})")
+        return dict(ex["report"].get("backup", {})) if ex["report"] else {}
+    tables = state.reflect_tables(engine, decl["tables"])
+    counts: dict[str, int] = {}
+    with write_transaction(engine) as conn:
+        for table in _targeted_tables(conn, execution_id):
+            live = tables[table]
+            backup = mirror_table(engine, live, "backup")
+            conn.execute(delete(backup).where(backup.c.dp_execution_id == execution_id))
+            ids = select(targets.c.row_id).where(
+                targets.c.execution_id == execution_id, targets.c.table_name == table
+            )
+            cols = [c.name for c in live.columns]
+            conn.execute(
+                insert(backup).from_select(
+                    ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols],
+                    select(
+                        literal(execution_id),
+                        literal(BACKUP),
+                        live.c.id,
+                        literal(None, type_=Integer),
+                        *[live.c[c] for c in cols],
+                    ).where(live.c.id.in_(ids)),
+                )
+            )
+            counts[table] = conn.execute(
+                select(func.count()).select_from(backup).where(
+                    backup.c.dp_execution_id == execution_id
+                )
+            ).scalar_one()
+        report = dict(ex["report"] or {})
+        report["backup"] = counts
+        set_execution(conn, execution_id, phase="backed_up", report=report, heartbeat_at=utcnow())
+    log.info("backup taken: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
+    return counts
+
+
+def _targeted_tables(conn: Connection, execution_id: str) -> list[str]:
+    return list(
+        conn.execute(
+            select(targets.c.table_name)
+            .where(targets.c.execution_id == execution_id)
+            .distinct()
+            .order_by(targets.c.table_name)
+        ).scalars()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Transform
+# ---------------------------------------------------------------------------------------------
+
+
+def _frame(rows: list[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+    df = pd.DataFrame.from_records(rows, columns=columns)
+    for col in table.columns:
+        if col.name in df.columns and isinstance(col.type, Numeric) and not isinstance(
+            col.type, Integer
+        ):
+            df[col.name] = pd.to_numeric(df[col.name], errors="coerce").astype("float64")
+    return df
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """DataFrame rows as plain Python values for DB-API drivers (no numpy/pandas scalars)."""
+    out = df.astype(object).where(df.notna(), None)
+    recs = out.to_dict("records")
+    for rec in recs:
+        for k, v in rec.items():
+            if isinstance(v, pd.Timestamp):
+                rec[k] = v.to_pydatetime()
+            elif hasattr(v, "item") and not isinstance(v, str | bytes):
+                rec[k] = v.item()
+    return recs
+
+
+def _config_of(patch: Patch, ex: dict[str, Any]) -> PatchRunConfig:
+    return patch.config_class(**(ex["config"] or {}))
+
+
+def run_transform(
+    engine: Engine,
+    patch: Patch,
+    execution_id: str,
+    memory: MemoryGuard,
+    log: Any = None,
+) -> dict[str, int]:
+    """Transform the frozen target set in keyset batches into the stage tables.
+
+    Each batch commits its staged rows together with the cursor, so a crashed run resumes at the
+    next batch. Rows whose changes fail the patch's pandera schemas are rejected (recorded with
+    the reason) together with every other change of the same source row.
+    """
+    log = log or logging.getLogger(__name__)
+    with write_transaction(engine) as conn:
+        ex = load_execution(conn, execution_id)
+    if ex["phase"] not in ("backed_up", "transforming"):
+        log.info(f"transform already done for {execution_id} (phase {ex['phase']})")
+        return _counts(ex)
+    config = _config_of(patch, ex)
+    ctx = RunContext(execution_id, ex["run_at"], dt.date.fromisoformat(ex["business_date"]))
+    tables = state.reflect_tables(engine, patch.tables())
+    backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
+    stages = {t: mirror_table(engine, tables[t], "stage") for t in patch.tables()}
+    driving = backups[patch.driving_table]
+    live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
+
+    budget = memory.budget(ex["memory_limit_mb"], ex["batch_size"])
+    cursor = ex["cursor"] if ex["cursor"] is not None else -(2**62)
+    done = int(ex["processed_records"])
+    staged_inserts = int(ex["staged_inserts"])
+    batch_no = int(ex["batches_done"])
+    total = int(ex["target_count"])
+    started = time.monotonic()
+    done_at_start = done
+    if done:
+        log.info(f"resuming transform at id > {cursor} ({done:,}/{total:,} done)")
+
+    while True:
+        batch_no += 1
+        size = budget.next_batch_size(batch_no)
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(*[driving.c[c] for c in live_cols[patch.driving_table]])
+                .where(driving.c.dp_execution_id == execution_id, driving.c.dp_seq > cursor)
+                .order_by(driving.c.dp_seq)
+                .limit(size)
+            ).all()
+            if not rows:
+                break
+            frames = {
+                patch.driving_table: _frame(
+                    rows, live_cols[patch.driving_table], tables[patch.driving_table]
+                )
+            }
+            lo, hi = rows[0].id, rows[-1].id
+            for rel, fk in patch.related.items():
+                b = backups[rel]
+                rel_rows = conn.execute(
+                    select(*[b.c[c] for c in live_cols[rel]])
+                    .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))
+                    .order_by(b.c.dp_seq)
+                ).all()
+                frames[rel] = _frame(rel_rows, live_cols[rel], tables[rel])
+        changes = patch.transform(frames, config, ctx)
+        accepted, reject_rows = _validate_batch(patch, frames, changes)
+        with write_transaction(engine) as conn:
+            n_upd = 0
+            for table, df in accepted.updates.items():
+                if df.empty:
+                    continue
+                cols = ["id", *patch.updates[table]]
+                recs = _records(df[["source_id", *cols]].rename(columns={"source_id": "dp_source_id"}))
+                for r in recs:
+                    r.update(dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=r["id"])
+                conn.execute(insert(stages[table]), recs)
+                if table == patch.driving_table:
+                    n_upd += len(recs)
+            for table, df in accepted.inserts.items():
+                if df.empty:
+                    continue
+                cols = list(patch.inserts[table])
+                recs = _records(df[["source_id", *cols]].rename(columns={"source_id": "dp_source_id"}))
+                for r in recs:
+                    staged_inserts += 1
+                    r.update(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=staged_inserts)
+                conn.execute(insert(stages[table]), recs)
+            if reject_rows:
+                for r in reject_rows:
+                    r["execution_id"] = execution_id
+                conn.execute(insert(state.rejects), reject_rows[:MAX_REJECTS_STORED])
+            cursor = rows[-1].id
+            done += len(rows)
+            conn.execute(
+                update(executions)
+                .where(executions.c.execution_id == execution_id)
+                .values(
+                    phase="transforming",
+                    cursor=cursor,
+                    processed_records=done,
+                    batches_done=batch_no,
+                    staged_updates=executions.c.staged_updates + n_upd,
+                    staged_inserts=staged_inserts,
+                    failed_records=executions.c.failed_records
+                    + len({r["source_id"] for r in reject_rows}),
+                    peak_rss_mb=budget.peak_rss_mb,
+                    heartbeat_at=utcnow(),
+                )
+            )
+        elapsed = time.monotonic() - started
+        rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        log.info(
+            f"batch {batch_no}: {done:,}/{total:,} rows ({done / max(total, 1):.0%}), "
+            f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
+            f"RSS {budget.peak_rss_mb:.0f} MB"
+        )
+    for b, new_size, rss in budget.shrinks:
+        log.warning(f"memory guard: batch {b} shrunk to {new_size} rows at RSS {rss:.0f} MB")
+    with write_transaction(engine) as conn:
+        set_execution(conn, execution_id, phase="transformed", peak_rss_mb=budget.peak_rss_mb)
+        ex = load_execution(conn, execution_id)
+    return _counts(ex)
+
+
+def _counts(ex: dict[str, Any]) -> dict[str, int]:
+    return {
+        "processed": int(ex["processed_records"]),
+        "staged_updates": int(ex["staged_updates"]),
+        "staged_inserts": int(ex["staged_inserts"]),
+        "failed": int(ex["failed_records"]),
+    }
+
+
+def _validate_batch(
+    patch: Patch, frames: dict[str, pd.DataFrame], changes: Changes
+) -> tuple[Changes, list[dict[str, Any]]]:
+    """Check a batch's changes with the patch's schemas; drop every change of a bad source."""
+    bad_sources: set[int] = set()
+    reject_rows: list[dict[str, Any]] = []
+    checked: list[tuple[str, pd.DataFrame]] = []
+    for table, df in changes.updates.items():
+        if table not in patch.updates:
+            raise PatchError(f"patch {patch.name} updated undeclared table {table!r}")
+        extra = set(df.columns) - {"id", "source_id", *patch.updates[table]}
+        if extra:
+            raise PatchError(f"patch {patch.name} changed undeclared columns {sorted(extra)} of {table}")
+        before = frames.get(table)
+        if before is None:
+            raise PatchError(f"patch {patch.name} updated {table} without loading its rows")
+        unknown = set(df["id"]) - set(before["id"])
+        if unknown:
+            raise PatchError(
+                f"patch {patch.name} tried to update {table} rows outside the frozen target set: "
+                f"{sorted(unknown)[:5]}"
+            )
+        merged = before.set_index("id")
+        after = df.set_index("id")
+        full = merged.loc[after.index].copy()
+        for col in patch.updates[table]:
+            full[col] = after[col]
+        full["source_id"] = after["source_id"]
+        checked.append((table, full.reset_index()))
+    for table, df in changes.inserts.items():
+        if table not in patch.inserts:
+            raise PatchError(f"patch {patch.name} inserted into undeclared table {table!r}")
+        checked.append((table, df.reset_index(drop=True)))
+    for table, df in checked:
+        if "source_id" not in df.columns:
+            raise PatchError(f"patch {patch.name}: {table} changes lack the source_id column")
+        schema = patch.schemas.get(table)
+        if schema is None or df.empty:
+            continue
+        try:
+            schema.validate(df, lazy=True)
+        except pa_errors.SchemaErrors as err:
+            cases = err.failure_cases
+            if cases["index"].isna().any():
+                # A schema-level failure (missing column, wrong dtype) is a bug in the patch.
+                raise PatchError(
+                    f"patch {patch.name} produced {table} rows that do not fit its schema: "
+                    + "; ".join(
+                        f"{r.column}: {r.check} ({r.failure_case})"
+                        for r in cases[cases["index"].isna()].itertuples()
+                    )
+                ) from None
+            for r in cases.itertuples():
+                src = int(df.loc[int(r.index), "source_id"])
+                bad_sources.add(src)
+                reject_rows.append(
+                    {
+                        "execution_id": "",
+                        "source_id": src,
+                        "table_name": table,
+                        "column_name": None if pd.isna(r.column) else str(r.column),
+                        "check_name": str(r.check),
+                        "failure_case": str(r.failure_case),
+                    }
+                )
+    if not bad_sources:
+        return changes, []
+    kept = Changes(
+        updates={t: df[~df["source_id"].isin(bad_sources)] for t, df in changes.updates.items()},
+        inserts={t: df[~df["source_id"].isin(bad_sources)] for t, df in changes.inserts.items()},
+    )
+    return kept, reject_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The would-be (or committed) result, for invariants and reports
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResultView:
+    """SQL views of an execution's result, before commit (from staging) or after (live).
+
+    ``updated(t)``: full after-images of the rows the patch updates, plus ``before_<col>`` for
+    every column the patch changes; ``inserted(t)``: rows it inserts; ``table(t)``: the whole
+    table as it is (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
+    """
+
+    engine: Engine
+    tables: Tables
+    execution_id: str
+    committed: bool
+    declaration: dict[str, Any]
+
+    def _stage(self, table: str):  # type: ignore[no-untyped-def]
+        return mirror_table(self.engine, self.tables[table], "stage")
+
+    def _backup(self, table: str):  # type: ignore[no-untyped-def]
+        return mirror_table(self.engine, self.tables[table], "backup")
+
+    def _cols(self, table: str) -> list[str]:
+        return [c.name for c in self.tables[table].columns]
+
+    def updated(self, table: str):  # type: ignore[no-untyped-def]
+        st, bk, live = self._stage(table), self._backup(table), self.tables[table]
+        changed = self.declaration["updates"].get(table, ())
+        joined = st.join(
+            bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)
+        )
+        if self.committed:
+            joined = joined.join(live, live.c.id == st.c.dp_seq)
+            cols = [live.c[c] for c in self._cols(table)]
+        else:
+            # id from the stage's primary key, so joins on it can use the index
+            cols = [
+                (st.c.dp_seq if c == "id" else st.c[c] if c in changed else bk.c[c]).label(c)
+                for c in self._cols(table)
+            ]
+        q = (
+            select(*cols, *[bk.c[c].label(f"before_{c}") for c in changed], st.c.dp_source_id)
+            .select_from(joined)
+            .where(st.c.dp_execution_id == self.execution_id, st.c.dp_action == UPDATE)
+        )
+        return q.subquery(f"updated_{table}")
+
+    def inserted(self, table: str):  # type: ignore[no-untyped-def]
+        st, live = self._stage(table), self.tables[table]
+        cond = and_(st.c.dp_execution_id == self.execution_id, st.c.dp_action == INSERT)
+        if self.committed:
+            q = select(*live.c, st.c.dp_source_id).join(st, live.c.id == st.c.id).where(cond)
+        else:
+            q = select(*[st.c[c] for c in self._cols(table)], st.c.dp_source_id).where(cond)
+        return q.subquery(f"inserted_{table}")
+
+    def table(self, table: str):  # type: ignore[no-untyped-def]
+        live = self.tables[table]
+        if self.committed:
+            return select(*live.c, literal(None, type_=Integer).label("dp_source_id")).subquery(
+                f"all_{table}"
+            )
+        st = self._stage(table)
+        staged_ids = select(st.c.dp_seq).where(
+            st.c.dp_execution_id == self.execution_id, st.c.dp_action == UPDATE
+        )
+        untouched = select(*live.c, literal(None, type_=Integer).label("dp_source_id")).where(
+            live.c.id.not_in(staged_ids)
+        )
+        upd, ins = self.updated(table), self.inserted(table)
+        upd_cols = [upd.c[c] for c in self._cols(table)] + [upd.c.dp_source_id]
+        parts = [untouched, select(*upd_cols), select(*ins.c)]
+        return union_all(*parts).subquery(f"all_{table}")
+
+
+def check_invariants(
+    engine: Engine, patch: Patch, execution_id: str, committed: bool
+) -> list[dict[str, Any]]:
+    """Run the patch's invariants; return the broken ones with a sample of offending rows."""
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    config = _config_of(patch, ex)
+    tables = state.reflect_tables(engine, patch.tables())
+    view = ResultView(engine, tables, execution_id, committed, ex["declaration"])
+    broken = []
+    with engine.connect() as conn:
+        for inv in patch.invariants(view, config):
+            sub = inv.offenders.subquery()
+            n = conn.execute(select(func.count()).select_from(sub)).scalar_one()
+            if n:
+                sample = [
+                    {k: _jsonable(v) for k, v in r.items()}
+                    for r in conn.execute(select(sub).limit(SAMPLE_ROWS)).mappings()
+                ]
+                broken.append(
+                    {"name": inv.name, "description": inv.description, "count": n, "sample": sample}
+                )
+    return broken
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validate and report
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_execution(
+    engine: Engine,
+    patch: Patch,
+    settings: PatchSettings,
+    execution_id: str,
+    log: Any = None,
+) -> tuple[bool, dict[str, Any]]:
+    """Whole-set checks on the would-be result; build the impact report. Returns (passed, report)."""
+    log = log or logging.getLogger(__name__)
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    if ex["phase"] not in ("transformed", "validated"):
+        raise PatchError(f"execution {execution_id} is in phase {ex['phase']}, not transformed")
+    ratio_allowed = (
+        settings.max_failure_ratio
+        if settings.max_failure_ratio is not None
+        else patch.max_failure_ratio
+    )
+    total = max(int(ex["target_count"]), 1)
+    failed = int(ex["failed_records"])
+    problems: list[str] = []
+    if failed and failed / total > ratio_allowed:
+        problems.append(
+            f"{failed:,} of {total:,} rows ({failed / total:.1%}) failed validation "
+            f"(allowed: {ratio_allowed:.1%})"
+        )
+    broken = check_invariants(engine, patch, execution_id, committed=False)
+    for b in broken:
+        problems.append(f"invariant {b['name']} broken by {b['count']:,} row(s): {b['description']}")
+    report = build_report(engine, execution_id)
+    report["validation"] = {
+        "passed": not problems,
+        "problems": problems,
+        "invariants": broken,
+        "rejects": _reject_sample(engine, execution_id),
+    }
+    markdown = render_markdown(ex, report)
+    with write_transaction(engine) as conn:
+        merged = dict(ex["report"] or {})
+        merged.update(report)
+        set_execution(
+            conn,
+            execution_id,
+            phase="validated",
+            report=merged,
+            report_markdown=markdown,
+            heartbeat_at=utcnow(),
+        )
+    return not problems, merged
+
+
+def _reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
+    rj = state.rejects
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(rj.c.source_id, rj.c.table_name, rj.c.column_name, rj.c.check_name, rj.c.failure_case)
+            .where(rj.c.execution_id == execution_id)
+            .order_by(rj.c.source_id)
+            .limit(SAMPLE_ROWS)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
+    """Counts, before/after sums and min/max change of every changed numeric column, samples."""
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    decl = ex["declaration"]
+    tables = state.reflect_tables(engine, decl["tables"])
+    report: dict[str, Any] = {
+        "patch": ex["patch_name"],
+        "execution_id": execution_id,
+        "dry_run": bool(ex["dry_run"]),
+        "targets": (ex["report"] or {}).get("targets", {}),
+        "processed_records": int(ex["processed_records"]),
+        "failed_records": int(ex["failed_records"]),
+        "updates": {},
+        "inserts": {},
+    }
+    with engine.connect() as conn:
+        for table, cols in decl["updates"].items():
+            live = tables[table]
+            st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
+            joined = st.join(
+                bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)
+            )
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+            rows = conn.execute(select(func.count()).select_from(joined).where(cond)).scalar_one()
+            stats: dict[str, Any] = {}
+            numeric = [c for c in cols if _is_numeric(live.c[c])]
+            if numeric and rows:
+                aggs = []
+                for c in numeric:
+                    aggs += [
+                        func.sum(bk.c[c]),
+                        func.sum(st.c[c]),
+                        func.min(st.c[c] - bk.c[c]),
+                        func.max(st.c[c] - bk.c[c]),
+                    ]
+                vals = conn.execute(select(*aggs).select_from(joined).where(cond)).one()
+                for i, c in enumerate(numeric):
+                    s_before, s_after, d_min, d_max = vals[4 * i : 4 * i + 4]
+                    stats[c] = {
+                        "sum_before": _num(s_before),
+                        "sum_after": _num(s_after),
+                        "min_change": _num(d_min),
+                        "max_change": _num(d_max),
+                    }
+            sample = conn.execute(
+                select(st.c.dp_seq.label("id"), *[bk.c[c].label(f"{c}_before") for c in cols],
+                       *[st.c[c].label(f"{c}_after") for c in cols])
+                .select_from(joined)
+                .where(cond)
+                .order_by(st.c.dp_seq)
+                .limit(SAMPLE_ROWS)
+            ).mappings()
+            report["updates"][table] = {
+                "rows": rows,
+                "columns": list(cols),
+                "stats": stats,
+                "sample": [{k: _jsonable(v) for k, v in r.items()} for r in sample],
+            }
+        for table, cols in decl["inserts"].items():
+            st = mirror_table(engine, tables[table], "stage")
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            rows = conn.execute(select(func.count()).select_from(st).where(cond)).scalar_one()
+            sample = conn.execute(
+                select(*[st.c[c] for c in cols]).where(cond).order_by(st.c.dp_seq).limit(SAMPLE_ROWS)
+            ).mappings()
+            report["inserts"][table] = {
+                "rows": rows,
+                "sample": [{k: _jsonable(v) for k, v in r.items()} for r in sample],
+            }
+    return report
+
+
+def _is_numeric(col) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return col.type.python_type in (int, float) or isinstance(col.type, Numeric | Integer)
+    except NotImplementedError:
+        return False
+
+
+def _num(v: Any) -> float | int | None:
+    if v is None:
+        return None
+    f = float(v)
+    return int(f) if f.is_integer() else round(f, 2)
+
+
+def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
+    mode = "DRY RUN, nothing committed" if ex["dry_run"] else "REAL RUN"
+    lines = [
+        f"## {ex['patch_name']}: impact report, {mode}",
+        "",
+        f"Execution `{ex['execution_id']}`",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
+    for table, n in report.get("targets", {}).items():
+        lines.append(f"| {table} rows selected | {n:,} |")
+    for table, u in report["updates"].items():
+        lines.append(f"| {table} rows changed | {u['rows']:,} |")
+        for col, s in u["stats"].items():
+            lines.append(f"| sum of {col} before | {_fmt(s['sum_before'])} |")
+            lines.append(f"| sum of {col} after | {_fmt(s['sum_after'])} |")
+            lines.append(f"| min / max change of {col} | {_fmt(s['min_change'])} / {_fmt(s['max_change'])} |")
+    for table, i in report["inserts"].items():
+        lines.append(f"| {table} rows inserted | {i['rows']:,} |")
+    lines.append(f"| rows rejected by validation | {report.get('failed_records', 0):,} |")
+    v = report.get("validation")
+    if v is not None:
+        lines.append(f"| validation | {'passed' if v['passed'] else 'FAILED'} |")
+    for table, u in report["updates"].items():
+        if not u["sample"]:
+            continue
+        cols = u["columns"]
+        lines += ["", f"### Sample of changed {table} rows", ""]
+        lines.append("| id | " + " | ".join(cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for r in u["sample"]:
+            cells = [f"{_fmt(r[f'{c}_before'])} → {_fmt(r[f'{c}_after'])}" for c in cols]
+            lines.append(f"| {r['id']} | " + " | ".join(cells) + " |")
+    for table, i in report["inserts"].items():
+        if i["sample"]:
+            lines += ["", f"### Sample of {table} rows to insert", ""]
+            cols = list(i["sample"][0])
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            for r in i["sample"]:
+                lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    if v is not None and v["problems"]:
+        lines += ["", "### Validation problems", ""] + [f"- {p}" for p in v["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "∅"
+    if isinstance(v, float):
+        return f"{int(v):,}" if v.is_integer() else f"{v:,.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit
+# ---------------------------------------------------------------------------------------------
+
+
+def _distinct(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type: ignore[no-untyped-def]
+    from sqlalchemy import String, cast
+    from sqlalchemy.types import JSON as JSONType
+
+    if isinstance(col.type, JSONType):
+        return cast(a, String).is_distinct_from(cast(b, String))
+    return a.is_distinct_from(b)
+
+
+def find_conflicts(
+    conn: Connection,
+    engine: Engine,
+    tables: Tables,
+    execution_id: str,
+    decl: dict[str, Any],
+    against: str,
+    limit: int | None = None,
+) -> dict[str, list[int]]:
+    """Rows the application changed since the engine last saw them.
+
+    ``against="backup"`` (commit): a live row to be updated differs in any column from its
+    before-image, or is gone. ``against="stage"`` (restore): a live row differs from what the
+    patch wrote (declared columns of updated rows, declared columns of inserted rows), or is gone.
+    """
+    found: dict[str, list[int]] = {}
+    for table in _written_tables(decl):
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        ids: list[int] = []
+        if table in decl["updates"]:
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+            if against == "backup":
+                bk = mirror_table(engine, live, "backup")
+                cols = [c.name for c in live.columns if c.name in bk.c]
+                differs = or_(
+                    live.c.id.is_(None), *[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols]
+                )
+                q = (
+                    select(st.c.dp_seq)
+                    .select_from(st)
+                    .join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP))
+                    .outerjoin(live, live.c.id == st.c.dp_seq)
+                    .where(cond, differs)
+                )
+            else:
+                cols = decl["updates"][table]
+                differs = or_(
+                    live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
+                )
+                q = select(st.c.dp_seq).select_from(st).outerjoin(
+                    live, live.c.id == st.c.dp_seq
+                ).where(cond, differs)
+            ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
+        if table in decl["inserts"] and against == "stage":
+            cols = decl["inserts"][table]
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            differs = or_(
+                live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
+            )
+            q = select(st.c.id).select_from(st).outerjoin(live, live.c.id == st.c.id).where(
+                cond, differs
+            )
+            ids += list(conn.execute(q.order_by(st.c.id).limit(limit)).scalars())
+        if ids:
+            found[table] = ids
+    return found
+
+
+def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[str, Any]) -> None:
+    """Row locks on the rows to change (PostgreSQL/MySQL); SQLite holds the write lock already."""
+    if conn.dialect.name == "sqlite":
+        return
+    for table in decl["updates"]:
+        live = tables[table]
+        ids = select(targets.c.row_id).where(
+            targets.c.execution_id == execution_id, targets.c.table_name == table
+        )
+        conn.execute(select(live.c.id).where(live.c.id.in_(ids)).with_for_update()).all()
+
+
+def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Give each staged insert its real id before inserting, so inserted rows are known exactly."""
+    cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+    if conn.dialect.name == "postgresql":
+        seq = func.nextval(func.pg_get_serial_sequence(literal(live.name), literal("id")))
+        conn.execute(update(st).where(cond).values(id=seq))
+        return
+    # SQLite (writer lock held) and others: the next free ids after the current maximum.
+    base = conn.execute(select(func.coalesce(func.max(live.c.id), 0))).scalar_one()
+    if conn.dialect.name == "sqlite":
+        has_seq = conn.execute(
+            text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_sequence'")
+        ).scalar_one()
+        if has_seq:
+            seq_val = conn.execute(
+                text("SELECT seq FROM sqlite_sequence WHERE name = :n"), {"n": live.name}
+            ).scalar()
+            base = max(base, seq_val or 0)
+    first = conn.execute(select(func.min(st.c.dp_seq)).where(cond)).scalar_one()
+    if first is not None:
+        conn.execute(update(st).where(cond).values(id=st.c.dp_seq - first + 1 + base))
+
+
+def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: Any = None) -> dict[str, int]:
+    """Apply the staged changes to the live tables in one transaction, refusing on conflicts."""
+    log = log or logging.getLogger(__name__)
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    if ex["dry_run"]:
+        raise PatchError("refusing to commit a dry run")  # safety rule 1, belt and braces
+    if ex["phase"] in ("committed", "verified"):
+        log.info(f"execution {execution_id} already committed")
+        return ex["report"].get("committed", {})
+    if ex["phase"] != "validated" or not (ex["report"] or {}).get("validation", {}).get("passed"):
+        raise PatchError(f"execution {execution_id} has not passed validation; not committing")
+    decl = ex["declaration"]
+    tables = state.reflect_tables(engine, decl["tables"])
+    counts: dict[str, int] = {}
+    with write_transaction(engine) as conn:
+        _lock_rows(conn, tables, execution_id, decl)
+        conflicts = find_conflicts(conn, engine, tables, execution_id, decl, "backup", limit=1000)
+        if conflicts:
+            desc = "; ".join(
+                f"{t}: {len(ids)}{'+' if len(ids) >= 1000 else ''} row(s), ids {ids[:20]}"
+                for t, ids in conflicts.items()
+            )
+            raise CommitConflict(
+                "the application changed rows after the backup; nothing was committed "
+                f"(re-run the patch to plan again): {desc}",
+                {"conflicts": conflicts},
+            )
+        for table, cols in decl["updates"].items():
+            live = tables[table]
+            st = mirror_table(engine, live, "stage")
+            expected = conn.execute(
+                select(func.count()).select_from(st).where(
+                    st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE
+                )
+            ).scalar_one()
+            if not expected:
+                counts[f"{table}_updated"] = 0
+                continue
+            res = conn.execute(
+                update(live)
+                .where(
+                    live.c.id == st.c.dp_seq,
+                    st.c.dp_execution_id == execution_id,
+                    st.c.dp_action == UPDATE,
+                )
+                .values({c: st.c[c] for c in cols})
+            )
+            if res.rowcount != expected:
+                raise PatchError(
+                    f"commit updated {res.rowcount} {table} rows but {expected} were staged; "
+                    "rolled back"
+                )
+            counts[f"{table}_updated"] = expected
+        for table, cols in decl["inserts"].items():
+            live = tables[table]
+            st = mirror_table(engine, live, "stage")
+            _assign_insert_ids(conn, live, st, execution_id)
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            res = conn.execute(
+                insert(live).from_select(
+                    ["id", *cols], select(st.c.id, *[st.c[c] for c in cols]).where(cond)
+                )
+            )
+            counts[f"{table}_inserted"] = res.rowcount
+        if conn.dialect.name == "postgresql":
+            pass  # ids came from the tables' own sequences: nothing to resynchronise
+        report = dict(ex["report"] or {})
+        report["committed"] = counts
+        set_execution(conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow())
+    log.info("committed: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify
+# ---------------------------------------------------------------------------------------------
+
+
+def verify_execution(engine: Engine, patch: Patch, execution_id: str) -> list[str]:
+    """Post-execution checks on live data. Returns the problems (empty = verified)."""
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+        decl = ex["declaration"]
+        tables = state.reflect_tables(engine, decl["tables"])
+        problems = []
+        mismatched = find_conflicts(conn, engine, tables, execution_id, decl, "stage", limit=20)
+        for table, ids in mismatched.items():
+            problems.append(f"{table}: live rows differ from what was committed, e.g. ids {ids}")
+    for b in check_invariants(engine, patch, execution_id, committed=True):
+        problems.append(f"invariant {b['name']} broken after commit by {b['count']:,} row(s)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore (undo) from backup
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RestorePlan:
+    updated: dict[str, int]
+    deleted: dict[str, int]
+    conflicts: dict[str, list[int]]
+    skipped_sources: int
+
+
+def restore_rows(
+    conn: Connection,
+    engine: Engine,
+    execution_id: str,
+    skip_conflicts: bool,
+    apply: bool,
+) -> RestorePlan:
+    """Put back the before-images of a committed execution; delete the rows it inserted.
+
+    Rows the application changed after the patch are conflicts: with ``skip_conflicts`` every
+    change of a conflicting source row is left as it is (and reported); otherwise the restore
+    refuses. With ``apply=False`` only counts what would be restored.
+    """
+    ex = load_execution(conn, execution_id)
+    decl = ex["declaration"]
+    tables = state.reflect_tables(engine, decl["tables"])
+    if apply:
+        _lock_rows(conn, tables, execution_id, decl)
+    conflicts = find_conflicts(conn, engine, tables, execution_id, decl, "stage")
+    if conflicts and not skip_conflicts:
+        desc = "; ".join(f"{t}: ids {ids[:20]}" for t, ids in conflicts.items())
+        raise RestoreRefused(
+            f"the application changed {sum(map(len, conflicts.values()))} row(s) after the patch; "
+            f"restore refused (use skip_conflicts to restore the rest): {desc}",
+            {"conflicts": conflicts},
+        )
+    # Conflicting rows → their source rows; every change of such a source is left alone.
+    bad_sources: set[int] = set()
+    for table, ids in conflicts.items():
+        st = mirror_table(engine, tables[table], "stage")
+        key = st.c.dp_seq if table in decl["updates"] else st.c.id
+        for chunk in _chunks(ids, 1000):
+            bad_sources.update(
+                s
+                for s in conn.execute(
+                    select(st.c.dp_source_id).where(
+                        st.c.dp_execution_id == execution_id, key.in_(chunk)
+                    )
+                ).scalars()
+                if s is not None
+            )
+    keep_out = list(bad_sources)
+    updated: dict[str, int] = {}
+    deleted: dict[str, int] = {}
+    for table, cols in decl["updates"].items():
+        live = tables[table]
+        st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
+        cond = [bk.c.dp_execution_id == execution_id, bk.c.dp_action == BACKUP, live.c.id == bk.c.dp_seq]
+        ids = select(st.c.dp_seq).where(
+            st.c.dp_execution_id == execution_id,
+            st.c.dp_action == UPDATE,
+            *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
+        )
+        if apply:
+            res = conn.execute(
+                update(live)
+                .where(*cond, bk.c.dp_seq.in_(ids))
+                .values({c: bk.c[c] for c in cols})
+            )
+            updated[table] = res.rowcount
+        else:
+            updated[table] = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+    for table in decl["inserts"]:
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        ids = select(st.c.id).where(
+            st.c.dp_execution_id == execution_id,
+            st.c.dp_action == INSERT,
+            *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
+        )
+        if apply:
+            deleted[table] = conn.execute(delete(live).where(live.c.id.in_(ids))).rowcount
+        else:
+            deleted[table] = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+    return RestorePlan(updated, deleted, conflicts, len(bad_sources))
+
+
+def _chunks(seq: list[int], n: int) -> Iterable[list[int]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+# Helpers kept here so callers need not import SQLAlchemy for the simple cases.
+__all__ = [
+    "BACKUP",
+    "CommitConflict",
+    "PatchError",
+    "PlanRefused",
+    "ResultView",
+    "RestoreRefused",
+    "VerificationFailed",
+    "build_report",
+    "check_invariants",
+    "commit_execution",
+    "finish_execution",
+    "load_execution",
+    "plan_execution",
+    "render_markdown",
+    "restore_rows",
+    "run_transform",
+    "take_backup",
+    "validate_execution",
+    "verify_execution",
+]

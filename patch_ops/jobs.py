@@ -1,0 +1,279 @@
+"""Builds one Dagster job per patch from the generic steps in ``patch_ops.engine``.
+
+plan_patch → take_backup → transform_batches → validate_changes ─┬→ commit_changes → verify_commit
+                                                                 ├→ report_dry_run
+                                                                 └→ roll_back
+
+Ops pass only the execution id; every op re-reads its state from the database, so it runs in
+its own process (the default multiprocess executor) and can be re-executed from failure.
+"""
+
+# No `from __future__ import annotations` here: Dagster reads the op signatures' annotations
+# (the config class of each patch is chosen at runtime).
+
+import contextlib
+from collections.abc import Iterator
+
+from dagster import (
+    Failure,
+    In,
+    JobDefinition,
+    MetadataValue,
+    OpExecutionContext,
+    Out,
+    Output,
+    job,
+    op,
+)
+
+from patch_ops import engine as eng
+from patch_ops.patch import Patch, PatchSettings
+from resources.database import DatabaseUnavailable, StockRxDatabase, write_transaction
+from resources.memory import MemoryGuard, MemoryLimitExceeded
+
+DB = "stockrx_db"
+MEMORY = "memory_guard"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+@contextlib.contextmanager
+def patch_step(
+    context: OpExecutionContext, db: StockRxDatabase, execution_id: str
+) -> Iterator[None]:
+    """Run one step of an execution: take over the execution for this run, record failures."""
+    engine = db.get_engine()
+    with write_transaction(engine) as conn:
+        ex = eng.load_execution(conn, execution_id)
+        if ex["status"] != "running" or ex["dagster_run_id"] != context.run_id:
+            # Re-execution of a failed run: the execution continues under the new run id.
+            eng.set_execution(
+                conn,
+                execution_id,
+                status="running",
+                dagster_run_id=context.run_id,
+                completed_at=None,
+                error_message=None,
+            )
+        eng.acquire_locks(conn, ex["declaration"]["tables"], execution_id, context.run_id)
+    try:
+        yield
+    except Failure:
+        raise
+    except (eng.PatchError, MemoryLimitExceeded, DatabaseUnavailable, ValueError) as exc:
+        eng.finish_execution(engine, execution_id, "failed", error=eng._describe(exc))
+        details = getattr(exc, "details", {}) or {}
+        raise Failure(
+            description=_one_line(exc),
+            metadata={
+                "execution_id": execution_id,
+                "error": MetadataValue.text(str(exc)),
+                **{k: MetadataValue.json(v) for k, v in details.items()},
+            },
+        ) from exc
+    except Exception as exc:
+        eng.finish_execution(engine, execution_id, "failed", error=eng._describe(exc))
+        raise
+
+
+def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
+    config_class = patch.config_class
+    tables = ",".join(settings.target_tables)
+
+    @op(
+        name="plan_patch",
+        description="Validate config, lock the tables, freeze the target set, open the execution.",
+        required_resource_keys={DB},
+        out=Out(str, description="execution id"),
+    )
+    def plan_patch(context: OpExecutionContext, config: config_class) -> str:  # type: ignore[valid-type]
+        db: StockRxDatabase = getattr(context.resources, DB)
+        try:
+            execution_id = eng.plan_execution(
+                db.get_engine(),
+                patch,
+                settings,
+                config,
+                dagster_run_id=context.run_id,
+                root_run_id=context.run.root_run_id or context.run_id,
+                log=context.log,
+            )
+        except (eng.PatchError, DatabaseUnavailable, LookupError, ValueError) as exc:
+            raise Failure(
+                description=f"{patch.name} refused before any write: {_one_line(exc)}",
+                metadata={"error": MetadataValue.text(str(exc)), "database": db.safe_url},
+            ) from exc
+        context.add_output_metadata({"execution_id": execution_id, "database": db.safe_url})
+        return execution_id
+
+    @op(
+        name="take_backup",
+        description="Copy the before-image of every targeted row (all columns), set-based.",
+        required_resource_keys={DB},
+        ins={"execution_id": In(str)},
+        out=Out(str),
+    )
+    def take_backup(context: OpExecutionContext, execution_id: str) -> str:
+        db: StockRxDatabase = getattr(context.resources, DB)
+        with patch_step(context, db, execution_id):
+            counts = eng.take_backup(db.get_engine(), execution_id, log=context.log)
+        context.add_output_metadata({f"backup_{t}": n for t, n in counts.items()})
+        return execution_id
+
+    @op(
+        name="transform_batches",
+        description="Keyset batches over the frozen set: transform, validate, stage; resumable.",
+        required_resource_keys={DB, MEMORY},
+        ins={"execution_id": In(str)},
+        out=Out(str),
+    )
+    def transform_batches(context: OpExecutionContext, execution_id: str) -> str:
+        db: StockRxDatabase = getattr(context.resources, DB)
+        memory: MemoryGuard = getattr(context.resources, MEMORY)
+        with patch_step(context, db, execution_id):
+            counts = eng.run_transform(db.get_engine(), patch, execution_id, memory, log=context.log)
+        context.add_output_metadata(counts)
+        return execution_id
+
+    @op(
+        name="validate_changes",
+        description="Whole-set invariants and failure ratio on the would-be result; impact report.",
+        required_resource_keys={DB},
+        ins={"execution_id": In(str)},
+        out={
+            "passed_real": Out(str, is_required=False, description="validated, real run"),
+            "passed_dry": Out(str, is_required=False, description="validated, dry run"),
+            "failed": Out(str, is_required=False, description="validation failed"),
+        },
+    )
+    def validate_changes(context: OpExecutionContext, execution_id: str):  # type: ignore[no-untyped-def]
+        db: StockRxDatabase = getattr(context.resources, DB)
+        engine = db.get_engine()
+        with patch_step(context, db, execution_id):
+            passed, report = eng.validate_execution(
+                engine, patch, settings, execution_id, log=context.log
+            )
+            with engine.connect() as conn:
+                ex = eng.load_execution(conn, execution_id)
+        markdown = ex["report_markdown"]
+        context.log.info("\n" + markdown)
+        metadata = {
+            "impact_report": MetadataValue.md(markdown),
+            "rows_selected": int(ex["target_count"]),
+            "rows_changed": int(ex["staged_updates"]),
+            "rows_rejected": int(ex["failed_records"]),
+            "execution_id": execution_id,
+        }
+        if not passed:
+            yield Output(execution_id, "failed", metadata=metadata)
+        elif ex["dry_run"]:
+            yield Output(execution_id, "passed_dry", metadata=metadata)
+        else:
+            yield Output(execution_id, "passed_real", metadata=metadata)
+
+    @op(
+        name="commit_changes",
+        description="One transaction: refuse on conflicts with the backup, apply staged changes.",
+        required_resource_keys={DB},
+        ins={"execution_id": In(str)},
+        out=Out(str),
+    )
+    def commit_changes(context: OpExecutionContext, execution_id: str) -> str:
+        db: StockRxDatabase = getattr(context.resources, DB)
+        with patch_step(context, db, execution_id):
+            counts = eng.commit_execution(db.get_engine(), patch.name, execution_id, log=context.log)
+        context.add_output_metadata(counts)
+        return execution_id
+
+    @op(
+        name="verify_commit",
+        description="Check live data after commit; on failure restore from backup.",
+        required_resource_keys={DB},
+        ins={"execution_id": In(str)},
+    )
+    def verify_commit(context: OpExecutionContext, execution_id: str) -> None:
+        db: StockRxDatabase = getattr(context.resources, DB)
+        engine = db.get_engine()
+        with patch_step(context, db, execution_id):
+            problems = eng.verify_execution(engine, patch, execution_id)
+            if problems:
+                with write_transaction(engine) as conn:
+                    restored = eng.restore_rows(
+                        conn, engine, execution_id, skip_conflicts=True, apply=True
+                    )
+                reason = "post-verification failed: " + "; ".join(problems)
+                eng.finish_execution(
+                    engine, execution_id, "failed", error=reason, rollback_performed=True,
+                    phase="restored",
+                )
+                raise Failure(
+                    description=f"{patch.name}: verification failed, restored from backup",
+                    metadata={
+                        "execution_id": execution_id,
+                        "problems": MetadataValue.json(problems),
+                        "restored": MetadataValue.json(
+                            {"updated": restored.updated, "deleted": restored.deleted,
+                             "conflicts_left": restored.conflicts}
+                        ),
+                    },
+                )
+            eng.finish_execution(engine, execution_id, "completed", phase="verified")
+        context.log.info(f"execution {execution_id} committed and verified")
+
+    @op(
+        name="report_dry_run",
+        description="Close a dry run: nothing was committed; the report says what would change.",
+        required_resource_keys={DB},
+        ins={"execution_id": In(str)},
+    )
+    def report_dry_run(context: OpExecutionContext, execution_id: str) -> None:
+        db: StockRxDatabase = getattr(context.resources, DB)
+        with patch_step(context, db, execution_id):
+            eng.finish_execution(
+                db.get_engine(), execution_id, "completed", keep_work_tables=False,
+                phase="dry_run_reported",
+            )
+        context.log.info(f"dry run {execution_id} complete: nothing was committed")
+
+    @op(
+        name="roll_back",
+        description="Validation failed: discard staging (nothing reached live tables), fail.",
+        required_resource_keys={DB},
+        ins={"execution_id": In(str)},
+    )
+    def roll_back(context: OpExecutionContext, execution_id: str) -> None:
+        db: StockRxDatabase = getattr(context.resources, DB)
+        engine = db.get_engine()
+        with engine.connect() as conn:
+            ex = eng.load_execution(conn, execution_id)
+        problems = (ex["report"] or {}).get("validation", {}).get("problems", [])
+        reason = "validation failed: " + "; ".join(problems)
+        eng.finish_execution(
+            engine, execution_id, "failed", error=reason, keep_work_tables=False,
+            phase="rolled_back",
+        )
+        raise Failure(
+            description=f"{patch.name}: {reason}"[:500],
+            metadata={
+                "execution_id": execution_id,
+                "impact_report": MetadataValue.md(ex["report_markdown"] or ""),
+                "problems": MetadataValue.json(problems),
+            },
+        )
+
+    @job(
+        name=patch.name,
+        description=settings.description,
+        tags={"stockrx/patch": patch.name, "stockrx/tables": tables},
+    )
+    def patch_job() -> None:
+        execution_id = transform_batches(take_backup(plan_patch()))
+        passed_real, passed_dry, failed = validate_changes(execution_id)
+        verify_commit(commit_changes(passed_real))
+        report_dry_run(passed_dry)
+        roll_back(failed)
+
+    return patch_job

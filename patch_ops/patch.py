@@ -1,0 +1,174 @@
+"""What a patch declares. The framework owns everything else (iteration, backup, staging,
+validation, commit, verification, history).
+
+A patch is a subclass of :class:`Patch` in one small file: a typed config, which rows it targets,
+a pure ``transform`` from a batch of before-images to changes, pandera schemas and SQL invariants.
+It never opens a session, commits, logs progress or notifies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pandas as pd
+import pandera.pandas as pa
+from dagster import Config
+from pydantic import Field
+from sqlalchemy import Select, Table
+
+
+class PatchConfigError(ValueError):
+    """The run config is well-typed but not acceptable for this patch (e.g. out of range)."""
+
+
+class PatchRunConfig(Config):
+    """Options every patch run has. A patch's config class extends this one."""
+
+    dry_run: bool = Field(
+        default=True,
+        description="Go through every step but stop before commit and report what would change. "
+        "A real run needs an explicit dry_run: false.",
+    )
+    batch_size: int | None = Field(
+        default=None,
+        description="Rows per transform batch; default from config/data_patches.yml.",
+    )
+    memory_limit_mb: int | None = Field(
+        default=None,
+        description="Fail the run above this RSS (MB); default from config/data_patches.yml.",
+    )
+    launched_by: str | None = Field(
+        default=None,
+        description="Who launched this run (recorded in the history); default: the OS user.",
+    )
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Facts fixed at plan time, so a re-executed transform produces identical rows."""
+
+    execution_id: str
+    run_at: dt.datetime  # UTC, naive (Rails stores UTC in datetime(6))
+    business_date: dt.date  # the run's date in the patch's time zone
+
+
+@dataclass
+class Changes:
+    """What a transform returns for one batch.
+
+    ``updates[table]``: after-images with ``id``, ``source_id`` and every column the patch
+    declares in ``updates`` for that table. ``inserts[table]``: new rows with ``source_id`` and
+    the columns the patch declares in ``inserts``. ``source_id`` is the id of the driving row
+    the change comes from; all changes of one source are accepted or rejected together.
+    """
+
+    updates: dict[str, pd.DataFrame] = field(default_factory=dict)
+    inserts: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """A whole-set rule: ``offenders`` selects the rows that break it (none = it holds)."""
+
+    name: str
+    description: str
+    offenders: Select
+
+
+class Tables(Mapping[str, Table]):
+    """Live StockRx tables as reflected from the database (name → Table)."""
+
+    def __init__(self, tables: dict[str, Table]):
+        self._tables = tables
+
+    def __getitem__(self, name: str) -> Table:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise KeyError(f"table {name!r} was not reflected") from None
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._tables)
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+
+class Patch:
+    """Base class of every patch. Subclasses set the class attributes and two methods."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PatchRunConfig]] = PatchRunConfig
+    #: The table whose ids are frozen, batched and count as "records".
+    driving_table: ClassVar[str]
+    #: Other tables loaded with each batch: table → column holding the driving row's id.
+    related: ClassVar[dict[str, str]] = {}
+    #: Columns the patch may change, per table (all are backed up and restored together).
+    updates: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Columns the patch fills in the rows it inserts, per table.
+    inserts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: pandera schemas for the changed/inserted rows, per table.
+    schemas: ClassVar[dict[str, type[pa.DataFrameModel]]] = {}
+    #: Share of driving rows allowed to fail validation before the run is failed (0 = none).
+    max_failure_ratio: ClassVar[float] = 0.0
+    #: Time zone of the business date.
+    timezone: ClassVar[str] = "Asia/Tokyo"
+
+    def check_config(self, config: Any) -> None:
+        """Raise PatchConfigError for a config that is typed right but not acceptable."""
+
+    def targets(self, tables: Tables, config: Any, ctx: RunContext) -> dict[str, Select]:
+        """Per updated table, a SELECT of the ids (one column) the patch may change."""
+        raise NotImplementedError(f"{type(self).__name__} must define targets()")
+
+    def transform(
+        self, batch: dict[str, pd.DataFrame], config: Any, ctx: RunContext
+    ) -> Changes:
+        """Pure function: before-images of one batch in, changes out. No I/O."""
+        raise NotImplementedError(f"{type(self).__name__} must define transform()")
+
+    def invariants(self, result: Any, config: Any) -> list[Invariant]:
+        """Whole-set rules checked on the would-be result and again after commit."""
+        return []
+
+    # Derived declarations -------------------------------------------------------------
+    @classmethod
+    def description(cls) -> str:
+        doc = (cls.__doc__ or cls.name).strip()
+        return doc.splitlines()[0]
+
+    @classmethod
+    def tables(cls) -> tuple[str, ...]:
+        names = [cls.driving_table, *cls.related, *cls.updates, *cls.inserts]
+        return tuple(dict.fromkeys(names))
+
+    @classmethod
+    def required_columns(cls) -> dict[str, set[str]]:
+        need: dict[str, set[str]] = {t: {"id"} for t in cls.tables()}
+        for table, fk in cls.related.items():
+            need[table].add(fk)
+        for spec in (cls.updates, cls.inserts):
+            for table, cols in spec.items():
+                need[table].update(cols)
+        for table, schema in cls.schemas.items():
+            if table in need:
+                need[table].update(
+                    c for c in schema.to_schema().columns if c not in ("source_id",)
+                )
+        return need
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """Operational settings of a patch, from config/data_patches.yml."""
+
+    description: str
+    target_tables: tuple[str, ...]
+    estimated_records: int = 10_000
+    batch_size: int = 1000
+    memory_limit_mb: int = 1024
+    max_failure_ratio: float | None = None  # None: the patch's own default
+    scheduled: bool = False

@@ -1,0 +1,179 @@
+"""Durable state of the engine, kept in the StockRx database next to the data it protects.
+
+- ``data_patch_executions``: the execution history (one row per patch, restore or purge run).
+- ``data_patch_targets``: the frozen target set of each execution (table, id).
+- ``data_patch_rejects``: rows whose transform output failed validation.
+- ``data_patch_locks``: one row per table while an execution holds it.
+- per target table T, two mirror tables built from T's reflected columns:
+  ``data_patch_backup__T`` (before-images) and ``data_patch_stage__T`` (after-images of updated
+  rows, and rows to insert). They have every column of T, nullable and unconstrained, plus
+  ``dp_*`` bookkeeping columns.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    false,
+    inspect,
+    true,
+    text,
+)
+from sqlalchemy.engine import Engine
+
+from patch_ops.patch import Tables
+
+framework_metadata = MetaData()
+
+executions = Table(
+    "data_patch_executions",
+    framework_metadata,
+    Column("execution_id", String(36), primary_key=True),
+    Column("patch_name", String(255), nullable=False, index=True),
+    Column("kind", String(16), nullable=False, server_default="patch"),  # patch|restore|purge
+    Column("status", String(16), nullable=False),  # pending|running|completed|failed
+    Column("phase", String(32), nullable=False, server_default="planned"),
+    Column("dry_run", Boolean, nullable=False, server_default=true()),
+    Column("started_at", DateTime, nullable=False),
+    Column("completed_at", DateTime),
+    Column("processed_records", BigInteger, nullable=False, server_default=text("0")),
+    Column("error_message", Text),
+    Column("rollback_performed", Boolean, nullable=False, server_default=false()),
+    Column("dagster_run_id", String(64), index=True),
+    Column("root_run_id", String(64)),
+    Column("launched_by", String(255)),
+    Column("config", JSON),
+    Column("declaration", JSON),  # the patch's tables/columns, so restore needs no patch code
+    Column("run_at", DateTime),
+    Column("business_date", String(10)),
+    Column("target_count", BigInteger, nullable=False, server_default=text("0")),
+    Column("batch_size", Integer),
+    Column("memory_limit_mb", Integer),
+    Column("cursor", BigInteger),  # last driving id transformed; resume point
+    Column("batches_done", Integer, nullable=False, server_default=text("0")),
+    Column("staged_updates", BigInteger, nullable=False, server_default=text("0")),
+    Column("staged_inserts", BigInteger, nullable=False, server_default=text("0")),
+    Column("failed_records", BigInteger, nullable=False, server_default=text("0")),
+    Column("peak_rss_mb", Float),
+    Column("estimated_seconds", Float),
+    Column("report", JSON),
+    Column("report_markdown", Text),
+    Column("restores_execution_id", String(36)),
+    Column("restored_by_execution_id", String(36)),
+    Column("heartbeat_at", DateTime),
+)
+
+targets = Table(
+    "data_patch_targets",
+    framework_metadata,
+    Column("execution_id", String(36), nullable=False),
+    Column("table_name", String(255), nullable=False),
+    Column("row_id", BigInteger, nullable=False),
+    PrimaryKeyConstraint("execution_id", "table_name", "row_id"),
+)
+
+rejects = Table(
+    "data_patch_rejects",
+    framework_metadata,
+    Column("execution_id", String(36), nullable=False, index=True),
+    Column("source_id", BigInteger),
+    Column("table_name", String(255), nullable=False),
+    Column("column_name", String(255)),
+    Column("check_name", Text),
+    Column("failure_case", Text),
+)
+
+locks = Table(
+    "data_patch_locks",
+    framework_metadata,
+    Column("table_name", String(255), primary_key=True),
+    Column("execution_id", String(36), nullable=False),
+    Column("dagster_run_id", String(64)),
+    Column("hostname", String(255)),
+    Column("pid", Integer),
+    Column("acquired_at", DateTime, nullable=False),
+)
+
+MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
+UPDATE, INSERT = "U", "I"
+
+_mirror_cache: dict[tuple[str, str, str], Table] = {}
+_mirror_lock = threading.Lock()
+
+
+def ensure_framework_tables(engine: Engine) -> None:
+    framework_metadata.create_all(engine, checkfirst=True)
+
+
+def mirror_name(kind: str, table: str) -> str:
+    return f"data_patch_{kind}__{table}"
+
+
+def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
+    """The backup or stage mirror of a live table, created (or widened) to match its columns."""
+    assert kind in ("backup", "stage")
+    key = (str(engine.url), kind, live.name)
+    with _mirror_lock:
+        cached = _mirror_cache.get(key)
+        if cached is not None and set(live.c.keys()) <= set(cached.c.keys()):
+            return cached
+        for name in live.c.keys():
+            if name in MIRROR_COLUMNS:
+                raise ValueError(f"{live.name}.{name} collides with the engine's bookkeeping columns")
+        md = MetaData()
+        cols = [
+            Column("dp_execution_id", String(36), nullable=False),
+            Column("dp_action", String(1), nullable=False),
+            Column("dp_seq", BigInteger, nullable=False),
+            Column("dp_source_id", BigInteger),
+        ]
+        cols += [Column(c.name, c.type, nullable=True) for c in live.columns]
+        table = Table(
+            mirror_name(kind, live.name),
+            md,
+            *cols,
+            PrimaryKeyConstraint("dp_execution_id", "dp_action", "dp_seq"),
+            Index(f"ix_{mirror_name(kind, live.name)}_src", "dp_execution_id", "dp_source_id"),
+        )
+        insp = inspect(engine)
+        if insp.has_table(table.name):
+            existing = {c["name"] for c in insp.get_columns(table.name)}
+            missing = [c for c in live.columns if c.name not in existing]
+            if missing:
+                # The live table grew since the mirror was made: widen the mirror, never narrow.
+                with engine.begin() as conn:
+                    for c in missing:
+                        ddl = c.type.compile(dialect=engine.dialect)
+                        q = engine.dialect.identifier_preparer
+                        conn.exec_driver_sql(
+                            f"ALTER TABLE {q.quote(table.name)} ADD COLUMN {q.quote(c.name)} {ddl}"
+                        )
+        else:
+            md.create_all(engine)
+        _mirror_cache[key] = table
+        return table
+
+
+def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables:
+    """Reflect live tables by name; a missing table is a clear error before any write."""
+    insp = inspect(engine)
+    missing = [n for n in names if not insp.has_table(n)]
+    if missing:
+        raise LookupError(f"table(s) not found in the StockRx database: {', '.join(missing)}")
+    md = MetaData()
+    md.reflect(engine, only=list(names))
+    return Tables({n: md.tables[n] for n in names})

@@ -1,0 +1,211 @@
+"""Adjust item prices in bulk (percentage, fixed amount, multiplier or a set value).
+
+Why: price revisions at release time ("raise every item by 8 %"). Prices round to whole yen;
+every changed item gets one ``adjust`` inventory_logs row and its ``inventory_logs_count``
+goes up by one. Items whose price would not change are not touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import Enum
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from sqlalchemy import func, or_, select
+
+from patch_ops.patch import (
+    Changes,
+    Invariant,
+    Patch,
+    PatchConfigError,
+    PatchRunConfig,
+    RunContext,
+    Tables,
+)
+from stockrx_patches.schemas import InventoryLogSchema, InventorySchema
+
+RANGES = {
+    "percentage": (-100, 1000),
+    "fixed_amount": (None, None),
+    "multiply": (0, None),  # exclusive lower bound
+    "set_value": (0, None),
+}
+
+
+class AdjustmentType(str, Enum):
+    percentage = "percentage"
+    fixed_amount = "fixed_amount"
+    multiply = "multiply"
+    set_value = "set_value"
+
+
+class PriceAdjustmentConfig(PatchRunConfig):
+    adjustment_type: AdjustmentType = Field(
+        description="percentage (-100..1000), fixed_amount (yen, result clamped at 0), "
+        "multiply (> 0) or set_value (>= 0 yen)."
+    )
+    adjustment_value: float = Field(description="The percentage, amount, factor or new price.")
+    min_price: float | None = Field(default=None, description="Only items priced at least this.")
+    max_price: float | None = Field(default=None, description="Only items priced at most this.")
+    before_date: str | None = Field(
+        default=None, description="Only items last updated before this date (YYYY-MM-DD)."
+    )
+    user_id: int | None = Field(default=None, description="Admin user id put on the log rows.")
+
+
+def _fmt(v: float) -> str:
+    return f"{int(v)}" if float(v).is_integer() else f"{v:.2f}"
+
+
+class InventoryPriceAdjustment(Patch):
+    """Adjust inventory prices by percentage, fixed amount, multiplier or set value."""
+
+    name = "inventory_price_adjustment"
+    config_class = PriceAdjustmentConfig
+    driving_table = "inventories"
+    updates = {"inventories": ("price", "inventory_logs_count", "updated_at")}
+    inserts = {
+        "inventory_logs": (
+            "inventory_id", "delta", "operation_type", "previous_quantity",
+            "current_quantity", "note", "user_id", "created_at", "updated_at",
+        )
+    }
+    schemas = {"inventories": InventorySchema, "inventory_logs": InventoryLogSchema}
+
+    def check_config(self, config: PriceAdjustmentConfig) -> None:
+        kind = AdjustmentType(config.adjustment_type).value
+        lo, hi = RANGES[kind]
+        v = config.adjustment_value
+        if not np.isfinite(v):
+            raise PatchConfigError("adjustment_value must be a finite number")
+        if kind == "multiply" and v <= 0:
+            raise PatchConfigError(f"multiply needs adjustment_value > 0, got {v}")
+        if lo is not None and v < lo or hi is not None and v > hi:
+            raise PatchConfigError(
+                f"{kind} needs adjustment_value in [{lo}, {hi}], got {v}"
+            )
+        for f in ("min_price", "max_price"):
+            p = getattr(config, f)
+            if p is not None and p < 0:
+                raise PatchConfigError(f"{f} must be >= 0, got {p}")
+        if config.before_date is not None:
+            try:
+                dt.date.fromisoformat(config.before_date)
+            except ValueError:
+                raise PatchConfigError(
+                    f"before_date must be a date YYYY-MM-DD, got {config.before_date!r}"
+                ) from None
+        if config.min_price is not None and config.max_price is not None:
+            if config.min_price > config.max_price:
+                raise PatchConfigError("min_price is greater than max_price")
+
+    def targets(self, tables: Tables, config: PriceAdjustmentConfig, ctx: RunContext):
+        inv = tables["inventories"]
+        q = select(inv.c.id)
+        if config.min_price is not None:
+            q = q.where(inv.c.price >= config.min_price)
+        if config.max_price is not None:
+            q = q.where(inv.c.price <= config.max_price)
+        if config.before_date is not None:
+            day = dt.date.fromisoformat(config.before_date)
+            q = q.where(inv.c.updated_at < dt.datetime.combine(day, dt.time()))
+        return {"inventories": q}
+
+    def transform(self, batch, config: PriceAdjustmentConfig, ctx: RunContext) -> Changes:
+        inv = batch["inventories"]
+        old = inv["price"].to_numpy(dtype="float64")
+        v = config.adjustment_value
+        kind = AdjustmentType(config.adjustment_type).value
+        new = {
+            "percentage": lambda: old * (100.0 + v) / 100.0,
+            "fixed_amount": lambda: np.maximum(old + v, 0.0),
+            "multiply": lambda: old * v,
+            "set_value": lambda: np.full_like(old, v),
+        }[kind]()
+        # Whole yen, half up; the epsilon absorbs binary noise such as 1.08 * 1250 = 1349.999...
+        new = np.floor(new + 0.5 + 1e-7)
+        changed = inv[new != old].copy()
+        changed["new_price"] = new[new != old]
+        if changed.empty:
+            return Changes()
+        label = f"{kind}:{_fmt(v)}"
+        updates = pd.DataFrame(
+            {
+                "id": changed["id"],
+                "source_id": changed["id"],
+                "price": changed["new_price"],
+                "inventory_logs_count": changed["inventory_logs_count"] + 1,
+                "updated_at": ctx.run_at,
+            }
+        )
+        notes = [
+            f"価格調整: {_fmt(o)}円 → {_fmt(n)}円 ({label})"
+            for o, n in zip(changed["price"], changed["new_price"], strict=True)
+        ]
+        logs = pd.DataFrame(
+            {
+                "source_id": changed["id"],
+                "inventory_id": changed["id"],
+                "delta": 0,
+                "operation_type": "adjust",
+                "previous_quantity": changed["quantity"],
+                "current_quantity": changed["quantity"],
+                "note": notes,
+                "user_id": config.user_id,
+                "created_at": ctx.run_at,
+                "updated_at": ctx.run_at,
+            }
+        )
+        return Changes(updates={"inventories": updates}, inserts={"inventory_logs": logs})
+
+    def invariants(self, result, config: PriceAdjustmentConfig) -> list[Invariant]:
+        items, logs = result.updated("inventories"), result.inserted("inventory_logs")
+        per_item = (
+            select(logs.c.inventory_id, func.count().label("n"))
+            .group_by(logs.c.inventory_id)
+            .subquery()
+        )
+        return [
+            Invariant(
+                "one_log_per_changed_item",
+                "every changed item has exactly one adjust log row",
+                select(items.c.id, per_item.c.n)
+                .select_from(items.outerjoin(per_item, per_item.c.inventory_id == items.c.id))
+                .where(func.coalesce(per_item.c.n, 0) != 1),
+            ),
+            Invariant(
+                "log_rows_belong_to_changed_items",
+                "every new log row is for an item whose price changed",
+                select(logs.c.inventory_id).where(
+                    logs.c.inventory_id.not_in(select(items.c.id))
+                ),
+            ),
+            Invariant(
+                "inventory_logs_count_incremented",
+                "inventory_logs_count went up by exactly one on every changed item",
+                select(items.c.id).where(
+                    items.c.inventory_logs_count != items.c.before_inventory_logs_count + 1
+                ),
+            ),
+            Invariant(
+                "log_quantities_match_item",
+                "log rows carry the item's quantity, delta 0",
+                select(logs.c.inventory_id)
+                .join(items, items.c.id == logs.c.inventory_id)
+                .where(
+                    or_(
+                        logs.c.delta != 0,
+                        logs.c.previous_quantity != items.c.quantity,
+                        logs.c.current_quantity != items.c.quantity,
+                        logs.c.operation_type != "adjust",
+                    )
+                ),
+            ),
+            Invariant(
+                "price_actually_changed",
+                "no item is touched whose price stays the same",
+                select(items.c.id).where(items.c.price == items.c.before_price),
+            ),
+        ]

@@ -1,0 +1,109 @@
+"""The StockRx tables as the Rails app defines them (see shared/notes/stockrx-domain.md).
+
+This metadata creates demo and test databases. Patch code never relies on it alone: the engine
+reflects the live tables, which may have more columns, indexes and constraints than listed here.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+# Rails: bigint auto-increment ids. SQLite only auto-increments an INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _timestamps() -> list[Column]:
+    return [
+        Column("created_at", DateTime(), nullable=False),
+        Column("updated_at", DateTime(), nullable=False),
+    ]
+
+
+inventories = Table(
+    "inventories",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, index=True),
+    Column("quantity", Integer, nullable=False, server_default=text("0")),
+    Column("price", Numeric(10, 2), nullable=False, server_default=text("0.0")),
+    Column("status", Integer, nullable=False, server_default=text("0")),
+    Column("batches_count", Integer, nullable=False, server_default=text("0")),
+    Column("inventory_logs_count", Integer, nullable=False, server_default=text("0")),
+    Column("shipments_count", Integer, nullable=False, server_default=text("0")),
+    Column("receipts_count", Integer, nullable=False, server_default=text("0")),
+    *_timestamps(),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "inventory_id",
+        Id,
+        ForeignKey("inventories.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("lot_code", String(255), nullable=False),
+    Column("expires_on", Date, nullable=True, index=True),
+    Column("quantity", Integer, nullable=False, server_default=text("0")),
+    *_timestamps(),
+    Index("uniq_inventory_lot", "inventory_id", "lot_code", unique=True),
+)
+
+inventory_logs = Table(
+    "inventory_logs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column(
+        "inventory_id",
+        Id,
+        ForeignKey("inventories.id", ondelete="RESTRICT"),
+        nullable=False,
+        index=True,
+    ),
+    Column("delta", Integer, nullable=False),
+    Column("operation_type", String(255), nullable=False),
+    Column("previous_quantity", Integer, nullable=False),
+    Column("current_quantity", Integer, nullable=False),
+    Column("note", Text, nullable=True),
+    Column("user_id", BigInteger, nullable=True),
+    *_timestamps(),
+)
+
+OPERATION_TYPES = ("add", "remove", "adjust", "ship", "receive")
+
+# The app validates these in Ruby; the demo schema also states them as CHECKs so a patch that
+# breaks them fails loudly in the database too.
+_checks = [
+    CheckConstraint("quantity >= 0", name="chk_inventories_quantity", table=inventories),
+    CheckConstraint("price >= 0", name="chk_inventories_price", table=inventories),
+    CheckConstraint("quantity >= 0", name="chk_batches_quantity", table=batches),
+]
+
+STOCKRX_TABLES = ("inventories", "batches", "inventory_logs")
+
+
+def create_stockrx_schema(engine: Engine, drop_first: bool = False) -> None:
+    """Create the three StockRx tables (demo and tests; production already has them)."""
+    if drop_first:
+        metadata.drop_all(engine)
+    metadata.create_all(engine)

@@ -1,0 +1,189 @@
+"""Deterministic demo data: items, their lots and the stock logs that explain their quantities.
+
+Counter caches and quantities are consistent (item quantity = sum of its lots; one ``receive``
+log per lot, chained previous → current), so invariants hold before any patch runs. Generation is
+vectorised and streamed in chunks; PostgreSQL loads through COPY.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.engine import Engine
+
+from stockrx_patches.schema import batches, create_stockrx_schema, inventories, inventory_logs
+
+CHUNK = 100_000
+NOUNS = ("Aspirin", "Ibuprofen", "Amoxicillin", "Loratadine", "Omeprazole", "Metformin",
+         "Cetirizine", "Paracetamol", "Lisinopril", "Atorvastatin", "Insulin", "Saline")
+FORMS = ("tablet", "capsule", "syrup", "ampoule", "patch", "drops")
+
+
+def _chunk_frames(
+    start_id: int, n: int, rng: np.random.Generator, today: dt.date, base_ts: dt.datetime
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    ids = np.arange(start_id, start_id + n, dtype=np.int64)
+    lots_per_item = rng.integers(1, 4, n)  # 1..3 lots
+    lot_item = np.repeat(ids, lots_per_item)
+    lot_no = np.concatenate([np.arange(k) for k in lots_per_item]) + 1
+    lot_qty = rng.integers(0, 200, len(lot_item))
+    lot_qty[rng.random(len(lot_item)) < 0.1] = 0
+    # Expiry spread over roughly -60..+365 days; a few lots have no expiry date.
+    offsets = rng.integers(-60, 366, len(lot_item))
+    expires = pd.to_datetime(today) + pd.to_timedelta(offsets, unit="D")
+    expires_on = pd.Series(expires.date, dtype=object)
+    expires_on[rng.random(len(lot_item)) < 0.03] = None
+    qty = np.bincount(lot_item - start_id, weights=lot_qty, minlength=n).astype(np.int64)
+
+    created = pd.Timestamp(base_ts) - pd.to_timedelta(rng.integers(30, 900, n), unit="D")
+    updated = created + pd.to_timedelta(rng.integers(0, 30 * 86400, n), unit="s")
+    price = rng.integers(10, 20_000, n).astype(np.float64)
+    half = rng.random(n) < 0.05
+    price[half] += 0.5
+    price[rng.random(n) < 0.01] = 0.0
+    names = [
+        f"{NOUNS[i % len(NOUNS)]} {FORMS[(i // 7) % len(FORMS)]} {i:07d}" for i in ids.tolist()
+    ]
+    items = pd.DataFrame(
+        {
+            "id": ids,
+            "name": names,
+            "quantity": qty,
+            "price": price,
+            "status": (rng.random(n) < 0.1).astype(np.int64),
+            "batches_count": lots_per_item.astype(np.int64),
+            "inventory_logs_count": lots_per_item.astype(np.int64),
+            "shipments_count": 0,
+            "receipts_count": lots_per_item.astype(np.int64),
+            "created_at": created,
+            "updated_at": updated,
+        }
+    )
+    lot_created = np.repeat(created.values, lots_per_item)
+    lots = pd.DataFrame(
+        {
+            "inventory_id": lot_item,
+            "lot_code": [f"L{i:07d}-{k:02d}" for i, k in zip(lot_item.tolist(), lot_no.tolist(), strict=True)],
+            "expires_on": expires_on.values,
+            "quantity": lot_qty,
+            "created_at": lot_created,
+            "updated_at": lot_created,
+        }
+    )
+    running = lots.groupby("inventory_id")["quantity"].cumsum().to_numpy()
+    logs = pd.DataFrame(
+        {
+            "inventory_id": lot_item,
+            "delta": lot_qty,
+            "operation_type": "receive",
+            "previous_quantity": running - lot_qty,
+            "current_quantity": running,
+            "note": [f"入荷 lot {c}" for c in lots["lot_code"]],
+            "user_id": None,
+            "created_at": lot_created,
+            "updated_at": lot_created,
+        }
+    )
+    return items, lots, logs
+
+
+def _frames(
+    items: int, seed: int, today: dt.date
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]]:
+    rng = np.random.default_rng(seed)
+    base_ts = dt.datetime.combine(today, dt.time(0, 0))
+    for start in range(1, items + 1, CHUNK):
+        yield _chunk_frames(start, min(CHUNK, items + 1 - start), rng, today, base_ts)
+
+
+def _copy_pg(engine: Engine, table: str, df: pd.DataFrame) -> None:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False, header=False, na_rep="\\N", sep="\t",
+              date_format="%Y-%m-%d %H:%M:%S")
+    buf.seek(0)
+    raw = engine.raw_connection()
+    try:
+        with raw.cursor() as cur:
+            cols = ", ".join(df.columns)
+            with cur.copy(f"COPY {table} ({cols}) FROM STDIN WITH (FORMAT text)") as cp:
+                while chunk := buf.read(1 << 20):
+                    cp.write(chunk)
+        raw.commit()
+    finally:
+        raw.close()
+
+
+def _insert_sqlite(conn, table: str, df: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
+    """executemany with plain tuples in SQLAlchemy's SQLite storage formats (fast path)."""
+    df = df.copy()
+    for col in df.columns:
+        if pd.api.types.is_datetime64_any_dtype(df[col]):
+            iso = np.datetime_as_string(df[col].to_numpy(dtype="datetime64[us]"), unit="us")
+            df[col] = pd.Series(iso, index=df.index).str.replace("T", " ", regex=False)
+        elif col == "expires_on":
+            df[col] = [None if d is None else d.isoformat() for d in df[col]]
+    df = df.astype(object).where(df.notna(), None)
+    marks = ", ".join("?" * len(df.columns))
+    conn.exec_driver_sql(
+        f"INSERT INTO {table} ({', '.join(df.columns)}) VALUES ({marks})",
+        list(df.itertuples(index=False, name=None)),
+    )
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    out = df.astype(object).where(df.notna(), None).to_dict("records")
+    for rec in out:
+        for k, v in rec.items():
+            if isinstance(v, pd.Timestamp):
+                rec[k] = v.to_pydatetime()
+    return out
+
+
+def seed_demo(
+    engine: Engine,
+    items: int = 100_000,
+    seed: int = 20261129,
+    today: dt.date | None = None,
+    reset: bool = False,
+) -> dict[str, int]:
+    """Create the StockRx tables (dropping them first with ``reset``) and fill them."""
+    today = today or dt.date.today()
+    create_stockrx_schema(engine, drop_first=reset)
+    with engine.connect() as conn:
+        if conn.execute(select(func.count()).select_from(inventories)).scalar_one():
+            raise RuntimeError("the database already has inventories; use reset to start over")
+    pg = engine.dialect.name == "postgresql"
+    for inv, lots, logs in _frames(items, seed, today):
+        if pg:
+            _copy_pg(engine, "inventories", inv)
+            _copy_pg(engine, "batches", lots)
+            _copy_pg(engine, "inventory_logs", logs)
+        elif engine.dialect.name == "sqlite":
+            with engine.begin() as conn:
+                for name, df in (("inventories", inv), ("batches", lots), ("inventory_logs", logs)):
+                    _insert_sqlite(conn, name, df)
+        else:
+            with engine.begin() as conn:
+                conn.execute(insert(inventories), _records(inv))
+                conn.execute(insert(batches), _records(lots))
+                conn.execute(insert(inventory_logs), _records(logs))
+    with engine.begin() as conn:
+        if pg:
+            for t in ("inventories", "batches", "inventory_logs"):
+                conn.execute(
+                    text(
+                        f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), "
+                        f"(SELECT coalesce(max(id), 1) FROM {t}))"
+                    )
+                )
+            conn.execute(text("ANALYZE"))
+        counts = {
+            t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+            for t in (inventories, batches, inventory_logs)
+        }
+    return counts

@@ -1,0 +1,81 @@
+"""Shared fixtures.
+
+Databases:
+- ``sqlite_url``: fresh SQLite file per test.
+- ``pg_url``: fresh, empty PostgreSQL database per test on the session's throwaway server
+  (``pg_server``; or the server in STOCKRX_TEST_PG_URL). Dropped after the test.
+- ``database_url``: runs the test once per backend, ids ``[sqlite]`` and ``[postgres]``;
+  the postgres case carries ``@pytest.mark.postgres`` (deselect with ``-m "not postgres"``).
+
+If PostgreSQL cannot be started, postgres tests are skipped with the reason, except when
+CI=true or STOCKRX_REQUIRE_POSTGRES=1: then they fail (errors in setup).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.postgres import PostgresServer, PostgresUnavailable, postgres_required
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (started lazily, on first use)."""
+    server = PostgresServer.from_env()
+    try:
+        server.start()
+    except PostgresUnavailable as e:
+        msg = f"PostgreSQL unavailable: {e}"
+        if postgres_required():
+            pytest.fail(
+                msg + "\n(CI=true or STOCKRX_REQUIRE_POSTGRES=1: failing instead of skipping)",
+                pytrace=False,
+            )
+        pytest.skip(msg)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """URL of a fresh empty database: postgresql+psycopg://stockrx@127.0.0.1:PORT/t_xxxx."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """URL of a fresh SQLite file: sqlite:////tmp/.../stockrx.sqlite."""
+    return f"sqlite:///{tmp_path / 'stockrx.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database URL, once per backend. ``request.param`` is "sqlite" or "postgres"."""
+    fixture = "pg_url" if request.param == "postgres" else "sqlite_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo_root: Path) -> Path:
+    """A fresh DAGSTER_HOME (env var set for the test) with the repo's dagster.yaml, if any."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    if (repo_root / "dagster.yaml").is_file():
+        shutil.copy(repo_root / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
