@@ -145,7 +145,7 @@ def _drop_work_rows(conn: Connection, execution_id: str) -> None:
             if mirror is not None:
                 conn.execute(delete(mirror).where(mirror.c.dp_execution_id == execution_id))
     conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
-    conn.execute(delete(state.rejects).where(state.rejects.c.execution_id == execution_id))
+    # data_patch_rejects stays: it explains why a run failed.
 
 
 def _mirror_by_name(conn: Connection, name: str):  # type: ignore[no-untyped-def]
@@ -295,8 +295,10 @@ def plan_execution(
             business_date = dt.date.fromisoformat(str(bd_override))
         except ValueError:
             pass  # reported by check_config below
-    batch_size = config.batch_size or settings.batch_size
-    memory_limit = config.memory_limit_mb or settings.memory_limit_mb
+    batch_size = settings.batch_size if config.batch_size is None else config.batch_size
+    memory_limit = (
+        settings.memory_limit_mb if config.memory_limit_mb is None else config.memory_limit_mb
+    )
     with write_transaction(engine) as conn:
         conn.execute(
             insert(executions).values(

@@ -1,0 +1,95 @@
+"""Test-only patches that misbehave on purpose, and a code location that serves them.
+
+`dagster job execute -m tests.support.test_patches -j slow_price_adjustment` runs them in
+subprocesses like the real code location.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from sqlalchemy import literal, select, update
+
+from patch_ops.patch import Invariant, PatchSettings
+from resources.database import get_engine
+from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
+from stockrx_patches.schema import inventories
+from tests.support.stockrx import defs_with
+
+SETTINGS = PatchSettings(
+    description="test patch",
+    target_tables=("inventories", "inventory_logs"),
+    estimated_records=100,
+    batch_size=50,
+    memory_limit_mb=4096,
+)
+
+
+class NegativePricePatch(InventoryPriceAdjustment):
+    """Sets a negative price on every third item: its schema must reject them."""
+
+    name = "negative_price_patch"
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        changes = super().transform(batch, config, ctx)
+        upd = changes.updates["inventories"]
+        upd.loc[upd["id"] % 3 == 0, "price"] = -5.0
+        return changes
+
+
+class ForgetfulCounterPatch(InventoryPriceAdjustment):
+    """Forgets to bump inventory_logs_count: the invariant must catch it."""
+
+    name = "forgetful_counter_patch"
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        changes = super().transform(batch, config, ctx)
+        upd = changes.updates["inventories"]
+        upd["inventory_logs_count"] = upd["inventory_logs_count"] - 1
+        return changes
+
+
+class FailsAfterCommitPatch(InventoryPriceAdjustment):
+    """An invariant that holds before commit and breaks after: post-verification must restore."""
+
+    name = "fails_after_commit_patch"
+
+    def invariants(self, result, config):  # type: ignore[no-untyped-def]
+        items = result.updated("inventories")
+        extra = Invariant(
+            "checked_after_commit",
+            "fails only on live data",
+            select(items.c.id).where(literal(result.committed)),
+        )
+        return [*super().invariants(result, config), extra]
+
+
+class ConcurrentAppPatch(InventoryPriceAdjustment):
+    """While the patch transforms, 'the application' edits item 2 (another connection)."""
+
+    name = "concurrent_app_patch"
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        engine = get_engine(os.environ["STOCKRX_DATABASE_URL"])
+        with engine.begin() as conn:
+            conn.execute(
+                update(inventories).where(inventories.c.id == 2).values(name="renamed by the app")
+            )
+        return super().transform(batch, config, ctx)
+
+
+class SlowPricePatch(InventoryPriceAdjustment):
+    """The price patch, slowed down so a test can kill it in the middle of the transform."""
+
+    name = "slow_price_adjustment"
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        time.sleep(float(os.environ.get("SLOW_PATCH_SECONDS", "0.4")))
+        return super().transform(batch, config, ctx)
+
+
+ALL = (NegativePricePatch, ForgetfulCounterPatch, FailsAfterCommitPatch, ConcurrentAppPatch,
+       SlowPricePatch)
+
+defs = defs_with(*[(cls(), SETTINGS) for cls in ALL])

@@ -1,0 +1,193 @@
+"""What happens when things go wrong: every failure leaves live tables as they were."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from patch_ops.state import executions, rejects
+from resources.memory import current_rss_mb
+from stockrx_patches.schema import inventories
+from tests.support import test_patches
+from tests.support.stockrx import (
+    PRICE_JOB,
+    digest,
+    failure_description,
+    hand_built,
+    latest_execution,
+    prices,
+    run_patch,
+    seeded,
+)
+
+PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
+DEFS = test_patches.defs
+
+
+def test_rows_that_break_the_schema_block_the_commit(database_url):
+    engine = seeded(database_url, items=120)
+    before = digest(engine)
+    result = run_patch(database_url, "negative_price_patch", PCT8, defs=DEFS)
+    assert not result.success
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed" and ex["phase"] == "rolled_back"
+    assert "failed validation" in ex["error_message"]
+    assert ex["failed_records"] > 0
+    assert "failed validation" in failure_description(result)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(rejects).where(rejects.c.execution_id == ex["execution_id"])
+        ).mappings().all()
+    assert rows and {r["column_name"] for r in rows} == {"price"}
+    assert all(r["source_id"] % 3 == 0 for r in rows)
+
+
+def test_a_broken_invariant_blocks_the_commit_and_names_the_rows(database_url):
+    engine = hand_built(database_url, [100, 200, 300])
+    before = digest(engine)
+    result = run_patch(database_url, "forgetful_counter_patch", PCT8, defs=DEFS)
+    assert not result.success
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    broken = ex["report"]["validation"]["invariants"]
+    assert [b["name"] for b in broken] == ["inventory_logs_count_incremented"]
+    assert sorted(r["id"] for r in broken[0]["sample"]) == [1, 2, 3]
+    assert "inventory_logs_count_incremented" in ex["error_message"]
+
+
+def test_post_verification_failure_restores_the_backup(database_url):
+    engine = seeded(database_url, items=150)
+    before = digest(engine)
+    result = run_patch(database_url, "fails_after_commit_patch", PCT8, defs=DEFS)
+    assert not result.success
+    assert "verification failed, restored from backup" in failure_description(result)
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed" and ex["rollback_performed"]
+    assert "checked_after_commit" in ex["error_message"]
+
+
+def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
+    engine = hand_built(database_url, [100, 200, 300])
+    old_prices = prices(engine)
+    result = run_patch(database_url, "concurrent_app_patch", PCT8, defs=DEFS)
+    assert not result.success
+    desc = failure_description(result)
+    assert "application changed rows after the backup" in desc and "[2]" in desc
+    assert prices(engine) == old_prices  # nothing committed
+    with engine.connect() as conn:
+        name = conn.execute(select(inventories.c.name).where(inventories.c.id == 2)).scalar_one()
+    assert name == "renamed by the app"  # and the app's update is not lost
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed" and "inventories" in ex["error_message"]
+
+
+def test_memory_limit_below_current_use_fails_before_any_write(database_url):
+    engine = seeded(database_url, items=200)
+    before = digest(engine)
+    limit = int(current_rss_mb() * 0.5)
+    result = run_patch(database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit})
+    assert not result.success
+    desc = failure_description(result)
+    assert "memory limit exceeded" in desc and f"limit {limit} MB" in desc and "batch 1" in desc
+    assert digest(engine) == before
+    assert latest_execution(engine)["status"] == "failed"
+
+
+def test_memory_near_the_limit_shrinks_batches_then_fails_clearly(database_url):
+    engine = seeded(database_url, items=3000)
+    before = digest(engine)
+    # Above the soft threshold (80 %) but below the limit: halve, halve, ... then give up.
+    limit = int(current_rss_mb() / 0.9) + 1
+    result = run_patch(
+        database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit, "batch_size": 800}
+    )
+    assert not result.success
+    desc = failure_description(result)
+    assert "minimum batch size 100" in desc and f"limit {limit} MB" in desc
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    # 800 → 400 → 200 → 100, then three strikes at 100 rows
+    assert ex["batches_done"] >= 3
+    assert ex["processed_records"] < 3000
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"adjustment_type": "percentage", "adjustment_value": 1500}, "in [-100, 1000]"),
+        ({"adjustment_type": "multiply", "adjustment_value": 0}, "> 0"),
+        ({"adjustment_type": "percentage", "adjustment_value": 5, "min_price": 10, "max_price": 1},
+         "min_price is greater"),
+        ({"adjustment_type": "percentage", "adjustment_value": 5,
+          "before_date": "2026-01-01'; DROP TABLE inventories; --"}, "before_date must be a date"),
+        ({"adjustment_type": "percentage", "adjustment_value": 5, "batch_size": 0},
+         "batch_size must be positive"),
+    ],
+)
+def test_bad_config_is_refused_before_any_write_and_recorded(sqlite_url, config, message):
+    engine = hand_built(sqlite_url, [100, 200])
+    before = digest(engine)
+    result = run_patch(sqlite_url, PRICE_JOB, {**config, "dry_run": False})
+    assert not result.success
+    assert "refused before any write" in failure_description(result)
+    assert message in failure_description(result)
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed" and message in ex["error_message"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"adjustment_type": "percentage; DROP TABLE inventories", "adjustment_value": 5},
+        {"adjustment_type": "percentage", "adjustment_value": "8 OR 1=1"},
+        {"adjustment_type": "percentage", "adjustment_value": 5, "surprise": 1},
+        {"adjustment_value": 5},
+    ],
+)
+def test_wrong_types_are_rejected_by_dagster_before_any_op(sqlite_url, config):
+    from dagster import DagsterInvalidConfigError
+
+    engine = hand_built(sqlite_url, [100])
+    before = digest(engine)
+    with pytest.raises(DagsterInvalidConfigError):
+        run_patch(sqlite_url, PRICE_JOB, config)
+    assert digest(engine) == before
+
+
+def test_unreachable_database_gives_a_clear_error_without_the_password():
+    url = "postgresql+psycopg://stockrx:s3cret-pw@127.0.0.1:1/nowhere"
+    result = run_patch(url, PRICE_JOB, PCT8)
+    assert not result.success
+    desc = failure_description(result)
+    assert "cannot connect to the StockRx database" in desc
+    assert "s3cret-pw" not in desc
+    for event in result.all_events:
+        assert "s3cret-pw" not in str(event)
+
+
+def test_missing_table_and_missing_column_are_refused(sqlite_url):
+    from resources.database import get_engine
+
+    engine = get_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE inventories (id INTEGER PRIMARY KEY, name VARCHAR(255), price NUMERIC)"
+        )
+    result = run_patch(sqlite_url, PRICE_JOB, PCT8)
+    assert not result.success
+    assert "table(s) not found in the StockRx database: inventory_logs" in failure_description(result)
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE inventory_logs (id INTEGER PRIMARY KEY, inventory_id INTEGER)"
+        )
+    result = run_patch(sqlite_url, PRICE_JOB, PCT8)
+    assert not result.success
+    desc = failure_description(result)
+    assert "column(s) missing in table 'inventories'" in desc and "inventory_logs_count" in desc
+    with engine.connect() as conn:
+        statuses = conn.execute(select(executions.c.status)).scalars().all()
+    assert statuses == ["failed", "failed"]
