@@ -93,3 +93,8 @@ ALL = (NegativePricePatch, ForgetfulCounterPatch, FailsAfterCommitPatch, Concurr
        SlowPricePatch)
 
 defs = defs_with(*[(cls(), SETTINGS) for cls in ALL])
+
+
+def slow_job():  # type: ignore[no-untyped-def]
+    """Module-level, so `dagster.reconstructable(slow_job)` can rebuild it in other processes."""
+    return defs.resolve_job_def("slow_price_adjustment")
