@@ -7,6 +7,7 @@ in the StockRx database, so it can run in its own process and be re-executed. Da
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import json
@@ -15,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -41,7 +42,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
 
 from patch_ops import state
@@ -60,6 +61,8 @@ from resources.memory import MemoryGuard
 
 BACKUP = "B"
 SAMPLE_ROWS = 10
+SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
+SECTION_ROWS_MD = 50  # ... and shown in the Markdown report
 MAX_REJECTS_STORED = 1000
 
 
@@ -85,6 +88,26 @@ class VerificationFailed(PatchError):
 
 class RestoreRefused(PatchError):
     pass
+
+
+class DatabaseRefused(PatchError):
+    """The database rejected a change (constraint, trigger, type): nothing was written."""
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """What a plan check sees: the new execution and everything it was asked to do."""
+
+    execution_id: str
+    patch: Patch
+    settings: PatchSettings
+    config: PatchRunConfig
+    engine: Engine
+    resources: Any  # the op's Dagster resources (None outside Dagster)
+
+
+#: A plan check: (stage, connection, info) → None, or raise PlanRefused.
+PlanCheck = Callable[[str, Connection, PlanInfo], None]
 
 
 def utcnow() -> dt.datetime:
@@ -251,8 +274,15 @@ def plan_execution(
     dagster_run_id: str | None = None,
     root_run_id: str | None = None,
     log: logging.Logger | Any = None,
+    checks: Sequence[PlanCheck] = (),
+    resources: Any = None,
 ) -> str:
-    """Create the execution, validate everything, lock the tables, freeze the target set."""
+    """Create the execution, validate everything, lock the tables, freeze the target set.
+
+    ``checks`` are called twice: ``before_freeze`` (config and tables are valid) and
+    ``after_freeze`` (in the freezing transaction, target set in data_patch_targets); raising
+    PlanRefused there refuses the run before any write to StockRx tables, recorded in history.
+    """
     log = log or logging.getLogger(__name__)
     check_connection(engine)
     state.ensure_framework_tables(engine)
@@ -337,6 +367,10 @@ def plan_execution(
                 f"patch {patch.name} targets() must select ids of {patch.driving_table} and of "
                 f"its updated tables only (got {sorted(selects)})"
             )
+        info = PlanInfo(execution_id, patch, settings, config, engine, resources)
+        with engine.connect() as conn:
+            for check in checks:
+                check("before_freeze", conn, info)
         for table in patch.tables():
             mirror_table(engine, tables[table], "backup")
             mirror_table(engine, tables[table], "stage")
@@ -357,6 +391,8 @@ def plan_execution(
                         targets.c.execution_id == execution_id, targets.c.table_name == table
                     )
                 ).scalar_one()
+            for check in checks:
+                check("after_freeze", conn, info)
             target_count = counts[patch.driving_table]
             set_execution(
                 conn,
@@ -368,6 +404,7 @@ def plan_execution(
             )
     except Exception as exc:
         finish_execution(engine, execution_id, "failed", error=_describe(exc))
+        exc.execution_id = execution_id  # type: ignore[attr-defined]
         raise
     log.info(
         f"planned execution {execution_id} of {patch.name} "
@@ -832,11 +869,16 @@ def validate_execution(
     broken = check_invariants(engine, patch, execution_id, committed=False)
     for b in broken:
         problems.append(f"invariant {b['name']} broken by {b['count']:,} row(s): {b['description']}")
+    refusal = trial_apply(engine, execution_id)
+    if refusal:
+        problems.append(f"the database would refuse the changes: {refusal}")
     report = build_report(engine, execution_id)
+    report["sections"] = report_sections(engine, patch, ex)
     report["validation"] = {
         "passed": not problems,
         "problems": problems,
         "invariants": broken,
+        "database_refusal": refusal,
         "rejects": _reject_sample(engine, execution_id),
     }
     markdown = render_markdown(ex, report)
@@ -852,6 +894,46 @@ def validate_execution(
             heartbeat_at=utcnow(),
         )
     return not problems, merged
+
+
+def report_sections(engine: Engine, patch: Patch, ex: dict[str, Any]) -> dict[str, Any]:
+    """The patch's extra report lists (Patch.report_sections): count and first rows of each."""
+    ctx = RunContext(ex["execution_id"], ex["run_at"], dt.date.fromisoformat(ex["business_date"]))
+    tables = state.reflect_tables(engine, patch.tables())
+    out: dict[str, Any] = {}
+    with engine.connect() as conn:
+        for title, sel in patch.report_sections(tables, _config_of(patch, ex), ctx).items():
+            n = conn.execute(
+                select(func.count()).select_from(sel.order_by(None).subquery())
+            ).scalar_one()
+            rows = conn.execute(sel.limit(SECTION_ROWS)).mappings()
+            out[title] = {"count": n, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+    return out
+
+
+def trial_apply(engine: Engine, execution_id: str) -> str | None:
+    """Apply the staged changes in a transaction that is always rolled back, so the database's
+    own rules (CHECK, NOT NULL, unique and foreign keys, triggers: also those of columns and
+    constraints the patch does not know) judge them before commit. Returns the refusal or None.
+
+    Inserted rows get ids ``-dp_seq`` here: no sequence value is used up and no id can collide
+    with a row the application inserts meanwhile.
+    """
+    with engine.connect() as conn:
+        decl = load_execution(conn, execution_id)["declaration"]
+    tables = state.reflect_tables(engine, decl["tables"])
+    with engine.connect() as conn:
+        conn.execution_options(sqlite_begin="IMMEDIATE")
+        trans = conn.begin()
+        try:
+            _apply_staged(conn, engine, tables, execution_id, decl, trial=True)
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))  # deferred FKs too
+        except DatabaseRefused as exc:
+            return str(exc)
+        finally:
+            trans.rollback()
+    return None
 
 
 def _reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
@@ -963,6 +1045,8 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
         "| measure | value |",
         "|---|---|",
     ]
+    if report.get("targets") is not None and not any(report["targets"].values()):
+        lines[2:2] = ["**Nothing to do**: no row matches the patch's selection.", ""]
     for table, n in report.get("targets", {}).items():
         lines.append(f"| {table} rows selected | {n:,} |")
     for table, u in report["updates"].items():
@@ -997,7 +1081,31 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
                 lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
     if v is not None and v["problems"]:
         lines += ["", "### Validation problems", ""] + [f"- {p}" for p in v["problems"]]
+        for b in v.get("invariants", []):
+            lines += ["", f"#### Rows breaking {b['name']} (first {len(b['sample'])} of "
+                      f"{b['count']:,})", "", *_md_table(b["sample"])]
+        if v.get("rejects"):
+            lines += ["", "#### Rows rejected by the schemas (first "
+                      f"{len(v['rejects'])})", "", *_md_table(v["rejects"])]
+    for title, sec in report.get("sections", {}).items():
+        lines += ["", f"### {title}: {sec['count']:,}"]
+        if sec["rows"]:
+            lines += ["", *_md_table(sec["rows"][:SECTION_ROWS_MD])]
+        if sec["count"] > SECTION_ROWS_MD:
+            lines += ["", f"… and {sec['count'] - SECTION_ROWS_MD:,} more (the JSON report "
+                      f"keeps the first {min(sec['count'], SECTION_ROWS):,})"]
     return "\n".join(lines) + "\n"
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return [
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+        *["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows],
+    ]
 
 
 def _fmt(v: Any) -> str:
@@ -1118,6 +1226,75 @@ def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> None:  
         conn.execute(update(st).where(cond).values(id=st.c.dp_seq - first + 1 + base))
 
 
+@contextlib.contextmanager
+def _refusal(table: str, action: str) -> Iterator[None]:
+    """Turn the database's refusal of a statement into a DatabaseRefused that says why."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if isinstance(exc, OperationalError | InterfaceError):
+            raise  # connection trouble or a lock timeout, not a verdict on the data
+        lines = [ln.strip() for ln in str(exc.orig or exc).splitlines() if ln.strip()]
+        reason = " ".join(lines[:2])[:500]
+        raise DatabaseRefused(f"{action} {table}: {reason}", {"table": table}) from None
+
+
+def _apply_staged(
+    conn: Connection,
+    engine: Engine,
+    tables: Tables,
+    execution_id: str,
+    decl: dict[str, Any],
+    trial: bool = False,
+) -> dict[str, int]:
+    """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial)."""
+    counts: dict[str, int] = {}
+    for table, cols in decl["updates"].items():
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        expected = conn.execute(
+            select(func.count()).select_from(st).where(
+                st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE
+            )
+        ).scalar_one()
+        if not expected:
+            counts[f"{table}_updated"] = 0
+            continue
+        with _refusal(table, "update"):
+            res = conn.execute(
+                update(live)
+                .where(
+                    live.c.id == st.c.dp_seq,
+                    st.c.dp_execution_id == execution_id,
+                    st.c.dp_action == UPDATE,
+                )
+                .values({c: st.c[c] for c in cols})
+            )
+        if res.rowcount != expected:
+            raise PatchError(
+                f"commit updated {res.rowcount} {table} rows but {expected} were staged; "
+                "rolled back"
+            )
+        counts[f"{table}_updated"] = expected
+    for table, cols in decl["inserts"].items():
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+        if trial:
+            conn.execute(update(st).where(cond).values(id=-st.c.dp_seq))
+        else:
+            _assign_insert_ids(conn, live, st, execution_id)
+        with _refusal(table, "insert into"):
+            res = conn.execute(
+                insert(live).from_select(
+                    ["id", *cols], select(st.c.id, *[st.c[c] for c in cols]).where(cond)
+                ),
+                execution_options={"preserve_rowcount": True},  # else -1 on psycopg
+            )
+        counts[f"{table}_inserted"] = res.rowcount
+    return counts
+
+
 def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: Any = None) -> dict[str, int]:
     """Apply the staged changes to the live tables in one transaction, refusing on conflicts."""
     log = log or logging.getLogger(__name__)
@@ -1132,7 +1309,6 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
         raise PatchError(f"execution {execution_id} has not passed validation; not committing")
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
-    counts: dict[str, int] = {}
     with write_transaction(engine) as conn:
         _lock_rows(conn, tables, execution_id, decl)
         conflicts = find_conflicts(conn, engine, tables, execution_id, decl, "backup", limit=1000)
@@ -1146,43 +1322,7 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
                 f"(re-run the patch to plan again): {desc}",
                 {"conflicts": conflicts},
             )
-        for table, cols in decl["updates"].items():
-            live = tables[table]
-            st = mirror_table(engine, live, "stage")
-            expected = conn.execute(
-                select(func.count()).select_from(st).where(
-                    st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE
-                )
-            ).scalar_one()
-            if not expected:
-                counts[f"{table}_updated"] = 0
-                continue
-            res = conn.execute(
-                update(live)
-                .where(
-                    live.c.id == st.c.dp_seq,
-                    st.c.dp_execution_id == execution_id,
-                    st.c.dp_action == UPDATE,
-                )
-                .values({c: st.c[c] for c in cols})
-            )
-            if res.rowcount != expected:
-                raise PatchError(
-                    f"commit updated {res.rowcount} {table} rows but {expected} were staged; "
-                    "rolled back"
-                )
-            counts[f"{table}_updated"] = expected
-        for table, cols in decl["inserts"].items():
-            live = tables[table]
-            st = mirror_table(engine, live, "stage")
-            _assign_insert_ids(conn, live, st, execution_id)
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
-            res = conn.execute(
-                insert(live).from_select(
-                    ["id", *cols], select(st.c.id, *[st.c[c] for c in cols]).where(cond)
-                )
-            )
-            counts[f"{table}_inserted"] = res.rowcount
+        counts = _apply_staged(conn, engine, tables, execution_id, decl)
         if conn.dialect.name == "postgresql":
             pass  # ids came from the tables' own sequences: nothing to resynchronise
         report = dict(ex["report"] or {})
@@ -1255,13 +1395,18 @@ def restore_rows(
     bad_sources: set[int] = set()
     for table, ids in conflicts.items():
         st = mirror_table(engine, tables[table], "stage")
-        key = st.c.dp_seq if table in decl["updates"] else st.c.id
         for chunk in _chunks(ids, 1000):
+            # A live id is dp_seq of an updated row but id of an inserted one (a table can be
+            # both updated and inserted into: match each action on its own key).
             bad_sources.update(
                 s
                 for s in conn.execute(
                     select(st.c.dp_source_id).where(
-                        st.c.dp_execution_id == execution_id, key.in_(chunk)
+                        st.c.dp_execution_id == execution_id,
+                        or_(
+                            and_(st.c.dp_action == UPDATE, st.c.dp_seq.in_(chunk)),
+                            and_(st.c.dp_action == INSERT, st.c.id.in_(chunk)),
+                        ),
                     )
                 ).scalars()
                 if s is not None
@@ -1287,7 +1432,7 @@ def restore_rows(
             updated[table] = res.rowcount
         else:
             updated[table] = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
-    for table in decl["inserts"]:
+    for table in reversed(list(decl["inserts"])):  # children before the parents they point to
         live = tables[table]
         st = mirror_table(engine, live, "stage")
         ids = select(st.c.id).where(

@@ -27,6 +27,7 @@ from dagster import (
 )
 
 from patch_ops import engine as eng
+from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle, require_audit_key
 from patch_ops.patch import Patch, PatchSettings
 from resources.database import DatabaseUnavailable, StockRxDatabase, write_transaction
 from resources.memory import MemoryGuard, MemoryLimitExceeded
@@ -65,6 +66,7 @@ def patch_step(
         raise
     except (eng.PatchError, MemoryLimitExceeded, DatabaseUnavailable, ValueError) as exc:
         eng.finish_execution(engine, execution_id, "failed", error=eng._describe(exc))
+        _failed(context, engine, execution_id, exc)
         details = getattr(exc, "details", {}) or {}
         raise Failure(
             description=_one_line(exc),
@@ -76,43 +78,73 @@ def patch_step(
         ) from exc
     except Exception as exc:
         eng.finish_execution(engine, execution_id, "failed", error=eng._describe(exc))
+        _failed(context, engine, execution_id, exc)
         raise
 
 
-def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
+def _failed(context: OpExecutionContext, engine, execution_id: str, exc: BaseException) -> None:  # type: ignore[no-untyped-def]
+    lc = Lifecycle(context.resources, engine, execution_id, context.log)
+    try:
+        lc.audit("failed", {"step": context.op.name, "error": eng._describe(exc)})
+    except Exception as audit_exc:  # noqa: BLE001 - report the original failure, not this one
+        context.log.error(f"could not write the audit event: {audit_exc}")
+    lc.notify("failed", reason=eng._describe(exc))
+
+
+def build_patch_job(
+    patch: Patch,
+    settings: PatchSettings,
+    plan_checks: tuple[eng.PlanCheck, ...] = (require_audit_key,),
+) -> JobDefinition:
     config_class = patch.config_class
     tables = ",".join(settings.target_tables)
 
     @op(
-        name="plan_patch",
+        name=f"{patch.name}__plan_patch",
         description="Validate config, lock the tables, freeze the target set, open the execution.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         out=Out(str, description="execution id"),
     )
     def plan_patch(context: OpExecutionContext, config: config_class) -> str:  # type: ignore[valid-type]
         db: StockRxDatabase = getattr(context.resources, DB)
+        engine = None
         try:
+            engine = db.get_engine()
             execution_id = eng.plan_execution(
-                db.get_engine(),
+                engine,
                 patch,
                 settings,
                 config,
                 dagster_run_id=context.run_id,
                 root_run_id=context.run.root_run_id or context.run_id,
                 log=context.log,
+                checks=plan_checks,
+                resources=context.resources,
             )
         except (eng.PatchError, DatabaseUnavailable, LookupError, ValueError) as exc:
+            failed_id = getattr(exc, "execution_id", None)
+            if failed_id and engine is not None:
+                _failed(context, engine, failed_id, exc)
             raise Failure(
                 description=f"{patch.name} refused before any write: {_one_line(exc)}",
                 metadata={"error": MetadataValue.text(str(exc)), "database": db.safe_url},
             ) from exc
+        lc = Lifecycle(context.resources, engine, execution_id, context.log)
+        with engine.connect() as conn:
+            ex = eng.load_execution(conn, execution_id)
+        lc.audit("started", {"launched_by": ex["launched_by"]}, {"config": ex["config"]})
+        lc.audit("plan", {"targets": (ex["report"] or {}).get("targets", {}),
+                          "estimated_seconds": ex["estimated_seconds"]})
+        audit = getattr(context.resources, AUDIT, None)
+        if audit is None or not audit.active:
+            context.log.warning("audit trail is off for this run (no key, or log_encryption off)")
         context.add_output_metadata({"execution_id": execution_id, "database": db.safe_url})
         return execution_id
 
     @op(
-        name="take_backup",
+        name=f"{patch.name}__take_backup",
         description="Copy the before-image of every targeted row (all columns), set-based.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
         out=Out(str),
     )
@@ -120,13 +152,16 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
         db: StockRxDatabase = getattr(context.resources, DB)
         with patch_step(context, db, execution_id):
             counts = eng.take_backup(db.get_engine(), execution_id, log=context.log)
+            Lifecycle(context.resources, db.get_engine(), execution_id).audit(
+                "backup_taken", {"rows": counts}
+            )
         context.add_output_metadata({f"backup_{t}": n for t, n in counts.items()})
         return execution_id
 
     @op(
-        name="transform_batches",
+        name=f"{patch.name}__transform_batches",
         description="Keyset batches over the frozen set: transform, validate, stage; resumable.",
-        required_resource_keys={DB, MEMORY},
+        required_resource_keys={DB, MEMORY, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
         out=Out(str),
     )
@@ -139,9 +174,9 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
         return execution_id
 
     @op(
-        name="validate_changes",
+        name=f"{patch.name}__validate_changes",
         description="Whole-set invariants and failure ratio on the would-be result; impact report.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
         out={
             "passed_real": Out(str, is_required=False, description="validated, real run"),
@@ -158,6 +193,13 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
             )
             with engine.connect() as conn:
                 ex = eng.load_execution(conn, execution_id)
+            validation = report.get("validation", {})
+            Lifecycle(context.resources, engine, execution_id).audit(
+                "validation",
+                {"passed": passed, "problems": validation.get("problems", []),
+                 "rows_changed": int(ex["staged_updates"]), "rows_rejected": int(ex["failed_records"])},
+                {"report": report},
+            )
         markdown = ex["report_markdown"]
         context.log.info("\n" + markdown)
         metadata = {
@@ -175,9 +217,9 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
             yield Output(execution_id, "passed_real", metadata=metadata)
 
     @op(
-        name="commit_changes",
+        name=f"{patch.name}__commit_changes",
         description="One transaction: refuse on conflicts with the backup, apply staged changes.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
         out=Out(str),
     )
@@ -185,13 +227,14 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
         db: StockRxDatabase = getattr(context.resources, DB)
         with patch_step(context, db, execution_id):
             counts = eng.commit_execution(db.get_engine(), patch.name, execution_id, log=context.log)
+            Lifecycle(context.resources, db.get_engine(), execution_id).audit("commit", {"rows": counts})
         context.add_output_metadata(counts)
         return execution_id
 
     @op(
-        name="verify_commit",
+        name=f"{patch.name}__verify_commit",
         description="Check live data after commit; on failure restore from backup.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
     )
     def verify_commit(context: OpExecutionContext, execution_id: str) -> None:
@@ -209,6 +252,11 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
                     engine, execution_id, "failed", error=reason, rollback_performed=True,
                     phase="restored",
                 )
+                lc = Lifecycle(context.resources, engine, execution_id, context.log)
+                lc.audit("rollback", {"reason": reason, "restored": restored.updated,
+                                      "deleted": restored.deleted,
+                                      "conflicts_left": restored.conflicts})
+                lc.notify("rolled_back", reason=reason)
                 raise Failure(
                     description=f"{patch.name}: verification failed, restored from backup",
                     metadata={
@@ -221,12 +269,15 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
                     },
                 )
             eng.finish_execution(engine, execution_id, "completed", phase="verified")
+        lc = Lifecycle(context.resources, engine, execution_id, context.log)
+        lc.audit("verified", {})
+        lc.notify("completed")
         context.log.info(f"execution {execution_id} committed and verified")
 
     @op(
-        name="report_dry_run",
+        name=f"{patch.name}__report_dry_run",
         description="Close a dry run: nothing was committed; the report says what would change.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
     )
     def report_dry_run(context: OpExecutionContext, execution_id: str) -> None:
@@ -236,12 +287,15 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
                 db.get_engine(), execution_id, "completed", keep_work_tables=False,
                 phase="dry_run_reported",
             )
+        lc = Lifecycle(context.resources, db.get_engine(), execution_id, context.log)
+        lc.audit("dry_run_completed", {})
+        lc.notify("completed")
         context.log.info(f"dry run {execution_id} complete: nothing was committed")
 
     @op(
-        name="roll_back",
+        name=f"{patch.name}__roll_back",
         description="Validation failed: discard staging (nothing reached live tables), fail.",
-        required_resource_keys={DB},
+        required_resource_keys={DB, AUDIT, NOTIFIER},
         ins={"execution_id": In(str)},
     )
     def roll_back(context: OpExecutionContext, execution_id: str) -> None:
@@ -255,6 +309,9 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
             engine, execution_id, "failed", error=reason, keep_work_tables=False,
             phase="rolled_back",
         )
+        lc = Lifecycle(context.resources, engine, execution_id, context.log)
+        lc.audit("rollback", {"reason": reason})
+        lc.notify("rolled_back", reason=reason)
         raise Failure(
             description=f"{patch.name}: {reason}"[:500],
             metadata={
@@ -270,10 +327,15 @@ def build_patch_job(patch: Patch, settings: PatchSettings) -> JobDefinition:
         tags={"stockrx/patch": patch.name, "stockrx/tables": tables},
     )
     def patch_job() -> None:
-        execution_id = transform_batches(take_backup(plan_patch()))
-        passed_real, passed_dry, failed = validate_changes(execution_id)
-        verify_commit(commit_changes(passed_real))
-        report_dry_run(passed_dry)
-        roll_back(failed)
+        # Op definition names must be unique in a code location, so each patch's ops are named
+        # "<patch>__<step>"; the aliases keep node names (run config keys, step keys) the same
+        # in every patch job: ops.plan_patch.config, step "validate_changes", ...
+        execution_id = transform_batches.alias("transform_batches")(
+            take_backup.alias("take_backup")(plan_patch.alias("plan_patch")())
+        )
+        passed_real, passed_dry, failed = validate_changes.alias("validate_changes")(execution_id)
+        verify_commit.alias("verify_commit")(commit_changes.alias("commit_changes")(passed_real))
+        report_dry_run.alias("report_dry_run")(passed_dry)
+        roll_back.alias("roll_back")(failed)
 
     return patch_job

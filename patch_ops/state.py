@@ -75,6 +75,7 @@ executions = Table(
     Column("restores_execution_id", String(36)),
     Column("restored_by_execution_id", String(36)),
     Column("heartbeat_at", DateTime),
+    Column("notifications", JSON),  # delivery outcome of every notification sent
 )
 
 targets = Table(

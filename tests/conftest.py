@@ -13,6 +13,8 @@ CI=true or STOCKRX_REQUIRE_POSTGRES=1: then they fail (errors in setup).
 
 from __future__ import annotations
 
+import base64
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.postgres import PostgresServer, PostgresUnavailable, postgres_required
+
+# Real runs refuse without an audit key. Tests run with a throwaway key (set before the code
+# location is imported; subprocesses inherit it). Tests of the no-key path unset it themselves.
+TEST_AUDIT_KEY = "test:" + base64.urlsafe_b64encode(b"stockrx-patches-test-key-32bytes").decode()
+os.environ.setdefault("STOCKRX_AUDIT_KEYS", TEST_AUDIT_KEY)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

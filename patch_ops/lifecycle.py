@@ -1,0 +1,131 @@
+"""What the outside world hears about an execution: audit events and notifications.
+
+Ops call ``Lifecycle`` at each milestone. Audit events go to the encrypted, hash-chained trail
+(resources.audit); notifications (resources.notifier) go out at the end of an execution and never
+fail or roll back a patch: undeliverable ones are retried by the notifier, then recorded in the
+execution history (``data_patch_executions.notifications``) and in the audit trail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Connection, Engine
+
+from patch_ops.engine import PlanInfo, PlanRefused, load_execution, utcnow
+from patch_ops.state import executions
+from resources.audit import AuditLog, ensure_audit_tables
+from resources.database import write_transaction
+from resources.notifier import Notifier, PatchNotification
+
+AUDIT = "audit_log"
+NOTIFIER = "notifier"
+
+
+def _resource(resources: Any, key: str) -> Any:
+    return getattr(resources, key, None) if resources is not None else None
+
+
+def secret_values(resources: Any) -> list[str]:
+    """Every secret a resource holds, so audit payloads can be scrubbed of them."""
+    found: list[str] = []
+    notifier = _resource(resources, NOTIFIER)
+    if notifier is not None:
+        found += [v for v in (notifier.slack_token, notifier.smtp_password) if v]
+    return found
+
+
+class Lifecycle:
+    """Audit + notify for one execution, from inside an op."""
+
+    def __init__(self, resources: Any, engine: Engine, execution_id: str, log: Any = None):
+        self.resources = resources
+        self.engine = engine
+        self.execution_id = execution_id
+        self.log = log
+
+    @property
+    def audit_log(self) -> AuditLog | None:
+        return _resource(self.resources, AUDIT)
+
+    def _execution(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            return load_execution(conn, self.execution_id)
+
+    def audit(
+        self,
+        event_type: str,
+        public: dict[str, Any],
+        secret: dict[str, Any] | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        """Append an audit event (in ``conn``'s transaction if given). Off without a key."""
+        audit = self.audit_log
+        if audit is None or not audit.active:
+            return
+        ex = self._execution() if conn is None else load_execution(conn, self.execution_id)
+        ensure_audit_tables(self.engine)
+        body = {"patch": ex["patch_name"], "dry_run": bool(ex["dry_run"]),
+                "dagster_run_id": ex["dagster_run_id"], **public}
+        audit.append(
+            conn if conn is not None else self.engine,
+            self.execution_id,
+            event_type,
+            ex["launched_by"] or "unknown",
+            body,
+            secret,
+            known_secrets=secret_values(self.resources),
+        )
+
+    def notify(self, outcome: str, reason: str | None = None) -> None:
+        """Send the end-of-execution notification; record the outcome; never raise."""
+        notifier: Notifier | None = _resource(self.resources, NOTIFIER)
+        if notifier is None:
+            return
+        try:
+            ex = self._execution()
+            end = ex["completed_at"] or utcnow()
+            results = notifier.notify(
+                PatchNotification(
+                    patch_name=ex["patch_name"],
+                    execution_id=self.execution_id,
+                    outcome=outcome,
+                    dry_run=bool(ex["dry_run"]),
+                    rows_changed=int(ex["staged_updates"] or 0),
+                    duration_seconds=(end - ex["started_at"]).total_seconds(),
+                    dagster_run_id=ex["dagster_run_id"],
+                    reason=reason or ex["error_message"],
+                )
+            )
+            record = [
+                {"channel": r.channel, "delivered": r.delivered, "attempts": r.attempts,
+                 "error": r.error, "at": utcnow().isoformat()}
+                for r in results
+            ]
+            with write_transaction(self.engine) as conn:
+                conn.execute(
+                    update(executions)
+                    .where(executions.c.execution_id == self.execution_id)
+                    .values(notifications=(ex.get("notifications") or []) + record)
+                )
+            self.audit("notification", {"outcome": outcome, "deliveries": record})
+            for r in record:
+                if not r["delivered"] and r["error"] != "not configured" and self.log:
+                    self.log.warning(f"notification via {r['channel']} not delivered: {r['error']}")
+        except Exception as exc:  # noqa: BLE001 - a notification must never fail a patch
+            if self.log:
+                self.log.warning(f"notification failed: {type(exc).__name__}: {exc}")
+
+
+def require_audit_key(stage: str, conn: Connection, info: PlanInfo) -> None:
+    """A real run needs the audit trail (unless security.log_encryption is false)."""
+    if stage != "before_freeze" or info.config.dry_run:
+        return
+    audit: AuditLog | None = _resource(info.resources, AUDIT)
+    if audit is not None and audit.enabled and not audit.has_key:
+        raise PlanRefused(
+            "no audit key configured: a real run needs the encrypted audit trail. Set "
+            "STOCKRX_AUDIT_KEYS (key_id:fernet_key; `stockrx-patches audit new-key` makes one) "
+            "or STOCKRX_AUDIT_KEY_FILE, or opt out with security.log_encryption: false."
+        )
