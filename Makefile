@@ -27,6 +27,35 @@ lint: env
 	$(VENV)/bin/mypy
 
 # ---------------------------------------------------------------------------------------------
+# make demo: a demo StockRx SQLite database with 100,000 items, then inventory_price_adjustment
+# (+8 %) as a dry run through `dagster job execute`, its impact report, then the real run.
+# Everything lives under var/ (gitignored): the database, DAGSTER_HOME, a demo audit key.
+DEMO_DIR := var/demo
+DEMO_DB := $(abspath $(DEMO_DIR))/stockrx.db
+DEMO_ITEMS ?= 100000
+DEMO_ENV := STOCKRX_DATABASE_URL=sqlite:///$(DEMO_DB) \
+	STOCKRX_AUDIT_KEY_FILE=$(abspath $(DEMO_DIR))/audit.key \
+	DAGSTER_HOME=$(abspath $(DEMO_DIR))/dagster_home
+PRICE_JOB := $(VENV)/bin/dagster job execute -m stockrx_patches.definitions -j inventory_price_adjustment
+
+.PHONY: demo
+demo: env
+	@mkdir -p $(DEMO_DIR)/dagster_home && cp dagster.yaml $(DEMO_DIR)/dagster_home/dagster.yaml
+	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from resources.audit import AuditKeyring; \
+	print(AuditKeyring.new_entry('demo'))" > $(DEMO_DIR)/audit.key
+	$(VENV)/bin/stockrx-patches seed-demo --database-url sqlite:///$(DEMO_DB) --items $(DEMO_ITEMS) --reset
+	@echo "== DRY RUN: nothing is committed ================================================="
+	$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.yaml > $(DEMO_DIR)/dry_run.log 2>&1 \
+	  || { tail -40 $(DEMO_DIR)/dry_run.log; exit 1; }
+	$(DEMO_ENV) $(VENV)/bin/stockrx-patches report
+	@echo "== REAL RUN ======================================================================="
+	$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.real.yaml > $(DEMO_DIR)/real_run.log 2>&1 \
+	  || { tail -40 $(DEMO_DIR)/real_run.log; exit 1; }
+	$(DEMO_ENV) $(VENV)/bin/stockrx-patches report
+	$(DEMO_ENV) $(VENV)/bin/stockrx-patches history --limit 5
+	@echo "(full Dagster logs: $(DEMO_DIR)/dry_run.log, $(DEMO_DIR)/real_run.log)"
+
+# ---------------------------------------------------------------------------------------------
 # Lead: `demo`, `ui` and `bench` targets go here (depend on `env`, use $(PY) / $(VENV)/bin/...),
 # and add them to .PHONY.
 # ---------------------------------------------------------------------------------------------
