@@ -59,3 +59,17 @@ demo: env
 # Lead: `demo`, `ui` and `bench` targets go here (depend on `env`, use $(PY) / $(VENV)/bin/...),
 # and add them to .PHONY.
 # ---------------------------------------------------------------------------------------------
+
+# make ui: the Dagster UI (`dagster dev`: webserver + daemon) on http://127.0.0.1:3000 against the
+# demo database var/demo/stockrx.db (seeded with 100,000 items if missing), DAGSTER_HOME
+# var/dagster_home. Another database: make ui UI_DATABASE_URL=...; port: UI_PORT=3001.
+.PHONY: ui
+ui: env
+	@bash scripts/ui.sh
+
+# make bench: inventory_price_adjustment against bare SQL and a naive ORM loop (benchmarks/README.md),
+# on a throwaway PostgreSQL. Other sizes/backends: make bench BENCH_ARGS='--sqlite --items 100000'.
+BENCH_ARGS ?= --postgres --items 100000
+.PHONY: bench
+bench: env
+	$(PY) -m benchmarks.price_adjustment $(BENCH_ARGS)

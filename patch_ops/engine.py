@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import uuid
+from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.sql import ColumnElement
 
 from patch_ops import state
+from patch_ops.charts import change_histogram, histogram_markdown
 from patch_ops.patch import (
     Changes,
     Patch,
@@ -56,6 +58,7 @@ from patch_ops.patch import (
     Tables,
 )
 from patch_ops.state import INSERT, UPDATE, executions, locks, mirror_table, targets
+from patch_ops.windows import now_naive as clock_now
 from resources.database import check_connection, write_transaction
 from resources.memory import MemoryGuard
 
@@ -64,6 +67,9 @@ SAMPLE_ROWS = 10
 SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
 SECTION_ROWS_MD = 50  # ... and shown in the Markdown report
 MAX_REJECTS_STORED = 1000
+#: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
+#: window), status 'paused': progress kept, table locks released, continued by a later run.
+PAUSED_PHASE = "paused_window_end"
 
 
 class PatchError(Exception):
@@ -210,32 +216,131 @@ def check_columns(tables: Tables, patch: Patch) -> None:
             )
 
 
-def acquire_locks(
-    conn: Connection, tables: Iterable[str], execution_id: str, run_id: str | None
+#: A lock whose holder's process is gone (same host) is stale once the holder's execution has had
+#: no heartbeat for this long (the gap between two op processes of a live run is shorter).
+LOCK_PID_GRACE_SECONDS = float(os.environ.get("STOCKRX_LOCK_PID_GRACE_SECONDS", "120"))
+#: Any lock is stale once its holder's execution has had no heartbeat for this long.
+LOCK_STALE_SECONDS = float(os.environ.get("STOCKRX_LOCK_STALE_SECONDS", "1800"))
+
+#: Given a Dagster run id: its status if the run is finished (terminal), else None.
+RunFinished = Callable[[str], str | None]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def stale_lock_reason(
+    conn: Connection, holder: dict[str, Any], run_finished: RunFinished | None = None
+) -> str | None:
+    """Why the holder of a lock is dead (so the lock may be released), or None if it may live."""
+    ex = conn.execute(
+        select(executions.c.status, executions.c.heartbeat_at).where(
+            executions.c.execution_id == holder["execution_id"]
+        )
+    ).first()
+    if ex is None:
+        return "its execution does not exist"
+    if ex.status != "running":
+        return f"its execution is {ex.status}"
+    if run_finished is not None and holder["dagster_run_id"]:
+        status = run_finished(holder["dagster_run_id"])
+        if status:
+            return f"its Dagster run {holder['dagster_run_id']} is {status}"
+    age = (utcnow() - (ex.heartbeat_at or holder["acquired_at"])).total_seconds()
+    if (
+        holder["hostname"] == socket.gethostname()
+        and holder["pid"]
+        and not _pid_alive(int(holder["pid"]))
+        and age > LOCK_PID_GRACE_SECONDS
+    ):
+        return (
+            f"its process (pid {holder['pid']}) is gone from this host and its last heartbeat "
+            f"was {age:,.0f} s ago"
+        )
+    if age > LOCK_STALE_SECONDS:
+        return f"its last heartbeat was {age:,.0f} s ago (limit {LOCK_STALE_SECONDS:,.0f} s)"
+    return None
+
+
+def _release_stale(
+    conn: Connection, holder: dict[str, Any], reason: str, execution_id: str, log: Any
 ) -> None:
-    """Take the per-table locks of an execution (re-entrant for the same execution)."""
+    """Drop a dead holder's locks; close its execution as failed, saying why (the history)."""
+    dead = holder["execution_id"]
+    conn.execute(delete(locks).where(locks.c.execution_id == dead))
+    note = (
+        f"abandoned: its table locks were released as stale by execution {execution_id} "
+        f"at {utcnow():%Y-%m-%d %H:%M:%S} UTC because {reason}"
+    )
+    row = conn.execute(
+        select(executions.c.status, executions.c.error_message).where(
+            executions.c.execution_id == dead
+        )
+    ).first()
+    if row is not None:
+        values: dict[str, Any] = {
+            "error_message": "; ".join(m for m in (row.error_message, note) if m)
+        }
+        if row.status == "running":
+            values.update(status="failed", completed_at=utcnow())
+        set_execution(conn, dead, **values)
+    (log or logging.getLogger(__name__)).warning(
+        f"released stale lock of execution {dead} (Dagster run {holder['dagster_run_id']}, "
+        f"host {holder['hostname']}, pid {holder['pid']}): {reason}"
+    )
+
+
+def acquire_locks(
+    conn: Connection,
+    tables: Iterable[str],
+    execution_id: str,
+    run_id: str | None,
+    run_finished: RunFinished | None = None,
+    log: Any = None,
+) -> None:
+    """Take the per-table locks of an execution (re-entrant for the same execution).
+
+    A lock held by another execution refuses at once, naming the holder, unless the holder is
+    dead (``stale_lock_reason``): then its locks are released and its execution closed as failed
+    with the reason, and this execution takes the lock.
+    """
+    here = {"dagster_run_id": run_id, "hostname": socket.gethostname(), "pid": os.getpid()}
     for table in tables:
         holder = conn.execute(select(locks).where(locks.c.table_name == table)).mappings().first()
         if holder is not None:
             if holder["execution_id"] == execution_id:
+                if any(holder[k] != v for k, v in here.items()):
+                    # A later step (own process) or run of the same execution: it holds it now.
+                    conn.execute(update(locks).where(locks.c.table_name == table).values(**here))
                 continue
-            raise PlanRefused(
-                f"table {table!r} is locked by execution {holder['execution_id']} "
-                f"(Dagster run {holder['dagster_run_id']}, host {holder['hostname']}, "
-                f"pid {holder['pid']}, since {holder['acquired_at']:%Y-%m-%d %H:%M:%S} UTC)",
-                {"holder": dict(holder)},
-            )
+            reason = stale_lock_reason(conn, dict(holder), run_finished)
+            if reason is None:
+                patch_name = conn.execute(
+                    select(executions.c.patch_name).where(
+                        executions.c.execution_id == holder["execution_id"]
+                    )
+                ).scalar()
+                raise PlanRefused(
+                    f"table {table!r} is locked by {patch_name or 'execution'} execution "
+                    f"{holder['execution_id']} (Dagster run {holder['dagster_run_id']}, host "
+                    f"{holder['hostname']}, pid {holder['pid']}, since "
+                    f"{holder['acquired_at']:%Y-%m-%d %H:%M:%S} UTC); one patch per table at a "
+                    "time: try again when it has finished",
+                    {"holder": {k: _jsonable(v) for k, v in holder.items()}},
+                )
+            _release_stale(conn, dict(holder), reason, execution_id, log)
         try:
             with conn.begin_nested():
                 conn.execute(
-                    insert(locks).values(
-                        table_name=table,
-                        execution_id=execution_id,
-                        dagster_run_id=run_id,
-                        hostname=socket.gethostname(),
-                        pid=os.getpid(),
-                        acquired_at=utcnow(),
-                    )
+                    insert(locks).values(table_name=table, execution_id=execution_id,
+                                         acquired_at=utcnow(), **here)
                 )
         except IntegrityError:
             raise PlanRefused(
@@ -246,7 +351,12 @@ def acquire_locks(
 def estimate_seconds(conn: Connection, patch_name: str, records: int) -> float | None:
     """From the throughput of this patch's past successful runs, if there are any."""
     rows = conn.execute(
-        select(executions.c.processed_records, executions.c.started_at, executions.c.completed_at)
+        select(
+            executions.c.processed_records,
+            executions.c.started_at,
+            executions.c.completed_at,
+            executions.c.paused_seconds,
+        )
         .where(
             executions.c.patch_name == patch_name,
             executions.c.status == "completed",
@@ -257,7 +367,8 @@ def estimate_seconds(conn: Connection, patch_name: str, records: int) -> float |
         .limit(5)
     ).all()
     rates = [
-        r.processed_records / max((r.completed_at - r.started_at).total_seconds(), 0.001)
+        r.processed_records
+        / max((r.completed_at - r.started_at).total_seconds() - (r.paused_seconds or 0), 0.001)
         for r in rows
         if r.completed_at is not None
     ]
@@ -276,12 +387,19 @@ def plan_execution(
     log: logging.Logger | Any = None,
     checks: Sequence[PlanCheck] = (),
     resources: Any = None,
+    run_finished: RunFinished | None = None,
 ) -> str:
     """Create the execution, validate everything, lock the tables, freeze the target set.
 
     ``checks`` are called twice: ``before_freeze`` (config and tables are valid) and
-    ``after_freeze`` (in the freezing transaction, target set in data_patch_targets); raising
-    PlanRefused there refuses the run before any write to StockRx tables, recorded in history.
+    ``after_freeze`` (in the freezing transaction, target set in data_patch_targets, execution row
+    filled in: target_count, estimated_seconds); raising PlanRefused there refuses the run before
+    any write to StockRx tables, recorded in history.
+
+    A paused execution (stopped at the end of a maintenance window) is continued instead of
+    planning a new one when ``config.resume_execution_id`` names it or its config is the same
+    (``RESUME_IGNORED_CONFIG`` aside): ``checks`` are then called once with stage ``resume`` (in
+    the transaction that takes it over); a refusal leaves it paused.
     """
     log = log or logging.getLogger(__name__)
     check_connection(engine)
@@ -311,9 +429,18 @@ def plan_execution(
                     patch.tables(),
                     existing.execution_id,
                     dagster_run_id,
+                    run_finished,
+                    log,
                 )
                 log.info(f"resuming execution {existing.execution_id}")
                 return str(existing.execution_id)
+
+    resumed = _resume_paused(
+        engine, patch, settings, config, dagster_run_id, root_run_id, log, checks, resources,
+        run_finished,
+    )
+    if resumed is not None:
+        return resumed
 
     execution_id = str(uuid.uuid4())
     run_at = utcnow().replace(microsecond=0)
@@ -375,7 +502,7 @@ def plan_execution(
             mirror_table(engine, tables[table], "backup")
             mirror_table(engine, tables[table], "stage")
         with write_transaction(engine) as conn:
-            acquire_locks(conn, patch.tables(), execution_id, dagster_run_id)
+            acquire_locks(conn, patch.tables(), execution_id, dagster_run_id, run_finished, log)
             counts = {}
             for table, sel in selects.items():
                 ids = sel.subquery()
@@ -391,8 +518,6 @@ def plan_execution(
                         targets.c.execution_id == execution_id, targets.c.table_name == table
                     )
                 ).scalar_one()
-            for check in checks:
-                check("after_freeze", conn, info)
             target_count = counts[patch.driving_table]
             set_execution(
                 conn,
@@ -402,6 +527,8 @@ def plan_execution(
                 estimated_seconds=estimate_seconds(conn, patch.name, target_count),
                 report={"targets": counts},
             )
+            for check in checks:
+                check("after_freeze", conn, info)
     except Exception as exc:
         finish_execution(engine, execution_id, "failed", error=_describe(exc))
         exc.execution_id = execution_id  # type: ignore[attr-defined]
@@ -410,6 +537,85 @@ def plan_execution(
         f"planned execution {execution_id} of {patch.name} "
         f"({'DRY RUN' if config.dry_run else 'REAL RUN'}): "
         + ", ".join(f"{n:,} {t}" for t, n in counts.items())
+    )
+    return execution_id
+
+
+#: Config fields that say how, when or by whom a run goes, not what it writes: a new run whose
+#: config differs from a paused execution's only in these continues it.
+RESUME_IGNORED_CONFIG = ("launched_by", "allow_outside_window", "resume_execution_id")
+
+
+def work_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    plain = json.loads(json.dumps(config or {}, default=str))
+    return {k: v for k, v in plain.items() if k not in RESUME_IGNORED_CONFIG}
+
+
+def _resume_paused(
+    engine: Engine,
+    patch: Patch,
+    settings: PatchSettings,
+    config: PatchRunConfig,
+    dagster_run_id: str | None,
+    root_run_id: str | None,
+    log: Any,
+    checks: Sequence[PlanCheck],
+    resources: Any,
+    run_finished: RunFinished | None,
+) -> str | None:
+    """Take over a paused execution of the patch for this run, or None if there is none to."""
+    wanted = getattr(config, "resume_execution_id", None)
+    mine = work_config(config.model_dump())
+    with write_transaction(engine) as conn:
+        q = select(executions).where(
+            executions.c.patch_name == patch.name, executions.c.kind == "patch"
+        )
+        if wanted:
+            row = conn.execute(q.where(executions.c.execution_id == wanted)).mappings().first()
+            if row is None:
+                raise PlanRefused(f"no execution {wanted} of patch {patch.name} to resume")
+            if row["status"] != "paused":
+                raise PlanRefused(
+                    f"execution {wanted} is {row['status']} (phase {row['phase']}), not paused: "
+                    "nothing to resume"
+                )
+            theirs = work_config(row["config"])
+            if theirs != mine:
+                diff = sorted(k for k in {*theirs, *mine} if theirs.get(k) != mine.get(k))
+                raise PlanRefused(
+                    f"the run config differs from paused execution {wanted}'s in {diff}: a "
+                    "resumed execution keeps its config"
+                )
+        else:
+            paused = conn.execute(
+                q.where(executions.c.status == "paused").order_by(executions.c.started_at)
+            ).mappings()
+            row = next((r for r in paused if work_config(r["config"]) == mine), None)
+            if row is None:
+                return None
+        execution_id = str(row["execution_id"])
+        info = PlanInfo(execution_id, patch, settings, config, engine, resources)
+        for check in checks:
+            check("resume", conn, info)
+        now = utcnow()
+        paused_for = max((now - (row["heartbeat_at"] or now)).total_seconds(), 0.0)
+        set_execution(
+            conn,
+            execution_id,
+            status="running",
+            phase="transforming" if row["phase"] == PAUSED_PHASE else row["phase"],
+            error_message=None,
+            completed_at=None,
+            dagster_run_id=dagster_run_id,
+            root_run_id=root_run_id or dagster_run_id,
+            paused_seconds=float(row["paused_seconds"] or 0) + paused_for,
+            heartbeat_at=now,
+        )
+        acquire_locks(conn, patch.tables(), execution_id, dagster_run_id, run_finished, log)
+    log.info(
+        f"resuming paused execution {execution_id} of {patch.name} at id > {row['cursor']} "
+        f"({int(row['processed_records']):,}/{int(row['target_count']):,} rows done, "
+        f"{int(row['batches_done'])} batches kept; paused {paused_for:,.0f} s)"
     )
     return execution_id
 
@@ -470,6 +676,7 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
         report = dict(ex["report"] or {})
         report["backup"] = counts
         set_execution(conn, execution_id, phase="backed_up", report=report, heartbeat_at=utcnow())
+    state.analyze(engine, [targets, *[mirror_table(engine, tables[t], "backup") for t in counts]])
     log.info("backup taken: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
     return counts
 
@@ -552,6 +759,8 @@ def run_transform(
     total = int(ex["target_count"])
     started = time.monotonic()
     done_at_start = done
+    deadline_at, overrun_at = ex.get("deadline_at"), ex.get("overrun_at")
+    paused = False
     if done:
         log.info(f"resuming transform at id > {cursor} ({done:,}/{total:,} done)")
 
@@ -567,6 +776,20 @@ def run_transform(
             ).all()
             if not rows:
                 break
+            if deadline_at is not None or overrun_at is not None:
+                # Between batches: past the window end pauses (progress kept, so this comes
+                # first); over the time budget (3x the estimate) fails.
+                now = clock_now()
+                if deadline_at is not None and now >= deadline_at:
+                    paused = True
+                    break
+                if overrun_at is not None and now > overrun_at:
+                    raise PatchError(
+                        f"over 3x its estimate ({ex['estimated_seconds'] or 0:,.0f} s): stopped "
+                        f"at a batch boundary after {done:,}/{total:,} rows; nothing reached "
+                        "the live tables",
+                        {"time_budget": {"overrun_at": str(overrun_at), "processed": done}},
+                    )
             frames = {
                 patch.driving_table: _frame(
                     rows, live_cols[patch.driving_table], tables[patch.driving_table]
@@ -636,10 +859,37 @@ def run_transform(
         )
     for b, new_size, rss in budget.shrinks:
         log.warning(f"memory guard: batch {b} shrunk to {new_size} rows at RSS {rss:.0f} MB")
+    if paused:
+        ex = pause_execution(engine, execution_id, peak_rss_mb=budget.peak_rss_mb)
+        log.warning(
+            f"maintenance window ends at {deadline_at:%Y-%m-%d %H:%M:%S} UTC: transform paused "
+            f"at a batch boundary after {done:,}/{total:,} rows ({ex['batches_done']} batches "
+            f"kept); execution {execution_id} continues in the next window"
+        )
+        return {**_counts(ex), "paused": 1}
     with write_transaction(engine) as conn:
         set_execution(conn, execution_id, phase="transformed", peak_rss_mb=budget.peak_rss_mb)
         ex = load_execution(conn, execution_id)
+    state.analyze(engine, list(stages.values()))
     return _counts(ex)
+
+
+def pause_execution(engine: Engine, execution_id: str, **values: Any) -> dict[str, Any]:
+    """Stop an execution until a later run continues it: progress, backup and staging kept;
+    table locks released (a paused execution writes nothing; commit still checks conflicts)."""
+    with write_transaction(engine) as conn:
+        set_execution(
+            conn,
+            execution_id,
+            status="paused",
+            phase=PAUSED_PHASE,
+            heartbeat_at=utcnow(),
+            deadline_at=None,
+            overrun_at=None,
+            **values,
+        )
+        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
+        return load_execution(conn, execution_id)
 
 
 def _counts(ex: dict[str, Any]) -> dict[str, int]:
@@ -832,6 +1082,8 @@ def check_invariants(
 def _jsonable(v: Any) -> Any:
     if v is None or isinstance(v, bool | int | float | str):
         return v
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
     return str(v)
 
 
@@ -1006,6 +1258,12 @@ def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
                 "columns": list(cols),
                 "stats": stats,
                 "sample": [{k: _jsonable(v) for k, v in r.items()} for r in sample],
+                # The distribution of each numeric change that is not the same for every row.
+                "histograms": {
+                    c: change_histogram(conn, st, bk, c, execution_id).to_json()
+                    for c, s in stats.items()
+                    if s["min_change"] != s["max_change"]
+                },
             }
         for table, cols in decl["inserts"].items():
             st = mirror_table(engine, tables[table], "stage")
@@ -1079,6 +1337,9 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
             lines.append("|" + "---|" * len(cols))
             for r in i["sample"]:
                 lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    for table, u in report["updates"].items():
+        for col, hist in u.get("histograms", {}).items():
+            lines += ["", histogram_markdown(hist, title=f"Distribution of {col} changes").rstrip()]
     if v is not None and v["problems"]:
         lines += ["", "### Validation problems", ""] + [f"- {p}" for p in v["problems"]]
         for b in v.get("invariants", []):

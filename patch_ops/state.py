@@ -34,6 +34,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import CreateColumn
 
 from patch_ops.patch import Tables
 
@@ -45,7 +47,7 @@ executions = Table(
     Column("execution_id", String(36), primary_key=True),
     Column("patch_name", String(255), nullable=False, index=True),
     Column("kind", String(16), nullable=False, server_default="patch"),  # patch|restore|purge
-    Column("status", String(16), nullable=False),  # pending|running|completed|failed
+    Column("status", String(16), nullable=False),  # pending|running|paused|completed|failed
     Column("phase", String(32), nullable=False, server_default="planned"),
     Column("dry_run", Boolean, nullable=False, server_default=true()),
     Column("started_at", DateTime, nullable=False),
@@ -76,6 +78,17 @@ executions = Table(
     Column("restored_by_execution_id", String(36)),
     Column("heartbeat_at", DateTime),
     Column("notifications", JSON),  # delivery outcome of every notification sent
+    # Approval gate (patch_ops.approval): the plan hash of every patch execution, its parts, and
+    # for a real run the dry run whose identical plan approved it.
+    Column("plan_hash", String(64)),
+    Column("plan", JSON),
+    Column("approved_by_execution_id", String(36)),
+    # Maintenance windows (patch_ops.windows): the transform pauses at the first batch boundary
+    # after deadline_at (status 'paused', resumed by a later run) and fails after overrun_at
+    # (3x the estimate); paused_seconds is the time spent paused, left out of throughput.
+    Column("deadline_at", DateTime),
+    Column("overrun_at", DateTime),
+    Column("paused_seconds", Float, nullable=False, server_default=text("0")),
 )
 
 targets = Table(
@@ -118,6 +131,27 @@ _mirror_lock = threading.Lock()
 
 def ensure_framework_tables(engine: Engine) -> None:
     framework_metadata.create_all(engine, checkfirst=True)
+    _add_missing_columns(engine)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to the framework tables since a database was set up (never dropped)."""
+    insp = inspect(engine)
+    for table in framework_metadata.sorted_tables:
+        existing = {c["name"] for c in insp.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in existing]
+        if not missing:
+            continue
+        q = engine.dialect.identifier_preparer
+        for col in missing:
+            ddl = CreateColumn(col).compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {q.quote(table.name)} ADD COLUMN {ddl}")
+            except DBAPIError:
+                # Another process added it at the same moment: fine; anything else: raise.
+                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
 
 
 def mirror_name(kind: str, table: str) -> str:
@@ -178,3 +212,15 @@ def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables
     md = MetaData()
     md.reflect(engine, only=list(names))
     return Tables({n: md.tables[n] for n in names})
+
+
+def analyze(engine: Engine, tables: list[Table] | tuple[Table, ...]) -> None:
+    """Fresh planner statistics after a bulk load (PostgreSQL). Without them the planner
+    takes the new mirror rows for a handful and joins them with nested loops (quadratic)."""
+    if engine.dialect.name != "postgresql":
+        return
+    q = engine.dialect.identifier_preparer
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        for t in tables:
+            conn.exec_driver_sql(f"ANALYZE {q.quote(t.name)}")

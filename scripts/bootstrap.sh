@@ -3,7 +3,10 @@
 #   - creates .venv with python3 (>= 3.11) if it is missing or broken;
 #   - runs `pip install -e '.[dev]'` only when pyproject.toml changed since the last successful
 #     install (sha256 stamp in .venv/.stockrx-install-stamp); otherwise a fast no-op.
-# Env: PYTHON=python3.12 (interpreter for a new venv), BOOTSTRAP_FORCE=1 (reinstall anyway).
+#   - as root with apt-get, installs Debian's `chromium` if missing (the browser test in
+#     tests/test_ui.py; it skips without it). Failure to install is a warning, not an error.
+# Env: PYTHON=python3.12 (interpreter for a new venv), BOOTSTRAP_FORCE=1 (reinstall anyway),
+#      BOOTSTRAP_NO_CHROMIUM=1 (never install chromium).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,6 +58,17 @@ else
         else
             die "cannot create $VENV with $PY (install the venv module, e.g. python3-venv)"
         fi
+    fi
+fi
+
+# 1b. Headless Chromium for the UI browser test: only as root with apt-get, only when missing.
+if [ -z "${BOOTSTRAP_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+        && is_root && command -v apt-get >/dev/null 2>&1; then
+    log "chromium missing: apt-get install -y chromium (for tests/test_ui.py; once)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+            >/tmp/stockrx-bootstrap-chromium.log 2>&1; then
+        log "WARNING: could not install chromium (see /tmp/stockrx-bootstrap-chromium.log):" \
+            "the browser test will be skipped"
     fi
 fi
 

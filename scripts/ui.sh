@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make ui`: the Dagster UI (`dagster dev`: webserver + daemon) on http://127.0.0.1:3000 with
+# workspace.yaml, against the demo database by default. Stop it with Ctrl-C.
+#   - database: UI_DATABASE_URL, else the demo SQLite database var/demo/stockrx.db (the one
+#     `make demo` uses), seeded with DEMO_ITEMS (100,000) items if it does not exist yet. An
+#     STOCKRX_DATABASE_URL already in your shell is deliberately NOT used: the UI can launch
+#     real runs, and the default must never be someone's real database;
+#   - DAGSTER_HOME: var/dagster_home, with a copy of dagster.yaml (refreshed when it changed);
+#   - audit key for real runs: $STOCKRX_AUDIT_KEYS / $STOCKRX_AUDIT_KEY_FILE if set, else a demo
+#     key in var/demo/audit.key (created if missing, as `make demo` does).
+# Env: UI_DATABASE_URL, UI_HOST (127.0.0.1), UI_PORT (3000), DEMO_ITEMS (100000).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+DEMO_DIR=$ROOT/var/demo
+DEMO_DB=$DEMO_DIR/stockrx.db
+HOME_DIR=$ROOT/var/dagster_home  # DAGSTER_HOME must be an absolute path
+HOST=${UI_HOST:-127.0.0.1}
+PORT=${UI_PORT:-3000}
+log() { echo "[ui] $*"; }
+
+mkdir -p "$DEMO_DIR" "$HOME_DIR"
+url=${UI_DATABASE_URL:-sqlite:///$DEMO_DB}
+if [ -z "${UI_DATABASE_URL:-}" ] && [ ! -s "$DEMO_DB" ]; then
+    log "no demo database yet: seeding $DEMO_DB with ${DEMO_ITEMS:-100000} items"
+    "$VENV/bin/stockrx-patches" seed-demo --database-url "$url" --items "${DEMO_ITEMS:-100000}"
+fi
+
+if ! cmp -s dagster.yaml "$HOME_DIR/dagster.yaml"; then
+    cp dagster.yaml "$HOME_DIR/dagster.yaml"
+    log "copied dagster.yaml to $HOME_DIR/"
+fi
+
+if [ -z "${STOCKRX_AUDIT_KEYS:-}" ] && [ -z "${STOCKRX_AUDIT_KEY_FILE:-}" ]; then
+    if [ ! -s "$DEMO_DIR/audit.key" ]; then
+        "$VENV/bin/python" -c "from resources.audit import AuditKeyring; \
+print(AuditKeyring.new_entry('demo'))" > "$DEMO_DIR/audit.key"
+    fi
+    export STOCKRX_AUDIT_KEY_FILE=$DEMO_DIR/audit.key
+fi
+
+export STOCKRX_DATABASE_URL=$url
+export DAGSTER_HOME=$HOME_DIR
+export STOCKRX_UI_BASE_URL=${STOCKRX_UI_BASE_URL:-http://$HOST:$PORT}
+safe_url=$("$VENV/bin/python" -c "import sys; from resources.database import redact_url; \
+print(redact_url(sys.argv[1]))" "$url")
+log "database: $safe_url"
+log "DAGSTER_HOME: $DAGSTER_HOME"
+log "UI: http://$HOST:$PORT  (Jobs → a patch → Launchpad; dry_run is true unless you say false)"
+exec "$VENV/bin/dagster" dev -h "$HOST" -p "$PORT" -w workspace.yaml

@@ -1,0 +1,199 @@
+"""patch_ops.charts: bucket edges, the SQL histogram (SQLite and PostgreSQL), its Markdown."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from sqlalchemy import and_, select
+
+from patch_ops import engine as eng
+from patch_ops import state
+from patch_ops.charts import (
+    Histogram,
+    change_histogram,
+    change_histogram_markdown,
+    histogram_markdown,
+    nice_edges,
+)
+from resources.database import get_engine
+from resources.memory import MemoryGuard
+from stockrx_patches.registry import default_registry
+from stockrx_patches.seed import seed_demo
+
+PRICE = "inventory_price_adjustment"
+
+
+# Edges --------------------------------------------------------------------------------------
+
+
+def test_nice_edges_use_round_steps() -> None:
+    assert nice_edges(1, 1599, 12) == [float(x) for x in range(0, 1601, 200)]
+    assert nice_edges(0.01, 0.07, 12)[:3] == pytest.approx([0.01, 0.015, 0.02])
+    assert nice_edges(0.01, 0.07, 6) == pytest.approx([0.01 * i for i in range(1, 8)])
+
+
+def test_nice_edges_have_zero_as_an_edge_when_the_range_crosses_it() -> None:
+    edges = nice_edges(-9996, 100, 12)
+    assert 0.0 in edges and edges[0] <= -9996 and edges[-1] >= 100
+
+
+def test_nice_edges_of_a_single_value_is_one_bucket() -> None:
+    assert nice_edges(1, 1, 12) == [1, 1]
+
+
+def test_nice_edges_are_bounded_and_cover_the_range() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        a, b = sorted(rng.uniform(-1e6, 1e6) * 10 ** rng.randint(-6, 0) for _ in range(2))
+        k = rng.randint(2, 30)
+        edges = nice_edges(a, b, k)
+        assert 1 <= len(edges) - 1 <= k, (a, b, k, edges)
+        assert edges[0] <= a and edges[-1] >= b, (a, b, k, edges)
+        assert edges == sorted(edges)
+
+
+def test_nice_edges_refuse_fewer_than_two_buckets() -> None:
+    with pytest.raises(ValueError):
+        nice_edges(0, 1, 1)
+
+
+# SQL histogram ------------------------------------------------------------------------------
+
+
+def _staged_execution(url: str, **config: Any) -> tuple[Any, str]:
+    """A planned, backed-up and transformed (not committed) price execution on 300 items."""
+    engine = get_engine(url)
+    seed_demo(engine, items=300)
+    registry = default_registry()
+    patch = registry.patches[PRICE]
+    cfg = patch.config_class(**config)
+    execution_id = eng.plan_execution(engine, patch, registry.settings(PRICE), cfg)
+    eng.take_backup(engine, execution_id)
+    eng.run_transform(engine, patch, execution_id, MemoryGuard())
+    return engine, execution_id
+
+
+def _mirrors(engine: Any) -> tuple[Any, Any]:
+    live = state.reflect_tables(engine, ["inventories"])["inventories"]
+    return state.mirror_table(engine, live, "stage"), state.mirror_table(engine, live, "backup")
+
+
+def _changes_in_python(engine: Any, execution_id: str) -> list[float]:
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(st.c.price, bk.c.price)
+            .select_from(
+                st.join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id,
+                                 bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == eng.BACKUP))
+            )
+            .where(st.c.dp_execution_id == execution_id, st.c.dp_action == state.UPDATE)
+        ).all()
+    return [float(a) - float(b) for a, b in rows]
+
+
+def _bucket_in_python(changes: list[float], edges: tuple[float, ...]) -> list[int]:
+    counts = [0] * (len(edges) - 1)
+    for c in changes:
+        i = sum(1 for e in edges[1:-1] if c >= e)
+        counts[i] += 1
+    return counts
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"adjustment_type": "percentage", "adjustment_value": 8},
+        {"adjustment_type": "set_value", "adjustment_value": 10_000},  # ups and downs
+        {"adjustment_type": "fixed_amount", "adjustment_value": -5_000},  # clamped at 0
+    ],
+    ids=["percentage", "set_value", "fixed_amount"],
+)
+def test_change_histogram_counts_every_staged_update_once(
+    database_url: str, config: dict[str, Any]
+) -> None:
+    engine, execution_id = _staged_execution(database_url, **config)
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn:
+        hist = change_histogram(conn, st, bk, "price", execution_id, max_buckets=12)
+    changes = _changes_in_python(engine, execution_id)
+    assert hist.rows == len(changes) > 0
+    assert sum(hist.counts) == hist.rows
+    assert len(hist.counts) <= 12
+    assert hist.min_change == pytest.approx(min(changes))
+    assert hist.max_change == pytest.approx(max(changes))
+    assert list(hist.counts) == _bucket_in_python(changes, hist.edges)
+    engine.dispose()
+
+
+def test_change_histogram_of_an_execution_without_updates(sqlite_url: str) -> None:
+    engine, execution_id = _staged_execution(
+        sqlite_url, adjustment_type="percentage", adjustment_value=8, min_price=10**8
+    )
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn:
+        hist = change_histogram(conn, st, bk, "price", execution_id)
+        md = change_histogram_markdown(conn, st, bk, "price", execution_id)
+    assert hist.rows == 0 and hist.counts == ()
+    assert "No changed price values." in md
+    engine.dispose()
+
+
+def test_change_histogram_of_a_constant_change_is_one_bucket(sqlite_url: str) -> None:
+    engine, execution_id = _staged_execution(
+        sqlite_url, adjustment_type="percentage", adjustment_value=8
+    )
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn:
+        hist = change_histogram(conn, st, bk, "inventory_logs_count", execution_id)
+    assert hist.edges == (1.0, 1.0) and hist.counts == (hist.rows,)
+    assert "| +1 | " in histogram_markdown(hist)
+    engine.dispose()
+
+
+def test_change_histogram_rejects_an_unknown_column(sqlite_url: str) -> None:
+    engine, execution_id = _staged_execution(
+        sqlite_url, adjustment_type="percentage", adjustment_value=8
+    )
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn, pytest.raises(KeyError):
+        change_histogram(conn, st, bk, "no_such_column", execution_id)
+    engine.dispose()
+
+
+# Markdown -----------------------------------------------------------------------------------
+
+SAMPLE = Histogram(
+    column="price",
+    edges=(-400.0, -200.0, 0.0, 200.0),
+    counts=(10, 0, 40),
+    rows=50,
+    min_change=-350,
+    max_change=199.5,
+    unchanged=2,
+)
+
+
+def test_histogram_markdown_is_a_table_with_proportional_bars() -> None:
+    md = histogram_markdown(SAMPLE, bar_width=20)
+    lines = md.splitlines()
+    assert lines[0] == "### Distribution of price changes (after − before)"
+    assert lines[2:5] == ["| change of price | rows | |", "|---|---:|---|",
+                          "| -400 to -200 | 10 | █████ |"]
+    assert lines[5] == "| -200 to 0 | 0 |  |"
+    assert lines[6] == "| 0 to +200 | 40 | " + "█" * 20 + " |"
+    assert "50 rows; change from -350 to +199.5; 2 unchanged." in md
+
+
+def test_histogram_markdown_partial_blocks_and_tiny_counts_stay_visible() -> None:
+    h = Histogram("price", (0.0, 1.0, 2.0, 3.0), (1000, 1, 330), 1331, 0, 3)
+    rows = [line for line in histogram_markdown(h, bar_width=30).splitlines() if "|" in line]
+    assert rows[3].endswith("| ▏ |")  # 1 of 1000 still shows
+    assert rows[4] == "| +2 to +3 | 330 | █████████▉ |"  # 330/1000 * 30 = 9.9 cells: 9 + 7/8
+
+
+def test_histogram_round_trips_through_json() -> None:
+    assert Histogram.from_json(SAMPLE.to_json()) == SAMPLE
+    assert histogram_markdown(SAMPLE.to_json()) == histogram_markdown(SAMPLE)
