@@ -720,6 +720,26 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return recs
 
 
+def bulk_insert(conn: Connection, table: Any, records: list[dict[str, Any]]) -> None:
+    """Insert many rows in the connection's transaction: COPY on PostgreSQL (psycopg 3),
+    executemany elsewhere. Values travel as data, never as SQL text."""
+    if not records:
+        return
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        cols = list(records[0])
+        q = conn.dialect.identifier_preparer
+        sql = f"COPY {q.quote(table.name)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            with cursor.copy(sql) as copy:
+                for rec in records:
+                    copy.write_row([rec[c] for c in cols])
+        finally:
+            cursor.close()
+        return
+    conn.execute(insert(table), records)
+
+
 def _config_of(patch: Patch, ex: dict[str, Any]) -> PatchRunConfig:
     return patch.config_class(**(ex["config"] or {}))
 
@@ -815,7 +835,7 @@ def run_transform(
                 recs = _records(df[["source_id", *cols]].rename(columns={"source_id": "dp_source_id"}))
                 for r in recs:
                     r.update(dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=r["id"])
-                conn.execute(insert(stages[table]), recs)
+                bulk_insert(conn, stages[table], recs)
                 if table == patch.driving_table:
                     n_upd += len(recs)
             for table, df in accepted.inserts.items():
@@ -826,7 +846,7 @@ def run_transform(
                 for r in recs:
                     staged_inserts += 1
                     r.update(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=staged_inserts)
-                conn.execute(insert(stages[table]), recs)
+                bulk_insert(conn, stages[table], recs)
             if reject_rows:
                 for r in reject_rows:
                     r["execution_id"] = execution_id

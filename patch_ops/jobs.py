@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterator
 
 from dagster import (
+    DagsterInstance,
     Failure,
     In,
     JobDefinition,
@@ -27,8 +28,10 @@ from dagster import (
 )
 
 from patch_ops import engine as eng
+from patch_ops.approval import require_approved_plan
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle, require_audit_key
 from patch_ops.patch import Patch, PatchSettings
+from patch_ops.windows import check_maintenance_window
 from resources.database import DatabaseUnavailable, StockRxDatabase, write_transaction
 from resources.memory import MemoryGuard, MemoryLimitExceeded
 
@@ -47,20 +50,27 @@ def patch_step(
 ) -> Iterator[None]:
     """Run one step of an execution: take over the execution for this run, record failures."""
     engine = db.get_engine()
-    with write_transaction(engine) as conn:
-        ex = eng.load_execution(conn, execution_id)
-        if ex["status"] != "running" or ex["dagster_run_id"] != context.run_id:
-            # Re-execution of a failed run: the execution continues under the new run id.
-            eng.set_execution(
-                conn,
-                execution_id,
-                status="running",
-                dagster_run_id=context.run_id,
-                completed_at=None,
-                error_message=None,
-            )
-        eng.acquire_locks(conn, ex["declaration"]["tables"], execution_id, context.run_id)
     try:
+        with write_transaction(engine) as conn:
+            ex = eng.load_execution(conn, execution_id)
+            if ex["status"] != "running" or ex["dagster_run_id"] != context.run_id:
+                # Re-execution of a failed run: the execution continues under the new run id.
+                eng.set_execution(
+                    conn,
+                    execution_id,
+                    status="running",
+                    dagster_run_id=context.run_id,
+                    completed_at=None,
+                    error_message=None,
+                )
+            eng.acquire_locks(
+                conn,
+                ex["declaration"]["tables"],
+                execution_id,
+                context.run_id,
+                run_finished(context.instance),
+                context.log,
+            )
         yield
     except Failure:
         raise
@@ -91,10 +101,35 @@ def _failed(context: OpExecutionContext, engine, execution_id: str, exc: BaseExc
     lc.notify("failed", reason=eng._describe(exc))
 
 
+#: One run tag per table a patch locks; dagster.yaml limits each to one run in progress, so the
+#: run queue holds a second run on an overlapping table (the lock in the StockRx database is the
+#: guarantee; this keeps the second run waiting instead of failing). Dagster allows one '/' in a
+#: tag key, hence "stockrx-table/<table>".
+TABLE_TAG_PREFIX = "stockrx-table/"
+
+
+def table_tags(patch: Patch) -> dict[str, str]:
+    return {f"{TABLE_TAG_PREFIX}{t}": "locked" for t in patch.tables()}
+
+
+def run_finished(instance: DagsterInstance) -> eng.RunFinished:
+    """For stale lock detection: the status of a finished Dagster run of this instance."""
+
+    def status(run_id: str) -> str | None:
+        run = instance.get_run_by_id(run_id)
+        return run.status.value if run is not None and run.is_finished else None
+
+    return status
+
+
 def build_patch_job(
     patch: Patch,
     settings: PatchSettings,
-    plan_checks: tuple[eng.PlanCheck, ...] = (require_audit_key,),
+    plan_checks: tuple[eng.PlanCheck, ...] = (
+        require_audit_key,
+        check_maintenance_window,
+        require_approved_plan,
+    ),
 ) -> JobDefinition:
     config_class = patch.config_class
     tables = ",".join(settings.target_tables)
@@ -120,6 +155,7 @@ def build_patch_job(
                 log=context.log,
                 checks=plan_checks,
                 resources=context.resources,
+                run_finished=run_finished(context.instance),
             )
         except (eng.PatchError, DatabaseUnavailable, LookupError, ValueError) as exc:
             failed_id = getattr(exc, "execution_id", None)
@@ -170,6 +206,11 @@ def build_patch_job(
         memory: MemoryGuard = getattr(context.resources, MEMORY)
         with patch_step(context, db, execution_id):
             counts = eng.run_transform(db.get_engine(), patch, execution_id, memory, log=context.log)
+        if counts.get("paused"):
+            Lifecycle(context.resources, db.get_engine(), execution_id, context.log).audit(
+                "paused", {"reason": "maintenance window ended", "processed": counts["processed"]}
+            )
+            context.instance.add_run_tags(context.run_id, {"stockrx/paused": "window-end"})
         context.add_output_metadata(counts)
         return execution_id
 
@@ -187,6 +228,13 @@ def build_patch_job(
     def validate_changes(context: OpExecutionContext, execution_id: str):  # type: ignore[no-untyped-def]
         db: StockRxDatabase = getattr(context.resources, DB)
         engine = db.get_engine()
+        with engine.connect() as conn:
+            ex = eng.load_execution(conn, execution_id)
+        if ex["status"] == "paused":
+            # Stopped at the end of its maintenance window: no output, so commit/report/rollback
+            # are skipped and the run succeeds; a later run continues the execution.
+            context.log.info(f"execution {execution_id} is paused: validation waits for the rest")
+            return
         with patch_step(context, db, execution_id):
             passed, report = eng.validate_execution(
                 engine, patch, settings, execution_id, log=context.log
@@ -324,7 +372,7 @@ def build_patch_job(
     @job(
         name=patch.name,
         description=settings.description,
-        tags={"stockrx/patch": patch.name, "stockrx/tables": tables},
+        tags={"stockrx/patch": patch.name, "stockrx/tables": tables, **table_tags(patch)},
     )
     def patch_job() -> None:
         # Op definition names must be unique in a code location, so each patch's ops are named

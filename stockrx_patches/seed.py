@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import MetaData, func, insert, select, text
 from sqlalchemy.engine import Engine
 
 from stockrx_patches.schema import batches, create_stockrx_schema, inventories, inventory_logs
@@ -153,6 +153,12 @@ def seed_demo(
 ) -> dict[str, int]:
     """Create the StockRx tables (dropping them first with ``reset``) and fill them."""
     today = today or dt.date.today()
+    if reset:
+        # A fresh demo: the engine's own tables (history, backups, locks, audit) go too.
+        md = MetaData()
+        md.reflect(engine)
+        framework = [t for name, t in md.tables.items() if name.startswith("data_patch_")]
+        md.drop_all(engine, tables=framework)
     create_stockrx_schema(engine, drop_first=reset)
     with engine.connect() as conn:
         if conn.execute(select(func.count()).select_from(inventories)).scalar_one():
