@@ -1699,7 +1699,7 @@ def restore_rows(
         live = tables[table]
         st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
         cond = [bk.c.dp_execution_id == execution_id, bk.c.dp_action == BACKUP, live.c.id == bk.c.dp_seq]
-        ids = select(st.c.dp_seq).where(
+        to_restore = select(st.c.dp_seq).where(
             st.c.dp_execution_id == execution_id,
             st.c.dp_action == UPDATE,
             *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
@@ -1707,24 +1707,28 @@ def restore_rows(
         if apply:
             res = conn.execute(
                 update(live)
-                .where(*cond, bk.c.dp_seq.in_(ids))
+                .where(*cond, bk.c.dp_seq.in_(to_restore))
                 .values({c: bk.c[c] for c in cols})
             )
             updated[table] = res.rowcount
         else:
-            updated[table] = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+            updated[table] = conn.execute(
+                select(func.count()).select_from(to_restore.subquery())
+            ).scalar_one()
     for table in reversed(list(decl["inserts"])):  # children before the parents they point to
         live = tables[table]
         st = mirror_table(engine, live, "stage")
-        ids = select(st.c.id).where(
+        to_delete = select(st.c.id).where(
             st.c.dp_execution_id == execution_id,
             st.c.dp_action == INSERT,
             *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
         )
         if apply:
-            deleted[table] = conn.execute(delete(live).where(live.c.id.in_(ids))).rowcount
+            deleted[table] = conn.execute(delete(live).where(live.c.id.in_(to_delete))).rowcount
         else:
-            deleted[table] = conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()
+            deleted[table] = conn.execute(
+                select(func.count()).select_from(to_delete.subquery())
+            ).scalar_one()
     return RestorePlan(updated, deleted, conflicts, len(bad_sources))
 
 

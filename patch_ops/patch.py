@@ -9,6 +9,7 @@ It never opens a session, commits, logs progress or notifies.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,8 +17,12 @@ from typing import Any, ClassVar
 import pandas as pd
 import pandera.pandas as pa
 from dagster import Config
-from pydantic import Field
+from pydantic import Field, model_validator
 from sqlalchemy import Select, Table
+
+from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, MaintenanceWindow
+
+MAX_LAUNCHED_BY = 255  # data_patch_executions.launched_by, audit actor
 
 
 class PatchConfigError(ValueError):
@@ -44,6 +49,37 @@ class PatchRunConfig(Config):
         default=None,
         description="Who launched this run (recorded in the history); default: the OS user.",
     )
+    allow_outside_window: bool = Field(
+        default=False,
+        description="Let a real run start outside the maintenance windows of "
+        "config/data_patches.yml (scheduling.maintenance_windows). Recorded in the history; "
+        "without it such a run is refused.",
+    )
+    resume_execution_id: str | None = Field(
+        default=None,
+        description="Continue this paused execution (stopped at the end of a maintenance window) "
+        "instead of planning a new one; the rest of the config must be the same as its own. "
+        "Without it, a run whose config equals a paused execution's continues that one.",
+    )
+
+    @model_validator(mode="after")
+    def _safe_values(self) -> PatchRunConfig:
+        """Values every database and JSON column can hold, for every patch's config: no NaN or
+        infinity, integers within 64 bits (batch and memory sizes within 32), no NUL character
+        in text, launched_by within its column. Dagster checks the types; this checks the rest
+        before anything is written (a value PostgreSQL would refuse mid-run never gets there)."""
+        for name, value in self:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool):
+                limit = 2**31 if name in ("batch_size", "memory_limit_mb") else 2**63
+                if not -limit <= value < limit:
+                    raise ValueError(f"{name} is out of range, got {value}")
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"{name} must not contain NUL characters")
+        if self.launched_by is not None and len(self.launched_by) > MAX_LAUNCHED_BY:
+            raise ValueError(f"launched_by is longer than {MAX_LAUNCHED_BY} characters")
+        return self
 
 
 @dataclass(frozen=True)
@@ -134,6 +170,12 @@ class Patch:
         """Whole-set rules checked on the would-be result and again after commit."""
         return []
 
+    def report_sections(self, tables: Tables, config: Any, ctx: RunContext) -> dict[str, Select]:
+        """Extra lists for the impact report, e.g. rows the patch deliberately leaves alone:
+        title → SELECT of the rows to list (in the order to show). The engine counts each one
+        and keeps its first rows in the report (JSON and Markdown)."""
+        return {}
+
     # Derived declarations -------------------------------------------------------------
     @classmethod
     def description(cls) -> str:
@@ -172,3 +214,13 @@ class PatchSettings:
     memory_limit_mb: int = 1024
     max_failure_ratio: float | None = None  # None: the patch's own default
     scheduled: bool = False
+    #: A real run needs a completed dry run with the same plan hash (patch_ops.approval).
+    require_approved_plan: bool = True
+    #: How long a dry run's plan stays valid for approving a real run.
+    plan_valid_hours: float = 24.0
+    #: When real runs may write (patch_ops.windows); empty: any time.
+    maintenance_windows: tuple[MaintenanceWindow, ...] = ()
+    #: Rows per second assumed for the duration estimate until the patch has a completed run.
+    first_run_rows_per_second: float = DEFAULT_FIRST_RUN_ROWS_PER_SECOND
+    #: Run config (ops.plan_patch.config) of the scheduled runs, if ``scheduled``.
+    schedule_config: Mapping[str, Any] = field(default_factory=lambda: {"dry_run": False})

@@ -13,6 +13,7 @@ from sqlalchemy import inspect, select
 
 from patch_ops.state import executions
 from resources.database import DatabaseUnavailable, check_connection, get_engine, redact_url
+from stockrx_patches import audit_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -102,7 +103,154 @@ def cmd_report(args: argparse.Namespace) -> int:
           f"duration: {((r['completed_at'] or r['started_at']) - r['started_at']).total_seconds():.1f}s")
     if r["error_message"]:
         print(f"error: {r['error_message']}")
+    _print_approval(engine, r)
     return 0 if r["status"] == "completed" else 2
+
+
+def _print_approval(engine, r) -> None:  # type: ignore[no-untyped-def]
+    """Plan hash, who launched the run, and for a real run the dry run that approved it."""
+    if not r.get("plan_hash"):
+        return
+    print(f"plan hash: {r['plan_hash']}; launched by {r['launched_by']}")
+    approver_id = r.get("approved_by_execution_id")
+    if approver_id:
+        with engine.connect() as conn:
+            who = conn.execute(
+                select(executions.c.launched_by).where(executions.c.execution_id == approver_id)
+            ).scalar()
+        print(f"approved by dry run {approver_id} (launched by {who})")
+
+
+def _print_report(engine, execution_id: str | None) -> None:  # type: ignore[no-untyped-def]
+    if not execution_id:
+        return
+    with engine.connect() as conn:
+        md = conn.execute(
+            select(executions.c.report_markdown).where(executions.c.execution_id == execution_id)
+        ).scalar()
+    if md:
+        print(md)
+
+
+def _run_job(args: argparse.Namespace, job_name: str, op_name: str, config: dict):  # type: ignore[no-untyped-def]
+    """Launch a job of the code location in this process (same checks, audit trail and
+    notifications as from Dagster); returns (result, engine, id of the execution it recorded)."""
+    from dagster import DagsterInstance
+
+    engine = _engine(args)
+    if args.database_url:  # the job's resource reads it from the environment, like in Dagster
+        os.environ["STOCKRX_DATABASE_URL"] = args.database_url
+    from stockrx_patches.definitions import defs
+
+    instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        run_config={
+            "ops": {op_name: {"config": config}},
+            "loggers": {"console": {"config": {"log_level": "ERROR"}}},
+        },
+        instance=instance,
+        raise_on_error=False,
+    )
+    if not inspect(engine).has_table(executions.name):
+        return result, engine, None
+    with engine.connect() as conn:
+        execution_id = conn.execute(
+            select(executions.c.execution_id)
+            .where(executions.c.dagster_run_id == result.run_id)
+            .order_by(executions.c.started_at.desc())
+        ).scalar()
+    return result, engine, execution_id
+
+
+def _failure(result) -> str:  # type: ignore[no-untyped-def]
+    for event in result.all_events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            if data.user_failure_data is not None and data.user_failure_data.description:
+                return str(data.user_failure_data.description)
+            return str(data.error.message if data.error else "failed")
+    return "failed"
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    config = {"execution_id": args.execution_id, "dry_run": not args.apply,
+              "skip_conflicts": args.skip_conflicts}
+    result, engine, restore_id = _run_job(args, "restore_patch", "plan_restore", config)
+    _print_report(engine, restore_id)
+    if not result.success:
+        print(_failure(result), file=sys.stderr)
+        return 1
+    print(("restored" if args.apply else "dry run, nothing changed") + f": restore execution "
+          f"{restore_id}" + ("" if args.apply else " (use --apply to restore)"))
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    config = {"dry_run": not args.apply, "retention_days": args.retention_days}
+    result, engine, purge_id = _run_job(args, "purge_expired_backups", "purge_backups", config)
+    _print_report(engine, purge_id)
+    if not result.success:
+        print(_failure(result), file=sys.stderr)
+        return 1
+    if not args.apply:
+        print("dry run, nothing removed (use --apply to remove)")
+    return 0
+
+
+def _config_value(raw: str):  # type: ignore[no-untyped-def]
+    """A --set value as YAML reads it (8 → int, true → bool, 2026-12-01 → string)."""
+    import yaml
+
+    value = yaml.safe_load(raw)
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+def cmd_request(args: argparse.Namespace) -> int:
+    """Insert a pending row into data_patch_requests (what release tooling does in SQL)."""
+    import yaml
+
+    from stockrx_patches.requests import submit_request
+
+    config: dict = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        # Either the plan_patch config itself or a whole run config file (config/runs/*.yaml).
+        config = dict(loaded.get("ops", {}).get("plan_patch", {}).get("config", loaded))
+    for item in args.set or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            print(f"error: --set takes KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        config[key.strip()] = _config_value(raw)
+    if args.real:
+        config["dry_run"] = False
+    engine = _engine(args)
+    requested_by = args.requested_by or os.environ.get("USER") or "unknown"
+    request_id = submit_request(engine, args.patch, config, requested_by, args.release_tag)
+    mode = "dry run" if config.get("dry_run", True) else "REAL run"
+    print(f"request {request_id}: {args.patch} ({mode}) {json.dumps(config, ensure_ascii=False)} "
+          f"is pending; the patch_request_sensor launches it (stockrx-patches requests)")
+    return 0
+
+
+def cmd_requests(args: argparse.Namespace) -> int:
+    from stockrx_patches.requests import ensure_requests_table, requests
+
+    engine = _engine(args)
+    ensure_requests_table(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(requests).order_by(requests.c.id.desc()).limit(args.limit)
+        ).mappings().all()
+    fmt = "{:>5}  {:<28} {:<9} {:<16} {:<12} {:<36}  {}"
+    print(fmt.format("id", "patch", "status", "requested_by", "release", "dagster run",
+                     "reason"))
+    for r in rows:
+        print(fmt.format(r["id"], r["patch_name"][:28], r["status"], (r["requested_by"] or "")[:16],
+                         (r["release_tag"] or "")[:12], r["dagster_run_id"] or "",
+                         (r["reason"] or "")[:100]))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("report", cmd_report, "impact report of an execution (default: the latest)")
     sp.add_argument("execution_id", nargs="?")
     sp.add_argument("--json", action="store_true")
+    sp = add("restore", cmd_restore, "undo a committed patch execution (dry run by default)")
+    sp.add_argument("execution_id")
+    sp.add_argument("--apply", action="store_true", help="really restore (default: dry run)")
+    sp.add_argument(
+        "--skip-conflicts",
+        action="store_true",
+        help="restore the rows the application did not change since, report the others "
+        "(default: refuse if there is any)",
+    )
+    sp = add("request", cmd_request, "ask for a patch run: a pending row in data_patch_requests")
+    sp.add_argument("patch")
+    sp.add_argument("--config", help="YAML/JSON file: the plan_patch config or a whole run config")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config field (repeat)")
+    sp.add_argument("--real", action="store_true", help="a real run (dry_run: false)")
+    sp.add_argument("--requested-by", help="default: $USER")
+    sp.add_argument("--release-tag")
+    sp = add("requests", cmd_requests, "recent release requests and what became of them")
+    sp.add_argument("--limit", type=int, default=20)
+    sp = add("purge-backups", cmd_purge, "remove backups past the retention (dry run by default)")
+    sp.add_argument("--apply", action="store_true", help="really remove (default: dry run)")
+    sp.add_argument(
+        "--retention-days", type=int, help="default: security.audit_retention_days in the config"
+    )
+    audit_cli.add_parser(sub, _engine)
     return p
 
 

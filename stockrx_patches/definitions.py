@@ -20,6 +20,8 @@ from resources.database import StockRxDatabase
 from resources.memory import MemoryGuard
 from resources.notifier import Notifier
 from stockrx_patches.registry import ProjectConfig, Registry, default_registry
+from stockrx_patches.schedules import build_schedules
+from stockrx_patches.sensors import build_sensors
 
 
 def _optional_secret(name: str) -> Any:
@@ -60,7 +62,12 @@ def build_definitions(
     jobs = [build_patch_job(p, registry.settings(n)) for n, p in sorted(registry.patches.items())]
     retention = int(registry.config.security.get("audit_retention_days", 90))
     jobs += [build_restore_job(), build_purge_job(retention)]
-    return Definitions(jobs=jobs, resources={**default_resources(registry.config), **(resources or {})})
+    return Definitions(
+        jobs=jobs,
+        schedules=build_schedules(registry),
+        sensors=build_sensors(registry, jobs),
+        resources={**default_resources(registry.config), **(resources or {})},
+    )
 
 
 defs = build_definitions(default_registry())

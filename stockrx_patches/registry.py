@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from patch_ops.patch import Patch, PatchSettings
+from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, WindowConfigError, parse_windows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "data_patches.yml"
@@ -42,6 +43,14 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise RegistryError(f"patch settings file not found: {path}") from None
+    scheduling = raw.get("scheduling") or {}
+    try:
+        windows = parse_windows(scheduling)
+        first_rate = _positive(
+            scheduling, "first_run_rows_per_second", DEFAULT_FIRST_RUN_ROWS_PER_SECOND
+        )
+    except (WindowConfigError, TypeError, ValueError) as exc:
+        raise RegistryError(f"{path}: scheduling: {exc}") from None
     patches = {}
     for name, entry in (raw.get("patches") or {}).items():
         try:
@@ -53,10 +62,49 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 memory_limit_mb=int(entry.get("memory_limit", 1024)),
                 max_failure_ratio=entry.get("max_failure_ratio"),
                 scheduled=bool(entry.get("scheduled", False)),
+                require_approved_plan=_flag(entry, "require_approved_plan", True),
+                plan_valid_hours=_positive(entry, "plan_valid_hours", 24.0),
+                maintenance_windows=windows,
+                first_run_rows_per_second=first_rate,
+                schedule_config=_schedule_config(entry),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RegistryError(f"{path}: bad entry for patch {name!r}: {exc}") from None
-    return ProjectConfig(patches, raw.get("security") or {}, raw.get("scheduling") or {})
+    for name, s in patches.items():
+        if s.scheduled and not windows:
+            raise RegistryError(
+                f"{path}: patch {name!r} is scheduled but scheduling.maintenance_windows is empty "
+                "(its schedule runs at the start of every window)"
+            )
+        if s.scheduled and not s.schedule_config.get("dry_run", True) and s.require_approved_plan:
+            raise RegistryError(
+                f"{path}: patch {name!r} is scheduled for real runs, which no dry run approves: "
+                "set require_approved_plan: false for it (or schedule_config: {dry_run: true})"
+            )
+    return ProjectConfig(patches, raw.get("security") or {}, scheduling)
+
+
+def _schedule_config(entry: dict[str, Any]) -> dict[str, Any]:
+    """Run config (ops.plan_patch.config) of a scheduled patch's runs; default: real runs."""
+    value = entry.get("schedule_config", {"dry_run": False})
+    if not isinstance(value, dict):
+        raise ValueError(f"schedule_config must be a mapping, got {value!r}")
+    return {"dry_run": False, **value}
+
+
+def _flag(entry: dict[str, Any], key: str, default: bool) -> bool:
+    # A YAML typo like `require_approved_plan: "no"` must not silently read as true.
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _positive(entry: dict[str, Any], key: str, default: float) -> float:
+    value = float(entry.get(key, default))
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
+    return value
 
 
 def discover_patches(package: str = "stockrx_patches.patches") -> dict[str, Patch]:

@@ -27,6 +27,11 @@ from tests.support.postgres import PostgresServer, PostgresUnavailable, postgres
 # location is imported; subprocesses inherit it). Tests of the no-key path unset it themselves.
 TEST_AUDIT_KEY = "test:" + base64.urlsafe_b64encode(b"stockrx-patches-test-key-32bytes").decode()
 os.environ.setdefault("STOCKRX_AUDIT_KEYS", TEST_AUDIT_KEY)
+# Real runs start only inside a maintenance window (patch_ops.windows). Tests run on a clock fixed
+# inside one (Sunday 02:30 JST; the window ends at 04:00), inherited by subprocesses; tests of the
+# windows set their own.
+TEST_CLOCK = "2026-11-29T02:30:00+09:00"
+os.environ.setdefault("STOCKRX_PATCHES_CLOCK", TEST_CLOCK)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

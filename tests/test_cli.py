@@ -64,9 +64,12 @@ def test_dry_then_real_run_through_dagster_cli(database_url, dagster_home):
     changed = sum(1 for i in old if old[i] != new[i])
     assert changed == dry_ex["staged_updates"] > 0
     assert all(new[i] == int(old[i] * 1.08 + 0.5 + 1e-7) for i in old)
+    # the approval gate: the real run went ahead on the dry run's identical plan
+    assert latest_execution(engine)["approved_by_execution_id"] == dry_ex["execution_id"]
 
     report = cli(database_url, "report")
     assert report.returncode == 0 and "REAL RUN" in report.stdout
+    assert f"approved by dry run {dry_ex['execution_id']}" in report.stdout
     history = cli(database_url, "history")
     assert history.returncode == 0
     assert history.stdout.count("inventory_price_adjustment") == 2

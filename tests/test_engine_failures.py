@@ -27,7 +27,7 @@ DEFS = test_patches.defs
 def test_rows_that_break_the_schema_block_the_commit(database_url):
     engine = seeded(database_url, items=120)
     before = digest(engine)
-    result = run_patch(database_url, "negative_price_patch", PCT8, defs=DEFS)
+    result = run_patch(database_url, "negative_price_patch", PCT8, defs=DEFS, approve=False)
     assert not result.success
     assert digest(engine) == before
     ex = latest_execution(engine)
@@ -46,7 +46,7 @@ def test_rows_that_break_the_schema_block_the_commit(database_url):
 def test_a_broken_invariant_blocks_the_commit_and_names_the_rows(database_url):
     engine = hand_built(database_url, [100, 200, 300])
     before = digest(engine)
-    result = run_patch(database_url, "forgetful_counter_patch", PCT8, defs=DEFS)
+    result = run_patch(database_url, "forgetful_counter_patch", PCT8, defs=DEFS, approve=False)
     assert not result.success
     assert digest(engine) == before
     ex = latest_execution(engine)
@@ -59,7 +59,7 @@ def test_a_broken_invariant_blocks_the_commit_and_names_the_rows(database_url):
 def test_post_verification_failure_restores_the_backup(database_url):
     engine = seeded(database_url, items=150)
     before = digest(engine)
-    result = run_patch(database_url, "fails_after_commit_patch", PCT8, defs=DEFS)
+    result = run_patch(database_url, "fails_after_commit_patch", PCT8, defs=DEFS, approve=False)
     assert not result.success
     assert "verification failed, restored from backup" in failure_description(result)
     assert digest(engine) == before
@@ -71,7 +71,7 @@ def test_post_verification_failure_restores_the_backup(database_url):
 def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
     engine = hand_built(database_url, [100, 200, 300])
     old_prices = prices(engine)
-    result = run_patch(database_url, "concurrent_app_patch", PCT8, defs=DEFS)
+    result = run_patch(database_url, "concurrent_app_patch", PCT8, defs=DEFS, approve=False)
     assert not result.success
     desc = failure_description(result)
     assert "application changed rows after the backup" in desc and "[2]" in desc
@@ -87,7 +87,9 @@ def test_memory_limit_below_current_use_fails_before_any_write(database_url):
     engine = seeded(database_url, items=200)
     before = digest(engine)
     limit = int(current_rss_mb() * 0.5)
-    result = run_patch(database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit})
+    # memory_limit_mb is not part of the plan: a dry run at the default limit approves it
+    assert run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": True}).success
+    result = run_patch(database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit}, approve=False)
     assert not result.success
     desc = failure_description(result)
     assert "memory limit exceeded" in desc and f"limit {limit} MB" in desc and "batch 1" in desc
@@ -100,8 +102,11 @@ def test_memory_near_the_limit_shrinks_batches_then_fails_clearly(database_url):
     before = digest(engine)
     # Above the soft threshold (80 %) but below the limit: halve, halve, ... then give up.
     limit = int(current_rss_mb() / 0.9) + 1
+    # memory_limit_mb and batch_size are not part of the plan: a default dry run approves it
+    assert run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": True}).success
     result = run_patch(
-        database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit, "batch_size": 800}
+        database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit, "batch_size": 800},
+        approve=False,
     )
     assert not result.success
     desc = failure_description(result)

@@ -34,7 +34,7 @@ RANGES = {
 }
 
 
-class AdjustmentType(str, Enum):
+class AdjustmentType(str, Enum):  # noqa: UP042 - Dagster config enums
     percentage = "percentage"
     fixed_amount = "fixed_amount"
     multiply = "multiply"

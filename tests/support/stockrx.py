@@ -111,8 +111,20 @@ def run_patch(
     config: dict[str, Any],
     defs: Definitions | None = None,
     instance: DagsterInstance | None = None,
+    approve: bool = True,
 ) -> ExecuteInProcessResult:
-    """Run a patch job in-process against the database at ``url`` (as STOCKRX_DATABASE_URL)."""
+    """Run a patch job in-process against the database at ``url`` (as STOCKRX_DATABASE_URL).
+
+    A real run (``dry_run: False``) goes the way a release engineer takes it through the
+    approval gate: first the same config as a dry run, then the real run. If that dry run fails,
+    its result is returned and the real run is not launched. ``approve=False`` launches only
+    what is asked (tests of the gate itself, or test patches without the gate whose dry run
+    fails on purpose).
+    """
+    if approve and config.get("dry_run") is False:
+        dry = run_patch(url, job_name, {**config, "dry_run": True}, defs, instance, approve=False)
+        if not dry.success:
+            return dry
     from stockrx_patches.definitions import defs as default_defs
 
     job = (defs or default_defs).resolve_job_def(job_name)

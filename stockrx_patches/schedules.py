@@ -1,0 +1,52 @@
+"""Schedules, derived from the maintenance windows (never written twice).
+
+Every patch with ``scheduled: true`` in config/data_patches.yml runs at the start of every
+maintenance window (one cron expression per distinct start time, in the windows' time zone),
+with its ``schedule_config`` (default: a real run). One-off patches get no schedule. A scheduled
+run whose config equals a paused execution's continues it (engine.plan_execution), so the
+schedule also resumes what the previous window could not finish.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dagster import DefaultScheduleStatus, ScheduleDefinition
+
+from patch_ops.patch import PatchSettings
+from patch_ops.windows import cron_schedules, schedule_timezone
+from stockrx_patches.registry import Registry
+
+TRIGGER_TAG = "stockrx/trigger"
+
+
+def schedule_name(patch_name: str) -> str:
+    return f"{patch_name}_at_window_start"
+
+
+def scheduled_run_config(patch_name: str, settings: PatchSettings) -> dict[str, Any]:
+    config = {"launched_by": f"schedule:{schedule_name(patch_name)}", **settings.schedule_config}
+    return {"ops": {"plan_patch": {"config": config}}}
+
+
+def build_schedules(registry: Registry) -> list[ScheduleDefinition]:
+    schedules = []
+    for name in sorted(registry.patches):
+        settings = registry.settings(name)
+        if not settings.scheduled:
+            continue
+        windows = settings.maintenance_windows
+        schedules.append(
+            ScheduleDefinition(
+                name=schedule_name(name),
+                job_name=name,
+                cron_schedule=cron_schedules(windows),
+                execution_timezone=schedule_timezone(windows),
+                run_config=scheduled_run_config(name, settings),
+                tags={TRIGGER_TAG: "schedule"},
+                description=f"{name} at the start of every maintenance window "
+                f"({'; '.join(w.describe() for w in windows)})",
+                default_status=DefaultScheduleStatus.RUNNING,
+            )
+        )
+    return schedules

@@ -1,0 +1,465 @@
+"""Sensors: runs started by release requests, by data, by a paused execution; dead runs.
+
+- ``patch_request_sensor``: launches each pending row of ``data_patch_requests`` once
+  (``run_key``), rejects unknown patches and invalid config (reason on the row), holds real runs
+  until a maintenance window is open, and records each request's outcome (stockrx_patches.requests).
+- ``<patch>_work_pending_sensor`` (each scheduled patch): outside the maintenance windows, when
+  the patch has something to do (its ``targets()`` select rows: for batch_expiry_update, expired
+  lots with stock), starts a dry run, at most once per business day, so the report of what the next
+  scheduled run will write is there to read.
+- ``paused_patch_resume_sensor``: when a window opens, continues each paused execution that its
+  patch's schedule will not (a scheduled run continues a paused execution with its config).
+- ``patch_run_failure_sensor``: a patch run that failed outside the patch's own steps (its
+  process died, run monitoring or a user marked it failed, or it failed before planning) gets the
+  urgent notification the steps could not send; its execution is closed as failed and its table
+  locks released.
+
+The clock is ``patch_ops.windows.now()`` (STOCKRX_PATCHES_CLOCK fixes it for tests).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from dagster import (
+    DagsterInvalidConfigError,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    JobDefinition,
+    RunFailureSensorContext,
+    RunRequest,
+    RunsFilter,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    run_failure_sensor,
+    sensor,
+    validate_run_config,
+)
+from sqlalchemy import inspect, select
+
+from patch_ops import engine as eng
+from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
+from patch_ops.patch import PatchConfigError, RunContext
+from patch_ops.state import executions, reflect_tables
+from patch_ops.windows import current_window, next_window, now, utc_naive
+from resources.audit import AuditLog
+from resources.database import StockRxDatabase, write_transaction
+from resources.notifier import Notifier, PatchNotification
+from stockrx_patches import requests as rq
+from stockrx_patches.registry import Registry
+from stockrx_patches.schedules import TRIGGER_TAG, scheduled_run_config
+
+REQUEST_SENSOR = "patch_request_sensor"
+RESUME_SENSOR = "paused_patch_resume_sensor"
+FAILURE_SENSOR = "patch_run_failure_sensor"
+#: A launched request whose run has not appeared after this long is requested again.
+LOST_LAUNCH = dt.timedelta(minutes=10)
+
+
+def work_pending_sensor_name(patch_name: str) -> str:
+    return f"{patch_name}_work_pending_sensor"
+
+
+def _has_table(engine: Any, name: str) -> bool:
+    return inspect(engine).has_table(name)
+
+
+def _plan_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    return dict(run_config["ops"]["plan_patch"]["config"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Release requests
+# ---------------------------------------------------------------------------------------------
+
+
+def _job(context: SensorEvaluationContext, jobs: dict[str, JobDefinition], name: str) -> Any:
+    repo = getattr(context, "repository_def", None)
+    if repo is not None and repo.has_job(name):
+        return repo.get_job(name)
+    return jobs[name]
+
+
+def judge_request(
+    context: SensorEvaluationContext,
+    registry: Registry,
+    jobs: dict[str, JobDefinition],
+    request: dict[str, Any],
+    instant: dt.datetime,
+) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(status to give the request, reason, run config to launch with or None)."""
+    name = request["patch_name"]
+    if name not in registry.patches:
+        known = ", ".join(sorted(registry.patches))
+        return rq.REJECTED, f"unknown patch {name!r}; known patches: {known}", None
+    cfg = request["run_config"]
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except ValueError as exc:
+            return rq.REJECTED, f"run_config is not JSON: {exc}", None
+    if not isinstance(cfg, dict):
+        return rq.REJECTED, "run_config must be a JSON object (the ops.plan_patch.config)", None
+    cfg = {"launched_by": request["requested_by"], **cfg}
+    run_config = {"ops": {"plan_patch": {"config": cfg}}}
+    try:
+        validate_run_config(_job(context, jobs, name), run_config)
+    except DagsterInvalidConfigError as exc:
+        problems = "; ".join(e.message for e in exc.errors) or str(exc)
+        return rq.REJECTED, f"invalid run config: {problems}", None
+    patch = registry.get(name)
+    config = patch.config_class(**cfg)
+    try:
+        patch.check_config(config)
+    except PatchConfigError as exc:
+        return rq.REJECTED, f"invalid run config: {exc}", None
+    windows = registry.settings(name).maintenance_windows
+    if (
+        not config.dry_run
+        and windows
+        and not getattr(config, "allow_outside_window", False)
+        and current_window(windows, instant) is None
+    ):
+        nxt = next_window(windows, instant)
+        when = nxt.describe() if nxt else "the next maintenance window"
+        return rq.HELD, f"real run held until the next maintenance window ({when})", None
+    return rq.LAUNCHED, None, run_config
+
+
+def _reconcile(context: SensorEvaluationContext, engine: Any) -> None:
+    """Record the outcome of launched requests (by their execution, so a paused execution that a
+    later run finishes counts too)."""
+    with engine.connect() as conn:
+        launched = rq.launched_requests(conn)
+    for req in launched:
+        runs = context.instance.get_runs(RunsFilter(tags={rq.REQUEST_TAG: str(req["id"])}), limit=1)
+        values: dict[str, Any] = {}
+        status = rq.LAUNCHED
+        if not runs:
+            since = req["updated_at"] or req["requested_at"]
+            if since is not None and rq.utcnow() - since > LOST_LAUNCH:
+                status, values = rq.PENDING, {"reason": "no run appeared; requested again"}
+            else:
+                continue
+        else:
+            run = runs[0]
+            values["dagster_run_id"] = run.run_id
+            ex = None
+            if _has_table(engine, executions.name):
+                which = (
+                    executions.c.execution_id == req["execution_id"]
+                    if req["execution_id"]
+                    else executions.c.dagster_run_id == run.run_id
+                )
+                with engine.connect() as conn:
+                    ex = (
+                        conn.execute(
+                            select(executions)
+                            .where(executions.c.kind == "patch", which)
+                            .order_by(executions.c.started_at.desc())
+                            .limit(1)
+                        )
+                        .mappings()
+                        .first()
+                    )
+            if ex is not None:
+                values["execution_id"] = ex["execution_id"]
+                if ex["status"] == "completed":
+                    status, values["reason"] = rq.SUCCEEDED, None
+                elif ex["status"] == "failed":
+                    status, values["reason"] = rq.FAILED, ex["error_message"]
+                elif ex["status"] == "paused":
+                    values["reason"] = (
+                        "paused at the end of the maintenance window; continues in the next"
+                    )
+            elif run.is_finished:
+                ok = run.status == DagsterRunStatus.SUCCESS
+                status = rq.SUCCEEDED if ok else rq.FAILED
+                values["reason"] = None if ok else f"run {run.status.value} before planning"
+        if status != req["status"] or any(req.get(k) != v for k, v in values.items()):
+            with write_transaction(engine) as conn:
+                rq.mark(conn, req["id"], status, **values)
+
+
+def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> SensorDefinition:
+    by_name = {j.name: j for j in jobs if j.name in registry.patches}
+
+    @sensor(
+        name=REQUEST_SENSOR,
+        jobs=list(by_name.values()),
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Launches each pending row of data_patch_requests once; rejects unknown "
+        "patches and invalid config; holds real runs until a maintenance window.",
+    )
+    def patch_request_sensor(
+        context: SensorEvaluationContext, stockrx_db: StockRxDatabase
+    ) -> SensorResult:
+        engine = stockrx_db.get_engine()
+        rq.ensure_requests_table(engine)
+        _reconcile(context, engine)
+        instant = now()
+        run_requests = []
+        summary: dict[str, int] = {}
+        with write_transaction(engine) as conn:
+            for req in rq.open_requests(conn):
+                status, reason, run_config = judge_request(context, registry, by_name, req, instant)
+                summary[status] = summary.get(status, 0) + 1
+                if status == rq.HELD and req["status"] == rq.HELD and req["reason"] == reason:
+                    continue
+                key = rq.run_key(req["id"]) if run_config is not None else None
+                rq.mark(conn, req["id"], status, reason=reason, run_key=key)
+                if run_config is None:
+                    context.log.info(
+                        f"request {req['id']} ({req['patch_name']}): {status}: {reason}"
+                    )
+                    continue
+                tags = {
+                    rq.REQUEST_TAG: str(req["id"]),
+                    TRIGGER_TAG: "request",
+                    "stockrx/requested-by": str(req["requested_by"])[:255],
+                }
+                if req["release_tag"]:
+                    tags["stockrx/release"] = str(req["release_tag"])[:255]
+                run_requests.append(
+                    RunRequest(
+                        run_key=key, job_name=req["patch_name"], run_config=run_config, tags=tags
+                    )
+                )
+        if not run_requests:
+            detail = ", ".join(f"{n} {s}" for s, n in sorted(summary.items()))
+            return SensorResult(
+                skip_reason=SkipReason(f"no request to launch ({detail or 'none open'})")
+            )
+        return SensorResult(run_requests=run_requests)
+
+    return patch_request_sensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Data condition: work pending outside the windows
+# ---------------------------------------------------------------------------------------------
+
+
+def build_work_pending_sensor(registry: Registry, patch_name: str) -> SensorDefinition:
+    patch = registry.get(patch_name)
+    settings = registry.settings(patch_name)
+    sensor_name = work_pending_sensor_name(patch_name)
+
+    @sensor(
+        name=sensor_name,
+        job_name=patch_name,
+        minimum_interval_seconds=600,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=f"Outside the maintenance windows, a dry run of {patch_name} (at most once a "
+        "day) when it has something to do, so its report is ready before the scheduled run.",
+    )
+    def work_pending_sensor(
+        context: SensorEvaluationContext, stockrx_db: StockRxDatabase
+    ) -> SensorResult | SkipReason:
+        instant = now()
+        occ = current_window(settings.maintenance_windows, instant)
+        if occ is not None:
+            return SkipReason(
+                f"inside the maintenance window {occ.describe()}: the schedule runs it"
+            )
+        business_date = instant.astimezone(ZoneInfo(patch.timezone)).date()
+        if context.cursor == business_date.isoformat():
+            return SkipReason(f"today's dry run ({business_date}) was already started")
+        engine = stockrx_db.get_engine()
+        try:
+            tables = reflect_tables(engine, patch.tables())
+        except LookupError as exc:
+            return SkipReason(str(exc))
+        cfg: dict[str, Any] = {"dry_run": True, "launched_by": f"sensor:{sensor_name}"}
+        if "business_date" in patch.config_class.model_fields:
+            cfg["business_date"] = business_date.isoformat()  # what was checked is what runs
+        config = patch.config_class(**cfg)
+        ctx = RunContext("sensor", utc_naive(instant), business_date)
+        selection = patch.targets(tables, config, ctx)[patch.driving_table]
+        with engine.connect() as conn:
+            found = conn.execute(selection.limit(1)).first()
+        if found is None:
+            return SkipReason(f"{patch_name} has nothing to do for {business_date}")
+        return SensorResult(
+            run_requests=[
+                RunRequest(
+                    run_key=f"{patch_name}:work-pending:{business_date}",
+                    run_config={"ops": {"plan_patch": {"config": cfg}}},
+                    tags={TRIGGER_TAG: "sensor"},
+                )
+            ],
+            cursor=business_date.isoformat(),
+        )
+
+    return work_pending_sensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming paused executions
+# ---------------------------------------------------------------------------------------------
+
+
+def build_resume_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> SensorDefinition:
+    patch_jobs = [j for j in jobs if j.name in registry.patches]
+
+    def resumed_by_schedule(name: str, config: dict[str, Any]) -> bool:
+        settings = registry.settings(name)
+        if not settings.scheduled:
+            return False
+        scheduled = registry.get(name).config_class(
+            **_plan_config(scheduled_run_config(name, settings))
+        )
+        return eng.work_config(scheduled.model_dump()) == eng.work_config(config)
+
+    @sensor(
+        name=RESUME_SENSOR,
+        jobs=patch_jobs,
+        minimum_interval_seconds=60,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="When a maintenance window opens, continues paused executions (those a "
+        "schedule does not continue itself).",
+    )
+    def paused_patch_resume_sensor(
+        context: SensorEvaluationContext, stockrx_db: StockRxDatabase
+    ) -> SensorResult | SkipReason:
+        engine = stockrx_db.get_engine()
+        if not _has_table(engine, executions.name):
+            return SkipReason("no execution history yet")
+        with engine.connect() as conn:
+            paused = (
+                conn.execute(
+                    select(executions)
+                    .where(executions.c.status == "paused", executions.c.kind == "patch")
+                    .order_by(executions.c.started_at)
+                )
+                .mappings()
+                .all()
+            )
+        instant = now()
+        run_requests = []
+        for ex in paused:
+            name = ex["patch_name"]
+            if name not in registry.patches:
+                continue
+            occ = current_window(registry.settings(name).maintenance_windows, instant)
+            if occ is None or resumed_by_schedule(name, ex["config"]):
+                continue
+            cfg = {k: v for k, v in (ex["config"] or {}).items() if v is not None}
+            cfg["resume_execution_id"] = ex["execution_id"]
+            run_requests.append(
+                RunRequest(
+                    run_key=f"resume:{ex['execution_id']}:{occ.start.isoformat()}",
+                    job_name=name,
+                    run_config={"ops": {"plan_patch": {"config": cfg}}},
+                    tags={TRIGGER_TAG: "resume", "stockrx/resumes": ex["execution_id"]},
+                )
+            )
+        if not run_requests:
+            return SkipReason(f"{len(paused)} paused execution(s), none to continue now")
+        return SensorResult(run_requests=run_requests)
+
+    return paused_patch_resume_sensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that failed outside the patch steps
+# ---------------------------------------------------------------------------------------------
+
+
+def build_failure_sensor(registry: Registry) -> SensorDefinition:
+    @run_failure_sensor(
+        name=FAILURE_SENSOR,
+        minimum_interval_seconds=30,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Urgent notification, execution closed and locks released for a patch run "
+        "that failed outside its steps (died, marked failed, failed before planning).",
+    )
+    def patch_run_failure_sensor(
+        context: RunFailureSensorContext,
+        stockrx_db: StockRxDatabase,
+        notifier: Notifier,
+        audit_log: AuditLog,
+    ) -> None:
+        handle_failed_run(context, registry, stockrx_db, notifier, audit_log)
+
+    return patch_run_failure_sensor
+
+
+def handle_failed_run(
+    context: RunFailureSensorContext,
+    registry: Registry,
+    stockrx_db: StockRxDatabase,
+    notifier: Notifier,
+    audit_log: AuditLog,
+) -> list[str]:
+    """Returns the execution ids it closed (empty: the steps had reported the failure)."""
+    run = context.dagster_run
+    if run.job_name not in registry.patches:
+        return []
+    event = context.failure_event
+    reason = (event.message if event is not None else None) or "the Dagster run failed"
+    engine = stockrx_db.get_engine()
+    resources = SimpleNamespace(**{NOTIFIER: notifier, AUDIT: audit_log})
+    rows: list[dict[str, Any]] = []
+    if _has_table(engine, executions.name):
+        with engine.connect() as conn:
+            rows = [
+                dict(r)
+                for r in conn.execute(
+                    select(executions).where(
+                        executions.c.dagster_run_id == run.run_id, executions.c.kind == "patch"
+                    )
+                ).mappings()
+            ]
+    if not rows:
+        run_config: dict[str, Any] = dict(run.run_config or {})
+        ops = run_config.get("ops") or {}
+        cfg = (ops.get("plan_patch") or {}).get("config") or {}
+        results = notifier.notify(
+            PatchNotification(
+                patch_name=run.job_name,
+                execution_id="none (the run failed before planning)",
+                outcome="failed",
+                dry_run=bool(cfg.get("dry_run", True)),
+                dagster_run_id=run.run_id,
+                reason=reason,
+            )
+        )
+        context.log.info(f"run {run.run_id} failed before planning; notified: {results}")
+        return []
+    closed = []
+    for ex in rows:
+        if ex["status"] != "running":
+            continue  # the failing step closed it and notified
+        why = f"the Dagster run failed outside the patch steps: {reason}"
+        eng.finish_execution(engine, ex["execution_id"], "failed", error=why)
+        lc = Lifecycle(resources, engine, ex["execution_id"], context.log)
+        try:
+            lc.audit("failed", {"step": None, "error": why})
+        except Exception as exc:  # noqa: BLE001 - still notify
+            context.log.error(f"could not write the audit event: {exc}")
+        lc.notify("failed", reason=why)
+        closed.append(ex["execution_id"])
+    return closed
+
+
+def build_sensors(registry: Registry, jobs: Sequence[JobDefinition]) -> list[SensorDefinition]:
+    sensors = [
+        build_request_sensor(registry, jobs),
+        build_resume_sensor(registry, jobs),
+        build_failure_sensor(registry),
+    ]
+    sensors += [
+        build_work_pending_sensor(registry, name)
+        for name in sorted(registry.patches)
+        if registry.settings(name).scheduled
+    ]
+    return sensors

@@ -1,0 +1,307 @@
+"""One patch per table at a time: the lock in the StockRx database between two `dagster job
+execute` processes, stale locks of dead runs, and the run-queue tag limits in dagster.yaml."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import insert, select
+
+from patch_ops.engine import utcnow
+from patch_ops.jobs import TABLE_TAG_PREFIX
+from patch_ops.state import ensure_framework_tables, executions, locks
+from stockrx_patches.definitions import defs as real_defs
+from tests.support.stockrx import (
+    PRICE_JOB,
+    digest,
+    failure_description,
+    latest_execution,
+    run_patch,
+    seeded,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DRY = {"adjustment_type": "percentage", "adjustment_value": 8}
+HOLDER = "11111111-1111-1111-1111-111111111111"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two `dagster job execute` processes
+# ---------------------------------------------------------------------------------------------
+
+
+def _env(url: str, home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), **extra)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _slow_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(
+        "ops:\n  plan_patch:\n    config:\n      batch_size: 20\n"
+        "      adjustment_type: percentage\n      adjustment_value: 8\n"
+    )
+    return cfg
+
+
+def _start_slow(url: str, home: Path, cfg: Path, seconds: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            str(BIN / "dagster"),
+            "job",
+            "execute",
+            "-m",
+            "tests.support.test_patches",
+            "-j",
+            "slow_price_adjustment",
+            "-c",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env=_env(url, home, SLOW_PATCH_SECONDS=seconds),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_for_batches(engine, n: int) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            ex = latest_execution(engine, "slow_price_adjustment")
+            if ex["batches_done"] >= n:
+                return ex
+        except Exception:  # noqa: BLE001 - tables not created yet
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the slow patch never reached batch {n}")
+
+
+def _execute_price(url: str, home: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(BIN / "dagster"),
+            "job",
+            "execute",
+            "-m",
+            "stockrx_patches.definitions",
+            "-j",
+            PRICE_JOB,
+            "-c",
+            "config/runs/inventory_price_adjustment.yaml",
+        ],
+        cwd=REPO,
+        env=_env(url, home, **env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_second_process_fails_fast_naming_the_holder(sqlite_url, dagster_home, tmp_path):
+    engine = seeded(sqlite_url, items=200)
+    before = digest(engine)
+    first = _start_slow(sqlite_url, dagster_home, _slow_config(tmp_path), "1.0")
+    try:
+        holder = _wait_for_batches(engine, 1)
+
+        second = _execute_price(sqlite_url, dagster_home)
+
+        assert second.returncode == 1
+        out = second.stdout + second.stderr
+        assert (
+            "inventory_price_adjustment refused before any write: table 'inventories' is "
+            f"locked by slow_price_adjustment execution {holder['execution_id']}" in out
+        )
+        assert f"Dagster run {holder['dagster_run_id']}, host {socket.gethostname()}" in out
+        # It did not wait: the holder is still at work.
+        assert latest_execution(engine, "slow_price_adjustment")["status"] == "running"
+        refused = latest_execution(engine, PRICE_JOB)
+        assert refused["status"] == "failed" and "is locked by" in refused["error_message"]
+        assert first.wait(timeout=240) == 0
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    done = latest_execution(engine, "slow_price_adjustment")
+    assert done["status"] == "completed"
+    assert digest(engine) == before  # both were dry runs
+    with engine.connect() as conn:
+        assert conn.execute(select(locks)).all() == []
+
+
+@pytest.mark.slow
+def test_lock_of_a_killed_process_is_released_as_stale(sqlite_url, dagster_home, tmp_path):
+    engine = seeded(sqlite_url, items=200)
+    first = _start_slow(sqlite_url, dagster_home, _slow_config(tmp_path), "0.5")
+    try:
+        killed = _wait_for_batches(engine, 2)
+        os.killpg(first.pid, signal.SIGKILL)  # no cleanup code runs
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    with engine.connect() as conn:
+        held = conn.execute(select(locks)).mappings().all()
+    assert {h["execution_id"] for h in held} == {killed["execution_id"]}
+    time.sleep(1.2)
+
+    # Same host, the holder's process is gone, its last heartbeat older than the grace period.
+    second = _execute_price(sqlite_url, dagster_home, STOCKRX_LOCK_PID_GRACE_SECONDS="1")
+
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"released stale lock of execution {killed['execution_id']}" in (
+        second.stdout + second.stderr
+    )
+    dead = latest_execution(engine, "slow_price_adjustment")
+    assert dead["status"] == "failed"
+    assert dead["error_message"].startswith("abandoned: its table locks were released as stale")
+    assert f"(pid {held[0]['pid']}) is gone from this host" in dead["error_message"]
+    assert latest_execution(engine, PRICE_JOB)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Holder rules, in-process
+# ---------------------------------------------------------------------------------------------
+
+
+def _hold(
+    engine,
+    status: str = "running",
+    host: str = "batch-host-7",
+    beat_age_s: float = 5,
+    pid: int = 4242,
+) -> None:  # type: ignore[no-untyped-def]
+    ensure_framework_tables(engine)
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            insert(executions).values(
+                execution_id=HOLDER,
+                patch_name="batch_expiry_update",
+                kind="patch",
+                status=status,
+                phase="transforming",
+                dry_run=False,
+                started_at=now,
+                heartbeat_at=now - dt.timedelta(seconds=beat_age_s),
+            )
+        )
+        conn.execute(
+            insert(locks).values(
+                table_name="inventories",
+                execution_id=HOLDER,
+                dagster_run_id="run-elsewhere",
+                hostname=host,
+                pid=pid,
+                acquired_at=now - dt.timedelta(minutes=3),
+            )
+        )
+
+
+def _holder(engine) -> dict:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(select(executions).where(executions.c.execution_id == HOLDER))
+            .mappings()
+            .one()
+        )
+
+
+def test_live_holder_elsewhere_refuses_with_its_details(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine)
+
+    result = run_patch(sqlite_url, PRICE_JOB, DRY)
+
+    assert not result.success
+    reason = failure_description(result)
+    assert (
+        f"table 'inventories' is locked by batch_expiry_update execution {HOLDER} "
+        "(Dagster run run-elsewhere, host batch-host-7, pid 4242, since " in reason
+    )
+    assert "one patch per table at a time" in reason
+    assert _holder(engine)["status"] == "running"
+
+
+def test_holder_without_heartbeat_for_too_long_is_stale(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine, beat_age_s=2 * 3600)
+
+    result = run_patch(sqlite_url, PRICE_JOB, DRY)
+
+    assert result.success, failure_description(result)
+    holder = _holder(engine)
+    assert holder["status"] == "failed" and holder["completed_at"] is not None
+    assert re.search(
+        r"because its last heartbeat was 7,20\d s ago \(limit 1,800 s\)$", holder["error_message"]
+    )
+
+
+def test_finished_holder_that_left_its_lock_is_stale(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine, status="completed")
+
+    result = run_patch(sqlite_url, PRICE_JOB, DRY)
+
+    assert result.success, failure_description(result)
+    holder = _holder(engine)
+    assert holder["status"] == "completed"  # its outcome is kept; the note is added
+    assert "because its execution is completed" in holder["error_message"]
+
+
+def test_dead_process_on_this_host_within_the_grace_period_still_holds(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _hold(engine, host=socket.gethostname(), pid=gone.pid, beat_age_s=5)
+
+    result = run_patch(sqlite_url, PRICE_JOB, DRY)
+
+    # Between two op processes of a live run the pid is gone for a moment: not stale yet.
+    assert not result.success and "is locked by" in failure_description(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run-queue tag limits
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_table_tag_of_every_job_has_a_limit_of_one_run():
+    for name in ("dagster.yaml", "dagster.postgres.yaml"):
+        config = yaml.safe_load((REPO / name).read_text())
+        limits = {
+            lim["key"]: lim["limit"]
+            for lim in config["concurrency"]["runs"]["tag_concurrency_limits"]
+        }
+        for job in real_defs.resolve_all_job_defs():
+            for key in job.tags:
+                if key.startswith(TABLE_TAG_PREFIX):
+                    assert limits.get(key) == 1, f"{name}: no limit for {key} of job {job.name}"
+
+
+def test_patch_jobs_carry_one_tag_per_locked_table():
+    expiry = real_defs.resolve_job_def("batch_expiry_update").tags
+    price = real_defs.resolve_job_def(PRICE_JOB).tags
+    assert {k for k in expiry if k.startswith(TABLE_TAG_PREFIX)} == {
+        "stockrx-table/inventories",
+        "stockrx-table/batches",
+        "stockrx-table/inventory_logs",
+    }
+    assert {k for k in price if k.startswith(TABLE_TAG_PREFIX)} == {
+        "stockrx-table/inventories",
+        "stockrx-table/inventory_logs",
+    }

@@ -1,0 +1,576 @@
+"""Sensors: release requests (launched once, rejected with a reason, held until a window, outcome
+recorded), the data-condition dry run, resuming paused executions, runs that die."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    ExecuteInProcessResult,
+    RunRequest,
+    build_run_status_sensor_context,
+    build_sensor_context,
+    execute_job,
+    reconstructable,
+)
+from sqlalchemy import insert, select, text, update
+
+from patch_ops import windows as win
+from patch_ops.state import executions, locks
+from resources.audit import AuditLog
+from resources.database import StockRxDatabase, get_engine
+from resources.notifier import Notifier
+from stockrx_patches import requests as rq
+from stockrx_patches.definitions import build_definitions
+from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
+from stockrx_patches.registry import Registry, default_registry
+from stockrx_patches.schema import batches
+from stockrx_patches.sensors import (
+    FAILURE_SENSOR,
+    REQUEST_SENSOR,
+    RESUME_SENSOR,
+    work_pending_sensor_name,
+)
+from tests.conftest import TEST_AUDIT_KEY
+from tests.support.fake_slack import FakeSlack
+from tests.support.fake_smtp import FakeSmtp
+from tests.support.stockrx import (
+    PRICE_JOB,
+    digest,
+    failure_description,
+    latest_execution,
+    run_patch,
+    seeded,
+)
+
+EXPIRY_JOB = "batch_expiry_update"
+SUN_0230 = "2026-11-29T02:30:00+09:00"
+MON_1000 = "2026-11-30T10:00:00+09:00"
+DRY = {"adjustment_type": "percentage", "adjustment_value": 8}
+TOKEN = "xoxb-sensor-test"
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch):
+    def set_clock(iso: str) -> None:
+        monkeypatch.setenv(win.CLOCK_ENV, iso)
+
+    set_clock(SUN_0230)
+    return set_clock
+
+
+@pytest.fixture
+def instance(dagster_home):
+    with DagsterInstance.get() as inst:
+        yield inst
+
+
+@pytest.fixture
+def db(sqlite_url, monkeypatch):
+    monkeypatch.setenv("STOCKRX_DATABASE_URL", sqlite_url)  # run config validation reads it
+    return StockRxDatabase(url=sqlite_url)
+
+
+def tick(defs, name: str, instance, db, cursor: str | None = None):  # type: ignore[no-untyped-def]
+    sensor = defs.resolve_sensor_def(name)
+    ctx = build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        repository_def=defs.get_repository_def(),
+        resources={"stockrx_db": db},
+    )
+    return sensor.evaluate_tick(ctx)
+
+
+def launch(defs, request: RunRequest, instance) -> ExecuteInProcessResult:  # type: ignore[no-untyped-def]
+    """What the daemon does with a run request (in-process here)."""
+    job = defs.resolve_job_def(request.job_name or EXPIRY_JOB)  # a one-job sensor names none
+    return job.execute_in_process(
+        run_config=request.run_config, instance=instance, tags=request.tags, raise_on_error=False
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Release requests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pending_requests_are_launched_once_and_their_outcome_recorded(
+    sqlite_url, db, instance, clock
+):
+    engine = seeded(sqlite_url, items=50)
+    defs = build_definitions(default_registry())
+    first = rq.submit_request(engine, PRICE_JOB, DRY, "release-bot", "v2.14.0")
+    second = rq.submit_request(engine, EXPIRY_JOB, {}, "alice")
+
+    result = tick(defs, REQUEST_SENSOR, instance, db)
+
+    assert [(r.job_name, r.run_key) for r in result.run_requests] == [
+        (PRICE_JOB, f"data_patch_request:{first}"),
+        (EXPIRY_JOB, f"data_patch_request:{second}"),
+    ]
+    price = result.run_requests[0]
+    assert price.run_config == {
+        "ops": {"plan_patch": {"config": {"launched_by": "release-bot", **DRY}}}
+    }
+    assert price.tags["stockrx/request"] == str(first)
+    assert price.tags["stockrx/release"] == "v2.14.0"
+    assert rq.get_request(engine, first)["status"] == "launched"
+    assert rq.get_request(engine, first)["run_key"] == f"data_patch_request:{first}"
+
+    again = tick(defs, REQUEST_SENSOR, instance, db)
+    assert again.run_requests == []
+    assert "no request to launch" in again.skip_message
+
+    run = launch(defs, price, instance)
+    assert run.success
+    tick(defs, REQUEST_SENSOR, instance, db)  # records the outcome
+    done = rq.get_request(engine, first)
+    assert done["status"] == "succeeded" and done["dagster_run_id"] == run.run_id
+    ex = latest_execution(engine, PRICE_JOB)
+    assert done["execution_id"] == ex["execution_id"] and ex["launched_by"] == "release-bot"
+    assert rq.get_request(engine, second)["status"] == "launched"  # its run is not in yet
+
+
+def test_insert_by_plain_sql_as_release_tooling_does(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=20)
+    rq.ensure_requests_table(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO data_patch_requests (patch_name, run_config, requested_by, "
+                "release_tag) VALUES ('inventory_price_adjustment', "
+                '\'{"dry_run": true, "adjustment_type": "percentage", '
+                "\"adjustment_value\": 8}', 'release-bot', 'v2.14.0')"
+            )
+        )
+    defs = build_definitions(default_registry())
+
+    [request] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
+
+    assert request.run_config["ops"]["plan_patch"]["config"]["dry_run"] is True
+    row = rq.get_request(engine, 1)
+    assert row["status"] == "launched" and row["requested_at"] is not None
+
+
+@pytest.mark.parametrize(
+    ("patch", "config", "reason"),
+    [
+        ("no_such_patch", {}, "unknown patch 'no_such_patch'; known patches: batch_expiry_update"),
+        (
+            PRICE_JOB,
+            {"adjustment_type": "percentage", "adjustment_value": "lots"},
+            "invalid run config: ",
+        ),
+        (PRICE_JOB, {**DRY, "colour": "red"}, "invalid run config: "),
+        (
+            PRICE_JOB,
+            {"adjustment_type": "percentage", "adjustment_value": 5000},
+            "invalid run config: ",
+        ),
+        (PRICE_JOB, ["not", "a", "mapping"], "run_config must be a JSON object"),
+    ],
+)
+def test_bad_requests_are_rejected_with_the_reason(
+    sqlite_url, db, instance, clock, patch, config, reason
+):
+    engine = seeded(sqlite_url, items=10)
+    rq.ensure_requests_table(engine)
+    with engine.begin() as conn:
+        request_id = conn.execute(
+            insert(rq.requests).values(patch_name=patch, run_config=config, requested_by="bob")
+        ).inserted_primary_key[0]
+    defs = build_definitions(default_registry())
+
+    result = tick(defs, REQUEST_SENSOR, instance, db)
+
+    assert result.run_requests == []
+    row = rq.get_request(engine, request_id)
+    assert row["status"] == "rejected"
+    assert reason in row["reason"]
+    assert tick(defs, REQUEST_SENSOR, instance, db).run_requests == []  # stays rejected
+
+
+def test_rejection_reasons_name_the_problem(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=10)
+    wrong_type = rq.submit_request(engine, PRICE_JOB, {**DRY, "adjustment_value": "lots"}, "bob")
+    extra = rq.submit_request(engine, PRICE_JOB, {**DRY, "colour": "red"}, "bob")
+    out_of_range = rq.submit_request(engine, PRICE_JOB, {**DRY, "adjustment_value": 5000}, "bob")
+    tick(build_definitions(default_registry()), REQUEST_SENSOR, instance, db)
+
+    assert "adjustment_value" in rq.get_request(engine, wrong_type)["reason"]
+    assert "colour" in rq.get_request(engine, extra)["reason"]
+    assert "-100" in rq.get_request(engine, out_of_range)["reason"]
+
+
+def test_real_run_requests_are_held_until_the_window_opens(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=30)
+    defs = build_definitions(default_registry())
+    clock(MON_1000)
+    real = rq.submit_request(engine, PRICE_JOB, {**DRY, "dry_run": False}, "release-bot")
+    dry = rq.submit_request(engine, PRICE_JOB, DRY, "release-bot")
+    override = rq.submit_request(
+        engine, PRICE_JOB, {**DRY, "dry_run": False, "allow_outside_window": True}, "ops"
+    )
+
+    result = tick(defs, REQUEST_SENSOR, instance, db)
+
+    assert [r.run_key for r in result.run_requests] == [
+        f"data_patch_request:{dry}",
+        f"data_patch_request:{override}",
+    ]
+    held = rq.get_request(engine, real)
+    assert held["status"] == "held"
+    assert held["reason"] == (
+        "real run held until the next maintenance window (Wed 2026-12-02 02:00-04:00 Asia/Tokyo)"
+    )
+    assert tick(defs, REQUEST_SENSOR, instance, db).run_requests == []
+
+    clock("2026-12-02T02:00:30+09:00")
+    [request] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
+    assert request.run_key == f"data_patch_request:{real}"
+    assert rq.get_request(engine, real)["status"] == "launched"
+
+
+def test_failed_request_run_records_the_reason(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=30)
+    defs = build_definitions(default_registry())
+    request_id = rq.submit_request(engine, PRICE_JOB, {**DRY, "dry_run": False}, "bob")
+    [request] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
+
+    run = launch(defs, request, instance)  # a real run without an approving dry run
+
+    assert not run.success
+    tick(defs, REQUEST_SENSOR, instance, db)
+    row = rq.get_request(engine, request_id)
+    assert row["status"] == "failed" and row["dagster_run_id"] == run.run_id
+    assert row["reason"] == latest_execution(engine)["error_message"]
+    assert "dry run" in row["reason"]
+
+
+def test_request_cli_inserts_a_pending_row(sqlite_url, tmp_path, capsys):
+    from stockrx_patches.cli import main
+
+    seeded(sqlite_url, items=5)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("ops:\n  plan_patch:\n    config:\n      adjustment_type: percentage\n")
+    rc = main(
+        [
+            "request",
+            PRICE_JOB,
+            "--config",
+            str(cfg),
+            "--set",
+            "adjustment_value=8",
+            "--requested-by",
+            "release-bot",
+            "--release-tag",
+            "v2.14.0",
+            "--database-url",
+            sqlite_url,
+        ]
+    )
+    assert rc == 0
+    assert "is pending" in capsys.readouterr().out
+    row = rq.get_request(get_engine(sqlite_url), 1)
+    assert row["run_config"] == {"adjustment_type": "percentage", "adjustment_value": 8}
+    assert (row["status"], row["requested_by"], row["release_tag"]) == (
+        "pending",
+        "release-bot",
+        "v2.14.0",
+    )
+    assert (
+        main(
+            [
+                "request",
+                PRICE_JOB,
+                "--real",
+                "--set",
+                "adjustment_type=multiply",
+                "--set",
+                "adjustment_value=1.5",
+                "--database-url",
+                sqlite_url,
+            ]
+        )
+        == 0
+    )
+    assert rq.get_request(get_engine(sqlite_url), 2)["run_config"] == {
+        "adjustment_type": "multiply",
+        "adjustment_value": 1.5,
+        "dry_run": False,
+    }
+    assert main(["requests", "--database-url", sqlite_url]) == 0
+    assert "release-bot" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data condition: expired lots with stock, outside the schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_expired_lots_start_one_dry_run_a_day_outside_the_windows(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=100)  # lots expire around 2026-11-29
+    before = digest(engine)
+    defs = build_definitions(default_registry())
+    name = work_pending_sensor_name(EXPIRY_JOB)
+
+    inside = tick(defs, name, instance, db)
+    assert inside.run_requests == [] and "inside the maintenance window" in inside.skip_message
+
+    clock(MON_1000)
+    result = tick(defs, name, instance, db)
+    [request] = result.run_requests
+    assert request.run_key == "batch_expiry_update:work-pending:2026-11-30"
+    config = request.run_config["ops"]["plan_patch"]["config"]
+    assert config["dry_run"] is True and config["business_date"] == "2026-11-30"
+    assert result.cursor == "2026-11-30"
+    later = tick(defs, name, instance, db, cursor=result.cursor)
+    assert later.run_requests == [] and "already started" in later.skip_message
+
+    run = launch(defs, request, instance)
+    assert run.success, failure_description(run)
+    ex = latest_execution(engine, EXPIRY_JOB)
+    assert ex["dry_run"] is True and ex["status"] == "completed" and ex["target_count"] > 0
+    assert digest(engine) == before
+
+    clock("2026-12-01T10:00:00+09:00")
+    assert tick(defs, name, instance, db, cursor=result.cursor).run_requests  # a new day
+
+
+def test_no_expired_lots_no_dry_run(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=50)
+    with engine.begin() as conn:
+        conn.execute(update(batches).values(expires_on=dt.date(2030, 1, 1)))
+    clock(MON_1000)
+
+    result = tick(
+        build_definitions(default_registry()), work_pending_sensor_name(EXPIRY_JOB), instance, db
+    )
+
+    assert result.run_requests == []
+    assert result.skip_message == "batch_expiry_update has nothing to do for 2026-11-30"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming paused executions
+# ---------------------------------------------------------------------------------------------
+
+
+class PausingPatch(InventoryPriceAdjustment):
+    """The price patch; its clock passes the window end after the second batch (test only)."""
+
+    name = "pausing_patch"
+    calls = 0
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        PausingPatch.calls += 1
+        if PausingPatch.calls == 2:
+            os.environ[win.CLOCK_ENV] = "2026-11-29T04:00:05+09:00"
+        return super().transform(batch, config, ctx)
+
+
+def defs_with_patch(patch_cls: type, **overrides):  # type: ignore[no-untyped-def]
+    base = default_registry()
+    settings = replace(
+        base.settings(PRICE_JOB), batch_size=20, require_approved_plan=False, **overrides
+    )
+    patches = {**base.patches, patch_cls.name: patch_cls()}
+    config = replace(base.config, patches={**base.config.patches, patch_cls.name: settings})
+    return build_definitions(Registry(patches, config))
+
+
+def test_resume_sensor_continues_paused_executions_when_a_window_opens(
+    sqlite_url, db, instance, clock
+):
+    engine = seeded(sqlite_url, items=100)
+    defs = defs_with_patch(PausingPatch)
+    PausingPatch.calls = 0
+    clock("2026-11-29T03:59:00+09:00")
+    first = run_patch(
+        sqlite_url,
+        PausingPatch.name,
+        {**DRY, "dry_run": False},
+        defs=defs,
+        instance=instance,
+        approve=False,
+    )
+    assert first.success, failure_description(first)
+    paused = latest_execution(engine)
+    assert paused["status"] == "paused"
+
+    outside = tick(defs, RESUME_SENSOR, instance, db)
+    assert outside.run_requests == []
+
+    clock("2026-12-02T02:00:20+09:00")
+    [request] = tick(defs, RESUME_SENSOR, instance, db).run_requests
+    assert request.job_name == PausingPatch.name
+    assert request.run_key == (f"resume:{paused['execution_id']}:2026-12-02T02:00:00+09:00")
+    config = request.run_config["ops"]["plan_patch"]["config"]
+    assert config["resume_execution_id"] == paused["execution_id"]
+    assert config["adjustment_value"] == 8
+
+    run = launch(defs, request, instance)
+    assert run.success, failure_description(run)
+    done = latest_execution(engine)
+    assert done["execution_id"] == paused["execution_id"] and done["status"] == "completed"
+    assert done["batches_done"] == 5
+    assert tick(defs, RESUME_SENSOR, instance, db).run_requests == []
+
+
+def test_resume_sensor_leaves_the_scheduled_config_to_the_schedule(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=20)
+    registry = default_registry()
+    defs = build_definitions(registry)
+    cfg = registry.get(EXPIRY_JOB).config_class(dry_run=False, launched_by="x").model_dump()
+    with engine.begin() as conn:
+        from patch_ops.state import ensure_framework_tables
+
+        ensure_framework_tables(engine)
+        for i, c in enumerate([cfg, {**cfg, "grace_days": 3}]):
+            conn.execute(
+                insert(executions).values(
+                    execution_id=f"00000000-0000-0000-0000-00000000000{i}",
+                    patch_name=EXPIRY_JOB,
+                    kind="patch",
+                    status="paused",
+                    phase="paused_window_end",
+                    dry_run=False,
+                    config=c,
+                    started_at=dt.datetime(2026, 11, 28, 18, 0),
+                )
+            )
+
+    [request] = tick(defs, RESUME_SENSOR, instance, db).run_requests
+
+    config = request.run_config["ops"]["plan_patch"]["config"]
+    assert config["grace_days"] == 3  # the other one is the schedule's own config
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that dies outside the patch's steps
+# ---------------------------------------------------------------------------------------------
+
+
+class DyingPatch(InventoryPriceAdjustment):
+    """Its op process is killed (think: the OOM killer) in the second batch (test only)."""
+
+    name = "dying_patch"
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        if os.environ.get("DYING_PATCH_KILL") and int(batch["inventories"]["id"].min()) > 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().transform(batch, config, ctx)
+
+
+def dying_job():  # type: ignore[no-untyped-def]
+    """Module level, so the multiprocess executor can rebuild it in the op processes."""
+    return defs_with_patch(DyingPatch).resolve_job_def(DyingPatch.name)
+
+
+def run_dying_patch(url: str, instance: DagsterInstance):  # type: ignore[no-untyped-def]
+    os.environ["DYING_PATCH_KILL"] = "1"
+    os.environ["STOCKRX_DATABASE_URL"] = url
+    try:
+        return execute_job(
+            reconstructable(dying_job),
+            instance=instance,
+            run_config={"ops": {"plan_patch": {"config": DRY}}},
+        )
+    finally:
+        os.environ.pop("DYING_PATCH_KILL")
+
+
+def test_run_that_dies_is_closed_with_an_urgent_notification(sqlite_url, db, instance, clock):
+    engine = seeded(sqlite_url, items=100)
+    result = run_dying_patch(sqlite_url, instance)
+    assert not result.success
+    died = latest_execution(engine)
+    assert died["status"] == "running"  # the step never got to record anything
+    with engine.connect() as conn:
+        assert (
+            conn.execute(select(locks.c.execution_id)).scalars().all() == [died["execution_id"]] * 2
+        )
+
+    [failure] = instance.get_records_for_run(
+        result.run_id, of_type=DagsterEventType.RUN_FAILURE
+    ).records
+    with FakeSlack(token=TOKEN) as slack, FakeSmtp() as smtp:
+        notifier = Notifier(
+            slack_token=TOKEN,
+            slack_base_url=slack.base_url,
+            smtp_host="127.0.0.1",
+            smtp_port=smtp.port,
+            smtp_recipients=["ops@stockrx.test"],
+            retry_delay_seconds=0.01,
+        )
+        audit = AuditLog(audit_keys=TEST_AUDIT_KEY)
+        defs = defs_with_patch(DyingPatch)
+        ctx = build_run_status_sensor_context(
+            sensor_name=FAILURE_SENSOR,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(result.run_id),
+            dagster_event=failure.event_log_entry.dagster_event,
+            resources={"stockrx_db": db, "notifier": notifier, "audit_log": audit},
+            repository_def=defs.get_repository_def(),
+        ).for_run_failure()
+        defs.resolve_sensor_def(FAILURE_SENSOR)(ctx)
+
+        [message] = slack.messages
+        [mail] = smtp.messages
+    closed = latest_execution(engine)
+    assert closed["status"] == "failed"
+    assert closed["error_message"].startswith("the Dagster run failed outside the patch steps")
+    with engine.connect() as conn:
+        assert conn.execute(select(locks)).all() == []
+    assert message["text"].startswith(":rotating_light:")
+    assert "dying_patch FAILED (DRY RUN)" in message["text"]
+    assert f"Execution id: {died['execution_id']}" in message["text"]
+    assert "Reason: the Dagster run failed outside the patch steps" in message["text"]
+    assert str(mail["Subject"]).strip() == "[URGENT] [StockRx] Patch dying_patch FAILED (DRY RUN)"
+    assert died["execution_id"] in mail.get_content()
+    assert [n["delivered"] for n in closed["notifications"]] == [True, True]
+
+    # A second evaluation (or a failure the steps had reported) sends nothing more.
+    with FakeSlack(token=TOKEN) as slack2:
+        notifier2 = Notifier(channels=["slack"], slack_token=TOKEN, slack_base_url=slack2.base_url)
+        ctx2 = build_run_status_sensor_context(
+            sensor_name=FAILURE_SENSOR,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(result.run_id),
+            dagster_event=failure.event_log_entry.dagster_event,
+            resources={"stockrx_db": db, "notifier": notifier2, "audit_log": audit},
+            repository_def=defs.get_repository_def(),
+        ).for_run_failure()
+        defs.resolve_sensor_def(FAILURE_SENSOR)(ctx2)
+        assert slack2.messages == []
+
+
+def test_dead_run_lock_is_released_as_stale_by_the_next_run(sqlite_url, instance, clock):
+    engine = seeded(sqlite_url, items=100)
+    result = run_dying_patch(sqlite_url, instance)
+    died = latest_execution(engine)
+    assert died["status"] == "running"
+
+    nxt = run_patch(sqlite_url, PRICE_JOB, DRY, instance=instance)
+
+    assert nxt.success, failure_description(nxt)
+    with engine.connect() as conn:
+        row = (
+            conn.execute(
+                select(executions).where(executions.c.execution_id == died["execution_id"])
+            )
+            .mappings()
+            .one()
+        )
+    assert row["status"] == "failed"
+    assert "abandoned: its table locks were released as stale by execution" in row["error_message"]
+    assert f"its Dagster run {result.run_id} is FAILURE" in row["error_message"]
+    logs = [e.user_message for e in instance.all_logs(nxt.run_id)]
+    assert any(f"released stale lock of execution {died['execution_id']}" in m for m in logs)
