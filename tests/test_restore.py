@@ -34,9 +34,10 @@ from tests.support.stockrx import (
     run_patch,
     seeded,
 )
-from tests.test_batch_expiry import JOB, REAL, _engine, build_fixture, state
+from tests.test_batch_expiry import IN_PROCESS_MEMORY, JOB, REAL, _engine, build_fixture, state
 
-PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
+PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False,
+        **IN_PROCESS_MEMORY}
 PATCH_RUNS = {PRICE_JOB: PCT8, JOB: REAL}
 
 

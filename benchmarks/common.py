@@ -1,0 +1,722 @@
+"""Shared machinery of the benchmarks: identical database copies, monitored child processes,
+data digests, Dagster step timings, tables and a description of the machine.
+
+Nothing here is specific to one patch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import hashlib
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+from sqlalchemy import MetaData, create_engine, inspect, select, text
+from sqlalchemy.engine import Engine, make_url
+
+from stockrx_patches.schema import STOCKRX_TABLES, inventories, inventory_logs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SEED = 20261129
+#: Seeding depends on "today" (expiry dates, timestamps): fixed so every copy is identical.
+SEED_TODAY = dt.date(2026, 1, 15)
+FRAMEWORK_PREFIX = "data_patch_"
+#: A child process reports its result on one stdout line starting with this.
+RESULT_MARK = "BENCH_RESULT "
+
+
+# ---------------------------------------------------------------------------------------------
+# Identical copies of one seeded data set
+# ---------------------------------------------------------------------------------------------
+
+
+def seed(url: str, items: int) -> dict[str, int]:
+    """Deterministic demo data (same seed, same "today"): every call gives the same rows."""
+    from stockrx_patches.seed import seed_demo  # pandas: not imported by the baseline workers
+
+    engine = create_engine(url)
+    try:
+        return seed_demo(engine, items=items, seed=SEED, today=SEED_TODAY, reset=True)
+    finally:
+        engine.dispose()
+
+
+class Copies(Protocol):
+    """A source of databases holding identical copies of the seeded data."""
+
+    description: str
+    server_pid: int | None  # a local database server whose CPU time can be read, if any
+    counts: dict[str, int]  # rows seeded per table
+    seed_seconds: float
+
+    @property
+    def seeded_url(self) -> str:
+        """The seeded original (read only)."""
+        ...
+
+    def fresh(self, label: str) -> str:
+        """URL of a database holding a pristine copy of the seeded data."""
+        ...
+
+    def discard(self, url: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteCopies:
+    """Seed one SQLite file, then copy the file for every contender."""
+
+    def __init__(self, workdir: Path, items: int):
+        self.dir = workdir / "sqlite"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.base = self.dir / "seeded.sqlite"
+        self.description = f"SQLite {sqlite3.sqlite_version} (temp files under {self.dir})"
+        self.server_pid: int | None = None  # SQLite works inside the client process
+        t0 = time.monotonic()
+        self.counts = seed(f"sqlite:///{self.base}", items)
+        self.seed_seconds = time.monotonic() - t0
+
+    @property
+    def seeded_url(self) -> str:
+        return f"sqlite:///{self.base}"
+
+    def fresh(self, label: str) -> str:
+        path = self.dir / f"{label}.sqlite"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        shutil.copyfile(self.base, path)
+        return f"sqlite:///{path}"
+
+    def discard(self, url: str) -> None:
+        path = make_url(url).database
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PostgresCopies:
+    """Seed a template database once; every contender gets ``CREATE DATABASE ... TEMPLATE``.
+
+    ``server`` is a started ``tests.support.postgres.PostgresServer`` (throwaway, or the one
+    named by STOCKRX_TEST_PG_URL).
+    """
+
+    def __init__(self, server: Any, items: int, owns_server: bool):
+        self.server = server
+        self.owns_server = owns_server
+        self.description = f"PostgreSQL {server.version} on {server.host}:{server.port}"
+        self.server_pid = server.postmaster_pid
+        self.template_url = server.create_database(prefix="bench_seed")
+        t0 = time.monotonic()
+        self.counts = seed(self.template_url, items)
+        self.seed_seconds = time.monotonic() - t0
+        self._made: list[str] = []
+
+    @property
+    def seeded_url(self) -> str:
+        return self.template_url
+
+    def fresh(self, label: str) -> str:
+        from psycopg import sql
+
+        tpl = str(make_url(self.template_url).database)
+        name = f"bench_{label}_{os.getpid()}"
+        with self.server.admin_connection() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+            # FILE_COPY: a plain file copy, much faster than the WAL_LOG default for big data.
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+                    sql.Identifier(name), sql.Identifier(tpl)
+                )
+            )
+        url = self.server.url(name)
+        self._made.append(url)
+        return url
+
+    def discard(self, url: str) -> None:
+        self.server.drop_database(url)
+        with contextlib.suppress(ValueError):
+            self._made.remove(url)
+
+    def close(self) -> None:
+        for url in list(self._made):
+            with contextlib.suppress(Exception):
+                self.discard(url)
+        with contextlib.suppress(Exception):
+            self.server.drop_database(self.template_url)
+        if self.owns_server:
+            self.server.stop()
+
+
+class ReseedInPlace:
+    """One given database, wiped and re-seeded before every contender.
+
+    Refuses a database holding tables other than StockRx's and the framework's: the benchmark
+    drops and recreates them, so it must only ever be pointed at a scratch database.
+    """
+
+    def __init__(self, url: str, items: int):
+        self.url = url
+        self.items = items
+        self.server_pid: int | None = None
+        self.description = f"{make_url(url).get_backend_name()} at " + make_url(
+            url
+        ).render_as_string(hide_password=True)
+        engine = create_engine(url)
+        try:
+            names = inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+        foreign = [
+            n for n in names if n not in STOCKRX_TABLES and not n.startswith(FRAMEWORK_PREFIX)
+        ]
+        if foreign:
+            raise SystemExit(
+                f"refusing to wipe {self.description}: it has other tables ({foreign[:5]}); "
+                "the benchmark drops and re-seeds the database, give it a scratch one"
+            )
+        self.counts = self._reseed()
+        self.seed_seconds = 0.0
+
+    @property
+    def seeded_url(self) -> str:
+        return self.url
+
+    def _reseed(self) -> dict[str, int]:
+        engine = create_engine(self.url)
+        try:
+            md = MetaData()
+            md.reflect(engine)
+            ours = [t for n, t in md.tables.items() if n.startswith(FRAMEWORK_PREFIX)]
+            md.drop_all(engine, tables=ours)
+        finally:
+            engine.dispose()
+        return seed(self.url, self.items)
+
+    def fresh(self, label: str) -> str:
+        self._reseed()
+        return self.url
+
+    def discard(self, url: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes with peak RSS of the whole process tree
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessResult:
+    returncode: int | None  # None: killed at the timeout
+    wall_s: float
+    peak_rss_mb: float  # sum over the process tree, at its largest
+    peak_procs: int  # processes alive in the tree at the RSS peak
+    stdout: str
+    stderr: str
+    cpu_s: float = float("nan")  # user + system CPU of the child and its reaped descendants
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def _tree_rss(proc: psutil.Process) -> tuple[float, int]:
+    total, n = 0, 0
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0, 0
+    for p in members:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += p.memory_info().rss
+            n += 1
+    return total / (1024 * 1024), n
+
+
+def handle_interrupts() -> None:
+    """SIGINT/SIGTERM raise KeyboardInterrupt, so databases, servers and children are cleaned
+    up (importing Dagster replaces the SIGINT handler: call again after that)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def server_cpu_seconds(pid: int | None) -> float | None:
+    """CPU used so far by a local server process tree (postmaster, backends, exited backends)."""
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        t = root.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                c = child.cpu_times()
+                total += c.user + c.system
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    return total
+
+
+def _kill_tree(pid: int) -> None:
+    """Kill a child we started and its descendants (by pid, never by name)."""
+    try:
+        root = psutil.Process(pid)
+        members = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+
+
+def run_monitored(
+    cmd: Sequence[str],
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
+    timeout: float = 900.0,
+    poll_s: float = 0.05,
+) -> ProcessResult:
+    """Run a command; poll the RSS of it and all its descendants; kill it at the timeout."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.monotonic()
+        child = subprocess.Popen(
+            list(cmd), cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL
+        )
+        try:
+            return _watch(child, t0, timeout, poll_s, out, err)
+        except BaseException:  # interrupted: take the child's process tree down with us
+            _kill_tree(child.pid)
+            child.wait()
+            raise
+
+
+def _watch(child: subprocess.Popen, t0: float, timeout: float, poll_s: float,
+           out: Any, err: Any) -> ProcessResult:
+    """Poll the child until it exits (or kill it at the timeout)."""
+    ps = psutil.Process(child.pid)
+    peak, peak_n = 0.0, 0
+    rc: int | None = None
+    cpu = float("nan")
+    while True:
+        rss, n = _tree_rss(ps)
+        if rss > peak:
+            peak, peak_n = rss, n
+        # wait4, not poll(): its rusage covers the child and every descendant it reaped
+        # (Dagster's op processes), i.e. the CPU the whole run used, whatever the load.
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            rc = child.returncode = os.waitstatus_to_exitcode(status)
+            cpu = usage.ru_utime + usage.ru_stime
+            break
+        if time.monotonic() - t0 > timeout:
+            _kill_tree(child.pid)
+            child.wait()
+            rc = None
+            break
+        time.sleep(poll_s)
+    wall = time.monotonic() - t0
+    out.seek(0)
+    err.seek(0)
+    return ProcessResult(rc, wall, peak, peak_n, out.read(), err.read(), cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Digests of the data
+# ---------------------------------------------------------------------------------------------
+
+
+def _canon(v: Any) -> str:
+    if v is None:
+        return "\\N"
+    if isinstance(v, decimal.Decimal | float):
+        return f"{decimal.Decimal(str(v)):.2f}"
+    if isinstance(v, dt.datetime):
+        return v.isoformat(sep=" ", timespec="microseconds")
+    return str(v)
+
+
+@dataclass
+class Digest:
+    """Hashes of every column of inventories and inventory_logs, rows in id order.
+
+    ``subset_*`` cover only items ``id <= subset`` and their log rows (the naive baseline
+    patches only those).
+    """
+
+    inventories: str
+    inventory_logs: str
+    subset_inventories: str
+    subset_inventory_logs: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def full(self) -> tuple[str, str]:
+        return self.inventories, self.inventory_logs
+
+    @property
+    def subset(self) -> tuple[str, str]:
+        return self.subset_inventories, self.subset_inventory_logs
+
+
+#: PostgreSQL hashes server-side: md5 of every row's text form, in id order (much faster than
+#: reading millions of rows into Python; digests are only compared within one backend).
+PG_DIGEST = (
+    "SELECT md5(string_agg(md5(t::text), '' ORDER BY t.id)), "
+    "md5(string_agg(md5(t::text), '' ORDER BY t.id) FILTER (WHERE t.{item} <= :subset)), "
+    "count(*) FROM {table} t"
+)
+
+
+def digest(url: str, subset: int) -> Digest:
+    """Every column of both tables, rows in id order (in Python through SQLAlchemy's types,
+    except on PostgreSQL: see PG_DIGEST)."""
+    engine = create_engine(url)
+    out: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                for table, item in (("inventories", "id"), ("inventory_logs", "inventory_id")):
+                    full, part, n = conn.execute(
+                        text(PG_DIGEST.format(item=item, table=table)), {"subset": subset}
+                    ).one()
+                    out[table], out[f"subset_{table}"], counts[table] = str(full), str(part), n
+                return Digest(**out, counts=counts)
+            for tbl, item_col in ((inventories, "id"), (inventory_logs, "inventory_id")):
+                full, part = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+                n = 0
+                result = conn.execution_options(stream_results=True, yield_per=20_000).execute(
+                    select(*tbl.c).order_by(tbl.c.id)
+                )
+                item_idx = list(tbl.c.keys()).index(item_col)
+                for row in result:
+                    line = "\x1f".join(_canon(v) for v in row).encode() + b"\x1e"
+                    full.update(line)
+                    if row[item_idx] <= subset:
+                        part.update(line)
+                    n += 1
+                out[tbl.name] = full.hexdigest()
+                out[f"subset_{tbl.name}"] = part.hexdigest()
+                counts[tbl.name] = n
+    finally:
+        engine.dispose()
+    return Digest(**out, counts=counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dagster: step timings from the run's event log
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTiming:
+    step: str
+    status: str  # success | failure | skipped
+    launch_s: float  # worker process start → STEP_START (process spawn, imports, code load)
+    duration_s: float  # STEP_START → STEP_SUCCESS/FAILURE
+    error: str | None = None  # first line of the failure, if the step failed
+
+
+@dataclass
+class RunTimings:
+    run_id: str
+    status: str
+    run_s: float  # RUN_START → RUN_SUCCESS/FAILURE
+    steps: list[StepTiming]
+
+
+def dagster_run_timings(dagster_home: Path) -> RunTimings | None:
+    """Timings of the (only) run recorded in a DAGSTER_HOME, from its event log."""
+    from dagster import DagsterEventType, DagsterInstance
+
+    handle_interrupts()
+    instance = DagsterInstance.from_config(str(dagster_home))
+    try:
+        runs = instance.get_runs()
+        if not runs:
+            return None
+        run = runs[0]
+        t: dict[tuple[str, str | None], float] = {}
+        steps: list[str] = []
+        errors: dict[str, str] = {}
+        for entry in instance.all_logs(run.run_id):
+            ev = entry.dagster_event
+            if ev is None:
+                continue
+            if ev.event_type_value == DagsterEventType.STEP_FAILURE.value and ev.step_key:
+                errors[ev.step_key] = _failure_text(ev)
+            key = (ev.event_type_value, ev.step_key)
+            t.setdefault(key, entry.timestamp)
+            if ev.step_key and ev.step_key not in steps:
+                steps.append(ev.step_key)
+        run_end = t.get((DagsterEventType.RUN_SUCCESS.value, None)) or t.get(
+            (DagsterEventType.RUN_FAILURE.value, None)
+        )
+        run_start = t.get((DagsterEventType.RUN_START.value, None))
+        timings = []
+        for s in steps:
+            start = t.get((DagsterEventType.STEP_START.value, s))
+            worker = t.get((DagsterEventType.STEP_WORKER_STARTING.value, s))
+            end, status = None, "skipped"
+            for ev_type, name in (
+                (DagsterEventType.STEP_SUCCESS, "success"),
+                (DagsterEventType.STEP_FAILURE, "failure"),
+            ):
+                if (ev_type.value, s) in t:
+                    end, status = t[(ev_type.value, s)], name
+            if start is None or end is None:
+                timings.append(StepTiming(s, status, 0.0, 0.0, errors.get(s)))
+                continue
+            launch = start - worker if worker is not None else 0.0
+            timings.append(StepTiming(s, status, launch, end - start, errors.get(s)))
+        return RunTimings(
+            run.run_id,
+            run.status.value,
+            (run_end - run_start) if run_end and run_start else float("nan"),
+            timings,
+        )
+    finally:
+        instance.dispose()
+
+
+def _failure_text(ev: Any) -> str:
+    data = ev.step_failure_data
+    parts = []
+    user = getattr(data, "user_failure_data", None)
+    if user is not None and user.description:
+        parts.append(user.description)
+    err = getattr(data, "error", None)
+    while err is not None:
+        parts.append(err.message.strip().splitlines()[0] if err.message.strip() else "")
+        err = err.cause
+    return " ← ".join(p for p in parts if p)[:600]
+
+
+def dagster_cli() -> list[str]:
+    """The `dagster` command of this interpreter's environment."""
+    script = Path(sys.executable).parent / "dagster"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dagster"]
+
+
+def new_dagster_home(parent: Path, label: str, code_dir: Path = REPO_ROOT) -> Path:
+    """A fresh DAGSTER_HOME holding the measured code's dagster.yaml."""
+    home = parent / f"dagster_home_{label}"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    if (code_dir / "dagster.yaml").is_file():
+        shutil.copy(code_dir / "dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL statement timing (profiling)
+# ---------------------------------------------------------------------------------------------
+
+
+class StatementTimer:
+    """Total time and calls per SQL statement shape, from SQLAlchemy cursor events."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[float]] = {}
+        self._engines: list[Engine] = []
+
+    @staticmethod
+    def shape(statement: str) -> str:
+        s = re.sub(r"\s+", " ", statement).strip()
+        s = re.sub(r"\bVALUES \(.*", "VALUES (…)", s)
+        s = re.sub(r"\bIN \(__\[POSTCOMPILE[^)]*\]\)", "IN (…)", s)
+        return s
+
+    def attach(self, engine: Engine) -> None:
+        from sqlalchemy import event
+
+        def before(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+            conn.info.setdefault("bench_t0", []).append(time.perf_counter())
+
+        def after(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+            t0 = conn.info["bench_t0"].pop()
+            entry = self.stats.setdefault(self.shape(statement), [0.0, 0])
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+
+        event.listen(engine, "before_cursor_execute", before)
+        event.listen(engine, "after_cursor_execute", after)
+        self._engines.append(engine)
+
+    def take(self) -> list[tuple[str, float, int]]:
+        """(statement, seconds, calls), slowest first; resets the counters."""
+        rows = sorted(((s, v[0], int(v[1])) for s, v in self.stats.items()), key=lambda r: -r[1])
+        self.stats = {}
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [
+        all(_is_num(r[i]) for r in rows) and len(rows) > 0 for i in range(len(headers))
+    ]
+
+    def line(r: Sequence[str]) -> str:
+        return "| " + " | ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ) + " |"
+
+    sep = "|" + "|".join(
+        ("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric, strict=True)
+    ) + "|"
+    return "\n".join([line(cells[0]), sep, *[line(r) for r in cells[1:]]])
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) or v is None
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "–"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def machine_description() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = psutil.virtual_memory().total / 2**30
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return {
+        "load": load,
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": f"{os.cpu_count()} × {model} (nproc {len(os.sched_getaffinity(0))})",
+        "memory": f"{mem:.1f} GiB",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+
+
+def code_version() -> str:
+    """The commit measured, and whether the engine/patch code had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "patch_ops", "stockrx_patches", "resources"],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes in patch_ops/stockrx_patches/resources" if dirty else "")
+
+
+@dataclass
+class Code:
+    """The project code a benchmark measures: the working tree, or a commit exported with
+    ``git archive`` (other developers edit the working tree while benchmarks run)."""
+
+    dir: Path
+    label: str
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """Environment for a child that must import the measured code (and ``benchmarks``)."""
+        paths = [str(self.dir)] + ([str(REPO_ROOT)] if self.dir != REPO_ROOT else [])
+        old = base.get("PYTHONPATH")
+        return dict(base, PYTHONPATH=os.pathsep.join(paths + ([old] if old else [])))
+
+
+def measured_code(rev: str | None, workdir: Path) -> Code:
+    """``None``: the live working tree; ``"snapshot"``: a copy of the working tree as it is now
+    (tracked and untracked files, not ignored ones); else a commit, via ``git archive``.
+    ``benchmarks/`` itself always comes from this working tree (see ``Code.env``)."""
+    if not rev:
+        return Code(REPO_ROOT, f"working tree at {code_version()}")
+    git = ["git", "-C", str(REPO_ROOT)]
+    if rev == "snapshot":
+        target = workdir / "code-snapshot"
+        files = subprocess.run([*git, "ls-files", "-z", "--cached", "--others",
+                                "--exclude-standard"], capture_output=True, check=True).stdout
+        for name in filter(None, files.decode().split("\0")):
+            src = REPO_ROOT / name
+            if src.is_file() and not name.startswith("benchmarks/"):
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target / name)
+        diff = subprocess.run([*git, "diff", "HEAD"], capture_output=True, check=True).stdout
+        return Code(target, f"snapshot of the working tree at {code_version()} "
+                    f"(git diff HEAD sha256 {hashlib.sha256(diff).hexdigest()[:12]}, "
+                    f"taken {time.strftime('%H:%M:%S')})")
+    sha = subprocess.run([*git, "rev-parse", "--short", rev], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    target = workdir / f"code-{sha}"
+    target.mkdir(parents=True)
+    archive = subprocess.run([*git, "archive", sha], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    shutil.rmtree(target / "benchmarks", ignore_errors=True)  # the harness is always this one
+    return Code(target, f"commit {sha} (git archive)")
+
+
+@contextlib.contextmanager
+def workdir(keep: bool = False) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="stockrx-bench-"))
+    try:
+        yield path
+    finally:
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def baseline_engine(url: str) -> Engine:
+    """An engine for the baselines, with the job's SQLite settings (WAL, synchronous NORMAL),
+    without importing the framework (so the baselines' process start-up stays minimal)."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        from sqlalchemy import event
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+            cur.close()
+
+    return engine

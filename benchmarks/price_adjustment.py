@@ -1,0 +1,721 @@
+"""inventory_price_adjustment (percentage 8) against hand-written baselines, side by side.
+
+    python -m benchmarks.price_adjustment --postgres --items 100000
+    python -m benchmarks.price_adjustment --sqlite --items 100000
+    python -m benchmarks.price_adjustment --database-url URL --items 100000   # wiped + re-seeded
+
+Contenders, each on its own identical copy of the same seeded data, each a child process whose
+whole process tree is polled for RSS and whose CPU is read from wait4:
+
+- ``bare SQL``: two set-based statements in one transaction (INSERT the log rows, UPDATE the
+  items), no backup, no checks. The floor.
+- ``naive ORM``: SQLAlchemy ORM, one object at a time, commit every 1,000 rows; measured on the
+  first ``--naive-rows`` items and scaled to the full set.
+- ``job dry`` then ``job real`` on the same copy (a real run needs its approving dry run):
+  ``dagster job execute -m stockrx_patches.definitions -j inventory_price_adjustment -c
+  config/runs/inventory_price_adjustment[.real].yaml``, the path users take, default
+  multiprocess executor, fresh DAGSTER_HOME with the repo's dagster.yaml.
+- ``job dry/real, 0 rows``: the same with ``min_price`` above every price: a run's fixed cost.
+
+The job fixes its run timestamp at plan time (``data_patch_executions.run_at``). The real run's
+``run_at`` is read back and handed to the baselines, so all contenders must produce the same
+values in *every* column (updated_at/created_at included); the digests cover all columns of
+inventories and inventory_logs in id order. Dry runs and 0-row runs must leave the data exactly
+as seeded.
+
+``--profile DIR`` adds a profiled run of the same engine functions the ops call (in a child
+process, one pyinstrument session per step, caches dropped between steps as in a fresh op
+process), with SQL time per statement shape: see ``benchmarks.profile_engine``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import DateTime, bindparam, create_engine, select, text
+
+from benchmarks import common
+from benchmarks.common import Digest, ProcessResult, RunTimings
+
+JOB = "inventory_price_adjustment"
+DRY_CONFIG = Path("config") / "runs" / f"{JOB}.yaml"  # relative to the measured code
+REAL_CONFIG = Path("config") / "runs" / f"{JOB}.real.yaml"
+RESULT_MARK = common.RESULT_MARK
+#: A throwaway audit key for this benchmark process only (``key_id:fernet_key``).
+AUDIT_KEY = "bench:" + base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+def fmt_price(v: float | Decimal) -> str:
+    """As the patch prints prices in notes: whole yen as an integer, else two decimals."""
+    return f"{int(v)}" if float(v).is_integer() else f"{float(v):.2f}"
+
+
+def run_config(path: Path) -> dict[str, Any]:
+    """The op config of a run config file (it configures exactly one op: plan_patch)."""
+    (op,) = yaml.safe_load(path.read_text())["ops"].values()
+    return dict(op["config"])
+
+
+def percentage_of_config(path: Path) -> Decimal:
+    cfg = run_config(path)
+    if cfg.get("adjustment_type") != "percentage" or set(cfg) - {
+        "dry_run", "adjustment_type", "adjustment_value"
+    }:
+        raise SystemExit(f"{path} is no longer a plain percentage run: update the baselines")
+    return Decimal(str(cfg["adjustment_value"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines (run in a child process: `--worker bare|naive`)
+# ---------------------------------------------------------------------------------------------
+
+# PostgreSQL numeric is exact: round() is half away from zero, i.e. half up for prices >= 0.
+PG_NEW = "round(price * (100 + :pct) / 100)"
+PG_OLD_TEXT = (
+    "CASE WHEN price = trunc(price) THEN trunc(price)::bigint::text ELSE price::text END"
+)
+PG_NEW_TEXT = f"{PG_NEW}::bigint::text"
+# SQLite stores the prices as REAL: the same float arithmetic as the patch (floor(x + 0.5 + eps)).
+SQLITE_NEW = "CAST(price * (100 + :pct) / 100.0 + 0.5 + 1e-7 AS INTEGER)"
+SQLITE_OLD_TEXT = (
+    "CASE WHEN price = CAST(price AS INTEGER) THEN CAST(CAST(price AS INTEGER) AS TEXT) "
+    "ELSE printf('%.2f', price) END"
+)
+SQLITE_NEW_TEXT = f"CAST({SQLITE_NEW} AS TEXT)"
+
+
+def bare_statements(dialect: str) -> list[str]:
+    if dialect == "postgresql":
+        new, old_text, new_text = PG_NEW, PG_OLD_TEXT, PG_NEW_TEXT
+    elif dialect == "sqlite":
+        new, old_text, new_text = SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT
+    else:
+        raise SystemExit(f"no bare SQL baseline for {dialect}")
+    note = f"'価格調整: ' || {old_text} || '円 → ' || {new_text} || '円 (' || :label || ')'"
+    return [
+        # Log rows first: they need the old prices. Item order, so the ids match the job's.
+        "INSERT INTO inventory_logs (inventory_id, delta, operation_type, previous_quantity, "
+        "current_quantity, note, user_id, created_at, updated_at) "
+        f"SELECT id, 0, 'adjust', quantity, quantity, {note}, NULL, :run_at, :run_at "
+        f"FROM inventories WHERE {new} <> price ORDER BY id",
+        f"UPDATE inventories SET price = {new}, inventory_logs_count = inventory_logs_count + 1, "
+        f"updated_at = :run_at WHERE {new} <> price",
+    ]
+
+
+def bare_sql(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
+    engine = common.baseline_engine(url)
+    params = {"pct": int(pct) if pct == pct.to_integral_value() else pct,
+              "label": f"percentage:{fmt_price(pct)}", "run_at": run_at}
+    t0 = time.perf_counter()
+    counts = []
+    with engine.begin() as conn:
+        for sql in bare_statements(engine.dialect.name):
+            stmt = text(sql).bindparams(bindparam("run_at", type_=DateTime()))
+            counts.append(conn.execute(stmt, params).rowcount)
+    work = time.perf_counter() - t0
+    return {"work_s": work, "rows_changed": counts[1], "rows": None}
+
+
+def naive_orm(url: str, run_at: dt.datetime, pct: Decimal, limit: int) -> dict[str, Any]:
+    """What a hand-run script typically does: load, change and save one object at a time."""
+    from sqlalchemy.orm import DeclarativeBase, Session
+
+    from stockrx_patches import schema
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __table__ = schema.inventories
+
+    class Log(Base):
+        __table__ = schema.inventory_logs
+
+    engine = common.baseline_engine(url)
+    label = f"percentage:{fmt_price(pct)}"
+    factor = (100 + pct) / 100
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    changed = 0
+    with Session(engine) as session:
+        item_id_col = schema.inventories.c.id
+        ids = session.scalars(
+            select(item_id_col).where(item_id_col <= limit).order_by(item_id_col)
+        ).all()
+        for n, item_id in enumerate(ids, 1):
+            item = session.get(Item, item_id)
+            old = Decimal(item.price)  # type: ignore[union-attr]
+            new = (old * factor).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+            if new != old:
+                session.add(
+                    Log(
+                        inventory_id=item.id,  # type: ignore[union-attr]
+                        delta=0,
+                        operation_type="adjust",
+                        previous_quantity=item.quantity,  # type: ignore[union-attr]
+                        current_quantity=item.quantity,  # type: ignore[union-attr]
+                        note=f"価格調整: {fmt_price(old)}円 → {fmt_price(new)}円 ({label})",
+                        user_id=None,
+                        created_at=run_at,
+                        updated_at=run_at,
+                    )
+                )
+                item.price = new  # type: ignore[union-attr]
+                item.inventory_logs_count += 1  # type: ignore[union-attr]
+                item.updated_at = run_at  # type: ignore[union-attr]
+                changed += 1
+            if n % 1000 == 0:
+                session.commit()
+        session.commit()
+    return {"work_s": time.perf_counter() - t0, "work_cpu_s": time.process_time() - cpu0,
+            "rows_changed": changed, "rows": len(ids)}
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    warnings.simplefilter("ignore")
+    run_at = dt.datetime.fromisoformat(args.run_at)
+    pct = Decimal(args.percentage)
+    if args.worker == "bare":
+        result = bare_sql(args.database_url, run_at, pct)
+    else:
+        result = naive_orm(args.database_url, run_at, pct, args.naive_rows)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders as measured from outside
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    name: str
+    rows: int  # driving rows processed (measured)
+    process: ProcessResult
+    work_s: float | None = None  # time doing the work, without process start-up
+    rows_changed: int | None = None
+    scale: float = 1.0  # measured on a subset: times are multiplied by this in the table
+    timings: RunTimings | None = None
+    execution: dict[str, Any] | None = None
+    check: str = ""
+    digest: Digest | None = None
+    server_cpu_s: float | None = None  # CPU of the local database server during the run
+    cpu_s: float | None = None  # client CPU as reported (scaled like the times); None: measured
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.process.returncode == 0
+
+
+def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
+               args: argparse.Namespace) -> Outcome:
+    cmd = [sys.executable, "-m", "benchmarks.price_adjustment", "--worker", kind,
+           "--database-url", url, "--run-at", run_at.isoformat(), "--percentage", str(pct),
+           "--naive-rows", str(args.naive_rows)]
+    proc = common.run_monitored(cmd, env=dict(os.environ), timeout=args.timeout)
+    name = "bare SQL" if kind == "bare" else "naive ORM"
+    out = Outcome(name, 0, proc)
+    res: dict[str, Any] = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            res = json.loads(line[len(RESULT_MARK):])
+    if res:
+        out.work_s = res["work_s"]
+        out.rows_changed = res["rows_changed"]
+        out.rows = res["rows"] if res["rows"] is not None else args.items
+    if kind == "naive" and out.rows:
+        out.scale = args.items / out.rows
+        # Scale the work's CPU only, not the process start-up.
+        out.cpu_s = proc.cpu_s + res["work_cpu_s"] * (out.scale - 1)
+    if not out.ok:
+        out.notes.append("failed: " + " / ".join(proc.stderr.strip().splitlines()[-3:]))
+    return out
+
+
+def read_execution(url: str) -> dict[str, Any] | None:
+    """The newest patch execution row of a database, if the framework tables exist."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT execution_id, status, phase, dry_run, run_at, target_count, "
+                    "staged_updates, staged_inserts, batches_done, peak_rss_mb, started_at, "
+                    "completed_at, error_message FROM data_patch_executions "
+                    "WHERE kind = 'patch' ORDER BY started_at DESC LIMIT 1"
+                ).columns(run_at=DateTime(), started_at=DateTime(), completed_at=DateTime())
+            ).mappings().first()
+    except Exception:  # noqa: BLE001 - no framework tables: the run never got that far
+        return None
+    finally:
+        engine.dispose()
+    return dict(row) if row else None
+
+
+@dataclass
+class JobSetup:
+    """How the job is launched: the measured code, the run config files, the op they configure."""
+
+    code: common.Code
+    workdir: Path
+    op_key: str
+    overrides: dict[str, Any]
+    executor: str = "multiprocess"
+
+    @property
+    def dry_config(self) -> Path:
+        return self.code.dir / DRY_CONFIG
+
+    @property
+    def real_config(self) -> Path:
+        return self.code.dir / REAL_CONFIG
+
+    @property
+    def percentage(self) -> Decimal:
+        return percentage_of_config(self.real_config)
+
+    def config_files(self, base: Path, extra: dict[str, Any] | None = None) -> list[Path]:
+        """The repo's run config, plus a file with the benchmark's overrides, if any."""
+        cfg = {**self.overrides, **(extra or {})}
+        doc: dict[str, Any] = {"ops": {self.op_key: {"config": cfg}}} if cfg else {}
+        if self.executor != "multiprocess":
+            doc["execution"] = {"config": EXECUTORS[self.executor]}
+        if not doc:
+            return [base]
+        path = self.workdir / f"overrides_{len(list(self.workdir.glob('overrides_*')))}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return [base, path]
+
+
+#: Run config of the executors the benchmark can compare (the default is multiprocess, spawn).
+EXECUTORS: dict[str, dict[str, Any]] = {
+    "multiprocess": {"multiprocess": {}},
+    "forkserver": {"multiprocess": {"start_method": {
+        "forkserver": {"preload_modules": ["stockrx_patches.definitions"]}}}},
+    "in_process": {"in_process": {}},
+}
+
+
+def job_setup(code: common.Code, workdir: Path, executor: str) -> JobSetup:
+    ops = yaml.safe_load((code.dir / REAL_CONFIG).read_text())["ops"]
+    (op_key,) = ops
+    # Real runs may be refused outside the maintenance windows: say so explicitly, as a release
+    # engineer would outside them (the dry run gets the same config: it approves that plan).
+    fields = config_fields(code)
+    overrides = {"allow_outside_window": True} if "allow_outside_window" in fields else {}
+    return JobSetup(code, workdir, op_key, overrides, executor)
+
+
+def config_fields(code: common.Code) -> set[str]:
+    """Field names of the patch's run config, as the measured code defines them."""
+    probe = (
+        "from stockrx_patches.registry import default_registry as r; "
+        f"print(' '.join(r().get({JOB!r}).config_class.model_fields))"
+    )
+    res = common.run_monitored([sys.executable, "-c", probe], cwd=code.dir,
+                               env=code.env(dict(os.environ)), timeout=120)
+    if res.returncode != 0:
+        raise SystemExit(f"cannot load the measured code in {code.dir}:\n{res.stderr[-2000:]}")
+    return set(res.stdout.split())
+
+
+def job_env(url: str, home: Path, code: common.Code) -> dict[str, str]:
+    """The job's environment: this database, this DAGSTER_HOME, a throwaway audit key (real runs
+    refuse without one), and no Slack/SMTP settings, so a benchmark never notifies anyone."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("STOCKRX_SLACK_", "STOCKRX_SMTP_", "STOCKRX_AUDIT_"))
+    }
+    env.update(STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), STOCKRX_AUDIT_KEYS=AUDIT_KEY)
+    return code.env(env)
+
+
+def run_job(name: str, url: str, configs: list[Path], setup: JobSetup,
+            args: argparse.Namespace) -> Outcome:
+    home = common.new_dagster_home(setup.workdir, name.replace(" ", "_").replace(",", ""),
+                                   setup.code.dir)
+    cmd = [*common.dagster_cli(), "job", "execute", "-m", "stockrx_patches.definitions",
+           "-j", JOB]
+    for c in configs:
+        cmd += ["-c", str(c)]
+    proc = common.run_monitored(cmd, env=job_env(url, home, setup.code), cwd=setup.code.dir,
+                                timeout=args.timeout)
+    out = Outcome(name, 0, proc)
+    out.timings = common.dagster_run_timings(home)
+    out.execution = read_execution(url)
+    if out.timings is not None and out.timings.run_s == out.timings.run_s:
+        out.work_s = out.timings.run_s
+    if out.execution:
+        out.rows = int(out.execution["target_count"] or 0)
+        out.rows_changed = int(out.execution["staged_updates"] or 0)
+    if proc.timed_out:
+        out.notes.append(f"killed after {args.timeout:.0f} s")
+        if out.execution:
+            out.notes.append(
+                f"reached phase {out.execution['phase']}, "
+                f"{out.execution['batches_done']} batches"
+            )
+    elif not out.ok:
+        failed = [s for s in (out.timings.steps if out.timings else []) if s.error]
+        if failed:
+            out.notes += [f"{s.step} failed: {s.error}" for s in failed]
+        else:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+            out.notes.append("failed: " + " / ".join(tail))
+    return out
+
+
+def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The in-process engine profile, in a child process that imports the measured code."""
+    cmd = [sys.executable, "-m", "benchmarks.profile_engine", "--database-url", url,
+           "--out", str(Path(args.profile).resolve()),
+           "--config", json.dumps(run_config(setup.real_config) | setup.overrides)]
+    res = common.run_monitored(cmd, env=setup.code.env(dict(os.environ)), cwd=setup.code.dir,
+                               timeout=args.timeout * 2)
+    for line in res.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return list(json.loads(line[len(RESULT_MARK):]))
+    log("profile failed:\n" + res.stderr[-3000:])
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def make_copies(args: argparse.Namespace, workdir: Path) -> common.Copies:
+    if args.database_url:
+        return common.ReseedInPlace(args.database_url, args.items)
+    if args.sqlite:
+        return common.SqliteCopies(workdir, args.items)
+    sys.path.insert(0, str(common.REPO_ROOT))
+    from tests.support.postgres import PostgresServer
+
+    server = PostgresServer.from_env().start()
+    try:
+        return common.PostgresCopies(server, args.items, owns_server=not server.is_external)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _same(a: Digest | None, b: Digest | None, part: str) -> str:
+    if a is None or b is None:
+        return "n/a"
+    return "identical" if getattr(a, part) == getattr(b, part) else "DIFFERENT"
+
+
+def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    t0 = time.monotonic()
+    code = common.measured_code(args.code, workdir)
+    setup = job_setup(code, workdir, args.executor)
+    log(f"measuring {code.label}; job config overrides {setup.overrides or 'none'}; "
+        f"executor {args.executor}")
+    copies = make_copies(args, workdir)
+    log(f"seeded {copies.counts} in {copies.seed_seconds:.1f} s ({copies.description})")
+    subset = min(args.naive_rows, args.items)
+    outcomes: dict[str, Outcome] = {}
+    profile: list[dict[str, Any]] = []
+    run_at = dt.datetime(2026, 1, 15, 2, 0, 0)  # replaced by the real run's run_at
+
+    def measure(key: str, url: str, fn) -> Outcome:  # type: ignore[no-untyped-def]
+        log(f"running {key} ...")
+        cpu0 = common.server_cpu_seconds(copies.server_pid)
+        out = fn(url)
+        cpu1 = common.server_cpu_seconds(copies.server_pid)
+        if cpu0 is not None and cpu1 is not None:
+            out.server_cpu_s = (cpu1 - cpu0) * out.scale
+        out.digest = common.digest(url, subset) if out.ok else None
+        log(f"  {key}: rc {out.process.returncode}, {out.process.wall_s:.1f} s")
+        outcomes[key] = out
+        return out
+
+    try:
+        seeded = common.digest(copies.seeded_url, subset)
+        dry_cfg = setup.config_files(setup.dry_config)
+        real_cfg = setup.config_files(setup.real_config)
+        if "job" in args.only:
+            # The real run comes after its dry run on the same data (the dry run approves it).
+            url = copies.fresh("job")
+            try:
+                dry = measure("job_dry", url, lambda u: run_job("job dry", u, dry_cfg, setup,
+                                                                args))
+                real = None
+                if dry.ok:  # without its dry run, the real run is refused
+                    real = measure("job_real", url,
+                                   lambda u: run_job("job real", u, real_cfg, setup, args))
+            finally:
+                copies.discard(url)
+            if real and real.execution and real.execution.get("run_at"):
+                run_at = real.execution["run_at"]
+            elif real:
+                real.notes.append(f"no run_at: baselines used {run_at}")
+        for key, kind in (("bare", "bare"), ("naive", "naive")):
+            if key in args.only:
+                url = copies.fresh(key)
+                try:
+                    measure(key, url, lambda u, k=kind: run_worker(k, u, run_at,
+                                                                   setup.percentage, args))
+                finally:
+                    copies.discard(url)
+        if "zero" in args.only:
+            above_all = {"min_price": 1e9}
+            zdry = setup.config_files(setup.dry_config, above_all)
+            zreal = setup.config_files(setup.real_config, above_all)
+            url = copies.fresh("zero")
+            try:
+                zero = measure("zero_dry", url, lambda u: run_job("job dry, 0 rows", u, zdry,
+                                                                  setup, args))
+                if zero.ok:
+                    measure("zero_real", url, lambda u: run_job("job real, 0 rows", u, zreal,
+                                                                setup, args))
+            finally:
+                copies.discard(url)
+        if args.profile:
+            url = copies.fresh("profile")
+            try:
+                log("profiling the engine steps in-process ...")
+                profile = run_profile(url, setup, args)
+            finally:
+                copies.discard(url)
+    finally:
+        copies.close()
+
+    ref = outcomes["job_real"].digest if "job_real" in outcomes else None
+    checks = {
+        "job_real": lambda o: "reference",
+        "bare": lambda o: _same(o.digest, ref, "full") + " to job real",
+        "naive": lambda o: _same(o.digest, ref, "subset") + f" to job real on items ≤ {subset:,}",
+        "job_dry": lambda o: _same(o.digest, seeded, "full") + " to seed",
+        "zero_dry": lambda o: _same(o.digest, seeded, "full") + " to seed",
+        "zero_real": lambda o: _same(o.digest, seeded, "full") + " to seed",
+    }
+    for key, o in outcomes.items():
+        o.check = checks[key](o)
+    return {
+        "args": vars(args),
+        "machine": common.machine_description(),
+        "code": code.label,
+        "executor": args.executor,
+        "database": copies.description,
+        "seeded": copies.counts,
+        "seed_seconds": copies.seed_seconds,
+        "run_at": run_at.isoformat(),
+        "percentage": str(setup.percentage),
+        "outcomes": outcomes,
+        "profile": profile,
+        "total_s": time.monotonic() - t0,
+    }
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+ORDER = ("bare", "naive", "job_dry", "job_real", "zero_dry", "zero_real")
+CONTENDERS = ("bare", "naive", "job", "zero")
+
+
+def render(res: dict[str, Any]) -> str:
+    args, outs = res["args"], res["outcomes"]
+    bare = outs.get("bare")
+    bare_wall = bare.process.wall_s if bare and bare.ok else None
+    bare_work = bare.work_s if bare and bare.ok else None
+    lines = [
+        f"## inventory_price_adjustment (percentage {fmt_price(Decimal(res['percentage']))}), "
+        f"{args['items']:,} items, {res['database']}",
+        "",
+        f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}. "
+        f"Run timestamp of every contender: {res['run_at']} (the job's run_at). "
+        f"Job executor: {res['executor']}.",
+        "",
+    ]
+    rows = []
+    for key in [k for k in ORDER if k in outs]:
+        o = outs[key]
+        wall = o.process.wall_s
+        work = o.work_s
+        name = o.name
+        if o.scale != 1.0:
+            startup = wall - (work or 0.0)
+            work = (work or 0.0) * o.scale
+            wall = startup + work
+            name += f" ({o.rows:,} rows measured, times ×{o.scale:g})"
+        rpm = (o.rows * o.scale) / work * 60 if work and o.rows else None
+        if not o.ok:
+            name += " [FAILED]" if not o.process.timed_out else " [TIMED OUT]"
+        rows.append([
+            name,
+            int(o.rows * o.scale) if o.rows else None,
+            int(o.rows_changed * o.scale) if o.rows_changed is not None else None,
+            wall,
+            work,
+            rpm,
+            wall / bare_wall if bare_wall else None,
+            work / bare_work if work and bare_work else None,
+            o.cpu_s if o.cpu_s is not None else o.process.cpu_s,
+            o.server_cpu_s,
+            o.process.peak_rss_mb,
+            o.process.peak_procs,
+            o.check,
+        ])
+    lines.append(common.table(
+        ["contender", "rows", "changed", "wall s", "work s", "rows/min (work)", "× bare wall",
+         "× bare work", "client CPU s", "DB CPU s", "peak RSS MB (tree)", "procs",
+         "final data"],
+        rows,
+    ))
+    lines += [
+        "",
+        "wall s: the child process from spawn to exit (what a user waits for). work s: bare/naive "
+        "= the SQL/ORM work inside the process; job = Dagster RUN_START → RUN_SUCCESS. rows = "
+        "items in the target set. client CPU s: user+system CPU of the child process tree "
+        "(wait4 rusage); DB CPU s: of the local PostgreSQL server's processes meanwhile (– for "
+        "SQLite, whose work is in the client); both far less sensitive to the machine's load "
+        "than wall times (naive: ×scale). Peak RSS: sum over the child's process tree (psutil, 50 ms polls), database "
+        "server not included.",
+    ]
+    for key in [k for k in ORDER if k.startswith(("job", "zero")) and k in outs]:
+        o = outs[key]
+        lines += ["", f"### {o.name}: time per op", ""]
+        if o.notes:
+            lines.append("Notes: " + "; ".join(o.notes))
+            lines.append("")
+        if o.timings is None:
+            lines.append("(no Dagster run recorded)")
+            continue
+        t = o.timings
+        op_rows = [
+            [s.step, s.status, s.launch_s, s.duration_s,
+             100 * s.duration_s / t.run_s if t.run_s == t.run_s and t.run_s else None]
+            for s in t.steps
+        ]
+        lines.append(common.table(["op", "status", "process start s", "op s", "% of run"],
+                                  op_rows))
+        launch = sum(s.launch_s for s in t.steps)
+        in_ops = sum(s.duration_s for s in t.steps)
+        lines += [
+            "",
+            f"CLI wall {o.process.wall_s:.2f} s = Dagster run {t.run_s:.2f} s (ops "
+            f"{in_ops:.2f} s, starting op processes {launch:.2f} s, other "
+            f"{t.run_s - in_ops - launch:.2f} s) + {o.process.wall_s - t.run_s:.2f} s CLI "
+            "start-up/code location load/teardown.",
+        ]
+        if o.execution and o.execution.get("peak_rss_mb"):
+            lines[-1] += f" transform_batches peak RSS {o.execution['peak_rss_mb']:.0f} MB."
+    if res["profile"]:
+        from benchmarks.profile_engine import render_profile
+
+        lines += ["", render_profile(res["profile"])]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(res: dict[str, Any]) -> str:
+    def default(o: Any) -> Any:
+        if isinstance(o, dt.datetime | dt.date):
+            return o.isoformat()
+        if hasattr(o, "__dataclass_fields__"):
+            return asdict(o)
+        return str(o)
+
+    return json.dumps(res, default=default, indent=2, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.price_adjustment",
+        description="Benchmark inventory_price_adjustment against bare SQL and a naive ORM loop.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--database-url", help="a scratch database: it is wiped and re-seeded "
+                       "before every contender")
+    where.add_argument("--postgres", action="store_true",
+                       help="start a throwaway PostgreSQL (tests/support/postgres.py; "
+                       "STOCKRX_TEST_PG_URL to use an existing server); the default")
+    where.add_argument("--sqlite", action="store_true", help="temporary SQLite files")
+    p.add_argument("--items", type=int, default=100_000, help="items to seed (default 100,000)")
+    p.add_argument("--naive-rows", type=int, default=20_000,
+                   help="items the naive ORM baseline processes; its times are scaled to --items")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds before a contender is killed (default 900)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also profile the engine steps in-process; reports written to DIR")
+    p.add_argument("--only", default=",".join(CONTENDERS),
+                   help="comma-separated contenders to run (default: all of "
+                   f"{','.join(CONTENDERS)}; job = dry + real run, zero = dry + real on 0 rows)")
+    p.add_argument("--executor", choices=sorted(EXECUTORS), default="multiprocess",
+                   help="the job's executor (default multiprocess: Dagster's default, one spawned "
+                   "process per op)")
+    p.add_argument("--code", metavar="REV",
+                   help="measure a commit (git archive, e.g. HEAD) or 'snapshot' (a copy of the "
+                   "working tree taken at start) instead of the live working tree")
+    p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
+    p.add_argument("--output", metavar="PATH", help="append the printed report to this file")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--worker", choices=["bare", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--run-at", help=argparse.SUPPRESS)
+    p.add_argument("--percentage", default="8", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker and not (args.database_url and args.run_at):
+        p.error("--worker needs --database-url and --run-at")
+    args.only = [k.strip() for k in args.only.split(",") if k.strip()]
+    unknown = set(args.only) - set(CONTENDERS)
+    if unknown:
+        p.error(f"unknown contender(s) {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    warnings.simplefilter("ignore")
+    common.handle_interrupts()
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    with common.workdir(keep=args.keep) as wd:
+        res = benchmark(args, wd)
+    machine = res["machine"]
+    header = (
+        f"# benchmark {machine['date']}: {machine['cpu']}, {machine['memory']}, "
+        f"{machine['os']}, Python {machine['python']}\n\n"
+        f"Code: {res['code']}. Total {res['total_s']:.0f} s. Load average (1/5/15 min) "
+        f"{load_before} at start, {machine['load']} at end.\n\n"
+    )
+    report = header + render(res)
+    print(report)
+    if args.output:
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write(report + "\n")
+    if args.json:
+        Path(args.json).write_text(to_json(res), encoding="utf-8")
+    outs = res["outcomes"]
+    bad = [k for k, o in outs.items() if not o.ok or "DIFFERENT" in o.check]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
