@@ -486,6 +486,8 @@ def dagster_run_timings(dagster_home: Path) -> RunTimings | None:
             ):
                 if (ev_type.value, s) in t:
                     end, status = t[(ev_type.value, s)], name
+            if start is not None and end is None:
+                status = "unfinished"  # started, never ended (the run was killed)
             if start is None or end is None:
                 timings.append(StepTiming(s, status, 0.0, 0.0, errors.get(s)))
                 continue

@@ -613,6 +613,10 @@ def render(res: dict[str, Any]) -> str:
                                   op_rows))
         launch = sum(s.launch_s for s in t.steps)
         in_ops = sum(s.duration_s for s in t.steps)
+        if t.run_s != t.run_s:  # the run never ended (killed at the timeout)
+            lines += ["", f"Finished ops {in_ops:.2f} s, starting op processes {launch:.2f} s; "
+                      f"killed after {o.process.wall_s:.0f} s of CLI wall."]
+            continue
         lines += [
             "",
             f"CLI wall {o.process.wall_s:.2f} s = Dagster run {t.run_s:.2f} s (ops "
