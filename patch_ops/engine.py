@@ -16,9 +16,9 @@ import os
 import socket
 import time
 import uuid
-from decimal import Decimal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,9 +27,7 @@ import pandera.errors as pa_errors
 from sqlalchemy import (
     Integer,
     Numeric,
-    Select,
     and_,
-    bindparam,
     delete,
     func,
     insert,
@@ -38,7 +36,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    true,
     union_all,
     update,
 )
@@ -875,10 +872,13 @@ def run_transform(
         log.info(
             f"batch {batch_no}: {done:,}/{total:,} rows ({done / max(total, 1):.0%}), "
             f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
-            f"RSS {budget.peak_rss_mb:.0f} MB"
+            f"RSS {budget.peak_rss_mb:.0f} MB (step +{budget.peak_used_mb:.0f} MB)"
         )
-    for b, new_size, rss in budget.shrinks:
-        log.warning(f"memory guard: batch {b} shrunk to {new_size} rows at RSS {rss:.0f} MB")
+    for b, new_size, used in budget.shrinks:
+        log.warning(
+            f"memory guard: batch {b} shrunk to {new_size} rows at step memory {used:.0f} MB "
+            f"(limit {budget.limit_mb:.0f} MB)"
+        )
     if paused:
         ex = pause_execution(engine, execution_id, peak_rss_mb=budget.peak_rss_mb)
         log.warning(
@@ -1357,7 +1357,7 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
             lines.append("|" + "---|" * len(cols))
             for r in i["sample"]:
                 lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
-    for table, u in report["updates"].items():
+    for u in report["updates"].values():
         for col, hist in u.get("histograms", {}).items():
             lines += ["", histogram_markdown(hist, title=f"Distribution of {col} changes").rstrip()]
     if v is not None and v["problems"]:

@@ -30,8 +30,8 @@ from sqlalchemy import (
     Text,
     false,
     inspect,
-    true,
     text,
+    true,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError

@@ -1,4 +1,20 @@
-"""A memory guard built on psutil: shrink the batch before the box runs out, then fail clearly."""
+"""A memory guard built on psutil: shrink the batch before the box runs out, then fail clearly.
+
+Two readings are taken before every batch:
+
+* **the step's own memory**: the resident set size (RSS) of the step's process *above what it held
+  when the step began*. ``memory_limit_mb`` is a budget for this working memory, so it means the
+  same thing whether the step runs in its own process (the multiprocess executor, ``dagster job
+  execute``) or shares a long-lived one (``execute_in_process``, the UI's in-process executor):
+  Dagster's own imports and whatever other runs left behind are not charged to the patch.
+  Above ``soft_ratio`` of the budget the batch is halved; at the minimum batch size, a few
+  batches in a row above it fail the step; above the budget the step fails at once.
+* **the machine**: if the memory available to new allocations (``psutil.virtual_memory()``)
+  drops below ``min_available_mb``, the step fails before the box starts swapping or the OOM
+  killer picks a victim, whatever the step's own budget says.
+
+Failing here is always safe: the transform only writes staging tables, nothing is committed.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +24,34 @@ import psutil
 from dagster import ConfigurableResource
 from pydantic import Field
 
+MB = 1024 * 1024
+
 
 class MemoryLimitExceeded(RuntimeError):
-    """The process uses more memory than the patch is allowed; the run must stop."""
+    """The step uses more memory than the patch is allowed; the run must stop."""
 
 
 def current_rss_mb() -> float:
-    return psutil.Process().memory_info().rss / (1024 * 1024)
+    return psutil.Process().memory_info().rss / MB
+
+
+def available_mb() -> float:
+    return psutil.virtual_memory().available / MB
 
 
 @dataclass
 class MemoryBudget:
-    """Per-run state of the guard: the limit, the current batch size, the strikes so far."""
+    """Per-step state of the guard: the budget, the current batch size, the strikes so far."""
 
     limit_mb: float
     batch_size: int
     soft_ratio: float
     min_batch_size: int
     max_soft_strikes: int
+    min_available_mb: float
+    baseline_rss_mb: float = field(default_factory=current_rss_mb)
     peak_rss_mb: float = 0.0
+    peak_used_mb: float = 0.0
     shrinks: list[tuple[int, int, float]] = field(default_factory=list)
     _strikes: int = 0
 
@@ -35,26 +60,39 @@ class MemoryBudget:
         return self.limit_mb * self.soft_ratio
 
     def next_batch_size(self, batch_no: int) -> int:
-        """Check RSS before a batch; return the batch size to use, or raise MemoryLimitExceeded."""
+        """Check memory before a batch; return the batch size to use, or raise."""
         rss = current_rss_mb()
+        used = max(0.0, rss - self.baseline_rss_mb)
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
-        if rss > self.limit_mb:
+        self.peak_used_mb = max(self.peak_used_mb, used)
+        where = (
+            f"step memory {used:.0f} MB (process RSS {rss:.0f} MB, "
+            f"{self.baseline_rss_mb:.0f} MB when the step began)"
+        )
+        free = available_mb()
+        if free < self.min_available_mb:
             raise MemoryLimitExceeded(
-                f"memory limit exceeded before batch {batch_no}: RSS {rss:.0f} MB > limit "
+                f"machine memory nearly exhausted before batch {batch_no}: {free:.0f} MB "
+                f"available < {self.min_available_mb:.0f} MB reserve; {where}; nothing was "
+                "committed. Free memory on the machine or run the patch elsewhere."
+            )
+        if used > self.limit_mb:
+            raise MemoryLimitExceeded(
+                f"memory limit exceeded before batch {batch_no}: {where} > limit "
                 f"{self.limit_mb:.0f} MB (batch size {self.batch_size}); nothing was committed. "
                 "Raise memory_limit_mb or lower batch_size."
             )
-        if rss > self.soft_limit_mb:
+        if used > self.soft_limit_mb:
             if self.batch_size > self.min_batch_size:
                 new_size = max(self.min_batch_size, self.batch_size // 2)
-                self.shrinks.append((batch_no, new_size, rss))
+                self.shrinks.append((batch_no, new_size, used))
                 self.batch_size = new_size
             else:
                 self._strikes += 1
                 if self._strikes >= self.max_soft_strikes:
                     raise MemoryLimitExceeded(
                         f"memory stays above {self.soft_ratio:.0%} of the limit even at the "
-                        f"minimum batch size {self.min_batch_size}: RSS {rss:.0f} MB, limit "
+                        f"minimum batch size {self.min_batch_size}: {where}, limit "
                         f"{self.limit_mb:.0f} MB, batch {batch_no}; nothing was committed."
                     )
         else:
@@ -63,7 +101,7 @@ class MemoryBudget:
 
 
 class MemoryGuard(ConfigurableResource):
-    """Watches the resident memory of the step's process (psutil) between batches."""
+    """Watches the memory of the step's process and of the machine (psutil) between batches."""
 
     soft_ratio: float = Field(
         default=0.8, description="Above this share of the limit, halve the batch size."
@@ -74,12 +112,19 @@ class MemoryGuard(ConfigurableResource):
         description="Fail after this many consecutive batches above the soft threshold at "
         "the minimum batch size.",
     )
+    min_available_mb: float = Field(
+        default=256.0,
+        description="Fail when the machine has less memory than this available, whatever the "
+        "step's own budget.",
+    )
 
     def budget(self, limit_mb: float, batch_size: int) -> MemoryBudget:
+        """A fresh budget for one step; its baseline is the process RSS right now."""
         return MemoryBudget(
             limit_mb=limit_mb,
             batch_size=batch_size,
             soft_ratio=self.soft_ratio,
             min_batch_size=min(self.min_batch_size, batch_size),
             max_soft_strikes=self.max_soft_strikes,
+            min_available_mb=self.min_available_mb,
         )

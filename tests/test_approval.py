@@ -40,6 +40,7 @@ from tests.support.stockrx import (
     latest_execution,
     prices,
     run_patch,
+    starved_defs,
 )
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
@@ -183,8 +184,8 @@ def test_an_approval_is_good_for_one_commit(sqlite_url):
     engine = hand_built(sqlite_url, [100, 200])
     dry_ex = dry(sqlite_url, PCT8)
     # a real run that fails before commit does not use the approval up
-    failed = real(sqlite_url, {**PCT8, "memory_limit_mb": 1})
-    assert not failed.success and "memory limit exceeded" in failure_description(failed)
+    failed = real(sqlite_url, PCT8, defs=starved_defs())
+    assert not failed.success and "machine memory nearly exhausted" in failure_description(failed)
     assert real(sqlite_url, PCT8).success
     assert prices(engine) == {1: 108, 2: 216}
     result = real(sqlite_url, PCT8)  # the same +8 % again, on the same dry run

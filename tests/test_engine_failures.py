@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from patch_ops.state import executions, rejects
-from resources.memory import current_rss_mb
+from resources.memory import MemoryGuard, MemoryLimitExceeded
 from stockrx_patches.schema import inventories
 from tests.support import test_patches
 from tests.support.stockrx import (
@@ -18,6 +18,7 @@ from tests.support.stockrx import (
     prices,
     run_patch,
     seeded,
+    starved_defs,
 )
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
@@ -83,39 +84,73 @@ def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
     assert ex["status"] == "failed" and "inventories" in ex["error_message"]
 
 
-def test_memory_limit_below_current_use_fails_before_any_write(database_url):
-    engine = seeded(database_url, items=200)
-    before = digest(engine)
-    limit = int(current_rss_mb() * 0.5)
-    # memory_limit_mb is not part of the plan: a dry run at the default limit approves it
-    assert run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": True}).success
-    result = run_patch(database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit}, approve=False)
-    assert not result.success
-    desc = failure_description(result)
-    assert "memory limit exceeded" in desc and f"limit {limit} MB" in desc and "batch 1" in desc
-    assert digest(engine) == before
-    assert latest_execution(engine)["status"] == "failed"
+@pytest.fixture
+def memory_hog(monkeypatch):  # type: ignore[no-untyped-def]
+    """The hog patch; what it holds is released when the test ends."""
+    hog = test_patches.MemoryHogPatch
+    monkeypatch.setattr(hog, "held", [])
+    yield hog
+    hog.held.clear()
 
 
-def test_memory_near_the_limit_shrinks_batches_then_fails_clearly(database_url):
-    engine = seeded(database_url, items=3000)
+def test_a_step_over_its_memory_limit_fails_clearly_before_any_write(database_url, memory_hog):
+    engine = seeded(database_url, items=600)
     before = digest(engine)
-    # Above the soft threshold (80 %) but below the limit: halve, halve, ... then give up.
-    limit = int(current_rss_mb() / 0.9) + 1
-    # memory_limit_mb and batch_size are not part of the plan: a default dry run approves it
-    assert run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": True}).success
+    memory_hog.hog_mb = 300
     result = run_patch(
-        database_url, PRICE_JOB, {**PCT8, "memory_limit_mb": limit, "batch_size": 800},
-        approve=False,
+        database_url, "memory_hog_patch", {**PCT8, "memory_limit_mb": 200, "batch_size": 200},
+        defs=DEFS, approve=False,
     )
     assert not result.success
     desc = failure_description(result)
-    assert "minimum batch size 100" in desc and f"limit {limit} MB" in desc
+    assert "memory limit exceeded before batch 2" in desc and "limit 200 MB" in desc, desc
+    assert "Raise memory_limit_mb or lower batch_size" in desc
     assert digest(engine) == before
     ex = latest_execution(engine)
-    # 800 → 400 → 200 → 100, then three strikes at 100 rows
-    assert ex["batches_done"] >= 3
-    assert ex["processed_records"] < 3000
+    assert ex["status"] == "failed" and ex["batches_done"] == 1
+    assert ex["peak_rss_mb"] > 0
+
+
+def test_memory_near_the_limit_shrinks_batches_then_fails_clearly(database_url, memory_hog):
+    engine = seeded(database_url, items=3000)
+    before = digest(engine)
+    # 170 MB held: above the soft threshold (80 % of 200) but below the limit, so the guard
+    # halves the batch, halves again, ... and gives up after three batches at the minimum.
+    memory_hog.hog_mb = 170
+    result = run_patch(
+        database_url, "memory_hog_patch", {**PCT8, "memory_limit_mb": 200, "batch_size": 800},
+        defs=DEFS, approve=False,
+    )
+    assert not result.success
+    desc = failure_description(result)
+    assert "minimum batch size 100" in desc and "limit 200 MB" in desc, desc
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    # 800, then 400 → 200 → 100, then three strikes at 100 rows
+    assert ex["batches_done"] == 6
+    assert ex["processed_records"] == 800 + 400 + 200 + 3 * 100
+
+
+def test_a_machine_short_of_memory_stops_the_step_whatever_its_budget(sqlite_url):
+    engine = hand_built(sqlite_url, [100, 200])
+    before = digest(engine)
+    assert run_patch(sqlite_url, PRICE_JOB, {**PCT8, "dry_run": True}).success  # approves it
+    result = run_patch(sqlite_url, PRICE_JOB, PCT8, defs=starved_defs(), approve=False)
+    assert not result.success
+    desc = failure_description(result)
+    assert "machine memory nearly exhausted before batch 1" in desc, desc
+    assert digest(engine) == before
+
+
+def test_the_memory_budget_does_not_charge_the_step_for_what_its_process_already_held():
+    ballast = bytearray(b"\x01") * (64 * 1024 * 1024)  # the process was already 64 MB bigger
+    budget = MemoryGuard().budget(limit_mb=32, batch_size=500)
+    assert budget.next_batch_size(1) == 500
+    grown = bytearray(b"\x01") * (40 * 1024 * 1024)  # the step itself now holds 40 MB
+    with pytest.raises(MemoryLimitExceeded, match="memory limit exceeded before batch 2"):
+        budget.next_batch_size(2)
+    assert budget.peak_used_mb >= 39 and budget.peak_rss_mb >= budget.baseline_rss_mb + 39
+    del ballast, grown
 
 
 @pytest.mark.parametrize(

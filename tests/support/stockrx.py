@@ -105,6 +105,15 @@ def defs_with(*extra: tuple[Patch, PatchSettings]) -> Definitions:
     return build_definitions(Registry(patches, config))
 
 
+def starved_defs() -> Definitions:
+    """The real code location on a "machine" whose free memory is below the guard's reserve."""
+    from resources.memory import MemoryGuard, available_mb
+    from stockrx_patches.definitions import MEMORY
+
+    guard = MemoryGuard(min_available_mb=available_mb() + 1e6)
+    return build_definitions(default_registry(), {MEMORY: guard})
+
+
 def run_patch(
     url: str,
     job_name: str,

@@ -92,8 +92,22 @@ class SlowPricePatch(InventoryPriceAdjustment):
         return super().transform(batch, config, ctx)
 
 
+class MemoryHogPatch(InventoryPriceAdjustment):
+    """Grabs ``hog_mb`` of real memory in its first batch and keeps it until the step ends."""
+
+    name = "memory_hog_patch"
+    hog_mb = 0
+    held: list[bytearray] = []
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        if not self.held and self.hog_mb:
+            # bytearray * n writes every page, so all of it is resident (not just reserved)
+            self.held.append(bytearray(b"\x01") * (self.hog_mb * 1024 * 1024))
+        return super().transform(batch, config, ctx)
+
+
 ALL = (NegativePricePatch, ForgetfulCounterPatch, FailsAfterCommitPatch, ConcurrentAppPatch,
-       SlowPricePatch)
+       SlowPricePatch, MemoryHogPatch)
 
 defs = defs_with(*[(cls(), SETTINGS) for cls in ALL])
 
