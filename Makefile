@@ -1,6 +1,7 @@
 # StockRx Patches: developer and CI entry points. No venv activation needed: tools run from .venv/bin.
 #   make env                 create/refresh .venv (fast no-op when pyproject.toml is unchanged)
 #   make test                run the test suite; extra pytest args: make test PYTEST_ARGS='-x -k foo'
+#                            (TEST_WORKERS=0 runs it in one process)
 #   make lint                ruff + mypy
 # CI runs .ci/run, which runs `make test` with STOCKRX_REQUIRE_POSTGRES=1.
 
@@ -8,6 +9,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist). Most slow tests wait on subprocesses (dagster CLI, daemon,
+# webserver, PostgreSQL), so three workers keep two cores busy. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := test
 .PHONY: env test lint
@@ -18,7 +22,7 @@ env:
 # pytest exit codes: 0 ok, 1 failures, 2 interrupted, 3 internal error, 4 usage error,
 # 5 no tests collected. Any non-zero code fails the target; 5 gets an explicit message.
 test: env
-	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): treated as failure" >&2; fi; \
 	exit $$rc
 

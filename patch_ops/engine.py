@@ -45,6 +45,7 @@ from sqlalchemy.sql import ColumnElement
 
 from patch_ops import state
 from patch_ops.charts import change_histogram, histogram_markdown
+from patch_ops.frames import plain_rows
 from patch_ops.patch import (
     Changes,
     Patch,
@@ -704,37 +705,28 @@ def _frame(rows: list[Any], columns: list[str], table) -> pd.DataFrame:  # type:
     return df
 
 
-def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """DataFrame rows as plain Python values for DB-API drivers (no numpy/pandas scalars)."""
-    out = df.astype(object).where(df.notna(), None)
-    recs = out.to_dict("records")
-    for rec in recs:
-        for k, v in rec.items():
-            if isinstance(v, pd.Timestamp):
-                rec[k] = v.to_pydatetime()
-            elif hasattr(v, "item") and not isinstance(v, str | bytes):
-                rec[k] = v.item()
-    return recs
-
-
-def bulk_insert(conn: Connection, table: Any, records: list[dict[str, Any]]) -> None:
-    """Insert many rows in the connection's transaction: COPY on PostgreSQL (psycopg 3),
-    executemany elsewhere. Values travel as data, never as SQL text."""
-    if not records:
+def bulk_insert(conn: Connection, table: Any, df: pd.DataFrame) -> None:
+    """Insert a frame's rows in the connection's transaction: COPY on PostgreSQL (psycopg 3),
+    executemany elsewhere. Values travel as data, never as SQL text; column names are checked
+    against the table's (reflected) columns first."""
+    if df.empty:
         return
+    cols, rows = plain_rows(df)
+    unknown = [c for c in cols if c not in table.c]
+    if unknown:
+        raise PatchError(f"{table.name} has no columns {unknown}")
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        cols = list(records[0])
         q = conn.dialect.identifier_preparer
         sql = f"COPY {q.quote(table.name)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             with cursor.copy(sql) as copy:
-                for rec in records:
-                    copy.write_row([rec[c] for c in cols])
+                for row in rows:
+                    copy.write_row(row)
         finally:
             cursor.close()
         return
-    conn.execute(insert(table), records)
+    conn.execute(insert(table), [dict(zip(cols, row, strict=True)) for row in rows])
 
 
 def _config_of(patch: Patch, ex: dict[str, Any]) -> PatchRunConfig:
@@ -828,22 +820,25 @@ def run_transform(
             for table, df in accepted.updates.items():
                 if df.empty:
                     continue
-                cols = ["id", *patch.updates[table]]
-                recs = _records(df[["source_id", *cols]].rename(columns={"source_id": "dp_source_id"}))
-                for r in recs:
-                    r.update(dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=r["id"])
-                bulk_insert(conn, stages[table], recs)
+                staged = df[["source_id", "id", *patch.updates[table]]].rename(
+                    columns={"source_id": "dp_source_id"}
+                )
+                staged = staged.assign(
+                    dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=staged["id"]
+                )
+                bulk_insert(conn, stages[table], staged)
                 if table == patch.driving_table:
-                    n_upd += len(recs)
+                    n_upd += len(staged)
             for table, df in accepted.inserts.items():
                 if df.empty:
                     continue
-                cols = list(patch.inserts[table])
-                recs = _records(df[["source_id", *cols]].rename(columns={"source_id": "dp_source_id"}))
-                for r in recs:
-                    staged_inserts += 1
-                    r.update(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=staged_inserts)
-                bulk_insert(conn, stages[table], recs)
+                staged = df[["source_id", *patch.inserts[table]]].rename(
+                    columns={"source_id": "dp_source_id"}
+                )
+                seq = range(staged_inserts + 1, staged_inserts + len(staged) + 1)
+                staged = staged.assign(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=seq)
+                staged_inserts += len(staged)
+                bulk_insert(conn, stages[table], staged)
             if reject_rows:
                 for r in reject_rows:
                     r["execution_id"] = execution_id
@@ -1062,11 +1057,15 @@ class ResultView:
                 f"all_{table}"
             )
         st = self._stage(table)
-        staged_ids = select(st.c.dp_seq).where(
-            st.c.dp_execution_id == self.execution_id, st.c.dp_action == UPDATE
+        # NOT EXISTS, not NOT IN: PostgreSQL runs NOT IN (subquery) as a nested loop when the
+        # subquery does not fit in work_mem (quadratic at a million rows); an anti-join is linear
+        staged = select(st.c.dp_seq).where(
+            st.c.dp_execution_id == self.execution_id,
+            st.c.dp_action == UPDATE,
+            st.c.dp_seq == live.c.id,
         )
         untouched = select(*live.c, literal(None, type_=Integer).label("dp_source_id")).where(
-            live.c.id.not_in(staged_ids)
+            ~staged.exists()
         )
         upd, ins = self.updated(table), self.inserted(table)
         upd_cols = [upd.c[c] for c in self._cols(table)] + [upd.c.dp_source_id]

@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops import engine as eng
 from patch_ops import state
 from patch_ops.engine import BACKUP, PatchError, RestoreRefused
-from patch_ops.jobs import run_finished
+from patch_ops.jobs import patch_executor, run_finished
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
 from patch_ops.state import INSERT, UPDATE, executions, mirror_table
 from resources.database import (
@@ -722,6 +722,7 @@ def build_restore_job() -> JobDefinition:
 
     @job(
         name="restore_patch",
+        executor_def=patch_executor,
         description="Undo a committed patch execution from its backup (dry run by default).",
         tags={"stockrx/kind": "restore"},
     )
@@ -775,6 +776,7 @@ def build_purge_job(default_retention_days: int) -> JobDefinition:
 
     @job(
         name=PURGE_NAME,
+        executor_def=patch_executor,
         description="Remove patch backups past audit_retention_days (dry run by default).",
         tags={"stockrx/kind": "purge"},
     )

@@ -4,7 +4,8 @@
 #   - runs `pip install -e '.[dev]'` only when pyproject.toml changed since the last successful
 #     install (sha256 stamp in .venv/.stockrx-install-stamp); otherwise a fast no-op.
 #   - as root with apt-get, installs Debian's `chromium` if missing (the browser test in
-#     tests/test_ui.py; it skips without it). Failure to install is a warning, not an error.
+#     tests/test_ui.py; it skips without it), and Debian's `postgresql` server if no initdb is
+#     found (the tests start a throwaway server). Failure to install is a warning, not an error.
 # Env: PYTHON=python3.12 (interpreter for a new venv), BOOTSTRAP_FORCE=1 (reinstall anyway),
 #      BOOTSTRAP_NO_CHROMIUM=1 (never install chromium).
 set -euo pipefail
@@ -69,6 +70,19 @@ if [ -z "${BOOTSTRAP_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 
             >/tmp/stockrx-bootstrap-chromium.log 2>&1; then
         log "WARNING: could not install chromium (see /tmp/stockrx-bootstrap-chromium.log):" \
             "the browser test will be skipped"
+    fi
+fi
+
+# 1c. PostgreSQL server binaries for the tests' throwaway server (tests/support/postgres.py):
+# installed here, once, rather than by each parallel test worker.
+have_pg() {
+    command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+if [ -z "${STOCKRX_TEST_PG_URL:-}" ] && ! have_pg && is_root && command -v apt-get >/dev/null 2>&1; then
+    log "PostgreSQL server missing: apt-get install -y postgresql (for the tests; once)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } \
+            >/tmp/stockrx-bootstrap-postgresql.log 2>&1; then
+        log "WARNING: could not install postgresql (see /tmp/stockrx-bootstrap-postgresql.log)"
     fi
 fi
 

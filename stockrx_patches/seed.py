@@ -16,6 +16,7 @@ import pandas as pd
 from sqlalchemy import MetaData, func, insert, select, text
 from sqlalchemy.engine import Engine
 
+from patch_ops.frames import plain_records
 from stockrx_patches.schema import batches, create_stockrx_schema, inventories, inventory_logs
 
 CHUNK = 100_000
@@ -135,15 +136,6 @@ def _insert_sqlite(conn, table: str, df: pd.DataFrame) -> None:  # type: ignore[
     )
 
 
-def _records(df: pd.DataFrame) -> list[dict]:
-    out = df.astype(object).where(df.notna(), None).to_dict("records")
-    for rec in out:
-        for k, v in rec.items():
-            if isinstance(v, pd.Timestamp):
-                rec[k] = v.to_pydatetime()
-    return out
-
-
 def seed_demo(
     engine: Engine,
     items: int = 100_000,
@@ -175,9 +167,9 @@ def seed_demo(
                     _insert_sqlite(conn, name, df)
         else:
             with engine.begin() as conn:
-                conn.execute(insert(inventories), _records(inv))
-                conn.execute(insert(batches), _records(lots))
-                conn.execute(insert(inventory_logs), _records(logs))
+                conn.execute(insert(inventories), plain_records(inv))
+                conn.execute(insert(batches), plain_records(lots))
+                conn.execute(insert(inventory_logs), plain_records(logs))
     with engine.begin() as conn:
         if pg:
             for t in ("inventories", "batches", "inventory_logs"):

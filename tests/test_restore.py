@@ -34,10 +34,9 @@ from tests.support.stockrx import (
     run_patch,
     seeded,
 )
-from tests.test_batch_expiry import IN_PROCESS_MEMORY, JOB, REAL, _engine, build_fixture, state
+from tests.test_batch_expiry import JOB, REAL, _engine, build_fixture, state
 
-PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False,
-        **IN_PROCESS_MEMORY}
+PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
 PATCH_RUNS = {PRICE_JOB: PCT8, JOB: REAL}
 
 
@@ -244,7 +243,7 @@ def test_conflict_on_a_row_inserted_into_an_updated_table(database_url):
     engine = _engine(database_url)
     build_fixture(engine, lots={i: [("X", 100, 10 * i)] for i in range(1, 5)})
     before = digest(engine)
-    defs = defs_with((SplitItems(), PatchSettings("split", ("inventories",), memory_limit_mb=4096)))
+    defs = defs_with((SplitItems(), PatchSettings("split", ("inventories",))))
     patched_id = committed(database_url, "split_items", defs=defs)
     with engine.begin() as conn:  # the app renames the new row split off item 3
         conn.execute(update(inventories).where(inventories.c.name == "item 3 (split)")

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from dagster import DagsterInstance, build_schedule_context, validate_run_config
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from patch_ops import windows as win
-from patch_ops.state import locks
+from patch_ops.state import executions, locks
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
@@ -274,13 +274,25 @@ def test_run_that_would_not_finish_before_the_window_ends_is_refused(sqlite_url,
 
 
 def test_estimate_uses_past_throughput_once_there_is_some(sqlite_url, clock):
-    seeded(sqlite_url, items=300)
-    clock("2026-11-29T03:59:59.500+09:00")  # 0.5 s left: no real run of 300 rows is that fast
+    engine = seeded(sqlite_url, items=300)
+    clock("2026-11-29T03:59:00+09:00")
+    assert run_patch(sqlite_url, PRICE_JOB, {**REAL, "dry_run": True}).success
+    # That dry run (300 rows) is on record as having taken 100 s: 3 rows/s, not the 50 assumed
+    # for a first run. With 60 s left, 300 rows fit at 50 rows/s (6 s) but not at 3 (100 s).
+    dry = latest_execution(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            update(executions)
+            .where(executions.c.execution_id == dry["execution_id"])
+            .values(completed_at=dry["started_at"] + dt.timedelta(seconds=100))
+        )
 
-    result = run_patch(sqlite_url, PRICE_JOB, REAL)  # dry run (allowed), then the real run
+    result = run_patch(sqlite_url, PRICE_JOB, REAL, approve=False)
 
     assert not result.success
-    assert "(throughput of its last completed runs) will not finish" in failure_description(result)
+    reason = failure_description(result)
+    assert "estimated 100 s for 300 rows (throughput of its last completed runs)" in reason, reason
+    assert "will not finish before the maintenance window ends at 04:00 JST (60 s left)" in reason
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ class InventoryPriceAdjustment(Patch):
                 "log_rows_belong_to_changed_items",
                 "every new log row is for an item whose price changed",
                 select(logs.c.inventory_id).where(
-                    logs.c.inventory_id.not_in(select(items.c.id))
+                    ~select(items.c.id).where(items.c.id == logs.c.inventory_id).exists()
                 ),
             ),
             Invariant(

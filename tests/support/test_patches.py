@@ -22,7 +22,6 @@ SETTINGS = PatchSettings(
     target_tables=("inventories", "inventory_logs"),
     estimated_records=100,
     batch_size=50,
-    memory_limit_mb=4096,
     # Some of these patches fail their dry run on purpose: their real runs are launched without
     # one (run_patch(..., approve=False)), so the approval gate is off for them.
     require_approved_plan=False,

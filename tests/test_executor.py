@@ -1,0 +1,35 @@
+"""The jobs' executor: Dagster's multi_or_in_process run config, op processes from a fork server,
+and a fresh spawn where a reused fork server would carry a stale environment."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from dagster import reconstructable
+
+from patch_ops import jobs
+from stockrx_patches.definitions import defs
+from tests.support import test_patches
+
+
+def test_every_job_uses_the_forkserver_executor():
+    names = [j.name for j in defs.resolve_all_job_defs()]
+    assert {"inventory_price_adjustment", "batch_expiry_update", "restore_patch"} <= set(names)
+    for name in names:
+        if not name.startswith("__"):
+            assert defs.resolve_job_def(name).executor_def is jobs.patch_executor, name
+
+
+def test_fork_server_preloads_the_code_location_until_the_environment_changes(monkeypatch):
+    monkeypatch.setattr(jobs, "_forkserver_environ", None)
+    context = SimpleNamespace(job=reconstructable(test_patches.slow_job))
+
+    first = jobs._default_start_method(context)  # type: ignore[arg-type]
+    preload = first["forkserver"]["preload_modules"]
+    assert preload[: len(jobs.PRELOAD_MODULES)] == list(jobs.PRELOAD_MODULES)
+    assert preload[-1] == "tests.support.test_patches"
+    assert jobs._default_start_method(context) == first  # type: ignore[arg-type]
+
+    # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.
+    monkeypatch.setenv("STOCKRX_DATABASE_URL", "sqlite:////tmp/another.sqlite")
+    assert jobs._default_start_method(context) == {"spawn": {}}  # type: ignore[arg-type]

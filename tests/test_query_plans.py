@@ -1,0 +1,60 @@
+"""Plan shapes on PostgreSQL: validation must stay linear in the number of changed rows.
+
+``x NOT IN (SELECT ...)`` is planned as a *hashed* subplan only while the subquery fits in
+work_mem; past that PostgreSQL rescans it for every outer row, which made validation of a million
+changed items run for hours. Every invariant and the would-be table views are planned here with a
+work_mem far too small for any hash, and no plan may contain a plain (rescanned) SubPlan.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from patch_ops import engine as eng
+from patch_ops import state
+from stockrx_patches.registry import default_registry
+from tests.support.stockrx import latest_execution, run_patch, seeded
+
+pytestmark = pytest.mark.postgres
+
+RUNS = {
+    "inventory_price_adjustment": {"adjustment_type": "percentage", "adjustment_value": 8},
+    "batch_expiry_update": {"business_date": "2026-11-29"},
+}
+
+
+def _plans(engine, patch, execution_id):  # type: ignore[no-untyped-def]
+    """(what, EXPLAIN text) for every invariant and every table view of the execution."""
+    with engine.connect() as conn:
+        ex = eng.load_execution(conn, execution_id)
+    view = eng.ResultView(
+        engine, state.reflect_tables(engine, patch.tables()), execution_id, False,
+        ex["declaration"],
+    )
+    queries = {inv.name: inv.offenders for inv in patch.invariants(view, eng._config_of(patch, ex))}
+    queries |= {f"table({t})": select(view.table(t)) for t in patch.tables()}
+    plans = {}
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL work_mem = '64kB'")
+        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+        for name, query in queries.items():
+            sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+            plans[name] = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
+    return plans
+
+
+@pytest.mark.parametrize("job", sorted(RUNS))
+def test_no_validation_query_rescans_a_subquery_per_row(pg_url, job):
+    engine = seeded(pg_url, items=400)
+    result = run_patch(pg_url, job, {**RUNS[job], "dry_run": True})
+    assert result.success
+    ex = latest_execution(engine)
+    patch = default_registry().patches[job]
+    plans = _plans(engine, patch, ex["execution_id"])
+    assert len(plans) >= 4
+    for name, plan in plans.items():
+        rescans = [
+            line for line in plan.splitlines() if "SubPlan" in line and "hashed SubPlan" not in line
+        ]
+        assert not rescans, f"{name} rescans a subquery for every row:\n{plan}"
