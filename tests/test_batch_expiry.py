@@ -442,13 +442,15 @@ def test_database_constraint_is_caught_before_commit(database_url, job, config, 
 # ---------------------------------------------------------------------------------------------
 
 
+# The multiprocess/CLI run of this job, on PostgreSQL (the in-process tests cover SQLite too).
 @pytest.mark.slow
-def test_dagster_cli_runs_the_patch(database_url, dagster_home, repo_root: Path, tmp_path):
-    engine = _engine(database_url)
+@pytest.mark.postgres
+def test_dagster_cli_runs_the_patch(pg_url, dagster_home, repo_root: Path, tmp_path):
+    engine = _engine(pg_url)
     build_fixture(engine)
     date_cfg = tmp_path / "date.yaml"
     date_cfg.write_text(yaml.safe_dump({"ops": {"plan_patch": {"config": {"business_date": BD.isoformat()}}}}))
-    env = {**os.environ, "STOCKRX_DATABASE_URL": database_url, "DAGSTER_HOME": str(dagster_home)}
+    env = {**os.environ, "STOCKRX_DATABASE_URL": pg_url, "DAGSTER_HOME": str(dagster_home)}
 
     def execute(config_file: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

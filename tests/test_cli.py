@@ -96,10 +96,13 @@ def test_failed_run_exits_non_zero_with_the_reason(sqlite_url, dagster_home, tmp
     assert typo.returncode != 0 and "no_such_patch" in typo.stdout + typo.stderr
 
 
+# Through the CLI on PostgreSQL only (each CLI run costs ~30 s); the in-process resume tests
+# in test_windows.py cover both backends.
+@pytest.mark.postgres
 def test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches(
-    database_url, dagster_home, tmp_path
+    pg_url, dagster_home, tmp_path
 ):
-    engine = seeded(database_url, items=200)
+    engine = seeded(pg_url, items=200)
     before = digest(engine)
     old = prices(engine)
     cfg = tmp_path / "slow.yaml"
@@ -110,7 +113,7 @@ def test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches(
     proc = subprocess.Popen(
         [str(BIN / "dagster"), "job", "execute", "-m", "tests.support.test_patches",
          "-j", "slow_price_adjustment", "-c", str(cfg)],
-        cwd=REPO, env=_env(database_url, dagster_home), start_new_session=True,
+        cwd=REPO, env=_env(pg_url, dagster_home), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -140,7 +143,7 @@ def test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches(
     instance = DagsterInstance.get()
     run = instance.get_run_by_id(killed["dagster_run_id"])
     instance.report_run_failed(run)  # what the run monitoring daemon does for a dead run
-    os.environ["STOCKRX_DATABASE_URL"] = database_url
+    os.environ["STOCKRX_DATABASE_URL"] = pg_url
     os.environ["SLOW_PATCH_SECONDS"] = "0"
     try:
         result = execute_job(

@@ -380,18 +380,19 @@ def test_stockrx_patches_restore_and_purge_commands(database_url, capsys):
     assert digest(engine) != before  # the conflicting items kept their changes
 
 
+# The multiprocess/CLI run of restore_patch, on SQLite (in-process tests cover PostgreSQL too).
 @pytest.mark.slow
-def test_dagster_cli_restores_a_committed_patch(database_url, dagster_home, repo_root: Path,
+def test_dagster_cli_restores_a_committed_patch(sqlite_url, dagster_home, repo_root: Path,
                                                 tmp_path):
-    engine = seeded(database_url, items=200)
+    engine = seeded(sqlite_url, items=200)
     before = digest(engine)
-    patched_id = committed(database_url)
+    patched_id = committed(sqlite_url)
     assert digest(engine) != before
     cfg = tmp_path / "restore.yaml"
     shipped = yaml.safe_load((repo_root / "config/runs/restore_patch.real.yaml").read_text())
     shipped["ops"]["plan_restore"]["config"]["execution_id"] = patched_id
     cfg.write_text(yaml.safe_dump(shipped))
-    env = {**os.environ, "STOCKRX_DATABASE_URL": database_url, "DAGSTER_HOME": str(dagster_home)}
+    env = {**os.environ, "STOCKRX_DATABASE_URL": sqlite_url, "DAGSTER_HOME": str(dagster_home)}
     res = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m",
          "stockrx_patches.definitions", "-j", "restore_patch", "-c", str(cfg)],
