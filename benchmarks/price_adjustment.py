@@ -14,7 +14,7 @@ whole process tree is polled for RSS and whose CPU is read from wait4:
 - ``job dry`` then ``job real`` on the same copy (a real run needs its approving dry run):
   ``dagster job execute -m stockrx_patches.definitions -j inventory_price_adjustment -c
   config/runs/inventory_price_adjustment[.real].yaml``, the path users take, default
-  multiprocess executor, fresh DAGSTER_HOME with the repo's dagster.yaml.
+  executor (multiprocess, op processes from a fork server), fresh DAGSTER_HOME with the repo's dagster.yaml.
 - ``job dry/real, 0 rows``: the same with ``min_price`` above every price: a run's fixed cost.
 
 The job fixes its run timestamp at plan time (``data_patch_executions.run_at``). The real run's
@@ -274,7 +274,7 @@ class JobSetup:
     workdir: Path
     op_key: str
     overrides: dict[str, Any]
-    executor: str = "multiprocess"
+    executor: str = "default"
 
     @property
     def dry_config(self) -> Path:
@@ -292,7 +292,7 @@ class JobSetup:
         """The repo's run config, plus a file with the benchmark's overrides, if any."""
         cfg = {**self.overrides, **(extra or {})}
         doc: dict[str, Any] = {"ops": {self.op_key: {"config": cfg}}} if cfg else {}
-        if self.executor != "multiprocess":
+        if self.executor != "default":
             doc["execution"] = {"config": EXECUTORS[self.executor]}
         if not doc:
             return [base]
@@ -301,11 +301,12 @@ class JobSetup:
         return [base, path]
 
 
-#: Run config of the executors the benchmark can compare (the default is multiprocess, spawn).
+#: Run config of the executors the benchmark can compare. "default" adds none: the jobs' own
+#: executor (patch_ops.jobs.patch_executor: one process per op, forked from a fork server that
+#: preloads the framework and the code location); "spawn" is Dagster's stock multiprocess.
 EXECUTORS: dict[str, dict[str, Any]] = {
-    "multiprocess": {"multiprocess": {}},
-    "forkserver": {"multiprocess": {"start_method": {
-        "forkserver": {"preload_modules": ["stockrx_patches.definitions"]}}}},
+    "default": {},
+    "spawn": {"multiprocess": {"start_method": {"spawn": {}}}},
     "in_process": {"in_process": {}},
 }
 
@@ -671,9 +672,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(CONTENDERS),
                    help="comma-separated contenders to run (default: all of "
                    f"{','.join(CONTENDERS)}; job = dry + real run, zero = dry + real on 0 rows)")
-    p.add_argument("--executor", choices=sorted(EXECUTORS), default="multiprocess",
-                   help="the job's executor (default multiprocess: Dagster's default, one spawned "
-                   "process per op)")
+    p.add_argument("--executor", choices=sorted(EXECUTORS), default="default",
+                   help="the job's executor (default: the jobs' own, one process per op forked "
+                   "from a preloaded fork server; spawn: Dagster's stock multiprocess)")
     p.add_argument("--code", metavar="REV",
                    help="measure a commit (git archive, e.g. HEAD) or 'snapshot' (a copy of the "
                    "working tree taken at start) instead of the live working tree")
