@@ -695,7 +695,7 @@ def _targeted_tables(conn: Connection, execution_id: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _frame(rows: list[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+def _frame(rows: Sequence[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
     df = pd.DataFrame.from_records(rows, columns=columns)
     for col in table.columns:
         if col.name in df.columns and isinstance(col.type, Numeric) and not isinstance(
@@ -869,9 +869,9 @@ def run_transform(
             f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
             f"RSS {budget.peak_rss_mb:.0f} MB (step +{budget.peak_used_mb:.0f} MB)"
         )
-    for b, new_size, used in budget.shrinks:
+    for shrunk_at, new_size, used in budget.shrinks:
         log.warning(
-            f"memory guard: batch {b} shrunk to {new_size} rows at step memory {used:.0f} MB "
+            f"memory guard: batch {shrunk_at} shrunk to {new_size} rows at step memory {used:.0f} MB "
             f"(limit {budget.limit_mb:.0f} MB)"
         )
     if paused:

@@ -183,7 +183,7 @@ def _forkserver_by_default(init_context: InitExecutorContext) -> Executor:
 #: module) unless the run config names a start method.
 patch_executor = ExecutorDefinition(
     name="multi_or_in_process_executor",
-    config_schema=multi_or_in_process_executor.config_schema,
+    config_schema=multi_or_in_process_executor.config_schema,  # type: ignore[arg-type]
     executor_creation_fn=_forkserver_by_default,
     requirements=multi_or_in_process_executor.get_requirements,
     description="One process per op, forked from a preloaded fork server (or in_process).",
@@ -318,7 +318,7 @@ def build_patch_job(
             )
         markdown = ex["report_markdown"]
         context.log.info("\n" + markdown)
-        metadata = {
+        metadata: dict[str, Any] = {
             "impact_report": MetadataValue.md(markdown),
             "rows_selected": int(ex["target_count"]),
             "rows_changed": int(ex["staged_updates"]),
@@ -368,11 +368,12 @@ def build_patch_job(
                     engine, execution_id, "failed", error=reason, rollback_performed=True,
                     phase="restored",
                 )
-                lc = Lifecycle(context.resources, engine, execution_id, context.log)
-                lc.audit("rollback", {"reason": reason, "restored": restored.updated,
-                                      "deleted": restored.deleted,
-                                      "conflicts_left": restored.conflicts})
-                lc.notify("rolled_back", reason=reason)
+                Lifecycle(context.resources, engine, execution_id, context.log).close(
+                    "rollback",
+                    {"reason": reason, "restored": restored.updated, "deleted": restored.deleted,
+                     "conflicts_left": restored.conflicts},
+                    "rolled_back", reason,
+                )
                 raise Failure(
                     description=f"{patch.name}: verification failed, restored from backup",
                     metadata={
@@ -385,9 +386,9 @@ def build_patch_job(
                     },
                 )
             eng.finish_execution(engine, execution_id, "completed", phase="verified")
-        lc = Lifecycle(context.resources, engine, execution_id, context.log)
-        lc.audit("verified", {})
-        lc.notify("completed")
+        Lifecycle(context.resources, engine, execution_id, context.log).close(
+            "verified", {}, "completed"
+        )
         context.log.info(f"execution {execution_id} committed and verified")
 
     @op(
@@ -403,9 +404,9 @@ def build_patch_job(
                 db.get_engine(), execution_id, "completed", keep_work_tables=False,
                 phase="dry_run_reported",
             )
-        lc = Lifecycle(context.resources, db.get_engine(), execution_id, context.log)
-        lc.audit("dry_run_completed", {})
-        lc.notify("completed")
+        Lifecycle(context.resources, db.get_engine(), execution_id, context.log).close(
+            "dry_run_completed", {}, "completed"
+        )
         context.log.info(f"dry run {execution_id} complete: nothing was committed")
 
     @op(
@@ -425,9 +426,9 @@ def build_patch_job(
             engine, execution_id, "failed", error=reason, keep_work_tables=False,
             phase="rolled_back",
         )
-        lc = Lifecycle(context.resources, engine, execution_id, context.log)
-        lc.audit("rollback", {"reason": reason})
-        lc.notify("rolled_back", reason=reason)
+        Lifecycle(context.resources, engine, execution_id, context.log).close(
+            "rollback", {"reason": reason}, "rolled_back", reason
+        )
         raise Failure(
             description=f"{patch.name}: {reason}"[:500],
             metadata={

@@ -78,6 +78,14 @@ class Lifecycle:
             known_secrets=secret_values(self.resources),
         )
 
+    def close(
+        self, event_type: str, public: dict[str, Any], outcome: str, reason: str | None = None
+    ) -> None:
+        """After the execution's final state is written: its last audit event, then the
+        end-of-execution notification."""
+        self.audit(event_type, public)
+        self.notify(outcome, reason=reason)
+
     def notify(self, outcome: str, reason: str | None = None) -> None:
         """Send the end-of-execution notification; record the outcome; never raise."""
         notifier: Notifier | None = _resource(self.resources, NOTIFIER)

@@ -630,9 +630,10 @@ def _require_audit_key(resources: Any, what: str) -> None:
 def _record_failure(context: OpExecutionContext, engine: Engine, exc: Exception, kind: str) -> None:
     execution_id = (getattr(exc, "details", None) or {}).get("execution_id")
     if execution_id:
-        lc = _lifecycle(context, engine, execution_id)
-        lc.audit(kind, {"stage": "refused", "error": eng._describe(exc)})
-        lc.notify("failed", reason=eng._describe(exc))
+        reason = eng._describe(exc)
+        _lifecycle(context, engine, execution_id).close(
+            kind, {"stage": "refused", "error": reason}, "failed", reason
+        )
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -170,7 +171,7 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
             if name in MIRROR_COLUMNS:
                 raise ValueError(f"{live.name}.{name} collides with the engine's bookkeeping columns")
         md = MetaData()
-        cols = [
+        cols: list[Column[Any]] = [
             Column("dp_execution_id", String(36), nullable=False),
             Column("dp_action", String(1), nullable=False),
             Column("dp_seq", BigInteger, nullable=False),

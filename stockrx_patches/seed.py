@@ -109,7 +109,7 @@ def _copy_pg(engine: Engine, table: str, df: pd.DataFrame) -> None:
     buf.seek(0)
     raw = engine.raw_connection()
     try:
-        with raw.cursor() as cur:
+        with raw.cursor() as cur:  # type: ignore[attr-defined]  # psycopg 3 cursor
             cols = ", ".join(df.columns)
             with cur.copy(f"COPY {table} ({cols}) FROM STDIN WITH (FORMAT text)") as cp:
                 while chunk := buf.read(1 << 20):
