@@ -29,7 +29,7 @@ import psutil
 from sqlalchemy import MetaData, create_engine, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 
-from stockrx_patches.schema import STOCKRX_TABLES, inventories, inventory_logs
+from stockrx_patches.schema import STOCKRX_TABLES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 20261129
@@ -357,27 +357,43 @@ def _canon(v: Any) -> str:
     return str(v)
 
 
+#: (table, column naming the item) of the tables the price benchmark compares.
+PRICE_TABLES: tuple[tuple[str, str], ...] = (("inventories", "id"), ("inventory_logs", "inventory_id"))
+#: Every StockRx table, with the column naming the item each row belongs to.
+ALL_TABLES: tuple[tuple[str, str], ...] = (
+    ("inventories", "id"), ("batches", "inventory_id"), ("inventory_logs", "inventory_id")
+)
+
+
 @dataclass
 class Digest:
-    """Hashes of every column of inventories and inventory_logs, rows in id order.
+    """Hashes of every column of some tables, rows in id order.
 
-    ``subset_*`` cover only items ``id <= subset`` and their log rows (the naive baseline
-    patches only those).
+    ``subset`` covers only the rows of items ``id <= subset`` (the naive baselines patch only
+    those).
     """
 
-    inventories: str
-    inventory_logs: str
-    subset_inventories: str
-    subset_inventory_logs: str
+    tables: dict[str, str]
+    subset_tables: dict[str, str]
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
-    def full(self) -> tuple[str, str]:
-        return self.inventories, self.inventory_logs
+    def full(self) -> tuple[str, ...]:
+        return tuple(self.tables.values())
 
     @property
-    def subset(self) -> tuple[str, str]:
-        return self.subset_inventories, self.subset_inventory_logs
+    def subset(self) -> tuple[str, ...]:
+        return tuple(self.subset_tables.values())
+
+
+def same(a: Digest | None, b: Digest | None, part: str) -> str:
+    """"identical" / "DIFFERENT" (naming the tables that differ) / "n/a"."""
+    if a is None or b is None:
+        return "n/a"
+    da = a.tables if part == "full" else a.subset_tables
+    db = b.tables if part == "full" else b.subset_tables
+    diff = [t for t in da if da[t] != db.get(t)]
+    return "identical" if not diff else f"DIFFERENT ({', '.join(diff)})"
 
 
 #: PostgreSQL hashes server-side: md5 of every row's text form, in id order (much faster than
@@ -389,22 +405,26 @@ PG_DIGEST = (
 )
 
 
-def digest(url: str, subset: int) -> Digest:
-    """Every column of both tables, rows in id order (in Python through SQLAlchemy's types,
-    except on PostgreSQL: see PG_DIGEST)."""
+def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABLES) -> Digest:
+    """Every column of the given StockRx tables ``(name, item column)``, rows in id order (in
+    Python through SQLAlchemy's types, except on PostgreSQL: see PG_DIGEST)."""
+    from stockrx_patches import schema
+
     engine = create_engine(url)
-    out: dict[str, str] = {}
+    full_h: dict[str, str] = {}
+    part_h: dict[str, str] = {}
     counts: dict[str, int] = {}
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
-                for table, item in (("inventories", "id"), ("inventory_logs", "inventory_id")):
+                for name, item in tables:
                     full, part, n = conn.execute(
-                        text(PG_DIGEST.format(item=item, table=table)), {"subset": subset}
+                        text(PG_DIGEST.format(item=item, table=name)), {"subset": subset}
                     ).one()
-                    out[table], out[f"subset_{table}"], counts[table] = str(full), str(part), n
-                return Digest(**out, counts=counts)
-            for tbl, item_col in ((inventories, "id"), (inventory_logs, "inventory_id")):
+                    full_h[name], part_h[name], counts[name] = str(full), str(part), n
+                return Digest(full_h, part_h, counts)
+            for name, item_col in tables:
+                tbl = getattr(schema, name)
                 full, part = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
                 n = 0
                 result = conn.execution_options(stream_results=True, yield_per=20_000).execute(
@@ -417,12 +437,10 @@ def digest(url: str, subset: int) -> Digest:
                     if row[item_idx] <= subset:
                         part.update(line)
                     n += 1
-                out[tbl.name] = full.hexdigest()
-                out[f"subset_{tbl.name}"] = part.hexdigest()
-                counts[tbl.name] = n
+                full_h[name], part_h[name], counts[name] = full.hexdigest(), part.hexdigest(), n
     finally:
         engine.dispose()
-    return Digest(**out, counts=counts)
+    return Digest(full_h, part_h, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,3 +740,179 @@ def baseline_engine(url: str) -> Engine:
             cur.close()
 
     return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders as measured from outside (shared by the patch benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Outcome:
+    name: str
+    rows: int  # driving rows processed (measured)
+    process: ProcessResult
+    work_s: float | None = None  # time doing the work, without process start-up
+    rows_changed: int | None = None
+    scale: float = 1.0  # measured on a subset: times are multiplied by this in the table
+    timings: RunTimings | None = None
+    execution: dict[str, Any] | None = None
+    check: str = ""
+    digest: Digest | None = None
+    server_cpu_s: float | None = None  # CPU of the local database server during the run
+    cpu_s: float | None = None  # client CPU as reported (scaled like the times); None: measured
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.process.returncode == 0
+
+
+#: Run config of the executors the benchmarks can compare. "default" adds none: the jobs' own
+#: executor (patch_ops.jobs.patch_executor: one process per op, forked from a fork server that
+#: preloads the framework and the code location); "spawn" is Dagster's stock multiprocess.
+EXECUTORS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "spawn": {"multiprocess": {"start_method": {"spawn": {}}}},
+    "in_process": {"in_process": {}},
+}
+
+
+def make_copies(args: Any, workdir: Path) -> Copies:
+    """The copies named by ``--database-url`` / ``--sqlite`` / ``--postgres`` (the default)."""
+    if args.database_url:
+        return ReseedInPlace(args.database_url, args.items)
+    if args.sqlite:
+        return SqliteCopies(workdir, args.items)
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.support.postgres import PostgresServer
+
+    server = PostgresServer.from_env().start()
+    try:
+        return PostgresCopies(server, args.items, owns_server=not server.is_external)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def read_execution(url: str, kind: str = "patch") -> dict[str, Any] | None:
+    """The newest execution row of a kind (patch, restore) in a database, if the framework
+    tables exist."""
+    from sqlalchemy import DateTime
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT execution_id, status, phase, dry_run, run_at, target_count, "
+                    "staged_updates, staged_inserts, batches_done, peak_rss_mb, started_at, "
+                    "completed_at, error_message FROM data_patch_executions "
+                    "WHERE kind = :kind ORDER BY started_at DESC LIMIT 1"
+                ).columns(run_at=DateTime(), started_at=DateTime(), completed_at=DateTime()),
+                {"kind": kind},
+            ).mappings().first()
+    except Exception:  # noqa: BLE001 - no framework tables: the run never got that far
+        return None
+    finally:
+        engine.dispose()
+    return dict(row) if row else None
+
+
+def job_env(url: str, home: Path, code: Code, audit_key: str) -> dict[str, str]:
+    """A job's environment: this database, this DAGSTER_HOME, a throwaway audit key (real runs
+    refuse without one), and no Slack/SMTP settings, so a benchmark never notifies anyone."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("STOCKRX_SLACK_", "STOCKRX_SMTP_", "STOCKRX_AUDIT_"))
+    }
+    env.update(STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), STOCKRX_AUDIT_KEYS=audit_key)
+    return code.env(env)
+
+
+def run_dagster_job(job: str, name: str, url: str, configs: Sequence[Path], code: Code,
+                    workdir: Path, timeout: float, audit_key: str,
+                    kind: str = "patch") -> Outcome:
+    """``dagster job execute -m stockrx_patches.definitions -j JOB -c ...`` in a fresh
+    DAGSTER_HOME, measured; step timings from its event log, its execution row (``kind``)."""
+    home = new_dagster_home(workdir, name.replace(" ", "_").replace(",", ""), code.dir)
+    cmd = [*dagster_cli(), "job", "execute", "-m", "stockrx_patches.definitions", "-j", job]
+    for c in configs:
+        cmd += ["-c", str(c)]
+    proc = run_monitored(cmd, env=job_env(url, home, code, audit_key), cwd=code.dir,
+                         timeout=timeout)
+    out = Outcome(name, 0, proc)
+    out.timings = dagster_run_timings(home)
+    out.execution = read_execution(url, kind)
+    if out.timings is not None and out.timings.run_s == out.timings.run_s:
+        out.work_s = out.timings.run_s
+    if out.execution:
+        out.rows = int(out.execution["target_count"] or 0)
+        out.rows_changed = int(out.execution["staged_updates"] or 0)
+    if proc.timed_out:
+        out.notes.append(f"killed after {timeout:.0f} s")
+        if out.execution:
+            out.notes.append(
+                f"reached phase {out.execution['phase']}, "
+                f"{out.execution['batches_done']} batches"
+            )
+    elif not out.ok:
+        failed = [s for s in (out.timings.steps if out.timings else []) if s.error]
+        if failed:
+            out.notes += [f"{s.step} failed: {s.error}" for s in failed]
+        else:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+            out.notes.append("failed: " + " / ".join(tail))
+    return out
+
+
+def op_timings_section(o: Outcome) -> list[str]:
+    """Markdown lines: a job run's time per op (from its Dagster event log)."""
+    lines = ["", f"### {o.name}: time per op", ""]
+    if o.notes:
+        lines.append("Notes: " + "; ".join(o.notes))
+        lines.append("")
+    if o.timings is None:
+        lines.append("(no Dagster run recorded)")
+        return lines
+    t = o.timings
+    op_rows = [
+        [s.step, s.status, s.launch_s, s.duration_s,
+         100 * s.duration_s / t.run_s if t.run_s == t.run_s and t.run_s else None]
+        for s in t.steps
+    ]
+    lines.append(table(["op", "status", "process start s", "op s", "% of run"], op_rows))
+    launch = sum(s.launch_s for s in t.steps)
+    in_ops = sum(s.duration_s for s in t.steps)
+    if t.run_s != t.run_s:  # the run never ended (killed at the timeout)
+        lines += ["", f"Finished ops {in_ops:.2f} s, starting op processes {launch:.2f} s; "
+                  f"killed after {o.process.wall_s:.0f} s of CLI wall."]
+        return lines
+    lines += [
+        "",
+        f"CLI wall {o.process.wall_s:.2f} s = Dagster run {t.run_s:.2f} s (ops "
+        f"{in_ops:.2f} s, starting op processes {launch:.2f} s, other "
+        f"{t.run_s - in_ops - launch:.2f} s) + {o.process.wall_s - t.run_s:.2f} s CLI "
+        "start-up/code location load/teardown.",
+    ]
+    if o.execution and o.execution.get("peak_rss_mb"):
+        lines[-1] += f" transform_batches peak RSS {o.execution['peak_rss_mb']:.0f} MB."
+    return lines
+
+
+def to_json(res: dict[str, Any]) -> str:
+    import json
+    from dataclasses import asdict
+
+    def default(o: Any) -> Any:
+        if isinstance(o, dt.datetime | dt.date):
+            return o.isoformat()
+        if hasattr(o, "__dataclass_fields__"):
+            return asdict(o)
+        return str(o)
+
+    return json.dumps(res, default=default, indent=2, ensure_ascii=False)

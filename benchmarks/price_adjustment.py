@@ -38,16 +38,16 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import DateTime, bindparam, create_engine, select, text
+from sqlalchemy import DateTime, bindparam, select, text
 
 from benchmarks import common
-from benchmarks.common import Digest, ProcessResult, RunTimings
+from benchmarks.common import Digest
 
 JOB = "inventory_price_adjustment"
 DRY_CONFIG = Path("config") / "runs" / f"{JOB}.yaml"  # relative to the measured code
@@ -200,25 +200,7 @@ def worker_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Outcome:
-    name: str
-    rows: int  # driving rows processed (measured)
-    process: ProcessResult
-    work_s: float | None = None  # time doing the work, without process start-up
-    rows_changed: int | None = None
-    scale: float = 1.0  # measured on a subset: times are multiplied by this in the table
-    timings: RunTimings | None = None
-    execution: dict[str, Any] | None = None
-    check: str = ""
-    digest: Digest | None = None
-    server_cpu_s: float | None = None  # CPU of the local database server during the run
-    cpu_s: float | None = None  # client CPU as reported (scaled like the times); None: measured
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.process.returncode == 0
+Outcome = common.Outcome
 
 
 def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
@@ -246,24 +228,7 @@ def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
     return out
 
 
-def read_execution(url: str) -> dict[str, Any] | None:
-    """The newest patch execution row of a database, if the framework tables exist."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT execution_id, status, phase, dry_run, run_at, target_count, "
-                    "staged_updates, staged_inserts, batches_done, peak_rss_mb, started_at, "
-                    "completed_at, error_message FROM data_patch_executions "
-                    "WHERE kind = 'patch' ORDER BY started_at DESC LIMIT 1"
-                ).columns(run_at=DateTime(), started_at=DateTime(), completed_at=DateTime())
-            ).mappings().first()
-    except Exception:  # noqa: BLE001 - no framework tables: the run never got that far
-        return None
-    finally:
-        engine.dispose()
-    return dict(row) if row else None
+read_execution = common.read_execution
 
 
 @dataclass
@@ -301,14 +266,7 @@ class JobSetup:
         return [base, path]
 
 
-#: Run config of the executors the benchmark can compare. "default" adds none: the jobs' own
-#: executor (patch_ops.jobs.patch_executor: one process per op, forked from a fork server that
-#: preloads the framework and the code location); "spawn" is Dagster's stock multiprocess.
-EXECUTORS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "spawn": {"multiprocess": {"start_method": {"spawn": {}}}},
-    "in_process": {"in_process": {}},
-}
+EXECUTORS = common.EXECUTORS
 
 
 def job_setup(code: common.Code, workdir: Path, executor: str) -> JobSetup:
@@ -334,50 +292,10 @@ def config_fields(code: common.Code) -> set[str]:
     return set(res.stdout.split())
 
 
-def job_env(url: str, home: Path, code: common.Code) -> dict[str, str]:
-    """The job's environment: this database, this DAGSTER_HOME, a throwaway audit key (real runs
-    refuse without one), and no Slack/SMTP settings, so a benchmark never notifies anyone."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("STOCKRX_SLACK_", "STOCKRX_SMTP_", "STOCKRX_AUDIT_"))
-    }
-    env.update(STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), STOCKRX_AUDIT_KEYS=AUDIT_KEY)
-    return code.env(env)
-
-
 def run_job(name: str, url: str, configs: list[Path], setup: JobSetup,
             args: argparse.Namespace) -> Outcome:
-    home = common.new_dagster_home(setup.workdir, name.replace(" ", "_").replace(",", ""),
-                                   setup.code.dir)
-    cmd = [*common.dagster_cli(), "job", "execute", "-m", "stockrx_patches.definitions",
-           "-j", JOB]
-    for c in configs:
-        cmd += ["-c", str(c)]
-    proc = common.run_monitored(cmd, env=job_env(url, home, setup.code), cwd=setup.code.dir,
-                                timeout=args.timeout)
-    out = Outcome(name, 0, proc)
-    out.timings = common.dagster_run_timings(home)
-    out.execution = read_execution(url)
-    if out.timings is not None and out.timings.run_s == out.timings.run_s:
-        out.work_s = out.timings.run_s
-    if out.execution:
-        out.rows = int(out.execution["target_count"] or 0)
-        out.rows_changed = int(out.execution["staged_updates"] or 0)
-    if proc.timed_out:
-        out.notes.append(f"killed after {args.timeout:.0f} s")
-        if out.execution:
-            out.notes.append(
-                f"reached phase {out.execution['phase']}, "
-                f"{out.execution['batches_done']} batches"
-            )
-    elif not out.ok:
-        failed = [s for s in (out.timings.steps if out.timings else []) if s.error]
-        if failed:
-            out.notes += [f"{s.step} failed: {s.error}" for s in failed]
-        else:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-            out.notes.append("failed: " + " / ".join(tail))
-    return out
+    return common.run_dagster_job(JOB, name, url, configs, setup.code, setup.workdir,
+                                  args.timeout, AUDIT_KEY)
 
 
 def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -399,26 +317,11 @@ def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dic
 # ---------------------------------------------------------------------------------------------
 
 
-def make_copies(args: argparse.Namespace, workdir: Path) -> common.Copies:
-    if args.database_url:
-        return common.ReseedInPlace(args.database_url, args.items)
-    if args.sqlite:
-        return common.SqliteCopies(workdir, args.items)
-    sys.path.insert(0, str(common.REPO_ROOT))
-    from tests.support.postgres import PostgresServer
-
-    server = PostgresServer.from_env().start()
-    try:
-        return common.PostgresCopies(server, args.items, owns_server=not server.is_external)
-    except BaseException:
-        server.stop()
-        raise
+make_copies = common.make_copies
 
 
 def _same(a: Digest | None, b: Digest | None, part: str) -> str:
-    if a is None or b is None:
-        return "n/a"
-    return "identical" if getattr(a, part) == getattr(b, part) else "DIFFERENT"
+    return common.same(a, b, part)
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -524,8 +427,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = common.log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,37 +498,7 @@ def render(res: dict[str, Any]) -> str:
         "server not included.",
     ]
     for key in [k for k in ORDER if k.startswith(("job", "zero")) and k in outs]:
-        o = outs[key]
-        lines += ["", f"### {o.name}: time per op", ""]
-        if o.notes:
-            lines.append("Notes: " + "; ".join(o.notes))
-            lines.append("")
-        if o.timings is None:
-            lines.append("(no Dagster run recorded)")
-            continue
-        t = o.timings
-        op_rows = [
-            [s.step, s.status, s.launch_s, s.duration_s,
-             100 * s.duration_s / t.run_s if t.run_s == t.run_s and t.run_s else None]
-            for s in t.steps
-        ]
-        lines.append(common.table(["op", "status", "process start s", "op s", "% of run"],
-                                  op_rows))
-        launch = sum(s.launch_s for s in t.steps)
-        in_ops = sum(s.duration_s for s in t.steps)
-        if t.run_s != t.run_s:  # the run never ended (killed at the timeout)
-            lines += ["", f"Finished ops {in_ops:.2f} s, starting op processes {launch:.2f} s; "
-                      f"killed after {o.process.wall_s:.0f} s of CLI wall."]
-            continue
-        lines += [
-            "",
-            f"CLI wall {o.process.wall_s:.2f} s = Dagster run {t.run_s:.2f} s (ops "
-            f"{in_ops:.2f} s, starting op processes {launch:.2f} s, other "
-            f"{t.run_s - in_ops - launch:.2f} s) + {o.process.wall_s - t.run_s:.2f} s CLI "
-            "start-up/code location load/teardown.",
-        ]
-        if o.execution and o.execution.get("peak_rss_mb"):
-            lines[-1] += f" transform_batches peak RSS {o.execution['peak_rss_mb']:.0f} MB."
+        lines += common.op_timings_section(outs[key])
     if res["profile"]:
         from benchmarks.profile_engine import render_profile
 
@@ -634,15 +506,7 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(res: dict[str, Any]) -> str:
-    def default(o: Any) -> Any:
-        if isinstance(o, dt.datetime | dt.date):
-            return o.isoformat()
-        if hasattr(o, "__dataclass_fields__"):
-            return asdict(o)
-        return str(o)
-
-    return json.dumps(res, default=default, indent=2, ensure_ascii=False)
+to_json = common.to_json
 
 
 # ---------------------------------------------------------------------------------------------
