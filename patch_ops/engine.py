@@ -1074,19 +1074,40 @@ class ResultView:
 
 
 def check_invariants(
-    engine: Engine, patch: Patch, execution_id: str, committed: bool
+    engine: Engine,
+    patch: Patch,
+    execution_id: str,
+    committed: bool,
+    timeout_s: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the patch's invariants; return the broken ones with a sample of offending rows."""
+    """Run the patch's invariants; return the broken ones with a sample of offending rows.
+
+    On PostgreSQL each query may run ``timeout_s`` at most (``statement_timeout``): one that
+    runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
+    post-verification restore, instead of holding the maintenance window and the table locks.
+    """
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
     config = _config_of(patch, ex)
     tables = state.reflect_tables(engine, patch.tables())
     view = ResultView(engine, tables, execution_id, committed, ex["declaration"])
-    broken = []
-    with engine.connect() as conn:
-        for inv in patch.invariants(view, config):
-            sub = inv.offenders.subquery()
-            n = conn.execute(select(func.count()).select_from(sub)).scalar_one()
+    broken: list[dict[str, Any]] = []
+    limit_ms = int(timeout_s * 1000) if timeout_s and engine.dialect.name == "postgresql" else 0
+    for inv in patch.invariants(view, config):
+        sub = inv.offenders.subquery()
+        with engine.connect() as conn:
+            if limit_ms:
+                conn.execute(select(func.set_config("statement_timeout", str(limit_ms), True)))
+            try:
+                n = conn.execute(select(func.count()).select_from(sub)).scalar_one()
+            except OperationalError as exc:
+                if "statement timeout" not in str(exc.orig):
+                    raise
+                broken.append(
+                    {"name": inv.name, "description": inv.description, "count": None,
+                     "timed_out": timeout_s, "sample": []}
+                )
+                continue
             if n:
                 sample = [
                     {k: _jsonable(v) for k, v in r.items()}
@@ -1096,6 +1117,19 @@ def check_invariants(
                     {"name": inv.name, "description": inv.description, "count": n, "sample": sample}
                 )
     return broken
+
+
+def invariant_problem(broken: dict[str, Any], after_commit: bool = False) -> str:
+    """One line for a broken invariant (check_invariants), for the problems list."""
+    when = " after commit" if after_commit else ""
+    if broken["count"] is None:
+        return (
+            f"invariant {broken['name']} could not be checked{when}: its query ran longer than "
+            f"{broken['timed_out']:g} s (query_timeout_seconds) and was cancelled"
+        )
+    return f"invariant {broken['name']} broken{when} by {broken['count']:,} row(s): " + (
+        broken["description"]
+    )
 
 
 def _jsonable(v: Any) -> Any:
@@ -1137,9 +1171,11 @@ def validate_execution(
             f"{failed:,} of {total:,} rows ({failed / total:.1%}) failed validation "
             f"(allowed: {ratio_allowed:.1%})"
         )
-    broken = check_invariants(engine, patch, execution_id, committed=False)
+    broken = check_invariants(
+        engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds
+    )
     for b in broken:
-        problems.append(f"invariant {b['name']} broken by {b['count']:,} row(s): {b['description']}")
+        problems.append(invariant_problem(b))
     refusal = trial_apply(engine, execution_id)
     if refusal:
         problems.append(f"the database would refuse the changes: {refusal}")
@@ -1362,8 +1398,9 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
     if v is not None and v["problems"]:
         lines += ["", "### Validation problems", ""] + [f"- {p}" for p in v["problems"]]
         for b in v.get("invariants", []):
-            lines += ["", f"#### Rows breaking {b['name']} (first {len(b['sample'])} of "
-                      f"{b['count']:,})", "", *_md_table(b["sample"])]
+            if b["count"] is not None:
+                lines += ["", f"#### Rows breaking {b['name']} (first {len(b['sample'])} of "
+                          f"{b['count']:,})", "", *_md_table(b["sample"])]
         if v.get("rejects"):
             lines += ["", "#### Rows rejected by the schemas (first "
                       f"{len(v['rejects'])})", "", *_md_table(v["rejects"])]
@@ -1617,7 +1654,9 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
 # ---------------------------------------------------------------------------------------------
 
 
-def verify_execution(engine: Engine, patch: Patch, execution_id: str) -> list[str]:
+def verify_execution(
+    engine: Engine, patch: Patch, execution_id: str, timeout_s: float | None = None
+) -> list[str]:
     """Post-execution checks on live data. Returns the problems (empty = verified)."""
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
@@ -1627,8 +1666,8 @@ def verify_execution(engine: Engine, patch: Patch, execution_id: str) -> list[st
         mismatched = find_conflicts(conn, engine, tables, execution_id, decl, "stage", limit=20)
         for table, ids in mismatched.items():
             problems.append(f"{table}: live rows differ from what was committed, e.g. ids {ids}")
-    for b in check_invariants(engine, patch, execution_id, committed=True):
-        problems.append(f"invariant {b['name']} broken after commit by {b['count']:,} row(s)")
+    for b in check_invariants(engine, patch, execution_id, committed=True, timeout_s=timeout_s):
+        problems.append(invariant_problem(b, after_commit=True))
     return problems
 
 

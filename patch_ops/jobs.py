@@ -357,7 +357,9 @@ def build_patch_job(
         db: StockRxDatabase = getattr(context.resources, DB)
         engine = db.get_engine()
         with patch_step(context, db, execution_id):
-            problems = eng.verify_execution(engine, patch, execution_id)
+            problems = eng.verify_execution(
+                engine, patch, execution_id, timeout_s=settings.query_timeout_seconds
+            )
             if problems:
                 with write_transaction(engine) as conn:
                     restored = eng.restore_rows(

@@ -218,6 +218,8 @@ class PatchSettings:
     require_approved_plan: bool = True
     #: How long a dry run's plan stays valid for approving a real run.
     plan_valid_hours: float = 24.0
+    #: Longest an invariant query may run (PostgreSQL statement_timeout); longer = not verified.
+    query_timeout_seconds: float = 900.0
     #: When real runs may write (patch_ops.windows); empty: any time.
     maintenance_windows: tuple[MaintenanceWindow, ...] = ()
     #: Rows per second assumed for the duration estimate until the patch has a completed run.

@@ -64,6 +64,7 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 scheduled=bool(entry.get("scheduled", False)),
                 require_approved_plan=_flag(entry, "require_approved_plan", True),
                 plan_valid_hours=_positive(entry, "plan_valid_hours", 24.0),
+                query_timeout_seconds=_positive(entry, "query_timeout_seconds", 900.0),
                 maintenance_windows=windows,
                 first_run_rows_per_second=first_rate,
                 schedule_config=_schedule_config(entry),

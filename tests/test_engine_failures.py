@@ -84,6 +84,25 @@ def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
     assert ex["status"] == "failed" and "inventories" in ex["error_message"]
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("after_commit", [False, True], ids=["before_commit", "after_commit"])
+def test_an_invariant_query_past_its_timeout_is_a_failed_check(pg_url, after_commit, monkeypatch):
+    engine = seeded(pg_url, items=50)
+    before = digest(engine)
+    monkeypatch.setattr(test_patches.SlowInvariantPatch, "after_commit", after_commit)
+    result = run_patch(pg_url, "slow_invariant_patch", PCT8, defs=DEFS, approve=False)
+    assert not result.success
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed"
+    assert ex["phase"] == ("restored" if after_commit else "rolled_back")
+    when = " after commit" if after_commit else ""
+    assert (
+        f"invariant slow_check could not be checked{when}: its query ran longer than 0.5 s "
+        "(query_timeout_seconds) and was cancelled" in ex["error_message"]
+    )
+    assert digest(engine) == before  # never committed, or restored from the backup
+
+
 @pytest.fixture
 def memory_hog(monkeypatch):  # type: ignore[no-untyped-def]
     """The hog patch; what it holds is released when the test ends."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
-from sqlalchemy import literal, select, update
+from sqlalchemy import func, literal, select, update
 
 from patch_ops.patch import Invariant, PatchSettings
 from resources.database import get_engine
@@ -91,6 +92,21 @@ class SlowPricePatch(InventoryPriceAdjustment):
         return super().transform(batch, config, ctx)
 
 
+class SlowInvariantPatch(InventoryPriceAdjustment):
+    """An invariant whose query sleeps 3 s on PostgreSQL: before commit, or only after it when
+    ``after_commit``. Its settings allow invariant queries 0.5 s."""
+
+    name = "slow_invariant_patch"
+    after_commit = False
+
+    def invariants(self, result, config):  # type: ignore[no-untyped-def]
+        sleeps = select(func.pg_sleep(3).label("slept"))
+        if self.after_commit:
+            sleeps = sleeps.where(literal(result.committed))
+        slow = Invariant("slow_check", "takes 3 s", sleeps)
+        return [*super().invariants(result, config), slow]
+
+
 class MemoryHogPatch(InventoryPriceAdjustment):
     """Grabs ``hog_mb`` of real memory in its first batch and keeps it until the step ends."""
 
@@ -108,7 +124,10 @@ class MemoryHogPatch(InventoryPriceAdjustment):
 ALL = (NegativePricePatch, ForgetfulCounterPatch, FailsAfterCommitPatch, ConcurrentAppPatch,
        SlowPricePatch, MemoryHogPatch)
 
-defs = defs_with(*[(cls(), SETTINGS) for cls in ALL])
+defs = defs_with(
+    *[(cls(), SETTINGS) for cls in ALL],
+    (SlowInvariantPatch(), replace(SETTINGS, query_timeout_seconds=0.5)),
+)
 
 
 def slow_job():  # type: ignore[no-untyped-def]
