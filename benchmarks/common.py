@@ -376,6 +376,8 @@ class Digest:
     tables: dict[str, str]
     subset_tables: dict[str, str]
     counts: dict[str, int] = field(default_factory=dict)
+    #: the rows without their ids, as a set: tells "other ids" from "other rows"
+    rows_without_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def full(self) -> tuple[str, ...]:
@@ -393,6 +395,10 @@ def same(a: Digest | None, b: Digest | None, part: str) -> str:
     da = a.tables if part == "full" else a.subset_tables
     db = b.tables if part == "full" else b.subset_tables
     diff = [t for t in da if da[t] != db.get(t)]
+    if part == "full":  # same rows under other ids? (a different numbering of inserted rows)
+        diff = [t + (": same rows, other ids" if a.rows_without_ids.get(t)
+                     and a.rows_without_ids.get(t) == b.rows_without_ids.get(t) else "")
+                for t in diff]
     return "identical" if not diff else f"DIFFERENT ({', '.join(diff)})"
 
 
@@ -403,17 +409,25 @@ PG_DIGEST = (
     "md5(string_agg(md5(t::text), '' ORDER BY t.id) FILTER (WHERE t.{item} <= :subset)), "
     "count(*) FROM {table} t"
 )
+#: The rows without their ids, in the order of their hashes (ids play no part).
+PG_ROWS_WITHOUT_IDS = (
+    "SELECT md5(string_agg(h, '' ORDER BY h)) FROM "
+    "(SELECT md5((to_jsonb(t) - 'id')::text) AS h FROM {table} t) x"
+)
 
 
-def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABLES) -> Digest:
+def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABLES,
+           id_free: bool = False) -> Digest:
     """Every column of the given StockRx tables ``(name, item column)``, rows in id order (in
-    Python through SQLAlchemy's types, except on PostgreSQL: see PG_DIGEST)."""
+    Python through SQLAlchemy's types, except on PostgreSQL: see PG_DIGEST). ``id_free``: also
+    a digest of the rows without their ids, as a set (``Digest.rows_without_ids``)."""
     from stockrx_patches import schema
 
     engine = create_engine(url)
     full_h: dict[str, str] = {}
     part_h: dict[str, str] = {}
     counts: dict[str, int] = {}
+    no_ids: dict[str, str] = {}
     try:
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
@@ -422,7 +436,10 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
                         text(PG_DIGEST.format(item=item, table=name)), {"subset": subset}
                     ).one()
                     full_h[name], part_h[name], counts[name] = str(full), str(part), n
-                return Digest(full_h, part_h, counts)
+                    if id_free:
+                        no_ids[name] = str(conn.execute(
+                            text(PG_ROWS_WITHOUT_IDS.format(table=name))).scalar_one())
+                return Digest(full_h, part_h, counts, no_ids)
             for name, item_col in tables:
                 tbl = getattr(schema, name)
                 full, part = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
@@ -431,16 +448,25 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
                     select(*tbl.c).order_by(tbl.c.id)
                 )
                 item_idx = list(tbl.c.keys()).index(item_col)
+                id_idx = list(tbl.c.keys()).index("id")
+                hashes: list[bytes] = []
                 for row in result:
                     line = "\x1f".join(_canon(v) for v in row).encode() + b"\x1e"
                     full.update(line)
+                    if id_free:
+                        hashes.append(hashlib.blake2b(
+                            "\x1f".join(_canon(v) for i, v in enumerate(row) if i != id_idx)
+                            .encode(), digest_size=16).digest())
                     if row[item_idx] <= subset:
                         part.update(line)
                     n += 1
                 full_h[name], part_h[name], counts[name] = full.hexdigest(), part.hexdigest(), n
+                if id_free:
+                    no_ids[name] = hashlib.blake2b(b"".join(sorted(hashes)),
+                                                   digest_size=16).hexdigest()
     finally:
         engine.dispose()
-    return Digest(full_h, part_h, counts)
+    return Digest(full_h, part_h, counts, no_ids)
 
 
 # ---------------------------------------------------------------------------------------------
