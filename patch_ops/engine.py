@@ -1521,11 +1521,34 @@ def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[s
 
 
 def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> None:  # type: ignore[no-untyped-def]
-    """Give each staged insert its real id before inserting, so inserted rows are known exactly."""
+    """Give each staged insert its real id before inserting, so inserted rows are known exactly.
+
+    Ids ascend in ``dp_seq`` order (the order the patch produced the rows: an item's chain of
+    log rows reads right when ordered by id), whatever order the database visits the rows in.
+    """
     cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
     if conn.dialect.name == "postgresql":
+        n = conn.execute(select(func.count()).select_from(st).where(cond)).scalar_one()
+        if not n:
+            return
+        # n values of the table's own sequence (other sessions may take values in between),
+        # then the k-th smallest of them to the k-th row by dp_seq
         seq = func.nextval(func.pg_get_serial_sequence(literal(live.name), literal("id")))
-        conn.execute(update(st).where(cond).values(id=seq))
+        fresh = select(seq.label("id")).select_from(func.generate_series(1, n)).subquery()
+        ranked_ids = select(
+            fresh.c.id, func.row_number().over(order_by=fresh.c.id).label("rn")
+        ).subquery()
+        ranked_rows = (
+            select(st.c.dp_seq, func.row_number().over(order_by=st.c.dp_seq).label("rn"))
+            .where(cond)
+            .subquery()
+        )
+        pairs = (
+            select(ranked_rows.c.dp_seq, ranked_ids.c.id)
+            .join_from(ranked_rows, ranked_ids, ranked_rows.c.rn == ranked_ids.c.rn)
+            .subquery()
+        )
+        conn.execute(update(st).where(cond, st.c.dp_seq == pairs.c.dp_seq).values(id=pairs.c.id))
         return
     # SQLite (writer lock held) and others: the next free ids after the current maximum.
     base = conn.execute(select(func.coalesce(func.max(live.c.id), 0))).scalar_one()
