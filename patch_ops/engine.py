@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 import pandera.errors as pa_errors
 from sqlalchemy import (
+    Index,
     Integer,
     Numeric,
     and_,
@@ -671,6 +672,11 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
                     backup.c.dp_execution_id == execution_id
                 )
             ).scalar_one()
+            fk = decl.get("related", {}).get(table)
+            if fk:  # the transform reads these rows by fk range, one batch of driving ids at a time
+                Index(f"ix_{backup.name}_{fk}"[:60], backup.c.dp_execution_id, backup.c[fk]).create(
+                    conn, checkfirst=True
+                )
         report = dict(ex["report"] or {})
         report["backup"] = counts
         set_execution(conn, execution_id, phase="backed_up", report=report, heartbeat_at=utcnow())
@@ -779,7 +785,13 @@ def run_transform(
         with engine.connect() as conn:
             rows = conn.execute(
                 select(*[driving.c[c] for c in live_cols[patch.driving_table]])
-                .where(driving.c.dp_execution_id == execution_id, driving.c.dp_seq > cursor)
+                .where(
+                    # the whole primary key prefix (dp_action too): an index range scan from
+                    # the cursor, not a walk from the execution's first row at every batch
+                    driving.c.dp_execution_id == execution_id,
+                    driving.c.dp_action == BACKUP,
+                    driving.c.dp_seq > cursor,
+                )
                 .order_by(driving.c.dp_seq)
                 .limit(size)
             ).all()
