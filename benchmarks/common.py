@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -942,3 +943,35 @@ def to_json(res: dict[str, Any]) -> str:
         return str(o)
 
     return json.dumps(res, default=default, indent=2, ensure_ascii=False)
+
+
+def run_benchmark(
+    args: Any,
+    benchmark: Callable[[Any, Path], dict[str, Any]],
+    render: Callable[[dict[str, Any]], str],
+) -> int:
+    """The parent side of a benchmark command: run it in a work directory, print the report with
+    its machine header, append it to ``--output``, write ``--json``. Exit 1 if a contender
+    failed or its final data differs."""
+    warnings.simplefilter("ignore")
+    handle_interrupts()
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    with workdir(keep=args.keep) as wd:
+        res = benchmark(args, wd)
+    machine = res["machine"]
+    header = (
+        f"# benchmark {machine['date']}: {machine['cpu']}, {machine['memory']}, "
+        f"{machine['os']}, Python {machine['python']}\n\n"
+        f"Code: {res['code']}. Total {res['total_s']:.0f} s. Load average (1/5/15 min) "
+        f"{load_before} at start, {machine['load']} at end.\n\n"
+    )
+    report = header + render(res)
+    print(report)
+    if args.output:
+        with open(args.output, "a", encoding="utf-8") as f:
+            f.write(report + "\n")
+    if args.json:
+        Path(args.json).write_text(to_json(res), encoding="utf-8")
+    outs = res["outcomes"]
+    bad = [k for k, o in outs.items() if not o.ok or "DIFFERENT" in o.check]
+    return 1 if bad else 0

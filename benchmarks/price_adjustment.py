@@ -506,8 +506,6 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-to_json = common.to_json
-
 
 # ---------------------------------------------------------------------------------------------
 # CLI
@@ -562,28 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
-    warnings.simplefilter("ignore")
-    common.handle_interrupts()
-    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    with common.workdir(keep=args.keep) as wd:
-        res = benchmark(args, wd)
-    machine = res["machine"]
-    header = (
-        f"# benchmark {machine['date']}: {machine['cpu']}, {machine['memory']}, "
-        f"{machine['os']}, Python {machine['python']}\n\n"
-        f"Code: {res['code']}. Total {res['total_s']:.0f} s. Load average (1/5/15 min) "
-        f"{load_before} at start, {machine['load']} at end.\n\n"
-    )
-    report = header + render(res)
-    print(report)
-    if args.output:
-        with open(args.output, "a", encoding="utf-8") as f:
-            f.write(report + "\n")
-    if args.json:
-        Path(args.json).write_text(to_json(res), encoding="utf-8")
-    outs = res["outcomes"]
-    bad = [k for k, o in outs.items() if not o.ok or "DIFFERENT" in o.check]
-    return 1 if bad else 0
+    return common.run_benchmark(args, benchmark, render)
 
 
 if __name__ == "__main__":
