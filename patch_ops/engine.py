@@ -1188,9 +1188,18 @@ def validate_execution(
     )
     for b in broken:
         problems.append(invariant_problem(b))
-    refusal = trial_apply(engine, execution_id)
-    if refusal:
-        problems.append(f"the database would refuse the changes: {refusal}")
+    approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
+    if approver:
+        # Its approving dry run passed the trial apply on the same plan (patch code, config,
+        # target set), and the commit is one all-or-nothing transaction: a refusal there still
+        # changes nothing. Applying everything twice would double the cost of the commit.
+        refusal = None
+        trial = f"skipped: approving dry run {approver} passed it on the same plan"
+    else:
+        refusal = trial_apply(engine, execution_id)
+        trial = "refused" if refusal else "passed"
+        if refusal:
+            problems.append(f"the database would refuse the changes: {refusal}")
     report = build_report(engine, execution_id)
     report["sections"] = report_sections(engine, patch, ex)
     report["validation"] = {
@@ -1198,6 +1207,7 @@ def validate_execution(
         "problems": problems,
         "invariants": broken,
         "database_refusal": refusal,
+        "trial_apply": trial,
         "rejects": _reject_sample(engine, execution_id),
     }
     markdown = render_markdown(ex, report)

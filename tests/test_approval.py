@@ -103,6 +103,12 @@ def test_a_matching_dry_run_approves_and_the_history_says_who(database_url, caps
     assert real_ex["approved_by_execution_id"] == dry_ex["execution_id"]
     assert (dry_ex["launched_by"], real_ex["launched_by"]) == ("alice", "bob")
     assert real_ex["plan"]["approval"]["launched_by"] == "alice"
+    # The database's own rules judged the changes in the dry run; the real run does not apply
+    # everything twice (its commit is all-or-nothing anyway).
+    assert dry_ex["report"]["validation"]["trial_apply"] == "passed"
+    assert real_ex["report"]["validation"]["trial_apply"] == (
+        f"skipped: approving dry run {dry_ex['execution_id']} passed it on the same plan"
+    )
     logs = [e.user_message for e in instance.all_logs(result.run_id)]
     assert any(f"approved by dry run {dry_ex['execution_id']}" in m for m in logs)
 
@@ -178,6 +184,22 @@ def test_a_changed_target_set_is_refused(database_url):
     assert real(database_url, cfg).success
     assert latest_execution(engine)["approved_by_execution_id"] == again["execution_id"]
     assert prices(engine) == {1: 540, 2: 100, 3: 324}
+
+
+@pytest.mark.postgres
+def test_a_rule_added_after_the_dry_run_refuses_the_commit_and_changes_nothing(pg_url):
+    engine = hand_built(pg_url, [100, 200, 300])
+    dry(pg_url, PCT8)  # the trial apply passes: no rule against +8 % yet
+    with engine.begin() as conn:  # the application adds one before the real run
+        conn.exec_driver_sql("ALTER TABLE inventories ADD CONSTRAINT chk_price_cap CHECK (price <= 300)")
+    before = digest(engine)
+    result = real(pg_url, PCT8)  # approved (same plan), so no second trial apply
+    assert not result.success
+    assert "chk_price_cap" in failure_description(result)
+    assert digest(engine) == before  # the commit transaction rolled back as a whole
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed" and "chk_price_cap" in ex["error_message"]
+    assert ex["report"]["validation"]["trial_apply"].startswith("skipped")
 
 
 def test_an_approval_is_good_for_one_commit(sqlite_url):
