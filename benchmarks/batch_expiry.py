@@ -390,8 +390,6 @@ CONTENDERS = ("bare", "naive", "job", "restore")
 def render(res: dict[str, Any]) -> str:
     args, outs, exp = res["args"], res["outcomes"], res["expired"]
     bare = outs.get("bare")
-    bare_wall = bare.process.wall_s if bare and bare.ok else None
-    bare_work = bare.work_s if bare and bare.ok else None
     lines = [
         f"## batch_expiry_update (business date {res['business_date']}), {args['items']:,} items, "
         f"{res['database']}",
@@ -405,31 +403,14 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for key in [k for k in ORDER if k in outs]:
         o = outs[key]
-        wall, work, name = o.process.wall_s, o.work_s, o.name
-        if o.scale != 1.0:
-            startup = wall - (work or 0.0)
-            work = (work or 0.0) * o.scale
-            wall = startup + work
-            name += (f" (items ≤ {min(args['naive_rows'], args['items']):,}: {o.rows:,} lots "
-                     f"measured, times ×{o.scale:.2f})")
+        name, wall, work, tail = common.contender_columns(
+            o, bare,
+            f" (items ≤ {min(args['naive_rows'], args['items']):,}: {o.rows:,} lots measured, "
+            f"times ×{o.scale:.2f})",
+        )
         lots = round(o.rows * o.scale) if o.rows else None
         rpm = lots / work * 60 if work and lots else None
-        if not o.ok:
-            name += " [FAILED]" if not o.process.timed_out else " [TIMED OUT]"
-        rows.append([
-            name,
-            lots,
-            wall,
-            work,
-            rpm,
-            wall / bare_wall if bare_wall else None,
-            work / bare_work if work and bare_work else None,
-            o.cpu_s if o.cpu_s is not None else o.process.cpu_s,
-            o.server_cpu_s,
-            o.process.peak_rss_mb,
-            o.process.peak_procs,
-            o.check,
-        ])
+        rows.append([name, lots, wall, work, rpm, *tail])
     lines.append(common.table(
         ["contender", "lots", "wall s", "work s", "lots/min (work)", "× bare wall",
          "× bare work", "client CPU s", "DB CPU s", "peak RSS MB (tree)", "procs",

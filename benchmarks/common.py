@@ -975,3 +975,32 @@ def run_benchmark(
     outs = res["outcomes"]
     bad = [k for k, o in outs.items() if not o.ok or "DIFFERENT" in o.check]
     return 1 if bad else 0
+
+
+def contender_columns(o: Any, bare: Any, scaled_suffix: str) -> tuple[str, float, float | None, list[Any]]:
+    """(name, wall s, work s, the columns after the rate) of one contender's table row.
+
+    A run on a subset has its work scaled to the full set (its start-up is not), and its name
+    gets ``scaled_suffix``; failures are marked in the name. The trailing columns are: × bare
+    wall, × bare work, client CPU s, DB CPU s, peak RSS MB, procs, final data.
+    """
+    bare_wall = bare.process.wall_s if bare and bare.ok else None
+    bare_work = bare.work_s if bare and bare.ok else None
+    wall, work, name = o.process.wall_s, o.work_s, o.name
+    if o.scale != 1.0:
+        startup = wall - (work or 0.0)
+        work = (work or 0.0) * o.scale
+        wall = startup + work
+        name += scaled_suffix
+    if not o.ok:
+        name += " [FAILED]" if not o.process.timed_out else " [TIMED OUT]"
+    tail = [
+        wall / bare_wall if bare_wall else None,
+        work / bare_work if work and bare_work else None,
+        o.cpu_s if o.cpu_s is not None else o.process.cpu_s,
+        o.server_cpu_s,
+        o.process.peak_rss_mb,
+        o.process.peak_procs,
+        o.check,
+    ]
+    return name, wall, work, tail

@@ -441,8 +441,6 @@ CONTENDERS = ("bare", "naive", "job", "zero")
 def render(res: dict[str, Any]) -> str:
     args, outs = res["args"], res["outcomes"]
     bare = outs.get("bare")
-    bare_wall = bare.process.wall_s if bare and bare.ok else None
-    bare_work = bare.work_s if bare and bare.ok else None
     lines = [
         f"## inventory_price_adjustment (percentage {fmt_price(Decimal(res['percentage']))}), "
         f"{args['items']:,} items, {res['database']}",
@@ -455,17 +453,10 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for key in [k for k in ORDER if k in outs]:
         o = outs[key]
-        wall = o.process.wall_s
-        work = o.work_s
-        name = o.name
-        if o.scale != 1.0:
-            startup = wall - (work or 0.0)
-            work = (work or 0.0) * o.scale
-            wall = startup + work
-            name += f" ({o.rows:,} rows measured, times ×{o.scale:g})"
+        name, wall, work, tail = common.contender_columns(
+            o, bare, f" ({o.rows:,} rows measured, times ×{o.scale:g})"
+        )
         rpm = (o.rows * o.scale) / work * 60 if work and o.rows else None
-        if not o.ok:
-            name += " [FAILED]" if not o.process.timed_out else " [TIMED OUT]"
         rows.append([
             name,
             int(o.rows * o.scale) if o.rows else None,
@@ -473,13 +464,7 @@ def render(res: dict[str, Any]) -> str:
             wall,
             work,
             rpm,
-            wall / bare_wall if bare_wall else None,
-            work / bare_work if work and bare_work else None,
-            o.cpu_s if o.cpu_s is not None else o.process.cpu_s,
-            o.server_cpu_s,
-            o.process.peak_rss_mb,
-            o.process.peak_procs,
-            o.check,
+            *tail,
         ])
     lines.append(common.table(
         ["contender", "rows", "changed", "wall s", "work s", "rows/min (work)", "× bare wall",
