@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -46,7 +46,7 @@ from sqlalchemy.sql import ColumnElement
 
 from patch_ops import state
 from patch_ops.charts import change_histogram, histogram_markdown
-from patch_ops.frames import plain_rows
+from patch_ops.frames import copy_text, plain_records, plain_rows
 from patch_ops.patch import (
     Changes,
     Patch,
@@ -137,6 +137,13 @@ def set_execution(conn: Connection, execution_id: str, **values: Any) -> None:
     conn.execute(
         update(executions).where(executions.c.execution_id == execution_id).values(**values)
     )
+
+
+def inserted_id(st, ex: dict[str, Any], table: str):  # type: ignore[no-untyped-def]
+    """The live id of a staged insert of a committed execution: ``dp_seq`` plus the offset its
+    commit recorded (ids handed out as one block), else the id the commit wrote to the stage."""
+    offset = ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table)
+    return st.c.id if offset is None else st.c.dp_seq + int(offset)
 
 
 def finish_execution(
@@ -717,22 +724,28 @@ def bulk_insert(conn: Connection, table: Any, df: pd.DataFrame) -> None:
     against the table's (reflected) columns first."""
     if df.empty:
         return
-    cols, rows = plain_rows(df)
+    cols = [str(c) for c in df.columns]
     unknown = [c for c in cols if c not in table.c]
     if unknown:
         raise PatchError(f"{table.name} has no columns {unknown}")
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
         q = conn.dialect.identifier_preparer
         sql = f"COPY {q.quote(table.name)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"
+        # the COPY text built column-wise (frames.copy_text); the driver's row-by-row
+        # formatting only for the dtypes it does not cover
+        data = copy_text(df, {c for c in cols if isinstance(table.c[c].type, Integer)})
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             with cursor.copy(sql) as copy:
-                for row in rows:
-                    copy.write_row(row)
+                if data is not None:
+                    copy.write(data)
+                else:
+                    for row in plain_rows(df)[1]:
+                        copy.write_row(row)
         finally:
             cursor.close()
         return
-    conn.execute(insert(table), [dict(zip(cols, row, strict=True)) for row in rows])
+    conn.execute(insert(table), plain_records(df))
 
 
 def _config_of(patch: Patch, ex: dict[str, Any]) -> PatchRunConfig:
@@ -1021,6 +1034,7 @@ class ResultView:
     execution_id: str
     committed: bool
     declaration: dict[str, Any]
+    execution: dict[str, Any] = field(default_factory=dict)  # its report: ids of inserted rows
 
     def _stage(self, table: str):  # type: ignore[no-untyped-def]
         return mirror_table(self.engine, self.tables[table], "stage")
@@ -1057,7 +1071,8 @@ class ResultView:
         st, live = self._stage(table), self.tables[table]
         cond = and_(st.c.dp_execution_id == self.execution_id, st.c.dp_action == INSERT)
         if self.committed:
-            q = select(*live.c, st.c.dp_source_id).join(st, live.c.id == st.c.id).where(cond)
+            new_id = inserted_id(st, self.execution, table)
+            q = select(*live.c, st.c.dp_source_id).join(st, live.c.id == new_id).where(cond)
         else:
             q = select(*[st.c[c] for c in self._cols(table)], st.c.dp_source_id).where(cond)
         return q.subquery(f"inserted_{table}")
@@ -1102,7 +1117,7 @@ def check_invariants(
         ex = load_execution(conn, execution_id)
     config = _config_of(patch, ex)
     tables = state.reflect_tables(engine, patch.tables())
-    view = ResultView(engine, tables, execution_id, committed, ex["declaration"])
+    view = ResultView(engine, tables, execution_id, committed, ex["declaration"], ex)
     broken: list[dict[str, Any]] = []
     limit_ms = int(timeout_s * 1000) if timeout_s and engine.dialect.name == "postgresql" else 0
     for inv in patch.invariants(view, config):
@@ -1518,13 +1533,14 @@ def find_conflicts(
         if table in decl["inserts"] and against == "stage":
             cols = decl["inserts"][table]
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            new_id = inserted_id(st, load_execution(conn, execution_id), table)
             differs = or_(
                 live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
             )
-            q = select(st.c.id).select_from(st).outerjoin(live, live.c.id == st.c.id).where(
+            q = select(new_id).select_from(st).outerjoin(live, live.c.id == new_id).where(
                 cond, differs
             )
-            ids += list(conn.execute(q.order_by(st.c.id).limit(limit)).scalars())
+            ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
         if ids:
             found[table] = ids
     return found
@@ -1542,20 +1558,30 @@ def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[s
         conn.execute(select(live.c.id).where(live.c.id.in_(ids)).with_for_update()).all()
 
 
-def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> None:  # type: ignore[no-untyped-def]
-    """Give each staged insert its real id before inserting, so inserted rows are known exactly.
+def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | None:  # type: ignore[no-untyped-def]
+    """Hand out the real ids of the staged inserts of ``live`` before inserting them, so the
+    inserted rows are known exactly. Ids ascend in ``dp_seq`` order (the order the patch produced
+    the rows: an item's chain of log rows reads right when ordered by id).
 
-    Ids ascend in ``dp_seq`` order (the order the patch produced the rows: an item's chain of
-    log rows reads right when ordered by id), whatever order the database visits the rows in.
+    Returns the offset when the ids are ``dp_seq + offset`` (one block of ids: the stage is not
+    rewritten), or None when they were written to the stage's ``id`` column.
     """
     cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+    n, first, last = conn.execute(
+        select(func.count(), func.min(st.c.dp_seq), func.max(st.c.dp_seq)).where(cond)
+    ).one()
+    if not n:
+        return None
+    span = int(last) - int(first) + 1
     if conn.dialect.name == "postgresql":
-        n = conn.execute(select(func.count()).select_from(st).where(cond)).scalar_one()
-        if not n:
-            return
-        # n values of the table's own sequence (other sessions may take values in between),
-        # then the k-th smallest of them to the k-th row by dp_seq
+        # The table's own sequence, one value per dp_seq of the span. Other sessions may take
+        # values meanwhile: if the values drawn are one unbroken block, id = dp_seq + offset;
+        # else the k-th smallest value goes to the k-th row by dp_seq, written to the stage.
         seq = func.nextval(func.pg_get_serial_sequence(literal(live.name), literal("id")))
+        fresh = select(seq.label("id")).select_from(func.generate_series(1, span)).subquery()
+        low, high = conn.execute(select(func.min(fresh.c.id), func.max(fresh.c.id))).one()
+        if high - low + 1 == span:
+            return int(low) - int(first)
         fresh = select(seq.label("id")).select_from(func.generate_series(1, n)).subquery()
         ranked_ids = select(
             fresh.c.id, func.row_number().over(order_by=fresh.c.id).label("rn")
@@ -1571,8 +1597,8 @@ def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> None:  
             .subquery()
         )
         conn.execute(update(st).where(cond, st.c.dp_seq == pairs.c.dp_seq).values(id=pairs.c.id))
-        return
-    # SQLite (writer lock held) and others: the next free ids after the current maximum.
+        return None
+    # SQLite (writer lock held) and others: the ids after the current maximum.
     base = conn.execute(select(func.coalesce(func.max(live.c.id), 0))).scalar_one()
     if conn.dialect.name == "sqlite":
         has_seq = conn.execute(
@@ -1583,9 +1609,7 @@ def _assign_insert_ids(conn: Connection, live, st, execution_id: str) -> None:  
                 text("SELECT seq FROM sqlite_sequence WHERE name = :n"), {"n": live.name}
             ).scalar()
             base = max(base, seq_val or 0)
-    first = conn.execute(select(func.min(st.c.dp_seq)).where(cond)).scalar_one()
-    if first is not None:
-        conn.execute(update(st).where(cond).values(id=st.c.dp_seq - first + 1 + base))
+    return int(base) + 1 - int(first)
 
 
 @contextlib.contextmanager
@@ -1608,8 +1632,11 @@ def _apply_staged(
     execution_id: str,
     decl: dict[str, Any],
     trial: bool = False,
+    id_offsets: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial)."""
+    """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial).
+
+    ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``)."""
     counts: dict[str, int] = {}
     for table, cols in decl["updates"].items():
         live = tables[table]
@@ -1643,13 +1670,17 @@ def _apply_staged(
         st = mirror_table(engine, live, "stage")
         cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
         if trial:
-            conn.execute(update(st).where(cond).values(id=-st.c.dp_seq))
+            # ids -dp_seq, computed in the INSERT: the stage itself is never rewritten
+            new_id: Any = (-st.c.dp_seq).label("id")
         else:
-            _assign_insert_ids(conn, live, st, execution_id)
+            offset = _assign_insert_ids(conn, live, st, execution_id)
+            new_id = st.c.id if offset is None else (st.c.dp_seq + offset).label("id")
+            if offset is not None and id_offsets is not None:
+                id_offsets[table] = offset
         with _refusal(table, "insert into"):
             res = conn.execute(
                 insert(live).from_select(
-                    ["id", *cols], select(st.c.id, *[st.c[c] for c in cols]).where(cond)
+                    ["id", *cols], select(new_id, *[st.c[c] for c in cols]).where(cond)
                 ),
                 execution_options={"preserve_rowcount": True},  # else -1 on psycopg
             )
@@ -1684,11 +1715,11 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
                 f"(re-run the patch to plan again): {desc}",
                 {"conflicts": conflicts},
             )
-        counts = _apply_staged(conn, engine, tables, execution_id, decl)
-        if conn.dialect.name == "postgresql":
-            pass  # ids came from the tables' own sequences: nothing to resynchronise
+        offsets: dict[str, int] = {}
+        counts = _apply_staged(conn, engine, tables, execution_id, decl, id_offsets=offsets)
         report = dict(ex["report"] or {})
         report["committed"] = counts
+        report["insert_id_offsets"] = offsets
         set_execution(conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow())
     log.info("committed: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return counts
@@ -1769,7 +1800,7 @@ def restore_rows(
                         st.c.dp_execution_id == execution_id,
                         or_(
                             and_(st.c.dp_action == UPDATE, st.c.dp_seq.in_(chunk)),
-                            and_(st.c.dp_action == INSERT, st.c.id.in_(chunk)),
+                            and_(st.c.dp_action == INSERT, inserted_id(st, ex, table).in_(chunk)),
                         ),
                     )
                 ).scalars()
@@ -1801,7 +1832,7 @@ def restore_rows(
     for table in reversed(list(decl["inserts"])):  # children before the parents they point to
         live = tables[table]
         st = mirror_table(engine, live, "stage")
-        to_delete = select(st.c.id).where(
+        to_delete = select(inserted_id(st, ex, table)).where(
             st.c.dp_execution_id == execution_id,
             st.c.dp_action == INSERT,
             *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),

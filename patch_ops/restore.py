@@ -187,7 +187,11 @@ def _conflict_sample(
             dict.fromkeys([*decl["updates"].get(table, []), *decl["inserts"].get(table, [])])
         )
         first = ids[:CONFLICT_SAMPLE]
-        key = st.c.dp_seq if table in decl["updates"] else st.c.id
+        key = (
+            st.c.dp_seq
+            if table in decl["updates"]
+            else eng.inserted_id(st, eng.load_execution(conn, target_id), table)
+        )
         action = UPDATE if table in decl["updates"] else INSERT
         rows = conn.execute(
             select(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from sqlalchemy import insert, select
 
 from patch_ops import state
@@ -14,7 +15,7 @@ from stockrx_patches.schema import inventory_logs
 from tests.support.stockrx import T0, hand_built
 
 
-def test_insert_ids_ascend_in_dp_seq_order(database_url):
+def _staged(database_url: str):  # type: ignore[no-untyped-def]
     engine = hand_built(database_url, [100, 200])  # items 1, 2 with one log row each
     state.ensure_framework_tables(engine)
     stage = mirror_table(engine, inventory_logs, "stage")
@@ -27,16 +28,48 @@ def test_insert_ids_ascend_in_dp_seq_order(database_url):
                 inventory_id=1, delta=-1, operation_type="remove", previous_quantity=seq,
                 current_quantity=seq - 1, created_at=T0, updated_at=T0,
             ))
-        if engine.dialect.name == "postgresql":
-            # what the planner picks on a large stage table: a scan in physical order, not the
-            # primary key's (dp_execution_id, dp_action, dp_seq) order
-            conn.exec_driver_sql("SET LOCAL enable_indexscan = off")
-            conn.exec_driver_sql("SET LOCAL enable_indexonlyscan = off")
-        _assign_insert_ids(conn, inventory_logs, stage, "e")
+    return engine, stage
+
+
+def _physical_order_scans(conn) -> None:  # type: ignore[no-untyped-def]
+    if conn.dialect.name == "postgresql":
+        # what the planner picks on a large stage table: a scan in physical order, not the
+        # primary key's (dp_execution_id, dp_action, dp_seq) order
+        conn.exec_driver_sql("SET LOCAL enable_indexscan = off")
+        conn.exec_driver_sql("SET LOCAL enable_indexonlyscan = off")
+
+
+def test_insert_ids_are_one_block_in_dp_seq_order(database_url):
+    engine, stage = _staged(database_url)
+    with engine.begin() as conn:
+        _physical_order_scans(conn)
+        offset = _assign_insert_ids(conn, inventory_logs, stage, "e")
+        staged_ids = conn.execute(select(stage.c.id).where(stage.c.dp_execution_id == "e")).scalars()
+        assert set(staged_ids) == {None}  # the stage is not rewritten
+    assert offset is not None
+    ids = [seq + offset for seq in range(1, 301)]
+    assert ids[0] > 2  # after every id the table has
+    if engine.dialect.name == "postgresql":  # the values really came from the sequence
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql(
+                "SELECT last_value FROM inventory_logs_id_seq"
+            ).scalar_one() == ids[-1]
+
+
+@pytest.mark.postgres
+def test_ids_from_a_broken_block_go_to_the_stage_in_dp_seq_order(pg_url):
+    """Values of the sequence that are not one unbroken block (other sessions took some, or the
+    sequence steps by more than 1): the k-th smallest goes to the k-th row by dp_seq."""
+    engine, stage = _staged(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER SEQUENCE inventory_logs_id_seq INCREMENT BY 2")
+    with engine.begin() as conn:
+        _physical_order_scans(conn)
+        assert _assign_insert_ids(conn, inventory_logs, stage, "e") is None
         rows = conn.execute(
             select(stage.c.dp_seq, stage.c.id).where(stage.c.dp_execution_id == "e")
             .order_by(stage.c.dp_seq)
         ).all()
     ids = [r.id for r in rows]
-    assert ids == sorted(ids) and len(set(ids)) == 300
+    assert ids == sorted(ids) and len(set(ids)) == 300 and None not in ids
     assert ids[0] > 2  # after every id the table has
