@@ -269,13 +269,19 @@ class JobSetup:
 EXECUTORS = common.EXECUTORS
 
 
-def job_setup(code: common.Code, workdir: Path, executor: str) -> JobSetup:
+def job_setup(
+    code: common.Code, workdir: Path, executor: str, batch_size: int | None = None
+) -> JobSetup:
     ops = yaml.safe_load((code.dir / REAL_CONFIG).read_text())["ops"]
     (op_key,) = ops
     # Real runs may be refused outside the maintenance windows: say so explicitly, as a release
     # engineer would outside them (the dry run gets the same config: it approves that plan).
     fields = config_fields(code)
-    overrides = {"allow_outside_window": True} if "allow_outside_window" in fields else {}
+    overrides: dict[str, Any] = (
+        {"allow_outside_window": True} if "allow_outside_window" in fields else {}
+    )
+    if batch_size is not None:  # the run config's override of config/data_patches.yml
+        overrides["batch_size"] = batch_size
     return JobSetup(code, workdir, op_key, overrides, executor)
 
 
@@ -327,7 +333,7 @@ def _same(a: Digest | None, b: Digest | None, part: str) -> str:
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     code = common.measured_code(args.code, workdir)
-    setup = job_setup(code, workdir, args.executor)
+    setup = job_setup(code, workdir, args.executor, args.batch_size)
     log(f"measuring {code.label}; job config overrides {setup.overrides or 'none'}; "
         f"executor {args.executor}")
     copies = make_copies(args, workdir)
@@ -519,6 +525,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(CONTENDERS),
                    help="comma-separated contenders to run (default: all of "
                    f"{','.join(CONTENDERS)}; job = dry + real run, zero = dry + real on 0 rows)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="run config batch_size for the job (default: config/data_patches.yml)")
     p.add_argument("--executor", choices=sorted(EXECUTORS), default="default",
                    help="the job's executor (default: the jobs' own, one process per op forked "
                    "from a preloaded fork server; spawn: Dagster's stock multiprocess)")

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, case, func, select, union_all
+from sqlalchemy import Table, and_, case, func, select
 from sqlalchemy.engine import Connection
 
 from patch_ops.state import UPDATE
@@ -109,29 +109,29 @@ def change_histogram(
     ``data_patch_backup__T``); a stage row (action U) is paired with the backup row (action B)
     of the same execution and ``dp_seq``. Rows where either side is NULL are left out.
 
-    The pairing is a GROUP BY over ``UNION ALL`` rather than a join: right after a bulk load
-    PostgreSQL has no statistics on the mirror tables, estimates one row per side and picks a
-    nested loop, which is quadratic (minutes for 20,000 rows). An aggregate stays n log n
-    whatever the planner believes. Two queries, whatever the number of rows.
+    The pairing is a join on the mirrors' primary keys. The engine ANALYZEs both mirrors after
+    loading them (backup, transform): without statistics PostgreSQL estimated one row per side
+    and picked a nested loop, quadratic at scale, which is why this once was a GROUP BY over
+    ``UNION ALL`` (about 4x slower at a million rows). Two queries, whatever the number of rows.
     """
     from patch_ops.engine import BACKUP  # engine imports this module: import at call time
 
     if column not in stage.c or column not in backup.c:
         raise KeyError(f"column {column!r} is not in {stage.name} and {backup.name}")
     st, bk = stage, backup
-    sides = union_all(
-        select(st.c.dp_seq.label("seq"), st.c[column].label("v")).where(
-            st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE
-        ),
-        select(bk.c.dp_seq.label("seq"), (-bk.c[column]).label("v")).where(
-            bk.c.dp_execution_id == execution_id, bk.c.dp_action == BACKUP
-        ),
-    ).subquery("sides")
-    # dp_seq is unique per (execution, action): two rows with values = one of each side.
     paired = (
-        select(func.sum(sides.c.v).label("change"))
-        .group_by(sides.c.seq)
-        .having(func.count(sides.c.v) == 2)
+        select((st.c[column] - bk.c[column]).label("change"))
+        .select_from(
+            st.join(
+                bk,
+                and_(
+                    bk.c.dp_execution_id == st.c.dp_execution_id,
+                    bk.c.dp_action == BACKUP,
+                    bk.c.dp_seq == st.c.dp_seq,
+                ),
+            )
+        )
+        .where(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
         .subquery("paired")
     )
     change = paired.c.change

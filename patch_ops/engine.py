@@ -25,10 +25,12 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 import pandera.errors as pa_errors
 from sqlalchemy import (
+    Float,
     Index,
     Integer,
     Numeric,
     and_,
+    cast,
     delete,
     func,
     insert,
@@ -66,6 +68,9 @@ SAMPLE_ROWS = 10
 SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
 SECTION_ROWS_MD = 50  # ... and shown in the Markdown report
 MAX_REJECTS_STORED = 1000
+#: The transform logs its progress line (one Dagster event each) at most this often, and for the
+#: first and last batch; the executions row gets every batch's progress regardless.
+PROGRESS_LOG_SECONDS = 5.0
 #: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
 #: window), status 'paused': progress kept, table locks released, continued by a later run.
 PAUSED_PHASE = "paused_window_end"
@@ -708,12 +713,23 @@ def _targeted_tables(conn: Connection, execution_id: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _fractional(col) -> bool:  # type: ignore[no-untyped-def]
+    return isinstance(col.type, Numeric) and not isinstance(col.type, Integer)
+
+
+def _read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignore[no-untyped-def]
+    """A mirror's columns for a batch read: decimals come as floats from the database (the
+    frames hold them as float64 anyway), not as one Decimal object per value."""
+    return [
+        cast(mirror.c[c], Float).label(c) if _fractional(live.c[c]) else mirror.c[c]
+        for c in columns
+    ]
+
+
 def _frame(rows: Sequence[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
     df = pd.DataFrame.from_records(rows, columns=columns)
     for col in table.columns:
-        if col.name in df.columns and isinstance(col.type, Numeric) and not isinstance(
-            col.type, Integer
-        ):
+        if col.name in df.columns and _fractional(col) and df[col.name].dtype != "float64":
             df[col.name] = pd.to_numeric(df[col.name], errors="coerce").astype("float64")
     return df
 
@@ -789,6 +805,7 @@ def run_transform(
     done_at_start = done
     deadline_at, overrun_at = ex.get("deadline_at"), ex.get("overrun_at")
     paused = False
+    logged_at = -PROGRESS_LOG_SECONDS
     if done:
         log.info(f"resuming transform at id > {cursor} ({done:,}/{total:,} done)")
 
@@ -797,7 +814,11 @@ def run_transform(
         size = budget.next_batch_size(batch_no)
         with engine.connect() as conn:
             rows = conn.execute(
-                select(*[driving.c[c] for c in live_cols[patch.driving_table]])
+                select(
+                    *_read_columns(
+                        driving, tables[patch.driving_table], live_cols[patch.driving_table]
+                    )
+                )
                 .where(
                     # the whole primary key prefix (dp_action too): an index range scan from
                     # the cursor, not a walk from the execution's first row at every batch
@@ -833,7 +854,7 @@ def run_transform(
             for rel, fk in patch.related.items():
                 b = backups[rel]
                 rel_rows = conn.execute(
-                    select(*[b.c[c] for c in live_cols[rel]])
+                    select(*_read_columns(b, tables[rel], live_cols[rel]))
                     .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))
                     .order_by(b.c.dp_seq)
                 ).all()
@@ -886,7 +907,11 @@ def run_transform(
                     heartbeat_at=utcnow(),
                 )
             )
-        elapsed = time.monotonic() - started
+        now_s = time.monotonic()
+        if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+            continue
+        logged_at = now_s
+        elapsed = now_s - started
         rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
         log.info(
@@ -1048,13 +1073,19 @@ class ResultView:
     def updated(self, table: str):  # type: ignore[no-untyped-def]
         st, bk, live = self._stage(table), self._backup(table), self.tables[table]
         changed = self.declaration["updates"].get(table, ())
-        joined = st.join(
-            bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)
+        on_backup = and_(
+            bk.c.dp_execution_id == st.c.dp_execution_id,
+            bk.c.dp_seq == st.c.dp_seq,
+            bk.c.dp_action == BACKUP,
         )
         if self.committed:
-            joined = joined.join(live, live.c.id == st.c.dp_seq)
+            # Every staged update has its backup row, so a LEFT JOIN is the same join; but on
+            # its primary key it lets PostgreSQL drop the backup from a query that reads no
+            # before_ column: one join over every updated row less for each such check.
+            joined = st.outerjoin(bk, on_backup).join(live, live.c.id == st.c.dp_seq)
             cols = [live.c[c] for c in self._cols(table)]
         else:
+            joined = st.join(bk, on_backup)
             # id from the stage's primary key, so joins on it can use the index
             cols = [
                 (st.c.dp_seq if c == "id" else st.c[c] if c in changed else bk.c[c]).label(c)

@@ -24,13 +24,13 @@ RUNS = {
 }
 
 
-def _plans(engine, patch, execution_id):  # type: ignore[no-untyped-def]
+def _plans(engine, patch, execution_id, committed=False):  # type: ignore[no-untyped-def]
     """(what, EXPLAIN text) for every invariant and every table view of the execution."""
     with engine.connect() as conn:
         ex = eng.load_execution(conn, execution_id)
     view = eng.ResultView(
-        engine, state.reflect_tables(engine, patch.tables()), execution_id, False,
-        ex["declaration"],
+        engine, state.reflect_tables(engine, patch.tables()), execution_id, committed,
+        ex["declaration"], ex,
     )
     queries = {inv.name: inv.offenders for inv in patch.invariants(view, eng._config_of(patch, ex))}
     queries |= {f"table({t})": select(view.table(t)) for t in patch.tables()}
@@ -58,3 +58,30 @@ def test_no_validation_query_rescans_a_subquery_per_row(pg_url, job):
             line for line in plan.splitlines() if "SubPlan" in line and "hashed SubPlan" not in line
         ]
         assert not rescans, f"{name} rescans a subquery for every row:\n{plan}"
+
+
+def test_checks_after_commit_join_the_backup_only_when_they_read_before_values(pg_url):
+    """After commit the updated rows are read from the live table; the backup is needed only for
+    ``before_`` columns, and PostgreSQL drops it from every other check (a join over every
+    updated row less, each)."""
+    job = "inventory_price_adjustment"
+    engine = seeded(pg_url, items=400)
+    assert run_patch(pg_url, job, {**RUNS[job], "dry_run": False}).success
+    ex = latest_execution(engine)
+    assert ex["phase"] == "verified"
+    patch = default_registry().patches[job]
+    view = eng.ResultView(
+        engine, state.reflect_tables(engine, patch.tables()), ex["execution_id"], True,
+        ex["declaration"], ex,
+    )
+    invariants = patch.invariants(view, eng._config_of(patch, ex))
+    # the two checks of the patch that compare with before_ values (before_inventory_logs_count,
+    # before_price); the other three read after-images only
+    reads_before = {"inventory_logs_count_incremented", "price_actually_changed"}
+    assert len(invariants) == 5
+    plans = _plans(engine, patch, ex["execution_id"], committed=True)
+    backup = "data_patch_backup__inventories"
+    for inv in invariants:
+        assert (backup in plans[inv.name]) == (inv.name in reads_before), (
+            f"{inv.name}:\n{plans[inv.name]}"
+        )
