@@ -982,11 +982,11 @@ def _validate_batch(
         before = frames.get(table)
         if before is None:
             raise PatchError(f"patch {patch.name} updated {table} without loading its rows")
-        unknown = set(df["id"]) - set(before["id"])
-        if unknown:
+        outside = ~df["id"].isin(before["id"])
+        if outside.any():
             raise PatchError(
                 f"patch {patch.name} tried to update {table} rows outside the frozen target set: "
-                f"{sorted(unknown)[:5]}"
+                f"{sorted(df['id'][outside].unique().tolist())[:5]}"
             )
         merged = before.set_index("id")
         after = df.set_index("id")

@@ -87,7 +87,7 @@ def column_text(s: pd.Series, integer_target: bool) -> list[str] | None:
     kind = s.dtype.kind
     values = s.to_numpy()
     if kind in "iu":
-        return values.astype(str).tolist()
+        return list(map(str, values.tolist()))
     if kind == "b":
         return np.where(values, "t", "f").tolist()
     if kind == "f":
@@ -98,11 +98,12 @@ def column_text(s: pd.Series, integer_target: bool) -> list[str] | None:
             present = values[~missing]
             if (present % 1).any() or (np.abs(present) >= 2**63).any():
                 return None  # a fraction for an integer column: the driver's path, the database's verdict
-            text = np.where(missing, 0, values).astype(np.int64).astype(str).astype(object)
+            out = list(map(str, np.where(missing, 0, values).astype(np.int64).tolist()))
         else:
-            text = values.astype(str).astype(object)  # shortest repr that reads back the same
-        text[missing] = NULL
-        return text.tolist()
+            out = list(map(repr, values.tolist()))  # the shortest text that reads back the same
+        for i in np.flatnonzero(missing).tolist():
+            out[i] = NULL
+        return out
     if kind == "M":  # ISO 8601 (PostgreSQL reads the T); microseconds, as the driver sends
         text = np.datetime_as_string(values, unit="us").astype(object)
         text[np.isnat(values)] = NULL
@@ -118,4 +119,6 @@ def copy_text(df: pd.DataFrame, integer_columns: set[str]) -> str | None:
         if text is None:
             return None
         columns.append(text)
-    return "".join("\t".join(row) + "\n" for row in zip(*columns, strict=True))
+    if not len(df):
+        return ""
+    return "\n".join(map("\t".join, zip(*columns, strict=True))) + "\n"
