@@ -97,13 +97,13 @@ def column_text(s: pd.Series, integer_target: bool) -> list[str] | None:
         if integer_target:
             present = values[~missing]
             if (present % 1).any() or (np.abs(present) >= 2**63).any():
-                return None  # a fraction for an integer column: the driver's path, the database's verdict
-            out = list(map(str, np.where(missing, 0, values).astype(np.int64).tolist()))
+                return None  # a fraction for an integer column: the driver's path decides
+            texts = list(map(str, np.where(missing, 0, values).astype(np.int64).tolist()))
         else:
-            out = list(map(repr, values.tolist()))  # the shortest text that reads back the same
+            texts = list(map(repr, values.tolist()))  # the shortest text that reads back the same
         for i in np.flatnonzero(missing).tolist():
-            out[i] = NULL
-        return out
+            texts[i] = NULL
+        return texts
     if kind == "M":  # ISO 8601 (PostgreSQL reads the T); microseconds, as the driver sends
         text = np.datetime_as_string(values, unit="us").astype(object)
         text[np.isnat(values)] = NULL
