@@ -110,9 +110,10 @@ def change_histogram(
     of the same execution and ``dp_seq``. Rows where either side is NULL are left out.
 
     The pairing is a join on the mirrors' primary keys. The engine ANALYZEs both mirrors after
-    loading them (backup, transform): without statistics PostgreSQL estimated one row per side
+    loading them (backup, transform). Without statistics PostgreSQL estimated one row per side
     and picked a nested loop, quadratic at scale, which is why this once was a GROUP BY over
-    ``UNION ALL`` (about 4x slower at a million rows). Two queries, whatever the number of rows.
+    ``UNION ALL``: 10.6 s for the two queries at a million rows, where the report's sums take
+    1.5 s over the same key join. Two queries, whatever the number of rows.
     """
     from patch_ops.engine import BACKUP  # engine imports this module: import at call time
 
