@@ -147,7 +147,10 @@ def set_execution(conn: Connection, execution_id: str, **values: Any) -> None:
 def inserted_id(st, ex: dict[str, Any], table: str):  # type: ignore[no-untyped-def]
     """The live id of a staged insert of a committed execution: ``dp_seq`` plus the offset its
     commit recorded (ids handed out as one block), else the id the commit wrote to the stage."""
-    offset = ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table)
+    return _offset_id(st, ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table))
+
+
+def _offset_id(st, offset: int | None):  # type: ignore[no-untyped-def]
     return st.c.id if offset is None else st.c.dp_seq + int(offset)
 
 
@@ -1521,8 +1524,7 @@ def find_conflicts(
     conn: Connection,
     engine: Engine,
     tables: Tables,
-    execution_id: str,
-    decl: dict[str, Any],
+    ex: dict[str, Any],
     against: str,
     limit: int | None = None,
 ) -> dict[str, list[int]]:
@@ -1531,7 +1533,9 @@ def find_conflicts(
     ``against="backup"`` (commit): a live row to be updated differs in any column from its
     before-image, or is gone. ``against="stage"`` (restore): a live row differs from what the
     patch wrote (declared columns of updated rows, declared columns of inserted rows), or is gone.
+    ``ex``: the execution's row (its declaration; after commit, the ids of its inserted rows).
     """
+    execution_id, decl = ex["execution_id"], ex["declaration"]
     found: dict[str, list[int]] = {}
     for table in _written_tables(decl):
         live = tables[table]
@@ -1564,7 +1568,7 @@ def find_conflicts(
         if table in decl["inserts"] and against == "stage":
             cols = decl["inserts"][table]
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
-            new_id = inserted_id(st, load_execution(conn, execution_id), table)
+            new_id = inserted_id(st, ex, table)
             differs = or_(
                 live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
             )
@@ -1712,7 +1716,7 @@ def _apply_staged(
             new_id: Any = (-st.c.dp_seq).label("id")
         else:
             offset = _assign_insert_ids(conn, live, st, execution_id)
-            new_id = st.c.id if offset is None else (st.c.dp_seq + offset).label("id")
+            new_id = _offset_id(st, offset).label("id")
             if offset is not None and id_offsets is not None:
                 id_offsets[table] = offset
         with _refusal(table, "insert into"):
@@ -1742,7 +1746,7 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
     tables = state.reflect_tables(engine, decl["tables"])
     with write_transaction(engine) as conn:
         _lock_rows(conn, tables, execution_id, decl)
-        conflicts = find_conflicts(conn, engine, tables, execution_id, decl, "backup", limit=1000)
+        conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
         if conflicts:
             desc = "; ".join(
                 f"{t}: {len(ids)}{'+' if len(ids) >= 1000 else ''} row(s), ids {ids[:20]}"
@@ -1777,7 +1781,7 @@ def verify_execution(
         decl = ex["declaration"]
         tables = state.reflect_tables(engine, decl["tables"])
         problems = []
-        mismatched = find_conflicts(conn, engine, tables, execution_id, decl, "stage", limit=20)
+        mismatched = find_conflicts(conn, engine, tables, ex, "stage", limit=20)
         for table, ids in mismatched.items():
             problems.append(f"{table}: live rows differ from what was committed, e.g. ids {ids}")
     for b in check_invariants(engine, patch, execution_id, committed=True, timeout_s=timeout_s):
@@ -1816,7 +1820,7 @@ def restore_rows(
     tables = state.reflect_tables(engine, decl["tables"])
     if apply:
         _lock_rows(conn, tables, execution_id, decl)
-    conflicts = find_conflicts(conn, engine, tables, execution_id, decl, "stage")
+    conflicts = find_conflicts(conn, engine, tables, ex, "stage")
     if conflicts and not skip_conflicts:
         desc = "; ".join(f"{t}: ids {ids[:20]}" for t, ids in conflicts.items())
         raise RestoreRefused(

@@ -172,12 +172,13 @@ def _missing_backup(conn: Connection, engine: Engine, target_id: str, decl: dict
 def _conflict_sample(
     conn: Connection,
     engine: Engine,
-    target_id: str,
-    decl: dict[str, Any],
+    target: dict[str, Any],
     conflicts: dict[str, list[int]],
 ) -> dict[str, Any]:
     """Per table: how many conflicts, their ids, and the declared columns as the patch wrote
-    them next to what the live row holds now (∅ / gone: the row was deleted)."""
+    them next to what the live row holds now (∅ / gone: the row was deleted). ``target``: the
+    restored execution's row."""
+    target_id, decl = target["execution_id"], target["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
     out: dict[str, Any] = {}
     for table, ids in conflicts.items():
@@ -187,11 +188,7 @@ def _conflict_sample(
             dict.fromkeys([*decl["updates"].get(table, []), *decl["inserts"].get(table, [])])
         )
         first = ids[:CONFLICT_SAMPLE]
-        key = (
-            st.c.dp_seq
-            if table in decl["updates"]
-            else eng.inserted_id(st, eng.load_execution(conn, target_id), table)
-        )
+        key = st.c.dp_seq if table in decl["updates"] else eng.inserted_id(st, target, table)
         action = UPDATE if table in decl["updates"] else INSERT
         rows = conn.execute(
             select(
@@ -301,7 +298,7 @@ def plan_restore(
             if missing:
                 raise RestoreRefused(f"execution {target_id} has no backup for {missing}")
             plan = eng.restore_rows(conn, engine, target_id, skip_conflicts=True, apply=False)
-            conflicts = _conflict_sample(conn, engine, target_id, decl, plan.conflicts)
+            conflicts = _conflict_sample(conn, engine, target, plan.conflicts)
         report: dict[str, Any] = {
             "restores": target_id,
             "would_restore": {"updated": plan.updated, "deleted": plan.deleted},
@@ -394,7 +391,7 @@ def apply_restore(
         report.pop("would_restore", None)
         report.update(
             restored={"updated": done.updated, "deleted": done.deleted},
-            conflicts=_conflict_sample(conn, engine, target_id, decl, done.conflicts),
+            conflicts=_conflict_sample(conn, engine, target, done.conflicts),
             skipped_sources=done.skipped_sources,
         )
         eng.set_execution(conn, target_id, restored_by_execution_id=restore_id)
