@@ -413,7 +413,8 @@ def render(res: dict[str, Any]) -> str:
         rows.append([name, lots, wall, work, rpm, *tail])
     lines.append(common.table(
         ["contender", "lots", "wall s", "work s", "lots/min (work)", "× bare wall",
-         "× bare work", "client CPU s", "DB CPU s", "peak RSS MB (tree)", "procs",
+         "× bare work", "client CPU s", "DB CPU s", "largest process MB",
+         "peak RSS MB (tree)", "procs",
          "final data"],
         rows,
     ))
@@ -423,9 +424,8 @@ def render(res: dict[str, Any]) -> str:
         "= the SQL/ORM work inside the process; job/restore = Dagster RUN_START → RUN_SUCCESS. "
         "lots = expired lots with stock written off (restore: put back). client CPU s: "
         "user+system CPU of the child process tree (wait4 rusage); DB CPU s: of the local "
-        "PostgreSQL server's processes meanwhile (– for SQLite); naive: ×scale. Peak RSS: sum "
-        "over the child's process tree (psutil, 50 ms polls), database server not included. "
-        "Final data: digests of every column of inventories, batches and inventory_logs in id "
+        "PostgreSQL server's processes meanwhile (– for SQLite); naive: ×scale. "
+        + common.RSS_FOOTNOTE + " Final data: digests of every column of inventories, batches and inventory_logs in id "
         "order.",
     ]
     for key in [k for k in ORDER if k.startswith(("job", "restore")) and k in outs]:

@@ -237,13 +237,22 @@ class ProcessResult:
     stdout: str
     stderr: str
     cpu_s: float = float("nan")  # user + system CPU of the child and its reaped descendants
+    #: peak RSS of each process of the tree (pid → MB), for "any process ≤ N MB" and per op
+    peak_rss_by_pid: dict[int, float] = field(default_factory=dict)
+    root_pid: int | None = None  # the child itself
+
+    @property
+    def largest_process_mb(self) -> float:
+        """The peak RSS of the tree's largest single process."""
+        return max(self.peak_rss_by_pid.values(), default=0.0)
 
     @property
     def timed_out(self) -> bool:
         return self.returncode is None
 
 
-def _tree_rss(proc: psutil.Process) -> tuple[float, int]:
+def _tree_rss(proc: psutil.Process, peaks: dict[int, float]) -> tuple[float, int]:
+    """RSS of a process tree (MB) and its size now; raises ``peaks[pid]`` to each member's."""
     total, n = 0, 0
     try:
         members = [proc, *proc.children(recursive=True)]
@@ -251,9 +260,12 @@ def _tree_rss(proc: psutil.Process) -> tuple[float, int]:
         return 0.0, 0
     for p in members:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += p.memory_info().rss
+            rss = p.memory_info().rss / (1024 * 1024)
+            total += rss
             n += 1
-    return total / (1024 * 1024), n
+            if rss > peaks.get(p.pid, 0.0):
+                peaks[p.pid] = rss
+    return total, n
 
 
 def handle_interrupts() -> None:
@@ -318,10 +330,11 @@ def _watch(child: subprocess.Popen, t0: float, timeout: float, poll_s: float,
     """Poll the child until it exits (or kill it at the timeout)."""
     ps = psutil.Process(child.pid)
     peak, peak_n = 0.0, 0
+    peaks: dict[int, float] = {}
     rc: int | None = None
     cpu = float("nan")
     while True:
-        rss, n = _tree_rss(ps)
+        rss, n = _tree_rss(ps, peaks)
         if rss > peak:
             peak, peak_n = rss, n
         # wait4, not poll(): its rusage covers the child and every descendant it reaped
@@ -340,7 +353,7 @@ def _watch(child: subprocess.Popen, t0: float, timeout: float, poll_s: float,
     wall = time.monotonic() - t0
     out.seek(0)
     err.seek(0)
-    return ProcessResult(rc, wall, peak, peak_n, out.read(), err.read(), cpu)
+    return ProcessResult(rc, wall, peak, peak_n, out.read(), err.read(), cpu, peaks, child.pid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,6 +495,7 @@ class StepTiming:
     launch_s: float  # worker process start → STEP_START (process spawn, imports, code load)
     duration_s: float  # STEP_START → STEP_SUCCESS/FAILURE
     error: str | None = None  # first line of the failure, if the step failed
+    pid: int | None = None  # the op's process (from its STEP_START event)
 
 
 @dataclass
@@ -506,10 +520,13 @@ def dagster_run_timings(dagster_home: Path) -> RunTimings | None:
         t: dict[tuple[str, str | None], float] = {}
         steps: list[str] = []
         errors: dict[str, str] = {}
+        pids: dict[str, int] = {}
         for entry in instance.all_logs(run.run_id):
             ev = entry.dagster_event
             if ev is None:
                 continue
+            if ev.event_type_value == DagsterEventType.STEP_START.value and ev.step_key and ev.pid:
+                pids[ev.step_key] = ev.pid
             if ev.event_type_value == DagsterEventType.STEP_FAILURE.value and ev.step_key:
                 errors[ev.step_key] = _failure_text(ev)
             key = (ev.event_type_value, ev.step_key)
@@ -534,10 +551,10 @@ def dagster_run_timings(dagster_home: Path) -> RunTimings | None:
             if start is not None and end is None:
                 status = "unfinished"  # started, never ended (the run was killed)
             if start is None or end is None:
-                timings.append(StepTiming(s, status, 0.0, 0.0, errors.get(s)))
+                timings.append(StepTiming(s, status, 0.0, 0.0, errors.get(s), pids.get(s)))
                 continue
             launch = start - worker if worker is not None else 0.0
-            timings.append(StepTiming(s, status, launch, end - start, errors.get(s)))
+            timings.append(StepTiming(s, status, launch, end - start, errors.get(s), pids.get(s)))
         return RunTimings(
             run.run_id,
             run.status.value,
@@ -907,12 +924,15 @@ def op_timings_section(o: Outcome) -> list[str]:
         lines.append("(no Dagster run recorded)")
         return lines
     t = o.timings
+    peaks = o.process.peak_rss_by_pid
     op_rows = [
         [s.step, s.status, s.launch_s, s.duration_s,
-         100 * s.duration_s / t.run_s if t.run_s == t.run_s and t.run_s else None]
+         100 * s.duration_s / t.run_s if t.run_s == t.run_s and t.run_s else None,
+         peaks.get(s.pid) if s.pid else None]
         for s in t.steps
     ]
-    lines.append(table(["op", "status", "process start s", "op s", "% of run"], op_rows))
+    lines.append(table(["op", "status", "process start s", "op s", "% of run",
+                        "op process peak RSS MB"], op_rows))
     launch = sum(s.launch_s for s in t.steps)
     in_ops = sum(s.duration_s for s in t.steps)
     if t.run_s != t.run_s:  # the run never ended (killed at the timeout)
@@ -928,7 +948,21 @@ def op_timings_section(o: Outcome) -> list[str]:
     ]
     if o.execution and o.execution.get("peak_rss_mb"):
         lines[-1] += f" transform_batches peak RSS {o.execution['peak_rss_mb']:.0f} MB."
+    lines[-1] += " " + largest_process_text(o)
     return lines
+
+
+def largest_process_text(o: Outcome) -> str:
+    """Which process of a run's tree peaked highest: an op's, the CLI's, or another."""
+    peaks = o.process.peak_rss_by_pid
+    if not peaks:
+        return ""
+    pid = max(peaks, key=peaks.__getitem__)
+    steps = [s.step for s in (o.timings.steps if o.timings else []) if s.pid == pid]
+    role = f"op {steps[0]}" if steps else ("the CLI" if pid == o.process.root_pid else
+                                           "a helper process (fork server, compute log)")
+    return (f"Largest single process: {peaks[pid]:.0f} MB ({role}); {len(peaks)} processes "
+            "seen in the tree.")
 
 
 def to_json(res: dict[str, Any]) -> str:
@@ -977,12 +1011,21 @@ def run_benchmark(
     return 1 if bad else 0
 
 
+RSS_FOOTNOTE = (
+    "largest process MB: the highest peak RSS of any single process of the child's tree "
+    "(per op below); peak RSS MB (tree): the tree's sum at its largest (forked processes share "
+    "pages, so the sum counts them more than once); psutil, 50 ms polls, database server not "
+    "included."
+)
+
+
 def contender_columns(o: Any, bare: Any, scaled_suffix: str) -> tuple[str, float, float | None, list[Any]]:
     """(name, wall s, work s, the columns after the rate) of one contender's table row.
 
     A run on a subset has its work scaled to the full set (its start-up is not), and its name
     gets ``scaled_suffix``; failures are marked in the name. The trailing columns are: × bare
-    wall, × bare work, client CPU s, DB CPU s, peak RSS MB, procs, final data.
+    wall, × bare work, client CPU s, DB CPU s, largest process MB, peak RSS MB (tree), procs,
+    final data.
     """
     bare_wall = bare.process.wall_s if bare and bare.ok else None
     bare_work = bare.work_s if bare and bare.ok else None
@@ -999,6 +1042,7 @@ def contender_columns(o: Any, bare: Any, scaled_suffix: str) -> tuple[str, float
         work / bare_work if work and bare_work else None,
         o.cpu_s if o.cpu_s is not None else o.process.cpu_s,
         o.server_cpu_s,
+        o.process.largest_process_mb,
         o.process.peak_rss_mb,
         o.process.peak_procs,
         o.check,

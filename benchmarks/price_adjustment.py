@@ -474,7 +474,8 @@ def render(res: dict[str, Any]) -> str:
         ])
     lines.append(common.table(
         ["contender", "rows", "changed", "wall s", "work s", "rows/min (work)", "× bare wall",
-         "× bare work", "client CPU s", "DB CPU s", "peak RSS MB (tree)", "procs",
+         "× bare work", "client CPU s", "DB CPU s", "largest process MB",
+         "peak RSS MB (tree)", "procs",
          "final data"],
         rows,
     ))
@@ -485,8 +486,7 @@ def render(res: dict[str, Any]) -> str:
         "items in the target set. client CPU s: user+system CPU of the child process tree "
         "(wait4 rusage); DB CPU s: of the local PostgreSQL server's processes meanwhile (– for "
         "SQLite, whose work is in the client); both far less sensitive to the machine's load "
-        "than wall times (naive: ×scale). Peak RSS: sum over the child's process tree (psutil, 50 ms polls), database "
-        "server not included.",
+        "than wall times (naive: ×scale). " + common.RSS_FOOTNOTE,
     ]
     for key in [k for k in ORDER if k.startswith(("job", "zero")) and k in outs]:
         lines += common.op_timings_section(outs[key])
