@@ -115,7 +115,9 @@ def _execute_price(url: str, home: Path, **env: str) -> subprocess.CompletedProc
 def test_second_process_fails_fast_naming_the_holder(sqlite_url, dagster_home, tmp_path):
     engine = seeded(sqlite_url, items=200)
     before = digest(engine)
-    first = _start_slow(sqlite_url, dagster_home, _slow_config(tmp_path), "1.0")
+    # 2 s per batch: the holder keeps its lock ~18 s after its first batch, time enough for
+    # the second CLI to start and plan on a loaded machine (at 1 s it once got there too late)
+    first = _start_slow(sqlite_url, dagster_home, _slow_config(tmp_path), "2.0")
     try:
         holder = _wait_for_batches(engine, 1)
 
