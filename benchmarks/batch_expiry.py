@@ -425,8 +425,9 @@ def render(res: dict[str, Any]) -> str:
         "lots = expired lots with stock written off (restore: put back). client CPU s: "
         "user+system CPU of the child process tree (wait4 rusage); DB CPU s: of the local "
         "PostgreSQL server's processes meanwhile (– for SQLite); naive: ×scale. "
-        + common.RSS_FOOTNOTE + " Final data: digests of every column of inventories, batches and inventory_logs in id "
-        "order.",
+        + common.RSS_FOOTNOTE
+        + " Final data: digests of every column of inventories, batches and inventory_logs in "
+        "id order.",
     ]
     for key in [k for k in ORDER if k.startswith(("job", "restore")) and k in outs]:
         lines += common.op_timings_section(outs[key])
