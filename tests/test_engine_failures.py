@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
+from sqlalchemy.exc import OperationalError
 
+from patch_ops import state
+from patch_ops.engine import _lock_rows
 from patch_ops.state import executions, rejects
 from resources.memory import MemoryGuard, MemoryLimitExceeded
 from stockrx_patches.schema import inventories
@@ -82,6 +85,37 @@ def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
     assert name == "renamed by the app"  # and the app's update is not lost
     ex = latest_execution(engine)
     assert ex["status"] == "failed" and "inventories" in ex["error_message"]
+
+
+@pytest.mark.postgres
+def test_the_commit_locks_every_target_row_before_its_conflict_check(pg_url):
+    # Locked rows cannot change between the conflict check and the UPDATE: the application
+    # waits for the commit instead. Here the application gives up at once (NOWAIT).
+    engine = hand_built(pg_url, [100, 200, 300])
+    state.ensure_framework_tables(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(state.targets), [
+            {"execution_id": "e", "table_name": "inventories", "row_id": i} for i in (1, 3)
+        ])
+    tables = state.reflect_tables(engine, ["inventories"])
+
+    def app_can_lock(item_id: int) -> bool:
+        with engine.connect() as app, app.begin():
+            try:
+                app.execute(
+                    select(inventories.c.id)
+                    .where(inventories.c.id == item_id)
+                    .with_for_update(nowait=True)
+                )
+            except OperationalError as exc:
+                assert "could not obtain lock" in str(exc.orig)
+                return False
+            return True
+
+    with engine.begin() as conn:
+        _lock_rows(conn, tables, "e", {"updates": {"inventories": ["price"]}})
+        assert [app_can_lock(i) for i in (1, 2, 3)] == [False, True, False]
+    assert [app_can_lock(i) for i in (1, 2, 3)] == [True, True, True]  # released at the end
 
 
 @pytest.mark.postgres
