@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -812,116 +813,101 @@ def run_transform(
     if done:
         log.info(f"resuming transform at id > {cursor} ({done:,}/{total:,} done)")
 
-    while True:
-        batch_no += 1
-        size = budget.next_batch_size(batch_no)
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    *_read_columns(
-                        driving, tables[patch.driving_table], live_cols[patch.driving_table]
+    # One writer thread stages batch N (COPY, rejects, progress row: one transaction) while
+    # this thread reads and transforms batch N+1: the database's work overlaps the Python work.
+    # Writes stay in batch order, and at most one batch waits to be written.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-writer") as writer:
+        pending: Future[None] | None = None
+        while True:
+            batch_no += 1
+            size = budget.next_batch_size(batch_no)
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    select(
+                        *_read_columns(
+                            driving, tables[patch.driving_table], live_cols[patch.driving_table]
+                        )
                     )
-                )
-                .where(
-                    # the whole primary key prefix (dp_action too): an index range scan from
-                    # the cursor, not a walk from the execution's first row at every batch
-                    driving.c.dp_execution_id == execution_id,
-                    driving.c.dp_action == BACKUP,
-                    driving.c.dp_seq > cursor,
-                )
-                .order_by(driving.c.dp_seq)
-                .limit(size)
-            ).all()
-            if not rows:
-                break
-            if deadline_at is not None or overrun_at is not None:
-                # Between batches: past the window end pauses (progress kept, so this comes
-                # first); over the time budget (3x the estimate) fails.
-                now = clock_now()
-                if deadline_at is not None and now >= deadline_at:
-                    paused = True
-                    break
-                if overrun_at is not None and now > overrun_at:
-                    raise PatchError(
-                        f"over 3x its estimate ({ex['estimated_seconds'] or 0:,.0f} s): stopped "
-                        f"at a batch boundary after {done:,}/{total:,} rows; nothing reached "
-                        "the live tables",
-                        {"time_budget": {"overrun_at": str(overrun_at), "processed": done}},
+                    .where(
+                        # the whole primary key prefix (dp_action too): an index range scan
+                        # from the cursor, not a walk from the execution's first row each batch
+                        driving.c.dp_execution_id == execution_id,
+                        driving.c.dp_action == BACKUP,
+                        driving.c.dp_seq > cursor,
                     )
-            frames = {
-                patch.driving_table: _frame(
-                    rows, live_cols[patch.driving_table], tables[patch.driving_table]
-                )
-            }
-            lo, hi = rows[0].id, rows[-1].id
-            for rel, fk in patch.related.items():
-                b = backups[rel]
-                rel_rows = conn.execute(
-                    select(*_read_columns(b, tables[rel], live_cols[rel]))
-                    .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))
-                    .order_by(b.c.dp_seq)
+                    .order_by(driving.c.dp_seq)
+                    .limit(size)
                 ).all()
-                frames[rel] = _frame(rel_rows, live_cols[rel], tables[rel])
-        changes = patch.transform(frames, config, ctx)
-        accepted, reject_rows = _validate_batch(patch, frames, changes)
-        with write_transaction(engine) as conn:
-            n_upd = 0
-            for table, df in accepted.updates.items():
-                if df.empty:
-                    continue
-                staged = df[["source_id", "id", *patch.updates[table]]].rename(
-                    columns={"source_id": "dp_source_id"}
-                )
-                staged = staged.assign(
-                    dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=staged["id"]
-                )
-                bulk_insert(conn, stages[table], staged)
-                if table == patch.driving_table:
-                    n_upd += len(staged)
-            for table, df in accepted.inserts.items():
-                if df.empty:
-                    continue
-                staged = df[["source_id", *patch.inserts[table]]].rename(
-                    columns={"source_id": "dp_source_id"}
-                )
-                seq = range(staged_inserts + 1, staged_inserts + len(staged) + 1)
-                staged = staged.assign(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=seq)
-                staged_inserts += len(staged)
-                bulk_insert(conn, stages[table], staged)
-            if reject_rows:
-                for r in reject_rows:
-                    r["execution_id"] = execution_id
-                conn.execute(insert(state.rejects), reject_rows[:MAX_REJECTS_STORED])
+                if not rows:
+                    break
+                if deadline_at is not None or overrun_at is not None:
+                    # Between batches: past the window end pauses (progress kept, so this comes
+                    # first); over the time budget (3x the estimate) fails.
+                    now = clock_now()
+                    if deadline_at is not None and now >= deadline_at:
+                        paused = True
+                        break
+                    if overrun_at is not None and now > overrun_at:
+                        raise PatchError(
+                            f"over 3x its estimate ({ex['estimated_seconds'] or 0:,.0f} s): "
+                            f"stopped at a batch boundary after {done:,}/{total:,} rows; nothing "
+                            "reached the live tables",
+                            {"time_budget": {"overrun_at": str(overrun_at), "processed": done}},
+                        )
+                frames = {
+                    patch.driving_table: _frame(
+                        rows, live_cols[patch.driving_table], tables[patch.driving_table]
+                    )
+                }
+                lo, hi = rows[0].id, rows[-1].id
+                for rel, fk in patch.related.items():
+                    b = backups[rel]
+                    rel_rows = conn.execute(
+                        select(*_read_columns(b, tables[rel], live_cols[rel]))
+                        .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))
+                        .order_by(b.c.dp_seq)
+                    ).all()
+                    frames[rel] = _frame(rel_rows, live_cols[rel], tables[rel])
+            changes = patch.transform(frames, config, ctx)
+            accepted, reject_rows = _validate_batch(patch, frames, changes)
+            staged, n_upd, n_ins = _stage_rows(
+                patch, accepted, stages, execution_id, staged_inserts
+            )
+            staged_inserts += n_ins
+            for r in reject_rows:
+                r["execution_id"] = execution_id
             cursor = rows[-1].id
             done += len(rows)
-            conn.execute(
-                update(executions)
-                .where(executions.c.execution_id == execution_id)
-                .values(
-                    phase="transforming",
-                    cursor=cursor,
-                    processed_records=done,
-                    batches_done=batch_no,
-                    staged_updates=executions.c.staged_updates + n_upd,
-                    staged_inserts=staged_inserts,
-                    failed_records=executions.c.failed_records
-                    + len({r["source_id"] for r in reject_rows}),
-                    peak_rss_mb=budget.peak_rss_mb,
-                    heartbeat_at=utcnow(),
-                )
+            progress = {
+                "phase": "transforming",
+                "cursor": cursor,
+                "processed_records": done,
+                "batches_done": batch_no,
+                "staged_updates": executions.c.staged_updates + n_upd,
+                "staged_inserts": staged_inserts,
+                "failed_records": executions.c.failed_records
+                + len({r["source_id"] for r in reject_rows}),
+                "peak_rss_mb": budget.peak_rss_mb,
+            }
+            if pending is not None:
+                pending.result()  # the previous batch is staged (or its failure raised here)
+            pending = writer.submit(
+                _stage_batch, engine, execution_id, staged, reject_rows, progress
             )
-        now_s = time.monotonic()
-        if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
-            continue
-        logged_at = now_s
-        elapsed = now_s - started
-        rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        log.info(
-            f"batch {batch_no}: {done:,}/{total:,} rows ({done / max(total, 1):.0%}), "
-            f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
-            f"RSS {budget.peak_rss_mb:.0f} MB (step +{budget.peak_used_mb:.0f} MB)"
-        )
+            now_s = time.monotonic()
+            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+                continue
+            logged_at = now_s
+            elapsed = now_s - started
+            rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            log.info(
+                f"batch {batch_no}: {done:,}/{total:,} rows ({done / max(total, 1):.0%}), "
+                f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
+                f"RSS {budget.peak_rss_mb:.0f} MB (step +{budget.peak_used_mb:.0f} MB)"
+            )
+        if pending is not None:
+            pending.result()
     for shrunk_at, new_size, used in budget.shrinks:
         log.warning(
             f"memory guard: batch {shrunk_at} shrunk to {new_size} rows at step memory {used:.0f} MB "
@@ -940,6 +926,59 @@ def run_transform(
         ex = load_execution(conn, execution_id)
     state.analyze(engine, list(stages.values()))
     return _counts(ex)
+
+
+def _stage_rows(
+    patch: Patch,
+    accepted: Changes,
+    stages: dict[str, Any],
+    execution_id: str,
+    staged_inserts: int,
+) -> tuple[list[tuple[Any, pd.DataFrame]], int, int]:
+    """A batch's accepted changes as stage rows: ([(stage table, rows)], updated rows of the
+    driving table, inserted rows). Updated rows are keyed by their id; inserted rows number on
+    from the ``staged_inserts`` already staged."""
+    staged: list[tuple[Any, pd.DataFrame]] = []
+    n_upd = n_ins = 0
+    for table, df in accepted.updates.items():
+        if not df.empty:
+            upd = df[["source_id", "id", *patch.updates[table]]]
+            upd = upd.rename(columns={"source_id": "dp_source_id"})
+            upd = upd.assign(dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=upd["id"])
+            staged.append((stages[table], upd))
+            n_upd += len(upd) if table == patch.driving_table else 0
+    for table, df in accepted.inserts.items():
+        if not df.empty:
+            ins = df[["source_id", *patch.inserts[table]]]
+            ins = ins.rename(columns={"source_id": "dp_source_id"})
+            first = staged_inserts + n_ins + 1
+            ins = ins.assign(
+                dp_execution_id=execution_id, dp_action=INSERT, dp_seq=range(first, first + len(ins))
+            )
+            n_ins += len(ins)
+            staged.append((stages[table], ins))
+    return staged, n_upd, n_ins
+
+
+def _stage_batch(
+    engine: Engine,
+    execution_id: str,
+    staged: list[tuple[Any, pd.DataFrame]],
+    reject_rows: list[dict[str, Any]],
+    progress: dict[str, Any],
+) -> None:
+    """One transform batch into the stage: its rows, its rejects and the execution's progress
+    (cursor included) in one transaction, so a crashed run resumes after the last batch staged."""
+    with write_transaction(engine) as conn:
+        for stage, df in staged:
+            bulk_insert(conn, stage, df)
+        if reject_rows:
+            conn.execute(insert(state.rejects), reject_rows[:MAX_REJECTS_STORED])
+        conn.execute(
+            update(executions)
+            .where(executions.c.execution_id == execution_id)
+            .values(**progress, heartbeat_at=utcnow())
+        )
 
 
 def pause_execution(engine: Engine, execution_id: str, **values: Any) -> dict[str, Any]:
