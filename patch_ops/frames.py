@@ -111,11 +111,39 @@ def column_text(s: pd.Series, integer_target: bool) -> list[str] | None:
     return None
 
 
+def _constant_text(s: pd.Series, integer_target: bool) -> list[str] | None:
+    """A column with one value throughout (an execution id, a run timestamp, all missing): that
+    value's text once, repeated. None when the values differ or when equal values could print
+    differently (objects of several types, such as 1 and Decimal("1.0"))."""
+    if len(s) < 2 or not isinstance(s.dtype, np.dtype):
+        return None
+    values = s.to_numpy()
+    first = values[0]
+    if s.dtype.kind == "O":
+        if first is None:
+            same = bool(s.isna().all())
+        elif isinstance(first, str):
+            same = pd.api.types.infer_dtype(values, skipna=False) == "string" and bool(
+                (values == first).all()
+            )
+        else:
+            return None
+    elif s.dtype.kind in "iufbM":
+        same = bool((values == first).all())  # NaN and NaT equal nothing: never "the same"
+    else:
+        return None
+    if not same:
+        return None
+    one = column_text(s.iloc[:1], integer_target)
+    return None if one is None else one * len(s)
+
+
 def copy_text(df: pd.DataFrame, integer_columns: set[str]) -> str | None:
     """The frame as COPY text (one line per row), or None if a column is not covered."""
     columns = []
     for c in df.columns:
-        text = column_text(df[c], str(c) in integer_columns)
+        integer_target = str(c) in integer_columns
+        text = _constant_text(df[c], integer_target) or column_text(df[c], integer_target)
         if text is None:
             return None
         columns.append(text)

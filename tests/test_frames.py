@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 
 from patch_ops.engine import bulk_insert
-from patch_ops.frames import copy_text, plain_records
+from patch_ops.frames import _constant_text, column_text, copy_text, plain_records
 
 pytestmark = pytest.mark.postgres
 
@@ -87,6 +87,37 @@ def test_copy_text_loads_what_the_driver_loads(pg_url):
     assert [r.note for r in got] == TEXTS
     assert got[0].price == 0.1 + 0.2 and got[1].n_missing is None and got[3].n_missing == 2**40
     assert got[0].at == T and got[1].at is None and got[1].nullable_int is None
+
+
+@pytest.mark.parametrize("row", range(len(TEXTS)))
+def test_columns_of_one_value_load_what_the_driver_loads(pg_url, row):
+    # every column holds one value (row `row` of the edge values, three times): the text of
+    # one value repeated, where the values cannot print differently
+    engine = create_engine(pg_url)
+    md = MetaData()
+    fast, slow = _table(md, f"frames_fast_{row}"), _table(md, f"frames_slow_{row}")
+    md.create_all(engine)
+    df = _frame().iloc[[row] * 3].reset_index(drop=True).assign(id=[1, 2, 3])
+    ints = {"id", "n_missing", "nullable_int"}
+    for c in df.columns:
+        repeated = _constant_text(df[c], c in ints)
+        assert repeated is None or repeated == column_text(df[c], c in ints), c
+    assert _constant_text(df["note"], False) == [column_text(df["note"].iloc[:1], False)[0]] * 3
+    with engine.begin() as conn:
+        bulk_insert(conn, fast, df)
+        conn.execute(insert(slow), plain_records(df))
+    with engine.connect() as conn:
+        got = conn.execute(select(fast).order_by(fast.c.id)).all()
+        assert got == conn.execute(select(slow).order_by(slow.c.id)).all()
+    assert [r.note for r in got] == [TEXTS[row]] * 3
+
+
+def test_equal_values_that_print_differently_are_not_repeated():
+    mixed = pd.Series([Decimal("1.0"), 1, Decimal("1")], dtype=object)  # all equal to 1
+    assert _constant_text(mixed, False) is None
+    assert column_text(mixed, False) == ["1.0", "1", "1"]
+    assert _constant_text(pd.Series([np.nan, np.nan]), False) is None  # NaN equals nothing
+    assert _constant_text(pd.Series(["a", "b"]), False) is None
 
 
 def test_uncovered_columns_fall_back_to_the_driver(pg_url):
