@@ -305,6 +305,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             url = copies.fresh("job")
             try:
                 dry = measure("job_dry", url, lambda u: runner.patch("job dry", u, False))
+                common.settle(url)
                 real = measure("job_real", url, lambda u: runner.patch("job real", u, True))
                 for o in (dry, real):
                     if o.ok:  # the job's target_count counts items: report lots, as all rows

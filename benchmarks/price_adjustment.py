@@ -367,6 +367,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                                 args))
                 real = None
                 if dry.ok:  # without its dry run, the real run is refused
+                    common.settle(url)
                     real = measure("job_real", url,
                                    lambda u: run_job("job real", u, real_cfg, setup, args))
             finally:
