@@ -730,6 +730,21 @@ def _read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignor
     ]
 
 
+def _fetch_rows(conn: Connection, query: Any) -> Sequence[Any]:
+    """Every row of ``query``. When SQLAlchemy has nothing to convert in them (no result
+    processors, as on PostgreSQL for these column types), straight from the driver's cursor as
+    plain tuples: building SQLAlchemy's Row objects doubled the cost of reading a batch (160
+    against 70 ms for 20,000 items). Otherwise through SQLAlchemy (SQLite: it parses the
+    datetimes that the driver returns as text)."""
+    result = conn.execute(query)
+    try:
+        if getattr(result._metadata, "_effective_processors", True) is None:
+            return result.cursor.fetchall()  # type: ignore[no-any-return]
+        return result.all()
+    finally:
+        result.close()
+
+
 def _frame(rows: Sequence[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
     df = pd.DataFrame.from_records(rows, columns=columns)
     for col in table.columns:
@@ -822,7 +837,8 @@ def run_transform(
             batch_no += 1
             size = budget.next_batch_size(batch_no)
             with engine.connect() as conn:
-                rows = conn.execute(
+                rows = _fetch_rows(
+                    conn,
                     select(
                         *_read_columns(
                             driving, tables[patch.driving_table], live_cols[patch.driving_table]
@@ -836,8 +852,8 @@ def run_transform(
                         driving.c.dp_seq > cursor,
                     )
                     .order_by(driving.c.dp_seq)
-                    .limit(size)
-                ).all()
+                    .limit(size),
+                )
                 if not rows:
                     break
                 if deadline_at is not None or overrun_at is not None:
@@ -859,14 +875,16 @@ def run_transform(
                         rows, live_cols[patch.driving_table], tables[patch.driving_table]
                     )
                 }
-                lo, hi = rows[0].id, rows[-1].id
+                ids = frames[patch.driving_table]["id"]
+                lo, hi = int(ids.iat[0]), int(ids.iat[-1])  # in id order (dp_seq = id)
                 for rel, fk in patch.related.items():
                     b = backups[rel]
-                    rel_rows = conn.execute(
+                    rel_rows = _fetch_rows(
+                        conn,
                         select(*_read_columns(b, tables[rel], live_cols[rel]))
                         .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))
-                        .order_by(b.c.dp_seq)
-                    ).all()
+                        .order_by(b.c.dp_seq),
+                    )
                     frames[rel] = _frame(rel_rows, live_cols[rel], tables[rel])
             changes = patch.transform(frames, config, ctx)
             accepted, reject_rows = _validate_batch(patch, frames, changes)
@@ -876,7 +894,7 @@ def run_transform(
             staged_inserts += n_ins
             for r in reject_rows:
                 r["execution_id"] = execution_id
-            cursor = rows[-1].id
+            cursor = hi
             done += len(rows)
             progress = {
                 "phase": "transforming",

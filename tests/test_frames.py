@@ -27,7 +27,7 @@ from sqlalchemy import (
     select,
 )
 
-from patch_ops.engine import bulk_insert
+from patch_ops.engine import _fetch_rows, _read_columns, bulk_insert
 from patch_ops.frames import _constant_text, column_text, copy_text, plain_records
 
 pytestmark = pytest.mark.postgres
@@ -135,3 +135,21 @@ def test_uncovered_columns_fall_back_to_the_driver(pg_url):
         assert conn.execute(select(t.c.span).order_by(t.c.id)).scalars().all() == [
             dt.timedelta(hours=1), dt.timedelta(days=2)
         ]
+
+
+def test_batches_read_from_postgres_as_plain_tuples_hold_what_sqlalchemy_reads(pg_url):
+    # the transform reads a batch past SQLAlchemy's Row objects when there is nothing to convert
+    engine = create_engine(pg_url)
+    md = MetaData()
+    t = _table(md, "frames_read")
+    md.create_all(engine)
+    with engine.begin() as conn:
+        bulk_insert(conn, t, _frame())
+    query = select(*_read_columns(t, t, [c.name for c in t.columns])).order_by(t.c.id)
+    with engine.connect() as conn:
+        plain = _fetch_rows(conn, query)
+        rows = conn.execute(query).all()
+    assert type(plain[0]) is tuple  # the driver's own rows
+    assert plain == [tuple(r) for r in rows]
+    assert plain[0][2] == 0.1 + 0.2 and plain[0][3] == 1.1  # decimals read as floats
+    assert plain[0][6] == T and plain[1][6] is None and [r[5] for r in plain] == TEXTS
