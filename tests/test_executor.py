@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from dagster import reconstructable
+from dagster import instance_for_test, reconstructable
 
 from patch_ops import jobs
 from stockrx_patches.definitions import defs
@@ -22,14 +22,16 @@ def test_every_job_uses_the_forkserver_executor():
 
 def test_fork_server_preloads_the_code_location_until_the_environment_changes(monkeypatch):
     monkeypatch.setattr(jobs, "_forkserver_environ", None)
-    context = SimpleNamespace(job=reconstructable(test_patches.slow_job))
+    with instance_for_test() as instance:  # (it sets DAGSTER_HOME while it lasts)
+        context = SimpleNamespace(job=reconstructable(test_patches.slow_job), instance=instance)
+        first = jobs._default_start_method(context)  # type: ignore[arg-type]
+        preload = first["forkserver"]["preload_modules"]
+        assert preload[: len(jobs.PRELOAD_MODULES)] == list(jobs.PRELOAD_MODULES)
+        # what the op processes' instance is made of (here SQLite storages), imported once
+        assert {"dagster._core.storage.runs", "dagster._core.storage.event_log"} <= set(preload)
+        assert preload[-1] == "tests.support.test_patches"
+        assert jobs._default_start_method(context) == first  # type: ignore[arg-type]
 
-    first = jobs._default_start_method(context)  # type: ignore[arg-type]
-    preload = first["forkserver"]["preload_modules"]
-    assert preload[: len(jobs.PRELOAD_MODULES)] == list(jobs.PRELOAD_MODULES)
-    assert preload[-1] == "tests.support.test_patches"
-    assert jobs._default_start_method(context) == first  # type: ignore[arg-type]
-
-    # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.
-    monkeypatch.setenv("STOCKRX_DATABASE_URL", "sqlite:////tmp/another.sqlite")
-    assert jobs._default_start_method(context) == {"spawn": {}}  # type: ignore[arg-type]
+        # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.
+        monkeypatch.setenv("STOCKRX_DATABASE_URL", "sqlite:////tmp/another.sqlite")
+        assert jobs._default_start_method(context) == {"spawn": {}}  # type: ignore[arg-type]
