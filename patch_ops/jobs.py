@@ -8,8 +8,8 @@ Ops pass only the execution id; every op re-reads its state from the database, s
 its own process (the multiprocess executor) and can be re-executed from failure.
 
 Executor: by default every op still gets its own process, but forked from a fork server that has
-already imported Dagster, pandas, pandera, SQLAlchemy and the code location
-(``start_method: forkserver``), instead of a fresh interpreter per op
+already imported Dagster, pandas, pandera, SQLAlchemy, the code location and the Dagster
+instance's modules (``start_method: forkserver``, PRELOAD_MODULES), instead of a fresh interpreter per op
 (``spawn``, Dagster's default), which costs ~5 s of CPU per op before it does any work. A run can
 still choose, in its run config, ``execution: {config: {in_process: {}}}`` or
 ``{multiprocess: {start_method: {spawn: {}}}}``.
