@@ -155,7 +155,8 @@ def _instance_modules(init_context: InitExecutorContext) -> list[str]:
     if instance.is_ephemeral:  # it has no ref: it cannot run ops in other processes anyway
         return []
     ref = instance.get_ref()
-    return list(dict.fromkeys(d.module_name for d in ref if hasattr(d, "module_name")))
+    names = (getattr(part, "module_name", None) for part in ref)  # ConfigurableClassData
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
 
 
 def _default_start_method(init_context: InitExecutorContext) -> dict[str, Any]:
