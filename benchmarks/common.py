@@ -791,7 +791,8 @@ def settle(url: str) -> None:
     database: VACUUM (ANALYZE). The dry run's trial apply leaves a dead row for every row it
     changed; back to back, autovacuum would clean them up in the middle of the real run, at a
     moment that differs from run to run (same code at 1M rows: real run 191.6 s and 193.9 s of
-    DB CPU back to back, 166.8 s and 163.1 s after this). Untimed and logged; nothing to do on SQLite, whose rollback leaves no dead rows."""
+    DB CPU back to back, 166.8 s and 163.1 s after this). Untimed and logged; nothing to do on
+    SQLite, whose rollback leaves no dead rows."""
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         if engine.dialect.name != "postgresql":
@@ -799,7 +800,8 @@ def settle(url: str) -> None:
         t0 = time.monotonic()
         with engine.connect() as conn:
             conn.exec_driver_sql("VACUUM (ANALYZE)")
-        log(f"  VACUUM (ANALYZE) after the dry run, before the real run: {time.monotonic() - t0:.1f} s")
+        took = time.monotonic() - t0
+        log(f"  VACUUM (ANALYZE) after the dry run, before the real run: {took:.1f} s")
     finally:
         engine.dispose()
 

@@ -964,15 +964,15 @@ def _stage_rows(
             upd = upd.rename(columns={"source_id": "dp_source_id"})
             upd = upd.assign(dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=upd["id"])
             staged.append((stages[table], upd))
-            n_upd += len(upd) if table == patch.driving_table else 0
+            if table == patch.driving_table:
+                n_upd += len(upd)
     for table, df in accepted.inserts.items():
         if not df.empty:
             ins = df[["source_id", *patch.inserts[table]]]
             ins = ins.rename(columns={"source_id": "dp_source_id"})
             first = staged_inserts + n_ins + 1
-            ins = ins.assign(
-                dp_execution_id=execution_id, dp_action=INSERT, dp_seq=range(first, first + len(ins))
-            )
+            seq = range(first, first + len(ins))
+            ins = ins.assign(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=seq)
             n_ins += len(ins)
             staged.append((stages[table], ins))
     return staged, n_upd, n_ins

@@ -9,10 +9,10 @@ its own process (the multiprocess executor) and can be re-executed from failure.
 
 Executor: by default every op still gets its own process, but forked from a fork server that has
 already imported Dagster, pandas, pandera, SQLAlchemy, the code location and the Dagster
-instance's modules (``start_method: forkserver``, PRELOAD_MODULES), instead of a fresh interpreter per op
-(``spawn``, Dagster's default), which costs ~5 s of CPU per op before it does any work. A run can
-still choose, in its run config, ``execution: {config: {in_process: {}}}`` or
-``{multiprocess: {start_method: {spawn: {}}}}``.
+instance's modules (``start_method: forkserver``, PRELOAD_MODULES), instead of a fresh
+interpreter per op (``spawn``, Dagster's default), which costs ~5 s of CPU per op before it
+does any work. A run can still choose, in its run config,
+``execution: {config: {in_process: {}}}`` or ``{multiprocess: {start_method: {spawn: {}}}}``.
 """
 
 # No `from __future__ import annotations` here: Dagster reads the op signatures' annotations
