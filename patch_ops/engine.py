@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import getpass
 import json
 import logging
@@ -52,6 +53,7 @@ from patch_ops.charts import change_histogram, histogram_markdown
 from patch_ops.frames import copy_text, plain_records, plain_rows
 from patch_ops.patch import (
     Changes,
+    Invariant,
     Patch,
     PatchConfigError,
     PatchRunConfig,
@@ -77,6 +79,10 @@ PROGRESS_LOG_SECONDS = 5.0
 PAUSED_PHASE = "paused_window_end"
 
 
+#: Execution options of an INSERT ... SELECT whose rowcount is read (else -1 on psycopg).
+ROWCOUNT = {"preserve_rowcount": True}
+
+
 class PatchError(Exception):
     """A patch step refused or failed; the message is meant for the release engineer."""
 
@@ -91,6 +97,16 @@ class PlanRefused(PatchError):
 
 class CommitConflict(PatchError):
     pass
+
+
+class ChangedSinceBackup(PatchError):
+    """The commit's compare-and-set UPDATE left rows out: they no longer equal their backup."""
+
+    def __init__(self, table: str, updated: int, staged: int):
+        super().__init__(
+            f"{staged - updated:,} of {staged:,} staged {table} rows no longer equal their backup",
+            {"table": table},
+        )
 
 
 class VerificationFailed(PatchError):
@@ -522,17 +538,13 @@ def plan_execution(
             for table, sel in selects.items():
                 ids = sel.subquery()
                 id_col = list(ids.c)[0]
-                conn.execute(
+                counts[table] = conn.execute(
                     insert(targets).from_select(
                         ["execution_id", "table_name", "row_id"],
                         select(literal(execution_id), literal(table), id_col).distinct(),
-                    )
-                )
-                counts[table] = conn.execute(
-                    select(func.count()).select_from(targets).where(
-                        targets.c.execution_id == execution_id, targets.c.table_name == table
-                    )
-                ).scalar_one()
+                    ),
+                    execution_options=ROWCOUNT,
+                ).rowcount
             target_count = counts[patch.driving_table]
             set_execution(
                 conn,
@@ -671,7 +683,7 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
                 targets.c.execution_id == execution_id, targets.c.table_name == table
             )
             cols = [c.name for c in live.columns]
-            conn.execute(
+            counts[table] = conn.execute(
                 insert(backup).from_select(
                     ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols],
                     select(
@@ -681,13 +693,9 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
                         literal(None, type_=Integer),
                         *[live.c[c] for c in cols],
                     ).where(live.c.id.in_(ids)),
-                )
-            )
-            counts[table] = conn.execute(
-                select(func.count()).select_from(backup).where(
-                    backup.c.dp_execution_id == execution_id
-                )
-            ).scalar_one()
+                ),
+                execution_options=ROWCOUNT,
+            ).rowcount
             fk = decl.get("related", {}).get(table)
             if fk:  # the transform reads these rows by fk range, one batch of driving ids at a time
                 Index(f"ix_{backup.name}_{fk}"[:60], backup.c.dp_execution_id, backup.c[fk]).create(
@@ -1191,14 +1199,15 @@ class ResultView:
         return union_all(*parts).subquery(f"all_{table}")
 
 
-def check_invariants(
+def invariant_checks(
     engine: Engine,
     patch: Patch,
     execution_id: str,
     committed: bool,
-    timeout_s: float | None = None,
-) -> list[dict[str, Any]]:
-    """Run the patch's invariants; return the broken ones with a sample of offending rows.
+    timeout_s: float | None,
+) -> list[Callable[[], dict[str, Any] | None]]:
+    """One call per invariant of ``patch``: it returns the broken invariant with a sample of
+    offending rows, or None (run them with ``run_concurrently``).
 
     On PostgreSQL each query may run ``timeout_s`` at most (``statement_timeout``): one that
     runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
@@ -1209,9 +1218,9 @@ def check_invariants(
     config = _config_of(patch, ex)
     tables = state.reflect_tables(engine, patch.tables())
     view = ResultView(engine, tables, execution_id, committed, ex["declaration"], ex)
-    broken: list[dict[str, Any]] = []
     limit_ms = int(timeout_s * 1000) if timeout_s and engine.dialect.name == "postgresql" else 0
-    for inv in patch.invariants(view, config):
+
+    def check(inv: Invariant) -> dict[str, Any] | None:
         sub = inv.offenders.subquery()
         with engine.connect() as conn:
             if limit_ms:
@@ -1221,24 +1230,31 @@ def check_invariants(
             except OperationalError as exc:
                 if "statement timeout" not in str(exc.orig):
                     raise
-                broken.append(
-                    {"name": inv.name, "description": inv.description, "count": None,
-                     "timed_out": timeout_s, "sample": []}
-                )
-                continue
-            if n:
-                sample = [
-                    {k: _jsonable(v) for k, v in r.items()}
-                    for r in conn.execute(select(sub).limit(SAMPLE_ROWS)).mappings()
-                ]
-                broken.append(
-                    {"name": inv.name, "description": inv.description, "count": n, "sample": sample}
-                )
-    return broken
+                return {"name": inv.name, "description": inv.description, "count": None,
+                        "timed_out": timeout_s, "sample": []}
+            if not n:
+                return None
+            sample = [
+                {k: _jsonable(v) for k, v in r.items()}
+                for r in conn.execute(select(sub).limit(SAMPLE_ROWS)).mappings()
+            ]
+        return {"name": inv.name, "description": inv.description, "count": n, "sample": sample}
+
+    return [functools.partial(check, inv) for inv in patch.invariants(view, config)]
+
+
+def run_concurrently(calls: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+    """The results of ``calls`` in their order, up to ``workers`` at a time in threads (each call
+    opens its own connection). The first exception is raised once every call has ended."""
+    if workers <= 1 or len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(max_workers=min(workers, len(calls)), thread_name_prefix="check") as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
 
 
 def invariant_problem(broken: dict[str, Any], after_commit: bool = False) -> str:
-    """One line for a broken invariant (check_invariants), for the problems list."""
+    """One line for a broken invariant (invariant_checks), for the problems list."""
     when = " after commit" if after_commit else ""
     if broken["count"] is None:
         return (
@@ -1289,32 +1305,43 @@ def validate_execution(
             f"{failed:,} of {total:,} rows ({failed / total:.1%}) failed validation "
             f"(allowed: {ratio_allowed:.1%})"
         )
-    broken = check_invariants(
+    approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
+    # Its approving dry run passed the trial apply on the same plan (patch code, config, target
+    # set), and the commit is one all-or-nothing transaction: a refusal there still changes
+    # nothing. Applying everything twice would double the cost of the commit.
+    trials = [] if approver else [functools.partial(trial_apply, engine, execution_id)]
+    checks = invariant_checks(
         engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds
     )
-    for b in broken:
-        problems.append(invariant_problem(b))
-    approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
+    # Read-only queries on their own connections, beside the trial (first: the longest)
+    results = run_concurrently(
+        [
+            *trials,
+            *checks,
+            functools.partial(build_report, engine, execution_id),
+            functools.partial(report_sections, engine, patch, ex),
+            functools.partial(_reject_sample, engine, execution_id),
+        ],
+        settings.check_connections,
+    )
+    refusal = results.pop(0) if trials else None
+    broken = [b for b in results[: len(checks)] if b is not None]
+    report, sections, rejects = results[len(checks) :]
+    problems += [invariant_problem(b) for b in broken]
+    if refusal:
+        problems.append(f"the database would refuse the changes: {refusal}")
     if approver:
-        # Its approving dry run passed the trial apply on the same plan (patch code, config,
-        # target set), and the commit is one all-or-nothing transaction: a refusal there still
-        # changes nothing. Applying everything twice would double the cost of the commit.
-        refusal = None
         trial = f"skipped: approving dry run {approver} passed it on the same plan"
     else:
-        refusal = trial_apply(engine, execution_id)
         trial = "refused" if refusal else "passed"
-        if refusal:
-            problems.append(f"the database would refuse the changes: {refusal}")
-    report = build_report(engine, execution_id)
-    report["sections"] = report_sections(engine, patch, ex)
+    report["sections"] = sections
     report["validation"] = {
         "passed": not problems,
         "problems": problems,
         "invariants": broken,
         "database_refusal": refusal,
         "trial_apply": trial,
-        "rejects": _reject_sample(engine, execution_id),
+        "rejects": rejects,
     }
     markdown = render_markdown(ex, report)
     with write_transaction(engine) as conn:
@@ -1577,6 +1604,12 @@ def _distinct(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type
     return a.is_distinct_from(b)
 
 
+def _differs_from_backup(live, bk) -> ColumnElement:  # type: ignore[no-untyped-def]
+    """A live row differs in any column from its before-image (``bk`` joined on it)."""
+    cols = [c.name for c in live.columns if c.name in bk.c]
+    return or_(*[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols])
+
+
 def find_conflicts(
     conn: Connection,
     engine: Engine,
@@ -1602,10 +1635,7 @@ def find_conflicts(
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
             if against == "backup":
                 bk = mirror_table(engine, live, "backup")
-                cols = [c.name for c in live.columns if c.name in bk.c]
-                differs = or_(
-                    live.c.id.is_(None), *[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols]
-                )
+                differs = or_(live.c.id.is_(None), _differs_from_backup(live, bk))
                 q = (
                     select(st.c.dp_seq)
                     .select_from(st)
@@ -1639,7 +1669,9 @@ def find_conflicts(
 
 
 def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[str, Any]) -> None:
-    """Row locks on the rows to change (PostgreSQL/MySQL); SQLite holds the write lock already."""
+    """Row locks on the rows a restore will change (PostgreSQL/MySQL), taken before it looks
+    for conflicts; SQLite holds the write lock already. (The commit needs none: its UPDATE
+    compares and sets, ``_apply_staged``.)"""
     if conn.dialect.name == "sqlite":
         return
     for table in decl["updates"]:
@@ -1650,11 +1682,11 @@ def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[s
         locking = select(live.c.id).where(live.c.id.in_(ids)).with_for_update()
         if conn.dialect.name == "postgresql":
             # the server locks every row as it reads it and sends back one count, not the ids
-            # (sending 1M ids to the client cost ~8 s of the commit at 1M rows)
+            # (sending 1M ids to the client cost ~8 s at 1M rows)
             conn.execute(select(func.count()).select_from(locking.subquery()))
             continue
         # streamed and dropped a page at a time: every row gets locked, none is kept in memory
-        # (fetching 10M ids at once took the commit step to ~1.8 GB)
+        # (fetching 10M ids at once took a step to ~1.8 GB)
         locked = conn.execute(
             locking, execution_options={"stream_results": True, "yield_per": 10_000}
         )
@@ -1740,6 +1772,12 @@ def _apply_staged(
 ) -> dict[str, int]:
     """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial).
 
+    The commit (not ``trial``) compares and sets: a live row is updated only while it still
+    equals its before-image in every column. The UPDATE locks each row as it changes it, and
+    PostgreSQL re-checks the condition on a row another transaction changed meanwhile (READ
+    COMMITTED), so an application change is never overwritten: the row is left out, the count
+    falls short, and ``ChangedSinceBackup`` is raised (the caller's transaction rolls back).
+
     ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``)."""
     counts: dict[str, int] = {}
     for table, cols in decl["updates"].items():
@@ -1753,20 +1791,26 @@ def _apply_staged(
         if not expected:
             counts[f"{table}_updated"] = 0
             continue
-        with _refusal(table, "update"):
-            res = conn.execute(
-                update(live)
-                .where(
-                    live.c.id == st.c.dp_seq,
-                    st.c.dp_execution_id == execution_id,
-                    st.c.dp_action == UPDATE,
-                )
-                .values({c: st.c[c] for c in cols})
+        applying = update(live).where(
+            live.c.id == st.c.dp_seq,
+            st.c.dp_execution_id == execution_id,
+            st.c.dp_action == UPDATE,
+        )
+        if not trial:
+            bk = mirror_table(engine, live, "backup")
+            applying = applying.where(
+                bk.c.dp_execution_id == execution_id,
+                bk.c.dp_action == BACKUP,
+                bk.c.dp_seq == st.c.dp_seq,
+                not_(_differs_from_backup(live, bk)),
             )
+        with _refusal(table, "update"):
+            res = conn.execute(applying.values({c: st.c[c] for c in cols}))
+        if res.rowcount != expected and not trial:
+            raise ChangedSinceBackup(table, res.rowcount, expected)
         if res.rowcount != expected:
             raise PatchError(
-                f"commit updated {res.rowcount} {table} rows but {expected} were staged; "
-                "rolled back"
+                f"the trial updated {res.rowcount} {table} rows but {expected} were staged"
             )
         counts[f"{table}_updated"] = expected
     for table, cols in decl["inserts"].items():
@@ -1786,7 +1830,7 @@ def _apply_staged(
                 insert(live).from_select(
                     ["id", *cols], select(new_id, *[st.c[c] for c in cols]).where(cond)
                 ),
-                execution_options={"preserve_rowcount": True},  # else -1 on psycopg
+                execution_options=ROWCOUNT,
             )
         counts[f"{table}_inserted"] = res.rowcount
     return counts
@@ -1806,25 +1850,34 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
         raise PatchError(f"execution {execution_id} has not passed validation; not committing")
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
-    with write_transaction(engine) as conn:
-        _lock_rows(conn, tables, execution_id, decl)
-        conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
-        if conflicts:
-            desc = "; ".join(
-                f"{t}: {len(ids)}{'+' if len(ids) >= 1000 else ''} row(s), ids {ids[:20]}"
-                for t, ids in conflicts.items()
+    try:
+        with write_transaction(engine) as conn:
+            offsets: dict[str, int] = {}
+            counts = _apply_staged(conn, engine, tables, execution_id, decl, id_offsets=offsets)
+            report = dict(ex["report"] or {})
+            report["committed"] = counts
+            report["insert_id_offsets"] = offsets
+            set_execution(
+                conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow()
             )
-            raise CommitConflict(
-                "the application changed rows after the backup; nothing was committed "
-                f"(re-run the patch to plan again): {desc}",
-                {"conflicts": conflicts},
-            )
-        offsets: dict[str, int] = {}
-        counts = _apply_staged(conn, engine, tables, execution_id, decl, id_offsets=offsets)
-        report = dict(ex["report"] or {})
-        report["committed"] = counts
-        report["insert_id_offsets"] = offsets
-        set_execution(conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow())
+    except ChangedSinceBackup as changed:
+        # rolled back; now name the rows (outside the commit: it is the rare path)
+        with engine.connect() as conn:
+            conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
+        if not conflicts:
+            raise PatchError(
+                f"{changed}; the rows were changed back before they could be named; nothing "
+                "was committed (re-run the patch to plan again)"
+            ) from None
+        desc = "; ".join(
+            f"{t}: {len(ids)}{'+' if len(ids) >= 1000 else ''} row(s), ids {ids[:20]}"
+            for t, ids in conflicts.items()
+        )
+        raise CommitConflict(
+            "the application changed rows after the backup; nothing was committed "
+            f"(re-run the patch to plan again): {desc}",
+            {"conflicts": conflicts},
+        ) from None
     log.info("committed: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return counts
 
@@ -1835,20 +1888,30 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
 
 
 def verify_execution(
-    engine: Engine, patch: Patch, execution_id: str, timeout_s: float | None = None
+    engine: Engine,
+    patch: Patch,
+    execution_id: str,
+    timeout_s: float | None = None,
+    connections: int = 1,
 ) -> list[str]:
-    """Post-execution checks on live data. Returns the problems (empty = verified)."""
+    """Post-execution checks on live data. Returns the problems (empty = verified).
+
+    Up to ``connections`` of its queries run at once, each on its own connection."""
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
-        decl = ex["declaration"]
-        tables = state.reflect_tables(engine, decl["tables"])
-        problems = []
-        mismatched = find_conflicts(conn, engine, tables, ex, "stage", limit=20)
-        for table, ids in mismatched.items():
-            problems.append(f"{table}: live rows differ from what was committed, e.g. ids {ids}")
-    for b in check_invariants(engine, patch, execution_id, committed=True, timeout_s=timeout_s):
-        problems.append(invariant_problem(b, after_commit=True))
-    return problems
+    tables = state.reflect_tables(engine, ex["declaration"]["tables"])
+
+    def live_differs() -> dict[str, list[int]]:
+        with engine.connect() as conn:
+            return find_conflicts(conn, engine, tables, ex, "stage", limit=20)
+
+    checks = invariant_checks(engine, patch, execution_id, committed=True, timeout_s=timeout_s)
+    mismatched, *broken = run_concurrently([live_differs, *checks], connections)
+    problems = [
+        f"{table}: live rows differ from what was committed, e.g. ids {ids}"
+        for table, ids in mismatched.items()
+    ]
+    return problems + [invariant_problem(b, after_commit=True) for b in broken if b is not None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1965,13 +2028,14 @@ __all__ = [
     "RestoreRefused",
     "VerificationFailed",
     "build_report",
-    "check_invariants",
+    "invariant_checks",
     "commit_execution",
     "finish_execution",
     "load_execution",
     "plan_execution",
     "render_markdown",
     "restore_rows",
+    "run_concurrently",
     "run_transform",
     "take_backup",
     "validate_execution",

@@ -372,7 +372,11 @@ def build_patch_job(
         engine = db.get_engine()
         with patch_step(context, db, execution_id):
             problems = eng.verify_execution(
-                engine, patch, execution_id, timeout_s=settings.query_timeout_seconds
+                engine,
+                patch,
+                execution_id,
+                timeout_s=settings.query_timeout_seconds,
+                connections=settings.check_connections,
             )
             if problems:
                 with write_transaction(engine) as conn:

@@ -220,6 +220,9 @@ class PatchSettings:
     plan_valid_hours: float = 24.0
     #: Longest an invariant query may run (PostgreSQL statement_timeout); longer = not verified.
     query_timeout_seconds: float = 900.0
+    #: Read-only check queries (invariants, impact report, post-verification) run at once, each
+    #: on its own connection, beside validation's trial apply. 1: one after another.
+    check_connections: int = 2
     #: When real runs may write (patch_ops.windows); empty: any time.
     maintenance_windows: tuple[MaintenanceWindow, ...] = ()
     #: Rows per second assumed for the duration estimate until the patch has a completed run.

@@ -65,6 +65,7 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 require_approved_plan=_flag(entry, "require_approved_plan", True),
                 plan_valid_hours=_positive(entry, "plan_valid_hours", 24.0),
                 query_timeout_seconds=_positive(entry, "query_timeout_seconds", 900.0),
+                check_connections=_count(entry, "check_connections", 2),
                 maintenance_windows=windows,
                 first_run_rows_per_second=first_rate,
                 schedule_config=_schedule_config(entry),
@@ -105,6 +106,13 @@ def _positive(entry: dict[str, Any], key: str, default: float) -> float:
     value = float(entry.get(key, default))
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{key} must be a positive number, got {value!r}")
+    return value
+
+
+def _count(entry: dict[str, Any], key: str, default: int) -> int:
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a whole number of at least 1, got {value!r}")
     return value
 
 

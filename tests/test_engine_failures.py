@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import OperationalError
 
+from patch_ops import engine as eng
 from patch_ops import state
 from patch_ops.engine import _lock_rows
 from patch_ops.state import executions, rejects
 from resources.memory import MemoryGuard, MemoryLimitExceeded
+from stockrx_patches.registry import RegistryError, default_registry, load_project_config
 from stockrx_patches.schema import inventories
 from tests.support import test_patches
 from tests.support.stockrx import (
@@ -88,9 +94,47 @@ def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
 
 
 @pytest.mark.postgres
-def test_the_commit_locks_every_target_row_before_its_conflict_check(pg_url):
-    # Locked rows cannot change between the conflict check and the UPDATE: the application
-    # waits for the commit instead. Here the application gives up at once (NOWAIT).
+def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
+    # The application updates item 2 in a transaction that is still open when the commit's
+    # UPDATE reaches the row: the commit waits for it, finds the row no longer equal to its
+    # backup, and commits nothing. A plain UPDATE from the stage would overwrite the change.
+    engine = hand_built(pg_url, [100, 200, 300])
+    registry = default_registry()
+    patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
+    execution_id = eng.plan_execution(engine, patch, settings, patch.config_class(**PCT8))
+    eng.take_backup(engine, execution_id)
+    eng.run_transform(engine, patch, execution_id, MemoryGuard())
+    assert eng.validate_execution(engine, patch, settings, execution_id)[0]
+    old_prices = prices(engine)
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    with engine.connect() as app, ThreadPoolExecutor(max_workers=1) as pool:
+        app_tx = app.begin()
+        app.execute(update(inventories).where(inventories.c.id == 2).values(name="app's"))
+        commit = pool.submit(eng.commit_execution, engine, PRICE_JOB, execution_id)
+        deadline = time.monotonic() + 60
+        with engine.connect() as watcher:
+            while not watcher.execute(waiting).scalar_one():
+                assert not commit.done(), commit.exception()
+                assert time.monotonic() < deadline, "the commit never waited for the app's row"
+                time.sleep(0.05)
+        app_tx.commit()
+        with pytest.raises(eng.CommitConflict, match=r"inventories: 1 row\(s\), ids \[2\]"):
+            commit.result(timeout=60)
+    assert prices(engine) == old_prices  # nothing committed
+    with engine.connect() as conn:
+        name = conn.execute(select(inventories.c.name).where(inventories.c.id == 2)).scalar_one()
+        ex = eng.load_execution(conn, execution_id)
+    assert name == "app's"  # the application's update is kept
+    assert ex["phase"] == "validated"
+
+
+@pytest.mark.postgres
+def test_a_restore_locks_every_target_row_before_its_conflict_check(pg_url):
+    # Locked rows cannot change between the restore's conflict check and its UPDATE: the
+    # application waits for the restore instead. Here the application gives up at once (NOWAIT).
     engine = hand_built(pg_url, [100, 200, 300])
     state.ensure_framework_tables(engine)
     with engine.begin() as conn:
@@ -284,3 +328,38 @@ def test_missing_table_and_missing_column_are_refused(sqlite_url):
     with engine.connect() as conn:
         statuses = conn.execute(select(executions.c.status)).scalars().all()
     assert statuses == ["failed", "failed"]
+
+
+def test_checks_run_at_once_keep_their_order_and_raise_after_all_ended():
+    # Both calls must be running at the same time to pass the barrier: one after the other,
+    # the first would wait in vain (BrokenBarrierError).
+    barrier = threading.Barrier(2, timeout=30)
+    ended: list[str] = []
+
+    def call(name: str, fail: bool = False) -> str:
+        barrier.wait()
+        time.sleep(0.05 if fail else 0.2)
+        ended.append(name)
+        if fail:
+            raise ValueError(f"{name} failed")
+        return name
+
+    assert eng.run_concurrently([lambda: call("a"), lambda: call("b")], 2) == ["a", "b"]
+    ended.clear()
+    with pytest.raises(ValueError, match="b failed"):
+        eng.run_concurrently([lambda: call("a"), lambda: call("b", fail=True)], 2)
+    assert sorted(ended) == ["a", "b"]  # the failure waited for the other check to end
+    assert eng.run_concurrently([lambda: "x", lambda: "y"], 1) == ["x", "y"]
+
+
+def test_check_connections_come_from_the_yaml(tmp_path):
+    path = tmp_path / "p.yml"
+    entry = "patches:\n  p:\n    description: d\n    target_tables: [t]\n"
+    path.write_text(entry)
+    assert load_project_config(path).patches["p"].check_connections == 2
+    path.write_text(entry + "    check_connections: 1\n")
+    assert load_project_config(path).patches["p"].check_connections == 1
+    for bad in ("0", "1.5", "'2'", "true"):
+        path.write_text(entry + f"    check_connections: {bad}\n")
+        with pytest.raises(RegistryError, match="check_connections must be a whole number"):
+            load_project_config(path)
