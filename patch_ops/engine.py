@@ -1248,7 +1248,8 @@ def run_concurrently(calls: Sequence[Callable[[], Any]], workers: int) -> list[A
     opens its own connection). The first exception is raised once every call has ended."""
     if workers <= 1 or len(calls) <= 1:
         return [call() for call in calls]
-    with ThreadPoolExecutor(max_workers=min(workers, len(calls)), thread_name_prefix="check") as pool:
+    workers = min(workers, len(calls))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
         futures = [pool.submit(call) for call in calls]
     return [f.result() for f in futures]
 
