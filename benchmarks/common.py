@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -605,6 +606,7 @@ class StatementTimer:
     def __init__(self) -> None:
         self.stats: dict[str, list[float]] = {}
         self._engines: list[Engine] = []
+        self._lock = threading.Lock()  # checks run on several connections at once
 
     @staticmethod
     def shape(statement: str) -> str:
@@ -620,10 +622,11 @@ class StatementTimer:
             conn.info.setdefault("bench_t0", []).append(time.perf_counter())
 
         def after(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-            t0 = conn.info["bench_t0"].pop()
-            entry = self.stats.setdefault(self.shape(statement), [0.0, 0])
-            entry[0] += time.perf_counter() - t0
-            entry[1] += 1
+            seconds = time.perf_counter() - conn.info["bench_t0"].pop()
+            with self._lock:
+                entry = self.stats.setdefault(self.shape(statement), [0.0, 0])
+                entry[0] += seconds
+                entry[1] += 1
 
         event.listen(engine, "before_cursor_execute", before)
         event.listen(engine, "after_cursor_execute", after)
@@ -631,8 +634,9 @@ class StatementTimer:
 
     def take(self) -> list[tuple[str, float, int]]:
         """(statement, seconds, calls), slowest first; resets the counters."""
-        rows = sorted(((s, v[0], int(v[1])) for s, v in self.stats.items()), key=lambda r: -r[1])
-        self.stats = {}
+        with self._lock:
+            stats, self.stats = self.stats, {}
+        rows = sorted(((s, v[0], int(v[1])) for s, v in stats.items()), key=lambda r: -r[1])
         return rows
 
 

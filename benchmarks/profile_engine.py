@@ -47,7 +47,13 @@ def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12
             raise RuntimeError("validation failed in the profiled run")
 
     def verify() -> None:
-        problems = eng.verify_execution(engine, patch, ids["x"])
+        problems = eng.verify_execution(
+            engine,
+            patch,
+            ids["x"],
+            timeout_s=settings.query_timeout_seconds,
+            connections=settings.check_connections,
+        )
         if problems:
             raise RuntimeError(f"verification failed in the profiled run: {problems}")
         eng.finish_execution(engine, ids["x"], "completed", phase="verified")
