@@ -738,7 +738,7 @@ def _read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignor
     ]
 
 
-def _fetch_rows(conn: Connection, query: Any) -> Sequence[Any]:
+def fetch_rows(conn: Connection, query: Any) -> Sequence[Any]:
     """Every row of ``query``. When SQLAlchemy has nothing to convert in them (no result
     processors, as on PostgreSQL for these column types), straight from the driver's cursor as
     plain tuples: building SQLAlchemy's Row objects doubled the cost of reading a batch (160
@@ -845,7 +845,7 @@ def run_transform(
             batch_no += 1
             size = budget.next_batch_size(batch_no)
             with engine.connect() as conn:
-                rows = _fetch_rows(
+                rows = fetch_rows(
                     conn,
                     select(
                         *_read_columns(
@@ -887,7 +887,7 @@ def run_transform(
                 lo, hi = int(ids.iat[0]), int(ids.iat[-1])  # in id order (dp_seq = id)
                 for rel, fk in patch.related.items():
                     b = backups[rel]
-                    rel_rows = _fetch_rows(
+                    rel_rows = fetch_rows(
                         conn,
                         select(*_read_columns(b, tables[rel], live_cols[rel]))
                         .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))

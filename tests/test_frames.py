@@ -27,7 +27,7 @@ from sqlalchemy import (
     select,
 )
 
-from patch_ops.engine import _fetch_rows, _read_columns, bulk_insert
+from patch_ops.engine import _read_columns, bulk_insert, fetch_rows
 from patch_ops.frames import _constant_text, column_text, copy_text, plain_records
 
 pytestmark = pytest.mark.postgres
@@ -147,7 +147,7 @@ def test_batches_read_from_postgres_as_plain_tuples_hold_what_sqlalchemy_reads(p
         bulk_insert(conn, t, _frame())
     query = select(*_read_columns(t, t, [c.name for c in t.columns])).order_by(t.c.id)
     with engine.connect() as conn:
-        plain = _fetch_rows(conn, query)
+        plain = fetch_rows(conn, query)
         rows = conn.execute(query).all()
     assert type(plain[0]) is tuple  # the driver's own rows
     assert plain == [tuple(r) for r in rows]
