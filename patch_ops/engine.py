@@ -99,16 +99,6 @@ class CommitConflict(PatchError):
     pass
 
 
-class ChangedSinceBackup(PatchError):
-    """The commit's compare-and-set UPDATE left rows out: they no longer equal their backup."""
-
-    def __init__(self, table: str, updated: int, staged: int):
-        super().__init__(
-            f"{staged - updated:,} of {staged:,} staged {table} rows no longer equal their backup",
-            {"table": table},
-        )
-
-
 class VerificationFailed(PatchError):
     pass
 
@@ -1605,12 +1595,6 @@ def _distinct(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type
     return a.is_distinct_from(b)
 
 
-def _differs_from_backup(live, bk) -> ColumnElement:  # type: ignore[no-untyped-def]
-    """A live row differs in any column from its before-image (``bk`` joined on it)."""
-    cols = [c.name for c in live.columns if c.name in bk.c]
-    return or_(*[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols])
-
-
 def find_conflicts(
     conn: Connection,
     engine: Engine,
@@ -1636,7 +1620,10 @@ def find_conflicts(
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
             if against == "backup":
                 bk = mirror_table(engine, live, "backup")
-                differs = or_(live.c.id.is_(None), _differs_from_backup(live, bk))
+                cols = [c.name for c in live.columns if c.name in bk.c]
+                differs = or_(
+                    live.c.id.is_(None), *[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols]
+                )
                 q = (
                     select(st.c.dp_seq)
                     .select_from(st)
@@ -1670,9 +1657,7 @@ def find_conflicts(
 
 
 def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[str, Any]) -> None:
-    """Row locks on the rows a restore will change (PostgreSQL/MySQL), taken before it looks
-    for conflicts; SQLite holds the write lock already. (The commit needs none: its UPDATE
-    compares and sets, ``_apply_staged``.)"""
+    """Row locks on the rows to change (PostgreSQL/MySQL); SQLite holds the write lock already."""
     if conn.dialect.name == "sqlite":
         return
     for table in decl["updates"]:
@@ -1683,11 +1668,11 @@ def _lock_rows(conn: Connection, tables: Tables, execution_id: str, decl: dict[s
         locking = select(live.c.id).where(live.c.id.in_(ids)).with_for_update()
         if conn.dialect.name == "postgresql":
             # the server locks every row as it reads it and sends back one count, not the ids
-            # (sending 1M ids to the client cost ~8 s at 1M rows)
+            # (sending 1M ids to the client cost ~8 s of the commit at 1M rows)
             conn.execute(select(func.count()).select_from(locking.subquery()))
             continue
         # streamed and dropped a page at a time: every row gets locked, none is kept in memory
-        # (fetching 10M ids at once took a step to ~1.8 GB)
+        # (fetching 10M ids at once took the commit step to ~1.8 GB)
         locked = conn.execute(
             locking, execution_options={"stream_results": True, "yield_per": 10_000}
         )
@@ -1773,12 +1758,6 @@ def _apply_staged(
 ) -> dict[str, int]:
     """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial).
 
-    The commit (not ``trial``) compares and sets: a live row is updated only while it still
-    equals its before-image in every column. The UPDATE locks each row as it changes it, and
-    PostgreSQL re-checks the condition on a row another transaction changed meanwhile (READ
-    COMMITTED), so an application change is never overwritten: the row is left out, the count
-    falls short, and ``ChangedSinceBackup`` is raised (the caller's transaction rolls back).
-
     ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``)."""
     counts: dict[str, int] = {}
     for table, cols in decl["updates"].items():
@@ -1792,26 +1771,20 @@ def _apply_staged(
         if not expected:
             counts[f"{table}_updated"] = 0
             continue
-        applying = update(live).where(
-            live.c.id == st.c.dp_seq,
-            st.c.dp_execution_id == execution_id,
-            st.c.dp_action == UPDATE,
-        )
-        if not trial:
-            bk = mirror_table(engine, live, "backup")
-            applying = applying.where(
-                bk.c.dp_execution_id == execution_id,
-                bk.c.dp_action == BACKUP,
-                bk.c.dp_seq == st.c.dp_seq,
-                not_(_differs_from_backup(live, bk)),
-            )
         with _refusal(table, "update"):
-            res = conn.execute(applying.values({c: st.c[c] for c in cols}))
-        if res.rowcount != expected and not trial:
-            raise ChangedSinceBackup(table, res.rowcount, expected)
+            res = conn.execute(
+                update(live)
+                .where(
+                    live.c.id == st.c.dp_seq,
+                    st.c.dp_execution_id == execution_id,
+                    st.c.dp_action == UPDATE,
+                )
+                .values({c: st.c[c] for c in cols})
+            )
         if res.rowcount != expected:
             raise PatchError(
-                f"the trial updated {res.rowcount} {table} rows but {expected} were staged"
+                f"commit updated {res.rowcount} {table} rows but {expected} were staged; "
+                "rolled back"
             )
         counts[f"{table}_updated"] = expected
     for table, cols in decl["inserts"].items():
@@ -1851,34 +1824,25 @@ def commit_execution(engine: Engine, patch_name: str, execution_id: str, log: An
         raise PatchError(f"execution {execution_id} has not passed validation; not committing")
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
-    try:
-        with write_transaction(engine) as conn:
-            offsets: dict[str, int] = {}
-            counts = _apply_staged(conn, engine, tables, execution_id, decl, id_offsets=offsets)
-            report = dict(ex["report"] or {})
-            report["committed"] = counts
-            report["insert_id_offsets"] = offsets
-            set_execution(
-                conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow()
+    with write_transaction(engine) as conn:
+        _lock_rows(conn, tables, execution_id, decl)
+        conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
+        if conflicts:
+            desc = "; ".join(
+                f"{t}: {len(ids)}{'+' if len(ids) >= 1000 else ''} row(s), ids {ids[:20]}"
+                for t, ids in conflicts.items()
             )
-    except ChangedSinceBackup as changed:
-        # rolled back; now name the rows (outside the commit: it is the rare path)
-        with engine.connect() as conn:
-            conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
-        if not conflicts:
-            raise PatchError(
-                f"{changed}; the rows were changed back before they could be named; nothing "
-                "was committed (re-run the patch to plan again)"
-            ) from None
-        desc = "; ".join(
-            f"{t}: {len(ids)}{'+' if len(ids) >= 1000 else ''} row(s), ids {ids[:20]}"
-            for t, ids in conflicts.items()
-        )
-        raise CommitConflict(
-            "the application changed rows after the backup; nothing was committed "
-            f"(re-run the patch to plan again): {desc}",
-            {"conflicts": conflicts},
-        ) from None
+            raise CommitConflict(
+                "the application changed rows after the backup; nothing was committed "
+                f"(re-run the patch to plan again): {desc}",
+                {"conflicts": conflicts},
+            )
+        offsets: dict[str, int] = {}
+        counts = _apply_staged(conn, engine, tables, execution_id, decl, id_offsets=offsets)
+        report = dict(ex["report"] or {})
+        report["committed"] = counts
+        report["insert_id_offsets"] = offsets
+        set_execution(conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow())
     log.info("committed: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return counts
 

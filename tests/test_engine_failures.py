@@ -95,8 +95,8 @@ def test_a_row_changed_by_the_app_after_backup_stops_the_commit(database_url):
 
 @pytest.mark.postgres
 def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
-    # The application updates item 2 in a transaction that is still open when the commit's
-    # UPDATE reaches the row: the commit waits for it, finds the row no longer equal to its
+    # The application updates item 2 in a transaction that is still open when the commit
+    # starts: the commit waits for the row's lock, then finds the row no longer equal to its
     # backup, and commits nothing. A plain UPDATE from the stage would overwrite the change.
     engine = hand_built(pg_url, [100, 200, 300])
     registry = default_registry()
@@ -132,9 +132,9 @@ def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
 
 
 @pytest.mark.postgres
-def test_a_restore_locks_every_target_row_before_its_conflict_check(pg_url):
-    # Locked rows cannot change between the restore's conflict check and its UPDATE: the
-    # application waits for the restore instead. Here the application gives up at once (NOWAIT).
+def test_the_commit_locks_every_target_row_before_its_conflict_check(pg_url):
+    # Locked rows cannot change between the conflict check and the UPDATE (commit and restore):
+    # the application waits instead. Here the application gives up at once (NOWAIT).
     engine = hand_built(pg_url, [100, 200, 300])
     state.ensure_framework_tables(engine)
     with engine.begin() as conn:
