@@ -13,11 +13,19 @@ Two readings are taken before every batch:
   drops below ``min_available_mb``, the step fails before the box starts swapping or the OOM
   killer picks a victim, whatever the step's own budget says.
 
+Before each reading the guard hands the C heap's free pages back to the system (glibc's
+``malloc_trim``): pandas frees a batch's frames into the heap, where they stay counted in RSS
+between the blocks that are still live. Without it the reading grows with the number of batches
+(the 1M-item transform in-process: 176 → 207 MB over 50 batches; 245 MB at 1M and 282 MB at 10M
+in the benchmark) although the memory in use does not.
+
 Failing here is always safe: the transform only writes staging tables, nothing is committed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass, field
 
 import psutil
@@ -29,6 +37,25 @@ MB = 1024 * 1024
 
 class MemoryLimitExceeded(RuntimeError):
     """The step uses more memory than the patch is allowed; the run must stop."""
+
+
+def _malloc_trim() -> object:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_heap can do something here
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the system (glibc); False where there is no such call."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)  # type: ignore[operator]
+    return True
 
 
 def current_rss_mb() -> float:
@@ -61,6 +88,7 @@ class MemoryBudget:
 
     def next_batch_size(self, batch_no: int) -> int:
         """Check memory before a batch; return the batch size to use, or raise."""
+        release_free_heap()  # freed frames count as the step's memory otherwise
         rss = current_rss_mb()
         used = max(0.0, rss - self.baseline_rss_mb)
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
@@ -120,6 +148,7 @@ class MemoryGuard(ConfigurableResource):
 
     def budget(self, limit_mb: float, batch_size: int) -> MemoryBudget:
         """A fresh budget for one step; its baseline is the process RSS right now."""
+        release_free_heap()
         return MemoryBudget(
             limit_mb=limit_mb,
             batch_size=batch_size,
