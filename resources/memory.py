@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -39,9 +40,10 @@ class MemoryLimitExceeded(RuntimeError):
     """The step uses more memory than the patch is allowed; the run must stop."""
 
 
-def _malloc_trim() -> object:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
 
@@ -50,12 +52,10 @@ _MALLOC_TRIM = _malloc_trim()
 HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_heap can do something here
 
 
-def release_free_heap() -> bool:
-    """Return the heap's free pages to the system (glibc); False where there is no such call."""
-    if _MALLOC_TRIM is None:
-        return False
-    _MALLOC_TRIM(0)  # type: ignore[operator]
-    return True
+def release_free_heap() -> None:
+    """Return the heap's free pages to the system (glibc); nothing where there is no such call."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def current_rss_mb() -> float:
