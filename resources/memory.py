@@ -19,6 +19,11 @@ between the blocks that are still live. Without it the reading grows with the nu
 (the 1M-item transform in-process: 176 → 207 MB over 50 batches; 245 MB at 1M and 282 MB at 10M
 in the benchmark) although the memory in use does not.
 
+It also pins glibc's mmap threshold at 128 KiB (``mallopt``; glibc otherwise raises it after
+every large block freed, up to 32 MiB): a batch's column arrays are then their own mappings, given
+back whole when freed, instead of heap blocks that leave holes (in-process 2M-item transform:
+RSS between batches 195-203 MB with the dynamic threshold, 185-189 MB pinned; same speed).
+
 Failing here is always safe: the transform only writes staging tables, nothing is committed.
 """
 
@@ -40,22 +45,32 @@ class MemoryLimitExceeded(RuntimeError):
     """The step uses more memory than the patch is allowed; the run must stop."""
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc(name: str) -> Callable[..., int] | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return getattr(libc, name)  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
 HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_heap can do something here
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default starting value, kept fixed
 
 
 def release_free_heap() -> None:
     """Return the heap's free pages to the system (glibc); nothing where there is no such call."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def pin_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold (no dynamic raise): blocks from 128 KiB up are mapped and
+    unmapped on their own. Process-wide and harmless to the rest of the process. False where
+    there is no mallopt or glibc refuses."""
+    return _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
 
 def current_rss_mb() -> float:
@@ -148,6 +163,7 @@ class MemoryGuard(ConfigurableResource):
 
     def budget(self, limit_mb: float, batch_size: int) -> MemoryBudget:
         """A fresh budget for one step; its baseline is the process RSS right now."""
+        pin_mmap_threshold()
         release_free_heap()
         return MemoryBudget(
             limit_mb=limit_mb,

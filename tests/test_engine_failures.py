@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -266,6 +269,44 @@ def test_the_guard_does_not_count_freed_heap_as_the_steps_memory():
     assert budget.peak_used_mb < 50
     del kept
 
+
+_MMAPPED_AFTER_A_BIG_FREE = textwrap.dedent(
+    """
+    import ctypes, sys
+    from resources.memory import MemoryGuard
+    libc = ctypes.CDLL("libc.so.6")
+    fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in fields.split()]
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    if sys.argv[1] == "guard":
+        MemoryGuard().budget(limit_mb=100, batch_size=500)
+    libc.free(libc.malloc(8 << 20))  # a mapped block freed: glibc's dynamic threshold -> 8 MB
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(2 << 20)
+    print(libc.mallinfo2().hblks - before)  # 1: the 2 MB block is its own mapping
+    """
+)
+
+
+def test_the_guard_pins_glibcs_mmap_threshold(repo_root):
+    # Unpinned, glibc serves big blocks (a batch's column arrays) from the heap once a bigger
+    # mapped block was freed, and freeing them leaves holes in the heap instead of unmapping.
+    def mapped(mode: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", _MMAPPED_AFTER_A_BIG_FREE, mode],
+            cwd=str(repo_root), capture_output=True, text=True, check=False,
+        )
+        if "mallinfo2" in out.stderr or "libc.so.6" in out.stderr:
+            pytest.skip("not glibc >= 2.33 (no mallinfo2 to count mapped blocks)")
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert mapped("plain") == "0"  # the control: glibc's dynamic threshold is at work
+    assert mapped("guard") == "1"
 
 @pytest.mark.parametrize(
     ("config", "message"),
