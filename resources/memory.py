@@ -21,8 +21,9 @@ in the benchmark) although the memory in use does not.
 
 It also pins glibc's mmap threshold at 128 KiB (``mallopt``; glibc otherwise raises it after
 every large block freed, up to 32 MiB): a batch's column arrays are then their own mappings, given
-back whole when freed, instead of heap blocks that leave holes (in-process 2M-item transform:
-RSS between batches 195-203 MB with the dynamic threshold, 185-189 MB pinned; same speed).
+back whole when freed, instead of heap blocks that leave holes (in-process 2M-item transform,
+RSS while a batch is being staged: 195-203 MB with the dynamic threshold, 185-189 MB pinned;
+same speed; 100k benchmark: largest process 221 -> 211 MB).
 
 Failing here is always safe: the transform only writes staging tables, nothing is committed.
 """

@@ -56,7 +56,10 @@ def _slow_config(tmp_path: Path) -> Path:
     return cfg
 
 
-def _start_slow(url: str, home: Path, cfg: Path, seconds: str) -> subprocess.Popen[bytes]:
+def _start_slow(
+    url: str, home: Path, cfg: Path, seconds: str, gate: Path | None = None
+) -> subprocess.Popen[bytes]:
+    extra = {"SLOW_PATCH_GATE": str(gate)} if gate else {}
     return subprocess.Popen(
         [
             str(BIN / "dagster"),
@@ -70,7 +73,7 @@ def _start_slow(url: str, home: Path, cfg: Path, seconds: str) -> subprocess.Pop
             str(cfg),
         ],
         cwd=REPO,
-        env=_env(url, home, SLOW_PATCH_SECONDS=seconds),
+        env=_env(url, home, SLOW_PATCH_SECONDS=seconds, **extra),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -115,13 +118,15 @@ def _execute_price(url: str, home: Path, **env: str) -> subprocess.CompletedProc
 def test_second_process_fails_fast_naming_the_holder(sqlite_url, dagster_home, tmp_path):
     engine = seeded(sqlite_url, items=200)
     before = digest(engine)
-    # 2 s per batch: the holder keeps its lock ~18 s after its first batch, time enough for
-    # the second CLI to start and plan on a loaded machine (at 1 s it once got there too late)
-    first = _start_slow(sqlite_url, dagster_home, _slow_config(tmp_path), "2.0")
+    # The holder stops before its second batch until the gate opens: it keeps its lock however
+    # long the second CLI takes to start and plan (fixed sleeps per batch raced a loaded machine)
+    gate = tmp_path / "gate"
+    first = _start_slow(sqlite_url, dagster_home, _slow_config(tmp_path), "0", gate)
     try:
         holder = _wait_for_batches(engine, 1)
 
         second = _execute_price(sqlite_url, dagster_home)
+        gate.touch()
 
         assert second.returncode == 1
         out = second.stdout + second.stderr

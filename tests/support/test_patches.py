@@ -83,12 +83,25 @@ class ConcurrentAppPatch(InventoryPriceAdjustment):
 
 
 class SlowPricePatch(InventoryPriceAdjustment):
-    """The price patch, slowed down so a test can kill it in the middle of the transform."""
+    """The price patch, slowed down so a test can kill it in the middle of the transform.
+
+    ``SLOW_PATCH_SECONDS`` per batch; with ``SLOW_PATCH_GATE`` (a path), every batch after the
+    first also waits until that file exists: the run holds its lock until the test opens the gate,
+    however slow the machine."""
 
     name = "slow_price_adjustment"
+    _batches = 0  # in the transform's process
 
     def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
         time.sleep(float(os.environ.get("SLOW_PATCH_SECONDS", "0.4")))
+        gate = os.environ.get("SLOW_PATCH_GATE")
+        SlowPricePatch._batches += 1
+        if gate and SlowPricePatch._batches > 1:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(gate):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"test gate {gate} never opened")
+                time.sleep(0.1)
         return super().transform(batch, config, ctx)
 
 
