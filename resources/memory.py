@@ -67,11 +67,12 @@ def release_free_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def pin_mmap_threshold() -> bool:
+def pin_mmap_threshold() -> None:
     """Fix glibc's mmap threshold (no dynamic raise): blocks from 128 KiB up are mapped and
-    unmapped on their own. Process-wide and harmless to the rest of the process. False where
-    there is no mallopt or glibc refuses."""
-    return _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    unmapped on their own. Process-wide and harmless to the rest of the process; nothing where
+    there is no mallopt."""
+    if _MALLOPT is not None:
+        _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def current_rss_mb() -> float:

@@ -308,6 +308,7 @@ def test_the_guard_pins_glibcs_mmap_threshold(repo_root):
     assert mapped("plain") == "0"  # the control: glibc's dynamic threshold is at work
     assert mapped("guard") == "1"
 
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
