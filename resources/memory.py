@@ -46,16 +46,17 @@ class MemoryLimitExceeded(RuntimeError):
     """The step uses more memory than the patch is allowed; the run must stop."""
 
 
-def _glibc(name: str) -> Callable[..., int] | None:
+def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return getattr(libc, name)  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
 
 
-_MALLOC_TRIM = _glibc("malloc_trim")
-_MALLOPT = _glibc("mallopt")
+# Both are glibc's; elsewhere (macOS, musl) they are missing and the guard tunes nothing.
+_LIBC = _libc()
+_MALLOC_TRIM: Callable[[int], int] | None = getattr(_LIBC, "malloc_trim", None)
+_MALLOPT: Callable[[int, int], int] | None = getattr(_LIBC, "mallopt", None)
 HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_heap can do something here
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default starting value, kept fixed
