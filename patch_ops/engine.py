@@ -812,7 +812,6 @@ def run_transform(
     driving = backups[patch.driving_table]
     live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
 
-    budget = memory.budget(ex["memory_limit_mb"], ex["batch_size"])
     cursor = ex["cursor"] if ex["cursor"] is not None else -(2**62)
     done = int(ex["processed_records"])
     staged_inserts = int(ex["staged_inserts"])
@@ -828,8 +827,12 @@ def run_transform(
 
     # One writer thread stages batch N (COPY, rejects, progress row: one transaction) while
     # this thread reads and transforms batch N+1: the database's work overlaps the Python work.
-    # Writes stay in batch order, and at most one batch waits to be written.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-writer") as writer:
+    # Writes stay in batch order, and at most one batch waits to be written. The memory budget
+    # collects each batch's garbage (MemoryBudget.__enter__).
+    with (
+        memory.budget(ex["memory_limit_mb"], ex["batch_size"]) as budget,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-writer") as writer,
+    ):
         pending: Future[None] | None = None
         while True:
             batch_no += 1

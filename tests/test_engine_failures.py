@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -268,6 +269,40 @@ def test_the_guard_does_not_count_freed_heap_as_the_steps_memory():
     assert budget.next_batch_size(1) == 500  # not "memory limit exceeded" for freed memory
     assert budget.peak_used_mb < 50
     del kept
+
+
+def test_the_guard_collects_batches_in_reference_cycles_before_it_reads():
+    # A frame pandera validated points to its accessor and back: unreachable after the batch,
+    # but freed only by a collection. With the interpreter's collections off, only the guard's
+    # own collection can free this 40 MB before the reading.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with MemoryGuard().budget(limit_mb=32, batch_size=500) as budget:
+            assert budget.next_batch_size(1) == 500
+            batch: list[object] = [bytearray(b"\x01") * (40 * 1024 * 1024)]
+            batch.append(batch)  # the cycle
+            del batch
+            assert budget.next_batch_size(2) == 500  # not "memory limit exceeded"
+            assert budget.peak_used_mb < 32
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def test_the_budget_freezes_what_the_step_began_with_and_only_what_it_froze():
+    assert gc.get_freeze_count() == 0
+    with MemoryGuard().budget(limit_mb=100, batch_size=500):
+        assert gc.get_freeze_count() > 0  # not scanned by the collection before each batch
+    assert gc.get_freeze_count() == 0  # given back to the collector after the step
+    gc.freeze()  # someone else's freeze (a server pre-fork, say) is left as it was
+    try:
+        frozen = gc.get_freeze_count()
+        with MemoryGuard().budget(limit_mb=100, batch_size=500):
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 _MMAPPED_AFTER_A_BIG_FREE = textwrap.dedent(
