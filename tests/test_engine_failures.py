@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -271,28 +274,45 @@ def test_the_guard_does_not_count_freed_heap_as_the_steps_memory():
     del kept
 
 
-def test_the_guard_collects_batches_in_reference_cycles_before_it_reads():
-    # A frame pandera validated points to its accessor and back: unreachable after the batch,
-    # but freed only by a collection. With the interpreter's collections off, only the guard's
-    # own collection can free this 40 MB before the reading.
+@contextlib.contextmanager
+def _no_automatic_collections() -> Iterator[None]:
+    """Only explicit gc.collect() calls free cycles meanwhile."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        with MemoryGuard().budget(limit_mb=32, batch_size=500) as budget:
-            assert budget.next_batch_size(1) == 500
-            batch: list[object] = [bytearray(b"\x01") * (40 * 1024 * 1024)]
-            batch.append(batch)  # the cycle
-            del batch
-            assert budget.next_batch_size(2) == 500  # not "memory limit exceeded"
-            assert budget.peak_used_mb < 32
+        yield
     finally:
         if was_enabled:
             gc.enable()
 
 
+def test_the_guard_collects_batches_in_reference_cycles_before_it_reads():
+    # A frame pandera validated points to its accessor and back: unreachable after the batch,
+    # but freed only by a collection. With the interpreter's collections off, only the guard's
+    # own collection can free this 40 MB before the reading.
+    with _no_automatic_collections(), MemoryGuard().budget(limit_mb=32, batch_size=500) as budget:
+        assert budget.next_batch_size(1) == 500
+        batch: list[object] = [bytearray(b"\x01") * (40 * 1024 * 1024)]
+        batch.append(batch)  # the cycle
+        del batch
+        assert budget.next_batch_size(2) == 500  # not "memory limit exceeded"
+        assert budget.peak_used_mb < 32
+
+
+class _Node:
+    pass
+
+
 def test_the_budget_freezes_what_the_step_began_with_and_only_what_it_froze():
     assert gc.get_freeze_count() == 0
-    with MemoryGuard().budget(limit_mb=100, batch_size=500):
+    with _no_automatic_collections():
+        old = _Node()
+        old.self = old  # type: ignore[attr-defined]
+        gone = weakref.ref(old)
+        del old
+        budget = MemoryGuard().budget(limit_mb=100, batch_size=500)
+        assert gone() is None  # earlier garbage is collected, not frozen into the step
+    with budget:
         assert gc.get_freeze_count() > 0  # not scanned by the collection before each batch
     assert gc.get_freeze_count() == 0  # given back to the collector after the step
     gc.freeze()  # someone else's freeze (a server pre-fork, say) is left as it was
