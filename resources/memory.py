@@ -19,7 +19,8 @@ accessor on a Series, and the accessor points back), and Python frees a cycle on
 collection. With the ~210,000 objects Dagster keeps alive, the interpreter's own rule runs one
 only every 30-50 batches, so the garbage of that many batches was held in between: the in-process
 2M-item transform went 184 -> 212 MB and back in that sawtooth, and the 10M-item benchmark's
-transform peaked at 265 MB against 211 MB at 100k. A full collection costs ~200 ms with those
+transform peaked at 265 MB against 211 MB at 100k (with the collection: 225 MB against
+211 MB, benchmarks/README.md). A full collection costs ~200 ms with those
 objects; so for the duration of a step (``with memory.budget(...)``) the objects alive when it
 began are frozen (``gc.freeze``, not scanned again) and each collection scans only what the
 batches made: ~5 ms (the 2M transform: 184-212 -> 177-183 MB, 63.2 -> 59.2 s). One full
