@@ -827,8 +827,8 @@ def run_transform(
 
     # One writer thread stages batch N (COPY, rejects, progress row: one transaction) while
     # this thread reads and transforms batch N+1: the database's work overlaps the Python work.
-    # Writes stay in batch order, and at most one batch waits to be written. The memory budget
-    # collects each batch's garbage (MemoryBudget.__enter__).
+    # Writes stay in batch order, and at most one batch waits to be written. While the budget is
+    # entered, the objects the step began with are frozen (MemoryBudget.__enter__).
     with (
         memory.budget(ex["memory_limit_mb"], ex["batch_size"]) as budget,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-writer") as writer,

@@ -71,13 +71,15 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 _MALLOC_TRIM: Callable[[int], int] | None = getattr(_LIBC, "malloc_trim", None)
 _MALLOPT: Callable[[int, int], int] | None = getattr(_LIBC, "mallopt", None)
-HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_heap can do something here
+HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_memory can trim the heap here
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default starting value, kept fixed
 
 
-def release_free_heap() -> None:
-    """Return the heap's free pages to the system (glibc); nothing where there is no such call."""
+def release_free_memory() -> None:
+    """Free unreachable reference cycles (batches' frames among them), then return the heap's
+    free pages to the system (glibc; no trim where there is no such call)."""
+    gc.collect()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -134,8 +136,7 @@ class MemoryBudget:
 
     def next_batch_size(self, batch_no: int) -> int:
         """Check memory before a batch; return the batch size to use, or raise."""
-        gc.collect()  # frames in reference cycles, unreachable but not yet freed
-        release_free_heap()  # freed frames count as the step's memory otherwise
+        release_free_memory()  # garbage and freed frames count as the step's memory otherwise
         rss = current_rss_mb()
         used = max(0.0, rss - self.baseline_rss_mb)
         self.peak_rss_mb = max(self.peak_rss_mb, rss)
@@ -197,8 +198,7 @@ class MemoryGuard(ConfigurableResource):
         """A fresh budget for one step; its baseline is the process RSS right now. Use it as a
         context manager around the step's batches (see ``MemoryBudget.__enter__``)."""
         pin_mmap_threshold()
-        gc.collect()  # garbage from before the step: neither its baseline nor frozen with it
-        release_free_heap()
+        release_free_memory()  # earlier garbage: neither in the baseline nor frozen with it
         return MemoryBudget(
             limit_mb=limit_mb,
             batch_size=batch_size,
