@@ -834,6 +834,7 @@ class Outcome:
     server_cpu_s: float | None = None  # CPU of the local database server during the run
     cpu_s: float | None = None  # client CPU as reported (scaled like the times); None: measured
     notes: list[str] = field(default_factory=list)
+    steps: list[tuple[str, float]] = field(default_factory=list)  # a baseline's own step times
 
     @property
     def ok(self) -> bool:

@@ -16,6 +16,13 @@ whole process tree is polled for RSS and whose CPU is read from wait4:
   config/runs/inventory_price_adjustment[.real].yaml``, the path users take, default
   executor (multiprocess, op processes from a fork server), fresh DAGSTER_HOME with the repo's dagster.yaml.
 - ``job dry/real, 0 rows``: the same with ``min_price`` above every price: a run's fixed cost.
+- ``safety floor (SQL)``: the job's safety steps (freeze the targets, back up whole rows, stage,
+  check every staged row, one commit transaction with row locks and a conflict check against
+  the backup, check live against staged) as hand-written set-based SQL: no Python on the rows,
+  no Dagster. What the safety rules themselves cost.
+- ``Dagster alone: 6 empty ops``: ``benchmarks/trivial_job.py``, a job of the same shape whose
+  ops do nothing, through ``dagster job execute`` with the same executor: what Dagster costs.
+  Floor + Dagster alone is the least a real run can take; the report's "Bounds" says so.
 
 The job fixes its run timestamp at plan time (``data_patch_executions.run_at``). The real run's
 ``run_at`` is read back and handed to the baselines, so all contenders must produce the same
@@ -129,6 +136,121 @@ def bare_sql(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
     return {"work_s": work, "rows_changed": counts[1], "rows": None}
 
 
+#: Work tables of the safety floor (on its own copy of the data; dropped when it is done).
+FLOOR_TABLES = ("bench_floor_targets", "bench_floor_backup", "bench_floor_up", "bench_floor_log")
+
+
+def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
+    """(step, statement) of the safety floor: the job's safety steps (freeze the target set,
+    back up whole rows, stage the new values, check every staged row and the cross-table pairing,
+    commit with row locks and a conflict check against the backup, check live against staged)
+    as hand-written set-based SQL, with no Python on the rows and no Dagster. ``columns``: the
+    reflected columns of ``inventories`` (the conflict check compares every one)."""
+    if dialect == "postgresql":
+        new, old_text, new_text, differ = PG_NEW, PG_OLD_TEXT, PG_NEW_TEXT, "IS DISTINCT FROM"
+        index = "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)"
+        lock = ("SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN bench_floor_up u "
+                "ON u.id = i.id FOR UPDATE OF i) locked")
+    elif dialect == "sqlite":
+        new, old_text, new_text, differ = SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, "IS NOT"
+        index = "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)"
+        lock = None  # the transaction's write lock covers the whole database
+    else:
+        raise SystemExit(f"no safety floor for {dialect}")
+    note = f"'価格調整: ' || {old_text} || '円 → ' || {new_text} || '円 (' || :label || ')'"
+    live_row = ", ".join(f"i.{c}" for c in columns)
+    backup_row = ", ".join(f"b.{c}" for c in columns)  # columns: reflected, quoted
+    log_cols = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
+                "user_id, created_at, updated_at")
+    steps = [
+        ("plan: freeze the target ids",
+         "CREATE TABLE bench_floor_targets AS SELECT id FROM inventories ORDER BY id"),
+        ("backup: whole rows",
+         "CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
+         "JOIN bench_floor_targets t ON t.id = i.id"),
+        ("backup: key", index),
+        ("transform: stage the updates",
+         f"CREATE TABLE bench_floor_up AS SELECT id, {new} AS price, inventory_logs_count + 1 "
+         f"AS inventory_logs_count, :run_at AS updated_at FROM bench_floor_backup "
+         f"WHERE {new} <> price"),
+        ("transform: stage the log rows",
+         "CREATE TABLE bench_floor_log AS SELECT row_number() OVER (ORDER BY id) AS seq, "
+         "id AS inventory_id, 0 AS delta, 'adjust' AS operation_type, quantity AS "
+         f"previous_quantity, quantity AS current_quantity, {note} AS note, "
+         "CAST(NULL AS INTEGER) AS user_id, :run_at AS created_at, :run_at AS updated_at "
+         f"FROM bench_floor_backup WHERE {new} <> price"),
+        ("validate: every staged item",
+         "SELECT count(*) FROM bench_floor_up WHERE price IS NULL OR price < 0 "
+         "OR inventory_logs_count < 1"),
+        ("validate: every staged log row",
+         "SELECT count(*) FROM bench_floor_log WHERE note IS NULL OR previous_quantity < 0 "
+         "OR current_quantity <> previous_quantity"),
+        ("validate: one log row per changed item",
+         "SELECT count(*) FROM bench_floor_up u LEFT JOIN (SELECT inventory_id, count(*) AS n "
+         "FROM bench_floor_log GROUP BY inventory_id) l ON l.inventory_id = u.id "
+         "WHERE l.n IS NULL OR l.n <> 1"),
+        ("commit: BEGIN", "BEGIN"),
+    ]
+    if lock:
+        steps.append(("commit: lock the rows", lock))
+    steps += [
+        ("commit: conflicts against the backup",
+         "SELECT count(*) FROM bench_floor_up u JOIN bench_floor_backup b ON b.id = u.id "
+         f"LEFT JOIN inventories i ON i.id = u.id WHERE i.id IS NULL "
+         f"OR ({live_row}) {differ} ({backup_row})"),
+        ("commit: update the items",
+         "UPDATE inventories SET price = u.price, inventory_logs_count = u.inventory_logs_count, "
+         "updated_at = u.updated_at FROM bench_floor_up u WHERE inventories.id = u.id"),
+        ("commit: insert the log rows",
+         f"INSERT INTO inventory_logs ({log_cols}) SELECT {log_cols} FROM bench_floor_log "
+         "ORDER BY seq"),
+        ("commit: COMMIT", "COMMIT"),
+        ("verify: live items = staged",
+         "SELECT count(*) FROM bench_floor_up u LEFT JOIN inventories i ON i.id = u.id "
+         "WHERE i.id IS NULL OR (i.price, i.inventory_logs_count, i.updated_at) "
+         f"{differ} (u.price, u.inventory_logs_count, u.updated_at)"),
+        ("verify: live log rows = staged",
+         "SELECT count(*) FROM bench_floor_log s LEFT JOIN inventory_logs l "
+         "ON l.id = s.seq + (SELECT max(id) FROM inventory_logs) - "
+         "(SELECT count(*) FROM bench_floor_log) WHERE l.id IS NULL OR l.inventory_id "
+         f"{differ} s.inventory_id OR l.note {differ} s.note"),
+    ]
+    return steps
+
+
+def safety_floor(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
+    """The safety floor (floor_steps), timed step by step on one connection; every check must
+    find nothing. Its final data must equal bare SQL's and the job's."""
+    from sqlalchemy import inspect
+
+    engine = common.baseline_engine(url)
+    quote = engine.dialect.identifier_preparer.quote
+    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+    params = {"pct": int(pct) if pct == pct.to_integral_value() else pct,
+              "label": f"percentage:{fmt_price(pct)}", "run_at": run_at}
+    steps: list[tuple[str, float]] = []
+    changed = None
+    t0 = time.perf_counter()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for name, sql in floor_steps(engine.dialect.name, columns):
+            stmt = text(sql)
+            if ":run_at" in sql:
+                stmt = stmt.bindparams(bindparam("run_at", type_=DateTime()))
+            t = time.perf_counter()
+            res = conn.execute(stmt, {k: v for k, v in params.items() if f":{k}" in sql})
+            found = res.scalar_one() if res.returns_rows else None
+            steps.append((name, time.perf_counter() - t))
+            if found and name.startswith(("validate", "commit: conflicts", "verify")):
+                raise SystemExit(f"safety floor: {name} found {found} row(s)")
+            if name == "commit: update the items":
+                changed = res.rowcount
+    work = time.perf_counter() - t0
+    with engine.begin() as conn:
+        for t in FLOOR_TABLES:
+            conn.execute(text(f"DROP TABLE {t}"))
+    return {"work_s": work, "rows_changed": changed, "rows": None, "steps": steps}
+
+
 def naive_orm(url: str, run_at: dt.datetime, pct: Decimal, limit: int) -> dict[str, Any]:
     """What a hand-run script typically does: load, change and save one object at a time."""
     from sqlalchemy.orm import DeclarativeBase, Session
@@ -189,6 +311,8 @@ def worker_main(args: argparse.Namespace) -> int:
     pct = Decimal(args.percentage)
     if args.worker == "bare":
         result = bare_sql(args.database_url, run_at, pct)
+    elif args.worker == "floor":
+        result = safety_floor(args.database_url, run_at, pct)
     else:
         result = naive_orm(args.database_url, run_at, pct, args.naive_rows)
     print(RESULT_MARK + json.dumps(result), flush=True)
@@ -203,14 +327,16 @@ def worker_main(args: argparse.Namespace) -> int:
 Outcome = common.Outcome
 
 
+WORKER_NAMES = {"bare": "bare SQL", "naive": "naive ORM", "floor": "safety floor (SQL)"}
+
+
 def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
                args: argparse.Namespace) -> Outcome:
     cmd = [sys.executable, "-m", "benchmarks.price_adjustment", "--worker", kind,
            "--database-url", url, "--run-at", run_at.isoformat(), "--percentage", str(pct),
            "--naive-rows", str(args.naive_rows)]
     proc = common.run_monitored(cmd, env=dict(os.environ), timeout=args.timeout)
-    name = "bare SQL" if kind == "bare" else "naive ORM"
-    out = Outcome(name, 0, proc)
+    out = Outcome(WORKER_NAMES[kind], 0, proc)
     res: dict[str, Any] = {}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
@@ -219,6 +345,7 @@ def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
         out.work_s = res["work_s"]
         out.rows_changed = res["rows_changed"]
         out.rows = res["rows"] if res["rows"] is not None else args.items
+        out.steps = res.get("steps", [])
     if kind == "naive" and out.rows:
         out.scale = args.items / out.rows
         # Scale the work's CPU only, not the process start-up.
@@ -304,6 +431,48 @@ def run_job(name: str, url: str, configs: list[Path], setup: JobSetup,
                                   args.timeout, AUDIT_KEY)
 
 
+EMPTY_JOB = ("benchmarks.trivial_job", "empty_patch_shape")
+
+
+def empty_job_executor(executor: str, home: Path) -> dict[str, Any]:
+    """The empty job's executor config for ``--executor``. "default" is what the patch jobs'
+    own executor does (patch_ops.jobs): op processes forked from a fork server that has imported
+    the code location, Dagster's CLI and the instance's modules; nothing of ours."""
+    if executor != "default":
+        return EXECUTORS[executor]
+    from dagster import DagsterInstance
+
+    from patch_ops.jobs import instance_modules
+
+    instance = DagsterInstance.from_config(str(home))
+    try:
+        preload = [EMPTY_JOB[0], "dagster._cli", *instance_modules(instance)]
+    finally:
+        instance.dispose()
+    return {"multiprocess": {"start_method": {"forkserver": {"preload_modules": preload}}}}
+
+
+def run_empty_job(setup: JobSetup, args: argparse.Namespace) -> Outcome:
+    """benchmarks/trivial_job.py through ``dagster job execute`` with the patch job's executor
+    and instance config: what Dagster itself costs a six-op run on the users' path."""
+    home = common.new_dagster_home(setup.workdir, "empty_job", setup.code.dir)
+    config = setup.workdir / "empty_job.yaml"
+    execution = empty_job_executor(setup.executor, home)
+    config.write_text(yaml.safe_dump({"execution": {"config": execution}}))
+    module, job = EMPTY_JOB
+    cmd = [*common.dagster_cli(), "job", "execute", "-m", module, "-j", job, "-c", str(config)]
+    path = os.pathsep.join(p for p in (str(common.REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, DAGSTER_HOME=str(home), PYTHONPATH=path)
+    proc = common.run_monitored(cmd, env=env, cwd=common.REPO_ROOT, timeout=args.timeout)
+    out = Outcome("Dagster alone: 6 empty ops", 0, proc)
+    out.timings = common.dagster_run_timings(home)
+    if out.timings is not None and out.timings.run_s == out.timings.run_s:
+        out.work_s = out.timings.run_s
+    if not out.ok:
+        out.notes.append("failed: " + " / ".join(proc.stderr.strip().splitlines()[-3:]))
+    return out
+
+
 def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The in-process engine profile, in a child process that imports the measured code."""
     cmd = [sys.executable, "-m", "benchmarks.profile_engine", "--database-url", url,
@@ -343,14 +512,15 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     profile: list[dict[str, Any]] = []
     run_at = dt.datetime(2026, 1, 15, 2, 0, 0)  # replaced by the real run's run_at
 
-    def measure(key: str, url: str, fn) -> Outcome:  # type: ignore[no-untyped-def]
+    def measure(key: str, url: str | None, fn) -> Outcome:  # type: ignore[no-untyped-def]
+        """Run ``fn(url)``; digest the data it leaves (``url`` None: it uses no database)."""
         log(f"running {key} ...")
         cpu0 = common.server_cpu_seconds(copies.server_pid)
         out = fn(url)
         cpu1 = common.server_cpu_seconds(copies.server_pid)
         if cpu0 is not None and cpu1 is not None:
             out.server_cpu_s = (cpu1 - cpu0) * out.scale
-        out.digest = common.digest(url, subset) if out.ok else None
+        out.digest = common.digest(url, subset) if out.ok and url else None
         log(f"  {key}: rc {out.process.returncode}, {out.process.wall_s:.1f} s")
         outcomes[key] = out
         return out
@@ -376,14 +546,16 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 run_at = real.execution["run_at"]
             elif real:
                 real.notes.append(f"no run_at: baselines used {run_at}")
-        for key, kind in (("bare", "bare"), ("naive", "naive")):
+        for key in ("bare", "naive", "floor"):
             if key in args.only:
                 url = copies.fresh(key)
                 try:
-                    measure(key, url, lambda u, k=kind: run_worker(k, u, run_at,
-                                                                   setup.percentage, args))
+                    measure(key, url, lambda u, k=key: run_worker(k, u, run_at,
+                                                                  setup.percentage, args))
                 finally:
                     copies.discard(url)
+        if "dagster" in args.only:
+            measure("dagster", None, lambda _: run_empty_job(setup, args))
         if "zero" in args.only:
             above_all = {"min_price": 1e9}
             zdry = setup.config_files(setup.dry_config, above_all)
@@ -411,6 +583,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     checks = {
         "job_real": lambda o: "reference",
         "bare": lambda o: _same(o.digest, ref, "full") + " to job real",
+        "floor": lambda o: _same(o.digest, ref, "full") + " to job real",
+        "dagster": lambda o: "no data (uses no database)",
         "naive": lambda o: _same(o.digest, ref, "subset") + f" to job real on items ≤ {subset:,}",
         "job_dry": lambda o: _same(o.digest, seeded, "full") + " to seed",
         "zero_dry": lambda o: _same(o.digest, seeded, "full") + " to seed",
@@ -441,8 +615,34 @@ log = common.log
 # Report
 # ---------------------------------------------------------------------------------------------
 
-ORDER = ("bare", "naive", "job_dry", "job_real", "zero_dry", "zero_real")
-CONTENDERS = ("bare", "naive", "job", "zero")
+ORDER = ("bare", "naive", "floor", "dagster", "job_dry", "job_real", "zero_dry", "zero_real")
+CONTENDERS = ("bare", "naive", "floor", "dagster", "job", "zero")
+
+
+def bounds(outs: dict[str, Outcome]) -> list[str]:
+    """What the measured floors allow, next to the targets (≥ 100× naive, ≤ 2× bare SQL)."""
+    bare, naive, floor, empty = (outs.get(k) for k in ("bare", "naive", "floor", "dagster"))
+    if not (bare and bare.ok and bare.work_s):
+        return []
+    lines = []
+    if naive and naive.ok and naive.work_s and naive.rows:
+        ratio = (bare.rows / bare.work_s) / (naive.rows / naive.work_s)
+        lines.append(
+            f"- bare SQL makes the changes at {ratio:.1f}× the naive baseline's rows/min (work): "
+            "the most any contender that makes them with set-based SQL can expect (target for "
+            "the job: ≥ 100×)."
+        )
+    if floor and floor.ok and empty and empty.ok:
+        least = floor.process.wall_s + empty.process.wall_s
+        lines.append(
+            f"- safety floor {floor.process.wall_s:.1f} s + Dagster alone "
+            f"{empty.process.wall_s:.1f} s = {least:.1f} s = "
+            f"{least / bare.process.wall_s:.2f}× bare SQL's wall ({bare.process.wall_s:.1f} s): "
+            "the least a real run can take that keeps the safety steps and runs as a Dagster "
+            "job on this path, before pandera, the impact report, history and audit (target "
+            "for the job: ≤ 2×)."
+        )
+    return ["", "### Bounds", "", *lines] if lines else []
 
 
 def render(res: dict[str, Any]) -> str:
@@ -489,8 +689,13 @@ def render(res: dict[str, Any]) -> str:
         "SQLite, whose work is in the client); both far less sensitive to the machine's load "
         "than wall times (naive: ×scale). " + common.RSS_FOOTNOTE,
     ]
-    for key in [k for k in ORDER if k.startswith(("job", "zero")) and k in outs]:
+    floor = outs.get("floor")
+    if floor and floor.steps:
+        lines += ["", f"### {floor.name}: time per step", "",
+                  common.table(["step", "s"], floor.steps)]
+    for key in [k for k in ORDER if k.startswith(("dagster", "job", "zero")) and k in outs]:
         lines += common.op_timings_section(outs[key])
+    lines += bounds(outs)
     if res["profile"]:
         from benchmarks.profile_engine import render_profile
 
@@ -537,7 +742,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--output", metavar="PATH", help="append the printed report to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--worker", choices=["bare", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=sorted(WORKER_NAMES), help=argparse.SUPPRESS)
     p.add_argument("--run-at", help=argparse.SUPPRESS)
     p.add_argument("--percentage", default="8", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

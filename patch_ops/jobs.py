@@ -146,12 +146,11 @@ PRELOAD_MODULES = ("patch_ops.jobs", "patch_ops.restore", "psycopg", "psycopg2",
 _forkserver_environ: frozenset[tuple[str, str]] | None = None
 
 
-def _instance_modules(init_context: InitExecutorContext) -> list[str]:
+def instance_modules(instance: DagsterInstance) -> list[str]:
     """The modules of the Dagster instance's parts (run, event log and schedule storage, compute
     log manager, run coordinator...), as dagster.yaml names them. Every op process first builds
     the instance from its ref, and importing these there took ~0.5 s of each op's start (the
     SQLite storages bring alembic, mako, rich, pygments, watchdog)."""
-    instance = init_context.instance
     if instance.is_ephemeral:  # it has no ref: it cannot run ops in other processes anyway
         return []
     ref = instance.get_ref()
@@ -174,7 +173,7 @@ def _default_start_method(init_context: InitExecutorContext) -> dict[str, Any]:
         _forkserver_environ = environ
     elif _forkserver_environ != environ:
         return {"spawn": {}}
-    preload = [*PRELOAD_MODULES, *_instance_modules(init_context)]
+    preload = [*PRELOAD_MODULES, *instance_modules(init_context.instance)]
     pointer = init_context.job.get_python_origin().get_repo_pointer()  # type: ignore[attr-defined]
     if getattr(pointer, "module", None):  # -m stockrx_patches.definitions, workspace.yaml
         preload.append(pointer.module)
