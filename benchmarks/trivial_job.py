@@ -15,24 +15,18 @@ def plan_patch() -> str:
     return "execution-id"
 
 
-@op
-def take_backup(execution_id: str) -> str:
-    return execution_id
+def _hand_on(name: str):  # type: ignore[no-untyped-def]
+    """An op that hands the execution id to the next one, as the patch jobs' ops do."""
+
+    @op(name=name)
+    def step(execution_id: str) -> str:
+        return execution_id
+
+    return step
 
 
-@op
-def transform_batches(execution_id: str) -> str:
-    return execution_id
-
-
-@op
-def validate_changes(execution_id: str) -> str:
-    return execution_id
-
-
-@op
-def commit_changes(execution_id: str) -> str:
-    return execution_id
+MIDDLE = [_hand_on(n) for n in ("take_backup", "transform_batches", "validate_changes",
+                                "commit_changes")]
 
 
 @op
@@ -42,7 +36,10 @@ def verify_commit(execution_id: str) -> None:
 
 @job
 def empty_patch_shape() -> None:
-    verify_commit(commit_changes(validate_changes(transform_batches(take_backup(plan_patch())))))
+    execution_id = plan_patch()
+    for step in MIDDLE:
+        execution_id = step(execution_id)
+    verify_commit(execution_id)
 
 
 defs = Definitions(jobs=[empty_patch_shape])
