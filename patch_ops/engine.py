@@ -151,10 +151,31 @@ def set_execution(conn: Connection, execution_id: str, **values: Any) -> None:
     )
 
 
+def _insert_offset(ex: dict[str, Any], table: str) -> int | None:
+    return ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table)
+
+
 def inserted_id(st, ex: dict[str, Any], table: str):  # type: ignore[no-untyped-def]
     """The live id of a staged insert of a committed execution: ``dp_seq`` plus the offset its
     commit recorded (ids handed out as one block), else the id the commit wrote to the stage."""
-    return _offset_id(st, ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table))
+    return _offset_id(st, _insert_offset(ex, table))
+
+
+def inserted_id_range(conn: Connection, st, ex: dict[str, Any], table: str) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """The lowest and the highest live id a committed execution inserted into ``table`` (None:
+    it inserted none). Checks that add ``live.id BETWEEN lo AND hi`` read the inserted rows by
+    the live table's key instead of scanning the whole table, all its history included (1M new
+    log rows among 3M: a post-verification check 15.4 -> 9.8 s)."""
+    offset = _insert_offset(ex, table)
+    col = st.c.dp_seq if offset is not None else st.c.id  # min/max of dp_seq: from the index
+    lo, hi = conn.execute(
+        select(func.min(col), func.max(col)).where(
+            st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == INSERT
+        )
+    ).one()
+    if lo is None:
+        return None
+    return (int(lo) + int(offset or 0), int(hi) + int(offset or 0))
 
 
 def _offset_id(st, offset: int | None):  # type: ignore[no-untyped-def]
@@ -1164,7 +1185,11 @@ class ResultView:
         cond = and_(st.c.dp_execution_id == self.execution_id, st.c.dp_action == INSERT)
         if self.committed:
             new_id = inserted_id(st, self.execution, table)
+            with self.engine.connect() as conn:
+                span = inserted_id_range(conn, st, self.execution, table)
             q = select(*live.c, st.c.dp_source_id).join(st, live.c.id == new_id).where(cond)
+            if span is not None:
+                q = q.where(live.c.id.between(*span))
         else:
             q = select(*[st.c[c] for c in self._cols(table)], st.c.dp_source_id).where(cond)
         return q.subquery(f"inserted_{table}")
@@ -1647,12 +1672,14 @@ def find_conflicts(
             cols = decl["inserts"][table]
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
             new_id = inserted_id(st, ex, table)
+            on = live.c.id == new_id
+            span = inserted_id_range(conn, st, ex, table)
+            if span is not None:
+                on = and_(on, live.c.id.between(*span))  # the inserted rows, not all the table
             differs = or_(
                 live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
             )
-            q = select(new_id).select_from(st).outerjoin(live, live.c.id == new_id).where(
-                cond, differs
-            )
+            q = select(new_id).select_from(st).outerjoin(live, on).where(cond, differs)
             ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
         if ids:
             found[table] = ids

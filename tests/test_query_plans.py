@@ -9,7 +9,7 @@ work_mem far too small for any hash, and no plan may contain a plain (rescanned)
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from patch_ops import engine as eng
 from patch_ops import state
@@ -85,3 +85,58 @@ def test_checks_after_commit_join_the_backup_only_when_they_read_before_values(p
         assert (backup in plans[inv.name]) == (inv.name in reads_before), (
             f"{inv.name}:\n{plans[inv.name]}"
         )
+
+
+def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_url):
+    """After commit, the checks on inserted rows (invariants, and verification's comparison with
+    what was committed) restrict the live table to the ids the execution inserted, so they read
+    those rows by key instead of the whole table with all its history."""
+    job = "inventory_price_adjustment"
+    engine = seeded(pg_url, items=400)
+    assert run_patch(pg_url, job, {**RUNS[job], "dry_run": False}).success
+    ex = latest_execution(engine)
+    assert ex["phase"] == "verified"
+    tables = state.reflect_tables(engine, ["inventory_logs"])
+    live = tables["inventory_logs"]
+    st = eng.mirror_table(engine, live, "stage")
+    with engine.connect() as conn:
+        span = eng.inserted_id_range(conn, st, ex, "inventory_logs")
+        staged = conn.execute(
+            select(func.count()).select_from(st).where(
+                st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == eng.INSERT
+            )
+        ).scalar_one()
+        inserted = conn.execute(
+            select(func.count()).select_from(live).where(live.c.created_at == ex["run_at"])
+        ).scalar_one()
+    assert span is not None and staged == inserted > 0
+    lo, hi = span
+    assert hi - lo + 1 == staged  # one block here: nobody else inserted meanwhile
+    patch = default_registry().patches[job]
+    plans = _plans(engine, patch, ex["execution_id"], committed=True)
+    reading_logs = [name for name, plan in plans.items() if "on inventory_logs" in plan]
+    assert {"one_log_per_changed_item", "log_quantities_match_item"} <= set(reading_logs)
+    for name in reading_logs:
+        if name.startswith("table("):
+            continue  # the whole table, by definition
+        assert f"id >= {lo}" in plans[name] and f"id <= {hi}" in plans[name], (
+            f"{name} reads inventory_logs beyond the inserted ids {lo}..{hi}:\n{plans[name]}"
+        )
+    from sqlalchemy import event
+
+    executed: list[tuple[str, dict]] = []
+
+    def keep(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        executed.append((statement, dict(params or {})))
+
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        with engine.connect() as conn:
+            tables = state.reflect_tables(engine, patch.tables())
+            assert eng.find_conflicts(conn, engine, tables, ex, "stage") == {}
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+    logs_check = [(q, p) for q, p in executed if "LEFT OUTER JOIN inventory_logs" in q]
+    assert logs_check
+    for q, p in logs_check:
+        assert "BETWEEN" in q and {lo, hi} <= set(p.values()), (q, p)
