@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Table, and_, case, func, select
 from sqlalchemy.engine import Connection
@@ -94,6 +94,15 @@ def _clean(x: float) -> float:
     return round(x, 9) + 0.0
 
 
+class ChangeSpread(NamedTuple):
+    """What the histogram needs to know of a change before it buckets it (its first pass)."""
+
+    min_change: Any  # None when no row has a non-null change
+    max_change: Any
+    rows: int  # rows with a non-null change
+    unchanged: int  # of them, with a change of exactly 0
+
+
 def change_histogram(
     conn: Connection,
     stage: Table,
@@ -102,6 +111,7 @@ def change_histogram(
     execution_id: str,
     *,
     max_buckets: int = DEFAULT_BUCKETS,
+    spread: ChangeSpread | None = None,
 ) -> Histogram:
     """Histogram of ``stage.column - backup.column`` over the rows an execution updates.
 
@@ -113,7 +123,8 @@ def change_histogram(
     loading them (backup, transform). Without statistics PostgreSQL estimated one row per side
     and picked a nested loop, quadratic at scale, which is why this once was a GROUP BY over
     ``UNION ALL``: 10.6 s for the two queries at a million rows, where the report's sums take
-    1.5 s over the same key join. Two queries, whatever the number of rows.
+    1.5 s over the same key join. Two queries, whatever the number of rows; one when the caller
+    has the change's ``spread`` from a pass of its own over the same pairs (the impact report).
     """
     from patch_ops.engine import BACKUP  # engine imports this module: import at call time
 
@@ -136,14 +147,16 @@ def change_histogram(
         .subquery("paired")
     )
     change = paired.c.change
-    lo, hi, rows, unchanged = conn.execute(
-        select(
-            func.min(change),
-            func.max(change),
-            func.count(change),
-            func.count(case((change == 0, 1))),
-        )
-    ).one()
+    if spread is None:
+        spread = ChangeSpread(*conn.execute(
+            select(
+                func.min(change),
+                func.max(change),
+                func.count(change),
+                func.count(case((change == 0, 1))),
+            )
+        ).one())
+    lo, hi, rows, unchanged = spread
     if not rows:
         return Histogram(column, (), (), 0, None, None, 0)
     lo_f, hi_f = float(lo), float(hi)

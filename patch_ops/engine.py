@@ -32,6 +32,7 @@ from sqlalchemy import (
     Integer,
     Numeric,
     and_,
+    case,
     cast,
     delete,
     func,
@@ -49,7 +50,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.sql import ColumnElement
 
 from patch_ops import state
-from patch_ops.charts import change_histogram, histogram_markdown
+from patch_ops.charts import ChangeSpread, change_histogram, histogram_markdown
 from patch_ops.frames import copy_text, plain_records, plain_rows
 from patch_ops.patch import (
     Changes,
@@ -1453,27 +1454,26 @@ def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
                 bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)
             )
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
-            rows = conn.execute(select(func.count()).select_from(joined).where(cond)).scalar_one()
-            stats: dict[str, Any] = {}
             numeric = [c for c in cols if _is_numeric(live.c[c])]
-            if numeric and rows:
-                aggs = []
-                for c in numeric:
-                    aggs += [
-                        func.sum(bk.c[c]),
-                        func.sum(st.c[c]),
-                        func.min(st.c[c] - bk.c[c]),
-                        func.max(st.c[c] - bk.c[c]),
-                    ]
-                vals = conn.execute(select(*aggs).select_from(joined).where(cond)).one()
-                for i, c in enumerate(numeric):
-                    s_before, s_after, d_min, d_max = vals[4 * i : 4 * i + 4]
-                    stats[c] = {
-                        "sum_before": _num(s_before),
-                        "sum_after": _num(s_after),
-                        "min_change": _num(d_min),
-                        "max_change": _num(d_max),
-                    }
+            # One pass over the pairs: the count, and per numeric column the sums, the spread of
+            # the change and what the histogram needs of it (so it does not pass again for that)
+            aggs: list[Any] = [func.count()]
+            for c in numeric:
+                change = st.c[c] - bk.c[c]
+                aggs += [func.sum(bk.c[c]), func.sum(st.c[c]), func.min(change),
+                         func.max(change), func.count(change), func.count(case((change == 0, 1)))]
+            rows, *vals = conn.execute(select(*aggs).select_from(joined).where(cond)).one()
+            stats: dict[str, Any] = {}
+            spreads: dict[str, ChangeSpread] = {}
+            for i, c in enumerate(numeric if rows else ()):
+                s_before, s_after, d_min, d_max, n, unchanged = vals[6 * i : 6 * i + 6]
+                stats[c] = {
+                    "sum_before": _num(s_before),
+                    "sum_after": _num(s_after),
+                    "min_change": _num(d_min),
+                    "max_change": _num(d_max),
+                }
+                spreads[c] = ChangeSpread(d_min, d_max, n, unchanged)
             sample = conn.execute(
                 select(st.c.dp_seq.label("id"), *[bk.c[c].label(f"{c}_before") for c in cols],
                        *[st.c[c].label(f"{c}_after") for c in cols])
@@ -1489,7 +1489,7 @@ def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
                 "sample": [{k: _jsonable(v) for k, v in r.items()} for r in sample],
                 # The distribution of each numeric change that is not the same for every row.
                 "histograms": {
-                    c: change_histogram(conn, st, bk, c, execution_id).to_json()
+                    c: change_histogram(conn, st, bk, c, execution_id, spread=spreads[c]).to_json()
                     for c, s in stats.items()
                     if s["min_change"] != s["max_change"]
                 },

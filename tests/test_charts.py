@@ -128,6 +128,33 @@ def test_change_histogram_counts_every_staged_update_once(
     engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"adjustment_type": "set_value", "adjustment_value": 10_000},  # ups and downs
+        {"adjustment_type": "percentage", "adjustment_value": 8, "min_price": 10**8},  # none
+    ],
+    ids=["changes", "no_changes"],
+)
+def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
+    database_url: str, config: dict[str, Any]
+) -> None:
+    """The report hands the histogram the spread of the change from its own pass over the pairs;
+    the histogram must be the one change_histogram computes by itself."""
+    engine, execution_id = _staged_execution(database_url, **config)
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn:
+        alone = change_histogram(conn, st, bk, "price", execution_id)
+    report = eng.build_report(engine, execution_id)["updates"]["inventories"]
+    if alone.rows:
+        assert report["histograms"]["price"] == alone.to_json()
+        assert report["stats"]["price"]["min_change"] == alone.min_change
+        assert report["rows"] == alone.rows
+    else:
+        assert report["rows"] == 0 and report["histograms"] == {} and report["stats"] == {}
+    engine.dispose()
+
+
 def test_change_histogram_of_an_execution_without_updates(sqlite_url: str) -> None:
     engine, execution_id = _staged_execution(
         sqlite_url, adjustment_type="percentage", adjustment_value=8, min_price=10**8
