@@ -909,14 +909,23 @@ def run_dagster_job(job: str, name: str, url: str, configs: Sequence[Path], code
     """``dagster job execute -m stockrx_patches.definitions -j JOB -c ...`` in a fresh
     DAGSTER_HOME, measured; step timings from its event log, its execution row (``kind``)."""
     home = new_dagster_home(workdir, name.replace(" ", "_").replace(",", ""), code.dir)
-    cmd = [*dagster_cli(), "job", "execute", "-m", "stockrx_patches.definitions", "-j", job]
+    args = ["-m", "stockrx_patches.definitions", "-j", job]
     for c in configs:
-        cmd += ["-c", str(c)]
-    proc = run_monitored(cmd, env=job_env(url, home, code, audit_key), cwd=code.dir,
+        args += ["-c", str(c)]
+    return execute_dagster_job(name, args, job_env(url, home, code, audit_key), code.dir, home,
+                               timeout, url, kind)
+
+
+def execute_dagster_job(name: str, args: Sequence[str], env: dict[str, str], cwd: Path,
+                        home: Path, timeout: float, url: str | None = None,
+                        kind: str = "patch") -> Outcome:
+    """``dagster job execute ARGS`` with ``env`` (its DAGSTER_HOME: ``home``), measured; step
+    timings from its event log; with ``url``, the execution row (``kind``) it left there."""
+    proc = run_monitored([*dagster_cli(), "job", "execute", *args], env=env, cwd=cwd,
                          timeout=timeout)
     out = Outcome(name, 0, proc)
     out.timings = dagster_run_timings(home)
-    out.execution = read_execution(url, kind)
+    out.execution = read_execution(url, kind) if url else None
     if out.timings is not None and out.timings.run_s == out.timings.run_s:
         out.work_s = out.timings.run_s
     if out.execution:

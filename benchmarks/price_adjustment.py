@@ -103,14 +103,31 @@ SQLITE_OLD_TEXT = (
 SQLITE_NEW_TEXT = f"CAST({SQLITE_NEW} AS TEXT)"
 
 
-def bare_statements(dialect: str) -> list[str]:
+def new_price_and_note(dialect: str) -> tuple[str, str]:
+    """SQL expressions, over an inventories row, of its new price and of its log row's note."""
     if dialect == "postgresql":
         new, old_text, new_text = PG_NEW, PG_OLD_TEXT, PG_NEW_TEXT
     elif dialect == "sqlite":
         new, old_text, new_text = SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT
     else:
-        raise SystemExit(f"no bare SQL baseline for {dialect}")
-    note = f"'価格調整: ' || {old_text} || '円 → ' || {new_text} || '円 (' || :label || ')'"
+        raise SystemExit(f"no hand-written SQL for {dialect}")
+    return new, f"'価格調整: ' || {old_text} || '円 → ' || {new_text} || '円 (' || :label || ')'"
+
+
+def sql_statement(sql: str) -> Any:
+    """``text(sql)``, its ``:run_at`` typed as a DateTime (SQLite stores it as text)."""
+    stmt = text(sql)
+    return stmt.bindparams(bindparam("run_at", type_=DateTime())) if ":run_at" in sql else stmt
+
+
+def sql_params(run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
+    """The bound parameters of the hand-written statements."""
+    return {"pct": int(pct) if pct == pct.to_integral_value() else pct,
+            "label": f"percentage:{fmt_price(pct)}", "run_at": run_at}
+
+
+def bare_statements(dialect: str) -> list[str]:
+    new, note = new_price_and_note(dialect)
     return [
         # Log rows first: they need the old prices. Item order, so the ids match the job's.
         "INSERT INTO inventory_logs (inventory_id, delta, operation_type, previous_quantity, "
@@ -124,14 +141,12 @@ def bare_statements(dialect: str) -> list[str]:
 
 def bare_sql(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
     engine = common.baseline_engine(url)
-    params = {"pct": int(pct) if pct == pct.to_integral_value() else pct,
-              "label": f"percentage:{fmt_price(pct)}", "run_at": run_at}
+    params = sql_params(run_at, pct)
     t0 = time.perf_counter()
     counts = []
     with engine.begin() as conn:
         for sql in bare_statements(engine.dialect.name):
-            stmt = text(sql).bindparams(bindparam("run_at", type_=DateTime()))
-            counts.append(conn.execute(stmt, params).rowcount)
+            counts.append(conn.execute(sql_statement(sql), params).rowcount)
     work = time.perf_counter() - t0
     return {"work_s": work, "rows_changed": counts[1], "rows": None}
 
@@ -146,18 +161,16 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
     commit with row locks and a conflict check against the backup, check live against staged)
     as hand-written set-based SQL, with no Python on the rows and no Dagster. ``columns``: the
     reflected columns of ``inventories`` (the conflict check compares every one)."""
+    new, note = new_price_and_note(dialect)
     if dialect == "postgresql":
-        new, old_text, new_text, differ = PG_NEW, PG_OLD_TEXT, PG_NEW_TEXT, "IS DISTINCT FROM"
+        differ = "IS DISTINCT FROM"
         index = "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)"
         lock = ("SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN bench_floor_up u "
                 "ON u.id = i.id FOR UPDATE OF i) locked")
-    elif dialect == "sqlite":
-        new, old_text, new_text, differ = SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, "IS NOT"
+    else:  # sqlite
+        differ = "IS NOT"
         index = "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)"
         lock = None  # the transaction's write lock covers the whole database
-    else:
-        raise SystemExit(f"no safety floor for {dialect}")
-    note = f"'価格調整: ' || {old_text} || '円 → ' || {new_text} || '円 (' || :label || ')'"
     live_row = ", ".join(f"i.{c}" for c in columns)
     backup_row = ", ".join(f"b.{c}" for c in columns)  # columns: reflected, quoted
     log_cols = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
@@ -226,18 +239,14 @@ def safety_floor(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
     engine = common.baseline_engine(url)
     quote = engine.dialect.identifier_preparer.quote
     columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
-    params = {"pct": int(pct) if pct == pct.to_integral_value() else pct,
-              "label": f"percentage:{fmt_price(pct)}", "run_at": run_at}
+    params = sql_params(run_at, pct)
     steps: list[tuple[str, float]] = []
     changed = None
     t0 = time.perf_counter()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for name, sql in floor_steps(engine.dialect.name, columns):
-            stmt = text(sql)
-            if ":run_at" in sql:
-                stmt = stmt.bindparams(bindparam("run_at", type_=DateTime()))
             t = time.perf_counter()
-            res = conn.execute(stmt, {k: v for k, v in params.items() if f":{k}" in sql})
+            res = conn.execute(sql_statement(sql), params)
             found = res.scalar_one() if res.returns_rows else None
             steps.append((name, time.perf_counter() - t))
             if found and name.startswith(("validate", "commit: conflicts", "verify")):
@@ -460,17 +469,11 @@ def run_empty_job(setup: JobSetup, args: argparse.Namespace) -> Outcome:
     execution = empty_job_executor(setup.executor, home)
     config.write_text(yaml.safe_dump({"execution": {"config": execution}}))
     module, job = EMPTY_JOB
-    cmd = [*common.dagster_cli(), "job", "execute", "-m", module, "-j", job, "-c", str(config)]
     path = os.pathsep.join(p for p in (str(common.REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, DAGSTER_HOME=str(home), PYTHONPATH=path)
-    proc = common.run_monitored(cmd, env=env, cwd=common.REPO_ROOT, timeout=args.timeout)
-    out = Outcome("Dagster alone: 6 empty ops", 0, proc)
-    out.timings = common.dagster_run_timings(home)
-    if out.timings is not None and out.timings.run_s == out.timings.run_s:
-        out.work_s = out.timings.run_s
-    if not out.ok:
-        out.notes.append("failed: " + " / ".join(proc.stderr.strip().splitlines()[-3:]))
-    return out
+    return common.execute_dagster_job("Dagster alone: 6 empty ops",
+                                      ["-m", module, "-j", job, "-c", str(config)], env,
+                                      common.REPO_ROOT, home, args.timeout)
 
 
 def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ work_mem far too small for any hash, and no plan may contain a plain (rescanned)
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from patch_ops import engine as eng
 from patch_ops import state
@@ -60,16 +60,21 @@ def test_no_validation_query_rescans_a_subquery_per_row(pg_url, job):
         assert not rescans, f"{name} rescans a subquery for every row:\n{plan}"
 
 
-def test_checks_after_commit_join_the_backup_only_when_they_read_before_values(pg_url):
-    """After commit the updated rows are read from the live table; the backup is needed only for
-    ``before_`` columns, and PostgreSQL drops it from every other check (a join over every
-    updated row less, each)."""
+def _verified_price_run(pg_url):  # type: ignore[no-untyped-def]
+    """(engine, execution row, patch) of a committed and verified price run on 400 items."""
     job = "inventory_price_adjustment"
     engine = seeded(pg_url, items=400)
     assert run_patch(pg_url, job, {**RUNS[job], "dry_run": False}).success
     ex = latest_execution(engine)
     assert ex["phase"] == "verified"
-    patch = default_registry().patches[job]
+    return engine, ex, default_registry().patches[job]
+
+
+def test_checks_after_commit_join_the_backup_only_when_they_read_before_values(pg_url):
+    """After commit the updated rows are read from the live table; the backup is needed only for
+    ``before_`` columns, and PostgreSQL drops it from every other check (a join over every
+    updated row less, each)."""
+    engine, ex, patch = _verified_price_run(pg_url)
     view = eng.ResultView(
         engine, state.reflect_tables(engine, patch.tables()), ex["execution_id"], True,
         ex["declaration"], ex,
@@ -91,12 +96,8 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     """After commit, the checks on inserted rows (invariants, and verification's comparison with
     what was committed) restrict the live table to the ids the execution inserted, so they read
     those rows by key instead of the whole table with all its history."""
-    job = "inventory_price_adjustment"
-    engine = seeded(pg_url, items=400)
-    assert run_patch(pg_url, job, {**RUNS[job], "dry_run": False}).success
-    ex = latest_execution(engine)
-    assert ex["phase"] == "verified"
-    tables = state.reflect_tables(engine, ["inventory_logs"])
+    engine, ex, patch = _verified_price_run(pg_url)
+    tables = state.reflect_tables(engine, patch.tables())
     live = tables["inventory_logs"]
     st = eng.mirror_table(engine, live, "stage")
     with engine.connect() as conn:
@@ -112,7 +113,6 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     assert span is not None and staged == inserted > 0
     lo, hi = span
     assert hi - lo + 1 == staged  # one block here: nobody else inserted meanwhile
-    patch = default_registry().patches[job]
     plans = _plans(engine, patch, ex["execution_id"], committed=True)
     reading_logs = [name for name, plan in plans.items() if "on inventory_logs" in plan]
     assert {"one_log_per_changed_item", "log_quantities_match_item"} <= set(reading_logs)
@@ -122,8 +122,6 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
         assert f"id >= {lo}" in plans[name] and f"id <= {hi}" in plans[name], (
             f"{name} reads inventory_logs beyond the inserted ids {lo}..{hi}:\n{plans[name]}"
         )
-    from sqlalchemy import event
-
     executed: list[tuple[str, dict]] = []
 
     def keep(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
@@ -132,7 +130,6 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     event.listen(engine, "before_cursor_execute", keep)
     try:
         with engine.connect() as conn:
-            tables = state.reflect_tables(engine, patch.tables())
             assert eng.find_conflicts(conn, engine, tables, ex, "stage") == {}
     finally:
         event.remove(engine, "before_cursor_execute", keep)
