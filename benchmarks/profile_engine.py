@@ -24,7 +24,7 @@ def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12
 
     from patch_ops import engine as eng
     from patch_ops import state
-    from resources.database import get_engine
+    from patch_ops.database import get_engine
     from resources.memory import MemoryGuard
     from stockrx_patches.registry import default_registry
 

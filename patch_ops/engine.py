@@ -64,7 +64,7 @@ from patch_ops.patch import (
 )
 from patch_ops.state import INSERT, UPDATE, executions, locks, mirror_table, targets
 from patch_ops.windows import now_naive as clock_now
-from resources.database import check_connection, write_transaction
+from patch_ops.database import check_connection, write_transaction
 from resources.memory import MemoryGuard
 
 BACKUP = "B"

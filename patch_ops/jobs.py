@@ -45,7 +45,8 @@ from patch_ops.approval import require_approved_plan
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle, require_audit_key
 from patch_ops.patch import Patch, PatchSettings
 from patch_ops.windows import check_maintenance_window
-from resources.database import DatabaseUnavailable, StockRxDatabase, write_transaction
+from patch_ops.database import DatabaseUnavailable, write_transaction
+from resources.database import StockRxDatabase
 from resources.memory import MemoryGuard, MemoryLimitExceeded
 
 DB = "stockrx_db"

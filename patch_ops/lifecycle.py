@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops.engine import PlanInfo, PlanRefused, load_execution, utcnow
 from patch_ops.state import executions
 from resources.audit import AuditLog, ensure_audit_tables
-from resources.database import write_transaction
+from patch_ops.database import write_transaction
 from resources.notifier import Notifier, PatchNotification
 
 AUDIT = "audit_log"

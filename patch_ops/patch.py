@@ -170,6 +170,11 @@ class Patch:
         """Whole-set rules checked on the would-be result and again after commit."""
         return []
 
+    def business_date(self, config: Any, today: dt.date) -> dt.date:
+        """The run's business date: ``today`` in the patch's time zone, unless the patch lets
+        its config name another (an invalid value is left to ``check_config`` to report)."""
+        return today
+
     def report_sections(self, tables: Tables, config: Any, ctx: RunContext) -> dict[str, Select]:
         """Extra lists for the impact report, e.g. rows the patch deliberately leaves alone:
         title → SELECT of the rows to list (in the order to show). The engine counts each one
@@ -186,6 +191,11 @@ class Patch:
     def tables(cls) -> tuple[str, ...]:
         names = [cls.driving_table, *cls.related, *cls.updates, *cls.inserts]
         return tuple(dict.fromkeys(names))
+
+    @classmethod
+    def written_tables(cls) -> tuple[str, ...]:
+        """The tables the patch updates or inserts into."""
+        return tuple(dict.fromkeys([*cls.updates, *cls.inserts]))
 
     @classmethod
     def required_columns(cls) -> dict[str, set[str]]:

@@ -43,12 +43,8 @@ from patch_ops.engine import BACKUP, PatchError, RestoreRefused
 from patch_ops.jobs import patch_executor, run_finished
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
 from patch_ops.state import INSERT, UPDATE, executions, mirror_table
-from resources.database import (
-    DatabaseUnavailable,
-    StockRxDatabase,
-    check_connection,
-    write_transaction,
-)
+from patch_ops.database import DatabaseUnavailable, check_connection, write_transaction
+from resources.database import StockRxDatabase
 
 DB = "stockrx_db"
 PURGE_NAME = "purge_expired_backups"

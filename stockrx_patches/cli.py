@@ -12,7 +12,7 @@ from collections.abc import Callable
 from sqlalchemy import inspect, select
 
 from patch_ops.state import executions
-from resources.database import DatabaseUnavailable, check_connection, get_engine, redact_url
+from patch_ops.database import DatabaseUnavailable, check_connection, get_engine, redact_url
 from stockrx_patches import audit_cli
 
 Handler = Callable[[argparse.Namespace], int]

@@ -53,7 +53,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
-from resources.database import write_transaction
+from patch_ops.database import write_transaction
 
 PENDING, HELD, REJECTED, LAUNCHED, SUCCEEDED, FAILED = (
     "pending",

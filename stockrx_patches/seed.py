@@ -2,21 +2,21 @@
 
 Counter caches and quantities are consistent (item quantity = sum of its lots; one ``receive``
 log per lot, chained previous → current), so invariants hold before any patch runs. Generation is
-vectorised and streamed in chunks; PostgreSQL loads through COPY.
+vectorised and streamed in chunks, loaded the fastest way the database offers
+(``DatabaseDialect.load_frame``: COPY on PostgreSQL).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import MetaData, func, insert, select, text
+from sqlalchemy import MetaData, func, select
 from sqlalchemy.engine import Engine
 
-from patch_ops.frames import plain_records
+from patch_ops.dialects import dialect_of
 from stockrx_patches.schema import batches, create_stockrx_schema, inventories, inventory_logs
 
 CHUNK = 100_000
@@ -102,40 +102,6 @@ def _frames(
         yield _chunk_frames(start, min(CHUNK, items + 1 - start), rng, today, base_ts)
 
 
-def _copy_pg(engine: Engine, table: str, df: pd.DataFrame) -> None:
-    buf = io.StringIO()
-    df.to_csv(buf, index=False, header=False, na_rep="\\N", sep="\t",
-              date_format="%Y-%m-%d %H:%M:%S")
-    buf.seek(0)
-    raw = engine.raw_connection()
-    try:
-        with raw.cursor() as cur:  # type: ignore[attr-defined]  # psycopg 3 cursor
-            cols = ", ".join(df.columns)
-            with cur.copy(f"COPY {table} ({cols}) FROM STDIN WITH (FORMAT text)") as cp:
-                while chunk := buf.read(1 << 20):
-                    cp.write(chunk)
-        raw.commit()
-    finally:
-        raw.close()
-
-
-def _insert_sqlite(conn, table: str, df: pd.DataFrame) -> None:  # type: ignore[no-untyped-def]
-    """executemany with plain tuples in SQLAlchemy's SQLite storage formats (fast path)."""
-    df = df.copy()
-    for col in df.columns:
-        if pd.api.types.is_datetime64_any_dtype(df[col]):
-            iso = np.datetime_as_string(df[col].to_numpy(dtype="datetime64[us]"), unit="us")
-            df[col] = pd.Series(iso, index=df.index).str.replace("T", " ", regex=False)
-        elif col == "expires_on":
-            df[col] = [None if d is None else d.isoformat() for d in df[col]]
-    df = df.astype(object).where(df.notna(), None)
-    marks = ", ".join("?" * len(df.columns))
-    conn.exec_driver_sql(
-        f"INSERT INTO {table} ({', '.join(df.columns)}) VALUES ({marks})",
-        list(df.itertuples(index=False, name=None)),
-    )
-
-
 def seed_demo(
     engine: Engine,
     items: int = 100_000,
@@ -155,31 +121,14 @@ def seed_demo(
     with engine.connect() as conn:
         if conn.execute(select(func.count()).select_from(inventories)).scalar_one():
             raise RuntimeError("the database already has inventories; use reset to start over")
-    pg = engine.dialect.name == "postgresql"
-    for inv, lots, logs in _frames(items, seed, today):
-        if pg:
-            _copy_pg(engine, "inventories", inv)
-            _copy_pg(engine, "batches", lots)
-            _copy_pg(engine, "inventory_logs", logs)
-        elif engine.dialect.name == "sqlite":
-            with engine.begin() as conn:
-                for name, df in (("inventories", inv), ("batches", lots), ("inventory_logs", logs)):
-                    _insert_sqlite(conn, name, df)
-        else:
-            with engine.begin() as conn:
-                conn.execute(insert(inventories), plain_records(inv))
-                conn.execute(insert(batches), plain_records(lots))
-                conn.execute(insert(inventory_logs), plain_records(logs))
+    dialect = dialect_of(engine)
+    tables = (inventories, batches, inventory_logs)
+    for frames in _frames(items, seed, today):
+        for table, df in zip(tables, frames, strict=True):
+            dialect.load_frame(engine, table, df)
+    dialect.analyze(engine, tables)
     with engine.begin() as conn:
-        if pg:
-            for t in ("inventories", "batches", "inventory_logs"):
-                conn.execute(
-                    text(
-                        f"SELECT setval(pg_get_serial_sequence('{t}', 'id'), "
-                        f"(SELECT coalesce(max(id), 1) FROM {t}))"
-                    )
-                )
-            conn.execute(text("ANALYZE"))
+        dialect.reset_id_sequences(conn, tables)
         counts = {
             t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
             for t in (inventories, batches, inventory_logs)

@@ -50,7 +50,8 @@ from patch_ops.patch import PatchConfigError, RunContext
 from patch_ops.state import executions, reflect_tables
 from patch_ops.windows import current_window, next_window, now, utc_naive
 from resources.audit import AuditLog
-from resources.database import StockRxDatabase, write_transaction
+from patch_ops.database import write_transaction
+from resources.database import StockRxDatabase
 from resources.notifier import Notifier, PatchNotification
 from stockrx_patches import requests as rq
 from stockrx_patches.registry import Registry

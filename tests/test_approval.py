@@ -16,7 +16,7 @@ from sqlalchemy import insert, update
 from patch_ops import approval
 from patch_ops.state import ensure_framework_tables, executions, targets
 from resources.audit import AuditKeyring, read_events
-from resources.database import get_engine
+from patch_ops.database import get_engine
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.inventory_price_adjustment import (

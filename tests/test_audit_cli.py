@@ -51,7 +51,7 @@ def patched(url: str, config: dict[str, Any] = REAL) -> str:
 
 
 def hand_engine(url: str) -> Engine:
-    from resources.database import get_engine
+    from patch_ops.database import get_engine
 
     return get_engine(url)
 

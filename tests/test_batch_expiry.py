@@ -92,7 +92,7 @@ def build_fixture(engine, lots=FIXTURE, item_qty: dict[int, int] | None = None,
 
 
 def _engine(url):  # type: ignore[no-untyped-def]
-    from resources.database import get_engine
+    from patch_ops.database import get_engine
 
     return get_engine(url)
 

@@ -17,7 +17,7 @@ from patch_ops.charts import (
     histogram_markdown,
     nice_edges,
 )
-from resources.database import get_engine
+from patch_ops.database import get_engine
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import default_registry
 from stockrx_patches.seed import seed_demo

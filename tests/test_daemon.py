@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from resources.database import get_engine
+from patch_ops.database import get_engine
 from stockrx_patches import requests as rq
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp

@@ -420,7 +420,7 @@ def test_unreachable_database_gives_a_clear_error_without_the_password():
 
 
 def test_missing_table_and_missing_column_are_refused(sqlite_url):
-    from resources.database import get_engine
+    from patch_ops.database import get_engine
 
     engine = get_engine(sqlite_url)
     with engine.begin() as conn:

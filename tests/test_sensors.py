@@ -24,7 +24,8 @@ from sqlalchemy import insert, select, text, update
 from patch_ops import windows as win
 from patch_ops.state import executions, locks
 from resources.audit import AuditLog
-from resources.database import StockRxDatabase, get_engine
+from patch_ops.database import get_engine
+from resources.database import StockRxDatabase
 from resources.notifier import Notifier
 from stockrx_patches import requests as rq
 from stockrx_patches.definitions import build_definitions

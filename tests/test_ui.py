@@ -22,7 +22,7 @@ import pytest
 import yaml
 from sqlalchemy import func, select
 
-from resources.database import get_engine
+from patch_ops.database import get_engine
 from stockrx_patches.schema import inventories
 from stockrx_patches.seed import seed_demo
 from tests.support.webserver import Chromium, DagsterUI, find_chromium

@@ -89,6 +89,14 @@ class BatchExpiryUpdate(Patch):
         "inventory_logs": InventoryLogSchema,
     }
 
+    def business_date(self, config: BatchExpiryConfig, today: dt.date) -> dt.date:
+        if config.business_date:
+            try:
+                return dt.date.fromisoformat(config.business_date)
+            except ValueError:
+                pass  # check_config reports it
+        return today
+
     def check_config(self, config: BatchExpiryConfig) -> None:
         for f in ("grace_days", "warning_days"):
             v = getattr(config, f)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from patch_ops.patch import Patch, PatchSettings
 from patch_ops.state import executions
-from resources.database import get_engine
+from patch_ops.database import get_engine
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import Registry, default_registry
 from stockrx_patches.schema import (

@@ -13,7 +13,7 @@ from dataclasses import replace
 from sqlalchemy import func, literal, select, update
 
 from patch_ops.patch import Invariant, PatchSettings
-from resources.database import get_engine
+from patch_ops.database import get_engine
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.schema import inventories
 from tests.support.stockrx import defs_with

@@ -1,0 +1,73 @@
+"""Engines and transactions for the StockRx database: one engine per URL per process, write
+transactions that hold their lock from the first statement, clear password-free errors.
+
+The password is never shown: only ``redact_url``'s form of the URL goes into messages.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from patch_ops.dialects import dialect_for_backend
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The StockRx database cannot be reached or its URL is malformed."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked, safe for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<malformed database URL>"
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that will write: on SQLite it holds the write lock from its first statement."""
+    with engine.connect() as conn:
+        conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            yield conn
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process (ops run in their own processes and rebuild resources)."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            try:
+                parsed = make_url(url)
+            except ArgumentError as exc:
+                raise DatabaseUnavailable(f"invalid database URL {redact_url(url)}") from exc
+            dialect = dialect_for_backend(parsed.get_backend_name())
+            engine = create_engine(parsed, future=True, **dialect.engine_options())
+            dialect.configure(engine)
+            _engines[url] = engine
+        return engine
+
+
+def check_connection(engine: Engine) -> None:
+    """Fail with a clear, password-free message if the database cannot be reached."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        password = engine.url.password
+        if password:
+            reason = reason.replace(str(password), "***")
+        raise DatabaseUnavailable(
+            f"cannot connect to the StockRx database {engine.url.render_as_string(True)}: "
+            f"{reason}"
+        ) from None

@@ -1,0 +1,34 @@
+"""The dialect layer: every SQL difference between the databases, behind one interface.
+
+``dialect_of(bind)`` gives the :class:`DatabaseDialect` of an engine, a connection or a
+SQLAlchemy dialect: one implementation per database, registered by SQLAlchemy's dialect name.
+Nothing outside this package reads a dialect's name, driver or flavour flags (a test checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine import Connection, Dialect, Engine
+
+from patch_ops.dialects.base import DatabaseDialect, Features
+from patch_ops.dialects.postgresql import PostgreSQLDialect
+from patch_ops.dialects.sqlite import SQLiteDialect
+
+__all__ = ["DatabaseDialect", "Features", "dialect_of", "dialect_for_backend"]
+
+_DIALECTS: dict[str, DatabaseDialect] = {
+    d.name: d for d in (SQLiteDialect(), PostgreSQLDialect())
+}
+_DEFAULT = DatabaseDialect()
+
+
+def dialect_for_backend(backend: str) -> DatabaseDialect:
+    """By SQLAlchemy's backend name (``make_url(url).get_backend_name()``)."""
+    return _DIALECTS.get(backend, _DEFAULT)
+
+
+def dialect_of(bind: Engine | Connection | Dialect | Any) -> DatabaseDialect:
+    """The dialect implementation of an engine, a connection or a SQLAlchemy dialect."""
+    sa_dialect = bind if isinstance(bind, Dialect) else bind.dialect
+    return dialect_for_backend(sa_dialect.name)
