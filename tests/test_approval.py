@@ -31,7 +31,7 @@ from stockrx_patches.registry import (
 )
 from stockrx_patches.schema import inventories
 from tests.conftest import TEST_AUDIT_KEY
-from tests.support import test_patches
+from tests.support import slow_patches
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,
@@ -253,7 +253,7 @@ def test_plan_hash_parts(sqlite_url, monkeypatch):
     assert approval.normalized_config(cfg) == approval.normalized_config(same)
     assert approval.normalized_config(cfg)["adjustment_type"] == "percentage"
 
-    price, subclass = InventoryPriceAdjustment(), test_patches.SlowPricePatch()
+    price, subclass = InventoryPriceAdjustment(), slow_patches.SlowPricePatch()
     assert approval.code_version(price) == approval.code_version(InventoryPriceAdjustment())
     assert approval.code_version(price) != approval.code_version(subclass)
 

@@ -129,15 +129,15 @@ def test_change_histogram_counts_every_staged_update_once(
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "has_changes"),
     [
-        {"adjustment_type": "set_value", "adjustment_value": 10_000},  # ups and downs
-        {"adjustment_type": "percentage", "adjustment_value": 8, "min_price": 10**8},  # none
+        ({"adjustment_type": "set_value", "adjustment_value": 10_000}, True),  # ups and downs
+        ({"adjustment_type": "percentage", "adjustment_value": 8, "min_price": 10**8}, False),
     ],
     ids=["changes", "no_changes"],
 )
 def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
-    database_url: str, config: dict[str, Any]
+    database_url: str, config: dict[str, Any], has_changes: bool
 ) -> None:
     """The report hands the histogram the spread of the change from its own pass over the pairs;
     the histogram must be the one change_histogram computes by itself."""
@@ -146,7 +146,9 @@ def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
     with engine.connect() as conn:
         alone = change_histogram(conn, st, bk, "price", execution_id)
     report = eng.build_report(engine, execution_id)["updates"]["inventories"]
-    if alone.rows:
+    assert bool(alone.rows) == has_changes, alone  # "changes" must not pass on an empty histogram
+    if has_changes:
+        assert sum(alone.counts) == alone.rows > 0
         assert report["histograms"]["price"] == alone.to_json()
         assert report["stats"]["price"]["min_change"] == alone.min_change
         assert report["rows"] == alone.rows

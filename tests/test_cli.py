@@ -14,7 +14,7 @@ from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstruc
 from sqlalchemy import func, select
 
 from stockrx_patches.schema import inventory_logs
-from tests.support import test_patches
+from tests.support import slow_patches
 from tests.support.stockrx import digest, latest_execution, prices, seeded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches(
         "      adjustment_type: percentage\n      adjustment_value: 8\n"
     )
     proc = subprocess.Popen(
-        [str(BIN / "dagster"), "job", "execute", "-m", "tests.support.test_patches",
+        [str(BIN / "dagster"), "job", "execute", "-m", "tests.support.slow_patches",
          "-j", "slow_price_adjustment", "-c", str(cfg)],
         cwd=REPO, env=_env(pg_url, dagster_home), start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -147,7 +147,7 @@ def test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches(
     os.environ["SLOW_PATCH_SECONDS"] = "0"
     try:
         result = execute_job(
-            reconstructable(test_patches.slow_job),
+            reconstructable(slow_patches.slow_job),
             instance=instance,
             reexecution_options=ReexecutionOptions.from_failure(run.run_id, instance),
         )

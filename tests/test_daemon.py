@@ -3,7 +3,7 @@ from the repo's dagster.yaml: a request row in, a finished run out (with its Sla
 email); the run queue holding a run whose tables overlap a running one; the schedule's next ticks
 as Dagster itself computes them.
 
-The code location is tests.support.test_patches: the real patches plus the slow test patch. The
+The code location is tests.support.slow_patches: the real patches plus the slow test patch. The
 StockRx database is a SQLite file; the clock is the test clock (inside the Sunday window)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tests.support.stockrx import latest_execution, seeded
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOKEN = "xoxb-daemon-test"
-LOCATION_MODULE = "tests.support.test_patches"
+LOCATION_MODULE = "tests.support.slow_patches"
 pytestmark = pytest.mark.slow
 
 

@@ -9,7 +9,7 @@ from dagster import instance_for_test, reconstructable
 
 from patch_ops import jobs
 from stockrx_patches.definitions import defs
-from tests.support import test_patches
+from tests.support import slow_patches
 
 
 def test_every_job_uses_the_forkserver_executor():
@@ -23,13 +23,13 @@ def test_every_job_uses_the_forkserver_executor():
 def test_fork_server_preloads_the_code_location_until_the_environment_changes(monkeypatch):
     monkeypatch.setattr(jobs, "_forkserver_environ", None)
     with instance_for_test() as instance:  # (it sets DAGSTER_HOME while it lasts)
-        context = SimpleNamespace(job=reconstructable(test_patches.slow_job), instance=instance)
+        context = SimpleNamespace(job=reconstructable(slow_patches.slow_job), instance=instance)
         first = jobs._default_start_method(context)  # type: ignore[arg-type]
         preload = first["forkserver"]["preload_modules"]
         assert preload[: len(jobs.PRELOAD_MODULES)] == list(jobs.PRELOAD_MODULES)
         # what the op processes' instance is made of (here SQLite storages), imported once
         assert {"dagster._core.storage.runs", "dagster._core.storage.event_log"} <= set(preload)
-        assert preload[-1] == "tests.support.test_patches"
+        assert preload[-1] == "tests.support.slow_patches"
         assert jobs._default_start_method(context) == first  # type: ignore[arg-type]
 
         # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.

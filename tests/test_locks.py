@@ -66,7 +66,7 @@ def _start_slow(
             "job",
             "execute",
             "-m",
-            "tests.support.test_patches",
+            "tests.support.slow_patches",
             "-j",
             "slow_price_adjustment",
             "-c",

@@ -10,7 +10,7 @@ from patch_ops import windows as win
 from resources.notifier import Notifier
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import Registry, default_registry
-from tests.support import test_patches
+from tests.support import slow_patches
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import (
@@ -44,9 +44,9 @@ def defs_for(slack: FakeSlack, smtp: FakeSmtp, **overrides):  # type: ignore[no-
     base = default_registry()
     patches = dict(base.patches)
     settings = dict(base.config.patches)
-    for cls in (test_patches.ForgetfulCounterPatch, test_patches.FailsAfterCommitPatch):
+    for cls in (slow_patches.ForgetfulCounterPatch, slow_patches.FailsAfterCommitPatch):
         patches[cls.name] = cls()
-        settings[cls.name] = test_patches.SETTINGS
+        settings[cls.name] = slow_patches.SETTINGS
     registry = Registry(
         patches, type(base.config)(settings, base.config.security, base.config.scheduling)
     )

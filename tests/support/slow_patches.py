@@ -1,6 +1,6 @@
 """Test-only patches that misbehave on purpose, and a code location that serves them.
 
-`dagster job execute -m tests.support.test_patches -j slow_price_adjustment` runs them in
+`dagster job execute -m tests.support.slow_patches -j slow_price_adjustment` runs them in
 subprocesses like the real code location.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import replace
 
 from sqlalchemy import func, literal, select, update
 
-from patch_ops.patch import Invariant, PatchSettings
 from patch_ops.database import get_engine
+from patch_ops.patch import Invariant, PatchSettings
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.schema import inventories
 from tests.support.stockrx import defs_with
