@@ -445,13 +445,13 @@ EMPTY_JOB = ("benchmarks.trivial_job", "empty_patch_shape")
 
 def empty_job_executor(executor: str, home: Path) -> dict[str, Any]:
     """The empty job's executor config for ``--executor``. "default" is what the patch jobs'
-    own executor does (patch_ops.jobs): op processes forked from a fork server that has imported
+    own executor does (patch_ops.executor): op processes forked from a fork server that has imported
     the code location, Dagster's CLI and the instance's modules; nothing of ours."""
     if executor != "default":
         return EXECUTORS[executor]
     from dagster import DagsterInstance
 
-    from patch_ops.jobs import instance_modules
+    from patch_ops.executor import instance_modules
 
     instance = DagsterInstance.from_config(str(home))
     try:

@@ -22,9 +22,15 @@ from benchmarks import common
 def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12) -> list[dict]:
     from pyinstrument import Profiler
 
-    from patch_ops import engine as eng
     from patch_ops import state
     from patch_ops.database import get_engine
+    from patch_ops.execution import finish_execution
+    from patch_ops.steps.backup import take_backup
+    from patch_ops.steps.commit import commit_execution
+    from patch_ops.steps.plan import plan_execution
+    from patch_ops.steps.transform import run_transform
+    from patch_ops.steps.validate import validate_execution
+    from patch_ops.steps.verify import verify_execution
     from resources.memory import MemoryGuard
     from stockrx_patches.registry import default_registry
 
@@ -39,15 +45,15 @@ def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12
     ids: dict[str, str] = {}
 
     def plan() -> None:
-        ids["x"] = eng.plan_execution(engine, patch, settings, cfg)
+        ids["x"] = plan_execution(engine, patch, settings, cfg)
 
     def validate() -> None:
-        passed, _ = eng.validate_execution(engine, patch, settings, ids["x"])
+        passed, _ = validate_execution(engine, patch, settings, ids["x"])
         if not passed:
             raise RuntimeError("validation failed in the profiled run")
 
     def verify() -> None:
-        problems = eng.verify_execution(
+        problems = verify_execution(
             engine,
             patch,
             ids["x"],
@@ -56,14 +62,14 @@ def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12
         )
         if problems:
             raise RuntimeError(f"verification failed in the profiled run: {problems}")
-        eng.finish_execution(engine, ids["x"], "completed", phase="verified")
+        finish_execution(engine, ids["x"], "completed", phase="verified")
 
     steps = [
         ("plan_patch", plan),
-        ("take_backup", lambda: eng.take_backup(engine, ids["x"])),
-        ("transform_batches", lambda: eng.run_transform(engine, patch, ids["x"], MemoryGuard())),
+        ("take_backup", lambda: take_backup(engine, ids["x"])),
+        ("transform_batches", lambda: run_transform(engine, patch, ids["x"], MemoryGuard())),
         ("validate_changes", validate),
-        ("commit_changes", lambda: eng.commit_execution(engine, patch.name, ids["x"])),
+        ("commit_changes", lambda: commit_execution(engine, ids["x"])),
         ("verify_commit", verify),
     ]
     results = []

@@ -47,18 +47,16 @@ from dagster import get_dagster_logger
 from sqlalchemy import and_, exists, select
 from sqlalchemy.engine import Connection
 
-from patch_ops.engine import (
+from patch_ops.execution import (
     PlanInfo,
     PlanRefused,
     fetch_rows,
-    load_execution,
     set_execution,
     utcnow,
 )
-from patch_ops.lifecycle import AUDIT, secret_values
+from patch_ops.lifecycle import Lifecycle
 from patch_ops.patch import Patch, PatchRunConfig
 from patch_ops.state import executions, targets
-from resources.audit import ensure_audit_tables
 
 PLAN_VERSION = "stockrx-plan-v1"
 EXCLUDED_CONFIG = (
@@ -336,22 +334,4 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _audit(conn: Connection, info: PlanInfo, event_type: str, public: dict[str, Any]) -> None:
     """An audit event in the freezing transaction: it commits only if the plan does."""
-    audit = getattr(info.resources, AUDIT, None) if info.resources is not None else None
-    if audit is None or not audit.active:
-        return
-    ex = load_execution(conn, info.execution_id)
-    ensure_audit_tables(conn)
-    audit.append(
-        conn,
-        info.execution_id,
-        event_type,
-        ex["launched_by"] or "unknown",
-        {
-            "patch": info.patch.name,
-            "dry_run": bool(info.config.dry_run),
-            "dagster_run_id": ex["dagster_run_id"],
-            **public,
-        },
-        None,
-        known_secrets=secret_values(info.resources),
-    )
+    Lifecycle(info.resources, info.engine, info.execution_id).audit(event_type, public, conn=conn)

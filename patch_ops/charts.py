@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Table, and_, case, func, select
 from sqlalchemy.engine import Connection
 
-from patch_ops.state import UPDATE
+from patch_ops.state import BACKUP, UPDATE
 
 DEFAULT_BUCKETS = 12
 BAR_WIDTH = 30
@@ -126,8 +126,6 @@ def change_histogram(
     1.5 s over the same key join. Two queries, whatever the number of rows; one when the caller
     has the change's ``spread`` from a pass of its own over the same pairs (the impact report).
     """
-    from patch_ops.engine import BACKUP  # engine imports this module: import at call time
-
     if column not in stage.c or column not in backup.c:
         raise KeyError(f"column {column!r} is not in {stage.name} and {backup.name}")
     st, bk = stage, backup

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from patch_ops.dialects import dialect_for_backend
+from patch_ops.dialects import dialect_for_url
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -50,7 +50,7 @@ def get_engine(url: str) -> Engine:
                 parsed = make_url(url)
             except ArgumentError as exc:
                 raise DatabaseUnavailable(f"invalid database URL {redact_url(url)}") from exc
-            dialect = dialect_for_backend(parsed.get_backend_name())
+            dialect = dialect_for_url(parsed)
             engine = create_engine(parsed, future=True, **dialect.engine_options())
             dialect.configure(engine)
             _engines[url] = engine

@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.engine import Connection, Engine
 
-from patch_ops.engine import PlanInfo, PlanRefused, load_execution, utcnow
+from patch_ops.database import write_transaction
+from patch_ops.execution import load_execution, utcnow
 from patch_ops.state import executions
 from resources.audit import AuditLog, ensure_audit_tables
-from patch_ops.database import write_transaction
 from resources.notifier import Notifier, PatchNotification
 
 AUDIT = "audit_log"
@@ -65,7 +65,7 @@ class Lifecycle:
         if audit is None or not audit.active:
             return
         ex = self._execution() if conn is None else load_execution(conn, self.execution_id)
-        ensure_audit_tables(self.engine)
+        ensure_audit_tables(conn if conn is not None else self.engine)
         body = {"patch": ex["patch_name"], "dry_run": bool(ex["dry_run"]),
                 "dagster_run_id": ex["dagster_run_id"], **public}
         audit.append(
@@ -124,16 +124,3 @@ class Lifecycle:
         except Exception as exc:  # noqa: BLE001 - a notification must never fail a patch
             if self.log:
                 self.log.warning(f"notification failed: {type(exc).__name__}: {exc}")
-
-
-def require_audit_key(stage: str, conn: Connection, info: PlanInfo) -> None:
-    """A real run needs the audit trail (unless security.log_encryption is false)."""
-    if stage != "before_freeze" or info.config.dry_run:
-        return
-    audit: AuditLog | None = _resource(info.resources, AUDIT)
-    if audit is not None and audit.enabled and not audit.has_key:
-        raise PlanRefused(
-            "no audit key configured: a real run needs the encrypted audit trail. Set "
-            "STOCKRX_AUDIT_KEYS (key_id:fernet_key; `stockrx-patches audit new-key` makes one) "
-            "or STOCKRX_AUDIT_KEY_FILE, or opt out with security.log_encryption: false."
-        )

@@ -34,10 +34,11 @@ from sqlalchemy import (
     text,
     true,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
+from patch_ops.dialects import dialect_of
 from patch_ops.patch import Tables
 
 framework_metadata = MetaData()
@@ -124,7 +125,8 @@ locks = Table(
 )
 
 MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
-UPDATE, INSERT = "U", "I"
+#: dp_action of mirror rows: a before-image (backup), an updated row, an inserted row (stage).
+BACKUP, UPDATE, INSERT = "B", "U", "I"
 
 _mirror_cache: dict[tuple[str, str, str], Table] = {}
 _mirror_lock = threading.Lock()
@@ -216,12 +218,14 @@ def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables
 
 
 def analyze(engine: Engine, tables: list[Table] | tuple[Table, ...]) -> None:
-    """Fresh planner statistics after a bulk load (PostgreSQL). Without them the planner
-    takes the new mirror rows for a handful and joins them with nested loops (quadratic)."""
-    if engine.dialect.name != "postgresql":
-        return
-    q = engine.dialect.identifier_preparer
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT")
-        for t in tables:
-            conn.exec_driver_sql(f"ANALYZE {q.quote(t.name)}")
+    """Fresh planner statistics after a bulk load, where the database needs them."""
+    dialect_of(engine).analyze(engine, tables)
+
+
+def mirror_by_name(conn: Connection, name: str) -> Table | None:
+    """An existing mirror table as it is in the database (None: there is none)."""
+    if not inspect(conn).has_table(name):
+        return None
+    md = MetaData()
+    md.reflect(conn, only=[name])
+    return md.tables[name]

@@ -4,7 +4,7 @@ Windows come from ``config/data_patches.yml`` (``scheduling.maintenance_windows`
 ``scheduling.default_timezone``); every patch's ``PatchSettings.maintenance_windows`` holds them.
 A window starts on each of its ``days`` at ``start`` and ends at ``end`` (the next day when
 ``end`` is not after ``start``). From the same windows come the schedules (cron at each start,
-``stockrx_patches.schedules``) and the plan check below:
+``stockrx_patches.schedules``) and the plan check ``patch_ops.checks.check_maintenance_window``:
 
 - ``before_freeze``: a real run outside every window is refused, unless its run config says
   ``allow_outside_window: true`` (kept in the execution's config and report, and logged).
@@ -31,8 +31,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from sqlalchemy.engine import Connection
 
 CLOCK_ENV = "STOCKRX_PATCHES_CLOCK"
 OVERRUN_FACTOR = 3.0
@@ -213,91 +211,3 @@ def schedule_timezone(windows: Sequence[MaintenanceWindow]) -> str:
 
 def describe_windows(windows: Sequence[MaintenanceWindow]) -> str:
     return "; ".join(w.describe() for w in windows) or "none"
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan check
-# ---------------------------------------------------------------------------------------------
-
-
-def estimate_run_seconds(conn: Connection, info: Any, records: int) -> tuple[float, str]:
-    """(seconds, how it was estimated) for ``records`` rows of the patch."""
-    from patch_ops.engine import estimate_seconds
-
-    past = estimate_seconds(conn, info.patch.name, records)
-    if past is not None:
-        return past, "throughput of its last completed runs"
-    rate = info.settings.first_run_rows_per_second
-    return records / rate, f"no completed run yet: {rate:g} rows/s assumed"
-
-
-def check_maintenance_window(stage: str, conn: Connection, info: Any) -> None:
-    """Plan check (engine.PlanCheck): window guard, fit-in-window, deadline and time budget."""
-    from patch_ops.engine import PlanRefused, load_execution, set_execution
-
-    windows = tuple(info.settings.maintenance_windows)
-    config = info.config
-    real = not config.dry_run
-    override = bool(getattr(config, "allow_outside_window", False))
-    instant = now()
-    occ = current_window(windows, instant) if windows else None
-    outside = real and bool(windows) and occ is None
-
-    if stage in ("before_freeze", "resume") and outside and not override:
-        nxt = next_window(windows, instant)
-        what = "resume" if stage == "resume" else "start"
-        raise PlanRefused(
-            f"outside the maintenance windows ({describe_windows(windows)}): a real run of "
-            f"{info.patch.name} may {what} only inside one"
-            + (f"; the next one opens {nxt.describe()}" if nxt else "")
-            + ". Launch it then, or set allow_outside_window: true in the run config to "
-            "override (recorded in the history)."
-        )
-    if stage not in ("after_freeze", "resume"):
-        return
-
-    ex = load_execution(conn, info.execution_id)
-    total = int(ex["target_count"] or 0)
-    if stage == "after_freeze":
-        estimate, basis = estimate_run_seconds(conn, info, total)
-    else:
-        done = int(ex["processed_records"] or 0)
-        previous = ex["estimated_seconds"]
-        if previous is not None and total:
-            estimate = float(previous) * max(total - done, 0) / total
-            basis = f"the rest ({total - done:,} of {total:,} rows) of the first estimate"
-        else:
-            estimate, basis = estimate_run_seconds(conn, info, max(total - done, 0))
-    deadline = occ.end if (real and occ is not None) else None
-    if stage == "after_freeze" and deadline is not None:
-        left = (deadline - instant).total_seconds()
-        if estimate > left:
-            raise PlanRefused(
-                f"estimated {estimate:,.0f} s for {total:,} rows ({basis}) will not finish before "
-                f"the maintenance window ends at {deadline:%H:%M %Z} ({left:,.0f} s left); "
-                f"launch it at the start of the next window"
-                + (f" ({nxt.describe()})" if (nxt := next_window(windows, deadline)) else "")
-            )
-    record = {
-        "clock": instant.isoformat(),
-        "clock_fixed": fixed_clock() is not None,
-        "window": occ.describe() if occ is not None else None,
-        "deadline_at": deadline.isoformat() if deadline else None,
-        "estimated_seconds": round(estimate, 3),
-        "estimate_basis": basis,
-        "allow_outside_window": override,
-        "outside_window_override": outside and override,
-    }
-    report = dict(ex["report"] or {})
-    key = "timing" if stage == "after_freeze" else "timing_resumed"
-    report[key] = record if stage == "after_freeze" else [*report.get(key, []), record]
-    values: dict[str, Any] = {
-        "deadline_at": utc_naive(deadline) if deadline else None,
-        "overrun_at": utc_naive(
-            instant + dt.timedelta(seconds=max(OVERRUN_FACTOR * estimate, MIN_TIME_BUDGET_SECONDS))
-        ),
-        "report": report,
-    }
-    if stage == "after_freeze":
-        values["estimated_seconds"] = estimate
-    set_execution(conn, info.execution_id, **values)

@@ -12,9 +12,10 @@ from typing import Any
 
 from dagster import Definitions, EnvVar
 
-from patch_ops.jobs import DB, MEMORY, build_patch_job
+from patch_ops.jobs import build_patch_job
 from patch_ops.lifecycle import AUDIT, NOTIFIER
-from patch_ops.restore import build_purge_job, build_restore_job
+from patch_ops.ops import DB, MEMORY
+from patch_ops.restore_jobs import build_purge_job, build_restore_job
 from resources.audit import AuditLog
 from resources.database import StockRxDatabase
 from resources.memory import MemoryGuard

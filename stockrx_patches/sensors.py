@@ -44,13 +44,14 @@ from dagster import (
 )
 from sqlalchemy import inspect, select
 
-from patch_ops import engine as eng
+from patch_ops.database import write_transaction
+from patch_ops.execution import finish_execution
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
 from patch_ops.patch import PatchConfigError, RunContext
 from patch_ops.state import executions, reflect_tables
+from patch_ops.steps.plan import work_config
 from patch_ops.windows import current_window, next_window, now, utc_naive
 from resources.audit import AuditLog
-from patch_ops.database import write_transaction
 from resources.database import StockRxDatabase
 from resources.notifier import Notifier, PatchNotification
 from stockrx_patches import requests as rq
@@ -318,7 +319,7 @@ def build_resume_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> Se
         scheduled = registry.get(name).config_class(
             **_plan_config(scheduled_run_config(name, settings))
         )
-        return eng.work_config(scheduled.model_dump()) == eng.work_config(config)
+        return work_config(scheduled.model_dump()) == work_config(config)
 
     @sensor(
         name=RESUME_SENSOR,
@@ -441,7 +442,7 @@ def handle_failed_run(
         if ex["status"] != "running":
             continue  # the failing step closed it and notified
         why = f"the Dagster run failed outside the patch steps: {reason}"
-        eng.finish_execution(engine, ex["execution_id"], "failed", error=why)
+        finish_execution(engine, ex["execution_id"], "failed", error=why)
         lc = Lifecycle(resources, engine, ex["execution_id"], context.log)
         try:
             lc.audit("failed", {"step": None, "error": why})

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from sqlalchemy import and_, select
 
-from patch_ops import engine as eng
 from patch_ops import state
 from patch_ops.charts import (
     Histogram,
@@ -18,6 +17,11 @@ from patch_ops.charts import (
     nice_edges,
 )
 from patch_ops.database import get_engine
+from patch_ops.state import BACKUP
+from patch_ops.steps.backup import take_backup
+from patch_ops.steps.plan import plan_execution
+from patch_ops.steps.report import build_report
+from patch_ops.steps.transform import run_transform
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import default_registry
 from stockrx_patches.seed import seed_demo
@@ -69,9 +73,9 @@ def _staged_execution(url: str, **config: Any) -> tuple[Any, str]:
     registry = default_registry()
     patch = registry.patches[PRICE]
     cfg = patch.config_class(**config)
-    execution_id = eng.plan_execution(engine, patch, registry.settings(PRICE), cfg)
-    eng.take_backup(engine, execution_id)
-    eng.run_transform(engine, patch, execution_id, MemoryGuard())
+    execution_id = plan_execution(engine, patch, registry.settings(PRICE), cfg)
+    take_backup(engine, execution_id)
+    run_transform(engine, patch, execution_id, MemoryGuard())
     return engine, execution_id
 
 
@@ -87,7 +91,7 @@ def _changes_in_python(engine: Any, execution_id: str) -> list[float]:
             select(st.c.price, bk.c.price)
             .select_from(
                 st.join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id,
-                                 bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == eng.BACKUP))
+                                 bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP))
             )
             .where(st.c.dp_execution_id == execution_id, st.c.dp_action == state.UPDATE)
         ).all()
@@ -145,7 +149,7 @@ def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
         alone = change_histogram(conn, st, bk, "price", execution_id)
-    report = eng.build_report(engine, execution_id)["updates"]["inventories"]
+    report = build_report(engine, execution_id)["updates"]["inventories"]
     assert bool(alone.rows) == has_changes, alone  # "changes" must not pass on an empty histogram
     if has_changes:
         assert sum(alone.counts) == alone.rows > 0

@@ -9,14 +9,19 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import OperationalError
+from stockrx_patches.schema import inventories
 
-from patch_ops import engine as eng
 from patch_ops import state
-from patch_ops.engine import _lock_rows
+from patch_ops.execution import CommitConflict, load_execution, run_concurrently
 from patch_ops.state import executions, rejects
+from patch_ops.steps.apply import lock_target_rows
+from patch_ops.steps.backup import take_backup
+from patch_ops.steps.commit import commit_execution
+from patch_ops.steps.plan import plan_execution
+from patch_ops.steps.transform import run_transform
+from patch_ops.steps.validate import validate_execution
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import RegistryError, default_registry, load_project_config
-from stockrx_patches.schema import inventories
 from tests.support import slow_patches
 from tests.support.stockrx import (
     PRICE_JOB,
@@ -101,10 +106,10 @@ def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
     registry = default_registry()
     patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
     config = patch.config_class(adjustment_type="percentage", adjustment_value=8, dry_run=False)
-    execution_id = eng.plan_execution(engine, patch, settings, config)
-    eng.take_backup(engine, execution_id)
-    eng.run_transform(engine, patch, execution_id, MemoryGuard())
-    assert eng.validate_execution(engine, patch, settings, execution_id)[0]
+    execution_id = plan_execution(engine, patch, settings, config)
+    take_backup(engine, execution_id)
+    run_transform(engine, patch, execution_id, MemoryGuard())
+    assert validate_execution(engine, patch, settings, execution_id)[0]
     old_prices = prices(engine)
     waiting = text(
         "SELECT count(*) FROM pg_stat_activity "
@@ -113,7 +118,7 @@ def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
     with engine.connect() as app, ThreadPoolExecutor(max_workers=1) as pool:
         app_tx = app.begin()
         app.execute(update(inventories).where(inventories.c.id == 2).values(name="app's"))
-        commit = pool.submit(eng.commit_execution, engine, PRICE_JOB, execution_id)
+        commit = pool.submit(commit_execution, engine, PRICE_JOB, execution_id)
         deadline = time.monotonic() + 60
         with engine.connect() as watcher:
             while not watcher.execute(waiting).scalar_one():
@@ -121,12 +126,12 @@ def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
                 assert time.monotonic() < deadline, "the commit never waited for the app's row"
                 time.sleep(0.05)
         app_tx.commit()
-        with pytest.raises(eng.CommitConflict, match=r"inventories: 1 row\(s\), ids \[2\]"):
+        with pytest.raises(CommitConflict, match=r"inventories: 1 row\(s\), ids \[2\]"):
             commit.result(timeout=60)
     assert prices(engine) == old_prices  # nothing committed
     with engine.connect() as conn:
         name = conn.execute(select(inventories.c.name).where(inventories.c.id == 2)).scalar_one()
-        ex = eng.load_execution(conn, execution_id)
+        ex = load_execution(conn, execution_id)
     assert name == "app's"  # the application's update is kept
     assert ex["phase"] == "validated"
 
@@ -157,7 +162,7 @@ def test_the_commit_locks_every_target_row_before_its_conflict_check(pg_url):
             return True
 
     with engine.begin() as conn:
-        _lock_rows(conn, tables, "e", {"updates": {"inventories": ["price"]}})
+        lock_target_rows(conn, tables, "e", {"updates": {"inventories": ["price"]}})
         assert [app_can_lock(i) for i in (1, 2, 3)] == [False, True, False]
     assert [app_can_lock(i) for i in (1, 2, 3)] == [True, True, True]  # released at the end
 
@@ -275,12 +280,12 @@ def test_checks_run_at_once_keep_their_order_and_raise_after_all_ended():
             raise ValueError(f"{name} failed")
         return name
 
-    assert eng.run_concurrently([lambda: call("a"), lambda: call("b")], 2) == ["a", "b"]
+    assert run_concurrently([lambda: call("a"), lambda: call("b")], 2) == ["a", "b"]
     ended.clear()
     with pytest.raises(ValueError, match="b failed"):
-        eng.run_concurrently([lambda: call("a"), lambda: call("b", fail=True)], 2)
+        run_concurrently([lambda: call("a"), lambda: call("b", fail=True)], 2)
     assert sorted(ended) == ["a", "b"]  # the failure waited for the other check to end
-    assert eng.run_concurrently([lambda: "x", lambda: "y"], 1) == ["x", "y"]
+    assert run_concurrently([lambda: "x", lambda: "y"], 1) == ["x", "y"]
 
 
 def test_check_connections_come_from_the_yaml(tmp_path):

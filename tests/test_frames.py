@@ -27,8 +27,9 @@ from sqlalchemy import (
     select,
 )
 
-from patch_ops.engine import _read_columns, bulk_insert, fetch_rows
+from patch_ops.execution import fetch_rows
 from patch_ops.frames import _constant_text, column_text, copy_text, plain_records
+from patch_ops.steps.transform import bulk_insert, read_columns
 
 pytestmark = pytest.mark.postgres
 
@@ -145,7 +146,7 @@ def test_batches_read_from_postgres_as_plain_tuples_hold_what_sqlalchemy_reads(p
     md.create_all(engine)
     with engine.begin() as conn:
         bulk_insert(conn, t, _frame())
-    query = select(*_read_columns(t, t, [c.name for c in t.columns])).order_by(t.c.id)
+    query = select(*read_columns(t, t, [c.name for c in t.columns])).order_by(t.c.id)
     with engine.connect() as conn:
         plain = fetch_rows(conn, query)
         rows = conn.execute(query).all()

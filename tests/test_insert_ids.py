@@ -7,11 +7,11 @@ import random
 
 import pytest
 from sqlalchemy import insert, select
+from stockrx_patches.schema import inventory_logs
 
 from patch_ops import state
-from patch_ops.engine import _assign_insert_ids
 from patch_ops.state import INSERT, mirror_table
-from stockrx_patches.schema import inventory_logs
+from patch_ops.steps.apply import assign_insert_ids
 from tests.support.stockrx import T0, hand_built
 
 
@@ -43,7 +43,7 @@ def test_insert_ids_are_one_block_in_dp_seq_order(database_url):
     engine, stage = _staged(database_url)
     with engine.begin() as conn:
         _physical_order_scans(conn)
-        offset = _assign_insert_ids(conn, inventory_logs, stage, "e")
+        offset = assign_insert_ids(conn, inventory_logs, stage, "e")
         staged_ids = conn.execute(select(stage.c.id).where(stage.c.dp_execution_id == "e")).scalars()
         assert set(staged_ids) == {None}  # the stage is not rewritten
     assert offset is not None
@@ -65,7 +65,7 @@ def test_ids_from_a_broken_block_go_to_the_stage_in_dp_seq_order(pg_url):
         conn.exec_driver_sql("ALTER SEQUENCE inventory_logs_id_seq INCREMENT BY 2")
     with engine.begin() as conn:
         _physical_order_scans(conn)
-        assert _assign_insert_ids(conn, inventory_logs, stage, "e") is None
+        assert assign_insert_ids(conn, inventory_logs, stage, "e") is None
         rows = conn.execute(
             select(stage.c.dp_seq, stage.c.id).where(stage.c.dp_execution_id == "e")
             .order_by(stage.c.dp_seq)

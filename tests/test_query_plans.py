@@ -11,8 +11,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import event, func, select
 
-from patch_ops import engine as eng
 from patch_ops import state
+from patch_ops.execution import config_of, inserted_id_range, load_execution
+from patch_ops.state import INSERT, mirror_table
+from patch_ops.steps.apply import find_conflicts
+from patch_ops.steps.result import ResultView
 from stockrx_patches.registry import default_registry
 from tests.support.stockrx import latest_execution, run_patch, seeded
 
@@ -27,12 +30,12 @@ RUNS = {
 def _plans(engine, patch, execution_id, committed=False):  # type: ignore[no-untyped-def]
     """(what, EXPLAIN text) for every invariant and every table view of the execution."""
     with engine.connect() as conn:
-        ex = eng.load_execution(conn, execution_id)
-    view = eng.ResultView(
+        ex = load_execution(conn, execution_id)
+    view = ResultView(
         engine, state.reflect_tables(engine, patch.tables()), execution_id, committed,
         ex["declaration"], ex,
     )
-    queries = {inv.name: inv.offenders for inv in patch.invariants(view, eng._config_of(patch, ex))}
+    queries = {inv.name: inv.offenders for inv in patch.invariants(view, config_of(patch, ex))}
     queries |= {f"table({t})": select(view.table(t)) for t in patch.tables()}
     plans = {}
     with engine.begin() as conn:
@@ -75,11 +78,11 @@ def test_checks_after_commit_join_the_backup_only_when_they_read_before_values(p
     ``before_`` columns, and PostgreSQL drops it from every other check (a join over every
     updated row less, each)."""
     engine, ex, patch = _verified_price_run(pg_url)
-    view = eng.ResultView(
+    view = ResultView(
         engine, state.reflect_tables(engine, patch.tables()), ex["execution_id"], True,
         ex["declaration"], ex,
     )
-    invariants = patch.invariants(view, eng._config_of(patch, ex))
+    invariants = patch.invariants(view, config_of(patch, ex))
     # the two checks of the patch that compare with before_ values (before_inventory_logs_count,
     # before_price); the other three read after-images only
     reads_before = {"inventory_logs_count_incremented", "price_actually_changed"}
@@ -99,12 +102,12 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     engine, ex, patch = _verified_price_run(pg_url)
     tables = state.reflect_tables(engine, patch.tables())
     live = tables["inventory_logs"]
-    st = eng.mirror_table(engine, live, "stage")
+    st = mirror_table(engine, live, "stage")
     with engine.connect() as conn:
-        span = eng.inserted_id_range(conn, st, ex, "inventory_logs")
+        span = inserted_id_range(conn, st, ex, "inventory_logs")
         staged = conn.execute(
             select(func.count()).select_from(st).where(
-                st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == eng.INSERT
+                st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == INSERT
             )
         ).scalar_one()
         inserted = conn.execute(
@@ -130,7 +133,7 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     event.listen(engine, "before_cursor_execute", keep)
     try:
         with engine.connect() as conn:
-            assert eng.find_conflicts(conn, engine, tables, ex, "stage") == {}
+            assert find_conflicts(conn, engine, tables, ex, "stage") == {}
     finally:
         event.remove(engine, "before_cursor_execute", keep)
     logs_check = [(q, p) for q, p in executed if "LEFT OUTER JOIN inventory_logs" in q]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.engine import URL, Connection, Dialect, Engine
 
 from patch_ops.dialects.base import DatabaseDialect, Features
 from patch_ops.dialects.postgresql import PostgreSQLDialect
 from patch_ops.dialects.sqlite import SQLiteDialect
 
-__all__ = ["DatabaseDialect", "Features", "dialect_of", "dialect_for_backend"]
+__all__ = ["DatabaseDialect", "Features", "dialect_of", "dialect_for_url"]
 
 _DIALECTS: dict[str, DatabaseDialect] = {
     d.name: d for d in (SQLiteDialect(), PostgreSQLDialect())
@@ -23,12 +23,12 @@ _DIALECTS: dict[str, DatabaseDialect] = {
 _DEFAULT = DatabaseDialect()
 
 
-def dialect_for_backend(backend: str) -> DatabaseDialect:
-    """By SQLAlchemy's backend name (``make_url(url).get_backend_name()``)."""
-    return _DIALECTS.get(backend, _DEFAULT)
+def dialect_for_url(url: URL) -> DatabaseDialect:
+    """The dialect implementation of a database URL (before any engine exists)."""
+    return _DIALECTS.get(url.get_backend_name(), _DEFAULT)
 
 
 def dialect_of(bind: Engine | Connection | Dialect | Any) -> DatabaseDialect:
     """The dialect implementation of an engine, a connection or a SQLAlchemy dialect."""
     sa_dialect = bind if isinstance(bind, Dialect) else bind.dialect
-    return dialect_for_backend(sa_dialect.name)
+    return _DIALECTS.get(sa_dialect.name, _DEFAULT)

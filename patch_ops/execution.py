@@ -1,0 +1,280 @@
+"""The bottom of the engine: execution rows, errors, plan value types and small helpers that
+every step shares. Steps import this module; it imports no step.
+
+An execution is one row of ``data_patch_executions``: the durable state every op reads and moves
+forward (phase, cursor, counts, report), so an op can run in its own process, be killed at any
+instant and be re-executed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from patch_ops import state
+from patch_ops.database import write_transaction
+from patch_ops.patch import Patch, PatchRunConfig, PatchSettings, RunContext
+from patch_ops.state import INSERT, executions, locks, targets
+
+#: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
+#: window), status 'paused': progress kept, table locks released, continued by a later run.
+PAUSED_PHASE = "paused_window_end"
+
+
+#: Execution options of an INSERT ... SELECT whose rowcount is read (else -1 on psycopg).
+ROWCOUNT = {"preserve_rowcount": True}
+
+
+class PatchError(Exception):
+    """A patch step refused or failed; the message is meant for the release engineer."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+class PlanRefused(PatchError):
+    pass
+
+
+class CommitConflict(PatchError):
+    pass
+
+
+class VerificationFailed(PatchError):
+    pass
+
+
+class RestoreRefused(PatchError):
+    pass
+
+
+class DatabaseRefused(PatchError):
+    """The database rejected a change (constraint, trigger, type): nothing was written."""
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """What a plan check sees: the new execution and everything it was asked to do."""
+
+    execution_id: str
+    patch: Patch
+    settings: PatchSettings
+    config: PatchRunConfig
+    engine: Engine
+    resources: Any  # the op's Dagster resources (None outside Dagster)
+
+
+#: A plan check: (stage, connection, info) → None, or raise PlanRefused.
+PlanCheck = Callable[[str, Connection, PlanInfo], None]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+#: Given a Dagster run id: its status if the run is finished (terminal), else None.
+RunFinished = Callable[[str], str | None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution rows
+# ---------------------------------------------------------------------------------------------
+
+
+def load_execution(conn: Connection, execution_id: str) -> dict[str, Any]:
+    row = conn.execute(
+        select(executions).where(executions.c.execution_id == execution_id)
+    ).mappings().first()
+    if row is None:
+        raise PatchError(f"unknown execution {execution_id}")
+    return dict(row)
+
+
+def set_execution(conn: Connection, execution_id: str, **values: Any) -> None:
+    conn.execute(
+        update(executions).where(executions.c.execution_id == execution_id).values(**values)
+    )
+
+
+def _insert_offset(ex: dict[str, Any], table: str) -> int | None:
+    return ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table)
+
+
+def inserted_id(st, ex: dict[str, Any], table: str):  # type: ignore[no-untyped-def]
+    """The live id of a staged insert of a committed execution: ``dp_seq`` plus the offset its
+    commit recorded (ids handed out as one block), else the id the commit wrote to the stage."""
+    return offset_id(st, _insert_offset(ex, table))
+
+
+def inserted_id_range(conn: Connection, st, ex: dict[str, Any], table: str) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """The lowest and the highest live id a committed execution inserted into ``table`` (None:
+    it inserted none). Checks that add ``live.id BETWEEN lo AND hi`` read the inserted rows by
+    the live table's key instead of scanning the whole table, all its history included (1M new
+    log rows among 3M: a post-verification check 15.4 -> 9.8 s)."""
+    offset = _insert_offset(ex, table)
+    col = st.c.dp_seq if offset is not None else st.c.id  # min/max of dp_seq: from the index
+    lo, hi = conn.execute(
+        select(func.min(col), func.max(col)).where(
+            st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == INSERT
+        )
+    ).one()
+    if lo is None:
+        return None
+    return (int(lo) + int(offset or 0), int(hi) + int(offset or 0))
+
+
+def offset_id(st, offset: int | None):  # type: ignore[no-untyped-def]
+    return st.c.id if offset is None else st.c.dp_seq + int(offset)
+
+
+def finish_execution(
+    engine: Engine,
+    execution_id: str,
+    status: str,
+    error: str | None = None,
+    keep_work_tables: bool = True,
+    **values: Any,
+) -> None:
+    """Close an execution: status, completion time, locks released, scratch data dropped."""
+    with write_transaction(engine) as conn:
+        set_execution(
+            conn,
+            execution_id,
+            status=status,
+            completed_at=utcnow(),
+            error_message=error,
+            **values,
+        )
+        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
+        if not keep_work_tables:
+            drop_work_rows(conn, execution_id)
+
+
+def drop_work_rows(conn: Connection, execution_id: str) -> None:
+    """Backup/stage/target rows of an execution that never reached live tables."""
+    ex = load_execution(conn, execution_id)
+    decl = ex.get("declaration") or {}
+    for table in decl.get("tables", []):
+        for kind in ("backup", "stage"):
+            name = state.mirror_name(kind, table)
+            mirror = state.mirror_by_name(conn, name)
+            if mirror is not None:
+                conn.execute(delete(mirror).where(mirror.c.dp_execution_id == execution_id))
+    conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
+    # data_patch_rejects stays: it explains why a run failed.
+
+
+def declaration_of(patch: Patch) -> dict[str, Any]:
+    return {
+        "driving_table": patch.driving_table,
+        "tables": list(patch.tables()),
+        "updates": {t: list(c) for t, c in patch.updates.items()},
+        "inserts": {t: list(c) for t, c in patch.inserts.items()},
+        "related": dict(patch.related),
+    }
+
+
+def written_tables(decl: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys([*decl["updates"], *decl["inserts"]]))
+
+
+def default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database in some containers
+        return "unknown"
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def config_of(patch: Patch, ex: dict[str, Any]) -> PatchRunConfig:
+    return patch.config_class(**(ex["config"] or {}))
+
+
+def run_context(ex: dict[str, Any]) -> RunContext:
+    """The facts an execution fixed at plan time (run time, business date)."""
+    return RunContext(ex["execution_id"], ex["run_at"], dt.date.fromisoformat(ex["business_date"]))
+
+
+def step_counts(ex: dict[str, Any]) -> dict[str, int]:
+    return {
+        "processed": int(ex["processed_records"]),
+        "staged_updates": int(ex["staged_updates"]),
+        "staged_inserts": int(ex["staged_inserts"]),
+        "failed": int(ex["failed_records"]),
+    }
+
+
+def fetch_rows(conn: Connection, query: Any) -> Sequence[Any]:
+    """Every row of ``query``. When SQLAlchemy has nothing to convert in them (no result
+    processors, as on PostgreSQL for these column types), straight from the driver's cursor as
+    plain tuples: building SQLAlchemy's Row objects doubled the cost of reading a batch (160
+    against 70 ms for 20,000 items). Otherwise through SQLAlchemy (SQLite: it parses the
+    datetimes that the driver returns as text)."""
+    result = conn.execute(query)
+    try:
+        if getattr(result._metadata, "_effective_processors", True) is None:
+            return result.cursor.fetchall()  # type: ignore[no-any-return]
+        return result.all()
+    finally:
+        result.close()
+
+
+def run_concurrently(calls: Sequence[Callable[[], Any]], workers: int) -> list[Any]:
+    """The results of ``calls`` in their order, up to ``workers`` at a time in threads (each call
+    opens its own connection). The first exception is raised once every call has ended."""
+    if workers <= 1 or len(calls) <= 1:
+        return [call() for call in calls]
+    workers = min(workers, len(calls))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check") as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
+def jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return str(v)
+
+
+def estimate_seconds(conn: Connection, patch_name: str, records: int) -> float | None:
+    """From the throughput of this patch's past successful runs, if there are any."""
+    rows = conn.execute(
+        select(
+            executions.c.processed_records,
+            executions.c.started_at,
+            executions.c.completed_at,
+            executions.c.paused_seconds,
+        )
+        .where(
+            executions.c.patch_name == patch_name,
+            executions.c.status == "completed",
+            executions.c.kind == "patch",
+            executions.c.processed_records > 0,
+        )
+        .order_by(executions.c.started_at.desc())
+        .limit(5)
+    ).all()
+    rates = [
+        r.processed_records
+        / max((r.completed_at - r.started_at).total_seconds() - (r.paused_seconds or 0), 0.001)
+        for r in rows
+        if r.completed_at is not None
+    ]
+    if not rates:
+        return None
+    return records / (sum(rates) / len(rates))
+

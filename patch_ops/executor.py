@@ -1,0 +1,91 @@
+"""The executor of every patch, restore and purge job.
+
+By default every op still gets its own process, but forked from a fork server that has already
+imported Dagster, pandas, pandera, SQLAlchemy, the code location and the Dagster instance's
+modules (``start_method: forkserver``, PRELOAD_MODULES), instead of a fresh interpreter per op
+(``spawn``, Dagster's default), which costs ~5 s of CPU per op before it does any work. A run can
+still choose, in its run config, ``execution: {config: {in_process: {}}}`` or
+``{multiprocess: {start_method: {spawn: {}}}}``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dagster import (
+    DagsterInstance,
+    Executor,
+    ExecutorDefinition,
+    InitExecutorContext,
+    multi_or_in_process_executor,
+)
+
+#: What the fork server imports before forking op processes: the framework (which brings
+#: Dagster, pandas, pandera, SQLAlchemy), the database drivers, and Dagster's command line
+#: (every op process re-runs the parent's main script, ``dagster``, which imports it: 0.45 s of
+#: each op's start otherwise); the code location's own module is added per run.
+PRELOAD_MODULES = (
+    "patch_ops.jobs", "patch_ops.restore_jobs", "psycopg", "psycopg2", "dagster._cli"
+)
+
+
+#: The environment this process had when its fork server was first chosen (None: not yet).
+_forkserver_environ: frozenset[tuple[str, str]] | None = None
+
+
+def instance_modules(instance: DagsterInstance) -> list[str]:
+    """The modules of the Dagster instance's parts (run, event log and schedule storage, compute
+    log manager, run coordinator...), as dagster.yaml names them. Every op process first builds
+    the instance from its ref, and importing these there took ~0.5 s of each op's start (the
+    SQLite storages bring alembic, mako, rich, pygments, watchdog)."""
+    if instance.is_ephemeral:  # it has no ref: it cannot run ops in other processes anyway
+        return []
+    ref = instance.get_ref()
+    names = (getattr(part, "module_name", None) for part in ref)  # ConfigurableClassData
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
+
+
+def _default_start_method(init_context: InitExecutorContext) -> dict[str, Any]:
+    """forkserver, unless this process's fork server was started under another environment.
+
+    A fork server lives as long as the process that started it, and every op process forked
+    from it gets *its* environment (STOCKRX_DATABASE_URL, secrets), not the caller's current one.
+    A run worker (``dagster job execute``, the daemon's runs) runs one job and exits, so this only
+    matters in a long-lived process that executes several runs (``execute_job`` in a script or a
+    test): there, once the environment has changed, op processes are spawned afresh.
+    """
+    global _forkserver_environ
+    environ = frozenset(os.environ.items())
+    if _forkserver_environ is None:
+        _forkserver_environ = environ
+    elif _forkserver_environ != environ:
+        return {"spawn": {}}
+    preload = [*PRELOAD_MODULES, *instance_modules(init_context.instance)]
+    pointer = init_context.job.get_python_origin().get_repo_pointer()  # type: ignore[attr-defined]
+    if getattr(pointer, "module", None):  # -m stockrx_patches.definitions, workspace.yaml
+        preload.append(pointer.module)
+    return {"forkserver": {"preload_modules": preload}}
+
+
+def _forkserver_by_default(init_context: InitExecutorContext) -> Executor:
+    config = dict(init_context.executor_config)
+    multiprocess = config.get("multiprocess")
+    if isinstance(multiprocess, dict) and not multiprocess.get("start_method"):
+        start = _default_start_method(init_context)
+        config = {"multiprocess": {**multiprocess, "start_method": start}}
+    create = multi_or_in_process_executor.executor_creation_fn
+    assert create is not None
+    return create(init_context._replace(executor_config=config))
+
+
+#: Dagster's default executor (same run config: ``multiprocess`` or ``in_process``), except that
+#: op processes start with ``forkserver`` (preloading PRELOAD_MODULES and the code location's
+#: module) unless the run config names a start method.
+patch_executor = ExecutorDefinition(
+    name="multi_or_in_process_executor",
+    config_schema=multi_or_in_process_executor.config_schema,  # type: ignore[arg-type]
+    executor_creation_fn=_forkserver_by_default,
+    requirements=multi_or_in_process_executor.get_requirements,
+    description="One process per op, forked from a preloaded fork server (or in_process).",
+)

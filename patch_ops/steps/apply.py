@@ -1,0 +1,209 @@
+"""Writing staged changes to live tables, shared by the trial apply (validation), the commit and
+the restore: row locks, the conflict check against the before-image or what was written, the
+live ids of inserted rows, and the database's refusals turned into a message that says why."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import String, and_, cast, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.sql import ColumnElement
+from sqlalchemy.types import JSON as JSONType
+
+from patch_ops.dialects import dialect_of
+from patch_ops.execution import (
+    ROWCOUNT,
+    DatabaseRefused,
+    PatchError,
+    inserted_id,
+    inserted_id_range,
+    offset_id,
+    written_tables,
+)
+from patch_ops.patch import Tables
+from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, targets
+
+
+def _distinct(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type: ignore[no-untyped-def]
+    if isinstance(col.type, JSONType):
+        return cast(a, String).is_distinct_from(cast(b, String))
+    return a.is_distinct_from(b)
+
+
+def find_conflicts(
+    conn: Connection,
+    engine: Engine,
+    tables: Tables,
+    ex: dict[str, Any],
+    against: str,
+    limit: int | None = None,
+) -> dict[str, list[int]]:
+    """Rows the application changed since the engine last saw them.
+
+    ``against="backup"`` (commit): a live row to be updated differs in any column from its
+    before-image, or is gone. ``against="stage"`` (restore): a live row differs from what the
+    patch wrote (declared columns of updated rows, declared columns of inserted rows), or is gone.
+    ``ex``: the execution's row (its declaration; after commit, the ids of its inserted rows).
+    """
+    execution_id, decl = ex["execution_id"], ex["declaration"]
+    found: dict[str, list[int]] = {}
+    for table in written_tables(decl):
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        ids: list[int] = []
+        if table in decl["updates"]:
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+            if against == "backup":
+                bk = mirror_table(engine, live, "backup")
+                cols = [c.name for c in live.columns if c.name in bk.c]
+                differs = or_(
+                    live.c.id.is_(None), *[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols]
+                )
+                q = (
+                    select(st.c.dp_seq)
+                    .select_from(st)
+                    .join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP))
+                    .outerjoin(live, live.c.id == st.c.dp_seq)
+                    .where(cond, differs)
+                )
+            else:
+                cols = decl["updates"][table]
+                differs = or_(
+                    live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
+                )
+                q = select(st.c.dp_seq).select_from(st).outerjoin(
+                    live, live.c.id == st.c.dp_seq
+                ).where(cond, differs)
+            ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
+        if table in decl["inserts"] and against == "stage":
+            cols = decl["inserts"][table]
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            new_id = inserted_id(st, ex, table)
+            on = live.c.id == new_id
+            span = inserted_id_range(conn, st, ex, table)
+            if span is not None:
+                on = and_(on, live.c.id.between(*span))  # the inserted rows, not all the table
+            differs = or_(
+                live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
+            )
+            q = select(new_id).select_from(st).outerjoin(live, on).where(cond, differs)
+            ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
+        if ids:
+            found[table] = ids
+    return found
+
+
+def lock_target_rows(
+    conn: Connection, tables: Tables, execution_id: str, decl: dict[str, Any]
+) -> None:
+    """Row locks on the rows an execution changes (``DatabaseDialect.lock_rows``; where the
+    database has no row locks, the writing transaction already holds the write lock)."""
+    dialect = dialect_of(conn)
+    if not dialect.features.row_locks:
+        return
+    for table in decl["updates"]:
+        live = tables[table]
+        ids = select(targets.c.row_id).where(
+            targets.c.execution_id == execution_id, targets.c.table_name == table
+        )
+        dialect.lock_rows(conn, select(live.c.id).where(live.c.id.in_(ids)).with_for_update())
+
+
+def assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | None:  # type: ignore[no-untyped-def]
+    """Hand out the real ids of the staged inserts of ``live`` before inserting them, so the
+    inserted rows are known exactly. Ids ascend in ``dp_seq`` order (the order the patch produced
+    the rows: an item's chain of log rows reads right when ordered by id).
+
+    Returns the offset when the ids are ``dp_seq + offset`` (one block of ids: the stage is not
+    rewritten), or None when they were written to the stage's ``id`` column
+    (``DatabaseDialect.reserve_insert_ids``).
+    """
+    cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+    n, first, last = conn.execute(
+        select(func.count(), func.min(st.c.dp_seq), func.max(st.c.dp_seq)).where(cond)
+    ).one()
+    if not n:
+        return None
+    span = int(last) - int(first) + 1
+    return dialect_of(conn).reserve_insert_ids(conn, live, st, cond, int(first), span, int(n))
+
+
+@contextlib.contextmanager
+def _refusal(table: str, action: str) -> Iterator[None]:
+    """Turn the database's refusal of a statement into a DatabaseRefused that says why."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if isinstance(exc, OperationalError | InterfaceError):
+            raise  # connection trouble or a lock timeout, not a verdict on the data
+        lines = [ln.strip() for ln in str(exc.orig or exc).splitlines() if ln.strip()]
+        reason = " ".join(lines[:2])[:500]
+        raise DatabaseRefused(f"{action} {table}: {reason}", {"table": table}) from None
+
+
+def apply_staged(
+    conn: Connection,
+    engine: Engine,
+    tables: Tables,
+    execution_id: str,
+    decl: dict[str, Any],
+    trial: bool = False,
+    id_offsets: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial).
+
+    ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``)."""
+    counts: dict[str, int] = {}
+    for table, cols in decl["updates"].items():
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        expected = conn.execute(
+            select(func.count()).select_from(st).where(
+                st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE
+            )
+        ).scalar_one()
+        if not expected:
+            counts[f"{table}_updated"] = 0
+            continue
+        with _refusal(table, "update"):
+            res = conn.execute(
+                update(live)
+                .where(
+                    live.c.id == st.c.dp_seq,
+                    st.c.dp_execution_id == execution_id,
+                    st.c.dp_action == UPDATE,
+                )
+                .values({c: st.c[c] for c in cols})
+            )
+        if res.rowcount != expected:
+            raise PatchError(
+                f"commit updated {res.rowcount} {table} rows but {expected} were staged; "
+                "rolled back"
+            )
+        counts[f"{table}_updated"] = expected
+    for table, cols in decl["inserts"].items():
+        live = tables[table]
+        st = mirror_table(engine, live, "stage")
+        cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+        if trial:
+            # ids -dp_seq, computed in the INSERT: the stage itself is never rewritten
+            new_id: Any = (-st.c.dp_seq).label("id")
+        else:
+            offset = assign_insert_ids(conn, live, st, execution_id)
+            new_id = offset_id(st, offset).label("id")
+            if offset is not None and id_offsets is not None:
+                id_offsets[table] = offset
+        with _refusal(table, "insert into"):
+            res = conn.execute(
+                insert(live).from_select(
+                    ["id", *cols], select(new_id, *[st.c[c] for c in cols]).where(cond)
+                ),
+                execution_options=ROWCOUNT,
+            )
+        counts[f"{table}_inserted"] = res.rowcount
+    return counts
+

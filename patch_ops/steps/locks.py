@@ -1,0 +1,149 @@
+"""Per-table locks in the StockRx database (``data_patch_locks``): one execution per table at a
+time, whoever starts it (the run queue's tag limits only cover runs of one Dagster instance).
+A lock whose holder is dead (process gone, Dagster run finished, no heartbeat) is released as
+stale and its execution closed with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from patch_ops.execution import PlanRefused, RunFinished, jsonable, set_execution, utcnow
+from patch_ops.state import executions, locks
+
+#: A lock whose holder's process is gone (same host) is stale once the holder's execution has had
+#: no heartbeat for this long (the gap between two op processes of a live run is shorter).
+LOCK_PID_GRACE_SECONDS = float(os.environ.get("STOCKRX_LOCK_PID_GRACE_SECONDS", "120"))
+#: Any lock is stale once its holder's execution has had no heartbeat for this long.
+LOCK_STALE_SECONDS = float(os.environ.get("STOCKRX_LOCK_STALE_SECONDS", "1800"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def stale_lock_reason(
+    conn: Connection, holder: dict[str, Any], run_finished: RunFinished | None = None
+) -> str | None:
+    """Why the holder of a lock is dead (so the lock may be released), or None if it may live."""
+    ex = conn.execute(
+        select(executions.c.status, executions.c.heartbeat_at).where(
+            executions.c.execution_id == holder["execution_id"]
+        )
+    ).first()
+    if ex is None:
+        return "its execution does not exist"
+    if ex.status != "running":
+        return f"its execution is {ex.status}"
+    if run_finished is not None and holder["dagster_run_id"]:
+        status = run_finished(holder["dagster_run_id"])
+        if status:
+            return f"its Dagster run {holder['dagster_run_id']} is {status}"
+    age = (utcnow() - (ex.heartbeat_at or holder["acquired_at"])).total_seconds()
+    if (
+        holder["hostname"] == socket.gethostname()
+        and holder["pid"]
+        and not _pid_alive(int(holder["pid"]))
+        and age > LOCK_PID_GRACE_SECONDS
+    ):
+        return (
+            f"its process (pid {holder['pid']}) is gone from this host and its last heartbeat "
+            f"was {age:,.0f} s ago"
+        )
+    if age > LOCK_STALE_SECONDS:
+        return f"its last heartbeat was {age:,.0f} s ago (limit {LOCK_STALE_SECONDS:,.0f} s)"
+    return None
+
+
+def _release_stale(
+    conn: Connection, holder: dict[str, Any], reason: str, execution_id: str, log: Any
+) -> None:
+    """Drop a dead holder's locks; close its execution as failed, saying why (the history)."""
+    dead = holder["execution_id"]
+    conn.execute(delete(locks).where(locks.c.execution_id == dead))
+    note = (
+        f"abandoned: its table locks were released as stale by execution {execution_id} "
+        f"at {utcnow():%Y-%m-%d %H:%M:%S} UTC because {reason}"
+    )
+    row = conn.execute(
+        select(executions.c.status, executions.c.error_message).where(
+            executions.c.execution_id == dead
+        )
+    ).first()
+    if row is not None:
+        values: dict[str, Any] = {
+            "error_message": "; ".join(m for m in (row.error_message, note) if m)
+        }
+        if row.status == "running":
+            values.update(status="failed", completed_at=utcnow())
+        set_execution(conn, dead, **values)
+    (log or logging.getLogger(__name__)).warning(
+        f"released stale lock of execution {dead} (Dagster run {holder['dagster_run_id']}, "
+        f"host {holder['hostname']}, pid {holder['pid']}): {reason}"
+    )
+
+
+def acquire_locks(
+    conn: Connection,
+    tables: Iterable[str],
+    execution_id: str,
+    run_id: str | None,
+    run_finished: RunFinished | None = None,
+    log: Any = None,
+) -> None:
+    """Take the per-table locks of an execution (re-entrant for the same execution).
+
+    A lock held by another execution refuses at once, naming the holder, unless the holder is
+    dead (``stale_lock_reason``): then its locks are released and its execution closed as failed
+    with the reason, and this execution takes the lock.
+    """
+    here = {"dagster_run_id": run_id, "hostname": socket.gethostname(), "pid": os.getpid()}
+    for table in tables:
+        holder = conn.execute(select(locks).where(locks.c.table_name == table)).mappings().first()
+        if holder is not None:
+            if holder["execution_id"] == execution_id:
+                if any(holder[k] != v for k, v in here.items()):
+                    # A later step (own process) or run of the same execution: it holds it now.
+                    conn.execute(update(locks).where(locks.c.table_name == table).values(**here))
+                continue
+            reason = stale_lock_reason(conn, dict(holder), run_finished)
+            if reason is None:
+                patch_name = conn.execute(
+                    select(executions.c.patch_name).where(
+                        executions.c.execution_id == holder["execution_id"]
+                    )
+                ).scalar()
+                raise PlanRefused(
+                    f"table {table!r} is locked by {patch_name or 'execution'} execution "
+                    f"{holder['execution_id']} (Dagster run {holder['dagster_run_id']}, host "
+                    f"{holder['hostname']}, pid {holder['pid']}, since "
+                    f"{holder['acquired_at']:%Y-%m-%d %H:%M:%S} UTC); one patch per table at a "
+                    "time: try again when it has finished",
+                    {"holder": {k: jsonable(v) for k, v in holder.items()}},
+                )
+            _release_stale(conn, dict(holder), reason, execution_id, log)
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(locks).values(table_name=table, execution_id=execution_id,
+                                         acquired_at=utcnow(), **here)
+                )
+        except IntegrityError:
+            raise PlanRefused(
+                f"table {table!r} was locked by another execution a moment ago; try again"
+            ) from None
+

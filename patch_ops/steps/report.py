@@ -1,0 +1,226 @@
+"""The impact report: counts, before/after sums, the spread of each numeric change, samples,
+the patch's own report sections, rendered as Markdown. It is what a dry run exists to show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Integer, Numeric, and_, case, func, select
+from sqlalchemy.engine import Engine
+
+from patch_ops import state
+from patch_ops.charts import ChangeSpread, change_histogram, histogram_markdown
+from patch_ops.execution import config_of, jsonable, load_execution, run_context
+from patch_ops.patch import Patch
+from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
+from patch_ops.steps.result import SAMPLE_ROWS
+
+SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
+SECTION_ROWS_MD = 50  # ... and shown in the Markdown report
+
+
+def report_sections(engine: Engine, patch: Patch, ex: dict[str, Any]) -> dict[str, Any]:
+    """The patch's extra report lists (Patch.report_sections): count and first rows of each."""
+    ctx = run_context(ex)
+    tables = state.reflect_tables(engine, patch.tables())
+    out: dict[str, Any] = {}
+    with engine.connect() as conn:
+        for title, sel in patch.report_sections(tables, config_of(patch, ex), ctx).items():
+            n = conn.execute(
+                select(func.count()).select_from(sel.order_by(None).subquery())
+            ).scalar_one()
+            rows = conn.execute(sel.limit(SECTION_ROWS)).mappings()
+            out[title] = {"count": n, "rows": [{k: jsonable(v) for k, v in r.items()} for r in rows]}
+    return out
+
+
+def reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
+    rj = state.rejects
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(rj.c.source_id, rj.c.table_name, rj.c.column_name, rj.c.check_name, rj.c.failure_case)
+            .where(rj.c.execution_id == execution_id)
+            .order_by(rj.c.source_id)
+            .limit(SAMPLE_ROWS)
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
+    """Counts, before/after sums and min/max change of every changed numeric column, samples."""
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    decl = ex["declaration"]
+    tables = state.reflect_tables(engine, decl["tables"])
+    report: dict[str, Any] = {
+        "patch": ex["patch_name"],
+        "execution_id": execution_id,
+        "dry_run": bool(ex["dry_run"]),
+        "targets": (ex["report"] or {}).get("targets", {}),
+        "processed_records": int(ex["processed_records"]),
+        "failed_records": int(ex["failed_records"]),
+        "updates": {},
+        "inserts": {},
+    }
+    with engine.connect() as conn:
+        for table, cols in decl["updates"].items():
+            live = tables[table]
+            st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
+            joined = st.join(
+                bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)
+            )
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+            numeric = [c for c in cols if _is_numeric(live.c[c])]
+            # One pass over the pairs: the count, and per numeric column the sums, the spread of
+            # the change and what the histogram needs of it (so it does not pass again for that)
+            aggs: list[Any] = [func.count()]
+            for c in numeric:
+                change = st.c[c] - bk.c[c]
+                aggs += [func.sum(bk.c[c]), func.sum(st.c[c]), func.min(change),
+                         func.max(change), func.count(change), func.count(case((change == 0, 1)))]
+            rows, *vals = conn.execute(select(*aggs).select_from(joined).where(cond)).one()
+            stats: dict[str, Any] = {}
+            spreads: dict[str, ChangeSpread] = {}
+            for i, c in enumerate(numeric if rows else ()):
+                s_before, s_after, d_min, d_max, n, unchanged = vals[6 * i : 6 * i + 6]
+                stats[c] = {
+                    "sum_before": _num(s_before),
+                    "sum_after": _num(s_after),
+                    "min_change": _num(d_min),
+                    "max_change": _num(d_max),
+                }
+                spreads[c] = ChangeSpread(d_min, d_max, n, unchanged)
+            sample = conn.execute(
+                select(st.c.dp_seq.label("id"), *[bk.c[c].label(f"{c}_before") for c in cols],
+                       *[st.c[c].label(f"{c}_after") for c in cols])
+                .select_from(joined)
+                .where(cond)
+                .order_by(st.c.dp_seq)
+                .limit(SAMPLE_ROWS)
+            ).mappings()
+            report["updates"][table] = {
+                "rows": rows,
+                "columns": list(cols),
+                "stats": stats,
+                "sample": [{k: jsonable(v) for k, v in r.items()} for r in sample],
+                # The distribution of each numeric change that is not the same for every row.
+                "histograms": {
+                    c: change_histogram(conn, st, bk, c, execution_id, spread=spreads[c]).to_json()
+                    for c, s in stats.items()
+                    if s["min_change"] != s["max_change"]
+                },
+            }
+        for table, cols in decl["inserts"].items():
+            st = mirror_table(engine, tables[table], "stage")
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            rows = conn.execute(select(func.count()).select_from(st).where(cond)).scalar_one()
+            sample = conn.execute(
+                select(*[st.c[c] for c in cols]).where(cond).order_by(st.c.dp_seq).limit(SAMPLE_ROWS)
+            ).mappings()
+            report["inserts"][table] = {
+                "rows": rows,
+                "sample": [{k: jsonable(v) for k, v in r.items()} for r in sample],
+            }
+    return report
+
+
+def _is_numeric(col) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        return col.type.python_type in (int, float) or isinstance(col.type, Numeric | Integer)
+    except NotImplementedError:
+        return False
+
+
+def _num(v: Any) -> float | int | None:
+    if v is None:
+        return None
+    f = float(v)
+    return int(f) if f.is_integer() else round(f, 2)
+
+
+def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
+    mode = "DRY RUN, nothing committed" if ex["dry_run"] else "REAL RUN"
+    lines = [
+        f"## {ex['patch_name']}: impact report, {mode}",
+        "",
+        f"Execution `{ex['execution_id']}`",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
+    if report.get("targets") is not None and not any(report["targets"].values()):
+        lines[2:2] = ["**Nothing to do**: no row matches the patch's selection.", ""]
+    for table, n in report.get("targets", {}).items():
+        lines.append(f"| {table} rows selected | {n:,} |")
+    for table, u in report["updates"].items():
+        lines.append(f"| {table} rows changed | {u['rows']:,} |")
+        for col, s in u["stats"].items():
+            lines.append(f"| sum of {col} before | {_fmt(s['sum_before'])} |")
+            lines.append(f"| sum of {col} after | {_fmt(s['sum_after'])} |")
+            lines.append(f"| min / max change of {col} | {_fmt(s['min_change'])} / {_fmt(s['max_change'])} |")
+    for table, i in report["inserts"].items():
+        lines.append(f"| {table} rows inserted | {i['rows']:,} |")
+    lines.append(f"| rows rejected by validation | {report.get('failed_records', 0):,} |")
+    v = report.get("validation")
+    if v is not None:
+        lines.append(f"| validation | {'passed' if v['passed'] else 'FAILED'} |")
+    for table, u in report["updates"].items():
+        if not u["sample"]:
+            continue
+        cols = u["columns"]
+        lines += ["", f"### Sample of changed {table} rows", ""]
+        lines.append("| id | " + " | ".join(cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for r in u["sample"]:
+            cells = [f"{_fmt(r[f'{c}_before'])} → {_fmt(r[f'{c}_after'])}" for c in cols]
+            lines.append(f"| {r['id']} | " + " | ".join(cells) + " |")
+    for table, i in report["inserts"].items():
+        if i["sample"]:
+            lines += ["", f"### Sample of {table} rows to insert", ""]
+            cols = list(i["sample"][0])
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            for r in i["sample"]:
+                lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    for u in report["updates"].values():
+        for col, hist in u.get("histograms", {}).items():
+            lines += ["", histogram_markdown(hist, title=f"Distribution of {col} changes").rstrip()]
+    if v is not None and v["problems"]:
+        lines += ["", "### Validation problems", ""] + [f"- {p}" for p in v["problems"]]
+        for b in v.get("invariants", []):
+            if b["count"] is not None:
+                lines += ["", f"#### Rows breaking {b['name']} (first {len(b['sample'])} of "
+                          f"{b['count']:,})", "", *md_table(b["sample"])]
+        if v.get("rejects"):
+            lines += ["", "#### Rows rejected by the schemas (first "
+                      f"{len(v['rejects'])})", "", *md_table(v["rejects"])]
+    for title, sec in report.get("sections", {}).items():
+        lines += ["", f"### {title}: {sec['count']:,}"]
+        if sec["rows"]:
+            lines += ["", *md_table(sec["rows"][:SECTION_ROWS_MD])]
+        if sec["count"] > SECTION_ROWS_MD:
+            lines += ["", f"… and {sec['count'] - SECTION_ROWS_MD:,} more (the JSON report "
+                      f"keeps the first {min(sec['count'], SECTION_ROWS):,})"]
+    return "\n".join(lines) + "\n"
+
+
+def md_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return [
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+        *["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows],
+    ]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "∅"
+    if isinstance(v, float):
+        return f"{int(v):,}" if v.is_integer() else f"{v:,.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v).replace("|", "\\|")
+
