@@ -48,7 +48,7 @@ PRICE_JOB := $(VENV)/bin/dagster job execute -m stockrx_patches.definitions -j i
 .PHONY: demo
 demo: env
 	@mkdir -p $(DEMO_DIR)/dagster_home && cp dagster.yaml $(DEMO_DIR)/dagster_home/dagster.yaml
-	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from resources.audit import AuditKeyring; \
+	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from patch_ops.audit import AuditKeyring; \
 	print(AuditKeyring.new_entry('demo'))" > $(DEMO_DIR)/audit.key
 	$(VENV)/bin/stockrx-patches seed-demo --database-url sqlite:///$(DEMO_DB) --items $(DEMO_ITEMS) --reset
 	@echo "== DRY RUN: nothing is committed ================================================="

@@ -26,8 +26,7 @@ from typing import Any
 
 from sqlalchemy import func, inspect, select
 
-from patch_ops.state import executions
-from resources.audit import (
+from patch_ops.audit import (
     AuditChainBroken,
     AuditConfigError,
     AuditKeyMissing,
@@ -39,6 +38,7 @@ from resources.audit import (
     read_events,
     verify_chain,
 )
+from patch_ops.state import executions
 
 KEYS_ENV = "STOCKRX_AUDIT_KEYS"
 KEY_FILE_ENV = "STOCKRX_AUDIT_KEY_FILE"

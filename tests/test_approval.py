@@ -14,8 +14,8 @@ from dagster import DagsterInstance, Definitions
 from sqlalchemy import insert, update
 
 from patch_ops import approval
+from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.state import ensure_framework_tables, executions, targets
-from resources.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions

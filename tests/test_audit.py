@@ -1,11 +1,11 @@
-"""The encrypted, tamper-evident audit trail (resources/audit.py), on SQLite and PostgreSQL."""
+"""The encrypted, tamper-evident audit trail (patch_ops.audit, and the AuditLog resource), on
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import multiprocessing
-import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,11 @@ import pytest
 from sqlalchemy import create_engine, delete, select, update
 from sqlalchemy.engine import Engine
 
-from resources.audit import (
+from patch_ops.audit import (
     AuditChainBroken,
     AuditConfigError,
     AuditKeyMissing,
     AuditKeyring,
-    AuditLog,
     append_event,
     audit_checkpoints,
     audit_events,
@@ -32,6 +31,7 @@ from resources.audit import (
     scrub_secrets,
     verify_chain,
 )
+from resources.audit import AuditLog
 
 SAMPLE = "LOT-7Q-SECRET-4711"
 K1 = AuditKeyring.new_entry("k1")
@@ -51,7 +51,14 @@ def keyring() -> AuditKeyring:
     return AuditKeyring.parse(K1)
 
 
-def _append_n(engine: Engine, keyring: AuditKeyring, n: int, execution_id: str = "ex-1") -> None:
+def _append_n(
+    engine: Engine,
+    keyring: AuditKeyring,
+    n: int,
+    execution_id: str = "ex-1",
+    at: datetime | None = None,
+) -> None:
+    """``n`` events; all dated ``at`` when given (a fixed clock), else by the system clock."""
     for i in range(n):
         append_event(
             engine,
@@ -61,6 +68,7 @@ def _append_n(engine: Engine, keyring: AuditKeyring, n: int, execution_id: str =
             "release-bot",
             {"step": i, "rows_changed": 10 * i},
             {"sample": [{"lot": SAMPLE, "qty_before": i, "qty_after": i + 1}]},
+            clock=None if at is None else lambda: at,
         )
 
 
@@ -346,24 +354,39 @@ def test_resource_in_a_dagster_job(sqlite_url: str, monkeypatch: pytest.MonkeyPa
 # --- retention -------------------------------------------------------------------------------
 
 
+# A fixed clock (microseconds included: they must survive the round trip on every backend).
+OLD_AT = datetime(2024, 5, 1, 9, 30, 0, 123456, tzinfo=UTC)
+CUTOFF = OLD_AT + timedelta(microseconds=1)
+NEW_AT = CUTOFF + timedelta(microseconds=1)
+PURGED_AT = NEW_AT + timedelta(hours=1)
+
+
 def _old_and_new(engine: Engine, keyring: AuditKeyring) -> datetime:
-    _append_n(engine, keyring, 4, "ex-old")
-    time.sleep(0.01)
-    cutoff = datetime.now(UTC)
-    time.sleep(0.01)
-    _append_n(engine, keyring, 3, "ex-new")
-    return cutoff
+    """4 events ("ex-old") just before the cutoff it returns, 3 ("ex-new") just after."""
+    _append_n(engine, keyring, 4, "ex-old", at=OLD_AT)
+    _append_n(engine, keyring, 3, "ex-new", at=NEW_AT)
+    return CUTOFF
+
+
+def test_events_are_dated_by_the_clock(engine: Engine, keyring: AuditKeyring) -> None:
+    _old_and_new(engine, keyring)
+    dates = {e["execution_id"]: e["occurred_at"] for e in read_events(engine, keyring)}
+    assert dates == {"ex-old": OLD_AT, "ex-new": NEW_AT}
+    assert verify_chain(engine, keyring).ok
 
 
 def test_purge_keeps_the_rest_verifiable(engine: Engine, keyring: AuditKeyring) -> None:
     cutoff = _old_and_new(engine, keyring)
-    report = purge_events(engine, keyring, cutoff)
+    report = purge_events(engine, keyring, cutoff, clock=lambda: PURGED_AT)
     assert (report.purged_count, report.through_seq, report.checkpoint_written) == (4, 4, True)
 
     assert read_events(engine, keyring, "ex-old") == []
     assert [e["seq"] for e in read_events(engine, keyring, "ex-new")] == [5, 6, 7]
     purge_event = read_events(engine, keyring, "audit-retention")[0]
     assert purge_event["public"]["purged_count"] == 4
+    assert purge_event["occurred_at"] == PURGED_AT
+    with engine.connect() as conn:
+        assert conn.execute(select(audit_checkpoints.c.created_at)).scalar_one() == PURGED_AT
     verified = verify_chain(engine, keyring)
     assert verified.ok, verified.problems
     assert verified.checkpoint_seq == 4

@@ -15,8 +15,8 @@ from cryptography.fernet import Fernet
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
-import resources.audit as audit_mod
-from resources.audit import AuditKeyring, audit_events, audit_head
+import patch_ops.audit.chain as audit_chain
+from patch_ops.audit import AuditKeyring, audit_events, audit_head
 from stockrx_patches.cli import main as cli_main
 from tests.conftest import TEST_AUDIT_KEY
 from tests.support.stockrx import (
@@ -231,10 +231,9 @@ def test_new_key_prints_a_usable_line(capsys):
     assert run.returncode == 0 and re.fullmatch(r"demo:[A-Za-z0-9_-]{43}=\n", run.stdout)
 
 
-class _HundredDaysAgo(dt.datetime):
-    @classmethod
-    def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
-        return dt.datetime.now(tz) - dt.timedelta(days=100)
+def hundred_days_ago() -> dt.datetime:
+    """The audit trail's clock, set back 100 days."""
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=100)
 
 
 def _event_count(engine: Engine, *execution_ids: str) -> int:
@@ -251,7 +250,7 @@ def test_retention_purge_keeps_the_chain_verifiable(database_url, monkeypatch, c
 
     engine = hand_built(database_url, [100, 200])
     with monkeypatch.context() as m:  # a dry run + real run 100 days ago (as the trail sees it)
-        m.setattr(audit_mod, "datetime", _HundredDaysAgo)
+        m.setattr(audit_chain, "utc_now", hundred_days_ago)
         old = patched(database_url)
     new = patched(database_url, {**REAL, "adjustment_value": 1})
     with engine.connect() as conn:

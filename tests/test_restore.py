@@ -16,10 +16,11 @@ import yaml
 from dagster import ExecuteInProcessResult
 from sqlalchemy import func, select, text, update
 
+from patch_ops.audit import AuditKeyring, read_events, verify_chain
 from patch_ops.lifecycle import AUDIT
 from patch_ops.patch import Changes, Patch, PatchSettings
 from patch_ops.state import executions, mirror_name
-from resources.audit import AuditKeyring, AuditLog, read_events, verify_chain
+from resources.audit import AuditLog
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import default_registry

@@ -17,7 +17,8 @@ from sqlalchemy.engine import make_url
 
 from patch_ops.lifecycle import AUDIT
 from patch_ops.state import executions
-from resources.audit import AuditKeyring, AuditLog, audit_events, read_events
+from patch_ops.audit import AuditKeyring, audit_events, read_events
+from resources.audit import AuditLog
 from patch_ops.database import get_engine
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
