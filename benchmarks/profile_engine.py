@@ -75,7 +75,7 @@ def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12
     results = []
     for name, fn in steps:
         engine.dispose()
-        state._mirror_cache.clear()  # a fresh op process starts without it
+        state.forget_mirrors()  # a fresh op process starts without them
         profiler = Profiler(interval=0.001)
         t0 = time.perf_counter()
         profiler.start()

@@ -32,19 +32,26 @@ from patch_ops.windows import (
 from resources.audit import AuditLog
 
 
+def missing_audit_key(resources: Any, what: str) -> str | None:
+    """Why a real run, restore or purge (``what``) may not change data: the audit trail is on
+    (security.log_encryption) but has no key. None: it may."""
+    audit: AuditLog | None = getattr(resources, AUDIT, None) if resources is not None else None
+    if audit is not None and audit.enabled and not audit.has_key:
+        return (
+            f"no audit key configured: a real {what} needs the encrypted audit trail. Set "
+            "STOCKRX_AUDIT_KEYS (key_id:fernet_key; `stockrx-patches audit new-key` makes one) "
+            "or STOCKRX_AUDIT_KEY_FILE, or opt out with security.log_encryption: false."
+        )
+    return None
+
+
 def require_audit_key(stage: str, conn: Connection, info: PlanInfo) -> None:
     """A real run needs the audit trail (unless security.log_encryption is false)."""
     if stage != "before_freeze" or info.config.dry_run:
         return
-    audit: AuditLog | None = getattr(info.resources, AUDIT, None)
-    if audit is not None and audit.enabled and not audit.has_key:
-        raise PlanRefused(
-            "no audit key configured: a real run needs the encrypted audit trail. Set "
-            "STOCKRX_AUDIT_KEYS (key_id:fernet_key; `stockrx-patches audit new-key` makes one) "
-            "or STOCKRX_AUDIT_KEY_FILE, or opt out with security.log_encryption: false."
-        )
-
-
+    reason = missing_audit_key(info.resources, "run")
+    if reason:
+        raise PlanRefused(reason)
 
 
 def estimate_run_seconds(conn: Connection, info: PlanInfo, records: int) -> tuple[float, str]:

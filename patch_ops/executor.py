@@ -30,10 +30,6 @@ PRELOAD_MODULES = (
 )
 
 
-#: The environment this process had when its fork server was first chosen (None: not yet).
-_forkserver_environ: frozenset[tuple[str, str]] | None = None
-
-
 def instance_modules(instance: DagsterInstance) -> list[str]:
     """The modules of the Dagster instance's parts (run, event log and schedule storage, compute
     log manager, run coordinator...), as dagster.yaml names them. Every op process first builds
@@ -46,7 +42,7 @@ def instance_modules(instance: DagsterInstance) -> list[str]:
     return list(dict.fromkeys(n for n in names if isinstance(n, str)))
 
 
-def _default_start_method(init_context: InitExecutorContext) -> dict[str, Any]:
+class StartMethodChooser:
     """forkserver, unless this process's fork server was started under another environment.
 
     A fork server lives as long as the process that started it, and every op process forked
@@ -55,24 +51,33 @@ def _default_start_method(init_context: InitExecutorContext) -> dict[str, Any]:
     matters in a long-lived process that executes several runs (``execute_job`` in a script or a
     test): there, once the environment has changed, op processes are spawned afresh.
     """
-    global _forkserver_environ
-    environ = frozenset(os.environ.items())
-    if _forkserver_environ is None:
-        _forkserver_environ = environ
-    elif _forkserver_environ != environ:
-        return {"spawn": {}}
-    preload = [*PRELOAD_MODULES, *instance_modules(init_context.instance)]
-    pointer = init_context.job.get_python_origin().get_repo_pointer()  # type: ignore[attr-defined]
-    if getattr(pointer, "module", None):  # -m stockrx_patches.definitions, workspace.yaml
-        preload.append(pointer.module)
-    return {"forkserver": {"preload_modules": preload}}
+
+    def __init__(self) -> None:
+        #: The environment when the fork server was first chosen (None: not yet).
+        self.environ: frozenset[tuple[str, str]] | None = None
+
+    def __call__(self, init_context: InitExecutorContext) -> dict[str, Any]:
+        environ = frozenset(os.environ.items())
+        if self.environ is None:
+            self.environ = environ
+        elif self.environ != environ:
+            return {"spawn": {}}
+        preload = [*PRELOAD_MODULES, *instance_modules(init_context.instance)]
+        pointer = init_context.job.get_python_origin().get_repo_pointer()  # type: ignore[attr-defined]
+        if getattr(pointer, "module", None):  # -m stockrx_patches.definitions, workspace.yaml
+            preload.append(pointer.module)
+        return {"forkserver": {"preload_modules": preload}}
+
+
+#: This process's choice (one fork server per process).
+default_start_method = StartMethodChooser()
 
 
 def _forkserver_by_default(init_context: InitExecutorContext) -> Executor:
     config = dict(init_context.executor_config)
     multiprocess = config.get("multiprocess")
     if isinstance(multiprocess, dict) and not multiprocess.get("start_method"):
-        start = _default_start_method(init_context)
+        start = default_start_method(init_context)
         config = {"multiprocess": {**multiprocess, "start_method": start}}
     create = multi_or_in_process_executor.executor_creation_fn
     assert create is not None

@@ -111,7 +111,7 @@ def column_text(s: pd.Series, integer_target: bool) -> list[str] | None:
     return None
 
 
-def _constant_text(s: pd.Series, integer_target: bool) -> list[str] | None:
+def constant_text(s: pd.Series, integer_target: bool) -> list[str] | None:
     """A column with one value throughout (an execution id, a run timestamp, all missing): that
     value's text once, repeated. None when the values differ or when equal values could print
     differently (objects of several types, such as 1 and Decimal("1.0"))."""
@@ -143,7 +143,7 @@ def copy_text(df: pd.DataFrame, integer_columns: set[str]) -> str | None:
     columns = []
     for c in df.columns:
         integer_target = str(c) in integer_columns
-        text = _constant_text(df[c], integer_target) or column_text(df[c], integer_target)
+        text = constant_text(df[c], integer_target) or column_text(df[c], integer_target)
         if text is None:
             return None
         columns.append(text)

@@ -13,10 +13,11 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.engine import Connection, Engine
 
+from patch_ops.audit import ensure_audit_tables
 from patch_ops.database import write_transaction
 from patch_ops.execution import load_execution, utcnow
 from patch_ops.state import executions
-from resources.audit import AuditLog, ensure_audit_tables
+from resources.audit import AuditLog
 from resources.notifier import Notifier, PatchNotification
 
 AUDIT = "audit_log"

@@ -11,9 +11,9 @@ from typing import Any
 from dagster import Config, JobDefinition, Out, Output, job
 from pydantic import Field
 
+from patch_ops.checks import missing_audit_key
 from patch_ops.execution import RestoreRefused
 from patch_ops.executor import patch_executor
-from patch_ops.lifecycle import AUDIT
 from patch_ops.ops import Step, step_op
 from patch_ops.steps.purge import PURGE_NAME, purge_backups
 from patch_ops.steps.restore import apply_restore, plan_restore
@@ -50,13 +50,9 @@ class PurgeConfig(Config):
 
 def require_audit_key(resources: Any, what: str) -> None:
     """A real restore or purge changes data: like a real patch run, it needs the audit trail."""
-    audit = getattr(resources, AUDIT, None)
-    if audit is not None and audit.enabled and not audit.has_key:
-        raise RestoreRefused(
-            f"no audit key configured: a real {what} needs the encrypted audit trail. Set "
-            "STOCKRX_AUDIT_KEYS or STOCKRX_AUDIT_KEY_FILE, or opt out with "
-            "security.log_encryption: false."
-        )
+    reason = missing_audit_key(resources, what)
+    if reason:
+        raise RestoreRefused(reason)
 
 
 def restore_summary(report: dict[str, Any]) -> dict[str, Any]:

@@ -206,6 +206,12 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
         return table
 
 
+def forget_mirrors() -> None:
+    """Drop this process's cache of mirror tables (what a fresh op process starts with)."""
+    with _mirror_lock:
+        _mirror_cache.clear()
+
+
 def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables:
     """Reflect live tables by name; a missing table is a clear error before any write."""
     insp = inspect(engine)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from dagster import instance_for_test, reconstructable
 
-from patch_ops import jobs
+from patch_ops import executor
 from stockrx_patches.definitions import defs
 from tests.support import slow_patches
 
@@ -17,21 +17,21 @@ def test_every_job_uses_the_forkserver_executor():
     assert {"inventory_price_adjustment", "batch_expiry_update", "restore_patch"} <= set(names)
     for name in names:
         if not name.startswith("__"):
-            assert defs.resolve_job_def(name).executor_def is jobs.patch_executor, name
+            assert defs.resolve_job_def(name).executor_def is executor.patch_executor, name
 
 
 def test_fork_server_preloads_the_code_location_until_the_environment_changes(monkeypatch):
-    monkeypatch.setattr(jobs, "_forkserver_environ", None)
+    choose = executor.StartMethodChooser()
     with instance_for_test() as instance:  # (it sets DAGSTER_HOME while it lasts)
         context = SimpleNamespace(job=reconstructable(slow_patches.slow_job), instance=instance)
-        first = jobs._default_start_method(context)  # type: ignore[arg-type]
+        first = choose(context)  # type: ignore[arg-type]
         preload = first["forkserver"]["preload_modules"]
-        assert preload[: len(jobs.PRELOAD_MODULES)] == list(jobs.PRELOAD_MODULES)
+        assert preload[: len(executor.PRELOAD_MODULES)] == list(executor.PRELOAD_MODULES)
         # what the op processes' instance is made of (here SQLite storages), imported once
         assert {"dagster._core.storage.runs", "dagster._core.storage.event_log"} <= set(preload)
         assert preload[-1] == "tests.support.slow_patches"
-        assert jobs._default_start_method(context) == first  # type: ignore[arg-type]
+        assert choose(context) == first  # type: ignore[arg-type]
 
         # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.
         monkeypatch.setenv("STOCKRX_DATABASE_URL", "sqlite:////tmp/another.sqlite")
-        assert jobs._default_start_method(context) == {"spawn": {}}  # type: ignore[arg-type]
+        assert choose(context) == {"spawn": {}}  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 
 from patch_ops.execution import fetch_rows
-from patch_ops.frames import _constant_text, column_text, copy_text, plain_records
+from patch_ops.frames import column_text, constant_text, copy_text, plain_records
 from patch_ops.steps.transform import bulk_insert, read_columns
 
 pytestmark = pytest.mark.postgres
@@ -101,9 +101,9 @@ def test_columns_of_one_value_load_what_the_driver_loads(pg_url, row):
     df = _frame().iloc[[row] * 3].reset_index(drop=True).assign(id=[1, 2, 3])
     ints = {"id", "n_missing", "nullable_int"}
     for c in df.columns:
-        repeated = _constant_text(df[c], c in ints)
+        repeated = constant_text(df[c], c in ints)
         assert repeated is None or repeated == column_text(df[c], c in ints), c
-    assert _constant_text(df["note"], False) == [column_text(df["note"].iloc[:1], False)[0]] * 3
+    assert constant_text(df["note"], False) == [column_text(df["note"].iloc[:1], False)[0]] * 3
     with engine.begin() as conn:
         bulk_insert(conn, fast, df)
         conn.execute(insert(slow), plain_records(df))
@@ -115,10 +115,10 @@ def test_columns_of_one_value_load_what_the_driver_loads(pg_url, row):
 
 def test_equal_values_that_print_differently_are_not_repeated():
     mixed = pd.Series([Decimal("1.0"), 1, Decimal("1")], dtype=object)  # all equal to 1
-    assert _constant_text(mixed, False) is None
+    assert constant_text(mixed, False) is None
     assert column_text(mixed, False) == ["1.0", "1", "1"]
-    assert _constant_text(pd.Series([np.nan, np.nan]), False) is None  # NaN equals nothing
-    assert _constant_text(pd.Series(["a", "b"]), False) is None
+    assert constant_text(pd.Series([np.nan, np.nan]), False) is None  # NaN equals nothing
+    assert constant_text(pd.Series(["a", "b"]), False) is None
 
 
 def test_uncovered_columns_fall_back_to_the_driver(pg_url):

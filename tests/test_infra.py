@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from tests.support.postgres import (
     PostgresServer,
-    _pid_alive,
+    pid_alive,
     postgres_required,
     reap_stale_servers,
 )
@@ -218,7 +218,7 @@ def test_stale_server_of_killed_session_is_reaped(tmp_path: Path) -> None:
         check=True,
     )
     base, pid = res.stdout.split()
-    assert Path(base).is_dir() and _pid_alive(int(pid))
+    assert Path(base).is_dir() and pid_alive(int(pid))
     try:
         with psycopg.connect(host=base, port=_port_of(base), user="stockrx", dbname="postgres"):
             pass
@@ -226,7 +226,7 @@ def test_stale_server_of_killed_session_is_reaped(tmp_path: Path) -> None:
         reaped = reap_stale_servers(Path(base).parent)
     assert Path(base) in reaped
     assert not Path(base).exists()
-    assert not _pid_alive(int(pid))
+    assert not pid_alive(int(pid))
 
 
 def _port_of(base: str) -> int:

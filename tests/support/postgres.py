@@ -88,7 +88,7 @@ def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -163,15 +163,15 @@ def reap_stale_servers(parent: Path) -> list[Path]:
             owner = int((base / OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if _pid_alive(owner):
+        if pid_alive(owner):
             continue
         pidfile = base / "data" / "postmaster.pid"
         with contextlib.suppress(OSError, ValueError):
             pid = int(pidfile.read_text().splitlines()[0])
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGQUIT)  # immediate shutdown
                 for _ in range(50):
-                    if not _pid_alive(pid):
+                    if not pid_alive(pid):
                         break
                     time.sleep(0.1)
                 else:
@@ -438,13 +438,13 @@ class PostgresServer:
                     )
                 except subprocess.TimeoutExpired:
                     continue
-                if res.returncode == 0 or not _pid_alive(pid):
+                if res.returncode == 0 or not pid_alive(pid):
                     break
-        if pid is not None and _pid_alive(pid):  # last resort
+        if pid is not None and pid_alive(pid):  # last resort
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             for _ in range(50):
-                if not _pid_alive(pid):
+                if not pid_alive(pid):
                     break
                 time.sleep(0.1)
         shutil.rmtree(self.base_dir, ignore_errors=True)
