@@ -233,18 +233,3 @@ def histogram_markdown(
         "",
     ]
     return "\n".join(lines)
-
-
-def change_histogram_markdown(
-    conn: Connection,
-    stage: Table,
-    backup: Table,
-    column: str,
-    execution_id: str,
-    *,
-    max_buckets: int = DEFAULT_BUCKETS,
-    bar_width: int = BAR_WIDTH,
-) -> str:
-    """``change_histogram`` rendered by ``histogram_markdown``, in one call."""
-    hist = change_histogram(conn, stage, backup, column, execution_id, max_buckets=max_buckets)
-    return histogram_markdown(hist, bar_width=bar_width)

@@ -63,7 +63,8 @@ class StartMethodChooser:
         elif self.environ != environ:
             return {"spawn": {}}
         preload = [*PRELOAD_MODULES, *instance_modules(init_context.instance)]
-        pointer = init_context.job.get_python_origin().get_repo_pointer()  # type: ignore[attr-defined]
+        origin = init_context.job.get_python_origin()  # type: ignore[attr-defined]
+        pointer = origin.get_repo_pointer()
         if getattr(pointer, "module", None):  # -m stockrx_patches.definitions, workspace.yaml
             preload.append(pointer.module)
         return {"forkserver": {"preload_modules": preload}}

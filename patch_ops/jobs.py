@@ -10,6 +10,7 @@ its own process (``patch_ops.executor``) and can be re-executed from failure.
 
 # No `from __future__ import annotations` here: Dagster reads the op signatures' annotations.
 
+from collections.abc import Callable
 from typing import Any
 
 from dagster import Failure, JobDefinition, MetadataValue, Out, Output, job
@@ -39,6 +40,26 @@ DEFAULT_PLAN_CHECKS: tuple[PlanCheck, ...] = (
 
 def table_tags(patch: Patch) -> dict[str, str]:
     return {f"{TABLE_TAG_PREFIX}{t}": "locked" for t in patch.tables()}
+
+
+def complete(
+    step: Step,
+    execution_id: str,
+    last_work: Callable[[], None],
+    phase: str,
+    audit_event: str,
+    message: str,
+    keep_work_tables: bool = True,
+) -> None:
+    """The last step of an execution that succeeds: ``last_work`` and the completed state as a
+    step of the execution (a failure fails it); then its last audit event and notification."""
+    with step.taking_over(execution_id):
+        last_work()
+        finish_execution(
+            step.engine, execution_id, "completed", keep_work_tables=keep_work_tables, phase=phase
+        )
+    step.lifecycle(execution_id).close(audit_event, {}, "completed")
+    step.log.info(message)
 
 
 def restore_after_failed_verification(step: Step, execution_id: str, problems: list[str]) -> None:
@@ -78,6 +99,10 @@ def build_patch_job(
         # Op definition names must be unique in a code location: "<patch>__<step>".
         return f"{patch.name}__{step}"
 
+    def moving_step(step: str, description: str, **options: Any) -> Callable[..., Any]:
+        """A step that moves the execution forward and hands its id on."""
+        return step_op(op_name(step), description, out=Out(str), take_over=True, **options)
+
     @step_op(
         op_name("plan_patch"),
         "Validate config, lock the tables, freeze the target set, open the execution.",
@@ -109,11 +134,8 @@ def build_patch_job(
         context.add_output_metadata({"execution_id": execution_id, "database": step.db.safe_url})
         return execution_id
 
-    @step_op(
-        op_name("take_backup"),
-        "Copy the before-image of every targeted row (all columns), set-based.",
-        out=Out(str),
-        take_over=True,
+    @moving_step(
+        "take_backup", "Copy the before-image of every targeted row (all columns), set-based."
     )
     def take_backup(step: Step, execution_id: str) -> str:
         counts = backup.take_backup(step.engine, execution_id, log=step.log)
@@ -121,20 +143,21 @@ def build_patch_job(
         step.context.add_output_metadata({f"backup_{t}": n for t, n in counts.items()})
         return execution_id
 
-    @step_op(
-        op_name("transform_batches"),
+    @moving_step(
+        "transform_batches",
         "Keyset batches over the frozen set: transform, validate, stage; resumable.",
-        out=Out(str),
         required=(MEMORY,),
-        take_over=True,
     )
     def transform_batches(step: Step, execution_id: str) -> str:
-        counts = transform.run_transform(step.engine, patch, execution_id, step.memory, log=step.log)
+        counts = transform.run_transform(
+            step.engine, patch, execution_id, step.memory, log=step.log
+        )
         if counts.get("paused"):
             step.lifecycle(execution_id).audit(
                 "paused", {"reason": "maintenance window ended", "processed": counts["processed"]}
             )
-            step.context.instance.add_run_tags(step.context.run_id, {"stockrx/paused": "window-end"})
+            context = step.context
+            context.instance.add_run_tags(context.run_id, {"stockrx/paused": "window-end"})
         step.context.add_output_metadata(counts)
         return execution_id
 
@@ -178,11 +201,9 @@ def build_patch_job(
         branch = "failed" if not passed else "passed_dry" if ex["dry_run"] else "passed_real"
         return Output(execution_id, branch, metadata=metadata)
 
-    @step_op(
-        op_name("commit_changes"),
+    @moving_step(
+        "commit_changes",
         "One transaction: refuse on conflicts with the backup, apply staged changes.",
-        out=Out(str),
-        take_over=True,
     )
     def commit_changes(step: Step, execution_id: str) -> str:
         lc = step.lifecycle(execution_id)
@@ -195,12 +216,13 @@ def build_patch_job(
         step.context.add_output_metadata(counts)
         return execution_id
 
-    @step_op(op_name("verify_commit"), "Check live data after commit; on failure restore from backup.")
+    @step_op(
+        op_name("verify_commit"), "Check live data after commit; on failure restore from backup."
+    )
     def verify_commit(step: Step, execution_id: str) -> None:
-        engine = step.engine
-        with step.taking_over(execution_id):
+        def verify_or_restore() -> None:
             problems = verify.verify_execution(
-                engine,
+                step.engine,
                 patch,
                 execution_id,
                 timeout_s=settings.query_timeout_seconds,
@@ -208,22 +230,17 @@ def build_patch_job(
             )
             if problems:
                 restore_after_failed_verification(step, execution_id, problems)
-            finish_execution(engine, execution_id, "completed", phase="verified")
-        step.lifecycle(execution_id).close("verified", {}, "completed")
-        step.log.info(f"execution {execution_id} committed and verified")
+
+        complete(step, execution_id, verify_or_restore, "verified", "verified",
+                 f"execution {execution_id} committed and verified")
 
     @step_op(
         op_name("report_dry_run"),
         "Close a dry run: nothing was committed; the report says what would change.",
     )
     def report_dry_run(step: Step, execution_id: str) -> None:
-        with step.taking_over(execution_id):
-            finish_execution(
-                step.engine, execution_id, "completed", keep_work_tables=False,
-                phase="dry_run_reported",
-            )
-        step.lifecycle(execution_id).close("dry_run_completed", {}, "completed")
-        step.log.info(f"dry run {execution_id} complete: nothing was committed")
+        complete(step, execution_id, lambda: None, "dry_run_reported", "dry_run_completed",
+                 f"dry run {execution_id} complete: nothing was committed", keep_work_tables=False)
 
     @step_op(
         op_name("roll_back"),

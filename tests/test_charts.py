@@ -12,7 +12,6 @@ from patch_ops import state
 from patch_ops.charts import (
     Histogram,
     change_histogram,
-    change_histogram_markdown,
     histogram_markdown,
     nice_edges,
 )
@@ -168,7 +167,7 @@ def test_change_histogram_of_an_execution_without_updates(sqlite_url: str) -> No
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
         hist = change_histogram(conn, st, bk, "price", execution_id)
-        md = change_histogram_markdown(conn, st, bk, "price", execution_id)
+        md = histogram_markdown(change_histogram(conn, st, bk, "price", execution_id))
     assert hist.rows == 0 and hist.counts == ()
     assert "No changed price values." in md
     engine.dispose()

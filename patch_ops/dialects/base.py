@@ -39,6 +39,19 @@ class Features:
     snapshot_isolation: bool = True
 
 
+@dataclass(frozen=True)
+class StagedInserts:
+    """The rows an execution stages for insertion into one live table: ``where`` selects them
+    in ``stage``; their ``dp_seq`` run from ``first`` over ``span`` values, ``count`` rows."""
+
+    live: Table
+    stage: Table
+    where: ColumnElement[bool]
+    first: int
+    span: int
+    count: int
+
+
 class DatabaseDialect:
     """The portable way; subclasses override what their database does differently."""
 
@@ -87,7 +100,8 @@ class DatabaseDialect:
         step to ~1.8 GB)."""
         if not self.features.row_locks:
             return
-        locked = conn.execute(locking, execution_options={"stream_results": True, "yield_per": 10_000})
+        streamed = {"stream_results": True, "yield_per": 10_000}
+        locked = conn.execute(locking, execution_options=streamed)
         for _ in locked.partitions():
             pass
 
@@ -103,24 +117,14 @@ class DatabaseDialect:
         """Check now the constraints the schema defers to commit (a trial apply never commits)."""
 
     # -- ids -----------------------------------------------------------------------------------
-    def reserve_insert_ids(
-        self,
-        conn: Connection,
-        live: Table,
-        stage: Table,
-        staged: ColumnElement[bool],
-        first: int,
-        span: int,
-        count: int,
-    ) -> int | None:
-        """Hand out the live ids of ``count`` staged inserts (``staged`` selects them; their
-        ``dp_seq`` runs from ``first`` over ``span`` values), ascending in ``dp_seq`` order.
+    def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
+        """Hand out the live ids of the staged inserts ``ins``, ascending in ``dp_seq`` order.
 
         Returns the offset when the ids are ``dp_seq + offset`` (one block), or None when they
         were written to the stage's ``id`` column. Portable way: the ids after the live table's
         largest, which needs the table's write lock (the commit's)."""
-        base = conn.execute(select(func.coalesce(func.max(live.c.id), 0))).scalar_one()
-        return int(base) + 1 - int(first)
+        base = conn.execute(select(func.coalesce(func.max(ins.live.c.id), 0))).scalar_one()
+        return int(base) + 1 - ins.first
 
     # -- types ---------------------------------------------------------------------------------
     def utc_datetime_type(self) -> TypeEngine[Any]:

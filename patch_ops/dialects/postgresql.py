@@ -11,9 +11,8 @@ import pandas as pd
 from sqlalchemy import Integer, Select, Table, func, literal, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql import ColumnElement
 
-from patch_ops.dialects.base import DatabaseDialect, Features
+from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 from patch_ops.frames import copy_text, plain_rows
 
 
@@ -101,31 +100,23 @@ class PostgreSQLDialect(DatabaseDialect):
     def check_deferred_constraints(self, conn: Connection) -> None:
         conn.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
 
-    def reserve_insert_ids(
-        self,
-        conn: Connection,
-        live: Table,
-        stage: Table,
-        staged: ColumnElement[bool],
-        first: int,
-        span: int,
-        count: int,
-    ) -> int | None:
+    def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
         # The table's own sequence, one value per dp_seq of the span. Other sessions may take
         # values meanwhile: if the values drawn are one unbroken block, id = dp_seq + offset;
         # else the k-th smallest value goes to the k-th row by dp_seq, written to the stage.
-        seq = func.nextval(func.pg_get_serial_sequence(literal(live.name), literal("id")))
-        fresh = select(seq.label("id")).select_from(func.generate_series(1, span)).subquery()
+        st = ins.stage
+        seq = func.nextval(func.pg_get_serial_sequence(literal(ins.live.name), literal("id")))
+        fresh = select(seq.label("id")).select_from(func.generate_series(1, ins.span)).subquery()
         low, high = conn.execute(select(func.min(fresh.c.id), func.max(fresh.c.id))).one()
-        if high - low + 1 == span:
-            return int(low) - int(first)
-        fresh = select(seq.label("id")).select_from(func.generate_series(1, count)).subquery()
+        if high - low + 1 == ins.span:
+            return int(low) - ins.first
+        fresh = select(seq.label("id")).select_from(func.generate_series(1, ins.count)).subquery()
         ranked_ids = select(
             fresh.c.id, func.row_number().over(order_by=fresh.c.id).label("rn")
         ).subquery()
         ranked_rows = (
-            select(stage.c.dp_seq, func.row_number().over(order_by=stage.c.dp_seq).label("rn"))
-            .where(staged)
+            select(st.c.dp_seq, func.row_number().over(order_by=st.c.dp_seq).label("rn"))
+            .where(ins.where)
             .subquery()
         )
         pairs = (
@@ -134,6 +125,6 @@ class PostgreSQLDialect(DatabaseDialect):
             .subquery()
         )
         conn.execute(
-            update(stage).where(staged, stage.c.dp_seq == pairs.c.dp_seq).values(id=pairs.c.id)
+            update(st).where(ins.where, st.c.dp_seq == pairs.c.dp_seq).values(id=pairs.c.id)
         )
         return None

@@ -9,9 +9,8 @@ import pandas as pd
 from sqlalchemy import Table, event, func, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql import ColumnElement
 
-from patch_ops.dialects.base import DatabaseDialect, Features
+from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 
 
 class SQLiteDialect(DatabaseDialect):
@@ -67,25 +66,16 @@ class SQLiteDialect(DatabaseDialect):
                 list(df.itertuples(index=False, name=None)),
             )
 
-    def reserve_insert_ids(
-        self,
-        conn: Connection,
-        live: Table,
-        stage: Table,
-        staged: ColumnElement[bool],
-        first: int,
-        span: int,
-        count: int,
-    ) -> int | None:
+    def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
         # The writer lock is held: the ids after the largest in the table and, for an
         # AUTOINCREMENT table, after the largest it ever handed out (sqlite_sequence).
-        base = conn.execute(select(func.coalesce(func.max(live.c.id), 0))).scalar_one()
+        base = conn.execute(select(func.coalesce(func.max(ins.live.c.id), 0))).scalar_one()
         has_seq = conn.execute(
             text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_sequence'")
         ).scalar_one()
         if has_seq:
             seq_val = conn.execute(
-                text("SELECT seq FROM sqlite_sequence WHERE name = :n"), {"n": live.name}
+                text("SELECT seq FROM sqlite_sequence WHERE name = :n"), {"n": ins.live.name}
             ).scalar()
             base = max(base, seq_val or 0)
-        return int(base) + 1 - int(first)
+        return int(base) + 1 - ins.first

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import JSON as JSONType
 
-from patch_ops.dialects import dialect_of
+from patch_ops.dialects import StagedInserts, dialect_of
 from patch_ops.execution import (
     ROWCOUNT,
     DatabaseRefused,
@@ -129,7 +129,8 @@ def assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | No
     if not n:
         return None
     span = int(last) - int(first) + 1
-    return dialect_of(conn).reserve_insert_ids(conn, live, st, cond, int(first), span, int(n))
+    inserts = StagedInserts(live, st, cond, int(first), span, int(n))
+    return dialect_of(conn).reserve_insert_ids(conn, inserts)
 
 
 @contextlib.contextmanager

@@ -305,6 +305,14 @@ def _render(ex: dict[str, Any], report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def record_report(conn: Connection, restore_id: str, report: dict[str, Any], **values: Any) -> None:
+    """A restore execution's report (JSON and Markdown) and its progress, in ``conn``."""
+    ex = load_execution(conn, restore_id)
+    markdown = _render(ex, report)
+    set_execution(conn, restore_id, report=report, report_markdown=markdown, heartbeat_at=utcnow(),
+                  **values)
+
+
 def plan_restore(
     engine: Engine,
     execution_id: str,
@@ -371,16 +379,7 @@ def plan_restore(
             )
         total = sum(plan.updated.values()) + sum(plan.deleted.values())
         with write_transaction(engine) as conn:
-            ex = load_execution(conn, restore_id)
-            set_execution(
-                conn,
-                restore_id,
-                phase="planned",
-                report=report,
-                target_count=total,
-                report_markdown=_render(ex, report),
-                heartbeat_at=utcnow(),
-            )
+            record_report(conn, restore_id, report, phase="planned", target_count=total)
         if report.get("refused"):
             raise RestoreRefused(report["refused"], {"conflicts": plan.conflicts})
     log.info(
@@ -454,15 +453,7 @@ def apply_restore(
         if on_applied is not None:
             on_applied(conn, report)
         total = sum(done.updated.values()) + sum(done.deleted.values())
-        set_execution(
-            conn,
-            restore_id,
-            phase="restored",
-            report=report,
-            processed_records=total,
-            report_markdown=_render(ex, report),
-            heartbeat_at=utcnow(),
-        )
+        record_report(conn, restore_id, report, phase="restored", processed_records=total)
     finish_execution(engine, restore_id, "completed", phase="restored")
     log.info(
         f"restored execution {target_id}: "
