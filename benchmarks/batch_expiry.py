@@ -125,22 +125,22 @@ def naive_orm(url: str, run_at: dt.datetime, cutoff: dt.date, limit: int) -> dic
     """What a hand-run script typically does: one lot at a time, commit every 1,000 lots."""
     from sqlalchemy.orm import DeclarativeBase, Session
 
-    from stockrx_patches import schema
+    from stockrx_patches import tables as stockrx_tables
 
     class Base(DeclarativeBase):
         pass
 
     class Item(Base):
-        __table__ = schema.inventories
+        __table__ = stockrx_tables.inventories
 
     class Lot(Base):
-        __table__ = schema.batches
+        __table__ = stockrx_tables.batches
 
     class Log(Base):
-        __table__ = schema.inventory_logs
+        __table__ = stockrx_tables.inventory_logs
 
     engine = common.baseline_engine(url)
-    b = schema.batches.c
+    b = stockrx_tables.batches.c
     t0, cpu0 = time.perf_counter(), time.process_time()
     items: set[int] = set()
     with Session(engine) as session:

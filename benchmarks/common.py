@@ -31,7 +31,7 @@ import psutil
 from sqlalchemy import MetaData, create_engine, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 
-from stockrx_patches.schema import STOCKRX_TABLES
+from stockrx_patches.tables import STOCKRX_TABLES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SEED = 20261129
@@ -436,7 +436,7 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
     """Every column of the given StockRx tables ``(name, item column)``, rows in id order (in
     Python through SQLAlchemy's types, except on PostgreSQL: see PG_DIGEST). ``id_free``: also
     a digest of the rows without their ids, as a set (``Digest.rows_without_ids``)."""
-    from stockrx_patches import schema
+    from stockrx_patches import tables as stockrx_tables
 
     engine = create_engine(url)
     full_h: dict[str, str] = {}
@@ -456,7 +456,7 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
                             text(PG_ROWS_WITHOUT_IDS.format(table=name))).scalar_one())
                 return Digest(full_h, part_h, counts, no_ids)
             for name, item_col in tables:
-                tbl = getattr(schema, name)
+                tbl = getattr(stockrx_tables, name)
                 full, part = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
                 n = 0
                 result = conn.execution_options(stream_results=True, yield_per=20_000).execute(

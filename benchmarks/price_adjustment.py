@@ -264,16 +264,16 @@ def naive_orm(url: str, run_at: dt.datetime, pct: Decimal, limit: int) -> dict[s
     """What a hand-run script typically does: load, change and save one object at a time."""
     from sqlalchemy.orm import DeclarativeBase, Session
 
-    from stockrx_patches import schema
+    from stockrx_patches import tables as stockrx_tables
 
     class Base(DeclarativeBase):
         pass
 
     class Item(Base):
-        __table__ = schema.inventories
+        __table__ = stockrx_tables.inventories
 
     class Log(Base):
-        __table__ = schema.inventory_logs
+        __table__ = stockrx_tables.inventory_logs
 
     engine = common.baseline_engine(url)
     label = f"percentage:{fmt_price(pct)}"
@@ -281,7 +281,7 @@ def naive_orm(url: str, run_at: dt.datetime, pct: Decimal, limit: int) -> dict[s
     t0, cpu0 = time.perf_counter(), time.process_time()
     changed = 0
     with Session(engine) as session:
-        item_id_col = schema.inventories.c.id
+        item_id_col = stockrx_tables.inventories.c.id
         ids = session.scalars(
             select(item_id_col).where(item_id_col <= limit).order_by(item_id_col)
         ).all()

@@ -1,4 +1,5 @@
-"""pandera schemas of StockRx rows, shared by every patch.
+"""pandera schemas of StockRx rows, shared by every patch (the tables themselves, in SQLAlchemy,
+are in ``stockrx_patches.tables``).
 
 They check the rows a patch writes (after-images of updated rows, and inserted rows). They are
 not strict about extra columns: the production tables have more columns than we know.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pandera.pandas as pa
 from pandera.typing import Series
 
-from stockrx_patches.schema import OPERATION_TYPES
+from stockrx_patches.tables import OPERATION_TYPES
 
 MAX_PRICE = 99_999_999.99  # decimal(10,2)
 MAX_INT = 2**31 - 1

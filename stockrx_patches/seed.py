@@ -17,7 +17,7 @@ from sqlalchemy import MetaData, func, select
 from sqlalchemy.engine import Engine
 
 from patch_ops.dialects import dialect_of
-from stockrx_patches.schema import batches, create_stockrx_schema, inventories, inventory_logs
+from stockrx_patches.tables import batches, create_stockrx_schema, inventories, inventory_logs
 
 CHUNK = 100_000
 NOUNS = ("Aspirin", "Ibuprofen", "Amoxicillin", "Loratadine", "Omeprazole", "Metformin",

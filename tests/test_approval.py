@@ -15,8 +15,8 @@ from sqlalchemy import insert, update
 
 from patch_ops import approval
 from patch_ops.audit import AuditKeyring, read_events
-from patch_ops.state import ensure_framework_tables, executions, targets
 from patch_ops.database import get_engine
+from patch_ops.state import ensure_framework_tables, executions, targets
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.inventory_price_adjustment import (
@@ -29,7 +29,7 @@ from stockrx_patches.registry import (
     default_registry,
     load_project_config,
 )
-from stockrx_patches.schema import inventories
+from stockrx_patches.tables import inventories
 from tests.conftest import TEST_AUDIT_KEY
 from tests.support import slow_patches
 from tests.support.stockrx import (

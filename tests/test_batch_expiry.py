@@ -16,8 +16,8 @@ from sqlalchemy import CheckConstraint, Column, MetaData, String, func, insert, 
 
 from patch_ops.patch import PatchConfigError, PatchSettings, RunContext
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryConfig, BatchExpiryUpdate
-from stockrx_patches.schema import batches, inventories, inventory_logs
-from stockrx_patches.schema import metadata as stockrx_metadata
+from stockrx_patches.tables import batches, inventories, inventory_logs
+from stockrx_patches.tables import metadata as stockrx_metadata
 from tests.support.stockrx import (
     PRICE_JOB,
     T0,

@@ -13,7 +13,7 @@ import pytest
 from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstructable
 from sqlalchemy import func, select
 
-from stockrx_patches.schema import inventory_logs
+from stockrx_patches.tables import inventory_logs
 from tests.support import slow_patches
 from tests.support.stockrx import digest, latest_execution, prices, seeded
 

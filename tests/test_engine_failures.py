@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import OperationalError
-from stockrx_patches.schema import inventories
 
 from patch_ops import state
 from patch_ops.execution import CommitConflict, load_execution, run_concurrently
@@ -22,6 +21,7 @@ from patch_ops.steps.transform import run_transform
 from patch_ops.steps.validate import validate_execution
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import RegistryError, default_registry, load_project_config
+from stockrx_patches.tables import inventories
 from tests.support import slow_patches
 from tests.support.stockrx import (
     PRICE_JOB,

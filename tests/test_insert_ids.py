@@ -7,11 +7,11 @@ import random
 
 import pytest
 from sqlalchemy import insert, select
-from stockrx_patches.schema import inventory_logs
 
 from patch_ops import state
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import assign_insert_ids
+from stockrx_patches.tables import inventory_logs
 from tests.support.stockrx import T0, hand_built
 
 

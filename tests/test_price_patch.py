@@ -13,7 +13,7 @@ from stockrx_patches.patches.inventory_price_adjustment import (
     InventoryPriceAdjustment,
     PriceAdjustmentConfig,
 )
-from stockrx_patches.schema import inventories, inventory_logs
+from stockrx_patches.tables import inventories, inventory_logs
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,

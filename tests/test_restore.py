@@ -24,7 +24,7 @@ from resources.audit import AuditLog
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import default_registry
-from stockrx_patches.schema import batches, inventories, inventory_logs
+from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.conftest import TEST_AUDIT_KEY
 from tests.support.stockrx import (
     PRICE_JOB,

@@ -22,22 +22,22 @@ from dagster import (
 from sqlalchemy import insert, select, text, update
 
 from patch_ops import windows as win
+from patch_ops.database import get_engine
 from patch_ops.state import executions, locks
 from resources.audit import AuditLog
-from patch_ops.database import get_engine
 from resources.database import StockRxDatabase
 from resources.notifier import Notifier
 from stockrx_patches import requests as rq
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.registry import Registry, default_registry
-from stockrx_patches.schema import batches
 from stockrx_patches.sensors import (
     FAILURE_SENSOR,
     REQUEST_SENSOR,
     RESUME_SENSOR,
     work_pending_sensor_name,
 )
+from stockrx_patches.tables import batches
 from tests.conftest import TEST_AUDIT_KEY
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp

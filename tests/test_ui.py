@@ -23,8 +23,8 @@ import yaml
 from sqlalchemy import func, select
 
 from patch_ops.database import get_engine
-from stockrx_patches.schema import inventories
 from stockrx_patches.seed import seed_demo
+from stockrx_patches.tables import inventories
 from tests.support.webserver import Chromium, DagsterUI, find_chromium
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from stockrx_patches.registry import (
     load_project_config,
 )
 from stockrx_patches.schedules import build_schedules, schedule_name
-from stockrx_patches.schema import inventory_logs
+from stockrx_patches.tables import inventory_logs
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,

@@ -15,7 +15,7 @@ from sqlalchemy import func, literal, select, update
 from patch_ops.database import get_engine
 from patch_ops.patch import Invariant, PatchSettings
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
-from stockrx_patches.schema import inventories
+from stockrx_patches.tables import inventories
 from tests.support.stockrx import defs_with
 
 SETTINGS = PatchSettings(

@@ -11,19 +11,19 @@ from dagster import DagsterInstance, Definitions, ExecuteInProcessResult
 from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.engine import Engine
 
+from patch_ops.database import get_engine
 from patch_ops.patch import Patch, PatchSettings
 from patch_ops.state import executions
-from patch_ops.database import get_engine
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import Registry, default_registry
-from stockrx_patches.schema import (
+from stockrx_patches.seed import seed_demo
+from stockrx_patches.tables import (
     STOCKRX_TABLES,
     batches,
     create_stockrx_schema,
     inventories,
     inventory_logs,
 )
-from stockrx_patches.seed import seed_demo
 
 T0 = dt.datetime(2026, 1, 10, 9, 0, 0)
 PRICE_JOB = "inventory_price_adjustment"
