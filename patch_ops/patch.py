@@ -152,6 +152,10 @@ class Patch:
     max_failure_ratio: ClassVar[float] = 0.0
     #: Time zone of the business date.
     timezone: ClassVar[str] = "Asia/Tokyo"
+    #: A valid dry-run config of this patch (``ops.plan_patch.config`` without ``dry_run``), e.g.
+    #: ``{"adjustment_type": "percentage", "adjustment_value": 8}``. Required: the registry
+    #: refuses a patch without one; tests and the run files in config/runs/ use it.
+    example_config: ClassVar[dict[str, Any]]
 
     def check_config(self, config: Any) -> None:
         """Raise PatchConfigError for a config that is typed right but not acceptable."""
@@ -215,10 +219,10 @@ class Patch:
 
 @dataclass(frozen=True)
 class PatchSettings:
-    """Operational settings of a patch, from config/data_patches.yml."""
+    """Operational settings of a patch, from config/data_patches.yml. What the patch touches is
+    not here: it comes from the patch class (``Patch.tables()``, ``Patch.written_tables()``)."""
 
     description: str
-    target_tables: tuple[str, ...]
     estimated_records: int = 10_000
     batch_size: int = 1000
     memory_limit_mb: int = 1024

@@ -1,4 +1,5 @@
-"""`stockrx-patches`: list patches, seed a demo database, read the execution history."""
+"""`stockrx-patches`: list patches, generate a new one, write the Dagster instance config, seed a
+demo database, read the execution history."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import inspect, select
 
-from patch_ops.state import executions
 from patch_ops.database import DatabaseUnavailable, check_connection, get_engine, redact_url
+from patch_ops.state import executions
 from stockrx_patches import audit_cli
 
 Handler = Callable[[argparse.Namespace], int]
@@ -33,6 +35,37 @@ def cmd_list(args: argparse.Namespace) -> int:
     reg = default_registry()
     for name in sorted(reg.patches):
         print(f"{name}: {reg.settings(name).description}")
+    return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    """Write a new patch (module, settings entry, test) that loads and changes nothing yet."""
+    from stockrx_patches.generator import GeneratorError, generate
+    from stockrx_patches.registry import REPO_ROOT
+
+    root = Path(args.root).resolve() if args.root else REPO_ROOT
+    try:
+        written = generate(args.name, args.driving_table, root, args.description)
+    except GeneratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    module, config, test = (p.relative_to(root) for p in written)
+    print(f"wrote {module} and {test}; added {args.name} to {config}")
+    print(f"next: fill in the TODOs of {module}, then make its test pass: "
+          f".venv/bin/python -m pytest {test}")
+    return 0
+
+
+def cmd_instance_config(args: argparse.Namespace) -> int:
+    """Print the Dagster instance config with one run at a time per table of every patch."""
+    from stockrx_patches.registry import RegistryError, instance_config_yaml
+
+    try:
+        text = instance_config_yaml(Path(args.base) if args.base else None)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
     return 0
 
 
@@ -265,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("list", cmd_list, "list patches as name: description", db=False)
+    sp = add("new", cmd_new, "write a new patch: its module, settings entry and test", db=False)
+    sp.add_argument("name", help="lowercase snake_case, e.g. archive_idle_items")
+    sp.add_argument("--driving-table", required=True,
+                    help="the StockRx table whose rows are batched and counted")
+    sp.add_argument("--description", help="one line for data_patches.yml and the docstring")
+    sp.add_argument("--root", help="the repository to write into (default: this one)")
+    sp = add("instance-config", cmd_instance_config,
+             "print $DAGSTER_HOME/dagster.yaml: the base plus one run at a time per patch table",
+             db=False)
+    sp.add_argument("--base", help="base instance config (default: the repo's dagster.yaml)")
     sp = add("seed-demo", cmd_seed, "create and fill a demo StockRx database")
     sp.add_argument("--items", type=int, default=100_000)
     sp.add_argument("--seed", type=int, default=20261129)

@@ -13,11 +13,14 @@ from typing import Any
 
 import yaml
 
+from patch_ops.jobs import table_tags
 from patch_ops.patch import Patch, PatchSettings
 from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, WindowConfigError, parse_windows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "data_patches.yml"
+#: The committed Dagster instance config that `stockrx-patches instance-config` starts from.
+DEFAULT_INSTANCE_BASE = REPO_ROOT / "dagster.yaml"
 
 
 class RegistryError(RuntimeError):
@@ -53,10 +56,14 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
         raise RegistryError(f"{path}: scheduling: {exc}") from None
     patches = {}
     for name, entry in (raw.get("patches") or {}).items():
+        if isinstance(entry, dict) and "target_tables" in entry:
+            raise RegistryError(
+                f"{path}: patch {name!r}: target_tables is derived from the patch class (the "
+                "tables it updates and inserts into): delete the target_tables line"
+            )
         try:
             patches[name] = PatchSettings(
                 description=str(entry["description"]),
-                target_tables=tuple(entry["target_tables"]),
                 estimated_records=int(entry.get("estimated_records", 10_000)),
                 batch_size=int(entry.get("batch_size", 1000)),
                 memory_limit_mb=int(entry.get("memory_limit", 1024)),
@@ -116,6 +123,29 @@ def _count(entry: dict[str, Any], key: str, default: int) -> int:
     return value
 
 
+def check_patch(patch: Patch) -> None:
+    """What the registry needs of a patch class beyond its type: an example config that is a
+    valid dry-run config of it (tests, config/runs/ and the generator's test use it)."""
+    cls = type(patch)
+    where = f"patch {patch.name!r} ({cls.__module__}.{cls.__qualname__})"
+    example = getattr(cls, "example_config", None)
+    if not isinstance(example, dict):
+        raise RegistryError(
+            f"{where} has no example_config: add a class attribute example_config = {{...}}, "
+            "a valid dry-run config of it (ops.plan_patch.config without dry_run)"
+        )
+    if example.get("dry_run", True) is not True:
+        raise RegistryError(f"{where}: example_config must be a dry run (drop dry_run from it)")
+    try:
+        patch.check_config(patch.config_class(**example))
+    except Exception as exc:  # noqa: BLE001 - pydantic or PatchConfigError: same message
+        first = str(exc).strip().splitlines()
+        raise RegistryError(
+            f"{where}: example_config {example!r} is not a valid config: "
+            + " ".join(line.strip() for line in first[:3])
+        ) from None
+
+
 def discover_patches(package: str = "stockrx_patches.patches") -> dict[str, Patch]:
     """Every Patch subclass defined in a module of the package, keyed by its name."""
     pkg = importlib.import_module(package)
@@ -154,17 +184,66 @@ def build_registry(patches: dict[str, Patch], config: ProjectConfig) -> Registry
     orphans = sorted(set(config.patches) - set(patches))
     if orphans:
         raise RegistryError(f"data_patches.yml entries without a patch: {orphans}")
-    for name, patch in patches.items():
-        written = set(patch.updates) | set(patch.inserts)
-        declared = set(config.patches[name].target_tables)
-        if written != declared:
-            raise RegistryError(
-                f"{name}: target_tables in data_patches.yml {sorted(declared)} differ from the "
-                f"tables the patch writes {sorted(written)}"
-            )
+    for patch in patches.values():
+        check_patch(patch)
     return Registry(patches, config)
 
 
 @lru_cache(maxsize=1)
 def default_registry() -> Registry:
     return build_registry(discover_patches(), load_project_config())
+
+
+# ---------------------------------------------------------------------------------------------
+# Dagster instance config: run-queue limits derived from the patch classes
+# ---------------------------------------------------------------------------------------------
+
+
+def table_tag_limits(registry: Registry) -> list[dict[str, Any]]:
+    """One run at a time per table tag of every patch job (``patch_ops.jobs.table_tags``: one
+    ``stockrx-table/<table>`` per table of ``patch.tables()``), in table name order."""
+    keys = sorted({k for p in registry.patches.values() for k in table_tags(p)})
+    return [{"key": k, "limit": 1} for k in keys]
+
+
+def instance_config(base: Path | None = None, registry: Registry | None = None) -> dict[str, Any]:
+    """The Dagster instance config ``base`` (default: the repo's dagster.yaml) with a
+    ``concurrency.runs.tag_concurrency_limits`` entry of limit 1 for every table of every
+    registered patch, after the limits the base already has. A base that allows a table tag more
+    than one run is refused (it would let two patches write one table)."""
+    base = base or DEFAULT_INSTANCE_BASE
+    registry = registry or default_registry()
+    try:
+        config = yaml.safe_load(base.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise RegistryError(f"instance config base not found: {base}") from None
+    if not isinstance(config, dict):
+        raise RegistryError(f"{base}: not a YAML mapping")
+    runs = (config.setdefault("concurrency", None) or {}).get("runs") or {}
+    limits = list(runs.get("tag_concurrency_limits") or [])
+    present = {lim.get("key"): lim for lim in limits if "value" not in lim}
+    for wanted in table_tag_limits(registry):
+        have = present.get(wanted["key"])
+        if have is None:
+            limits.append(wanted)
+        elif have.get("limit") != 1:
+            raise RegistryError(
+                f"{base}: {wanted['key']} is limited to {have.get('limit')} runs; one patch per "
+                "table needs 1 (delete that entry: instance-config adds it)"
+            )
+    config["concurrency"] = {
+        **(config["concurrency"] or {}),
+        "runs": {**runs, "tag_concurrency_limits": limits},
+    }
+    return config
+
+
+def instance_config_yaml(base: Path | None = None, registry: Registry | None = None) -> str:
+    """:func:`instance_config` as the text of a ``$DAGSTER_HOME/dagster.yaml``."""
+    base = base or DEFAULT_INSTANCE_BASE
+    head = (
+        f"# Generated by `stockrx-patches instance-config` from {base.name}: one run at a time per\n"
+        "# table of every patch (tag stockrx-table/<table>). Do not edit: change the base and\n"
+        "# generate again (also after adding a patch).\n"
+    )
+    return head + yaml.safe_dump(instance_config(base, registry), sort_keys=False)

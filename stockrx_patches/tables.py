@@ -1,4 +1,6 @@
-"""The StockRx tables as the Rails app defines them (see shared/notes/stockrx-domain.md).
+"""The StockRx tables (SQLAlchemy) as the Rails app defines them: items (``inventories``), their
+lots (``batches``) and the stock log (``inventory_logs``). The pandera checks of their rows are in
+``stockrx_patches.schemas``.
 
 This metadata creates demo and test databases. Patch code never relies on it alone: the engine
 reflects the live tables, which may have more columns, indexes and constraints than listed here.
@@ -6,6 +8,10 @@ reflects the live tables, which may have more columns, indexes and constraints t
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any
+
+import pandas as pd
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -90,6 +96,37 @@ inventory_logs = Table(
 )
 
 OPERATION_TYPES = ("add", "remove", "adjust", "ship", "receive")
+
+#: The columns a patch fills in the inventory_logs rows it inserts (the database gives ``id``):
+#: a patch declares ``inserts = {"inventory_logs": INVENTORY_LOG_INSERTS}`` and builds the rows
+#: with :func:`inventory_log_rows`.
+INVENTORY_LOG_INSERTS = (
+    "inventory_id",
+    "delta",
+    "operation_type",
+    "previous_quantity",
+    "current_quantity",
+    "note",
+    "user_id",
+    "created_at",
+    "updated_at",
+)
+TIMESTAMPS = ("created_at", "updated_at")
+
+
+def inventory_log_rows(run_at: dt.datetime, source_id: Any, **columns: Any) -> pd.DataFrame:
+    """New inventory_logs rows for ``Changes.inserts``: ``source_id`` (the driving row each
+    comes from) and every column of INVENTORY_LOG_INSERTS; ``created_at`` and ``updated_at`` are
+    ``run_at`` (``RunContext.run_at``, as Rails would stamp them). A missing or unknown column
+    raises, so both patches write the same columns."""
+    wanted = [c for c in INVENTORY_LOG_INSERTS if c not in TIMESTAMPS]
+    if set(columns) != set(wanted):
+        missing, unknown = set(wanted) - set(columns), set(columns) - set(wanted)
+        raise ValueError(
+            f"inventory_logs rows: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    values = {**columns, **dict.fromkeys(TIMESTAMPS, run_at)}
+    return pd.DataFrame({"source_id": source_id, **{c: values[c] for c in INVENTORY_LOG_INSERTS}})
 
 # The app validates these in Ruby; the demo schema also states them as CHECKs so a patch that
 # breaks them fails loudly in the database too.

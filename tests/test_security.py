@@ -15,15 +15,15 @@ from dagster import DagsterInstance, DagsterInvalidConfigError, serialize_value
 from sqlalchemy import inspect, select, text
 from sqlalchemy.engine import make_url
 
+from patch_ops.audit import AuditKeyring, audit_events, read_events
+from patch_ops.database import get_engine
 from patch_ops.lifecycle import AUDIT
 from patch_ops.state import executions
-from patch_ops.audit import AuditKeyring, audit_events, read_events
 from resources.audit import AuditLog
-from patch_ops.database import get_engine
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import Registry, default_registry
-from stockrx_patches.schema import STOCKRX_TABLES
+from stockrx_patches.tables import STOCKRX_TABLES
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import (
@@ -257,10 +257,6 @@ NUMBERS = [
     "1 OR 1=1",
     "'; DROP TABLE inventories; --",
 ]
-BASE = {
-    "inventory_price_adjustment": {"adjustment_type": "percentage", "adjustment_value": 8},
-    "batch_expiry_update": {},
-}
 # Words that identify a rejection with a reason (ours, or pydantic's naming the field).
 CLEAR = re.compile(
     r"refused before any write|must be|out of range|NUL|longer than|not found|"
@@ -279,18 +275,16 @@ def _messages(result) -> str:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("patch_name", "field"), _fields(), ids=lambda v: v)
 def test_hostile_config_is_rejected_or_inert(database_url, patch_name, field):
-    assert patch_name in BASE, f"add a base config for {patch_name} to this test"
+    patch = default_registry().patches[patch_name]
     engine = seeded(database_url, items=40)
     before = digest(engine)
-    annotation = str(
-        default_registry().patches[patch_name].config_class.model_fields[field].annotation
-    )
+    annotation = str(patch.config_class.model_fields[field].annotation)
     attempts: list[Any] = STRINGS if "str" in annotation or "enum" in annotation else NUMBERS
     if "bool" in annotation:
         attempts = [*STRINGS[:2], 1, "true; DROP TABLE inventories"]
     outcomes = []
     for value in attempts:
-        config = {**BASE[patch_name], field: value}
+        config = {**patch.example_config, field: value}
         if field != "dry_run":
             config["dry_run"] = True  # a hostile value must not even get a dry run to write
         try:

@@ -27,6 +27,7 @@ from patch_ops.patch import (
 )
 from stockrx_patches import invariants as inv
 from stockrx_patches.schemas import BatchSchema, InventoryLogSchema, InventorySchema
+from stockrx_patches.tables import INVENTORY_LOG_INSERTS, inventory_log_rows
 
 MAX_DAYS = 3650
 NOT_NEGATIVE = {
@@ -70,24 +71,13 @@ class BatchExpiryUpdate(Patch):
         "inventories": ("quantity", "inventory_logs_count", "updated_at"),
         "batches": ("quantity", "updated_at"),
     }
-    inserts = {
-        "inventory_logs": (
-            "inventory_id",
-            "delta",
-            "operation_type",
-            "previous_quantity",
-            "current_quantity",
-            "note",
-            "user_id",
-            "created_at",
-            "updated_at",
-        )
-    }
+    inserts = {"inventory_logs": INVENTORY_LOG_INSERTS}
     schemas = {
         "inventories": InventorySchema,
         "batches": BatchSchema,
         "inventory_logs": InventoryLogSchema,
     }
+    example_config = {"grace_days": 0, "warning_days": 30}
 
     def business_date(self, config: BatchExpiryConfig, today: dt.date) -> dt.date:
         if config.business_date:
@@ -150,22 +140,19 @@ class BatchExpiryUpdate(Patch):
                 "updated_at": ctx.run_at,
             }
         )
-        logs = pd.DataFrame(
-            {
-                "source_id": lots["inventory_id"],
-                "inventory_id": lots["inventory_id"],
-                "delta": -qty,
-                "operation_type": "remove",
-                "previous_quantity": previous,
-                "current_quantity": previous - qty,
-                "note": [
-                    f"期限切れ廃棄: ロット {code} (有効期限 {exp}, {n}個)"
-                    for code, exp, n in zip(lots["lot_code"], lots["expires_on"], qty, strict=True)
-                ],
-                "user_id": config.user_id,
-                "created_at": ctx.run_at,
-                "updated_at": ctx.run_at,
-            }
+        logs = inventory_log_rows(
+            ctx.run_at,
+            source_id=lots["inventory_id"],
+            inventory_id=lots["inventory_id"],
+            delta=-qty,
+            operation_type="remove",
+            previous_quantity=previous,
+            current_quantity=previous - qty,
+            note=[
+                f"期限切れ廃棄: ロット {code} (有効期限 {exp}, {n}個)"
+                for code, exp, n in zip(lots["lot_code"], lots["expires_on"], qty, strict=True)
+            ],
+            user_id=config.user_id,
         )
         return Changes(
             updates={"inventories": inv_updates, "batches": lot_updates},

@@ -25,6 +25,7 @@ from patch_ops.patch import (
     Tables,
 )
 from stockrx_patches.schemas import InventoryLogSchema, InventorySchema
+from stockrx_patches.tables import INVENTORY_LOG_INSERTS, inventory_log_rows
 
 RANGES = {
     "percentage": (-100, 1000),
@@ -66,13 +67,9 @@ class InventoryPriceAdjustment(Patch):
     config_class = PriceAdjustmentConfig
     driving_table = "inventories"
     updates = {"inventories": ("price", "inventory_logs_count", "updated_at")}
-    inserts = {
-        "inventory_logs": (
-            "inventory_id", "delta", "operation_type", "previous_quantity",
-            "current_quantity", "note", "user_id", "created_at", "updated_at",
-        )
-    }
+    inserts = {"inventory_logs": INVENTORY_LOG_INSERTS}
     schemas = {"inventories": InventorySchema, "inventory_logs": InventoryLogSchema}
+    example_config = {"adjustment_type": "percentage", "adjustment_value": 8}
 
     def check_config(self, config: PriceAdjustmentConfig) -> None:
         kind = AdjustmentType(config.adjustment_type).value
@@ -144,19 +141,16 @@ class InventoryPriceAdjustment(Patch):
             f"価格調整: {_fmt(o)}円 → {_fmt(n)}円 ({label})"
             for o, n in zip(changed["price"], changed["new_price"], strict=True)
         ]
-        logs = pd.DataFrame(
-            {
-                "source_id": changed["id"],
-                "inventory_id": changed["id"],
-                "delta": 0,
-                "operation_type": "adjust",
-                "previous_quantity": changed["quantity"],
-                "current_quantity": changed["quantity"],
-                "note": notes,
-                "user_id": config.user_id,
-                "created_at": ctx.run_at,
-                "updated_at": ctx.run_at,
-            }
+        logs = inventory_log_rows(
+            ctx.run_at,
+            source_id=changed["id"],
+            inventory_id=changed["id"],
+            delta=0,
+            operation_type="adjust",
+            previous_quantity=changed["quantity"],
+            current_quantity=changed["quantity"],
+            note=notes,
+            user_id=config.user_id,
         )
         return Changes(updates={"inventories": updates}, inserts={"inventory_logs": logs})
 
