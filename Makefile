@@ -33,7 +33,9 @@ lint: env
 # ---------------------------------------------------------------------------------------------
 # make demo: a demo StockRx SQLite database with 100,000 items, then inventory_price_adjustment
 # (+8 %) as a dry run through `dagster job execute`, its impact report, then the real run.
-# Everything lives under var/ (gitignored): the database, DAGSTER_HOME, a demo audit key.
+# Everything lives under var/ (gitignored): the database, DAGSTER_HOME (its dagster.yaml from
+# `stockrx-patches instance-config`: dagster.yaml plus the run-queue limit of every patch table),
+# a demo audit key.
 DEMO_DIR := var/demo
 DEMO_DB := $(abspath $(DEMO_DIR))/stockrx.db
 DEMO_ITEMS ?= 100000
@@ -47,7 +49,8 @@ PRICE_JOB := $(VENV)/bin/dagster job execute -m stockrx_patches.definitions -j i
 
 .PHONY: demo
 demo: env
-	@mkdir -p $(DEMO_DIR)/dagster_home && cp dagster.yaml $(DEMO_DIR)/dagster_home/dagster.yaml
+	@mkdir -p $(DEMO_DIR)/dagster_home
+	$(VENV)/bin/stockrx-patches instance-config > $(DEMO_DIR)/dagster_home/dagster.yaml
 	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from patch_ops.audit import AuditKeyring; \
 	print(AuditKeyring.new_entry('demo'))" > $(DEMO_DIR)/audit.key
 	$(VENV)/bin/stockrx-patches seed-demo --database-url sqlite:///$(DEMO_DB) --items $(DEMO_ITEMS) --reset
@@ -63,10 +66,6 @@ demo: env
 	@echo "(full Dagster logs: $(DEMO_DIR)/dry_run.log, $(DEMO_DIR)/real_run.log)"
 
 # ---------------------------------------------------------------------------------------------
-# Lead: `demo`, `ui` and `bench` targets go here (depend on `env`, use $(PY) / $(VENV)/bin/...),
-# and add them to .PHONY.
-# ---------------------------------------------------------------------------------------------
-
 # make ui: the Dagster UI (`dagster dev`: webserver + daemon) on http://127.0.0.1:3000 against the
 # demo database var/demo/stockrx.db (seeded with 100,000 items if missing), DAGSTER_HOME
 # var/dagster_home. Another database: make ui UI_DATABASE_URL=...; port: UI_PORT=3001.

@@ -5,7 +5,9 @@
 #     `make demo` uses), seeded with DEMO_ITEMS (100,000) items if it does not exist yet. An
 #     STOCKRX_DATABASE_URL already in your shell is deliberately NOT used: the UI can launch
 #     real runs, and the default must never be someone's real database;
-#   - DAGSTER_HOME: var/dagster_home, with a copy of dagster.yaml (refreshed when it changed);
+#   - DAGSTER_HOME: var/dagster_home; its dagster.yaml is `stockrx-patches instance-config`
+#     (the repo's dagster.yaml plus the run-queue limit of every patch table), rewritten when
+#     that output changed (a new patch, an edited dagster.yaml);
 #   - audit key for real runs: $STOCKRX_AUDIT_KEYS / $STOCKRX_AUDIT_KEY_FILE if set, else a demo
 #     key in var/demo/audit.key (created if missing, as `make demo` does).
 # Env: UI_DATABASE_URL, UI_HOST (127.0.0.1), UI_PORT (3000), DEMO_ITEMS (100000).
@@ -28,9 +30,10 @@ if [ -z "${UI_DATABASE_URL:-}" ] && [ ! -s "$DEMO_DB" ]; then
     "$VENV/bin/stockrx-patches" seed-demo --database-url "$url" --items "${DEMO_ITEMS:-100000}"
 fi
 
-if ! cmp -s dagster.yaml "$HOME_DIR/dagster.yaml"; then
-    cp dagster.yaml "$HOME_DIR/dagster.yaml"
-    log "copied dagster.yaml to $HOME_DIR/"
+instance_config=$("$VENV/bin/stockrx-patches" instance-config)
+if [ "$instance_config" != "$(cat "$HOME_DIR/dagster.yaml" 2>/dev/null)" ]; then
+    printf '%s\n' "$instance_config" > "$HOME_DIR/dagster.yaml"
+    log "wrote $HOME_DIR/dagster.yaml (stockrx-patches instance-config)"
 fi
 
 if [ -z "${STOCKRX_AUDIT_KEYS:-}" ] && [ -z "${STOCKRX_AUDIT_KEY_FILE:-}" ]; then

@@ -1,7 +1,8 @@
 """End to end with a real `dagster dev` (webserver + dagster-daemon) against a DAGSTER_HOME made
-from the repo's dagster.yaml: a request row in, a finished run out (with its Slack message and
-email); the run queue holding a run whose tables overlap a running one; the schedule's next ticks
-as Dagster itself computes them.
+from `stockrx-patches instance-config` (the repo's dagster.yaml plus the run-queue limit of every
+patch table): a request row in, a finished run out (with its Slack message and email); the run
+queue holding a run whose tables overlap a running one; the schedule's next ticks as Dagster
+itself computes them.
 
 The code location is tests.support.slow_patches: the real patches plus the slow test patch. The
 StockRx database is a SQLite file; the clock is the test clock (inside the Sunday window)."""
@@ -11,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +29,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from patch_ops.database import get_engine
 from stockrx_patches import requests as rq
+from stockrx_patches.registry import instance_config_yaml
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import latest_execution, seeded
@@ -89,7 +90,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
     seeded(url, items=200)
     home = root / "dagster_home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    (home / "dagster.yaml").write_text(instance_config_yaml())
     port = _free_port()
     log = root / "dagster_dev.log"
     with FakeSlack(token=TOKEN) as slack, FakeSmtp() as smtp:

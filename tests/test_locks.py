@@ -1,5 +1,6 @@
 """One patch per table at a time: the lock in the StockRx database between two `dagster job
-execute` processes, stale locks of dead runs, and the run-queue tag limits in dagster.yaml."""
+execute` processes, stale locks of dead runs, and the run-queue tag limits of the instance config
+that `stockrx-patches instance-config` generates from the patch classes."""
 
 from __future__ import annotations
 
@@ -15,12 +16,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import DagsterInstance
 from sqlalchemy import insert, select
 
-from patch_ops.engine import utcnow
+from patch_ops.execution import utcnow
 from patch_ops.jobs import TABLE_TAG_PREFIX
 from patch_ops.state import ensure_framework_tables, executions, locks
+from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import defs as real_defs
+from stockrx_patches.registry import (
+    RegistryError,
+    default_registry,
+    instance_config,
+    instance_config_yaml,
+)
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,
@@ -164,10 +173,11 @@ def test_lock_of_a_killed_process_is_released_as_stale(sqlite_url, dagster_home,
     with engine.connect() as conn:
         held = conn.execute(select(locks)).mappings().all()
     assert {h["execution_id"] for h in held} == {killed["execution_id"]}
-    time.sleep(1.2)
 
-    # Same host, the holder's process is gone, its last heartbeat older than the grace period.
-    second = _execute_price(sqlite_url, dagster_home, STOCKRX_LOCK_PID_GRACE_SECONDS="1")
+    # Same host, the holder's process is gone, its last heartbeat older than the grace period
+    # (none here: the heartbeat was written before the kill, hence before the second run's plan;
+    # the grace period itself is test_dead_process_on_this_host_within_the_grace_period_...).
+    second = _execute_price(sqlite_url, dagster_home, STOCKRX_LOCK_PID_GRACE_SECONDS="0")
 
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"released stale lock of execution {killed['execution_id']}" in (
@@ -287,17 +297,65 @@ def test_dead_process_on_this_host_within_the_grace_period_still_holds(sqlite_ur
 # ---------------------------------------------------------------------------------------------
 
 
-def test_every_table_tag_of_every_job_has_a_limit_of_one_run():
-    for name in ("dagster.yaml", "dagster.postgres.yaml"):
-        config = yaml.safe_load((REPO / name).read_text())
-        limits = {
-            lim["key"]: lim["limit"]
-            for lim in config["concurrency"]["runs"]["tag_concurrency_limits"]
-        }
-        for job in real_defs.resolve_all_job_defs():
-            for key in job.tags:
-                if key.startswith(TABLE_TAG_PREFIX):
-                    assert limits.get(key) == 1, f"{name}: no limit for {key} of job {job.name}"
+@pytest.mark.parametrize("base", ["dagster.yaml", "dagster.postgres.yaml"])
+def test_generated_instance_config_limits_every_table_of_every_patch_to_one_run(base, tmp_path):
+    base_config = yaml.safe_load((REPO / base).read_text())
+    listed = base_config["concurrency"]["runs"].get("tag_concurrency_limits") or []
+    assert not [lim for lim in listed if lim["key"].startswith(TABLE_TAG_PREFIX)], (
+        f"{base} lists table limits: instance-config generates them"
+    )
+    text = instance_config_yaml(REPO / base)
+    config = yaml.safe_load(text)
+    limits = {
+        lim["key"]: lim["limit"] for lim in config["concurrency"]["runs"]["tag_concurrency_limits"]
+    }
+    registry = default_registry()
+    wanted = {f"{TABLE_TAG_PREFIX}{t}" for p in registry.patches.values() for t in p.tables()}
+    assert wanted == {"stockrx-table/inventories", "stockrx-table/batches",
+                      "stockrx-table/inventory_logs"}
+    assert {k: v for k, v in limits.items() if k.startswith(TABLE_TAG_PREFIX)} == dict.fromkeys(
+        wanted, 1
+    )
+    for job in real_defs.resolve_all_job_defs():  # the tags the jobs really carry
+        for key in job.tags:
+            if key.startswith(TABLE_TAG_PREFIX):
+                assert limits.get(key) == 1, f"{base}: no limit for {key} of job {job.name}"
+    # The rest of the base is kept.
+    assert {k: v for k, v in config.items() if k != "concurrency"} == {
+        k: v for k, v in base_config.items() if k != "concurrency"
+    }
+    assert config["concurrency"]["runs"]["max_concurrent_runs"] == 4
+    if base == "dagster.yaml":  # Dagster reads it as the daemon will
+        (tmp_path / "dagster.yaml").write_text(text)
+        with DagsterInstance.from_config(str(tmp_path)) as instance:
+            queue = instance.get_concurrency_config().run_queue_config
+        assert queue is not None
+        assert {lim["key"]: lim["limit"] for lim in queue.tag_concurrency_limits} == limits
+
+
+def test_instance_config_keeps_the_base_limits_and_refuses_a_looser_table_limit(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        "concurrency:\n  runs:\n    tag_concurrency_limits:\n"
+        "      - {key: team, value: ops, limit: 2}\n"
+        "      - {key: stockrx-table/batches, limit: 1}\n"
+    )
+    limits = instance_config(base)["concurrency"]["runs"]["tag_concurrency_limits"]
+    assert limits[:2] == [{"key": "team", "value": "ops", "limit": 2},
+                          {"key": "stockrx-table/batches", "limit": 1}]
+    assert [lim["key"] for lim in limits[2:]] == ["stockrx-table/inventories",
+                                                   "stockrx-table/inventory_logs"]
+    base.write_text(base.read_text().replace("batches, limit: 1", "batches, limit: 2"))
+    with pytest.raises(RegistryError, match="stockrx-table/batches is limited to 2 runs"):
+        instance_config(base)
+
+
+def test_instance_config_command_prints_the_generated_config(capsys, tmp_path):
+    assert cli_main(["instance-config"]) == 0
+    assert capsys.readouterr().out == instance_config_yaml()
+    assert cli_main(["instance-config", "--base", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: instance config base not found") and err.count("\n") == 1
 
 
 def test_patch_jobs_carry_one_tag_per_locked_table():
