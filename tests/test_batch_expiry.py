@@ -91,7 +91,7 @@ def build_fixture(engine, lots=FIXTURE, item_qty: dict[int, int] | None = None,
                                   f"(SELECT coalesce(max(id), 1) FROM {t}))"))
 
 
-def _engine(url):  # type: ignore[no-untyped-def]
+def fixture_engine(url):  # type: ignore[no-untyped-def]
     from patch_ops.database import get_engine
 
     return get_engine(url)
@@ -193,7 +193,7 @@ def test_bad_config_is_refused(cfg, message):
 
 
 def test_write_off_on_hand_built_fixture(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     with engine.connect() as conn:
         untouched_4 = dict(conn.execute(select(inventories).where(inventories.c.id == 4)).mappings().one())
@@ -229,7 +229,7 @@ def test_write_off_on_hand_built_fixture(database_url):
 
 
 def test_grace_period_through_the_job_and_its_report(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     result = run_patch(database_url, JOB, {**REAL, "grace_days": 3, "warning_days": 0})
     assert result.success, failure_description(result)
@@ -243,7 +243,7 @@ def test_grace_period_through_the_job_and_its_report(database_url):
 
 
 def test_second_run_the_same_day_finds_nothing_to_do(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     assert run_patch(database_url, JOB, REAL).success
     after_first = digest(engine)
@@ -349,7 +349,7 @@ def _defs(patch_cls):  # type: ignore[no-untyped-def]
 )
 def test_each_invariant_violation_blocks_the_commit(database_url, patch_cls, fixture_kw,
                                                     expected, offender):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine, **fixture_kw)
     before = digest(engine)
     job = patch_cls.name
@@ -367,7 +367,7 @@ def test_each_invariant_violation_blocks_the_commit(database_url, patch_cls, fix
 
 
 def test_negative_stock_is_rejected_by_the_schema_first(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine, item_qty={3: 5})  # the item holds less than its expired lot
     before = digest(engine)
     result = run_patch(database_url, JOB, REAL)
@@ -410,7 +410,7 @@ def production_schema(engine) -> None:  # type: ignore[no-untyped-def]
     ],
 )
 def test_database_constraint_is_caught_before_commit(database_url, job, config, constraint):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     production_schema(engine)
     from stockrx_patches.seed import seed_demo
 
@@ -446,7 +446,7 @@ def test_database_constraint_is_caught_before_commit(database_url, job, config, 
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_dagster_cli_runs_the_patch(pg_url, dagster_home, repo_root: Path, tmp_path):
-    engine = _engine(pg_url)
+    engine = fixture_engine(pg_url)
     build_fixture(engine)
     date_cfg = tmp_path / "date.yaml"
     date_cfg.write_text(yaml.safe_dump({"ops": {"plan_patch": {"config": {"business_date": BD.isoformat()}}}}))

@@ -35,7 +35,7 @@ from tests.support.stockrx import (
     run_patch,
     seeded,
 )
-from tests.test_batch_expiry import JOB, REAL, _engine, build_fixture, state
+from tests.test_batch_expiry import JOB, REAL, build_fixture, fixture_engine, state
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
 PATCH_RUNS = {PRICE_JOB: PCT8, JOB: REAL}
@@ -78,7 +78,7 @@ def execution(engine, execution_id: str) -> dict[str, Any]:  # type: ignore[no-u
 def committed(url: str, job: str = JOB, defs=None) -> str:  # type: ignore[no-untyped-def]
     result = run_patch(url, job, PATCH_RUNS.get(job, {"dry_run": False}), defs=defs)
     assert result.success, failure_description(result)
-    ex = latest_execution(_engine(url))
+    ex = latest_execution(fixture_engine(url))
     assert ex["phase"] == "verified"
     return str(ex["execution_id"])
 
@@ -172,7 +172,7 @@ def _app_changes_after_patch(engine) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_conflicts_refuse_by_default_and_are_skipped_on_request(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     before_patch = state(engine)
     patched_id = committed(database_url)
@@ -241,7 +241,7 @@ class SplitItems(Patch):
 
 
 def test_conflict_on_a_row_inserted_into_an_updated_table(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine, lots={i: [("X", 100, 10 * i)] for i in range(1, 5)})
     before = digest(engine)
     defs = defs_with((SplitItems(), PatchSettings("split", ("inventories",))))
@@ -278,7 +278,7 @@ def _work_rows(engine, execution_id: str) -> int:  # type: ignore[no-untyped-def
 
 
 def test_purge_expired_backups(database_url):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     old_id = committed(database_url)
     recent_id = committed(database_url, PRICE_JOB)
@@ -320,7 +320,7 @@ def test_purge_expired_backups(database_url):
 
 
 def test_restore_and_purge_are_audited_and_need_the_audit_key(database_url, monkeypatch):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     patched_id = committed(database_url)
     after_patch = digest(engine)
@@ -360,7 +360,7 @@ def test_restore_and_purge_are_audited_and_need_the_audit_key(database_url, monk
 
 
 def test_stockrx_patches_restore_and_purge_commands(database_url, capsys):
-    engine = _engine(database_url)
+    engine = fixture_engine(database_url)
     build_fixture(engine)
     before = digest(engine)
     patched_id = committed(database_url)
