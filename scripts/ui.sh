@@ -38,7 +38,7 @@ fi
 
 if [ -z "${STOCKRX_AUDIT_KEYS:-}" ] && [ -z "${STOCKRX_AUDIT_KEY_FILE:-}" ]; then
     if [ ! -s "$DEMO_DIR/audit.key" ]; then
-        "$VENV/bin/python" -c "from resources.audit import AuditKeyring; \
+        "$VENV/bin/python" -c "from patch_ops.audit import AuditKeyring; \
 print(AuditKeyring.new_entry('demo'))" > "$DEMO_DIR/audit.key"
     fi
     export STOCKRX_AUDIT_KEY_FILE=$DEMO_DIR/audit.key
