@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from stockrx_patches.registry import instance_config_yaml
 from tests.support.postgres import PostgresServer, PostgresUnavailable, postgres_required
 
 # Real runs refuse without an audit key. Tests run with a throwaway key (set before the code
@@ -84,10 +84,10 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo_root: Path) -> Path:
-    """A fresh DAGSTER_HOME (env var set for the test) with the repo's dagster.yaml, if any."""
+    """A fresh DAGSTER_HOME (env var set for the test) with the instance config that
+    ``stockrx-patches instance-config`` installs (the repo's dagster.yaml + table limits)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    if (repo_root / "dagster.yaml").is_file():
-        shutil.copy(repo_root / "dagster.yaml", home / "dagster.yaml")
+    (home / "dagster.yaml").write_text(instance_config_yaml())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home

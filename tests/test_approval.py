@@ -281,7 +281,7 @@ def test_plan_hash_parts(sqlite_url, monkeypatch):
 
 def test_settings_come_from_the_yaml(tmp_path):
     path = tmp_path / "p.yml"
-    entry = "patches:\n  p:\n    description: d\n    target_tables: [t]\n"
+    entry = "patches:\n  p:\n    description: d\n"
     path.write_text(entry + "    require_approved_plan: false\n    plan_valid_hours: 6\n")
     s = load_project_config(path).patches["p"]
     assert (s.require_approved_plan, s.plan_valid_hours) == (False, 6.0)

@@ -37,7 +37,6 @@ CTX = RunContext("e", RUN_AT, BD)
 REAL = {"business_date": BD.isoformat(), "dry_run": False}
 SETTINGS = PatchSettings(
     description="test patch",
-    target_tables=("inventories", "batches", "inventory_logs"),
     batch_size=2,  # several batches even on the small fixture
 )
 

@@ -290,7 +290,7 @@ def test_checks_run_at_once_keep_their_order_and_raise_after_all_ended():
 
 def test_check_connections_come_from_the_yaml(tmp_path):
     path = tmp_path / "p.yml"
-    entry = "patches:\n  p:\n    description: d\n    target_tables: [t]\n"
+    entry = "patches:\n  p:\n    description: d\n"
     path.write_text(entry)
     assert load_project_config(path).patches["p"].check_connections == 2
     path.write_text(entry + "    check_connections: 1\n")

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
+from stockrx_patches.registry import instance_config_yaml
 from tests.support.postgres import (
     PostgresServer,
     pid_alive,
@@ -137,11 +138,7 @@ def test_sqlite_url_is_fresh_file(sqlite_url: str, tmp_path: Path) -> None:
 def test_dagster_home(dagster_home: Path, repo_root: Path) -> None:
     assert os.environ["DAGSTER_HOME"] == str(dagster_home)
     assert dagster_home.is_dir()
-    repo_yaml = repo_root / "dagster.yaml"
-    if repo_yaml.is_file():
-        assert (dagster_home / "dagster.yaml").read_bytes() == repo_yaml.read_bytes()
-    else:
-        assert list(dagster_home.iterdir()) == []
+    assert (dagster_home / "dagster.yaml").read_text() == instance_config_yaml()
 
 
 @pytest.mark.parametrize(

@@ -244,7 +244,7 @@ def test_conflict_on_a_row_inserted_into_an_updated_table(database_url):
     engine = fixture_engine(database_url)
     build_fixture(engine, lots={i: [("X", 100, 10 * i)] for i in range(1, 5)})
     before = digest(engine)
-    defs = defs_with((SplitItems(), PatchSettings("split", ("inventories",))))
+    defs = defs_with((SplitItems(), PatchSettings("split")))
     patched_id = committed(database_url, "split_items", defs=defs)
     with engine.begin() as conn:  # the app renames the new row split off item 3
         conn.execute(update(inventories).where(inventories.c.name == "item 3 (split)")

@@ -3,7 +3,7 @@ SQLite demo database, driven through the webserver's GraphQL API (what the UI it
 looked at with headless Chromium.
 
 One server pair per module (starting it takes ~15 s, a run ~30 s): the DAGSTER_HOME is built like
-the ``dagster_home`` fixture does (a fresh directory with the repo's dagster.yaml), but at module
+the ``dagster_home`` fixture does (a fresh directory with the generated instance config), but at module
 scope, which that function-scoped fixture cannot be. The repo's dagster.yaml has the
 QueuedRunCoordinator (and one run per table tag at a time), so launched runs are QUEUED until the
 daemon starts them, as with ``make ui``. Sensors and schedules are stopped before the daemon
@@ -13,7 +13,6 @@ starts (tests.support.webserver): the only runs are the ones launched here.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import yaml
 from sqlalchemy import func, select
 
 from patch_ops.database import get_engine
+from stockrx_patches.registry import instance_config_yaml
 from stockrx_patches.seed import seed_demo
 from stockrx_patches.tables import inventories
 from tests.support.webserver import Chromium, DagsterUI, find_chromium
@@ -65,7 +65,7 @@ def ui(
     base = tmp_path_factory.mktemp("dagster_ui")
     home = base / "dagster_home"
     home.mkdir()
-    shutil.copy(repo_root / "dagster.yaml", home / "dagster.yaml")
+    (home / "dagster.yaml").write_text(instance_config_yaml())
     env: dict[str, str | None] = {k: None for k in UNSET}
     env["STOCKRX_DATABASE_URL"] = demo_url
     server = DagsterUI(repo_root, home, env=env, log_dir=base / "logs")
@@ -152,7 +152,7 @@ def test_code_location_loads_every_job_schedule_and_sensor(ui: DagsterUI) -> Non
     assert all(s["scheduleState"]["status"] == "STOPPED" for s in repo["schedules"])
 
 
-def test_patch_jobs_carry_patch_name_and_target_tables_as_tags(ui: DagsterUI) -> None:
+def test_patch_jobs_carry_patch_name_and_written_tables_as_tags(ui: DagsterUI) -> None:
     from stockrx_patches.registry import default_registry
 
     registry = default_registry()
@@ -160,7 +160,7 @@ def test_patch_jobs_carry_patch_name_and_target_tables_as_tags(ui: DagsterUI) ->
     for name in _patch_names():
         tags = {t["key"]: t["value"] for t in jobs[name]["tags"]}
         assert tags["stockrx/patch"] == name
-        assert tags["stockrx/tables"].split(",") == list(registry.settings(name).target_tables)
+        assert tags["stockrx/tables"].split(",") == list(registry.patches[name].written_tables())
 
 
 # Launchpad ----------------------------------------------------------------------------------

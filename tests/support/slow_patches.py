@@ -20,7 +20,6 @@ from tests.support.stockrx import defs_with
 
 SETTINGS = PatchSettings(
     description="test patch",
-    target_tables=("inventories", "inventory_logs"),
     estimated_records=100,
     batch_size=50,
     # Some of these patches fail their dry run on purpose: their real runs are launched without
