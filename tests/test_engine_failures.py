@@ -118,7 +118,7 @@ def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
     with engine.connect() as app, ThreadPoolExecutor(max_workers=1) as pool:
         app_tx = app.begin()
         app.execute(update(inventories).where(inventories.c.id == 2).values(name="app's"))
-        commit = pool.submit(commit_execution, engine, PRICE_JOB, execution_id)
+        commit = pool.submit(commit_execution, engine, execution_id)
         deadline = time.monotonic() + 60
         with engine.connect() as watcher:
             while not watcher.execute(waiting).scalar_one():
