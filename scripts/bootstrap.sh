@@ -4,7 +4,7 @@
 #   - runs `pip install -e '.[dev]'` only when pyproject.toml changed since the last successful
 #     install (sha256 stamp in .venv/.stockrx-install-stamp); otherwise a fast no-op.
 #   - as root with apt-get, installs Debian's `chromium` if missing (the browser test in
-#     tests/test_ui.py; it skips without it), and Debian's `postgresql` server if no initdb is
+#     tests/stockrx_patches/test_ui.py; it skips without it), and Debian's `postgresql` server if no initdb is
 #     found (the tests start a throwaway server). Failure to install is a warning, not an error.
 # Env: PYTHON=python3.12 (interpreter for a new venv), BOOTSTRAP_FORCE=1 (reinstall anyway),
 #      BOOTSTRAP_NO_CHROMIUM=1 (never install chromium).
@@ -65,7 +65,7 @@ fi
 # 1b. Headless Chromium for the UI browser test: only as root with apt-get, only when missing.
 if [ -z "${BOOTSTRAP_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
         && is_root && command -v apt-get >/dev/null 2>&1; then
-    log "chromium missing: apt-get install -y chromium (for tests/test_ui.py; once)"
+    log "chromium missing: apt-get install -y chromium (for tests/stockrx_patches/test_ui.py; once)"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
             >/tmp/stockrx-bootstrap-chromium.log 2>&1; then
         log "WARNING: could not install chromium (see /tmp/stockrx-bootstrap-chromium.log):" \

@@ -2,8 +2,9 @@
 
 It writes ``stockrx_patches/patches/NAME.py`` (a patch that loads and changes nothing, every part
 marked with a one-line hint), appends a short entry to ``config/data_patches.yml`` and writes
-``tests/test_NAME.py``, whose first test fails until the transform changes something. Nothing
-else: the job, its run-queue tags, the CLI listing and the history follow from the class.
+``tests/stockrx_patches/patches/test_NAME.py`` (the tests mirror the packages), whose first test
+fails until the transform changes something. Nothing else: the job, its run-queue tags, the CLI
+listing and the history follow from the class.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def check_request(name: str, driving_table: str, root: Path) -> None:
 def paths(name: str, root: Path) -> tuple[Path, Path, Path]:
     return (
         root / "stockrx_patches" / "patches" / f"{name}.py",
-        root / "tests" / f"test_{name}.py",
+        root / "tests" / "stockrx_patches" / "patches" / f"test_{name}.py",
         root / "config" / "data_patches.yml",
     )
 

@@ -39,7 +39,7 @@ from tests.support.stockrx import (
     seeded,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 DRY = {"adjustment_type": "percentage", "adjustment_value": 8}
 HOLDER = "11111111-1111-1111-1111-111111111111"

@@ -37,7 +37,7 @@ from tests.support.stockrx import (
     seeded,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
 
 

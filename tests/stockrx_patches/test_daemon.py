@@ -34,7 +34,7 @@ from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import latest_execution, seeded
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TOKEN = "xoxb-daemon-test"
 LOCATION_MODULE = "tests.support.slow_patches"

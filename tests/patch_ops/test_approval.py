@@ -45,7 +45,7 @@ from tests.support.stockrx import (
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
 REAL = {**PCT8, "dry_run": False}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dry(url: str, config: dict, **kw) -> dict:  # type: ignore[type-arg]

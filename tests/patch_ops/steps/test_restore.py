@@ -26,6 +26,13 @@ from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import default_registry
 from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.conftest import TEST_AUDIT_KEY
+from tests.stockrx_patches.patches.test_batch_expiry_update import (
+    JOB,
+    REAL,
+    build_fixture,
+    fixture_engine,
+    state,
+)
 from tests.support.stockrx import (
     PRICE_JOB,
     defs_with,
@@ -35,7 +42,6 @@ from tests.support.stockrx import (
     run_patch,
     seeded,
 )
-from tests.test_batch_expiry import JOB, REAL, build_fixture, fixture_engine, state
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
 PATCH_RUNS = {PRICE_JOB: PCT8, JOB: REAL}

@@ -16,7 +16,7 @@ import yaml
 
 from stockrx_patches.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 # Run in the copy: its stockrx_patches (with the new patches) comes first on the path; patch_ops,
@@ -72,14 +72,14 @@ def test_a_new_patch_is_one_file_one_entry_and_its_test(root: Path, capsys) -> N
     assert _new(root, "archive_idle_items", "inventories") == 0
     assert _new(root, "relabel_lots", "batches", "--description", "Relabel lots: a, b") == 0
     out = capsys.readouterr().out
-    assert "wrote stockrx_patches/patches/archive_idle_items.py and tests/test_archive_idle_items.py" in out
+    assert "wrote stockrx_patches/patches/archive_idle_items.py and tests/stockrx_patches/patches/test_archive_idle_items.py" in out
 
     after = _files(root)
     assert sorted(set(after) - set(before)) == [
         "stockrx_patches/patches/archive_idle_items.py",
         "stockrx_patches/patches/relabel_lots.py",
-        "tests/test_archive_idle_items.py",
-        "tests/test_relabel_lots.py",
+        "tests/stockrx_patches/patches/test_archive_idle_items.py",
+        "tests/stockrx_patches/patches/test_relabel_lots.py",
     ]
     assert [f for f in before if after[f] != before[f]] == ["config/data_patches.yml"]
     new_settings = yaml.safe_load(after["config/data_patches.yml"])
@@ -115,7 +115,8 @@ def test_a_new_patch_is_one_file_one_entry_and_its_test(root: Path, capsys) -> N
     assert 'rows[rows["id"] < 0]' in text
     relabel.write_text(text.replace('rows[rows["id"] < 0]', 'rows[rows["quantity"] > 0]'))
 
-    tests = [root / "tests" / "test_archive_idle_items.py", root / "tests" / "test_relabel_lots.py"]
+    generated = root / "tests" / "stockrx_patches" / "patches"
+    tests = [generated / "test_archive_idle_items.py", generated / "test_relabel_lots.py"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)]))
     probe = subprocess.run(
         [sys.executable, "-c", PROBE, *map(str, tests)],

@@ -17,7 +17,7 @@ from stockrx_patches.tables import inventory_logs
 from tests.support import slow_patches
 from tests.support.stockrx import digest, latest_execution, prices, seeded
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from tests.support.stockrx import (
 )
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USER_ID = 987654321  # a sample value: goes into the log rows the patch inserts, and its config
 REAL = {
     "adjustment_type": "percentage",

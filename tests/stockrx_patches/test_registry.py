@@ -23,7 +23,7 @@ from stockrx_patches.registry import (
 )
 from stockrx_patches.tables import INVENTORY_LOG_INSERTS, STOCKRX_TABLES, inventory_log_rows
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUNS = REPO / "config" / "runs"
 ENTRY = "patches:\n  p:\n    description: d\n"
 
