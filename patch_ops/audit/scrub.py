@@ -12,13 +12,27 @@ from typing import Any
 
 REDACTED = "***"
 
-_SECRET_KEY_RE = re.compile(
-    r"pass(word|wd|phrase)?|pwd|secret|token|api[_-]?key|private[_-]?key|access[_-]?key"
-    r"|credential|authorization|cookie|fernet",
-    re.IGNORECASE,
-)
+#: Key names whose values are secrets, as whole words of the key (``db_password``,
+#: ``slackToken``, ``API-Key``), never as parts of other words: ``passed``, ``bypass`` and
+#: ``secretary`` are ordinary keys.
+SECRET_WORDS = frozenset({
+    "password", "passwd", "passphrase", "pwd", "secret", "secrets", "token", "tokens",
+    "apikey", "credential", "credentials", "authorization", "cookie", "cookies", "fernet",
+})
+#: Two-word secret names (``api_key``, ``private-key``, ``accessKey``).
+SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key")})
+_WORD_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 # scheme://user:password@host -> scheme://user:***@host
 _URL_PASSWORD_RE = re.compile(r"([a-z][a-z0-9+.-]*://[^:/?#@\s]*:)([^@/\s]+)(?=@)", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """The key names a secret: one of its words (snake, kebab or camel case) is a secret's
+    name, or two adjacent words are."""
+    words = [w.lower() for w in _WORD_RE.findall(key)]
+    return any(w in SECRET_WORDS for w in words) or any(
+        pair in SECRET_PAIRS for pair in zip(words, words[1:], strict=False)
+    )
 
 
 def scrub_secrets(value: Any, known_secrets: Iterable[str] = ()) -> Any:
@@ -36,7 +50,7 @@ def _scrub(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, Mapping):
         return {
             str(k): REDACTED
-            if _SECRET_KEY_RE.search(str(k)) and v is not None
+            if is_secret_key(str(k)) and v is not None
             else _scrub(v, secrets)
             for k, v in value.items()
         }

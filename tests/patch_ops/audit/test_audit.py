@@ -461,3 +461,26 @@ def test_two_processes_appending_make_one_chain(
     assert [e["seq"] for e in events] == list(range(1, 401))
     by_actor = {tag: [e["public"]["i"] for e in events if e["actor"] == tag] for tag in "ab"}
     assert by_actor == {"a": list(range(200)), "b": list(range(200))}
+
+
+ORDINARY_KEYS = ("passed", "passes", "bypass", "compass", "passenger", "tokenizer", "keyword",
+                 "monkey", "secretary", "rows_passed",
+                 "skip_key", "primary_key", "keys", "api", "access_count")
+SECRET_KEYS = ("password", "db_password", "DB_PASSWORD", "dbPassword", "passwd", "passphrase",
+               "pwd", "secret", "client_secret", "token", "slack_token", "accessToken", "api_key",
+               "api-key", "apiKey", "API_KEY", "private_key", "access_key", "credentials",
+               "authorization", "cookie", "fernet_key", "smtp_password")
+
+
+def test_redaction_matches_secret_names_not_parts_of_ordinary_words() -> None:
+    # "passed" once matched pass(word)?: the validation result was stored as "***".
+    scrubbed = scrub_secrets({k: "v" for k in (*ORDINARY_KEYS, *SECRET_KEYS)})
+    assert {k: v for k, v in scrubbed.items() if k in ORDINARY_KEYS} == dict.fromkeys(
+        ORDINARY_KEYS, "v"
+    )
+    assert {k: v for k, v in scrubbed.items() if k in SECRET_KEYS} == dict.fromkeys(
+        SECRET_KEYS, "***"
+    )
+    assert scrub_secrets({"validation": {"passed": True, "problems": []}}) == {
+        "validation": {"passed": True, "problems": []}
+    }
