@@ -66,7 +66,7 @@ class PatchRunConfig(Config):
     def _safe_values(self) -> PatchRunConfig:
         """Values every database and JSON column can hold, for every patch's config: no NaN or
         infinity, integers within 64 bits (batch and memory sizes within 32), no NUL character
-        in text, launched_by within its column. Dagster checks the types; this checks the rest
+        in text, launched_by one printable line within its column. Dagster checks the types; this checks the rest
         before anything is written (a value PostgreSQL would refuse mid-run never gets there)."""
         for name, value in self:
             if isinstance(value, float) and not math.isfinite(value):
@@ -77,8 +77,15 @@ class PatchRunConfig(Config):
                     raise ValueError(f"{name} is out of range, got {value}")
             if isinstance(value, str) and "\x00" in value:
                 raise ValueError(f"{name} must not contain NUL characters")
-        if self.launched_by is not None and len(self.launched_by) > MAX_LAUNCHED_BY:
-            raise ValueError(f"launched_by is longer than {MAX_LAUNCHED_BY} characters")
+        if self.launched_by:  # "" or None: the OS user
+            if len(self.launched_by) > MAX_LAUNCHED_BY:
+                raise ValueError(f"launched_by is longer than {MAX_LAUNCHED_BY} characters")
+            if not self.launched_by.strip() or not self.launched_by.isprintable():
+                # It goes into history, reports and messages: a newline there forges lines.
+                raise ValueError(
+                    "launched_by must be one line of printable characters naming who launched "
+                    "the run (no newlines, tabs or control characters)"
+                )
         return self
 
 

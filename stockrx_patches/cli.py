@@ -15,6 +15,7 @@ from sqlalchemy import inspect, select
 
 from patch_ops.database import DatabaseUnavailable, check_connection, get_engine, redact_url
 from patch_ops.state import executions
+from patch_ops.steps.report import markdown_text
 from stockrx_patches import audit_cli
 
 Handler = Callable[[argparse.Namespace], int]
@@ -144,7 +145,7 @@ def _print_approval(engine, r) -> None:  # type: ignore[no-untyped-def]
     """Plan hash, who launched the run, and for a real run the dry run that approved it."""
     if not r.get("plan_hash"):
         return
-    print(f"plan hash: {r['plan_hash']}; launched by {r['launched_by']}")
+    print(f"plan hash: {r['plan_hash']}; launched by {markdown_text(str(r['launched_by']))}")
     approver_id = r.get("approved_by_execution_id")
     if approver_id:
         with engine.connect() as conn:

@@ -222,5 +222,24 @@ def _fmt(v: Any) -> str:
         return f"{int(v):,}" if v.is_integer() else f"{v:,.2f}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
-    return str(v).replace("|", "\\|")
+    return markdown_text(str(v))
+
+
+#: Characters that would break a Markdown table cell out of its cell or its row, or turn into
+#: HTML where the report is rendered (Dagster's UI).
+MARKDOWN_SPECIAL = frozenset("\\|<>`")
+
+
+def markdown_text(text: str) -> str:
+    """A value as literal text in a Markdown table cell: cell-breaking characters escaped, and
+    newlines, tabs and other control characters shown as escapes (one value, one line)."""
+    out = []
+    for c in text:
+        if c in MARKDOWN_SPECIAL:
+            out.append("\\" + c)
+        elif not c.isprintable():
+            out.append(c.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(c)
+    return "".join(out)
 
