@@ -71,11 +71,15 @@ def cmd_instance_config(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
-    from stockrx_patches.seed import seed_demo
+    from stockrx_patches.seed import SeedRefused, seed_demo
 
     engine = _engine(args)
     t0 = time.perf_counter()
-    counts = seed_demo(engine, items=args.items, seed=args.seed, reset=args.reset)
+    try:
+        counts = seed_demo(engine, items=args.items, seed=args.seed, reset=args.reset)
+    except SeedRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     took = time.perf_counter() - t0
     print(
         f"seeded {redact_url(str(engine.url))} in {took:.1f}s: "
@@ -287,6 +291,21 @@ def cmd_requests(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (else a one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stockrx-patches", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -310,11 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
              db=False)
     sp.add_argument("--base", help="base instance config (default: the repo's dagster.yaml)")
     sp = add("seed-demo", cmd_seed, "create and fill a demo StockRx database")
-    sp.add_argument("--items", type=int, default=100_000)
+    sp.add_argument("--items", type=at_least(1), default=100_000)
     sp.add_argument("--seed", type=int, default=20261129)
     sp.add_argument("--reset", action="store_true", help="drop the StockRx tables first")
     sp = add("history", cmd_history, "recent executions")
-    sp.add_argument("--limit", type=int, default=20)
+    sp.add_argument("--limit", type=at_least(1), default=20)
     sp.add_argument("--patch")
     sp = add("report", cmd_report, "impact report of an execution (default: the latest)")
     sp.add_argument("execution_id", nargs="?")
@@ -336,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--requested-by", help="default: $USER")
     sp.add_argument("--release-tag")
     sp = add("requests", cmd_requests, "recent release requests and what became of them")
-    sp.add_argument("--limit", type=int, default=20)
+    sp.add_argument("--limit", type=at_least(1), default=20)
     sp = add("purge-backups", cmd_purge, "remove backups past the retention (dry run by default)")
     sp.add_argument("--apply", action="store_true", help="really remove (default: dry run)")
     sp.add_argument(
-        "--retention-days", type=int, help="default: security.audit_retention_days in the config"
+        "--retention-days", type=at_least(1), help="default: security.audit_retention_days in the config"
     )
     audit_cli.add_parser(sub, _engine)
     return p

@@ -102,6 +102,10 @@ def _frames(
         yield _chunk_frames(start, min(CHUNK, items + 1 - start), rng, today, base_ts)
 
 
+class SeedRefused(RuntimeError):
+    """The demo data would mix with data already there."""
+
+
 def seed_demo(
     engine: Engine,
     items: int = 100_000,
@@ -120,7 +124,7 @@ def seed_demo(
     create_stockrx_schema(engine, drop_first=reset)
     with engine.connect() as conn:
         if conn.execute(select(func.count()).select_from(inventories)).scalar_one():
-            raise RuntimeError("the database already has inventories; use reset to start over")
+            raise SeedRefused("the database already has inventories; use --reset to start over")
     dialect = dialect_of(engine)
     tables = (inventories, batches, inventory_logs)
     for frames in _frames(items, seed, today):

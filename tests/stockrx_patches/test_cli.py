@@ -13,6 +13,7 @@ import pytest
 from dagster import DagsterInstance, ReexecutionOptions, execute_job, reconstructable
 from sqlalchemy import func, select
 
+from stockrx_patches.cli import main as cli_main
 from stockrx_patches.tables import inventory_logs
 from tests.support import slow_patches
 from tests.support.stockrx import digest, latest_execution, prices, seeded
@@ -169,3 +170,38 @@ def test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches(
         ).all()
     assert {n for _, n in per_item} == {1}
     assert len(per_item) == sum(1 for i in old if old[i] != new[i])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["history", "--limit", "-1"],
+        ["history", "--limit", "0"],
+        ["requests", "--limit", "x"],
+        ["seed-demo", "--items", "-5"],
+        ["purge-backups", "--retention-days", "0"],
+    ],
+    ids=" ".join,
+)
+def test_out_of_range_counts_are_usage_errors(argv, capsys):
+    # `history --limit -1` listed everything and `seed-demo --items -5` exited 0.
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--database-url", "sqlite:////nonexistent/never-opened.db"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be at least" in err or "is not a whole number" in err
+
+
+def test_seed_demo_on_a_database_with_items_refuses_in_one_line(sqlite_url, capsys):
+    seeded(sqlite_url, items=10)
+    before = digest_of(sqlite_url)
+    assert cli_main(["seed-demo", "--database-url", sqlite_url, "--items", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the database already has inventories; use --reset to start over"
+    assert digest_of(sqlite_url) == before
+
+
+def digest_of(url: str) -> str:
+    from patch_ops.database import get_engine
+
+    return digest(get_engine(url))
