@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from patch_ops.dialects import dialect_for_url
 
@@ -51,7 +51,18 @@ def get_engine(url: str) -> Engine:
             except ArgumentError as exc:
                 raise DatabaseUnavailable(f"invalid database URL {redact_url(url)}") from exc
             dialect = dialect_for_url(parsed)
-            engine = create_engine(parsed, future=True, **dialect.engine_options())
+            try:
+                engine = create_engine(parsed, future=True, **dialect.engine_options())
+            except NoSuchModuleError:
+                raise DatabaseUnavailable(
+                    f"unknown kind of database {parsed.drivername!r} in the URL "
+                    f"{redact_url(url)} (supported: sqlite, postgresql+psycopg, mysql+pymysql)"
+                ) from None
+            except ImportError as exc:
+                raise DatabaseUnavailable(
+                    f"the database driver for {parsed.drivername!r} is not installed "
+                    f"(No module named {exc.name!r}); URL {redact_url(url)}"
+                ) from None
             dialect.configure(engine)
             _engines[url] = engine
         return engine

@@ -184,7 +184,9 @@ def _run_job(args: argparse.Namespace, job_name: str, op_name: str, config: dict
     result = defs.resolve_job_def(job_name).execute_in_process(
         run_config={
             "ops": {op_name: {"config": config}},
-            "loggers": {"console": {"config": {"log_level": "ERROR"}}},
+            # The failure is printed below in one line; the step's traceback stays in the
+            # Dagster event log.
+            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
         },
         instance=instance,
         raise_on_error=False,
