@@ -4,8 +4,9 @@
 #   - runs `pip install -e '.[dev]'` only when pyproject.toml changed since the last successful
 #     install (sha256 stamp in .venv/.stockrx-install-stamp); otherwise a fast no-op.
 #   - as root with apt-get, installs Debian's `chromium` if missing (the browser test in
-#     tests/stockrx_patches/test_ui.py; it skips without it), and Debian's `postgresql` server if no initdb is
-#     found (the tests start a throwaway server). Failure to install is a warning, not an error.
+#     tests/stockrx_patches/test_ui.py; it skips without it), Debian's `postgresql` server if no initdb is
+#     found and Debian's `mariadb-server` (MariaDB 10.11) if no mariadbd is found (the tests start
+#     throwaway servers). Failure to install is a warning, not an error.
 # Env: PYTHON=python3.12 (interpreter for a new venv), BOOTSTRAP_FORCE=1 (reinstall anyway),
 #      BOOTSTRAP_NO_CHROMIUM=1 (never install chromium).
 set -euo pipefail
@@ -86,6 +87,19 @@ if [ -z "${STOCKRX_TEST_PG_URL:-}" ] && ! have_pg && is_root && command -v apt-g
     fi
 fi
 
+# 1d. MariaDB server binaries for the tests' throwaway MySQL-compatible server
+# (tests/support/mysql.py). mariadbd lives in /usr/sbin, often not on a non-root PATH.
+have_mariadb() {
+    command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]
+}
+if [ -z "${STOCKRX_TEST_MYSQL_URL:-}" ] && ! have_mariadb && is_root && command -v apt-get >/dev/null 2>&1; then
+    log "MariaDB server missing: apt-get install -y mariadb-server (for the tests; once)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server; } \
+            >/tmp/stockrx-bootstrap-mariadb.log 2>&1; then
+        log "WARNING: could not install mariadb-server (see /tmp/stockrx-bootstrap-mariadb.log)"
+    fi
+fi
+
 # 2. The project and its dev dependencies, only when pyproject.toml changed.
 want=$("$VENV/bin/python" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
 have=$(cat "$STAMP" 2>/dev/null || true)
@@ -99,8 +113,8 @@ log "$reason: $VENV/bin/python -m pip install -e '.[dev]'"
 t0=$(date +%s)
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[dev]'
 # `pip check` cannot see integrations that fail on import (see notes): import them.
-log "checking imports (dagster, dagster_postgres, dagster_slack, sqlalchemy, psycopg)"
-"$VENV/bin/python" -c 'import dagster, dagster_postgres, dagster_slack, sqlalchemy, psycopg' \
+log "checking imports (dagster, dagster_postgres, dagster_slack, sqlalchemy, psycopg, pymysql)"
+"$VENV/bin/python" -c 'import dagster, dagster_postgres, dagster_slack, sqlalchemy, psycopg, pymysql' \
     || die "installed packages fail to import"
 echo "$want" > "$STAMP"
 log "installed in $(( $(date +%s) - t0 ))s; stamp written to $STAMP"

@@ -4,11 +4,18 @@ Databases:
 - ``sqlite_url``: fresh SQLite file per test.
 - ``pg_url``: fresh, empty PostgreSQL database per test on the session's throwaway server
   (``pg_server``; or the server in STOCKRX_TEST_PG_URL). Dropped after the test.
+- ``mysql_url``: fresh, empty utf8mb4 MariaDB database per test, with its own least-privilege
+  user (the URL's user, not root), on the session's throwaway server (``mysql_server``; or the
+  server in STOCKRX_TEST_MYSQL_URL). Database and user are dropped after the test. See
+  tests/support/mysql.py for the server's settings (binary log on, local_infile on) and the grant.
 - ``database_url``: runs the test once per backend, ids ``[sqlite]`` and ``[postgres]``;
   the postgres case carries ``@pytest.mark.postgres`` (deselect with ``-m "not postgres"``).
+  With STOCKRX_TEST_MARIADB=1 a third case ``[mariadb]`` (``@pytest.mark.mysql``) is added:
+  off by default until the MySQL dialect is complete, then the default flips.
 
 If PostgreSQL cannot be started, postgres tests are skipped with the reason, except when
-CI=true or STOCKRX_REQUIRE_POSTGRES=1: then they fail (errors in setup).
+CI=true or STOCKRX_REQUIRE_POSTGRES=1: then they fail (errors in setup). The same for MariaDB
+(mysql tests) with CI=true or STOCKRX_REQUIRE_MYSQL=1.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from stockrx_patches.registry import instance_config_yaml
+from tests.support.mysql import MySQLServer, MySQLUnavailable, mysql_required
 from tests.support.postgres import PostgresServer, PostgresUnavailable, postgres_required
 
 # Real runs refuse without an audit key. Tests run with a throwaway key (set before the code
@@ -34,6 +42,15 @@ TEST_CLOCK = "2026-11-29T02:30:00+09:00"
 os.environ.setdefault("STOCKRX_PATCHES_CLOCK", TEST_CLOCK)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# database_url's backends. "mariadb" joins with STOCKRX_TEST_MARIADB=1 (the default flips to on
+# once the MySQL dialect is complete).
+MARIADB_IN_DATABASE_URL = os.environ.get("STOCKRX_TEST_MARIADB", "").strip() == "1"
+DATABASE_URL_BACKENDS = [
+    "sqlite",
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    *([pytest.param("mariadb", marks=pytest.mark.mysql)] if MARIADB_IN_DATABASE_URL else []),
+]
 
 
 @pytest.fixture(scope="session")
@@ -69,16 +86,46 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
     pg_server.drop_database(url)
 
 
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[MySQLServer]:
+    """The session's MariaDB server (started lazily, on first use)."""
+    server = MySQLServer.from_env()
+    try:
+        server.start()
+    except MySQLUnavailable as e:
+        msg = f"MariaDB unavailable: {e}"
+        if mysql_required():
+            pytest.fail(
+                msg + "\n(CI=true or STOCKRX_REQUIRE_MYSQL=1: failing instead of skipping)",
+                pytrace=False,
+            )
+        pytest.skip(msg)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mysql_url(mysql_server: MySQLServer) -> Iterator[str]:
+    """URL of a fresh empty database and its own user:
+    mysql+pymysql://t_xxxx:PASSWORD@127.0.0.1:PORT/t_xxxx?charset=utf8mb4."""
+    url = mysql_server.create_database()
+    yield url
+    mysql_server.drop_database(url)
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """URL of a fresh SQLite file: sqlite:////tmp/.../stockrx.sqlite."""
     return f"sqlite:///{tmp_path / 'stockrx.sqlite'}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DATABASE_URL_BACKENDS)
 def database_url(request: pytest.FixtureRequest) -> str:
-    """A fresh database URL, once per backend. ``request.param`` is "sqlite" or "postgres"."""
-    fixture = "pg_url" if request.param == "postgres" else "sqlite_url"
+    """A fresh database URL, once per backend. ``request.param`` is "sqlite", "postgres" or
+    (with STOCKRX_TEST_MARIADB=1) "mariadb"."""
+    fixture = {"sqlite": "sqlite_url", "postgres": "pg_url", "mariadb": "mysql_url"}[request.param]
     return str(request.getfixturevalue(fixture))
 
 
