@@ -51,16 +51,17 @@ def get_engine(url: str) -> Engine:
             except ArgumentError as exc:
                 raise DatabaseUnavailable(f"invalid database URL {redact_url(url)}") from exc
             dialect = dialect_for_url(parsed)
+            scheme = redact_url(url).split("://", 1)[0]
             try:
                 engine = create_engine(parsed, future=True, **dialect.engine_options())
             except NoSuchModuleError:
                 raise DatabaseUnavailable(
-                    f"unknown kind of database {parsed.drivername!r} in the URL "
+                    f"unknown kind of database {scheme!r} in the URL "
                     f"{redact_url(url)} (supported: sqlite, postgresql+psycopg, mysql+pymysql)"
                 ) from None
             except ImportError as exc:
                 raise DatabaseUnavailable(
-                    f"the database driver for {parsed.drivername!r} is not installed "
+                    f"the database driver for {scheme!r} is not installed "
                     f"(No module named {exc.name!r}); URL {redact_url(url)}"
                 ) from None
             dialect.configure(engine)
