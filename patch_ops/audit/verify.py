@@ -75,6 +75,9 @@ def verify_connection(conn: Connection, keyring: AuditKeyring) -> VerifyReport:
         )
 
     expected, last_seq, checked = start_seq + 1, start_seq, 0
+    # The previous event's stored hash and the hash of its content: if only its hash column
+    # was changed, it is reported as edited, and its successor still links to its content.
+    last_hashes = {last_hash}
     upto = int(head.seq) if head is not None else None
     for row in iter_events(conn, after=start_seq, upto=upto):
         seq = int(row.seq)
@@ -82,7 +85,7 @@ def verify_connection(conn: Connection, keyring: AuditKeyring) -> VerifyReport:
         if seq != expected:
             span = f"{expected}..{seq - 1}" if seq - 1 > expected else str(expected)
             problems.append(AuditProblem(expected, "deleted", f"event(s) {span} missing"))
-        elif row.prev_hash != last_hash:
+        elif row.prev_hash not in last_hashes:
             follows = conn.scalar(
                 select(audit_events.c.seq).where(audit_events.c.hash == row.prev_hash).limit(1)
             )
@@ -100,9 +103,11 @@ def verify_connection(conn: Connection, keyring: AuditKeyring) -> VerifyReport:
                         seq, "reordered", f"follows event {follows} instead of event {seq - 1}"
                     )
                 )
-        if event_hash(row._mapping) != row.hash:
+        computed = event_hash(row._mapping)
+        if computed != row.hash:
             problems.append(AuditProblem(seq, "edited", "content does not match its hash"))
         expected, last_seq, last_hash = seq + 1, seq, row.hash
+        last_hashes = {row.hash, computed}
 
     if head is None:
         problems.append(AuditProblem(None, "head_missing", "the audit head row is missing"))

@@ -191,6 +191,18 @@ def test_edited_public_field_is_detected(engine: Engine, keyring: AuditKeyring) 
         report.raise_if_broken()
 
 
+def test_an_edited_hash_is_reported_as_edited_not_as_a_deleted_successor(
+    engine: Engine, keyring: AuditKeyring
+) -> None:
+    # Changing event 3's hash column once also reported event 4 as "deleted" (its prev_hash
+    # pointed to a hash no longer in the table): one edit, one problem.
+    _append_n(engine, keyring, 5)
+    _run(engine, update(audit_events).where(audit_events.c.seq == 3).values(hash="0" * 64))
+    report = verify_chain(engine, keyring)
+    assert report.kinds == {"edited"}
+    assert report.seqs("edited") == {3}
+
+
 def test_edited_ciphertext_is_detected(engine: Engine, keyring: AuditKeyring) -> None:
     _append_n(engine, keyring, 5)
     token = _row(engine, 2)["ciphertext"]
