@@ -3,8 +3,8 @@
 Every patch with ``scheduled: true`` in config/data_patches.yml runs at the start of every
 maintenance window (one cron expression per distinct start time, in the windows' time zone),
 with its ``schedule_config`` (default: a real run). One-off patches get no schedule. A scheduled
-run whose config equals a paused execution's continues it (engine.plan_execution), so the
-schedule also resumes what the previous window could not finish.
+run whose config equals a paused execution's continues it, so the
+schedule also resumes what the previous window could not finish (patch_ops.steps.plan).
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ def build_schedules(registry: Registry) -> list[ScheduleDefinition]:
         if not settings.scheduled:
             continue
         windows = settings.maintenance_windows
+        crons = cron_schedules(windows)
         schedules.append(
             ScheduleDefinition(
                 name=schedule_name(name),
                 job_name=name,
-                cron_schedule=cron_schedules(windows),
+                # One expression as a string: a one-item list shows as "['0 2 * * 0,3']".
+                cron_schedule=crons[0] if len(crons) == 1 else crons,
                 execution_timezone=schedule_timezone(windows),
                 run_config=scheduled_run_config(name, settings),
                 tags={TRIGGER_TAG: "schedule"},
