@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import warnings
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from dagster import (
+    BetaWarning,
     DagsterInvalidConfigError,
     DagsterRunStatus,
     DefaultSensorStatus,
@@ -377,6 +379,14 @@ def build_resume_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> Se
 
 
 def build_failure_sensor(registry: Registry) -> SensorDefinition:
+    # Dagster's run_failure_sensor passes its own `owners=None` to a beta parameter: the
+    # BetaWarning is about Dagster's code, not ours, and came once per op process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Parameter `owners`", category=BetaWarning)
+        return failure_sensor(registry)
+
+
+def failure_sensor(registry: Registry) -> SensorDefinition:
     @run_failure_sensor(
         name=FAILURE_SENSOR,
         minimum_interval_seconds=30,

@@ -10,3 +10,4 @@ def test_one_window_start_is_one_cron_expression_not_a_list() -> None:
     schedule = defs.resolve_schedule_def("batch_expiry_update_at_window_start")
     assert schedule.cron_schedule == "0 2 * * 0,3"
     assert schedule.execution_timezone == "Asia/Tokyo"
+
