@@ -267,6 +267,20 @@ def cmd_request(args: argparse.Namespace) -> int:
         config["dry_run"] = False
     engine = _engine(args)
     requested_by = args.requested_by or os.environ.get("USER") or "unknown"
+    # The sensor's own checks, now: a request that could never run is refused at once. (The
+    # jobs' resources read the URL from the environment, as in Dagster.)
+    if args.database_url:
+        os.environ["STOCKRX_DATABASE_URL"] = args.database_url
+    from stockrx_patches.definitions import defs
+    from stockrx_patches.registry import default_registry
+    from stockrx_patches.sensors import request_problem
+
+    problem, _ = request_problem(
+        default_registry(), defs.resolve_job_def, args.patch, config, requested_by
+    )
+    if problem:
+        print(f"error: request refused, nothing recorded: {problem}", file=sys.stderr)
+        return 2
     request_id = submit_request(engine, args.patch, config, requested_by, args.release_tag)
     mode = "dry run" if config.get("dry_run", True) else "REAL run"
     print(f"request {request_id}: {args.patch} ({mode}) {json.dumps(config, ensure_ascii=False)} "
@@ -279,17 +293,28 @@ def cmd_requests(args: argparse.Namespace) -> int:
 
     engine = _engine(args)
     ensure_requests_table(engine)
+    q = select(requests).order_by(requests.c.id.desc()).limit(args.limit)
+    if args.request_id is not None:
+        q = select(requests).where(requests.c.id == args.request_id)
     with engine.connect() as conn:
-        rows = conn.execute(
-            select(requests).order_by(requests.c.id.desc()).limit(args.limit)
-        ).mappings().all()
-    fmt = "{:>5}  {:<28} {:<9} {:<16} {:<12} {:<36}  {}"
-    print(fmt.format("id", "patch", "status", "requested_by", "release", "dagster run",
-                     "reason"))
-    for r in rows:
-        print(fmt.format(r["id"], r["patch_name"][:28], r["status"], (r["requested_by"] or "")[:16],
-                         (r["release_tag"] or "")[:12], r["dagster_run_id"] or "",
-                         (r["reason"] or "")[:100]))
+        rows = [dict(r) for r in conn.execute(q).mappings()]
+    if args.request_id is not None and not rows:
+        print(f"error: no request {args.request_id}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, default=str, ensure_ascii=False, indent=1))
+    elif args.request_id is not None:  # one request, every field whole
+        for key, value in rows[0].items():
+            shown = json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value
+            print(f"{key}: {'' if shown is None else shown}")
+    else:
+        fmt = "{:>5}  {:<28} {:<9} {:<16} {:<12} {:<36}  {}"
+        print(fmt.format("id", "patch", "status", "requested_by", "release", "dagster run",
+                         "reason (whole: requests ID)"))
+        for r in rows:
+            print(fmt.format(r["id"], r["patch_name"][:28], r["status"],
+                             (r["requested_by"] or "")[:16], (r["release_tag"] or "")[:12],
+                             r["dagster_run_id"] or "", (r["reason"] or "")[:100]))
     return 0
 
 
@@ -357,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--requested-by", help="default: $USER")
     sp.add_argument("--release-tag")
     sp = add("requests", cmd_requests, "recent release requests and what became of them")
+    sp.add_argument("request_id", nargs="?", type=int, help="show this request, every field whole")
     sp.add_argument("--limit", type=at_least(1), default=20)
+    sp.add_argument("--json", action="store_true", help="the rows as JSON, reasons whole")
     sp = add("purge-backups", cmd_purge, "remove backups past the retention (dry run by default)")
     sp.add_argument("--apply", action="store_true", help="really remove (default: dry run)")
     sp.add_argument(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -91,6 +91,42 @@ def _job(context: SensorEvaluationContext, jobs: dict[str, JobDefinition], name:
     return jobs[name]
 
 
+def request_problem(
+    registry: Registry,
+    job_of: Callable[[str], JobDefinition],
+    name: str,
+    run_config: Any,
+    requested_by: str | None,
+) -> tuple[str | None, dict[str, Any] | None]:
+    """Why a request cannot run (None: it can), and its run config. The checks of a run's
+    start before any op: the patch exists, the config is a JSON object that Dagster's config
+    types and the patch's ``check_config`` accept. At request time (CLI) and by the sensor."""
+    if name not in registry.patches:
+        known = ", ".join(sorted(registry.patches))
+        return f"unknown patch {name!r}; known patches: {known}", None
+    cfg = run_config
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except ValueError as exc:
+            return f"run_config is not JSON: {exc}", None
+    if not isinstance(cfg, dict):
+        return "run_config must be a JSON object (the ops.plan_patch.config)", None
+    cfg = {"launched_by": requested_by, **cfg}
+    full = {"ops": {"plan_patch": {"config": cfg}}}
+    try:
+        validate_run_config(job_of(name), full)
+    except DagsterInvalidConfigError as exc:
+        problems = "; ".join(e.message for e in exc.errors) or str(exc)
+        return f"invalid run config: {problems}", None
+    patch = registry.get(name)
+    try:
+        patch.check_config(patch.config_class(**cfg))
+    except (PatchConfigError, ValueError) as exc:
+        return f"invalid run config: {exc}", None
+    return None, full
+
+
 def judge_request(
     context: SensorEvaluationContext,
     registry: Registry,
@@ -100,30 +136,13 @@ def judge_request(
 ) -> tuple[str, str | None, dict[str, Any] | None]:
     """(status to give the request, reason, run config to launch with or None)."""
     name = request["patch_name"]
-    if name not in registry.patches:
-        known = ", ".join(sorted(registry.patches))
-        return rq.REJECTED, f"unknown patch {name!r}; known patches: {known}", None
-    cfg = request["run_config"]
-    if isinstance(cfg, str):
-        try:
-            cfg = json.loads(cfg)
-        except ValueError as exc:
-            return rq.REJECTED, f"run_config is not JSON: {exc}", None
-    if not isinstance(cfg, dict):
-        return rq.REJECTED, "run_config must be a JSON object (the ops.plan_patch.config)", None
-    cfg = {"launched_by": request["requested_by"], **cfg}
-    run_config = {"ops": {"plan_patch": {"config": cfg}}}
-    try:
-        validate_run_config(_job(context, jobs, name), run_config)
-    except DagsterInvalidConfigError as exc:
-        problems = "; ".join(e.message for e in exc.errors) or str(exc)
-        return rq.REJECTED, f"invalid run config: {problems}", None
-    patch = registry.get(name)
-    config = patch.config_class(**cfg)
-    try:
-        patch.check_config(config)
-    except PatchConfigError as exc:
-        return rq.REJECTED, f"invalid run config: {exc}", None
+    problem, run_config = request_problem(
+        registry, lambda n: _job(context, jobs, n), name, request["run_config"],
+        request["requested_by"],
+    )
+    if problem or run_config is None:
+        return rq.REJECTED, problem, None
+    config = registry.get(name).config_class(**_plan_config(run_config))
     windows = registry.settings(name).maintenance_windows
     if (
         not config.dry_run

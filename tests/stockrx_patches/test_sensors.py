@@ -4,6 +4,7 @@ recorded), the data-condition dry run, resuming paused executions, runs that die
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 from dataclasses import replace
@@ -19,7 +20,7 @@ from dagster import (
     execute_job,
     reconstructable,
 )
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import func, insert, select, text, update
 
 from patch_ops import windows as win
 from patch_ops.database import get_engine
@@ -309,6 +310,49 @@ def test_request_cli_inserts_a_pending_row(sqlite_url, tmp_path, capsys):
     }
     assert main(["requests", "--database-url", sqlite_url]) == 0
     assert "release-bot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["no_such_patch", "--set", "x=1"], "unknown patch 'no_such_patch'"),
+        ([PRICE_JOB, "--set", "adjustment_type=percentage"], "adjustment_value"),
+        ([PRICE_JOB, "--set", "adjustment_type=percentage", "--set", "adjustment_value=5000"],
+         "percentage needs adjustment_value in [-100, 1000]"),
+        ([PRICE_JOB, "--set", "adjustment_type=percentage", "--set", "adjustment_value=8",
+          "--set", "nonsense=1"], "nonsense"),
+    ],
+    ids=["unknown patch", "missing field", "out of range", "unknown field"],
+)
+def test_request_cli_refuses_a_request_that_could_never_run(sqlite_url, capsys, argv, reason):
+    # `request no_such_patch --set x=1` said "pending" (exit 0); the sensor rejected it later.
+    from stockrx_patches.cli import main
+
+    seeded(sqlite_url, items=5)
+    assert main(["request", *argv, "--database-url", sqlite_url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: request refused, nothing recorded: ") and reason in err
+    assert err.count("\n") == 1
+    rq.ensure_requests_table(get_engine(sqlite_url))
+    with get_engine(sqlite_url).connect() as conn:
+        assert conn.execute(select(func.count()).select_from(rq.requests)).scalar_one() == 0
+
+
+def test_requests_cli_shows_whole_reasons_as_json_and_one_request_in_full(sqlite_url, capsys):
+    from stockrx_patches.cli import main
+
+    engine = seeded(sqlite_url, items=5)
+    reason = "invalid run config: " + "x" * 300
+    request_id = rq.submit_request(engine, PRICE_JOB, {"dry_run": True}, "alice", None)
+    with engine.begin() as conn:
+        rq.mark(conn, request_id, rq.REJECTED, reason=reason)
+    capsys.readouterr()
+    assert main(["requests", "--json", "--database-url", sqlite_url]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["id"], row["status"], row["reason"]) == (request_id, "rejected", reason)
+    assert main(["requests", str(request_id), "--database-url", sqlite_url]) == 0
+    assert f"reason: {reason}\n" in capsys.readouterr().out
+    assert main(["requests", "999", "--database-url", sqlite_url]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
