@@ -297,7 +297,7 @@ def test_dead_process_on_this_host_within_the_grace_period_still_holds(sqlite_ur
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("base", ["dagster.yaml", "dagster.postgres.yaml"])
+@pytest.mark.parametrize("base", ["dagster.yaml", "dagster.postgres.yaml", "dagster.mysql.yaml"])
 def test_generated_instance_config_limits_every_table_of_every_patch_to_one_run(base, tmp_path):
     base_config = yaml.safe_load((REPO / base).read_text())
     listed = base_config["concurrency"]["runs"].get("tag_concurrency_limits") or []
