@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import DateTime, Select, Table, func, insert, select
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
@@ -37,6 +37,14 @@ class Features:
     stores_utc_offset: bool = False
     #: ``REPEATABLE READ`` gives a read transaction one consistent snapshot.
     snapshot_isolation: bool = True
+    #: ``reserve_insert_ids`` can hand out live ids before the rows are inserted. False: the
+    #: database gives ids only while inserting (MySQL's AUTO_INCREMENT): ``insert_staged`` learns
+    #: them from the inserts themselves.
+    ids_before_insert: bool = True
+
+
+class UnsupportedServer(Exception):
+    """The database server lacks something the framework relies on (``check_server``)."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,21 @@ class DatabaseDialect:
             return conn.execution_options(isolation_level="REPEATABLE READ")
         return conn
 
+    def check_server(self, conn: Connection) -> None:
+        """Raise ``UnsupportedServer`` (one line) when the server cannot run patches safely,
+        e.g. a version that accepts CHECK constraints without enforcing them."""
+
     def is_busy(self, exc: DBAPIError) -> bool:
         """The database was busy (another writer): the same statement may succeed if retried."""
+        return False
+
+    def is_data_refusal(self, exc: DBAPIError) -> bool:
+        """``exc`` is the database refusing the data of a statement (a constraint, a type, a
+        trigger), as opposed to trouble with the connection, a lock wait or a timeout."""
+        return not isinstance(exc, OperationalError | InterfaceError)
+
+    def is_lock_timeout(self, exc: DBAPIError) -> bool:
+        """``exc`` is a statement that gave up waiting for a row lock another session holds."""
         return False
 
     # -- bulk work -----------------------------------------------------------------------------
@@ -125,6 +146,25 @@ class DatabaseDialect:
         largest, which needs the table's write lock (the commit's)."""
         base = conn.execute(select(func.coalesce(func.max(ins.live.c.id), 0))).scalar_one()
         return int(base) + 1 - ins.first
+
+    def insert_staged(
+        self, conn: Connection, ins: StagedInserts, columns: Sequence[str]
+    ) -> tuple[int, int | None]:
+        """Insert the staged rows ``ins`` (their ``columns``) into the live table with live ids
+        ascending in ``dp_seq`` order, the ids known exactly. Returns (rows inserted, offset):
+        the offset when the ids are ``dp_seq + offset``, None when they are in the stage's ``id``
+        column. Portable way: ``reserve_insert_ids``, then one ``INSERT ... SELECT``."""
+        st = ins.stage
+        offset = self.reserve_insert_ids(conn, ins)
+        new_id = st.c.id if offset is None else st.c.dp_seq + offset
+        res = conn.execute(
+            insert(ins.live).from_select(
+                ["id", *columns],
+                select(new_id.label("id"), *[st.c[c] for c in columns]).where(ins.where),
+            ),
+            execution_options={"preserve_rowcount": True},
+        )
+        return res.rowcount, offset
 
     # -- types ---------------------------------------------------------------------------------
     def utc_datetime_type(self) -> TypeEngine[Any]:

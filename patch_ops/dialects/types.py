@@ -1,10 +1,15 @@
-"""Column types whose storage differs by database, so the tables that use them need not ask.
+"""Column types and table options whose storage differs by database, so the tables that use them
+need not ask.
 
 ``UTCDateTime`` keeps timestamps timezone-aware UTC in Python, with microseconds, everywhere:
 PostgreSQL stores the offset (``features.stores_utc_offset``), the others store naive UTC
-(never local time); MySQL/MariaDB need ``DATETIME(6)`` for the microseconds. ``LONG_TEXT`` is
-unbounded text (MySQL's ``TEXT`` stops at 64 KB). MySQL has no dialect class here, so its
-choices are SQLAlchemy type variants, kept in this file with the other dialect differences.
+(never local time); MySQL/MariaDB need ``DATETIME(6)`` for the microseconds
+(``DatabaseDialect.utc_datetime_type``). ``DATETIME_US`` is a naive UTC datetime with
+microseconds (the framework's own timestamps; Rails' ``datetime(6)``). ``LONG_TEXT`` is unbounded
+text (MySQL's ``TEXT`` stops at 64 KB). ``TABLE_OPTIONS`` are the keyword arguments every table
+the framework (or the demo schema) creates passes to ``Table``: InnoDB and utf8mb4 on MySQL and
+MariaDB, ignored elsewhere. Column types are fixed when a ``Table`` is defined, before any
+connection, so the MySQL choices here are SQLAlchemy type variants.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Text
+from sqlalchemy import DateTime, Table, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -23,6 +28,33 @@ _MYSQL = ("mysql", "mariadb")
 
 #: Text of any length: ``LONGTEXT`` on MySQL/MariaDB, plain ``TEXT`` elsewhere.
 LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), *_MYSQL)
+
+#: A naive (UTC) datetime with microseconds: ``DATETIME(6)`` on MySQL/MariaDB (plain
+#: ``DATETIME`` drops the fraction), ``DateTime`` elsewhere.
+DATETIME_US = DateTime().with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
+
+#: ``Table(..., **TABLE_OPTIONS)``: InnoDB (transactions, row locks, foreign keys) and utf8mb4 on
+#: MySQL and MariaDB (SQLAlchemy reads each dialect's own prefix); other databases ignore them.
+TABLE_OPTIONS: dict[str, Any] = {
+    f"{prefix}_{option}": value
+    for prefix in _MYSQL
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"))
+}
+
+
+def mirror_table_options(live: Table) -> dict[str, Any]:
+    """``TABLE_OPTIONS`` for a table that mirrors the reflected table ``live``, with ``live``'s
+    own character set and collation: its text columns then compare with the live ones (MySQL
+    refuses to compare columns of two collations: "Illegal mix of collations")."""
+    options = dict(TABLE_OPTIONS)
+    found = {k.split("_", 1)[1]: v for k, v in live.kwargs.items() if k.split("_", 1)[0] in _MYSQL}
+    charset = found.get("default charset") or found.get("charset")
+    for prefix in _MYSQL:
+        if charset:
+            options[f"{prefix}_charset"] = charset
+        if found.get("collate"):
+            options[f"{prefix}_collate"] = found["collate"]
+    return options
 
 
 def to_utc(value: datetime) -> datetime:
@@ -37,9 +69,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
-        # Returned untranslated: TypeDecorator resolves the variant for ``dialect`` itself.
-        portable = dialect_of(dialect).utc_datetime_type()
-        return portable.with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
+        return dialect_of(dialect).utc_datetime_type()
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
