@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from patch_ops.dialects import dialect_for_url
+from patch_ops.dialects import UnsupportedServer, dialect_for_url, dialect_of
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -70,10 +70,16 @@ def get_engine(url: str) -> Engine:
 
 
 def check_connection(engine: Engine) -> None:
-    """Fail with a clear, password-free message if the database cannot be reached."""
+    """Fail with a clear, password-free message if the database cannot be reached, or if its
+    server cannot run patches safely (``DatabaseDialect.check_server``)."""
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            dialect_of(conn).check_server(conn)
+    except UnsupportedServer as exc:
+        raise DatabaseUnavailable(
+            f"the StockRx database {engine.url.render_as_string(True)}: {exc}"
+        ) from None
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
         password = engine.url.password

@@ -11,14 +11,22 @@ from typing import Any
 
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
 
-from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
+from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, UnsupportedServer
+from patch_ops.dialects.mysql import MariaDBDialect, MySQLDialect
 from patch_ops.dialects.postgresql import PostgreSQLDialect
 from patch_ops.dialects.sqlite import SQLiteDialect
 
-__all__ = ["DatabaseDialect", "Features", "StagedInserts", "dialect_of", "dialect_for_url"]
+__all__ = [
+    "DatabaseDialect",
+    "Features",
+    "StagedInserts",
+    "UnsupportedServer",
+    "dialect_of",
+    "dialect_for_url",
+]
 
 _DIALECTS: dict[str, DatabaseDialect] = {
-    d.name: d for d in (SQLiteDialect(), PostgreSQLDialect())
+    d.name: d for d in (SQLiteDialect(), PostgreSQLDialect(), MySQLDialect(), MariaDBDialect())
 }
 _DEFAULT = DatabaseDialect()
 

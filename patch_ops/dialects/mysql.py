@@ -1,0 +1,180 @@
+"""MySQL 8 (8.0.16+) and MariaDB (10.2+), InnoDB, through PyMySQL (or mysqlclient).
+
+What differs here, and why:
+
+- **Sessions** as the Rails app's: utf8mb4, ``sql_mode='TRADITIONAL'`` (a value the application
+  would have refused is refused here too, instead of being cut or clipped with a warning) and
+  ``time_zone='+00:00'`` (naive UTC datetimes, as Rails writes them, whatever the server's zone);
+  bounded lock waits (``innodb_lock_wait_timeout``, metadata ``lock_wait_timeout``) so a commit
+  that cannot get its rows fails with a message instead of hanging. All set by the connection's
+  ``init_command``, before SQLAlchemy reads the session's sql_mode.
+- **READ COMMITTED** by default: under InnoDB's REPEATABLE READ an ``INSERT ... SELECT`` from a
+  live table (the backup) takes shared locks on every row it reads and keeps them until commit,
+  blocking the application's updates of those rows; under READ COMMITTED it reads a snapshot and
+  locks nothing. Reads that need one snapshot ask for REPEATABLE READ (``snapshot``).
+- **DDL commits implicitly** (CREATE/ALTER/DROP/TRUNCATE/ANALYZE): the framework issues it only
+  on connections of its own, outside the transactions whose atomicity matters (state.py,
+  backup.py); ``ANALYZE TABLE`` runs in autocommit.
+- **Refusals** by error number: a CHECK violation is an OperationalError (4025 MariaDB, 3819
+  MySQL), strict-mode data errors DataError or OperationalError.
+- **Row locks** by ``SELECT COUNT(*) ... FOR UPDATE`` (the server locks the rows, sends one
+  number); a lock wait that times out (1205) is told apart so the commit can name the table.
+- **Statement limits** by a client-side watchdog (``mysql_timeouts``); **ids** of inserted rows
+  from multi-row INSERTs, **bulk rows** by LOAD DATA LOCAL or multi-row INSERTs (``mysql_rows``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Select, Table, event, func
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import TypeEngine
+
+from patch_ops.dialects import mysql_rows
+from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, UnsupportedServer
+from patch_ops.dialects.mysql_rows import error_code
+from patch_ops.dialects.mysql_timeouts import TIMEOUT_CODES, StatementWatchdog
+
+#: Seconds a statement waits for a row lock (InnoDB's default is 50) or a metadata lock (the
+#: server's default is a year) before failing.
+LOCK_WAIT_SECONDS = 60
+METADATA_LOCK_WAIT_SECONDS = 600
+SESSION_SETUP = (
+    "SET SESSION sql_mode = 'TRADITIONAL', time_zone = '+00:00', "
+    f"innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}, "
+    f"lock_wait_timeout = {METADATA_LOCK_WAIT_SECONDS}, max_error_count = 65535"
+)
+#: The first versions that enforce CHECK constraints (earlier ones parse and ignore them).
+MIN_MYSQL = (8, 0, 16)
+MIN_MARIADB = (10, 2, 1)
+
+ER_LOCK_WAIT_TIMEOUT = 1205
+#: Error numbers that are the server refusing a statement's data: NOT NULL (1048, 1364), unique
+#: (1062, 1169, 1586), foreign keys (1216, 1217, 1451, 1452, 1557, 1761, 1762), out of range
+#: (1264, 1690), truncated / wrong values (1265, 1292, 1366, 1367, 1411, 1406), division by zero
+#: (1365), datetime overflow (1441), a trigger's SIGNAL (1644), invalid JSON (3140), CHECK (3819
+#: MySQL, 4025 MariaDB).
+DATA_REFUSALS = frozenset({
+    1048, 1062, 1169, 1216, 1217, 1264, 1265, 1292, 1364, 1365, 1366, 1367, 1406, 1411, 1441,
+    1451, 1452, 1557, 1586, 1644, 1690, 1761, 1762, 3140, 3819, 4025,
+})
+#: Lock waits, deadlocks, cancelled statements, lost connections, read-only servers: not a
+#: verdict on the data.
+NOT_DATA = frozenset({
+    1040, 1053, 1205, 1213, 1290, 1792, 1927, 2003, 2006, 2013, 2055, *TIMEOUT_CODES,
+})
+
+
+class MySQLDialect(DatabaseDialect):
+    name = "mysql"
+    features = Features(statement_timeout=True, ids_before_insert=False)
+
+    # -- connections ---------------------------------------------------------------------------
+    def engine_options(self) -> dict[str, Any]:
+        return {
+            **super().engine_options(),
+            "pool_recycle": 3600,  # under the server's wait_timeout (8 h by default)
+            "isolation_level": "READ COMMITTED",
+        }
+
+    def configure(self, engine: Engine) -> None:
+        # The session is set up by the connection's init_command, before SQLAlchemy's first
+        # look at it (its sql_mode decides how SQLAlchemy quotes); a URL that brings its own
+        # init_command gets the set-up right after connecting instead.
+        @event.listens_for(engine, "do_connect")
+        def on_do_connect(dialect, record, _cargs, cparams):  # type: ignore[no-untyped-def]
+            cparams.setdefault("charset", "utf8mb4")
+            if dialect.driver in mysql_rows.LOCAL_INFILE_DRIVERS:
+                cparams.setdefault("local_infile", True)
+            record.info["stockrx_session_set"] = "init_command" not in cparams
+            cparams.setdefault("init_command", SESSION_SETUP)
+
+        @event.listens_for(engine, "connect")
+        def on_connect(dbapi_conn, record):  # type: ignore[no-untyped-def]
+            if not record.info.get("stockrx_session_set"):
+                cursor = dbapi_conn.cursor()
+                cursor.execute(SESSION_SETUP)
+                cursor.close()
+
+    def check_server(self, conn: Connection) -> None:
+        sa_dialect = conn.dialect
+        version = tuple(sa_dialect.server_version_info or ())
+        shown = ".".join(str(v) for v in version)
+        if getattr(sa_dialect, "is_mariadb", False):
+            if version < MIN_MARIADB:
+                raise UnsupportedServer(
+                    f"MariaDB {shown} is not supported: it does not enforce CHECK constraints "
+                    "(10.2.1 and later do); upgrade the server"
+                )
+        elif version < MIN_MYSQL:
+            raise UnsupportedServer(
+                f"MySQL {shown} is not supported: it does not enforce CHECK constraints "
+                "(8.0.16 and later do); upgrade the server"
+            )
+
+    def is_data_refusal(self, exc: DBAPIError) -> bool:
+        code = error_code(exc)
+        if code in DATA_REFUSALS:
+            return True
+        if code in NOT_DATA:
+            return False
+        return super().is_data_refusal(exc)
+
+    def is_lock_timeout(self, exc: DBAPIError) -> bool:
+        return error_code(exc) == ER_LOCK_WAIT_TIMEOUT
+
+    # -- bulk work -----------------------------------------------------------------------------
+    def bulk_insert(self, conn: Connection, table: Table, df: pd.DataFrame) -> None:
+        mysql_rows.bulk_insert(conn, table, df)
+
+    def analyze(self, engine: Engine, tables: Sequence[Table]) -> None:
+        """``ANALYZE TABLE`` (InnoDB samples a few pages: fast) in autocommit: it commits."""
+        if not tables:
+            return
+        q = engine.dialect.identifier_preparer
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql(
+                "ANALYZE TABLE " + ", ".join(q.format_table(t) for t in tables)
+            ).all()
+
+    # -- locks and limits ----------------------------------------------------------------------
+    def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
+        # SELECT COUNT(*) ... FOR UPDATE: the server locks the rows it reads, sends one number.
+        conn.execute(locking.with_only_columns(func.count(), maintain_column_froms=True))
+
+    def set_statement_timeout(self, conn: Connection, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        connection_id = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar_one()
+        dbapi_error = conn.dialect.loaded_dbapi.OperationalError
+        StatementWatchdog(conn.engine, connection_id, seconds, dbapi_error).watch(conn)
+
+    def is_statement_timeout(self, exc: DBAPIError) -> bool:
+        return error_code(exc) in TIMEOUT_CODES
+
+    # -- ids -----------------------------------------------------------------------------------
+    def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
+        raise NotImplementedError(
+            "MySQL hands out AUTO_INCREMENT ids only while inserting: use insert_staged"
+        )
+
+    def insert_staged(
+        self, conn: Connection, ins: StagedInserts, columns: Sequence[str]
+    ) -> tuple[int, int | None]:
+        return mysql_rows.insert_staged(conn, ins, columns)
+
+    # -- types ---------------------------------------------------------------------------------
+    def utc_datetime_type(self) -> TypeEngine[Any]:
+        return mysql.DATETIME(fsp=6)
+
+
+class MariaDBDialect(MySQLDialect):
+    """The same implementation under SQLAlchemy's name for ``mariadb+...`` URLs."""
+
+    name = "mariadb"
