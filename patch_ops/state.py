@@ -20,7 +20,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    DateTime,
     Float,
     Index,
     Integer,
@@ -28,7 +27,6 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
-    Text,
     false,
     inspect,
     text,
@@ -39,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
 from patch_ops.dialects import dialect_of
+from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS, mirror_table_options
 from patch_ops.patch import Tables
 
 framework_metadata = MetaData()
@@ -52,17 +51,17 @@ executions = Table(
     Column("status", String(16), nullable=False),  # pending|running|paused|completed|failed
     Column("phase", String(32), nullable=False, server_default="planned"),
     Column("dry_run", Boolean, nullable=False, server_default=true()),
-    Column("started_at", DateTime, nullable=False),
-    Column("completed_at", DateTime),
+    Column("started_at", DATETIME_US, nullable=False),
+    Column("completed_at", DATETIME_US),
     Column("processed_records", BigInteger, nullable=False, server_default=text("0")),
-    Column("error_message", Text),
+    Column("error_message", LONG_TEXT),
     Column("rollback_performed", Boolean, nullable=False, server_default=false()),
     Column("dagster_run_id", String(64), index=True),
     Column("root_run_id", String(64)),
     Column("launched_by", String(255)),
     Column("config", JSON),
     Column("declaration", JSON),  # the patch's tables/columns, so restore needs no patch code
-    Column("run_at", DateTime),
+    Column("run_at", DATETIME_US),
     Column("business_date", String(10)),
     Column("target_count", BigInteger, nullable=False, server_default=text("0")),
     Column("batch_size", Integer),
@@ -75,10 +74,10 @@ executions = Table(
     Column("peak_rss_mb", Float),
     Column("estimated_seconds", Float),
     Column("report", JSON),
-    Column("report_markdown", Text),
+    Column("report_markdown", LONG_TEXT),
     Column("restores_execution_id", String(36)),
     Column("restored_by_execution_id", String(36)),
-    Column("heartbeat_at", DateTime),
+    Column("heartbeat_at", DATETIME_US),
     Column("notifications", JSON),  # delivery outcome of every notification sent
     # Approval gate (patch_ops.approval): the plan hash of every patch execution, its parts, and
     # for a real run the dry run whose identical plan approved it.
@@ -88,9 +87,10 @@ executions = Table(
     # Maintenance windows (patch_ops.windows): the transform pauses at the first batch boundary
     # after deadline_at (status 'paused', resumed by a later run) and fails after overrun_at
     # (3x the estimate); paused_seconds is the time spent paused, left out of throughput.
-    Column("deadline_at", DateTime),
-    Column("overrun_at", DateTime),
+    Column("deadline_at", DATETIME_US),
+    Column("overrun_at", DATETIME_US),
     Column("paused_seconds", Float, nullable=False, server_default=text("0")),
+    **TABLE_OPTIONS,
 )
 
 targets = Table(
@@ -100,6 +100,7 @@ targets = Table(
     Column("table_name", String(255), nullable=False),
     Column("row_id", BigInteger, nullable=False),
     PrimaryKeyConstraint("execution_id", "table_name", "row_id"),
+    **TABLE_OPTIONS,
 )
 
 rejects = Table(
@@ -109,8 +110,9 @@ rejects = Table(
     Column("source_id", BigInteger),
     Column("table_name", String(255), nullable=False),
     Column("column_name", String(255)),
-    Column("check_name", Text),
-    Column("failure_case", Text),
+    Column("check_name", LONG_TEXT),
+    Column("failure_case", LONG_TEXT),
+    **TABLE_OPTIONS,
 )
 
 locks = Table(
@@ -121,7 +123,8 @@ locks = Table(
     Column("dagster_run_id", String(64)),
     Column("hostname", String(255)),
     Column("pid", Integer),
-    Column("acquired_at", DateTime, nullable=False),
+    Column("acquired_at", DATETIME_US, nullable=False),
+    **TABLE_OPTIONS,
 )
 
 MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
@@ -186,6 +189,7 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
             *cols,
             PrimaryKeyConstraint("dp_execution_id", "dp_action", "dp_seq"),
             Index(f"ix_{mirror_name(kind, live.name)}_src", "dp_execution_id", "dp_source_id"),
+            **mirror_table_options(live),
         )
         insp = inspect(engine)
         if insp.has_table(table.name):
@@ -204,6 +208,22 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
             md.create_all(engine)
         _mirror_cache[key] = table
         return table
+
+
+def ensure_mirror_index(engine: Engine, mirror: Table, column: str) -> None:
+    """An index on (``dp_execution_id``, ``column``) of a mirror table, made on a connection of
+    its own: DDL commits implicitly on MySQL, so it never runs inside a transaction whose
+    atomicity matters (the backup's)."""
+    name = f"ix_{mirror.name}_{column}"[:60]
+    index = next((ix for ix in mirror.indexes if ix.name == name), None)
+    if index is None:
+        index = Index(name, mirror.c.dp_execution_id, mirror.c[column])
+    try:
+        index.create(engine, checkfirst=True)
+    except DBAPIError:
+        # Another process made it at the same moment: fine; anything else: raise.
+        if name not in {ix["name"] for ix in inspect(engine).get_indexes(mirror.name)}:
+            raise
 
 
 def forget_mirrors() -> None:

@@ -17,7 +17,6 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Date,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -30,16 +29,19 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS
+
 metadata = MetaData()
 
 # Rails: bigint auto-increment ids. SQLite only auto-increments an INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")
+# Rails on MySQL/MariaDB: datetime(6) timestamps, InnoDB tables in utf8mb4 (TABLE_OPTIONS).
 
 
 def _timestamps() -> list[Column]:
     return [
-        Column("created_at", DateTime(), nullable=False),
-        Column("updated_at", DateTime(), nullable=False),
+        Column("created_at", DATETIME_US, nullable=False),
+        Column("updated_at", DATETIME_US, nullable=False),
     ]
 
 
@@ -56,6 +58,7 @@ inventories = Table(
     Column("shipments_count", Integer, nullable=False, server_default=text("0")),
     Column("receipts_count", Integer, nullable=False, server_default=text("0")),
     *_timestamps(),
+    **TABLE_OPTIONS,
 )
 
 batches = Table(
@@ -73,6 +76,7 @@ batches = Table(
     Column("quantity", Integer, nullable=False, server_default=text("0")),
     *_timestamps(),
     Index("uniq_inventory_lot", "inventory_id", "lot_code", unique=True),
+    **TABLE_OPTIONS,
 )
 
 inventory_logs = Table(
@@ -93,6 +97,7 @@ inventory_logs = Table(
     Column("note", Text, nullable=True),
     Column("user_id", BigInteger, nullable=True),
     *_timestamps(),
+    **TABLE_OPTIONS,
 )
 
 OPERATION_TYPES = ("add", "remove", "adjust", "ship", "receive")

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from patch_ops.audit.connections import Bind, transaction
-from patch_ops.dialects.types import LONG_TEXT, UTCDateTime
+from patch_ops.dialects.types import LONG_TEXT, TABLE_OPTIONS, UTCDateTime
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
@@ -36,6 +36,7 @@ audit_events = Table(
     Column("ciphertext", LONG_TEXT),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    **TABLE_OPTIONS,
 )
 
 audit_head = Table(
@@ -46,6 +47,7 @@ audit_head = Table(
     Column("hash", String(64), nullable=False),
     Column("key_id", String(64)),
     Column("mac", String(64)),
+    **TABLE_OPTIONS,
 )
 
 audit_checkpoints = Table(
@@ -57,6 +59,7 @@ audit_checkpoints = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("key_id", String(64), nullable=False),
     Column("mac", String(64), nullable=False),
+    **TABLE_OPTIONS,
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Index, Integer, delete, insert, literal, select
+from sqlalchemy import Integer, delete, insert, literal, select
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
@@ -25,11 +25,18 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
         log.info(f"backup already taken for {execution_id} (phase {ex['phase']})")
         return dict(ex["report"].get("backup", {})) if ex["report"] else {}
     tables = state.reflect_tables(engine, decl["tables"])
+    with engine.connect() as conn:
+        targeted = _targeted_tables(conn, execution_id)
+    backups = {table: mirror_table(engine, tables[table], "backup") for table in targeted}
+    for table, backup in backups.items():
+        fk = decl.get("related", {}).get(table)
+        if fk:  # the transform reads these rows by fk range, one batch of driving ids at a time
+            # made before the backup transaction, never in it (DDL commits it on MySQL)
+            state.ensure_mirror_index(engine, backup, fk)
     counts: dict[str, int] = {}
     with write_transaction(engine) as conn:
-        for table in _targeted_tables(conn, execution_id):
+        for table, backup in backups.items():
             live = tables[table]
-            backup = mirror_table(engine, live, "backup")
             conn.execute(delete(backup).where(backup.c.dp_execution_id == execution_id))
             ids = select(targets.c.row_id).where(
                 targets.c.execution_id == execution_id, targets.c.table_name == table
@@ -48,15 +55,10 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
                 ),
                 execution_options=ROWCOUNT,
             ).rowcount
-            fk = decl.get("related", {}).get(table)
-            if fk:  # the transform reads these rows by fk range, one batch of driving ids at a time
-                Index(f"ix_{backup.name}_{fk}"[:60], backup.c.dp_execution_id, backup.c[fk]).create(
-                    conn, checkfirst=True
-                )
         report = dict(ex["report"] or {})
         report["backup"] = counts
         set_execution(conn, execution_id, phase="backed_up", report=report, heartbeat_at=utcnow())
-    state.analyze(engine, [targets, *[mirror_table(engine, tables[t], "backup") for t in counts]])
+    state.analyze(engine, [targets, *backups.values()])
     log.info("backup taken: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
     return counts
 
