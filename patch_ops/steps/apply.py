@@ -10,18 +10,18 @@ from typing import Any
 
 from sqlalchemy import String, and_, cast, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import JSON as JSONType
 
 from patch_ops.dialects import StagedInserts, dialect_of
 from patch_ops.execution import (
     ROWCOUNT,
+    CommitConflict,
     DatabaseRefused,
     PatchError,
     inserted_id,
     inserted_id_range,
-    offset_id,
     written_tables,
 )
 from patch_ops.patch import Tables
@@ -110,7 +110,29 @@ def lock_target_rows(
         ids = select(targets.c.row_id).where(
             targets.c.execution_id == execution_id, targets.c.table_name == table
         )
-        dialect.lock_rows(conn, select(live.c.id).where(live.c.id.in_(ids)).with_for_update())
+        try:
+            dialect.lock_rows(conn, select(live.c.id).where(live.c.id.in_(ids)).with_for_update())
+        except DBAPIError as exc:
+            if not dialect.is_lock_timeout(exc):
+                raise
+            raise CommitConflict(
+                f"could not lock the {table} rows to update: the application held some of them "
+                "longer than the database's lock wait timeout; nothing was committed (re-run "
+                "the patch when the application is quieter)",
+                {"locked": table},
+            ) from None
+
+
+def staged_inserts(conn: Connection, live, st, execution_id: str) -> StagedInserts | None:  # type: ignore[no-untyped-def]
+    """The rows an execution staged for insertion into ``live`` (None: there are none)."""
+    cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+    n, first, last = conn.execute(
+        select(func.count(), func.min(st.c.dp_seq), func.max(st.c.dp_seq)).where(cond)
+    ).one()
+    if not n:
+        return None
+    span = int(last) - int(first) + 1
+    return StagedInserts(live, st, cond, int(first), span, int(n))
 
 
 def assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | None:  # type: ignore[no-untyped-def]
@@ -120,27 +142,31 @@ def assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | No
 
     Returns the offset when the ids are ``dp_seq + offset`` (one block of ids: the stage is not
     rewritten), or None when they were written to the stage's ``id`` column
-    (``DatabaseDialect.reserve_insert_ids``).
+    (``DatabaseDialect.reserve_insert_ids``). Only where ``features.ids_before_insert``; the
+    commit itself calls ``DatabaseDialect.insert_staged``, which works everywhere.
     """
-    cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
-    n, first, last = conn.execute(
-        select(func.count(), func.min(st.c.dp_seq), func.max(st.c.dp_seq)).where(cond)
-    ).one()
-    if not n:
+    inserts = staged_inserts(conn, live, st, execution_id)
+    if inserts is None:
         return None
-    span = int(last) - int(first) + 1
-    inserts = StagedInserts(live, st, cond, int(first), span, int(n))
     return dialect_of(conn).reserve_insert_ids(conn, inserts)
 
 
 @contextlib.contextmanager
-def _refusal(table: str, action: str) -> Iterator[None]:
-    """Turn the database's refusal of a statement into a DatabaseRefused that says why."""
+def _refusal(conn: Connection, table: str, action: str) -> Iterator[None]:
+    """Turn the database's refusal of a statement into a DatabaseRefused that says why; a lock
+    wait that timed out into a PatchError that names the table."""
+    dialect = dialect_of(conn)
     try:
         yield
     except DBAPIError as exc:
-        if isinstance(exc, OperationalError | InterfaceError):
-            raise  # connection trouble or a lock timeout, not a verdict on the data
+        if dialect.is_lock_timeout(exc):
+            raise PatchError(
+                f"{action} {table}: gave up waiting for rows the application holds (lock wait "
+                "timeout); nothing was written",
+                {"table": table},
+            ) from None
+        if not dialect.is_data_refusal(exc):
+            raise  # connection trouble or a timeout, not a verdict on the data
         lines = [ln.strip() for ln in str(exc.orig or exc).splitlines() if ln.strip()]
         reason = " ".join(lines[:2])[:500]
         raise DatabaseRefused(f"{action} {table}: {reason}", {"table": table}) from None
@@ -170,7 +196,7 @@ def apply_staged(
         if not expected:
             counts[f"{table}_updated"] = 0
             continue
-        with _refusal(table, "update"):
+        with _refusal(conn, table, "update"):
             res = conn.execute(
                 update(live)
                 .where(
@@ -189,22 +215,26 @@ def apply_staged(
     for table, cols in decl["inserts"].items():
         live = tables[table]
         st = mirror_table(engine, live, "stage")
-        cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
         if trial:
             # ids -dp_seq, computed in the INSERT: the stage itself is never rewritten
-            new_id: Any = (-st.c.dp_seq).label("id")
-        else:
-            offset = assign_insert_ids(conn, live, st, execution_id)
-            new_id = offset_id(st, offset).label("id")
-            if offset is not None and id_offsets is not None:
-                id_offsets[table] = offset
-        with _refusal(table, "insert into"):
-            res = conn.execute(
-                insert(live).from_select(
-                    ["id", *cols], select(new_id, *[st.c[c] for c in cols]).where(cond)
-                ),
-                execution_options=ROWCOUNT,
-            )
-        counts[f"{table}_inserted"] = res.rowcount
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            with _refusal(conn, table, "insert into"):
+                res = conn.execute(
+                    insert(live).from_select(
+                        ["id", *cols],
+                        select((-st.c.dp_seq).label("id"), *[st.c[c] for c in cols]).where(cond),
+                    ),
+                    execution_options=ROWCOUNT,
+                )
+            counts[f"{table}_inserted"] = res.rowcount
+            continue
+        inserts = staged_inserts(conn, live, st, execution_id)
+        if inserts is None:
+            counts[f"{table}_inserted"] = 0
+            continue
+        with _refusal(conn, table, "insert into"):
+            n, offset = dialect_of(conn).insert_staged(conn, inserts, cols)
+        if offset is not None and id_offsets is not None:
+            id_offsets[table] = offset
+        counts[f"{table}_inserted"] = n
     return counts
-
