@@ -16,8 +16,8 @@ inserts of the application; a multi-row ``INSERT ... VALUES`` (a "simple insert"
 known) reserves all its values at once, so its rows get ``first, first + step, ...`` in the
 order written, ``first`` being the statement's ``LAST_INSERT_ID()`` (the driver's
 ``lastrowid``) and ``step`` ``@@auto_increment_increment``. So the staged rows are read in
-``dp_seq`` order and written back in chunks of multi-row INSERTs (values travel as the driver
-read them: no type conversion in between).
+``dp_seq`` order, each as the SQL text of its values made by the server, and sent back in
+chunks of multi-row INSERTs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Integer, Table, bindparam, select, update
+from sqlalchemy import (
+    Integer,
+    LargeBinary,
+    Table,
+    bindparam,
+    func,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
@@ -43,9 +53,8 @@ _CLIENT_LOCAL_FILES = 128
 LOCAL_INFILE_REFUSED = frozenset({1148, 3948, 4166})
 _READY = "stockrx_local_infile"  # per DBAPI connection: can it LOAD DATA LOCAL?
 ROWCOUNT = {"preserve_rowcount": True}
-#: Staged inserts: rows read per chunk, and the most bytes of values in one INSERT.
-CHUNK_ROWS = 2_000
-CHUNK_BYTES = 2 << 20
+#: Staged inserts: rows per INSERT statement (fewer when they do not fit in a packet).
+CHUNK_ROWS = 5_000
 
 
 def error_code(exc: DBAPIError) -> int | None:
@@ -146,58 +155,109 @@ def only_notes(conn: Connection) -> bool:
 
 
 # -- staged inserts ------------------------------------------------------------------------------
+def row_literal(conn: Connection, stage: Table, columns: Sequence[str]) -> str:
+    """SQL that makes, server-side, each stage row's values as the text of one VALUES tuple:
+    ``('a', '1.50', NULL)``. ``QUOTE()`` writes a safe literal of any value in the session's
+    sql_mode (ours: backslash escapes on); binary values go as ``X'..'`` hex, BIT as numbers;
+    every literal converted to utf8mb4 so columns of other character sets concatenate."""
+    q = conn.dialect.identifier_preparer
+    parts = []
+    for name in columns:
+        col, type_ = q.format_column(stage.c[name]), stage.c[name].type
+        if isinstance(type_, mysql.BIT):
+            parts.append(f"IFNULL(CAST({col} AS UNSIGNED), 'NULL')")
+        elif isinstance(type_, LargeBinary | mysql.BINARY | mysql.VARBINARY):
+            parts.append(f"IF({col} IS NULL, 'NULL', CONCAT('X''', HEX({col}), ''''))")
+        else:
+            parts.append(f"IFNULL(CONVERT(QUOTE({col}) USING utf8mb4), 'NULL')")
+    return "CONCAT('(', " + ", ',', ".join(parts) + ", ')')"
+
+
+def run_text(conn: Connection, sql: str) -> tuple[Any, int, int]:
+    """Run SQL text on ``conn``'s DB-API connection (its transaction) with no parameters, so the
+    driver sends it as it is (through SQLAlchemy it would get an empty parameter dict, and read
+    every ``%`` in the values as a placeholder). Returns (first row, rowcount, lastrowid); the
+    driver's errors come out as SQLAlchemy's, as from ``conn.execute``."""
+    dbapi = conn.dialect.loaded_dbapi
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql)
+        row = cursor.fetchone() if cursor.description else None
+        return row, cursor.rowcount, cursor.lastrowid
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(sql[:300], None, exc, dbapi.Error) from None
+    finally:
+        cursor.close()
+
+
 def insert_staged(
     conn: Connection, ins: StagedInserts, columns: Sequence[str]
 ) -> tuple[int, int | None]:
     """The staged rows ``ins`` into the live table by multi-row INSERT ... VALUES in ``dp_seq``
     order; their ids from each statement's first id. Returns (rows, offset | None) as
-    ``DatabaseDialect.insert_staged``."""
+    ``DatabaseDialect.insert_staged``.
+
+    The server writes each row's values as SQL text (``row_literal``) and joins a chunk of them
+    into one string (GROUP_CONCAT): one value per chunk crosses to the client and goes back as
+    the INSERT, unparsed and unescaped (reading 100k rows one by one cost more than inserting
+    them). A chunk whose text would not fit a packet is halved."""
     st, live = ins.stage, ins.live
-    step = int(conn.exec_driver_sql("SELECT @@auto_increment_increment").scalar() or 1)
+    step, packet = conn.exec_driver_sql(
+        "SELECT @@auto_increment_increment, @@max_allowed_packet"
+    ).one()
+    room = min(int(packet) - (64 << 10), 256 << 20)  # the INSERT's head fits in what is left
+    conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {room}")
     q = conn.dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in columns)
-    head = f"INSERT INTO {q.format_table(live)} ({names}) VALUES ".replace("%", "%%")
-    one = "(" + ", ".join(["%s"] * len(columns)) + ")"
-    picked = select(st.c.dp_seq, *[st.c[c] for c in columns]).order_by(st.c.dp_seq)
-    blocks: list[tuple[list[int], int]] = []  # (dp_seq of the rows, id of the first)
-    after, total = ins.first - 1, 0
+    head = f"INSERT INTO {q.format_table(live)} ({names}) VALUES "
+    text: Any = literal_column(row_literal(conn, st, columns)).label("txt")
+    blocks: list[tuple[Sequence[int], int]] = []  # (dp_seq of the rows, id of the first)
+    after, total, rows = ins.first - 1, 0, CHUNK_ROWS
     while True:
-        chunk = picked.where(ins.where, st.c.dp_seq > after).limit(CHUNK_ROWS)
-        sql = str(chunk.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
-        rows = conn.exec_driver_sql(sql).all()  # the driver's values, unconverted
-        if not rows:
+        chunk = (
+            select(st.c.dp_seq, text)
+            .where(ins.where, st.c.dp_seq > after)
+            .order_by(st.c.dp_seq)
+            .limit(rows)
+            .subquery("chunk")
+        )
+        joined: Any = select(
+            func.count(),
+            func.min(chunk.c.dp_seq),
+            func.max(chunk.c.dp_seq),
+            func.sum(func.char_length(chunk.c.txt)),
+            literal_column("GROUP_CONCAT(chunk.txt ORDER BY chunk.dp_seq SEPARATOR ',')"),
+            literal_column("GROUP_CONCAT(chunk.dp_seq ORDER BY chunk.dp_seq)"),
+        )
+        sql = str(joined.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+        n, low, high, chars, values, seq_text = run_text(conn, sql)[0]
+        if not n:
             break
-        for part in by_size(rows):
-            values = tuple(v for row in part for v in row[1:])
-            res = conn.exec_driver_sql(
-                head + ", ".join([one] * len(part)), values, execution_options=ROWCOUNT
+        values = values.decode() if isinstance(values, bytes) else values
+        if len(values) != int(chars) + n - 1:  # cut at group_concat_max_len
+            if rows == 1:
+                raise RuntimeError(f"a staged row of {live.name} does not fit in one statement")
+            rows = max(1, rows // 2)
+            continue
+        _, count, first_id = run_text(conn, head + values)
+        if count != n or not first_id:
+            raise RuntimeError(
+                f"inserting {n} staged rows into {live.name} inserted {count} "
+                f"(first id {first_id})"
             )
-            if res.rowcount != len(part) or not res.lastrowid:
-                raise RuntimeError(
-                    f"inserting {len(part)} staged rows into {live.name} inserted "
-                    f"{res.rowcount} (first id {res.lastrowid})"
-                )
-            blocks.append(([int(r[0]) for r in part], int(res.lastrowid)))
-            total += len(part)
-        after = rows[-1][0]
-    return total, record_ids(conn, ins, blocks, step)
-
-
-def by_size(rows: Sequence[Any]) -> list[Sequence[Any]]:
-    """Rows in parts whose values hold at most ~CHUNK_BYTES (one statement each)."""
-    parts, start, size = [], 0, 0
-    for i, row in enumerate(rows):
-        n = sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
-        if size and size + n > CHUNK_BYTES:
-            parts.append(rows[start:i])
-            start, size = i, 0
-        size += n
-    parts.append(rows[start:])
-    return parts
+        seqs: Sequence[int] = (
+            range(int(low), int(high) + 1)
+            if int(high) - int(low) + 1 == n
+            else [int(s) for s in str(seq_text).split(",")]
+        )
+        blocks.append((seqs, int(first_id)))
+        total += n
+        after = int(high)
+    return total, record_ids(conn, ins, blocks, int(step or 1))
 
 
 def record_ids(
-    conn: Connection, ins: StagedInserts, blocks: list[tuple[list[int], int]], step: int
+    conn: Connection, ins: StagedInserts, blocks: list[tuple[Sequence[int], int]], step: int
 ) -> int | None:
     """The offset when every inserted row's id is ``dp_seq + offset``; else write each row's id
     to the stage's ``id`` column and return None."""
