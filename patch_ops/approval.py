@@ -66,6 +66,8 @@ EXCLUDED_CONFIG = (
     "memory_limit_mb",
     "allow_outside_window",  # when a real run may start (maintenance windows), not what it writes
     "resume_execution_id",  # which paused execution to continue; its plan was approved already
+    "allow_repeat",  # whether a repeat is intended (patch_ops.checks.refuse_repeats), not what
+    "release",  # a label of the run, not what it writes
 )
 PAGE = 10_000
 #: Phases of a real run whose changes reached the live tables: its approval is used up.

@@ -1,7 +1,8 @@
 """The plan checks every patch job runs (``execution.PlanCheck``: called with the stage
 ``before_freeze``, ``after_freeze`` or ``resume``; raising PlanRefused refuses the run before any
-write to StockRx tables, recorded in the history): the audit key a real run needs, and the
-maintenance window (see ``patch_ops.windows``). The approval gate is ``patch_ops.approval``.
+write to StockRx tables, recorded in the history): the audit key a real run needs, no repeat of
+a committed run unless asked for, and the maintenance window (see ``patch_ops.windows``). The
+approval gate is ``patch_ops.approval``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from sqlalchemy import and_, false, func, select
 from sqlalchemy.engine import Connection
 
 from patch_ops.execution import (
@@ -19,6 +21,8 @@ from patch_ops.execution import (
     set_execution,
 )
 from patch_ops.lifecycle import AUDIT
+from patch_ops.state import UPDATE, executions, mirror_by_name, mirror_name, targets
+from patch_ops.steps.plan import work_config
 from patch_ops.windows import (
     MIN_TIME_BUDGET_SECONDS,
     OVERRUN_FACTOR,
@@ -52,6 +56,82 @@ def require_audit_key(stage: str, conn: Connection, info: PlanInfo) -> None:
     reason = missing_audit_key(info.resources, "run")
     if reason:
         raise PlanRefused(reason)
+
+
+def refuse_repeats(stage: str, conn: Connection, info: PlanInfo) -> None:
+    """A real run must not apply a patch a second time by accident (a +8 % twice): refused,
+    unless ``allow_repeat`` (recorded), when an unrestored committed real run of the patch
+
+    - had the same ``release`` (when the config names one), or
+    - had the same config and changed any of this run's frozen targets (comparing configs alone
+      is not enough: a threshold filter such as ``min_price`` selects new rows after +8 %;
+      comparing target sets is not either). Not for ``idempotent`` patches.
+    """
+    config = info.config
+    if stage != "after_freeze" or config.dry_run:
+        return
+    earlier = conn.execute(
+        select(executions).where(
+            executions.c.patch_name == info.patch.name,
+            executions.c.kind == "patch",
+            executions.c.dry_run.is_(False),
+            executions.c.phase.in_(["committed", "verified"]),
+            executions.c.rollback_performed.is_(false()),
+            executions.c.restored_by_execution_id.is_(None),
+            executions.c.execution_id != info.execution_id,
+        ).order_by(executions.c.started_at)
+    ).mappings().all()
+    mine = work_config(config.model_dump())
+    repeats = []
+    for ex in earlier:
+        theirs = ex["config"] or {}
+        if config.release and theirs.get("release") == config.release:
+            repeats.append((ex, f"already ran for release {config.release!r}"))
+        elif not info.patch.idempotent and work_config(theirs) == mine:
+            changed = rows_changed_again(conn, info, ex)
+            if changed is None:
+                repeats.append((ex, "had the same config (which rows it changed is unknown: its "
+                                    "work data was purged)"))
+            elif changed:
+                repeats.append((ex, f"had the same config and changed {changed:,} of the rows "
+                                    "this run would change"))
+    if not repeats:
+        return
+    what = "; ".join(
+        f"execution {ex['execution_id']} (launched by {ex['launched_by']}, started "
+        f"{ex['started_at']:%Y-%m-%d %H:%M} UTC) {why}" for ex, why in repeats
+    )
+    if config.allow_repeat:
+        ex = load_execution(conn, info.execution_id)
+        report = dict(ex["report"] or {})
+        report["repeat_allowed"] = {"of": [e["execution_id"] for e, _ in repeats], "why": what}
+        set_execution(conn, info.execution_id, report=report)
+        return
+    raise PlanRefused(
+        f"refused as a repeat: {what}. A second real run would apply {info.patch.name} again; "
+        "restore the earlier execution first, or set allow_repeat: true in the run config to "
+        "repeat it on purpose (recorded in the history)."
+    )
+
+
+def rows_changed_again(conn: Connection, info: PlanInfo, earlier: Any) -> int | None:
+    """How many of this execution's frozen targets an earlier execution changed (None: its
+    stage rows were purged, so it cannot be told)."""
+    if (earlier["report"] or {}).get("backup_purged"):
+        return None
+    earlier_id, total = earlier["execution_id"], 0
+    for table in info.patch.updates:
+        stage = mirror_by_name(conn, mirror_name("stage", table))
+        if stage is None:
+            continue
+        mine = select(targets.c.row_id).where(
+            targets.c.execution_id == info.execution_id, targets.c.table_name == table
+        )
+        theirs = and_(stage.c.dp_execution_id == earlier_id, stage.c.dp_action == UPDATE)
+        total += conn.execute(
+            select(func.count()).select_from(stage).where(theirs, stage.c.dp_seq.in_(mine))
+        ).scalar_one()
+    return total
 
 
 def estimate_run_seconds(conn: Connection, info: PlanInfo, records: int) -> tuple[float, str]:

@@ -16,10 +16,11 @@ from typing import Any
 from dagster import Failure, JobDefinition, MetadataValue, Out, Output, job
 
 from patch_ops.approval import require_approved_plan
-from patch_ops.checks import check_maintenance_window, require_audit_key
+from patch_ops.checks import check_maintenance_window, refuse_repeats, require_audit_key
 from patch_ops.database import write_transaction
 from patch_ops.execution import PlanCheck, finish_execution
 from patch_ops.executor import patch_executor
+from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
 from patch_ops.patch import Patch, PatchSettings
 from patch_ops.steps import backup, commit, transform, validate, verify
@@ -35,6 +36,7 @@ DEFAULT_PLAN_CHECKS: tuple[PlanCheck, ...] = (
     require_audit_key,
     check_maintenance_window,
     require_approved_plan,
+    refuse_repeats,
 )
 
 
@@ -112,6 +114,7 @@ def build_patch_job(
     )
     def plan_patch(step: Step, config: Any) -> str:
         context = step.context
+        prepare_audit(context.resources, step.engine)
         execution_id = plan_execution(
             step.engine,
             patch,

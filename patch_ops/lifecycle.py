@@ -37,6 +37,15 @@ def secret_values(resources: Any) -> list[str]:
     return found
 
 
+def prepare_audit(resources: Any, engine: Engine) -> None:
+    """Create the audit tables, if the trail is on, before any transaction that audits: created
+    inside one (the plan's freezing transaction, the commit), MySQL would commit it halfway
+    (DDL commits implicitly)."""
+    audit: AuditLog | None = _resource(resources, AUDIT)
+    if audit is not None and audit.active:
+        ensure_audit_tables(engine)
+
+
 class Lifecycle:
     """Audit + notify for one execution, from inside an op."""
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import pandera.pandas as pa
 from dagster import Config
-from pydantic import Field, model_validator
+from pydantic import Field
 from sqlalchemy import Select, Table
 
 from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, MaintenanceWindow
@@ -55,6 +55,18 @@ class PatchRunConfig(Config):
         "config/data_patches.yml (scheduling.maintenance_windows). Recorded in the history; "
         "without it such a run is refused.",
     )
+    allow_repeat: bool = Field(
+        default=False,
+        description="Let a real run apply the patch again where an earlier real run with the "
+        "same config already did (or, with a release, a real run for the same release): a "
+        "relative change such as +8 % would be applied twice. Recorded in the history; without "
+        "it such a run is refused.",
+    )
+    release: str | None = Field(
+        default=None,
+        description="The release this run belongs to (e.g. the release tag). A second real run "
+        "of the patch for the same release is refused unless allow_repeat is set.",
+    )
     resume_execution_id: str | None = Field(
         default=None,
         description="Continue this paused execution (stopped at the end of a maintenance window) "
@@ -62,31 +74,36 @@ class PatchRunConfig(Config):
         "Without it, a run whose config equals a paused execution's continues that one.",
     )
 
-    @model_validator(mode="after")
-    def _safe_values(self) -> PatchRunConfig:
-        """Values every database and JSON column can hold, for every patch's config: no NaN or
-        infinity, integers within 64 bits (batch and memory sizes within 32), no NUL character
-        in text, launched_by one printable line within its column. Dagster checks the types; this checks the rest
-        before anything is written (a value PostgreSQL would refuse mid-run never gets there)."""
+    def value_problem(self) -> str | None:
+        """Why a value of this config cannot be stored or run (None: none), for every patch's
+        config: no NaN or infinity, integers within 64 bits (batch and memory sizes within 32),
+        no NUL character in text, launched_by and release one printable line within their
+        columns. Dagster checks the types; this checks the rest, and the plan refuses in one line
+        before anything is written (a value PostgreSQL would refuse mid-run never gets there).
+        Not a pydantic validator: Dagster would report its error as a traceback around the op."""
         for name, value in self:
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+                return f"{name} must be a finite number, got {value}"
             if isinstance(value, int) and not isinstance(value, bool):
                 limit = 2**31 if name in ("batch_size", "memory_limit_mb") else 2**63
                 if not -limit <= value < limit:
-                    raise ValueError(f"{name} is out of range, got {value}")
+                    return f"{name} is out of range, got {value}"
             if isinstance(value, str) and "\x00" in value:
-                raise ValueError(f"{name} must not contain NUL characters")
+                return f"{name} must not contain NUL characters"
+        if self.release is not None and (
+            len(self.release) > MAX_LAUNCHED_BY or not self.release.isprintable()
+        ):
+            return f"release must be one line of printable characters, at most {MAX_LAUNCHED_BY}"
         if self.launched_by:  # "" or None: the OS user
             if len(self.launched_by) > MAX_LAUNCHED_BY:
-                raise ValueError(f"launched_by is longer than {MAX_LAUNCHED_BY} characters")
+                return f"launched_by is longer than {MAX_LAUNCHED_BY} characters"
             if not self.launched_by.strip() or not self.launched_by.isprintable():
                 # It goes into history, reports and messages: a newline there forges lines.
-                raise ValueError(
+                return (
                     "launched_by must be one line of printable characters naming who launched "
                     "the run (no newlines, tabs or control characters)"
                 )
-        return self
+        return None
 
 
 @dataclass(frozen=True)
@@ -159,6 +176,11 @@ class Patch:
     max_failure_ratio: ClassVar[float] = 0.0
     #: Time zone of the business date.
     timezone: ClassVar[str] = "Asia/Tokyo"
+    #: Running it again changes only what still needs it: its targets leave out rows it has
+    #: already done (e.g. lots already written off). False (the default): a real run with the
+    #: same config as an earlier one that changed any of today's targets is refused as a repeat
+    #: unless its config says allow_repeat (a +8 % must not be applied twice).
+    idempotent: ClassVar[bool] = False
     #: A valid dry-run config of this patch (``ops.plan_patch.config`` without ``dry_run``), e.g.
     #: ``{"adjustment_type": "percentage", "adjustment_value": 8}``. Required: the registry
     #: refuses a patch without one; tests and the run files in config/runs/ use it.

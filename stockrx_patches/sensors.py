@@ -121,7 +121,11 @@ def request_problem(
         return f"invalid run config: {problems}", None
     patch = registry.get(name)
     try:
-        patch.check_config(patch.config_class(**cfg))
+        config = patch.config_class(**cfg)
+        problem = config.value_problem()
+        if problem:
+            raise PatchConfigError(problem)
+        patch.check_config(config)
     except (PatchConfigError, ValueError) as exc:
         return f"invalid run config: {exc}", None
     return None, full

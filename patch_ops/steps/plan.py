@@ -82,6 +82,9 @@ def plan_execution(
     the transaction that takes it over); a refusal leaves it paused.
     """
     log = log or logging.getLogger(__name__)
+    problem = config.value_problem()
+    if problem:  # before anything is written, the history included
+        raise PatchConfigError(problem)
     check_connection(engine)
     state.ensure_framework_tables(engine)
 
@@ -213,7 +216,9 @@ def plan_execution(
 
 #: Config fields that say how, when or by whom a run goes, not what it writes: a new run whose
 #: config differs from a paused execution's only in these continues it.
-RESUME_IGNORED_CONFIG = ("launched_by", "allow_outside_window", "resume_execution_id")
+RESUME_IGNORED_CONFIG = (
+    "launched_by", "allow_outside_window", "resume_execution_id", "allow_repeat", "release"
+)
 
 
 def work_config(config: dict[str, Any] | None) -> dict[str, Any]:

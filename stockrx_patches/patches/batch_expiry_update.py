@@ -65,6 +65,9 @@ class BatchExpiryUpdate(Patch):
 
     name = "batch_expiry_update"
     config_class = BatchExpiryConfig
+    # A lot written off holds no stock, so the next run does not select it again: each window's
+    # scheduled run with the same config does only what is new.
+    idempotent = True
     driving_table = "inventories"
     related = {"batches": "inventory_id"}
     updates = {
