@@ -29,6 +29,12 @@ from patch_ops.state import INSERT, executions, locks, targets
 PAUSED_PHASE = "paused_window_end"
 
 
+#: Status of an execution whose data are committed but whose post-verification never finished
+#: (its process died, or its step failed after the commit): never "failed", which would hide
+#: that the data changed; the next run of the patch verifies it first (patch_ops.jobs).
+UNVERIFIED = "unverified"
+
+
 #: Execution options of an INSERT ... SELECT whose rowcount is read (else -1 on psycopg).
 ROWCOUNT = {"preserve_rowcount": True}
 
@@ -144,8 +150,12 @@ def finish_execution(
     keep_work_tables: bool = True,
     **values: Any,
 ) -> None:
-    """Close an execution: status, completion time, locks released, scratch data dropped."""
+    """Close an execution: status, completion time, locks released, scratch data dropped. A
+    committed execution closed as failed (not restored) is ``UNVERIFIED``: its data changed."""
     with write_transaction(engine) as conn:
+        if status == "failed" and values.get("phase", "committed") == "committed":
+            if load_execution(conn, execution_id)["phase"] == "committed":
+                status = UNVERIFIED
         set_execution(
             conn,
             execution_id,

@@ -14,15 +14,18 @@ from collections.abc import Callable
 from typing import Any
 
 from dagster import Failure, JobDefinition, MetadataValue, Out, Output, job
+from sqlalchemy import inspect, select
+from sqlalchemy.engine import Engine
 
 from patch_ops.approval import require_approved_plan
 from patch_ops.checks import check_maintenance_window, refuse_repeats, require_audit_key
-from patch_ops.database import write_transaction
-from patch_ops.execution import PlanCheck, finish_execution
+from patch_ops.database import check_connection, write_transaction
+from patch_ops.execution import UNVERIFIED, PlanCheck, finish_execution
 from patch_ops.executor import patch_executor
 from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
 from patch_ops.patch import Patch, PatchSettings
+from patch_ops.state import executions
 from patch_ops.steps import backup, commit, transform, validate, verify
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.restore import restore_rows
@@ -62,6 +65,45 @@ def complete(
         )
     step.lifecycle(execution_id).close(audit_event, {}, "completed")
     step.log.info(message)
+
+
+def unverified_executions(engine: Engine, patch_name: str) -> list[str]:
+    """Executions of the patch whose changes are committed but were never verified."""
+    if not inspect(engine).has_table(executions.name):
+        return []
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(executions.c.execution_id)
+                .where(
+                    executions.c.patch_name == patch_name,
+                    executions.c.kind == "patch",
+                    executions.c.status == UNVERIFIED,
+                )
+                .order_by(executions.c.started_at)
+            ).scalars()
+        )
+
+
+def verify_and_complete(
+    step: Step, patch: Patch, settings: PatchSettings, execution_id: str
+) -> None:
+    """Post-verification of a committed execution, as a step of it: verified and completed,
+    or restored from its backup and failed."""
+
+    def verify_or_restore() -> None:
+        problems = verify.verify_execution(
+            step.engine,
+            patch,
+            execution_id,
+            timeout_s=settings.query_timeout_seconds,
+            connections=settings.check_connections,
+        )
+        if problems:
+            restore_after_failed_verification(step, execution_id, problems)
+
+    complete(step, execution_id, verify_or_restore, "verified", "verified",
+             f"execution {execution_id} committed and verified")
 
 
 def restore_after_failed_verification(step: Step, execution_id: str, problems: list[str]) -> None:
@@ -114,7 +156,14 @@ def build_patch_job(
     )
     def plan_patch(step: Step, config: Any) -> str:
         context = step.context
+        check_connection(step.engine)
         prepare_audit(context.resources, step.engine)
+        for unverified in unverified_executions(step.engine, patch.name):
+            step.log.warning(
+                f"execution {unverified} of {patch.name} committed its changes but was never "
+                "verified (its run stopped after the commit): verifying it before planning"
+            )
+            verify_and_complete(step, patch, settings, unverified)
         execution_id = plan_execution(
             step.engine,
             patch,
@@ -223,19 +272,7 @@ def build_patch_job(
         op_name("verify_commit"), "Check live data after commit; on failure restore from backup."
     )
     def verify_commit(step: Step, execution_id: str) -> None:
-        def verify_or_restore() -> None:
-            problems = verify.verify_execution(
-                step.engine,
-                patch,
-                execution_id,
-                timeout_s=settings.query_timeout_seconds,
-                connections=settings.check_connections,
-            )
-            if problems:
-                restore_after_failed_verification(step, execution_id, problems)
-
-        complete(step, execution_id, verify_or_restore, "verified", "verified",
-                 f"execution {execution_id} committed and verified")
+        verify_and_complete(step, patch, settings, execution_id)
 
     @step_op(
         op_name("report_dry_run"),

@@ -16,7 +16,14 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from patch_ops.execution import PlanRefused, RunFinished, jsonable, set_execution, utcnow
+from patch_ops.execution import (
+    UNVERIFIED,
+    PlanRefused,
+    RunFinished,
+    jsonable,
+    set_execution,
+    utcnow,
+)
 from patch_ops.state import executions, locks
 
 #: A lock whose holder's process is gone (same host) is stale once the holder's execution has had
@@ -72,7 +79,8 @@ def stale_lock_reason(
 def _release_stale(
     conn: Connection, holder: dict[str, Any], reason: str, execution_id: str, log: Any
 ) -> None:
-    """Drop a dead holder's locks; close its execution as failed, saying why (the history)."""
+    """Drop a dead holder's locks; close its execution as failed (``UNVERIFIED`` if it had
+    committed: its data changed), saying why (the history)."""
     dead = holder["execution_id"]
     conn.execute(delete(locks).where(locks.c.execution_id == dead))
     note = (
@@ -80,16 +88,19 @@ def _release_stale(
         f"at {utcnow():%Y-%m-%d %H:%M:%S} UTC because {reason}"
     )
     row = conn.execute(
-        select(executions.c.status, executions.c.error_message).where(
+        select(executions.c.status, executions.c.phase, executions.c.error_message).where(
             executions.c.execution_id == dead
         )
     ).first()
     if row is not None:
+        if row.phase == "committed":  # the data changed: verified by the next run, not failed
+            note += "; its changes are committed and not yet verified"
         values: dict[str, Any] = {
             "error_message": "; ".join(m for m in (row.error_message, note) if m)
         }
         if row.status == "running":
-            values.update(status="failed", completed_at=utcnow())
+            closed = UNVERIFIED if row.phase == "committed" else "failed"
+            values.update(status=closed, completed_at=utcnow())
         set_execution(conn, dead, **values)
     (log or logging.getLogger(__name__)).warning(
         f"released stale lock of execution {dead} (Dagster run {holder['dagster_run_id']}, "
