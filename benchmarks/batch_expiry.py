@@ -3,6 +3,7 @@ plus the restore of its real run.
 
     python -m benchmarks.batch_expiry --postgres --items 200000
     python -m benchmarks.batch_expiry --sqlite --items 200000
+    python -m benchmarks.batch_expiry --mysql --items 200000      # throwaway MariaDB, durable
     python -m benchmarks.batch_expiry --database-url URL --items 200000   # wiped + re-seeded
 
 The seed (benchmarks.common: fixed seed, fixed "today" 2026-01-15) gives ~0.24 expired lots with
@@ -67,20 +68,58 @@ log = common.log
 EXPIRED = "b.expires_on < :cutoff AND b.quantity > 0"
 
 
+def _pipes(*parts: str) -> str:
+    return " || ".join(parts)
+
+
+def _concat(*parts: str) -> str:
+    return "CONCAT(" + ", ".join(parts) + ")"
+
+
+#: What the bare SQL spells differently per database (the one place it does): string
+#: concatenation, a lot's expiry date and its quantity as text ('YYYY-MM-DD', digits), and the
+#: items' UPDATE from the per-item sums (``{sums}``: a subquery aliased ``s``).
+EXPIRY_SQL: dict[str, dict[str, Any]] = {
+    "postgresql": {
+        "concat": _pipes, "exp_text": "to_char(b.expires_on, 'YYYY-MM-DD')",
+        "qty_text": "CAST(b.quantity AS TEXT)",
+        "update_items": "UPDATE inventories SET quantity = inventories.quantity - s.removed, "
+        "inventory_logs_count = inventories.inventory_logs_count + s.lots, updated_at = :run_at "
+        "FROM {sums} WHERE inventories.id = s.inventory_id",
+    },
+    "sqlite": {
+        "concat": _pipes, "exp_text": "CAST(b.expires_on AS TEXT)",  # stored as 'YYYY-MM-DD'
+        "qty_text": "CAST(b.quantity AS TEXT)",
+        "update_items": "UPDATE inventories SET quantity = inventories.quantity - s.removed, "
+        "inventory_logs_count = inventories.inventory_logs_count + s.lots, updated_at = :run_at "
+        "FROM {sums} WHERE inventories.id = s.inventory_id",
+    },
+    # MySQL 8 syntax (MariaDB runs it too): CONCAT, a DATE as CHAR is 'YYYY-MM-DD', UPDATE ... JOIN.
+    "mysql": {
+        "concat": _concat, "exp_text": "CAST(b.expires_on AS CHAR)",
+        "qty_text": "CAST(b.quantity AS CHAR)",
+        "update_items": "UPDATE inventories JOIN {sums} ON inventories.id = s.inventory_id "
+        "SET inventories.quantity = inventories.quantity - s.removed, "
+        "inventories.inventory_logs_count = inventories.inventory_logs_count + s.lots, "
+        "inventories.updated_at = :run_at",
+    },
+}
+EXPIRY_SQL["mariadb"] = EXPIRY_SQL["mysql"]  # SQLAlchemy's name for mariadb+... URLs
+
+
 def bare_statements(dialect: str) -> list[str]:
     """Log rows first (they need the quantities before), then items, then lots."""
-    if dialect == "postgresql":
-        exp_text = "to_char(b.expires_on, 'YYYY-MM-DD')"
-    elif dialect == "sqlite":
-        exp_text = "CAST(b.expires_on AS TEXT)"  # stored as 'YYYY-MM-DD'
-    else:
+    if dialect not in EXPIRY_SQL:
         raise SystemExit(f"no bare SQL baseline for {dialect}")
-    note = (f"'期限切れ廃棄: ロット ' || b.lot_code || ' (有効期限 ' || {exp_text} || ', ' || "
-            "CAST(b.quantity AS TEXT) || '個)'")
+    d = EXPIRY_SQL[dialect]
+    note = d["concat"]("'期限切れ廃棄: ロット '", "b.lot_code", "' (有効期限 '", d["exp_text"], "', '",
+                       d["qty_text"], "'個)'")
     # Per item, lots in (expires_on, id) order; each row's previous quantity is the item's
     # quantity minus what the lots before it removed. Rows in (item, expiry, id) order, so the
     # new ids are the job's.
     removed_so_far = "sum(b.quantity) OVER w"
+    sums = ("(SELECT b.inventory_id, sum(b.quantity) AS removed, count(*) AS lots "
+            f"FROM batches b WHERE {EXPIRED} GROUP BY b.inventory_id) s")
     return [
         "INSERT INTO inventory_logs (inventory_id, delta, operation_type, previous_quantity, "
         "current_quantity, note, user_id, created_at, updated_at) "
@@ -90,11 +129,7 @@ def bare_statements(dialect: str) -> list[str]:
         "WINDOW w AS (PARTITION BY b.inventory_id ORDER BY b.expires_on, b.id "
         "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) "
         "ORDER BY b.inventory_id, b.expires_on, b.id",
-        "UPDATE inventories SET quantity = inventories.quantity - s.removed, "
-        "inventory_logs_count = inventories.inventory_logs_count + s.lots, updated_at = :run_at "
-        "FROM (SELECT b.inventory_id, sum(b.quantity) AS removed, count(*) AS lots "
-        f"FROM batches b WHERE {EXPIRED} GROUP BY b.inventory_id) s "
-        "WHERE inventories.id = s.inventory_id",
+        d["update_items"].format(sums=sums),
         "UPDATE batches SET quantity = 0, updated_at = :run_at "
         "WHERE expires_on < :cutoff AND quantity > 0",
     ]
@@ -359,6 +394,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "database": copies.description,
         "seeded": copies.counts,
         "seed_seconds": copies.seed_seconds,
+        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
         "run_at": run_at.isoformat(),
         "business_date": args.business_date,
         "expired": {"lots": lots, "items": items, "quantity": qty, "subset_lots": sub_lots},
@@ -388,6 +424,16 @@ ORDER = ("bare", "naive", "job_dry", "job_real", "restore_dry", "restore_real")
 CONTENDERS = ("bare", "naive", "job", "restore")
 
 
+def copies_text(res: dict[str, Any]) -> str:
+    """How long seeding and the contenders' copies of the seeded data took."""
+    text = f" in {res['seed_seconds']:.1f} s" if res.get("seed_seconds") else ""
+    copies = res.get("copy_seconds") or []
+    if copies:
+        text += (f"; {len(copies)} copies of it, {sum(copies):.1f} s in all "
+                 f"({min(copies):.1f}–{max(copies):.1f} s each)")
+    return text
+
+
 def render(res: dict[str, Any]) -> str:
     args, outs, exp = res["args"], res["outcomes"], res["expired"]
     bare = outs.get("bare")
@@ -395,7 +441,8 @@ def render(res: dict[str, Any]) -> str:
         f"## batch_expiry_update (business date {res['business_date']}), {args['items']:,} items, "
         f"{res['database']}",
         "",
-        f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}. "
+        f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}"
+        f"{copies_text(res)}. "
         f"**{exp['lots']:,} expired lots with stock** on {exp['items']:,} items "
         f"({exp['quantity']:,} units written off). Run timestamp of every contender: "
         f"{res['run_at']} (the job's run_at). Job executor: {res['executor']}.",
@@ -425,7 +472,8 @@ def render(res: dict[str, Any]) -> str:
         "= the SQL/ORM work inside the process; job/restore = Dagster RUN_START → RUN_SUCCESS. "
         "lots = expired lots with stock written off (restore: put back). client CPU s: "
         "user+system CPU of the child process tree (wait4 rusage); DB CPU s: of the local "
-        "PostgreSQL server's processes meanwhile (– for SQLite); naive: ×scale. "
+        "database server meanwhile (PostgreSQL: its processes; MariaDB: the mariadbd process; – "
+        "for SQLite); naive: ×scale. "
         + common.RSS_FOOTNOTE
         + " Final data: digests of every column of inventories, batches and inventory_logs in "
         "id order.",
@@ -453,6 +501,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="start a throwaway PostgreSQL (tests/support/postgres.py; "
                        "STOCKRX_TEST_PG_URL to use an existing server); the default")
     where.add_argument("--sqlite", action="store_true", help="temporary SQLite files")
+    where.add_argument("--mysql", action="store_true",
+                       help="start a throwaway MariaDB with production durability (binary log, "
+                       "innodb_flush_log_at_trx_commit=1, sync_binlog=1; tests/support/mysql.py; "
+                       "STOCKRX_TEST_MYSQL_URL to use an existing server); contenders connect as "
+                       "a least-privilege patch user")
+    p.add_argument("--mysql-copy", choices=common.MYSQL_COPY_METHODS, default="tablespace",
+                   help="how --mysql copies the seeded data for each contender: tablespace "
+                   "(InnoDB file copy, local server; the default) or insert (INSERT ... SELECT)")
     p.add_argument("--items", type=int, default=200_000,
                    help="items to seed (default 200,000: ~48,750 expired lots with stock)")
     p.add_argument("--business-date", default=DEFAULT_BUSINESS_DATE.isoformat(),

@@ -51,7 +51,16 @@ def seed(url: str, items: int) -> dict[str, int]:
     """Deterministic demo data (same seed, same "today"): every call gives the same rows."""
     from stockrx_patches.seed import seed_demo  # pandas: not imported by the baseline workers
 
-    engine = create_engine(url)
+    if is_mysql(url):
+        # The framework's sessions (sql_mode, time zone) and its fast bulk load (LOAD DATA LOCAL
+        # needs the client's local_infile), as ``stockrx-patches seed-demo`` gets them.
+        from patch_ops.dialects import dialect_for_url
+
+        dialect = dialect_for_url(make_url(url))
+        engine = create_engine(url, **dialect.engine_options())
+        dialect.configure(engine)
+    else:
+        engine = create_engine(url)
     try:
         return seed_demo(engine, items=items, seed=SEED, today=SEED_TODAY, reset=True)
     finally:
@@ -65,6 +74,7 @@ class Copies(Protocol):
     server_pid: int | None  # a local database server whose CPU time can be read, if any
     counts: dict[str, int]  # rows seeded per table
     seed_seconds: float
+    copy_seconds: list[float]  # time each fresh() took
 
     @property
     def seeded_url(self) -> str:
@@ -92,16 +102,19 @@ class SqliteCopies:
         t0 = time.monotonic()
         self.counts = seed(f"sqlite:///{self.base}", items)
         self.seed_seconds = time.monotonic() - t0
+        self.copy_seconds: list[float] = []
 
     @property
     def seeded_url(self) -> str:
         return f"sqlite:///{self.base}"
 
     def fresh(self, label: str) -> str:
+        t0 = time.monotonic()
         path = self.dir / f"{label}.sqlite"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         shutil.copyfile(self.base, path)
+        self.copy_seconds.append(time.monotonic() - t0)
         return f"sqlite:///{path}"
 
     def discard(self, url: str) -> None:
@@ -129,6 +142,7 @@ class PostgresCopies:
         t0 = time.monotonic()
         self.counts = seed(self.template_url, items)
         self.seed_seconds = time.monotonic() - t0
+        self.copy_seconds: list[float] = []
         self._made: list[str] = []
 
     @property
@@ -138,6 +152,7 @@ class PostgresCopies:
     def fresh(self, label: str) -> str:
         from psycopg import sql
 
+        t0 = time.monotonic()
         tpl = str(make_url(self.template_url).database)
         name = f"bench_{label}_{os.getpid()}"
         with self.server.admin_connection() as conn:
@@ -151,6 +166,148 @@ class PostgresCopies:
             )
         url = self.server.url(name)
         self._made.append(url)
+        self.copy_seconds.append(time.monotonic() - t0)
+        return url
+
+    def discard(self, url: str) -> None:
+        self.server.drop_database(url)
+        with contextlib.suppress(ValueError):
+            self._made.remove(url)
+
+    def close(self) -> None:
+        for url in list(self._made):
+            with contextlib.suppress(Exception):
+                self.discard(url)
+        with contextlib.suppress(Exception):
+            self.server.drop_database(self.template_url)
+        if self.owns_server:
+            self.server.stop()
+
+
+#: How a MySQL/MariaDB copy is made (``--mysql-copy``): "tablespace" (local server: the InnoDB
+#: files, exported and imported) or "insert" (``INSERT ... SELECT``, any server).
+MYSQL_COPY_METHODS = ("tablespace", "insert")
+
+
+def is_mysql(url: str) -> bool:
+    """A MySQL or MariaDB URL (``mysql+...`` or ``mariadb+...``)."""
+    return make_url(url).get_backend_name() in ("mysql", "mariadb")
+
+
+def _mysql_ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
+
+
+class MySQLCopies:
+    """Seed a template database once; every contender gets a database of its own with the
+    least-privilege patch user of ``tests.support.mysql`` (``create_database()``), filled as root.
+
+    The copy's tables are made by the template's own ``SHOW CREATE TABLE`` (indexes, foreign keys,
+    CHECKs, charset and the AUTO_INCREMENT counter: the new log rows get the same ids), then filled
+    (``method``):
+
+    - ``tablespace`` (a local server): ``ALTER TABLE ... DISCARD TABLESPACE``, the template's
+      ``.ibd``/``.cfg`` files exported by ``FLUSH TABLES ... FOR EXPORT`` and copied into the new
+      database's directory, ``ALTER TABLE ... IMPORT TABLESPACE``: a file copy of the seeded
+      pages, as PostgreSQL's ``CREATE DATABASE ... TEMPLATE ... STRATEGY FILE_COPY``;
+    - ``insert``: ``INSERT INTO copy.t SELECT * FROM template.t`` (any server, also
+      STOCKRX_TEST_MYSQL_URL's).
+
+    Both without foreign key checks (the rows come from a consistent database) and without binary
+    logging of the copy (``sql_log_bin = 0``: setting up a contender is not what is measured);
+    ``ANALYZE TABLE`` afterwards, as the seed did. Each copy is checked against the template:
+    row counts and AUTO_INCREMENT counters.
+    """
+
+    def __init__(self, server: Any, items: int, owns_server: bool, method: str = "tablespace"):
+        if method not in MYSQL_COPY_METHODS:
+            raise ValueError(f"unknown copy method {method!r}")
+        if method == "tablespace" and server.is_external:
+            method = "insert"  # the files of an external server are out of reach
+        self.server = server
+        self.owns_server = owns_server
+        self.method = method
+        self.description = (
+            f"MariaDB {server.version} on {server.host}:{server.port}"
+            + (" (durable: binlog, innodb_flush_log_at_trx_commit=1, sync_binlog=1)"
+               if getattr(server, "durable", False) else "")
+            + f"; copies by {method}"
+        )
+        self.server_pid = server.server_pid
+        self.template_url = server.create_database(prefix="bench_seed")
+        self.template = str(make_url(self.template_url).database)
+        t0 = time.monotonic()
+        self.counts = seed(self.template_url, items)
+        self.seed_seconds = time.monotonic() - t0
+        self.copy_seconds: list[float] = []
+        self._made: list[str] = []
+        with self.server.admin_connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
+                "AND TABLE_TYPE = 'BASE TABLE' ORDER BY TABLE_NAME", (self.template,))
+            self.tables = [str(r[0]) for r in cur.fetchall()]
+            self.ddl: dict[str, str] = {}
+            for t in self.tables:
+                cur.execute(f"SHOW CREATE TABLE {_mysql_ident(self.template)}.{_mysql_ident(t)}")
+                self.ddl[t] = str(cur.fetchone()[1])
+        self.expected = self._shape(self.template)
+
+    @property
+    def seeded_url(self) -> str:
+        return self.template_url
+
+    def _shape(self, db: str) -> dict[str, tuple[int, int | None]]:
+        """(rows, AUTO_INCREMENT counter) per table of a database."""
+        shape = {}
+        with self.server.admin_connection() as conn, conn.cursor() as cur:
+            for t in self.tables:
+                cur.execute(f"SELECT count(*) FROM {_mysql_ident(db)}.{_mysql_ident(t)}")
+                n = int(cur.fetchone()[0])
+                cur.execute(f"SHOW CREATE TABLE {_mysql_ident(db)}.{_mysql_ident(t)}")
+                m = re.search(r"AUTO_INCREMENT=(\d+)", str(cur.fetchone()[1]))
+                shape[t] = (n, int(m.group(1)) if m else None)
+        return shape
+
+    def fresh(self, label: str) -> str:
+        t0 = time.monotonic()
+        url = self.server.create_database(prefix=f"b_{label}"[:12])
+        self._made.append(url)
+        db = str(make_url(url).database)
+        q = _mysql_ident
+        with self.server.admin_connection(db) as conn, conn.cursor() as cur:
+            cur.execute("SET SESSION foreign_key_checks = 0, sql_log_bin = 0")
+            for t in self.tables:
+                cur.execute(self.ddl[t])
+            if self.method == "tablespace":
+                for t in self.tables:
+                    cur.execute(f"ALTER TABLE {q(t)} DISCARD TABLESPACE")
+                src = self.server.data_dir / self.template
+                dst = self.server.data_dir / db
+                with self.server.admin_connection() as export, export.cursor() as ex:
+                    ex.execute("FLUSH TABLES " + ", ".join(
+                        f"{q(self.template)}.{q(t)}" for t in self.tables) + " FOR EXPORT")
+                    try:
+                        for t in self.tables:
+                            for ext in (".ibd", ".cfg"):
+                                if (src / f"{t}{ext}").exists():
+                                    shutil.copyfile(src / f"{t}{ext}", dst / f"{t}{ext}")
+                    finally:
+                        ex.execute("UNLOCK TABLES")
+                for t in self.tables:
+                    cur.execute(f"ALTER TABLE {q(t)} IMPORT TABLESPACE")
+                for t in self.tables:
+                    (dst / f"{t}.cfg").unlink(missing_ok=True)
+            else:
+                for t in self.tables:
+                    cur.execute(f"INSERT INTO {q(t)} SELECT * FROM {q(self.template)}.{q(t)}")
+            cur.execute("ANALYZE TABLE " + ", ".join(q(t) for t in self.tables))
+            cur.fetchall()
+        shape = self._shape(db)
+        if shape != self.expected:
+            raise RuntimeError(f"copy {db} of {self.template} by {self.method}: (rows, "
+                               f"AUTO_INCREMENT) {shape}, expected {self.expected}")
+        self.copy_seconds.append(time.monotonic() - t0)
+        log(f"  copy for {label} ({self.method}): {self.copy_seconds[-1]:.1f} s")
         return url
 
     def discard(self, url: str) -> None:
@@ -195,8 +352,10 @@ class ReseedInPlace:
                 f"refusing to wipe {self.description}: it has other tables ({foreign[:5]}); "
                 "the benchmark drops and re-seeds the database, give it a scratch one"
             )
+        t0 = time.monotonic()
         self.counts = self._reseed()
-        self.seed_seconds = 0.0
+        self.seed_seconds = time.monotonic() - t0
+        self.copy_seconds: list[float] = []
 
     @property
     def seeded_url(self) -> str:
@@ -214,7 +373,9 @@ class ReseedInPlace:
         return seed(self.url, self.items)
 
     def fresh(self, label: str) -> str:
+        t0 = time.monotonic()
         self._reseed()
+        self.copy_seconds.append(time.monotonic() - t0)
         return self.url
 
     def discard(self, url: str) -> None:
@@ -435,7 +596,12 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
            id_free: bool = False) -> Digest:
     """Every column of the given StockRx tables ``(name, item column)``, rows in id order (in
     Python through SQLAlchemy's types, except on PostgreSQL: see PG_DIGEST). ``id_free``: also
-    a digest of the rows without their ids, as a set (``Digest.rows_without_ids``)."""
+    a digest of the rows without their ids, as a set (``Digest.rows_without_ids``).
+
+    MySQL/MariaDB go through Python too: the driver reads DECIMAL as ``Decimal`` and DATETIME(6)
+    as ``datetime`` with its microseconds, so ``_canon`` gives every value one exact text
+    whichever contender wrote it (a server-side ``MD5(GROUP_CONCAT(...))`` would be bounded
+    by ``group_concat_max_len`` and the packet size)."""
     from stockrx_patches import tables as stockrx_tables
 
     engine = create_engine(url)
@@ -772,9 +938,17 @@ def workdir(keep: bool = False) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+#: The job's MySQL/MariaDB session (patch_ops.dialects.mysql.SESSION_SETUP, less its lock waits)
+MYSQL_SESSION = "SET SESSION sql_mode = 'TRADITIONAL', time_zone = '+00:00'"
+
+
 def baseline_engine(url: str) -> Engine:
-    """An engine for the baselines, with the job's SQLite settings (WAL, synchronous NORMAL),
-    without importing the framework (so the baselines' process start-up stays minimal)."""
+    """An engine for the baselines, with the job's SQLite settings (WAL, synchronous NORMAL) and
+    its MySQL/MariaDB session (sql_mode TRADITIONAL, UTC, READ COMMITTED), without importing the
+    framework (so the baselines' process start-up stays minimal)."""
+    if is_mysql(url):
+        return create_engine(url, isolation_level="READ COMMITTED",
+                             connect_args={"init_command": MYSQL_SESSION})
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         from sqlalchemy import event
@@ -851,13 +1025,29 @@ EXECUTORS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The throwaway MariaDB's buffer pool: the throwaway PostgreSQL's shared_buffers.
+MYSQL_SERVER_ARGS = ("--innodb-buffer-pool-size=256M",)
+
+
 def make_copies(args: Any, workdir: Path) -> Copies:
-    """The copies named by ``--database-url`` / ``--sqlite`` / ``--postgres`` (the default)."""
+    """The copies named by ``--database-url`` / ``--sqlite`` / ``--mysql`` / ``--postgres`` (the
+    default)."""
     if args.database_url:
         return ReseedInPlace(args.database_url, args.items)
     if args.sqlite:
         return SqliteCopies(workdir, args.items)
     sys.path.insert(0, str(REPO_ROOT))
+    if getattr(args, "mysql", False):
+        from tests.support.mysql import MySQLServer
+
+        # Production durability: binary log on, innodb_flush_log_at_trx_commit=1, sync_binlog=1.
+        mserver = MySQLServer.from_env(durable=True, extra_args=MYSQL_SERVER_ARGS).start()
+        try:
+            return MySQLCopies(mserver, args.items, owns_server=not mserver.is_external,
+                               method=getattr(args, "mysql_copy", "tablespace"))
+        except BaseException:
+            mserver.stop()
+            raise
     from tests.support.postgres import PostgresServer
 
     server = PostgresServer.from_env().start()

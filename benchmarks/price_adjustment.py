@@ -2,6 +2,7 @@
 
     python -m benchmarks.price_adjustment --postgres --items 100000
     python -m benchmarks.price_adjustment --sqlite --items 100000
+    python -m benchmarks.price_adjustment --mysql --items 100000    # throwaway MariaDB, durable
     python -m benchmarks.price_adjustment --database-url URL --items 100000   # wiped + re-seeded
 
 Contenders, each on its own identical copy of the same seeded data, each a child process whose
@@ -101,17 +102,102 @@ SQLITE_OLD_TEXT = (
     "ELSE printf('%.2f', price) END"
 )
 SQLITE_NEW_TEXT = f"CAST({SQLITE_NEW} AS TEXT)"
+# MySQL 8 / MariaDB DECIMAL is exact too: ROUND() of a DECIMAL is half away from zero (of a
+# DOUBLE it would be half even), and a DECIMAL(10,2) as CHAR has its two decimals.
+MYSQL_NEW = "ROUND(price * (100 + :pct) / 100)"
+MYSQL_OLD_TEXT = (
+    "CASE WHEN price = TRUNCATE(price, 0) THEN CAST(TRUNCATE(price, 0) AS CHAR) "
+    "ELSE CAST(price AS CHAR) END"
+)
+MYSQL_NEW_TEXT = f"CAST({MYSQL_NEW} AS CHAR)"
+
+
+def _pipes(*parts: str) -> str:
+    return " || ".join(parts)
+
+
+def _concat(*parts: str) -> str:
+    return "CONCAT(" + ", ".join(parts) + ")"
+
+
+@dataclass(frozen=True)
+class DialectSQL:
+    """What the hand-written SQL spells differently per database (the one place it does)."""
+
+    new: str  # an inventories row's new price
+    old_text: str  # its price as the note prints it
+    new_text: str  # its new price as the note prints it
+    concat: Any  # (*parts) -> string concatenation
+    #: (a, b) -> "a and b differ" (NULL-safe; a, b: scalars or parenthesised rows)
+    differ: Any
+    run_at: str  # the run timestamp as a staged column
+    null_int: str  # a NULL integer as a staged column
+    #: safety floor: the backup table of whole rows, and how it gets its key
+    backup: str
+    backup_key: str | None
+    #: safety floor: row locks on the items to change (None: the transaction's write lock does)
+    lock: str | None
+    #: safety floor: the items' UPDATE from the staged rows
+    update_from_stage: str
+
+
+_FLOOR_BACKUP = ("CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
+                 "JOIN bench_floor_targets t ON t.id = i.id")
+_UPDATE_FROM = ("UPDATE inventories SET price = u.price, inventory_logs_count = "
+                "u.inventory_logs_count, updated_at = u.updated_at FROM bench_floor_up u "
+                "WHERE inventories.id = u.id")
+
+DIALECT_SQL: dict[str, DialectSQL] = {
+    "postgresql": DialectSQL(
+        PG_NEW, PG_OLD_TEXT, PG_NEW_TEXT, _pipes,
+        lambda a, b: f"{a} IS DISTINCT FROM {b}",
+        ":run_at", "CAST(NULL AS INTEGER)",
+        _FLOOR_BACKUP, "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)",
+        "SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN bench_floor_up u "
+        "ON u.id = i.id FOR UPDATE OF i) locked",
+        _UPDATE_FROM,
+    ),
+    "sqlite": DialectSQL(
+        SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, _pipes,
+        lambda a, b: f"{a} IS NOT {b}",
+        ":run_at", "CAST(NULL AS INTEGER)",
+        _FLOOR_BACKUP, "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)",
+        None,  # the transaction's write lock covers the whole database
+        _UPDATE_FROM,
+    ),
+    # MySQL 8 syntax (MariaDB runs it too): CONCAT, <=> (NULL-safe equality, rows too),
+    # UPDATE ... JOIN, FOR UPDATE without OF (MariaDB has no OF: it also locks the rows of our own
+    # stage table, which nobody else uses). The backup gets its primary key as it is made (InnoDB
+    # would rebuild the table for an ALTER TABLE ADD PRIMARY KEY). A DDL statement commits
+    # implicitly: every one of them runs before the commit transaction.
+    "mysql": DialectSQL(
+        MYSQL_NEW, MYSQL_OLD_TEXT, MYSQL_NEW_TEXT, _concat,
+        lambda a, b: f"NOT ({a} <=> {b})",
+        "CAST(:run_at AS DATETIME(6))", "CAST(NULL AS SIGNED)",
+        "CREATE TABLE bench_floor_backup (PRIMARY KEY (id)) AS SELECT i.* FROM inventories i "
+        "JOIN bench_floor_targets t ON t.id = i.id",
+        None,
+        "SELECT count(*) FROM inventories i JOIN bench_floor_up u ON u.id = i.id FOR UPDATE",
+        "UPDATE inventories i JOIN bench_floor_up u ON u.id = i.id SET i.price = u.price, "
+        "i.inventory_logs_count = u.inventory_logs_count, i.updated_at = u.updated_at",
+    ),
+}
+DIALECT_SQL["mariadb"] = DIALECT_SQL["mysql"]  # SQLAlchemy's name for mariadb+... URLs
+
+
+def dialect_sql(dialect: str) -> DialectSQL:
+    try:
+        return DIALECT_SQL[dialect]
+    except KeyError:
+        raise SystemExit(f"no hand-written SQL for {dialect}") from None
 
 
 def new_price_and_note(dialect: str) -> tuple[str, str]:
-    """SQL expressions, over an inventories row, of its new price and of its log row's note."""
-    if dialect == "postgresql":
-        new, old_text, new_text = PG_NEW, PG_OLD_TEXT, PG_NEW_TEXT
-    elif dialect == "sqlite":
-        new, old_text, new_text = SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT
-    else:
-        raise SystemExit(f"no hand-written SQL for {dialect}")
-    return new, f"'価格調整: ' || {old_text} || '円 → ' || {new_text} || '円 (' || :label || ')'"
+    """SQL expressions, over an inventories row, of its new price and of its log row's note
+    (byte for byte the patch's: ``価格調整: {old}円 → {new}円 (percentage:8)``)."""
+    d = dialect_sql(dialect)
+    note = d.concat("'価格調整: '", d.old_text, "'円 → '", d.new_text, "'円 ('", ":label", "')'")
+    return d.new, note
 
 
 def sql_statement(sql: str) -> Any:
@@ -162,15 +248,8 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
     as hand-written set-based SQL, with no Python on the rows and no Dagster. ``columns``: the
     reflected columns of ``inventories`` (the conflict check compares every one)."""
     new, note = new_price_and_note(dialect)
-    if dialect == "postgresql":
-        differ = "IS DISTINCT FROM"
-        index = "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)"
-        lock = ("SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN bench_floor_up u "
-                "ON u.id = i.id FOR UPDATE OF i) locked")
-    else:  # sqlite
-        differ = "IS NOT"
-        index = "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)"
-        lock = None  # the transaction's write lock covers the whole database
+    d = dialect_sql(dialect)
+    differ = d.differ
     live_row = ", ".join(f"i.{c}" for c in columns)
     backup_row = ", ".join(f"b.{c}" for c in columns)  # columns: reflected, quoted
     log_cols = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
@@ -178,19 +257,20 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
     steps = [
         ("plan: freeze the target ids",
          "CREATE TABLE bench_floor_targets AS SELECT id FROM inventories ORDER BY id"),
-        ("backup: whole rows",
-         "CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
-         "JOIN bench_floor_targets t ON t.id = i.id"),
-        ("backup: key", index),
+        ("backup: whole rows", d.backup),
+    ]
+    if d.backup_key:
+        steps.append(("backup: key", d.backup_key))
+    steps += [
         ("transform: stage the updates",
          f"CREATE TABLE bench_floor_up AS SELECT id, {new} AS price, inventory_logs_count + 1 "
-         f"AS inventory_logs_count, :run_at AS updated_at FROM bench_floor_backup "
+         f"AS inventory_logs_count, {d.run_at} AS updated_at FROM bench_floor_backup "
          f"WHERE {new} <> price"),
         ("transform: stage the log rows",
          "CREATE TABLE bench_floor_log AS SELECT row_number() OVER (ORDER BY id) AS seq, "
          "id AS inventory_id, 0 AS delta, 'adjust' AS operation_type, quantity AS "
          f"previous_quantity, quantity AS current_quantity, {note} AS note, "
-         "CAST(NULL AS INTEGER) AS user_id, :run_at AS created_at, :run_at AS updated_at "
+         f"{d.null_int} AS user_id, {d.run_at} AS created_at, {d.run_at} AS updated_at "
          f"FROM bench_floor_backup WHERE {new} <> price"),
         ("validate: every staged item",
          "SELECT count(*) FROM bench_floor_up WHERE price IS NULL OR price < 0 "
@@ -204,29 +284,28 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
          "WHERE l.n IS NULL OR l.n <> 1"),
         ("commit: BEGIN", "BEGIN"),
     ]
-    if lock:
-        steps.append(("commit: lock the rows", lock))
+    if d.lock:
+        steps.append(("commit: lock the rows", d.lock))
     steps += [
         ("commit: conflicts against the backup",
          "SELECT count(*) FROM bench_floor_up u JOIN bench_floor_backup b ON b.id = u.id "
-         f"LEFT JOIN inventories i ON i.id = u.id WHERE i.id IS NULL "
-         f"OR ({live_row}) {differ} ({backup_row})"),
-        ("commit: update the items",
-         "UPDATE inventories SET price = u.price, inventory_logs_count = u.inventory_logs_count, "
-         "updated_at = u.updated_at FROM bench_floor_up u WHERE inventories.id = u.id"),
+         "LEFT JOIN inventories i ON i.id = u.id WHERE i.id IS NULL "
+         f"OR {differ(f'({live_row})', f'({backup_row})')}"),
+        ("commit: update the items", d.update_from_stage),
         ("commit: insert the log rows",
          f"INSERT INTO inventory_logs ({log_cols}) SELECT {log_cols} FROM bench_floor_log "
          "ORDER BY seq"),
         ("commit: COMMIT", "COMMIT"),
         ("verify: live items = staged",
          "SELECT count(*) FROM bench_floor_up u LEFT JOIN inventories i ON i.id = u.id "
-         "WHERE i.id IS NULL OR (i.price, i.inventory_logs_count, i.updated_at) "
-         f"{differ} (u.price, u.inventory_logs_count, u.updated_at)"),
+         "WHERE i.id IS NULL OR "
+         + differ("(i.price, i.inventory_logs_count, i.updated_at)",
+                  "(u.price, u.inventory_logs_count, u.updated_at)")),
         ("verify: live log rows = staged",
          "SELECT count(*) FROM bench_floor_log s LEFT JOIN inventory_logs l "
          "ON l.id = s.seq + (SELECT max(id) FROM inventory_logs) - "
-         "(SELECT count(*) FROM bench_floor_log) WHERE l.id IS NULL OR l.inventory_id "
-         f"{differ} s.inventory_id OR l.note {differ} s.note"),
+         "(SELECT count(*) FROM bench_floor_log) WHERE l.id IS NULL OR "
+         f"{differ('l.inventory_id', 's.inventory_id')} OR {differ('l.note', 's.note')}"),
     ]
     return steps
 
@@ -255,8 +334,8 @@ def safety_floor(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
                 changed = res.rowcount
     work = time.perf_counter() - t0
     with engine.begin() as conn:
-        for t in FLOOR_TABLES:
-            conn.execute(text(f"DROP TABLE {t}"))
+        for table in FLOOR_TABLES:
+            conn.execute(text(f"DROP TABLE {table}"))
     return {"work_s": work, "rows_changed": changed, "rows": None, "steps": steps}
 
 
@@ -603,6 +682,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "database": copies.description,
         "seeded": copies.counts,
         "seed_seconds": copies.seed_seconds,
+        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
         "run_at": run_at.isoformat(),
         "percentage": str(setup.percentage),
         "outcomes": outcomes,
@@ -648,6 +728,16 @@ def bounds(outs: dict[str, Outcome]) -> list[str]:
     return ["", "### Bounds", "", *lines] if lines else []
 
 
+def copies_text(res: dict[str, Any]) -> str:
+    """How long seeding and the contenders' copies of the seeded data took."""
+    text = f" in {res['seed_seconds']:.1f} s" if res.get("seed_seconds") else ""
+    copies = res.get("copy_seconds") or []
+    if copies:
+        text += (f"; {len(copies)} copies of it, {sum(copies):.1f} s in all "
+                 f"({min(copies):.1f}–{max(copies):.1f} s each)")
+    return text
+
+
 def render(res: dict[str, Any]) -> str:
     args, outs = res["args"], res["outcomes"]
     bare = outs.get("bare")
@@ -655,7 +745,8 @@ def render(res: dict[str, Any]) -> str:
         f"## inventory_price_adjustment (percentage {fmt_price(Decimal(res['percentage']))}), "
         f"{args['items']:,} items, {res['database']}",
         "",
-        f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}. "
+        f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}"
+        f"{copies_text(res)}. "
         f"Run timestamp of every contender: {res['run_at']} (the job's run_at). "
         f"Job executor: {res['executor']}.",
         "",
@@ -688,8 +779,9 @@ def render(res: dict[str, Any]) -> str:
         "wall s: the child process from spawn to exit (what a user waits for). work s: bare/naive "
         "= the SQL/ORM work inside the process; job = Dagster RUN_START → RUN_SUCCESS. rows = "
         "items in the target set. client CPU s: user+system CPU of the child process tree "
-        "(wait4 rusage); DB CPU s: of the local PostgreSQL server's processes meanwhile (– for "
-        "SQLite, whose work is in the client); both far less sensitive to the machine's load "
+        "(wait4 rusage); DB CPU s: of the local database server meanwhile (PostgreSQL: its "
+        "processes; MariaDB: the mariadbd process; – for SQLite, whose work is in the client); "
+        "both far less sensitive to the machine's load "
         "than wall times (naive: ×scale). " + common.RSS_FOOTNOTE,
     ]
     floor = outs.get("floor")
@@ -724,6 +816,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="start a throwaway PostgreSQL (tests/support/postgres.py; "
                        "STOCKRX_TEST_PG_URL to use an existing server); the default")
     where.add_argument("--sqlite", action="store_true", help="temporary SQLite files")
+    where.add_argument("--mysql", action="store_true",
+                       help="start a throwaway MariaDB with production durability (binary log, "
+                       "innodb_flush_log_at_trx_commit=1, sync_binlog=1; tests/support/mysql.py; "
+                       "STOCKRX_TEST_MYSQL_URL to use an existing server); contenders connect as "
+                       "a least-privilege patch user")
+    p.add_argument("--mysql-copy", choices=common.MYSQL_COPY_METHODS, default="tablespace",
+                   help="how --mysql copies the seeded data for each contender: tablespace "
+                   "(InnoDB file copy, local server; the default) or insert (INSERT ... SELECT)")
     p.add_argument("--items", type=int, default=100_000, help="items to seed (default 100,000)")
     p.add_argument("--naive-rows", type=int, default=20_000,
                    help="items the naive ORM baseline processes; its times are scaled to --items")
