@@ -54,6 +54,7 @@ MIN_MYSQL = (8, 0, 16)
 MIN_MARIADB = (10, 2, 1)
 
 ER_LOCK_WAIT_TIMEOUT = 1205
+ER_LOCK_DEADLOCK = 1213
 #: Error numbers that are the server refusing a statement's data: NOT NULL (1048, 1364), unique
 #: (1062, 1169, 1586), foreign keys (1216, 1217, 1451, 1452, 1557, 1761, 1762), out of range
 #: (1264, 1690), truncated / wrong values (1265, 1292, 1366, 1367, 1411, 1406), division by zero
@@ -116,6 +117,10 @@ class MySQLDialect(DatabaseDialect):
                 f"MySQL {shown} is not supported: it does not enforce CHECK constraints "
                 "(8.0.16 and later do); upgrade the server"
             )
+
+    def is_busy(self, exc: DBAPIError) -> bool:
+        # a deadlock victim's transaction was rolled back whole: running it again may succeed
+        return error_code(exc) == ER_LOCK_DEADLOCK
 
     def is_data_refusal(self, exc: DBAPIError) -> bool:
         code = error_code(exc)
