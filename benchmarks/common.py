@@ -227,11 +227,13 @@ class MySQLCopies:
         self.server = server
         self.owns_server = owns_server
         self.method = method
+        version = str(server.version or "?")
+        kind = "MariaDB" if "mariadb" in version.lower() else "MySQL"
         self.description = (
-            f"MariaDB {server.version} on {server.host}:{server.port}"
-            + (" (durable: binlog, innodb_flush_log_at_trx_commit=1, sync_binlog=1)"
-               if getattr(server, "durable", False) else "")
-            + f"; copies by {method}"
+            f"{kind} {version.split('-')[0]} on {server.host}:{server.port}"
+            + (" (durable: binary log, innodb_flush_log_at_trx_commit=1, sync_binlog=1)"
+               if server.durable and not server.is_external else "")
+            + f", least-privilege patch user; copies by {method}"
         )
         self.server_pid = server.server_pid
         self.template_url = server.create_database(prefix="bench_seed")
