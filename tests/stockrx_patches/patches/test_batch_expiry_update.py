@@ -12,7 +12,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from sqlalchemy import CheckConstraint, Column, MetaData, String, func, insert, select, text
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    MetaData,
+    String,
+    Table,
+    cast,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    text,
+    update,
+)
 
 from patch_ops.patch import PatchConfigError, PatchSettings, RunContext
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryConfig, BatchExpiryUpdate
@@ -400,6 +414,11 @@ def production_schema(engine) -> None:  # type: ignore[no-untyped-def]
     md.create_all(engine)
 
 
+def sku(table: Table):  # type: ignore[no-untyped-def]
+    """'SKU-' || id, in the SQL each database spells its own way (MySQL: CONCAT)."""
+    return literal("SKU-") + cast(table.c.id, String)
+
+
 @pytest.mark.parametrize(
     ("job", "config", "constraint"),
     [
@@ -415,7 +434,8 @@ def test_database_constraint_is_caught_before_commit(database_url, job, config, 
 
     seed_demo(engine, items=200, today=BD)  # prices up to 19,999.50 yen: +8 % breaks the cap
     with engine.begin() as conn:
-        conn.execute(text("UPDATE inventories SET sku = 'SKU-' || id"))
+        live = Table("inventories", MetaData(), autoload_with=conn)
+        conn.execute(update(live).values(sku=sku(live)))
     before = digest(engine)
     for dry_run in (True, False):  # the dry run already tells
         result = run_patch(database_url, job, {**config, "dry_run": dry_run})
@@ -432,7 +452,11 @@ def test_database_constraint_is_caught_before_commit(database_url, job, config, 
         assert result.success, failure_description(result)
         with engine.connect() as conn:
             sources = set(conn.execute(text("SELECT source FROM inventory_logs")).scalars())
-            skus = conn.execute(text("SELECT count(*) FROM inventories WHERE sku = 'SKU-' || id")).scalar()
+            skus = conn.execute(
+                select(func.count()).select_from(inventories).where(
+                    literal_column("sku") == sku(inventories)
+                )
+            ).scalar()
         assert sources == {"app"} and skus == 200
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pandas as pd
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import MetaData, String, Table, cast, func, literal, select, update
 
 from patch_ops.patch import RunContext
 from stockrx_patches.patches.inventory_price_adjustment import (
@@ -219,7 +219,8 @@ def test_works_on_a_table_with_more_columns_than_we_know(database_url):
     engine = hand_built(database_url, [100, 200])
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE inventories ADD COLUMN supplier_code VARCHAR(20)")
-        conn.exec_driver_sql("UPDATE inventories SET supplier_code = 'S-' || CAST(id AS VARCHAR(5))")
+        live = Table("inventories", MetaData(), autoload_with=conn)
+        conn.execute(update(live).values(supplier_code=literal("S-") + cast(live.c.id, String)))
     result = run_patch(
         database_url, PRICE_JOB, {"adjustment_type": "multiply", "adjustment_value": 3, "dry_run": False}
     )
