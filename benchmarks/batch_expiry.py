@@ -343,8 +343,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 common.settle(url)
                 real = measure("job_real", url, lambda u: runner.patch("job real", u, True))
                 for o in (dry, real):
-                    if o.ok:  # the job's target_count counts items: report lots, as all rows
-                        o.rows = lots
+                    # The job's target_count counts items (and a restore's, rows of every
+                    # table): the lots column shows lots, unknown (–) for a run that failed.
+                    o.rows = lots if o.ok else 0
                 ex = real.execution or {}
                 if real.ok and ex.get("run_at"):
                     run_at = ex["run_at"]
@@ -359,8 +360,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         rreal = measure("restore_real", url,
                                         lambda u: runner.restore("restore real", u, xid, True))
                     for ro in (rdry, rreal):
-                        if ro is not None and ro.ok:
-                            ro.rows = lots  # the lots the restore puts back
+                        if ro is not None:
+                            ro.rows = lots if ro.ok else 0  # the lots the restore puts back
             finally:
                 copies.discard(url)
         for key in ("bare", "naive"):
