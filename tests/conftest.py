@@ -8,10 +8,10 @@ Databases:
   user (the URL's user, not root), on the session's throwaway server (``mysql_server``; or the
   server in STOCKRX_TEST_MYSQL_URL). Database and user are dropped after the test. See
   tests/support/mysql.py for the server's settings (binary log on, local_infile on) and the grant.
-- ``database_url``: runs the test once per backend, ids ``[sqlite]`` and ``[postgres]``;
-  the postgres case carries ``@pytest.mark.postgres`` (deselect with ``-m "not postgres"``).
-  With STOCKRX_TEST_MARIADB=1 a third case ``[mariadb]`` (``@pytest.mark.mysql``) is added:
-  off by default until the MySQL dialect is complete, then the default flips.
+- ``database_url``: runs the test once per backend, ids ``[sqlite]``, ``[postgres]`` and
+  ``[mariadb]``; the postgres case carries ``@pytest.mark.postgres``, the mariadb case
+  ``@pytest.mark.mysql`` (deselect with ``-m "not postgres"`` / ``-m "not mysql"``;
+  STOCKRX_TEST_MARIADB=0 leaves the mariadb case out).
 
 If PostgreSQL cannot be started, postgres tests are skipped with the reason, except when
 CI=true or STOCKRX_REQUIRE_POSTGRES=1: then they fail (errors in setup). The same for MariaDB
@@ -43,9 +43,8 @@ os.environ.setdefault("STOCKRX_PATCHES_CLOCK", TEST_CLOCK)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# database_url's backends. "mariadb" joins with STOCKRX_TEST_MARIADB=1 (the default flips to on
-# once the MySQL dialect is complete).
-MARIADB_IN_DATABASE_URL = os.environ.get("STOCKRX_TEST_MARIADB", "").strip() == "1"
+# database_url's backends; STOCKRX_TEST_MARIADB=0 leaves MariaDB out.
+MARIADB_IN_DATABASE_URL = os.environ.get("STOCKRX_TEST_MARIADB", "1").strip() != "0"
 DATABASE_URL_BACKENDS = [
     "sqlite",
     pytest.param("postgres", marks=pytest.mark.postgres),
@@ -124,7 +123,7 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture(params=DATABASE_URL_BACKENDS)
 def database_url(request: pytest.FixtureRequest) -> str:
     """A fresh database URL, once per backend. ``request.param`` is "sqlite", "postgres" or
-    (with STOCKRX_TEST_MARIADB=1) "mariadb"."""
+    "mariadb"."""
     fixture = {"sqlite": "sqlite_url", "postgres": "pg_url", "mariadb": "mysql_url"}[request.param]
     return str(request.getfixturevalue(fixture))
 
