@@ -102,8 +102,8 @@ def refuse_repeats(stage: str, conn: Connection, info: PlanInfo) -> None:
         f"{ex['started_at']:%Y-%m-%d %H:%M} UTC) {why}" for ex, why in repeats
     )
     if config.allow_repeat:
-        ex = load_execution(conn, info.execution_id)
-        report = dict(ex["report"] or {})
+        mine_row = load_execution(conn, info.execution_id)
+        report = dict(mine_row["report"] or {})
         report["repeat_allowed"] = {"of": [e["execution_id"] for e, _ in repeats], "why": what}
         set_execution(conn, info.execution_id, report=report)
         return
