@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import DateTime, Select, Table, func, insert, select
+from sqlalchemy import DateTime, Select, Table, delete, func, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
@@ -165,6 +165,11 @@ class DatabaseDialect:
             execution_options={"preserve_rowcount": True},
         )
         return res.rowcount, offset
+
+    def delete_ids(self, conn: Connection, table: Table, ids: Select[Any]) -> int:
+        """Delete the rows of ``table`` whose ``id`` is among ``ids`` (a one-column SELECT);
+        returns how many were deleted."""
+        return int(conn.execute(delete(table).where(table.c.id.in_(ids))).rowcount)
 
     # -- types ---------------------------------------------------------------------------------
     def utc_datetime_type(self) -> TypeEngine[Any]:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Select, Table, event, func
+from sqlalchemy import Select, Table, delete, event, func
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -76,6 +76,15 @@ class MySQLDialect(DatabaseDialect):
     features = Features(statement_timeout=True, ids_before_insert=False)
 
     # -- connections ---------------------------------------------------------------------------
+
+    def delete_ids(self, conn: Connection, table: Table, ids: Select[Any]) -> int:
+        """A multi-table DELETE joined to the ids: MariaDB runs ``id IN (SELECT expression
+        ...)`` as a dependent subquery, scanning the ids once per row of the table (a restore of
+        2,000 of 20,000 log rows: 32 s against 0.01 s joined)."""
+        wanted = ids.subquery("wanted")
+        return int(
+            conn.execute(delete(table).where(table.c.id == list(wanted.c)[0])).rowcount
+        )
     def engine_options(self) -> dict[str, Any]:
         return {
             **super().engine_options(),

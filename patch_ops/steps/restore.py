@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, not_, or_, select, update
+from sqlalchemy import and_, func, insert, not_, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import check_connection, write_transaction
+from patch_ops.dialects import dialect_of
 from patch_ops.execution import (
     PatchError,
     RestoreRefused,
@@ -130,7 +131,7 @@ def restore_rows(
             *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
         )
         if apply:
-            deleted[table] = conn.execute(delete(live).where(live.c.id.in_(to_delete))).rowcount
+            deleted[table] = dialect_of(conn).delete_ids(conn, live, to_delete)
         else:
             deleted[table] = conn.execute(
                 select(func.count()).select_from(to_delete.subquery())
