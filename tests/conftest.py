@@ -24,6 +24,7 @@ import base64
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,24 +58,29 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """The session's PostgreSQL server (started lazily, on first use)."""
-    server = PostgresServer.from_env()
+def serve(server: Any, unavailable: type[Exception], required: bool, name: str, env: str):  # type: ignore[no-untyped-def]
+    """Start a session's throwaway server and stop it at the end; if it cannot start, skip its
+    tests, or fail them where the server is required (CI=true or ``env``=1)."""
     try:
         server.start()
-    except PostgresUnavailable as e:
-        msg = f"PostgreSQL unavailable: {e}"
-        if postgres_required():
+    except unavailable as e:
+        msg = f"{name} unavailable: {e}"
+        if required:
             pytest.fail(
-                msg + "\n(CI=true or STOCKRX_REQUIRE_POSTGRES=1: failing instead of skipping)",
-                pytrace=False,
+                msg + f"\n(CI=true or {env}=1: failing instead of skipping)", pytrace=False
             )
         pytest.skip(msg)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server (started lazily, on first use)."""
+    yield from serve(PostgresServer.from_env(), PostgresUnavailable, postgres_required(),
+                     "PostgreSQL", "STOCKRX_REQUIRE_POSTGRES")
 
 
 @pytest.fixture
@@ -88,21 +94,8 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def mysql_server() -> Iterator[MySQLServer]:
     """The session's MariaDB server (started lazily, on first use)."""
-    server = MySQLServer.from_env()
-    try:
-        server.start()
-    except MySQLUnavailable as e:
-        msg = f"MariaDB unavailable: {e}"
-        if mysql_required():
-            pytest.fail(
-                msg + "\n(CI=true or STOCKRX_REQUIRE_MYSQL=1: failing instead of skipping)",
-                pytrace=False,
-            )
-        pytest.skip(msg)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(MySQLServer.from_env(), MySQLUnavailable, mysql_required(), "MariaDB",
+                     "STOCKRX_REQUIRE_MYSQL")
 
 
 @pytest.fixture
