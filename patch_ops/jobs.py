@@ -100,13 +100,15 @@ def verify_and_complete(
             connections=settings.check_connections,
         )
         if problems:
-            restore_after_failed_verification(step, execution_id, problems)
+            restore_after_failed_verification(step, patch.name, execution_id, problems)
 
     complete(step, execution_id, verify_or_restore, "verified", "verified",
              f"execution {execution_id} committed and verified")
 
 
-def restore_after_failed_verification(step: Step, execution_id: str, problems: list[str]) -> None:
+def restore_after_failed_verification(
+    step: Step, patch_name: str, execution_id: str, problems: list[str]
+) -> None:
     """Post-verification failed: put the backup back (rows the application changed since are
     left and reported), close the execution as rolled back, and fail the step."""
     engine = step.engine
@@ -122,16 +124,14 @@ def restore_after_failed_verification(step: Step, execution_id: str, problems: l
          "conflicts_left": restored.conflicts},
         "rolled_back", reason,
     )
-    patch_name = step.load(execution_id)["patch_name"]
+    left = {"updated": restored.updated, "deleted": restored.deleted,
+            "conflicts_left": restored.conflicts}
     raise Failure(
         description=f"{patch_name}: verification failed, restored from backup",
         metadata={
             "execution_id": execution_id,
             "problems": MetadataValue.json(problems),
-            "restored": MetadataValue.json(
-                {"updated": restored.updated, "deleted": restored.deleted,
-                 "conflicts_left": restored.conflicts}
-            ),
+            "restored": MetadataValue.json(left),
         },
     )
 
