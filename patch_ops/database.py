@@ -1,7 +1,8 @@
 """Engines and transactions for the StockRx database: one engine per URL per process, write
 transactions that hold their lock from the first statement, clear password-free errors.
 
-The password is never shown: only ``redact_url``'s form of the URL goes into messages.
+The password is never shown: only ``redact_url``'s form of the URL goes into messages. The URL's
+``framework_schema`` parameter (``patch_ops.dialects.names``) is the engine's, not the driver's.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from patch_ops.dialects import UnsupportedServer, dialect_for_url, dialect_of
+from patch_ops.dialects.names import URL_PARAMETER, framework_schema, translate_map
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -50,8 +52,18 @@ def get_engine(url: str) -> Engine:
                 parsed = make_url(url)
             except ArgumentError as exc:
                 raise DatabaseUnavailable(f"invalid database URL {redact_url(url)}") from exc
+            schema = parsed.query.get(URL_PARAMETER)
+            parsed = parsed.difference_update_query([URL_PARAMETER])
             dialect = dialect_for_url(parsed)
             scheme = redact_url(url).split("://", 1)[0]
+            if schema is not None and not (
+                isinstance(schema, str) and schema.strip() and dialect.features.schemas
+            ):
+                raise DatabaseUnavailable(
+                    f"{URL_PARAMETER} in the URL {redact_url(url)}: "
+                    + ("give one schema name" if dialect.features.schemas
+                       else f"{scheme} has no schemas (use PostgreSQL or MySQL/MariaDB)")
+                )
             try:
                 engine = create_engine(parsed, future=True, **dialect.engine_options())
             except NoSuchModuleError:
@@ -65,6 +77,7 @@ def get_engine(url: str) -> Engine:
                     f"(No module named {exc.name!r}); URL {redact_url(url)}"
                 ) from None
             dialect.configure(engine)
+            engine = engine.execution_options(schema_translate_map=translate_map(schema))
             _engines[url] = engine
         return engine
 
@@ -76,6 +89,13 @@ def check_connection(engine: Engine) -> None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
             dialect_of(conn).check_server(conn)
+            schema = framework_schema(conn)
+            if schema and schema not in inspect(conn).get_schema_names():
+                raise UnsupportedServer(
+                    f"the framework schema {schema!r} ({URL_PARAMETER} in the URL) does not "
+                    "exist: create it and grant the patch user its privileges (README, "
+                    "'Against MySQL'), or leave the parameter out"
+                )
     except UnsupportedServer as exc:
         raise DatabaseUnavailable(
             f"the StockRx database {engine.url.render_as_string(True)}: {exc}"

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from dagster import Failure, JobDefinition, MetadataValue, Out, Output, job
-from sqlalchemy import inspect, select
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from patch_ops.approval import require_approved_plan
 from patch_ops.checks import check_maintenance_window, refuse_repeats, require_audit_key
 from patch_ops.database import check_connection, write_transaction
+from patch_ops.dialects.names import has_table
 from patch_ops.execution import UNVERIFIED, PlanCheck, finish_execution
 from patch_ops.executor import patch_executor
 from patch_ops.lifecycle import prepare_audit
@@ -69,7 +70,7 @@ def complete(
 
 def unverified_executions(engine: Engine, patch_name: str) -> list[str]:
     """Executions of the patch whose changes are committed but were never verified."""
-    if not inspect(engine).has_table(executions.name):
+    if not has_table(engine, executions):
         return []
     with engine.connect() as conn:
         return list(

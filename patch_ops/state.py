@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
 from patch_ops.dialects import dialect_of
+from patch_ops.dialects.names import FRAMEWORK_SCHEMA, framework_schema, table_sql
 from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS, mirror_table_options
 from patch_ops.patch import Tables
 
@@ -90,6 +91,7 @@ executions = Table(
     Column("deadline_at", DATETIME_US),
     Column("overrun_at", DATETIME_US),
     Column("paused_seconds", Float, nullable=False, server_default=text("0")),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -100,6 +102,7 @@ targets = Table(
     Column("table_name", String(255), nullable=False),
     Column("row_id", BigInteger, nullable=False),
     PrimaryKeyConstraint("execution_id", "table_name", "row_id"),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -112,6 +115,7 @@ rejects = Table(
     Column("column_name", String(255)),
     Column("check_name", LONG_TEXT),
     Column("failure_case", LONG_TEXT),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -124,6 +128,7 @@ locks = Table(
     Column("hostname", String(255)),
     Column("pid", Integer),
     Column("acquired_at", DATETIME_US, nullable=False),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -142,21 +147,20 @@ def ensure_framework_tables(engine: Engine) -> None:
 
 def _add_missing_columns(engine: Engine) -> None:
     """Columns added to the framework tables since a database was set up (never dropped)."""
+    schema = framework_schema(engine)
     insp = inspect(engine)
     for table in framework_metadata.sorted_tables:
-        existing = {c["name"] for c in insp.get_columns(table.name)}
+        existing = {c["name"] for c in insp.get_columns(table.name, schema=schema)}
         missing = [c for c in table.columns if c.name not in existing]
-        if not missing:
-            continue
-        q = engine.dialect.identifier_preparer
         for col in missing:
             ddl = CreateColumn(col).compile(dialect=engine.dialect)
             try:
                 with engine.begin() as conn:
-                    conn.exec_driver_sql(f"ALTER TABLE {q.quote(table.name)} ADD COLUMN {ddl}")
+                    conn.exec_driver_sql(f"ALTER TABLE {table_sql(conn, table)} ADD COLUMN {ddl}")
             except DBAPIError:
                 # Another process added it at the same moment: fine; anything else: raise.
-                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                now = inspect(engine).get_columns(table.name, schema=schema)
+                if col.name not in {c["name"] for c in now}:
                     raise
 
 
@@ -167,7 +171,8 @@ def mirror_name(kind: str, table: str) -> str:
 def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
     """The backup or stage mirror of a live table, created (or widened) to match its columns."""
     assert kind in ("backup", "stage")
-    key = (str(engine.url), kind, live.name)
+    schema = framework_schema(engine)
+    key = (str(engine.url), schema, kind, live.name)
     with _mirror_lock:
         cached = _mirror_cache.get(key)
         if cached is not None and set(live.c.keys()) <= set(cached.c.keys()):
@@ -189,11 +194,12 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
             *cols,
             PrimaryKeyConstraint("dp_execution_id", "dp_action", "dp_seq"),
             Index(f"ix_{mirror_name(kind, live.name)}_src", "dp_execution_id", "dp_source_id"),
+            schema=schema,
             **mirror_table_options(live),
         )
         insp = inspect(engine)
-        if insp.has_table(table.name):
-            existing = {c["name"] for c in insp.get_columns(table.name)}
+        if insp.has_table(table.name, schema=schema):
+            existing = {c["name"] for c in insp.get_columns(table.name, schema=schema)}
             missing = [c for c in live.columns if c.name not in existing]
             if missing:
                 # The live table grew since the mirror was made: widen the mirror, never narrow.
@@ -202,7 +208,8 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
                         ddl = c.type.compile(dialect=engine.dialect)
                         q = engine.dialect.identifier_preparer
                         conn.exec_driver_sql(
-                            f"ALTER TABLE {q.quote(table.name)} ADD COLUMN {q.quote(c.name)} {ddl}"
+                            f"ALTER TABLE {table_sql(conn, table)} "
+                            f"ADD COLUMN {q.quote(c.name)} {ddl}"
                         )
         else:
             md.create_all(engine)
@@ -222,7 +229,8 @@ def ensure_mirror_index(engine: Engine, mirror: Table, column: str) -> None:
         index.create(engine, checkfirst=True)
     except DBAPIError:
         # Another process made it at the same moment: fine; anything else: raise.
-        if name not in {ix["name"] for ix in inspect(engine).get_indexes(mirror.name)}:
+        made = inspect(engine).get_indexes(mirror.name, schema=mirror.schema)
+        if name not in {ix["name"] for ix in made}:
             raise
 
 
@@ -250,8 +258,9 @@ def analyze(engine: Engine, tables: list[Table] | tuple[Table, ...]) -> None:
 
 def mirror_by_name(conn: Connection, name: str) -> Table | None:
     """An existing mirror table as it is in the database (None: there is none)."""
-    if not inspect(conn).has_table(name):
+    schema = framework_schema(conn)
+    if not inspect(conn).has_table(name, schema=schema):
         return None
     md = MetaData()
-    md.reflect(conn, only=[name])
-    return md.tables[name]
+    md.reflect(conn, schema=schema, only=[name])
+    return md.tables[f"{schema}.{name}" if schema else name]

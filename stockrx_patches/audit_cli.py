@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, select
 
 from patch_ops.audit import (
     AuditChainBroken,
@@ -38,6 +38,7 @@ from patch_ops.audit import (
     read_events,
     verify_chain,
 )
+from patch_ops.dialects.names import has_table
 from patch_ops.state import executions
 
 KEYS_ENV = "STOCKRX_AUDIT_KEYS"
@@ -73,12 +74,11 @@ def keyring_from_env(key_file: str | None = None) -> AuditKeyring:
 
 
 def _has_audit_tables(engine) -> bool:  # type: ignore[no-untyped-def]
-    insp = inspect(engine)
-    return all(insp.has_table(t.name) for t in (audit_events, audit_head, audit_checkpoints))
+    return all(has_table(engine, t) for t in (audit_events, audit_head, audit_checkpoints))
 
 
 def _real_runs(engine) -> int:  # type: ignore[no-untyped-def]
-    if not inspect(engine).has_table(executions.name):
+    if not has_table(engine, executions):
         return 0
     with engine.connect() as conn:
         return int(

@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import inspect, select
+from sqlalchemy import select
 
 from patch_ops.database import DatabaseUnavailable, check_connection, get_engine, redact_url
+from patch_ops.dialects.names import has_table
 from patch_ops.state import executions
 from patch_ops.steps.report import markdown_text
 from stockrx_patches import audit_cli
@@ -89,7 +90,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def _no_history(engine) -> bool:  # type: ignore[no-untyped-def]
-    if not inspect(engine).has_table(executions.name):
+    if not has_table(engine, executions):
         print("no executions yet")
         return True
     return False
@@ -191,7 +192,7 @@ def _run_job(args: argparse.Namespace, job_name: str, op_name: str, config: dict
         instance=instance,
         raise_on_error=False,
     )
-    if not inspect(engine).has_table(executions.name):
+    if not has_table(engine, executions):
         return result, engine, None
     with engine.connect() as conn:
         execution_id = conn.execute(

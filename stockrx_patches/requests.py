@@ -26,7 +26,7 @@ true for a dry run, ``"dry_run": false`` for a real run)::
 
 or ``stockrx-patches request inventory_price_adjustment --set adjustment_type=percentage
 --set adjustment_value=8 --requested-by release-bot --release-tag v2.14.0`` (creates the table if
-needed). ``status`` defaults to pending and ``requested_at`` to the database's current time.
+needed). ``status`` defaults to pending and ``requested_at`` to the database's current time in UTC.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -48,12 +47,13 @@ from sqlalchemy import (
     Text,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops.database import write_transaction
+from patch_ops.dialects.names import FRAMEWORK_SCHEMA
+from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS, UTCNow
 
 PENDING, HELD, REJECTED, LAUNCHED, SUCCEEDED, FAILED = (
     "pending",
@@ -79,14 +79,16 @@ requests = Table(
     Column("run_config", JSON, nullable=False),  # ops.plan_patch.config of the run
     Column("requested_by", String(255), nullable=False),
     Column("release_tag", String(255)),
-    Column("requested_at", DateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")),
+    Column("requested_at", DATETIME_US, nullable=False, server_default=UTCNow()),
     Column("status", String(16), nullable=False, server_default=PENDING),
     Column("reason", Text),
     Column("run_key", String(64)),
     Column("dagster_run_id", String(64)),
     Column("execution_id", String(36)),
-    Column("updated_at", DateTime),
+    Column("updated_at", DATETIME_US),
     Index("ix_data_patch_requests_status", "status"),
+    schema=FRAMEWORK_SCHEMA,
+    **TABLE_OPTIONS,
 )
 
 

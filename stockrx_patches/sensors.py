@@ -44,9 +44,10 @@ from dagster import (
     sensor,
     validate_run_config,
 )
-from sqlalchemy import inspect, select
+from sqlalchemy import select
 
 from patch_ops.database import write_transaction
+from patch_ops.dialects.names import has_table
 from patch_ops.execution import finish_execution
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
 from patch_ops.patch import PatchConfigError, RunContext
@@ -69,10 +70,6 @@ LOST_LAUNCH = dt.timedelta(minutes=10)
 
 def work_pending_sensor_name(patch_name: str) -> str:
     return f"{patch_name}_work_pending_sensor"
-
-
-def _has_table(engine: Any, name: str) -> bool:
-    return inspect(engine).has_table(name)
 
 
 def _plan_config(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +176,7 @@ def _reconcile(context: SensorEvaluationContext, engine: Any) -> None:
             run = runs[0]
             values["dagster_run_id"] = run.run_id
             ex = None
-            if _has_table(engine, executions.name):
+            if has_table(engine, executions):
                 which = (
                     executions.c.execution_id == req["execution_id"]
                     if req["execution_id"]
@@ -358,7 +355,7 @@ def build_resume_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> Se
         context: SensorEvaluationContext, stockrx_db: StockRxDatabase
     ) -> SensorResult | SkipReason:
         engine = stockrx_db.get_engine()
-        if not _has_table(engine, executions.name):
+        if not has_table(engine, executions):
             return SkipReason("no execution history yet")
         with engine.connect() as conn:
             paused = (
@@ -444,7 +441,7 @@ def handle_failed_run(
     engine = stockrx_db.get_engine()
     resources = SimpleNamespace(**{NOTIFIER: notifier, AUDIT: audit_log})
     rows: list[dict[str, Any]] = []
-    if _has_table(engine, executions.name):
+    if has_table(engine, executions):
         with engine.connect() as conn:
             rows = [
                 dict(r)

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from patch_ops.audit.connections import Bind, transaction
+from patch_ops.dialects.names import FRAMEWORK_SCHEMA
 from patch_ops.dialects.types import LONG_TEXT, TABLE_OPTIONS, UTCDateTime
 
 GENESIS_HASH = "0" * 64
@@ -36,6 +37,7 @@ audit_events = Table(
     Column("ciphertext", LONG_TEXT),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -47,6 +49,7 @@ audit_head = Table(
     Column("hash", String(64), nullable=False),
     Column("key_id", String(64)),
     Column("mac", String(64)),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -59,6 +62,7 @@ audit_checkpoints = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("key_id", String(64), nullable=False),
     Column("mac", String(64), nullable=False),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 

@@ -41,6 +41,9 @@ class Features:
     #: database gives ids only while inserting (MySQL's AUTO_INCREMENT): ``insert_staged`` learns
     #: them from the inserts themselves.
     ids_before_insert: bool = True
+    #: Tables can live in another schema (PostgreSQL) or database (MySQL) of the same server,
+    #: reachable from one connection: the framework's tables may (``framework_schema``).
+    schemas: bool = True
 
 
 class UnsupportedServer(Exception):

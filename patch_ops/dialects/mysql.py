@@ -39,6 +39,7 @@ from patch_ops.dialects import mysql_rows
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, UnsupportedServer
 from patch_ops.dialects.mysql_rows import error_code
 from patch_ops.dialects.mysql_timeouts import TIMEOUT_CODES, StatementWatchdog
+from patch_ops.dialects.names import table_sql
 
 #: Seconds a statement waits for a row lock (InnoDB's default is 50) or a metadata lock (the
 #: server's default is a year) before failing.
@@ -150,11 +151,10 @@ class MySQLDialect(DatabaseDialect):
         """``ANALYZE TABLE`` (InnoDB samples a few pages: fast) in autocommit: it commits."""
         if not tables:
             return
-        q = engine.dialect.identifier_preparer
         with engine.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             conn.exec_driver_sql(
-                "ANALYZE TABLE " + ", ".join(q.format_table(t) for t in tables)
+                "ANALYZE TABLE " + ", ".join(table_sql(conn, t) for t in tables)
             ).all()
 
     # -- locks and limits ----------------------------------------------------------------------

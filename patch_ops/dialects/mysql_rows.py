@@ -43,6 +43,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import StagedInserts
+from patch_ops.dialects.names import table_sql
 from patch_ops.frames import copy_text, plain_rows
 
 #: Drivers whose connections can send a local file (their ``local_infile`` connect argument).
@@ -78,7 +79,7 @@ def insert_rows(conn: Connection, table: Table, df: pd.DataFrame) -> None:
     q = conn.dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in cols).replace("%", "%%")
     marks = ", ".join(["%s"] * len(cols))
-    sql = f"INSERT INTO {q.format_table(table).replace('%', '%%')} ({names}) VALUES ({marks})"
+    sql = f"INSERT INTO {table_sql(conn, table).replace('%', '%%')} ({names}) VALUES ({marks})"
     conn.exec_driver_sql(sql, rows)  # type: ignore[arg-type]
 
 
@@ -116,7 +117,7 @@ def load_data(conn: Connection, table: Table, df: pd.DataFrame) -> bool:
     q = conn.dialect.identifier_preparer
     cols = ", ".join(q.quote(str(c)) for c in df.columns)
     rest = (
-        f" INTO TABLE {q.format_table(table)} CHARACTER SET utf8mb4"
+        f" INTO TABLE {table_sql(conn, table)} CHARACTER SET utf8mb4"
         r" FIELDS TERMINATED BY '\t' ESCAPED BY '\\' LINES TERMINATED BY '\n'"
         f" ({cols})"
     )
@@ -209,7 +210,7 @@ def insert_staged(
     conn.exec_driver_sql(f"SET SESSION group_concat_max_len = {room}")
     q = conn.dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in columns)
-    head = f"INSERT INTO {q.format_table(live)} ({names}) VALUES "
+    head = f"INSERT INTO {table_sql(conn, live)} ({names}) VALUES "
     text: Any = literal_column(row_literal(conn, st, columns)).label("txt")
     blocks: list[tuple[Sequence[int], int]] = []  # (dp_seq of the rows, id of the first)
     after, total, rows = ins.first - 1, 0, CHUNK_ROWS

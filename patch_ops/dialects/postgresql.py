@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
+from patch_ops.dialects.names import table_sql
 from patch_ops.frames import copy_text, plain_rows
 
 
@@ -29,7 +30,7 @@ class PostgreSQLDialect(DatabaseDialect):
             return
         q = conn.dialect.identifier_preparer
         cols = [str(c) for c in df.columns]
-        sql = f"COPY {q.quote(table.name)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"
+        sql = f"COPY {table_sql(conn, table)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"
         data = copy_text(df, {c for c in cols if isinstance(table.c[c].type, Integer)})
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -56,7 +57,7 @@ class PostgreSQLDialect(DatabaseDialect):
         raw = engine.raw_connection()
         try:
             with raw.cursor() as cur:  # type: ignore[attr-defined]  # psycopg 3 cursor
-                sql = f"COPY {q.quote(table.name)} ({cols}) FROM STDIN WITH (FORMAT text)"
+                sql = f"COPY {table_sql(engine, table)} ({cols}) FROM STDIN WITH (FORMAT text)"
                 with cur.copy(sql) as cp:
                     while chunk := buf.read(1 << 20):
                         cp.write(chunk)
@@ -78,11 +79,10 @@ class PostgreSQLDialect(DatabaseDialect):
     def analyze(self, engine: Engine, tables: Sequence[Table]) -> None:
         """Without fresh statistics the planner takes new mirror rows for a handful and joins
         them with nested loops (quadratic)."""
-        q = engine.dialect.identifier_preparer
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT")
             for t in tables:
-                conn.exec_driver_sql(f"ANALYZE {q.quote(t.name)}")
+                conn.exec_driver_sql(f"ANALYZE {table_sql(conn, t)}")
 
     def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
         # The server locks every row as it reads it and sends back one count, not the ids

@@ -11,11 +11,12 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
+from patch_ops.dialects.names import table_sql
 
 
 class SQLiteDialect(DatabaseDialect):
     name = "sqlite"
-    features = Features(row_locks=False, snapshot_isolation=False)
+    features = Features(row_locks=False, snapshot_isolation=False, schemas=False)
 
     def engine_options(self) -> dict[str, Any]:
         return {}
@@ -61,7 +62,7 @@ class SQLiteDialect(DatabaseDialect):
         marks = ", ".join("?" * len(cols))
         with engine.begin() as conn:
             conn.exec_driver_sql(
-                f"INSERT INTO {q.quote(table.name)} ({', '.join(q.quote(c) for c in cols)}) "
+                f"INSERT INTO {table_sql(engine, table)} ({', '.join(q.quote(c) for c in cols)}) "
                 f"VALUES ({marks})",
                 list(df.itertuples(index=False, name=None)),
             )

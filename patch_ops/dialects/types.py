@@ -9,7 +9,8 @@ microseconds (the framework's own timestamps; Rails' ``datetime(6)``). ``LONG_TE
 text (MySQL's ``TEXT`` stops at 64 KB). ``TABLE_OPTIONS`` are the keyword arguments every table
 the framework (or the demo schema) creates passes to ``Table``: InnoDB and utf8mb4 on MySQL and
 MariaDB, ignored elsewhere. Column types are fixed when a ``Table`` is defined, before any
-connection, so the MySQL choices here are SQLAlchemy type variants.
+connection, so the MySQL choices here are SQLAlchemy type variants. ``UTC_NOW`` is the server's
+current time in UTC, for column defaults (rows that release tooling inserts by hand).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 from sqlalchemy import DateTime, Table, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
 from patch_ops.dialects import dialect_of
@@ -40,6 +44,29 @@ TABLE_OPTIONS: dict[str, Any] = {
     for prefix in _MYSQL
     for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"))
 }
+
+
+class UTCNow(FunctionElement[Any]):
+    """The current time as naive UTC with microseconds, whatever the session's time zone (the
+    SQL standard's CURRENT_TIMESTAMP is local time on PostgreSQL and MySQL)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+
+@compiles(UTCNow)
+def _utc_now(element: UTCNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"  # SQLite: always UTC
+
+
+@compiles(UTCNow, "postgresql")
+def _utc_now_postgresql(element: UTCNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "timezone('UTC', now())"
+
+
+@compiles(UTCNow, *_MYSQL)
+def _utc_now_mysql(element: UTCNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "UTC_TIMESTAMP(6)"  # as a column default: DEFAULT (UTC_TIMESTAMP(6)), 8.0.13+
 
 
 def mirror_table_options(live: Table) -> dict[str, Any]:

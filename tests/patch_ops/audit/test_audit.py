@@ -11,7 +11,7 @@ from typing import Any
 
 import dagster as dg
 import pytest
-from sqlalchemy import create_engine, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
 
 from patch_ops.audit import (
@@ -31,6 +31,7 @@ from patch_ops.audit import (
     scrub_secrets,
     verify_chain,
 )
+from patch_ops.database import get_engine
 from resources.audit import AuditLog
 
 SAMPLE = "LOT-7Q-SECRET-4711"
@@ -40,7 +41,7 @@ K2 = AuditKeyring.new_entry("k2")
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    eng = create_engine(database_url)
+    eng = get_engine(database_url)
     ensure_audit_tables(eng)
     yield eng
     eng.dispose()
@@ -347,7 +348,7 @@ def test_resource_in_a_dagster_job(sqlite_url: str, monkeypatch: pytest.MonkeyPa
 
     @dg.op
     def record(audit: AuditLog) -> int | None:
-        eng = create_engine(sqlite_url)
+        eng = get_engine(sqlite_url)
         audit.ensure_tables(eng)
         with eng.begin() as conn:
             seq = audit.append(conn, "ex-1", "plan", "release-bot", {"targets": 3}, {"ids": [1]})
@@ -441,7 +442,7 @@ def test_purge_refuses_a_broken_chain(engine: Engine, keyring: AuditKeyring) -> 
 
 
 def _append_worker(url: str, keys: str, tag: str, n: int, start: Any) -> None:
-    eng = create_engine(url)
+    eng = get_engine(url)
     keyring = AuditKeyring.parse(keys)
     start.wait(30)
     for i in range(n):
