@@ -2,8 +2,9 @@
 
 Ops call ``Lifecycle`` at each milestone. Audit events go to the encrypted, hash-chained trail
 (resources.audit); notifications (resources.notifier) go out at the end of an execution and never
-fail or roll back a patch: undeliverable ones are retried by the notifier, then recorded in the
-execution history (``data_patch_executions.notifications``) and in the audit trail.
+fail or roll back a patch: undeliverable ones are retried by the notifier within its time budget,
+recorded in the execution history (``data_patch_executions.notifications``) and in the audit
+trail, and kept in the outbox (patch_ops.outbox), which every notification flushes first.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.engine import Connection, Engine
 
+from patch_ops import outbox
 from patch_ops.audit import ensure_audit_tables
 from patch_ops.database import write_transaction
 from patch_ops.execution import load_execution, utcnow
 from patch_ops.state import executions
+from patch_ops.steps.report import impact_lines
 from resources.audit import AuditLog
 from resources.notifier import Notifier, PatchNotification
+
+#: Phases whose execution had changed the live tables.
+COMMITTED_PHASES = frozenset({"committed", "verified", "restored"})
 
 AUDIT = "audit_log"
 NOTIFIER = "notifier"
@@ -97,28 +103,36 @@ class Lifecycle:
         self.notify(outcome, reason=reason)
 
     def notify(self, outcome: str, reason: str | None = None) -> None:
-        """Send the end-of-execution notification; record the outcome; never raise."""
+        """Send the end-of-execution notification (after what the outbox kept that is due);
+        record the outcome; keep what was not delivered in the outbox; never raise."""
         notifier: Notifier | None = _resource(self.resources, NOTIFIER)
         if notifier is None:
             return
         try:
+            self.flush_outbox(notifier)
             ex = self._execution()
             end = ex["completed_at"] or utcnow()
-            results = notifier.notify(
-                PatchNotification(
-                    patch_name=ex["patch_name"],
-                    execution_id=self.execution_id,
-                    outcome=outcome,
-                    dry_run=bool(ex["dry_run"]),
-                    rows_changed=int(ex["staged_updates"] or 0),
-                    duration_seconds=(end - ex["started_at"]).total_seconds(),
-                    dagster_run_id=ex["dagster_run_id"],
-                    reason=reason or ex["error_message"],
-                )
+            committed = ex["phase"] in COMMITTED_PHASES or bool(ex["rollback_performed"])
+            n = PatchNotification(
+                patch_name=ex["patch_name"],
+                execution_id=self.execution_id,
+                outcome=outcome,
+                dry_run=bool(ex["dry_run"]),
+                rows_changed=int(ex["staged_updates"] or 0),
+                duration_seconds=(end - ex["started_at"]).total_seconds(),
+                dagster_run_id=ex["dagster_run_id"],
+                reason=reason or ex["error_message"],
+                committed=committed,
+                # The impact is shown when it is what happened or what would happen.
+                impact=tuple(impact_lines(ex["report"]))
+                if outcome == "completed" or committed else (),
             )
+            results = notifier.notify(n)
+            kept = outbox.keep(self.engine, n, results)
             record = [
                 {"channel": r.channel, "delivered": r.delivered, "attempts": r.attempts,
-                 "error": r.error, "at": utcnow().isoformat()}
+                 "error": r.error, "at": utcnow().isoformat(),
+                 **({"kept_in_outbox": True} if r.configured and not r.delivered else {})}
                 for r in results
             ]
             with write_transaction(self.engine) as conn:
@@ -131,6 +145,20 @@ class Lifecycle:
             for r in record:
                 if not r["delivered"] and r["error"] != "not configured" and self.log:
                     self.log.warning(f"notification via {r['channel']} not delivered: {r['error']}")
+            if kept and self.log:
+                self.log.warning(f"{kept} undelivered message(s) kept in the outbox, sent later")
         except Exception as exc:  # noqa: BLE001 - a notification must never fail a patch
             if self.log:
                 self.log.warning(f"notification failed: {type(exc).__name__}: {exc}")
+
+    def flush_outbox(self, notifier: Notifier) -> None:
+        """Send what the outbox kept that is due; a failure is logged, never raised."""
+        try:
+            for sent in outbox.flush(self.engine, notifier):
+                if self.log:
+                    what = "delivered" if sent["delivered"] else f"still undelivered: {sent['error']}"
+                    self.log.info(f"outbox: {sent['channel']} message of execution "
+                                  f"{sent['execution_id']} {what}")
+        except Exception as exc:  # noqa: BLE001 - a notification must never fail a patch
+            if self.log:
+                self.log.warning(f"outbox flush failed: {type(exc).__name__}: {exc}")

@@ -39,11 +39,15 @@ class PatchRunConfig(Config):
     )
     batch_size: int | None = Field(
         default=None,
-        description="Rows per transform batch; default from config/data_patches.yml.",
+        description="Driving rows the transform reads, checks and stages at a time (the memory "
+        "guard may halve it); default from config/data_patches.yml.",
     )
     memory_limit_mb: int | None = Field(
         default=None,
-        description="Fail the run above this RSS (MB); default from config/data_patches.yml.",
+        description="Memory (MB) the transform step may add to its process (RSS above what it "
+        "held when the step began). Above 80 % of it the batch is halved (down to 100 rows); "
+        "three batches in a row above 80 % at the minimum, or one above 100 %, fail the run "
+        "before anything is committed. Default from config/data_patches.yml.",
     )
     launched_by: str | None = Field(
         default=None,

@@ -5,19 +5,41 @@ maintenance window (one cron expression per distinct start time, in the windows'
 with its ``schedule_config`` (default: a real run). One-off patches get no schedule. A scheduled
 run whose config equals a paused execution's continues it, so the
 schedule also resumes what the previous window could not finish (patch_ops.steps.plan).
+
+Whether schedules and sensors start running by themselves is one switch, ``STOCKRX_AUTOMATION``
+(``on`` by default; ``make ui`` sets ``off``, so a demo never starts a real run on its own). It
+only sets their default: a schedule or sensor turned on or off in the UI stays so.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from dagster import DefaultScheduleStatus, ScheduleDefinition
+from dagster import DefaultScheduleStatus, DefaultSensorStatus, ScheduleDefinition
 
 from patch_ops.patch import PatchSettings
 from patch_ops.windows import cron_schedules, schedule_timezone
 from stockrx_patches.registry import Registry
 
 TRIGGER_TAG = "stockrx/trigger"
+AUTOMATION_ENV = "STOCKRX_AUTOMATION"
+
+
+def automation_on() -> bool:
+    """Schedules and sensors run by default unless STOCKRX_AUTOMATION is off."""
+    value = (os.environ.get(AUTOMATION_ENV) or "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{AUTOMATION_ENV} must be on or off, got {value!r}")
+    return value == "on"
+
+
+def schedule_default_status() -> DefaultScheduleStatus:
+    return DefaultScheduleStatus.RUNNING if automation_on() else DefaultScheduleStatus.STOPPED
+
+
+def sensor_default_status() -> DefaultSensorStatus:
+    return DefaultSensorStatus.RUNNING if automation_on() else DefaultSensorStatus.STOPPED
 
 
 def schedule_name(patch_name: str) -> str:
@@ -48,7 +70,7 @@ def build_schedules(registry: Registry) -> list[ScheduleDefinition]:
                 tags={TRIGGER_TAG: "schedule"},
                 description=f"{name} at the start of every maintenance window "
                 f"({'; '.join(w.describe() for w in windows)})",
-                default_status=DefaultScheduleStatus.RUNNING,
+                default_status=schedule_default_status(),
             )
         )
     return schedules

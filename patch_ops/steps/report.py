@@ -243,3 +243,36 @@ def markdown_text(text: str) -> str:
             out.append(c)
     return "".join(out)
 
+
+
+def impact_lines(report: dict[str, Any] | None) -> list[str]:
+    """The impact report in a few plain lines, for messages: rows per table and the sums of
+    every changed numeric column before and after."""
+    if not isinstance(report, dict):
+        return []
+    lines = []
+    for table, u in (report.get("updates") or {}).items():
+        if not isinstance(u, dict) or "rows" not in u:
+            continue  # another kind of report (restore, purge)
+        lines.append(f"{table}: {u['rows']:,} rows")
+        for col, s in (u.get("stats") or {}).items():
+            lines.append(f"{table}.{col}: sum {_plain(s['sum_before'])} → {_plain(s['sum_after'])}"
+                         f" (change {_plain(s['min_change'])} to {_plain(s['max_change'])} per row)")
+    for table, i in (report.get("inserts") or {}).items():
+        if isinstance(i, dict) and "rows" in i:
+            lines.append(f"{table}: {i['rows']:,} rows inserted")
+    failed = report.get("failed_records")
+    if failed:
+        lines.append(f"rejected by validation: {failed:,} rows")
+    return lines
+
+
+def _plain(v: Any) -> str:
+    """A number for a plain-text message (no Markdown escapes)."""
+    if v is None:
+        return "∅"
+    if isinstance(v, float):
+        return f"{int(v):,}" if v.is_integer() else f"{v:,.2f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)

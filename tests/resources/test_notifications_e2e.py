@@ -60,12 +60,17 @@ def defs_for(slack: FakeSlack, smtp: FakeSmtp, **overrides):  # type: ignore[no-
             "smtp_port": smtp.port,
             "smtp_sender": "patches@stockrx.test",
             "smtp_recipients": ["ops@stockrx.test"],
+            "smtp_security": "none",
             "retry_delay_seconds": 0.01,
             "ui_base_url": UI,
             **overrides,
         }
     )
     return build_definitions(registry, resources={"notifier": notifier})
+
+
+def num(v: float) -> str:
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:,.2f}"
 
 
 def subject(mail) -> str:  # type: ignore[no-untyped-def]
@@ -87,6 +92,15 @@ def test_completed_real_run_reports_rows_duration_and_link(sqlite_url, slack, sm
         ":white_check_mark: *[StockRx] Patch inventory_price_adjustment completed (REAL)*"
     )
     assert f"Rows changed: {ex['staged_updates']:,}" in real_text and ex["staged_updates"] > 0
+    # The impact summary, not only a link: rows and the sums before and after.
+    stats = ex["report"]["updates"]["inventories"]["stats"]["price"]
+    assert f"inventories: {ex['staged_updates']:,} rows" in real_text
+    sums = f"inventories.price: sum {num(stats['sum_before'])} → {num(stats['sum_after'])}"
+    assert sums in real_text
+    # A dry run says what would change; it changed nothing.
+    assert f"Rows that would change: {ex['staged_updates']:,}" in dry_text
+    assert "Rows changed" not in dry_text
+    assert f"inventories.price: sum {num(stats['sum_before'])} → " in dry_text
     assert "Duration: " in real_text and " s" in real_text
     assert f"Run: {UI}/runs/{result.run_id}" in real_text
     assert f"Execution id: {ex['execution_id']}" in real_text
@@ -103,7 +117,8 @@ def test_completed_real_run_reports_rows_duration_and_link(sqlite_url, slack, sm
     ]
 
 
-def test_rollback_is_urgent_with_reason_and_execution_id_on_both_channels(sqlite_url, slack, smtp):
+def test_dry_run_failing_validation_is_an_ordinary_message_with_its_reason(sqlite_url, slack, smtp):
+    # Urgent is for real runs and anything after a commit: a dry run changed nothing.
     engine = seeded(sqlite_url, items=40)
     before = digest(engine)
 
@@ -115,13 +130,32 @@ def test_rollback_is_urgent_with_reason_and_execution_id_on_both_channels(sqlite
     ex = latest_execution(engine)
     [message], [mail] = slack.messages, smtp.messages
     text = message["text"]
-    assert text.startswith(":rotating_light:")
+    assert text.startswith(":warning:") and ":rotating_light:" not in text
     assert "forgetful_counter_patch ROLLED BACK (DRY RUN)" in text
     assert "Reason: validation failed: invariant inventory_logs_count" in text
+    assert "Rows changed: none (a dry run commits nothing)" in text
     assert f"Execution id: {ex['execution_id']}" in text
-    assert subject(mail) == "[URGENT] [StockRx] Patch forgetful_counter_patch ROLLED BACK (DRY RUN)"
+    assert subject(mail) == "[StockRx] Patch forgetful_counter_patch ROLLED BACK (DRY RUN)"
     assert ex["execution_id"] in mail.get_content()
     assert "validation failed" in mail.get_content()
+
+
+def test_mistyped_value_in_a_dry_run_is_not_urgent_in_a_real_run_it_is(sqlite_url, slack, smtp):
+    seeded(sqlite_url, items=20)
+    mistyped = {"adjustment_type": "percentage", "adjustment_value": 5000}
+
+    dry = run_patch(sqlite_url, PRICE_JOB, {**mistyped, "dry_run": True},
+                    defs=defs_for(slack, smtp), approve=False)
+    real = run_patch(sqlite_url, PRICE_JOB, {**mistyped, "dry_run": False},
+                     defs=defs_for(slack, smtp), approve=False)
+
+    assert not dry.success and not real.success
+    dry_text, real_text = (m["text"] for m in slack.messages)
+    assert dry_text.startswith(":warning: *[StockRx] Patch inventory_price_adjustment FAILED (DRY")
+    assert "got 5000" in dry_text and "Rows changed: none" in dry_text
+    assert real_text.startswith(":rotating_light:")
+    assert "Rows changed: none (nothing was committed)" in real_text
+    assert [subject(m).startswith("[URGENT]") for m in smtp.messages] == [False, True]
 
 
 def test_restore_after_failed_verification_is_urgent(sqlite_url, slack, smtp):

@@ -45,6 +45,7 @@ def email_notifier(smtp: FakeSmtp, **overrides) -> Notifier:
         smtp_port=smtp.port,
         smtp_sender="patches@stockrx.test",
         smtp_recipients=["ops@stockrx.test", "dev@stockrx.test"],
+        smtp_security="none",
         retry_delay_seconds=0.01,
     )
     return Notifier(**(config | overrides))
@@ -112,6 +113,7 @@ def test_failure_outcomes_are_urgent_on_every_channel(slack, smtp, outcome, titl
         smtp_host="127.0.0.1",
         smtp_port=smtp.port,
         smtp_recipients=["ops@stockrx.test"],
+        smtp_security="none",
     )
     results = notifier.notify(failed(outcome))
 
@@ -146,7 +148,8 @@ def test_completed_email_is_not_urgent(smtp):
 
     [mail] = smtp.messages
     assert subject(mail) == "[StockRx] Patch fix_negative_stock completed (DRY RUN)"
-    assert "Rows changed: 1,234" in mail.get_content()
+    assert "Rows that would change: 1,234" in mail.get_content()
+    assert "Rows changed" not in mail.get_content()
 
 
 @pytest.mark.parametrize("mode", ["http_500", "ratelimited"])
@@ -187,7 +190,7 @@ def test_wrong_slack_token_is_undelivered_and_never_echoed(slack):
         failed(reason=f"crashed while using {wrong}")
     )
 
-    assert not result.delivered and result.attempts == 2
+    assert not result.delivered and result.attempts == 1  # permanent: not retried
     assert "invalid_auth" in result.error
     assert wrong not in result.error and wrong not in repr(result)
 
@@ -200,6 +203,7 @@ def test_secrets_are_scrubbed_from_messages(slack):
             smtp_host="127.0.0.1",
             smtp_port=auth_smtp.port,
             smtp_recipients=["ops@stockrx.test"],
+            smtp_security="none",
             smtp_username="patcher",
             smtp_password=PASSWORD,
         )
@@ -265,6 +269,7 @@ def test_only_selected_channels_are_used(slack, smtp):
         smtp_host="127.0.0.1",
         smtp_port=smtp.port,
         smtp_recipients=["ops@stockrx.test"],
+        smtp_security="none",
     )
 
     assert [r.channel for r in notifier.notify(completed())] == ["email"]
@@ -307,6 +312,7 @@ def test_notifier_as_dagster_resource(slack, smtp, monkeypatch):
         smtp_host="127.0.0.1",
         smtp_port=smtp.port,
         smtp_recipients=["ops@stockrx.test"],
+        smtp_security="none",
     )
     result = announce_job.execute_in_process(resources={"notifier": notifier})
 
