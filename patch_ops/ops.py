@@ -34,6 +34,7 @@ from dagster import (
 from sqlalchemy.engine import Engine
 
 from patch_ops.database import DatabaseUnavailable, write_transaction
+from patch_ops.dialects import MissingPrivilege
 from patch_ops.execution import (
     PatchError,
     RunFinished,
@@ -50,9 +51,9 @@ from resources.memory import MemoryGuard, MemoryLimitExceeded
 DB = "stockrx_db"
 MEMORY = "memory_guard"
 #: Errors of a step that fail it with their own one-line message (anything else: a traceback).
-STEP_ERRORS = (PatchError, MemoryLimitExceeded, DatabaseUnavailable, ValueError)
+STEP_ERRORS = (PatchError, MemoryLimitExceeded, DatabaseUnavailable, MissingPrivilege, ValueError)
 #: Errors of an op that opens or checks an execution: a refusal, before any write.
-REFUSALS = (PatchError, DatabaseUnavailable, LookupError, ValueError)
+REFUSALS = (PatchError, DatabaseUnavailable, MissingPrivilege, LookupError, ValueError)
 
 
 def one_line(exc: BaseException) -> str:

@@ -38,7 +38,13 @@ from sqlalchemy.schema import CreateColumn
 
 from patch_ops.dialects import dialect_of
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA, framework_schema, table_sql
-from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS, mirror_table_options
+from patch_ops.dialects.types import (
+    DATETIME_US,
+    LONG_TEXT,
+    TABLE_OPTIONS,
+    framework_ddl,
+    mirror_table_options,
+)
 from patch_ops.patch import Tables
 
 framework_metadata = MetaData()
@@ -141,8 +147,9 @@ _mirror_lock = threading.Lock()
 
 
 def ensure_framework_tables(engine: Engine) -> None:
-    framework_metadata.create_all(engine, checkfirst=True)
-    _add_missing_columns(engine)
+    with framework_ddl(engine):
+        framework_metadata.create_all(engine, checkfirst=True)
+        _add_missing_columns(engine)
 
 
 def _add_missing_columns(engine: Engine) -> None:
@@ -197,24 +204,29 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
             schema=schema,
             **mirror_table_options(live),
         )
-        insp = inspect(engine)
-        if insp.has_table(table.name, schema=schema):
-            existing = {c["name"] for c in insp.get_columns(table.name, schema=schema)}
-            missing = [c for c in live.columns if c.name not in existing]
-            if missing:
-                # The live table grew since the mirror was made: widen the mirror, never narrow.
-                with engine.begin() as conn:
-                    for c in missing:
-                        ddl = c.type.compile(dialect=engine.dialect)
-                        q = engine.dialect.identifier_preparer
-                        conn.exec_driver_sql(
-                            f"ALTER TABLE {table_sql(conn, table)} "
-                            f"ADD COLUMN {q.quote(c.name)} {ddl}"
-                        )
-        else:
-            md.create_all(engine)
+        with framework_ddl(engine):
+            widen_or_create_mirror(engine, live, table)
         _mirror_cache[key] = table
         return table
+
+
+def widen_or_create_mirror(engine: Engine, live: Table, table: Table) -> None:
+    """Create the mirror ``table`` of ``live``, or add the columns ``live`` gained since (a
+    mirror is widened, never narrowed)."""
+    insp = inspect(engine)
+    if not insp.has_table(table.name, schema=table.schema):
+        table.metadata.create_all(engine)
+        return
+    existing = {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}
+    missing = [c for c in live.columns if c.name not in existing]
+    if missing:
+        q = engine.dialect.identifier_preparer
+        with engine.begin() as conn:
+            for c in missing:
+                ddl = c.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(
+                    f"ALTER TABLE {table_sql(conn, table)} ADD COLUMN {q.quote(c.name)} {ddl}"
+                )
 
 
 def ensure_mirror_index(engine: Engine, mirror: Table, column: str) -> None:

@@ -53,7 +53,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from patch_ops.database import write_transaction
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA
-from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS, UTCNow
+from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS, UTCNow, framework_ddl
 
 PENDING, HELD, REJECTED, LAUNCHED, SUCCEEDED, FAILED = (
     "pending",
@@ -93,7 +93,8 @@ requests = Table(
 
 
 def ensure_requests_table(engine: Engine) -> None:
-    metadata.create_all(engine, checkfirst=True)
+    with framework_ddl(engine):
+        metadata.create_all(engine, checkfirst=True)
 
 
 def utcnow() -> dt.datetime:

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 
 from patch_ops.audit.connections import Bind, transaction
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA
-from patch_ops.dialects.types import LONG_TEXT, TABLE_OPTIONS, UTCDateTime
+from patch_ops.dialects.types import LONG_TEXT, TABLE_OPTIONS, UTCDateTime, framework_ddl
 
 GENESIS_HASH = "0" * 64
 HEAD_ID = 1
@@ -69,7 +69,8 @@ audit_checkpoints = Table(
 
 def ensure_audit_tables(bind: Bind) -> None:
     """Create the audit tables if missing and the head row (seq 0, genesis hash). Idempotent."""
-    audit_metadata.create_all(bind, checkfirst=True)
+    with framework_ddl(bind):
+        audit_metadata.create_all(bind, checkfirst=True)
     genesis = {"id": HEAD_ID, "seq": 0, "hash": GENESIS_HASH, "key_id": None, "mac": None}
     try:
         with transaction(bind) as conn:

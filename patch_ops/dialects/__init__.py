@@ -11,7 +11,13 @@ from typing import Any
 
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
 
-from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, UnsupportedServer
+from patch_ops.dialects.base import (
+    DatabaseDialect,
+    Features,
+    MissingPrivilege,
+    StagedInserts,
+    UnsupportedServer,
+)
 from patch_ops.dialects.mysql import MariaDBDialect, MySQLDialect
 from patch_ops.dialects.postgresql import PostgreSQLDialect
 from patch_ops.dialects.sqlite import SQLiteDialect
@@ -19,6 +25,7 @@ from patch_ops.dialects.sqlite import SQLiteDialect
 __all__ = [
     "DatabaseDialect",
     "Features",
+    "MissingPrivilege",
     "StagedInserts",
     "UnsupportedServer",
     "dialect_of",

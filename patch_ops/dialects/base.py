@@ -50,6 +50,11 @@ class UnsupportedServer(Exception):
     """The database server lacks something the framework relies on (``check_server``)."""
 
 
+class MissingPrivilege(Exception):
+    """The database user may not do what the framework must (create its tables, read or write a
+    StockRx table): a refusal before any write, never a verdict on the data."""
+
+
 @dataclass(frozen=True)
 class StagedInserts:
     """The rows an execution stages for insertion into one live table: ``where`` selects them
@@ -93,8 +98,15 @@ class DatabaseDialect:
 
     def is_data_refusal(self, exc: DBAPIError) -> bool:
         """``exc`` is the database refusing the data of a statement (a constraint, a type, a
-        trigger), as opposed to trouble with the connection, a lock wait or a timeout."""
-        return not isinstance(exc, OperationalError | InterfaceError)
+        trigger), as opposed to trouble with the connection, a lock wait, a timeout or a missing
+        privilege."""
+        return not isinstance(exc, OperationalError | InterfaceError) and not (
+            self.is_privilege_error(exc)
+        )
+
+    def is_privilege_error(self, exc: DBAPIError) -> bool:
+        """``exc`` is the user lacking a privilege (SQLSTATE 42501, insufficient_privilege)."""
+        return getattr(exc.orig, "sqlstate", None) == "42501"
 
     def is_lock_timeout(self, exc: DBAPIError) -> bool:
         """``exc`` is a statement that gave up waiting for a row lock another session holds."""

@@ -54,6 +54,9 @@ SESSION_SETUP = (
 MIN_MYSQL = (8, 0, 16)
 MIN_MARIADB = (10, 2, 1)
 
+#: Access denied to a database (1044), a command on a table (1142) or column (1143), a
+#: privilege needed (1227).
+PRIVILEGE_ERRORS = frozenset({1044, 1142, 1143, 1227})
 ER_LOCK_WAIT_TIMEOUT = 1205
 ER_LOCK_DEADLOCK = 1213
 #: Error numbers that are the server refusing a statement's data: NOT NULL (1048, 1364), unique
@@ -131,6 +134,9 @@ class MySQLDialect(DatabaseDialect):
     def is_busy(self, exc: DBAPIError) -> bool:
         # a deadlock victim's transaction was rolled back whole: running it again may succeed
         return error_code(exc) == ER_LOCK_DEADLOCK
+
+    def is_privilege_error(self, exc: DBAPIError) -> bool:
+        return error_code(exc) in PRIVILEGE_ERRORS
 
     def is_data_refusal(self, exc: DBAPIError) -> bool:
         code = error_code(exc)

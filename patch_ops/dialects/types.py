@@ -15,18 +15,22 @@ current time in UTC, for column defaults (rows that release tooling inserts by h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, Table, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
-from patch_ops.dialects import dialect_of
+from patch_ops.dialects import MissingPrivilege, dialect_of
+from patch_ops.dialects.names import URL_PARAMETER, framework_schema
 
 _MYSQL = ("mysql", "mariadb")
 
@@ -67,6 +71,25 @@ def _utc_now_postgresql(element: UTCNow, compiler: SQLCompiler, **kw: Any) -> st
 @compiles(UTCNow, *_MYSQL)
 def _utc_now_mysql(element: UTCNow, compiler: SQLCompiler, **kw: Any) -> str:
     return "UTC_TIMESTAMP(6)"  # as a column default: DEFAULT (UTC_TIMESTAMP(6)), 8.0.13+
+
+
+@contextmanager
+def framework_ddl(bind: Any) -> Iterator[None]:
+    """Around the DDL that makes or widens framework tables: a missing privilege becomes one
+    line that says where the tables go and what to grant, instead of the server's SQL dump."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not dialect_of(bind).is_privilege_error(exc):
+            raise
+        schema = framework_schema(bind)
+        where = f"schema {schema!r}" if schema else "the StockRx database's default schema"
+        reason = str(exc.orig).strip().splitlines()[0]
+        raise MissingPrivilege(
+            f"the database user may not create the framework's tables in {where} ({reason}): "
+            "grant it CREATE there, or give the framework a schema of its own with "
+            f"{URL_PARAMETER} in the URL (README, 'Against MySQL')"
+        ) from None
 
 
 def mirror_table_options(live: Table) -> dict[str, Any]:
