@@ -26,7 +26,7 @@ from patch_ops.executor import patch_executor
 from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
 from patch_ops.patch import Patch, PatchSettings
-from patch_ops.state import executions
+from patch_ops.state import executions, require_tables
 from patch_ops.steps import backup, commit, transform, validate, verify
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.restore import restore_rows
@@ -158,6 +158,7 @@ def build_patch_job(
     def plan_patch(step: Step, config: Any) -> str:
         context = step.context
         check_connection(step.engine)
+        require_tables(step.engine, patch.tables())
         prepare_audit(context.resources, step.engine)
         for unverified in unverified_executions(step.engine, patch.name):
             step.log.warning(

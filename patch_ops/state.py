@@ -252,12 +252,22 @@ def forget_mirrors() -> None:
         _mirror_cache.clear()
 
 
-def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables:
-    """Reflect live tables by name; a missing table is a clear error before any write."""
+def require_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> None:
+    """A clear error, before anything is written (the framework's tables included), when the
+    database lacks a StockRx table: most likely the URL names another database."""
     insp = inspect(engine)
     missing = [n for n in names if not insp.has_table(n)]
     if missing:
-        raise LookupError(f"table(s) not found in the StockRx database: {', '.join(missing)}")
+        shown = engine.url.render_as_string(hide_password=True)
+        raise LookupError(
+            f"table(s) not found in the StockRx database {shown}: {', '.join(missing)} "
+            "(is this the StockRx database?)"
+        )
+
+
+def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables:
+    """Reflect live tables by name; a missing table is a clear error before any write."""
+    require_tables(engine, names)
     md = MetaData()
     md.reflect(engine, only=list(names))
     return Tables({n: md.tables[n] for n in names})

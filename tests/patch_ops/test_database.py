@@ -25,3 +25,18 @@ def test_a_url_that_cannot_make_an_engine_is_one_clear_line(url: str, expected: 
 
 def test_the_password_is_masked() -> None:
     assert redact_url("postgresql+psycopg://u:s3cr3t@h/db") == "postgresql+psycopg://u:***@h/db"
+
+
+def test_a_mysql_url_whose_driver_is_missing_is_one_clear_line() -> None:
+    """mysqlclient (mysql+mysqldb) is optional: PyMySQL is the default driver."""
+    try:
+        import MySQLdb  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("mysqlclient is installed here")
+    with pytest.raises(DatabaseUnavailable) as info:
+        get_engine("mysql+mysqldb://patcher:s3cr3t@127.0.0.1/stockrx")
+    message = str(info.value)
+    assert "the database driver for 'mysql+mysqldb' is not installed" in message
+    assert "s3cr3t" not in message and "\n" not in message

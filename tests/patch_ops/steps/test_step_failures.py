@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import insert, inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from patch_ops import state
@@ -251,7 +251,9 @@ def test_missing_table_and_missing_column_are_refused(sqlite_url):
         )
     result = run_patch(sqlite_url, PRICE_JOB, PCT8)
     assert not result.success
-    assert "table(s) not found in the StockRx database: inventory_logs" in failure_description(result)
+    desc = failure_description(result)
+    assert "table(s) not found in the StockRx database" in desc and "inventory_logs" in desc
+    assert not [t for t in inspect(engine).get_table_names() if t.startswith("data_patch_")]
 
     with engine.begin() as conn:
         conn.exec_driver_sql(
