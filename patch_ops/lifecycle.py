@@ -9,6 +9,7 @@ trail, and kept in the outbox (patch_ops.outbox), which every notification flush
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import update
@@ -109,7 +110,10 @@ class Lifecycle:
         if notifier is None:
             return
         try:
-            self.flush_outbox(notifier)
+            # One budget for the older messages and this one; a channel that fails to take an
+            # older message is not tried again now (a dead endpoint costs one timeout).
+            deadline = time.monotonic() + notifier.budget_seconds
+            down = outbox.down_channels(self.flush_outbox(notifier, deadline))
             ex = self._execution()
             end = ex["completed_at"] or utcnow()
             committed = ex["phase"] in COMMITTED_PHASES or bool(ex["rollback_performed"])
@@ -127,7 +131,7 @@ class Lifecycle:
                 impact=tuple(impact_lines(ex["report"]))
                 if outcome == "completed" or committed else (),
             )
-            results = notifier.notify(n)
+            results = notifier.notify(n, down=down, deadline=deadline)
             kept = outbox.keep(self.engine, n, results)
             record = [
                 {"channel": r.channel, "delivered": r.delivered, "attempts": r.attempts,
@@ -151,14 +155,18 @@ class Lifecycle:
             if self.log:
                 self.log.warning(f"notification failed: {type(exc).__name__}: {exc}")
 
-    def flush_outbox(self, notifier: Notifier) -> None:
-        """Send what the outbox kept that is due; a failure is logged, never raised."""
+    def flush_outbox(self, notifier: Notifier, deadline: float | None = None) -> list[dict[str, Any]]:
+        """Send every message the outbox kept (due or not: a notification is going out anyway);
+        what happened to each; a failure is logged, never raised."""
         try:
-            for sent in outbox.flush(self.engine, notifier):
-                if self.log:
-                    what = "delivered" if sent["delivered"] else f"still undelivered: {sent['error']}"
-                    self.log.info(f"outbox: {sent['channel']} message of execution "
-                                  f"{sent['execution_id']} {what}")
+            tried = outbox.flush(self.engine, notifier, due_only=False, deadline=deadline)
         except Exception as exc:  # noqa: BLE001 - a notification must never fail a patch
             if self.log:
                 self.log.warning(f"outbox flush failed: {type(exc).__name__}: {exc}")
+            return []
+        for sent in tried:
+            if self.log:
+                what = "delivered" if sent["delivered"] else f"still undelivered: {sent['error']}"
+                self.log.info(f"outbox: {sent['channel']} message of execution "
+                              f"{sent['execution_id']} {what}")
+        return tried

@@ -86,10 +86,13 @@ def pending(engine: Engine) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def flush(engine: Engine, notifier: Notifier, *, due_only: bool = True) -> list[dict[str, Any]]:
-    """Send the kept messages that are due (``due_only=False``: all of them), within the
-    notifier's budget. Returns what happened to each message tried (id, channel, delivered,
-    error). Never raises on a delivery failure."""
+def flush(
+    engine: Engine, notifier: Notifier, *, due_only: bool = True, deadline: float | None = None
+) -> list[dict[str, Any]]:
+    """Send the kept messages (``due_only``: those whose wait is over), oldest first, one attempt
+    each, until ``deadline`` (a ``time.monotonic()`` value; default: the notifier's budget). A
+    channel that fails is not tried again in this flush. Returns what happened to each message
+    tried (id, channel, execution_id, delivered, error). Never raises on a delivery failure."""
     ensure_outbox(engine)
     now = wall_now()
     query = select(outbox).where(outbox.c.delivered_at.is_(None))
@@ -98,7 +101,8 @@ def flush(engine: Engine, notifier: Notifier, *, due_only: bool = True) -> list[
     with engine.connect() as conn:
         rows = [dict(r) for r in conn.execute(query.order_by(outbox.c.id).limit(FLUSH_LIMIT))
                 .mappings()]
-    deadline = time.monotonic() + notifier.budget_seconds
+    if deadline is None:
+        deadline = time.monotonic() + notifier.budget_seconds
     dead: set[str] = set()
     tried = []
     for row in rows:
@@ -106,8 +110,8 @@ def flush(engine: Engine, notifier: Notifier, *, due_only: bool = True) -> list[
             continue
         if time.monotonic() >= deadline:
             break
-        n = PatchNotification(**{**row["notification"], "impact": tuple(
-            row["notification"].get("impact") or ())})
+        stored = row["notification"]
+        n = PatchNotification(**{**stored, "impact": tuple(stored.get("impact") or ())})
         result = notifier.deliver(row["channel"], n, deadline, 0)
         attempts = row["attempts"] + result.attempts
         values: dict[str, Any] = {"attempts": attempts}
@@ -123,3 +127,8 @@ def flush(engine: Engine, notifier: Notifier, *, due_only: bool = True) -> list[
                       "execution_id": row["execution_id"], "delivered": result.delivered,
                       "error": result.error})
     return tried
+
+
+def down_channels(tried: list[dict[str, Any]]) -> dict[str, str]:
+    """Channels that failed in a flush, with their last error."""
+    return {t["channel"]: t["error"] or "undelivered" for t in tried if not t["delivered"]}

@@ -226,17 +226,23 @@ class Notifier(dg.ConfigurableResource):
         return bool(self.smtp_host and self.smtp_recipients)
 
     def notify(
-        self, n: PatchNotification, channels: list[str] | None = None, retries: int | None = None
+        self, n: PatchNotification, down: dict[str, str] | None = None,
+        deadline: float | None = None,
     ) -> list[DeliveryResult]:
-        """Sends `n` to every selected channel (default: `channels`), side by side, within the
-        budget. Never raises."""
-        selected = [c for c in (channels if channels is not None else self.channels)
-                    if c in self.channels]
-        deadline = time.monotonic() + self.budget_seconds
-        tries = self.retries if retries is None else retries
-        with ThreadPoolExecutor(max_workers=max(1, len(selected))) as pool:
-            futures = [pool.submit(self.deliver, c, n, deadline, tries) for c in selected]
+        """Sends `n` to every channel, side by side, within the budget (or until `deadline`, a
+        `time.monotonic()` value). A channel in `down` (channel → error, e.g. it just failed to
+        send an older message) is not tried: reported undelivered with that error. Never raises."""
+        down = down or {}
+        deadline = time.monotonic() + self.budget_seconds if deadline is None else deadline
+        with ThreadPoolExecutor(max_workers=max(1, len(self.channels))) as pool:
+            futures = [
+                pool.submit(self.deliver, c, n, deadline, self.retries) for c in self.channels
+                if c not in down or not self.configured(c)
+            ]
             results = [f.result() for f in futures]
+        results += [DeliveryResult(c, False, 0, f"not tried, the channel is down: {down[c]}")
+                    for c in self.channels if c in down and self.configured(c)]
+        results.sort(key=lambda r: self.channels.index(r.channel))
         for r in results:
             if r.configured and not r.delivered:
                 dg.get_dagster_logger().warning(
