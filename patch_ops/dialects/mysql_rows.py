@@ -175,20 +175,18 @@ def row_literal(conn: Connection, stage: Table, columns: Sequence[str]) -> str:
 
 
 def run_text(conn: Connection, sql: str) -> tuple[Any, int, int]:
-    """Run SQL text on ``conn``'s DB-API connection (its transaction) with no parameters, so the
-    driver sends it as it is (through SQLAlchemy it would get an empty parameter dict, and read
-    every ``%`` in the values as a placeholder). Returns (first row, rowcount, lastrowid); the
-    driver's errors come out as SQLAlchemy's, as from ``conn.execute``."""
-    dbapi = conn.dialect.loaded_dbapi
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    """Run SQL text holding literal values (no parameters) in ``conn``'s transaction, through
+    SQLAlchemy so the connection's events see it (the statement watchdog of
+    ``mysql_timeouts``). The driver formats every statement with ``%``, parameters or none:
+    each ``%`` of the text is doubled. Returns (first row, rowcount, lastrowid); an error shows
+    the statement's first 300 characters, not megabytes of values."""
     try:
-        cursor.execute(sql)
-        row = cursor.fetchone() if cursor.description else None
-        return row, cursor.rowcount, cursor.lastrowid
-    except dbapi.Error as exc:
-        raise DBAPIError.instance(sql[:300], None, exc, dbapi.Error) from None
-    finally:
-        cursor.close()
+        result = conn.exec_driver_sql(sql.replace("%", "%%"), execution_options=ROWCOUNT)
+    except DBAPIError as exc:
+        exc.statement = (exc.statement or "")[:300]
+        raise
+    row = result.fetchone() if result.returns_rows else None
+    return row, result.rowcount, result.lastrowid
 
 
 def insert_staged(
