@@ -39,7 +39,10 @@ lint: env
 DEMO_DIR := var/demo
 DEMO_DB := $(abspath $(DEMO_DIR))/stockrx.db
 DEMO_ITEMS ?= 100000
-DEMO_ENV := STOCKRX_DATABASE_URL=sqlite:///$(DEMO_DB) \
+# Another database for the demo (its StockRx and data_patch_* tables are dropped and re-made):
+#   make demo DEMO_DATABASE_URL='mysql+pymysql://USER:PASSWORD@HOST:3306/stockrx_demo?charset=utf8mb4'
+DEMO_DATABASE_URL ?= sqlite:///$(DEMO_DB)
+DEMO_ENV := STOCKRX_DATABASE_URL='$(DEMO_DATABASE_URL)' \
 	STOCKRX_AUDIT_KEY_FILE=$(abspath $(DEMO_DIR))/audit.key \
 	DAGSTER_HOME=$(abspath $(DEMO_DIR))/dagster_home
 # The demo runs whenever you run it, not in a maintenance window: the override is part of the
@@ -53,7 +56,7 @@ demo: env
 	$(VENV)/bin/stockrx-patches instance-config > $(DEMO_DIR)/dagster_home/dagster.yaml
 	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from patch_ops.audit import AuditKeyring; \
 	print(AuditKeyring.new_entry('demo'))" > $(DEMO_DIR)/audit.key
-	$(VENV)/bin/stockrx-patches seed-demo --database-url sqlite:///$(DEMO_DB) --items $(DEMO_ITEMS) --reset
+	$(VENV)/bin/stockrx-patches seed-demo --database-url '$(DEMO_DATABASE_URL)' --items $(DEMO_ITEMS) --reset
 	@echo "== DRY RUN: nothing is committed ================================================="
 	$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.yaml > $(DEMO_DIR)/dry_run.log 2>&1 \
 	  || { tail -40 $(DEMO_DIR)/dry_run.log; exit 1; }

@@ -17,6 +17,7 @@ from sqlalchemy import MetaData, func, select
 from sqlalchemy.engine import Engine
 
 from patch_ops.dialects import dialect_of
+from patch_ops.dialects.names import framework_schema
 from stockrx_patches.tables import batches, create_stockrx_schema, inventories, inventory_logs
 
 CHUNK = 100_000
@@ -118,8 +119,8 @@ def seed_demo(
     if reset:
         # A fresh demo: the engine's own tables (history, backups, locks, audit) go too.
         md = MetaData()
-        md.reflect(engine)
-        framework = [t for name, t in md.tables.items() if name.startswith("data_patch_")]
+        md.reflect(engine, schema=framework_schema(engine))
+        framework = [t for t in md.tables.values() if t.name.startswith("data_patch_")]
         md.drop_all(engine, tables=framework)
     create_stockrx_schema(engine, drop_first=reset)
     with engine.connect() as conn:
