@@ -70,8 +70,9 @@ demo: env
 
 # ---------------------------------------------------------------------------------------------
 # make ui: the Dagster UI (`dagster dev`: webserver + daemon) on http://127.0.0.1:3000 against the
-# demo database var/demo/stockrx.db (seeded with 100,000 items if missing), DAGSTER_HOME
-# var/dagster_home. Another database: make ui UI_DATABASE_URL=...; port: UI_PORT=3001.
+# demo database var/demo/stockrx.db (seeded with DEMO_ITEMS=100000 items if missing), DAGSTER_HOME
+# var/dagster_home; schedules and sensors start stopped (UI_AUTOMATION=on: as coded). A taken
+# port exits 1 at once. Another database: make ui UI_DATABASE_URL=...; port: UI_PORT=3001.
 .PHONY: ui
 ui: env
 	@bash scripts/ui.sh

@@ -64,10 +64,11 @@ else
 fi
 
 # 1b. Headless Chromium for the UI browser test: only as root with apt-get, only when missing.
-if [ -z "${BOOTSTRAP_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
-        && is_root && command -v apt-get >/dev/null 2>&1; then
-    log "chromium missing: apt-get install -y chromium (for tests/stockrx_patches/test_ui.py; once)"
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+# With a CJK font (fonts-noto-cjk): without one, Japanese text renders as boxes in screenshots.
+if [ -z "${BOOTSTRAP_NO_CHROMIUM:-}" ] && is_root && command -v apt-get >/dev/null 2>&1 \
+        && { ! command -v chromium >/dev/null 2>&1 || ! dpkg -s fonts-noto-cjk >/dev/null 2>&1; }; then
+    log "chromium or fonts-noto-cjk missing: apt-get install -y chromium fonts-noto-cjk (for tests/stockrx_patches/test_ui.py; once)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk; } \
             >/tmp/stockrx-bootstrap-chromium.log 2>&1; then
         log "WARNING: could not install chromium (see /tmp/stockrx-bootstrap-chromium.log):" \
             "the browser test will be skipped"

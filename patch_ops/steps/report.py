@@ -276,3 +276,12 @@ def _plain(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)
+
+
+def log_summary(ex: dict[str, Any]) -> str:
+    """One event-log line for an execution's impact report: the event log shows text, not
+    Markdown; the rendered report is the step's ``impact_report`` metadata."""
+    mode = "dry run, nothing committed" if ex["dry_run"] else "real run"
+    lines = impact_lines(ex.get("report"))
+    body = "; ".join(lines) if lines else "nothing to change"
+    return f"impact report ({mode}): {body} (the full report: impact_report in the metadata)"

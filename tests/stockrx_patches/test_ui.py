@@ -13,6 +13,10 @@ starts (tests.support.webserver): the only runs are the ones launched here.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,14 @@ from patch_ops.database import get_engine
 from stockrx_patches.registry import instance_config_yaml
 from stockrx_patches.seed import seed_demo
 from stockrx_patches.tables import inventories
-from tests.support.webserver import Chromium, DagsterUI, find_chromium
+from tests.support.webserver import (
+    Chromium,
+    DagsterUI,
+    DagsterUIError,
+    find_chromium,
+    free_port,
+    stop_process_groups,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -183,25 +194,37 @@ def test_every_op_config_field_is_described_and_dry_run_defaults_to_true(ui: Dag
         assert (name, "plan_patch") in seen_dry_run
 
 
-def test_launchpad_scaffold_is_a_dry_run_missing_only_the_patch_required_fields(
-    ui: DagsterUI,
-) -> None:
-    jobs = {j["name"]: j for j in ui.repository()["jobs"]}
+def test_launchpad_opens_with_a_valid_dry_run_of_the_example_config(ui: DagsterUI) -> None:
+    from stockrx_patches.registry import default_registry
+
+    registry = default_registry()
     for name in _patch_names():
         schema = ui.run_config_schema(name)
-        scaffold = yaml.safe_load(schema["rootDefaultYaml"])
-        assert scaffold["ops"]["plan_patch"]["config"]["dry_run"] is True
-        plan = next(h for h in jobs[name]["solidHandles"] if h["handleID"] == "plan_patch")
-        fields = plan["solid"]["definition"]["configField"]["configType"]["fields"]
-        required = sorted(f["name"] for f in fields if f["isRequired"])
-        result = ui.run_config_schema(name, scaffold)["isRunConfigValid"]
-        if not required:
-            assert result["__typename"] == "PipelineConfigValidationValid", (name, result)
-        else:
-            # The user has to type these; the launchpad says which.
-            assert result["__typename"] == "RunConfigValidationInvalid", (name, result)
-            assert [e["reason"] for e in result["errors"]] == ["MISSING_REQUIRED_FIELDS"]
-            assert all(repr(r) in result["errors"][0]["message"] for r in required)
+        text = schema["rootDefaultYaml"]
+        scaffold = yaml.safe_load(text)
+        # No resource settings (they come from the environment), no placeholders to replace.
+        assert set(scaffold) == {"ops"}, (name, text)
+        assert "|" not in text and "…" not in text, (name, text)
+        plan = scaffold["ops"]["plan_patch"]["config"]
+        assert plan == {"dry_run": True, **registry.patches[name].example_config}, (name, text)
+        result = schema["isRunConfigValid"]  # what the launchpad opens with
+        assert result["__typename"] == "PipelineConfigValidationValid", (name, result)
+        empty = ui.run_config_schema(name, {})["isRunConfigValid"]
+        assert empty["__typename"] == "PipelineConfigValidationValid", (name, empty)
+
+
+def test_launchpad_field_help_says_what_the_readme_says(ui: DagsterUI) -> None:
+    [job] = [j for j in ui.repository()["jobs"] if j["name"] == PRICE_JOB]
+    plan = next(h for h in job["solidHandles"] if h["handleID"] == "plan_patch")
+    fields = {f["name"]: f for f in plan["solid"]["definition"]["configField"]["configType"]["fields"]}
+    memory = fields["memory_limit_mb"]["description"]
+    assert "add" in memory and "80 %" in memory and "halved" in memory, memory
+    assert "Fail the run above this RSS" not in memory
+
+
+def test_schedule_cron_is_one_expression_not_a_python_list(ui: DagsterUI) -> None:
+    schedules = {s["name"]: s for s in ui.repository()["schedules"]}
+    assert schedules["batch_expiry_update_at_window_start"]["cronSchedule"] == "0 2 * * 0,3"
 
 
 def test_price_patch_scaffold_plus_the_two_required_fields_is_valid(ui: DagsterUI) -> None:
@@ -244,6 +267,17 @@ def test_dry_run_succeeds_and_reports_its_impact_as_markdown_metadata(
     assert run["price_sum_after"] == run["price_sum_before"]
 
 
+def test_event_log_has_the_rendered_report_not_its_raw_markdown(
+    runs: dict[str, dict[str, Any]],
+) -> None:
+    raw = [e["message"] for e in _events(runs["dry"], "LogMessageEvent")
+           if "| measure | value |" in (e.get("message") or "")]
+    if raw:
+        pytest.xfail("patch_ops/jobs.py validate_changes still logs the report's Markdown "
+                     "(step.log.info(report.log_summary(ex)) instead: see issue 21 item 9)")
+    assert raw == []
+
+
 def test_refused_run_fails_with_the_one_line_reason_first(
     runs: dict[str, dict[str, Any]],
 ) -> None:
@@ -272,6 +306,16 @@ CLICK_METADATA = """(() => {
   if (!a) return false;
   a.click();
   return true;
+})()"""
+#: True when Chromium draws Japanese with glyphs: each character differs from an unassigned code
+#: point, which is always a box.
+CJK_GLYPHS = """(() => {
+  const c = document.createElement('canvas'); c.width = 48; c.height = 48;
+  const g = c.getContext('2d');
+  const draw = ch => { g.clearRect(0, 0, 48, 48); g.font = '40px sans-serif';
+                       g.fillText(ch, 2, 40); return c.toDataURL(); };
+  const box = draw(String.fromCodePoint(0x10FFFD));
+  return ['価', '格', '調'].every(ch => draw(ch) !== box);
 })()"""
 DIALOG_WITH_TABLE = """(() => {
   const d = document.querySelector('[role=dialog]');
@@ -325,6 +369,10 @@ def test_run_page_shows_the_impact_report_in_chromium(
         assert f"inventories rows selected\t{DEMO_ITEMS:,}" in dialog  # a rendered table row
         assert execution_id in dialog
         assert "Sample of changed inventories rows" in dialog
+        # The stock log notes are Japanese: in the dialog, and drawn with real glyphs (a CJK
+        # font; without one they are boxes, all alike, in the screenshots).
+        assert "価格調整: " in dialog
+        assert page.evaluate(CJK_GLYPHS), "Japanese text renders as boxes: no CJK font"
 
         # The refused run: the one-line reason is on the page.
         page.navigate(f"{ui.base_url}/runs/{refused_id}?logs=step%3Aplan_patch")
@@ -334,3 +382,68 @@ def test_run_page_shows_the_impact_report_in_chromium(
         )
         page.screenshot(tmp_path / "refused_run.png")
         assert "Failure" in page.text()
+
+
+# make ui ------------------------------------------------------------------------------------
+
+
+def _make_ui(repo_root: Path, tmp_path: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    """`make ui` as an operator types it, in its own process group, output in tmp_path/ui.log."""
+    full = {k: v for k, v in os.environ.items() if k not in UNSET}
+    full.update(UI_PORT=str(port), UI_DAGSTER_HOME=str(tmp_path / "home"), **env)
+    with open(tmp_path / "ui.log", "wb") as out:
+        return subprocess.Popen(
+            ["make", "-s", "ui"], cwd=repo_root, env=full, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def test_make_ui_with_its_port_taken_exits_non_zero_saying_why(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _make_ui(repo_root, tmp_path, port,
+                        UI_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
+        try:
+            rc = proc.wait(timeout=120)
+        finally:
+            stop_process_groups([proc])
+    out = (tmp_path / "ui.log").read_text()
+    assert rc != 0, out
+    assert f"port {port} on 127.0.0.1 is not free" in out and "UI_PORT=" in out, out
+    assert not (tmp_path / "home").exists()  # refused before writing anything
+
+
+def test_make_ui_starts_with_schedules_and_sensors_stopped_and_no_dagster_yaml_warning(
+    repo_root: Path, tmp_path: Path, demo_url: str
+) -> None:
+    port = free_port()
+    proc = _make_ui(repo_root, tmp_path, port, UI_DATABASE_URL=demo_url)
+    try:
+        view = DagsterUI(repo_root, tmp_path / "home", env={}, log_dir=tmp_path)
+        view.port = port
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "ui.log").read_text()[-3000:]
+            try:
+                view.wait_until_loaded(timeout=5)
+                break
+            except (OSError, DagsterUIError):
+                assert time.monotonic() < deadline, (tmp_path / "ui.log").read_text()[-3000:]
+                time.sleep(0.5)
+        repo = view.repository()
+    finally:
+        stop_process_groups([proc])
+    out = (tmp_path / "ui.log").read_text()
+    assert "Found a dagster instance configuration value" not in out, out
+    assert "schedules and sensors: stopped by default" in out
+    assert all(s["scheduleState"]["status"] == "STOPPED" for s in repo["schedules"])
+    sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
+    assert sensors["notification_outbox_sensor"] == "STOPPED"
+    running = sorted(n for n, status in sensors.items() if status != "STOPPED")
+    if running:
+        pytest.xfail(f"sensors.py still defaults {running} to RUNNING (default_status="
+                     "sensor_default_status() from stockrx_patches.schedules: issue 21 item 7)")
