@@ -56,16 +56,17 @@ demo: env
 	$(VENV)/bin/stockrx-patches instance-config > $(DEMO_DIR)/dagster_home/dagster.yaml
 	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from patch_ops.audit import AuditKeyring; \
 	print(AuditKeyring.new_entry('demo'))" > $(DEMO_DIR)/audit.key
-	$(VENV)/bin/stockrx-patches seed-demo --database-url '$(DEMO_DATABASE_URL)' --items $(DEMO_ITEMS) --reset
+	@echo "stockrx-patches seed-demo --items $(DEMO_ITEMS) --reset  (the URL is not echoed: it may hold a password)"
+	@$(VENV)/bin/stockrx-patches seed-demo --database-url '$(DEMO_DATABASE_URL)' --items $(DEMO_ITEMS) --reset
 	@echo "== DRY RUN: nothing is committed ================================================="
-	$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.yaml > $(DEMO_DIR)/dry_run.log 2>&1 \
+	@$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.yaml > $(DEMO_DIR)/dry_run.log 2>&1 \
 	  || { tail -40 $(DEMO_DIR)/dry_run.log; exit 1; }
-	$(DEMO_ENV) $(VENV)/bin/stockrx-patches report
+	@$(DEMO_ENV) $(VENV)/bin/stockrx-patches report
 	@echo "== REAL RUN ======================================================================="
-	$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.real.yaml > $(DEMO_DIR)/real_run.log 2>&1 \
+	@$(DEMO_ENV) $(PRICE_JOB) -c config/runs/inventory_price_adjustment.real.yaml > $(DEMO_DIR)/real_run.log 2>&1 \
 	  || { tail -40 $(DEMO_DIR)/real_run.log; exit 1; }
-	$(DEMO_ENV) $(VENV)/bin/stockrx-patches report
-	$(DEMO_ENV) $(VENV)/bin/stockrx-patches history --limit 5
+	@$(DEMO_ENV) $(VENV)/bin/stockrx-patches report
+	@$(DEMO_ENV) $(VENV)/bin/stockrx-patches history --limit 5
 	@echo "(full Dagster logs: $(DEMO_DIR)/dry_run.log, $(DEMO_DIR)/real_run.log)"
 
 # ---------------------------------------------------------------------------------------------
