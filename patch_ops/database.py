@@ -82,9 +82,22 @@ def get_engine(url: str) -> Engine:
         return engine
 
 
-def check_connection(engine: Engine) -> None:
-    """Fail with a clear, password-free message if the database cannot be reached, or if its
-    server cannot run patches safely (``DatabaseDialect.check_server``)."""
+def require_database(engine: Engine) -> None:
+    """Fail, before anything connects, when the database plainly does not exist: connecting
+    would create it (a SQLite file)."""
+    problem = dialect_of(engine).missing_database(engine.url)
+    if problem:
+        raise DatabaseUnavailable(
+            f"the StockRx database {engine.url.render_as_string(True)}: {problem}"
+        )
+
+
+def check_connection(engine: Engine, create: bool = False) -> None:
+    """Fail with a clear, password-free message if the database does not exist (unless
+    ``create``: seeding a new demo database), cannot be reached, or its server cannot run
+    patches safely (``DatabaseDialect.check_server``)."""
+    if not create:
+        require_database(engine)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))

@@ -11,7 +11,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 from sqlalchemy.engine import Engine
 
-from patch_ops.database import get_engine, redact_url
+from patch_ops.database import get_engine, redact_url, require_database
 
 
 class StockRxDatabase(ConfigurableResource):
@@ -23,7 +23,11 @@ class StockRxDatabase(ConfigurableResource):
     )
 
     def get_engine(self) -> Engine:
-        return get_engine(self.url)
+        """The engine; a database that plainly does not exist (a missing SQLite file) is a clear
+        error here, before anything could create it."""
+        engine = get_engine(self.url)
+        require_database(engine)
+        return engine
 
     @property
     def safe_url(self) -> str:

@@ -22,12 +22,12 @@ from stockrx_patches import audit_cli
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _engine(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _engine(args: argparse.Namespace, create: bool = False):  # type: ignore[no-untyped-def]
     url = args.database_url or os.environ.get("STOCKRX_DATABASE_URL")
     if not url:
         raise SystemExit("error: give --database-url or set STOCKRX_DATABASE_URL")
     engine = get_engine(url)
-    check_connection(engine)
+    check_connection(engine, create=create)
     return engine
 
 
@@ -74,7 +74,7 @@ def cmd_instance_config(args: argparse.Namespace) -> int:
 def cmd_seed(args: argparse.Namespace) -> int:
     from stockrx_patches.seed import SeedRefused, seed_demo
 
-    engine = _engine(args)
+    engine = _engine(args, create=True)
     t0 = time.perf_counter()
     try:
         counts = seed_demo(engine, items=args.items, seed=args.seed, reset=args.reset)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy import DateTime, Select, Table, delete, func, insert, select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
@@ -81,6 +81,11 @@ class DatabaseDialect:
 
     def configure(self, engine: Engine) -> None:
         """Connection set-up (event listeners) right after the engine is created."""
+
+    def missing_database(self, url: URL) -> str | None:
+        """Why the database at ``url`` plainly does not exist (so connecting would create it),
+        or None; asked before the first connection."""
+        return None
 
     def snapshot(self, conn: Connection) -> Connection:
         """``conn`` set up so that its next transaction reads one consistent snapshot."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sqlalchemy import Table, event, func, select, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
@@ -20,6 +21,16 @@ class SQLiteDialect(DatabaseDialect):
 
     def engine_options(self) -> dict[str, Any]:
         return {}
+
+    def missing_database(self, url: URL) -> str | None:
+        """Connecting creates a missing file: a mistyped path would get an empty database."""
+        path = url.database or ""
+        if not path or path == ":memory:" or path.startswith("file:") or Path(path).exists():
+            return None
+        return (
+            f"the SQLite file {path} does not exist (a mistyped path? "
+            "`stockrx-patches seed-demo` creates a demo database)"
+        )
 
     def configure(self, engine: Engine) -> None:
         # pysqlite's own transaction handling is replaced by explicit BEGINs. Reads use a

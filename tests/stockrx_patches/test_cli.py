@@ -205,3 +205,20 @@ def digest_of(url: str) -> str:
     from patch_ops.database import get_engine
 
     return digest(get_engine(url))
+
+
+@pytest.mark.parametrize("command", [["report"], ["history"], ["requests"], ["audit", "verify"]],
+                         ids=" ".join)
+def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path, capsys, command):
+    missing = tmp_path / "stockrx-typo.db"
+    code = cli_main([*command, "--database-url", f"sqlite:///{missing}"])
+    assert code != 0
+    err = capsys.readouterr().err.strip()
+    assert f"the SQLite file {missing} does not exist" in err and "\n" not in err
+    assert not missing.exists()
+
+
+def test_seed_demo_creates_a_new_sqlite_file(tmp_path, capsys):
+    fresh = tmp_path / "new-demo.db"
+    assert cli_main(["seed-demo", "--database-url", f"sqlite:///{fresh}", "--items", "5"]) == 0
+    assert fresh.exists()

@@ -241,6 +241,14 @@ def test_unreachable_database_gives_a_clear_error_without_the_password():
         assert "s3cret-pw" not in str(event)
 
 
+def test_a_mistyped_sqlite_path_is_refused_without_creating_the_file(tmp_path):
+    missing = tmp_path / "stockrx-typo.db"
+    result = run_patch(f"sqlite:///{missing}", PRICE_JOB, PCT8)
+    assert not result.success
+    assert f"the SQLite file {missing} does not exist" in failure_description(result)
+    assert not missing.exists()
+
+
 def test_missing_table_and_missing_column_are_refused(sqlite_url):
     from patch_ops.database import get_engine
 
