@@ -216,12 +216,9 @@ def md_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "∅"
-    if isinstance(v, float):
-        return f"{int(v):,}" if v.is_integer() else f"{v:,.2f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
+    """A value for a Markdown cell: a number as in messages, text escaped."""
+    if v is None or (isinstance(v, int | float) and not isinstance(v, bool)):
+        return _plain(v)
     return markdown_text(str(v))
 
 
