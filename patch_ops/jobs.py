@@ -29,6 +29,7 @@ from patch_ops.patch import Patch, PatchSettings
 from patch_ops.state import executions, require_tables
 from patch_ops.steps import backup, commit, transform, validate, verify
 from patch_ops.steps.plan import plan_execution
+from patch_ops.steps.report import log_summary
 from patch_ops.steps.restore import restore_rows
 
 #: One run tag per table a patch locks; dagster.yaml limits each to one run in progress, so the
@@ -244,7 +245,7 @@ def build_patch_job(
                 {"report": report},
             )
         markdown = ex["report_markdown"]
-        step.log.info("\n" + markdown)
+        step.log.info(log_summary(ex))
         metadata: dict[str, Any] = {
             "impact_report": MetadataValue.md(markdown),
             "rows_selected": int(ex["target_count"]),

@@ -20,7 +20,8 @@ from sqlalchemy import JSON, BigInteger, Column, Integer, MetaData, String, Tabl
 from sqlalchemy.engine import Engine
 
 from patch_ops.database import write_transaction
-from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS
+from patch_ops.dialects.names import FRAMEWORK_SCHEMA
+from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS, framework_ddl
 from resources.notifier import DeliveryResult, Notifier, PatchNotification
 
 RETRY_AFTER = dt.timedelta(seconds=60)
@@ -43,6 +44,7 @@ outbox = Table(
     Column("last_error", LONG_TEXT),
     Column("next_attempt_at", DATETIME_US, nullable=False, index=True),
     Column("delivered_at", DATETIME_US),
+    schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
 
@@ -53,7 +55,8 @@ def wall_now() -> dt.datetime:
 
 
 def ensure_outbox(engine: Engine) -> None:
-    outbox_metadata.create_all(engine, checkfirst=True)
+    with framework_ddl(engine):
+        outbox_metadata.create_all(engine, checkfirst=True)
 
 
 def keep(engine: Engine, n: PatchNotification, undelivered: list[DeliveryResult]) -> int:

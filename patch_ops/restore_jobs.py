@@ -64,6 +64,13 @@ def restore_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def log_line(what: str, execution_id: str, summary: dict[str, Any]) -> str:
+    """One event-log line for a restore or purge: the event log shows text; the rendered
+    report is the step's ``report`` metadata."""
+    parts = ", ".join(f"{k}: {v}" for k, v in summary.items() if v not in (None, {}, []))
+    return f"{what} {execution_id}: {parts} (the full report: report in the metadata)"
+
+
 def build_restore_job() -> JobDefinition:
     @step_op(
         "plan_restore",
@@ -92,9 +99,10 @@ def build_restore_job() -> JobDefinition:
             run_finished=step.run_finished,
         )
         meta = step.report_metadata(restore_id)
-        step.log.info("\n" + meta["report"].value)
+        summary = restore_summary(step.load(restore_id)["report"])
+        step.log.info(log_line("restore plan", restore_id, summary))
         lc = step.lifecycle(restore_id)
-        lc.audit("restore", {"stage": "planned", **restore_summary(step.load(restore_id)["report"])})
+        lc.audit("restore", {"stage": "planned", **summary})
         if config.dry_run:
             step.log.info(f"dry run {restore_id}: nothing was changed")
             lc.notify("completed")
@@ -119,7 +127,8 @@ def build_restore_job() -> JobDefinition:
             ),
         )
         meta = step.report_metadata(execution_id)
-        step.log.info("\n" + meta["report"].value)
+        step.log.info(log_line("restore", execution_id,
+                               restore_summary(step.load(execution_id)["report"])))
         step.context.add_output_metadata(meta)
         lc.notify("completed")
 
@@ -159,9 +168,10 @@ def build_purge_job(default_retention_days: int) -> JobDefinition:
             log=step.log,
         )
         meta = step.report_metadata(purge_id)
-        step.log.info("\n" + meta["report"].value)
         step.context.add_output_metadata(meta)
         report = step.load(purge_id)["report"]
+        step.log.info(log_line("purge", purge_id,
+                               {"cutoff": report["cutoff"], "rows": report["rows"]}))
         step.lifecycle(purge_id).audit(
             "purge",
             {

@@ -4,8 +4,8 @@ so a message waiting for Slack or SMTP to come back goes out even when no patch 
 from __future__ import annotations
 
 from dagster import SensorDefinition, SensorEvaluationContext, SkipReason, sensor
-from sqlalchemy import inspect
 
+from patch_ops.dialects.names import has_table
 from patch_ops.outbox import flush, outbox
 from resources.database import StockRxDatabase
 from resources.notifier import Notifier
@@ -18,7 +18,7 @@ def flush_outbox(context: SensorEvaluationContext | None, db: StockRxDatabase,
                  notifier: Notifier) -> SkipReason:
     """Send what the outbox kept that is due; says what happened (never raises on delivery)."""
     engine = db.get_engine()
-    if not inspect(engine).has_table(outbox.name):
+    if not has_table(engine, outbox):
         return SkipReason("no outbox yet: every notification was delivered")
     tried = flush(engine, notifier)
     if not tried:

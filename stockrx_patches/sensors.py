@@ -31,7 +31,6 @@ from dagster import (
     BetaWarning,
     DagsterInvalidConfigError,
     DagsterRunStatus,
-    DefaultSensorStatus,
     JobDefinition,
     RunFailureSensorContext,
     RunRequest,
@@ -50,6 +49,7 @@ from patch_ops.database import write_transaction
 from patch_ops.dialects.names import has_table
 from patch_ops.execution import finish_execution
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
+from patch_ops.outbox import keep
 from patch_ops.patch import PatchConfigError, RunContext
 from patch_ops.state import executions, reflect_tables
 from patch_ops.steps.plan import work_config
@@ -59,7 +59,7 @@ from resources.database import StockRxDatabase
 from resources.notifier import Notifier, PatchNotification
 from stockrx_patches import requests as rq
 from stockrx_patches.registry import Registry
-from stockrx_patches.schedules import TRIGGER_TAG, scheduled_run_config
+from stockrx_patches.schedules import TRIGGER_TAG, scheduled_run_config, sensor_default_status
 
 REQUEST_SENSOR = "patch_request_sensor"
 RESUME_SENSOR = "paused_patch_resume_sensor"
@@ -219,7 +219,7 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
         name=REQUEST_SENSOR,
         jobs=list(by_name.values()),
         minimum_interval_seconds=30,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=sensor_default_status(),
         description="Launches each pending row of data_patch_requests once; rejects unknown "
         "patches and invalid config; holds real runs until a maintenance window.",
     )
@@ -281,7 +281,7 @@ def build_work_pending_sensor(registry: Registry, patch_name: str) -> SensorDefi
         name=sensor_name,
         job_name=patch_name,
         minimum_interval_seconds=600,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=sensor_default_status(),
         description=f"Outside the maintenance windows, a dry run of {patch_name} (at most once a "
         "day) when it has something to do, so its report is ready before the scheduled run.",
     )
@@ -347,7 +347,7 @@ def build_resume_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> Se
         name=RESUME_SENSOR,
         jobs=patch_jobs,
         minimum_interval_seconds=60,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=sensor_default_status(),
         description="When a maintenance window opens, continues paused executions (those a "
         "schedule does not continue itself).",
     )
@@ -410,7 +410,7 @@ def failure_sensor(registry: Registry) -> SensorDefinition:
     @run_failure_sensor(
         name=FAILURE_SENSOR,
         minimum_interval_seconds=30,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=sensor_default_status(),
         description="Urgent notification, execution closed and locks released for a patch run "
         "that failed outside its steps (died, marked failed, failed before planning).",
     )
@@ -455,16 +455,16 @@ def handle_failed_run(
         run_config: dict[str, Any] = dict(run.run_config or {})
         ops = run_config.get("ops") or {}
         cfg = (ops.get("plan_patch") or {}).get("config") or {}
-        results = notifier.notify(
-            PatchNotification(
-                patch_name=run.job_name,
-                execution_id="none (the run failed before planning)",
-                outcome="failed",
-                dry_run=bool(cfg.get("dry_run", True)),
-                dagster_run_id=run.run_id,
-                reason=reason,
-            )
+        notification = PatchNotification(
+            patch_name=run.job_name,
+            execution_id="none (the run failed before planning)",
+            outcome="failed",
+            dry_run=bool(cfg.get("dry_run", True)),
+            dagster_run_id=run.run_id,
+            reason=reason,
         )
+        results = notifier.notify(notification)
+        keep(engine, notification, results)  # what did not go out is sent again later
         context.log.info(f"run {run.run_id} failed before planning; notified: {results}")
         return []
     closed = []

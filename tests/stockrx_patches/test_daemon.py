@@ -104,6 +104,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
             STOCKRX_SMTP_HOST="127.0.0.1",
             STOCKRX_SMTP_PORT=str(smtp.port),
             STOCKRX_SMTP_RECIPIENTS="ops@stockrx.test",
+            STOCKRX_SMTP_SECURITY="none",
             STOCKRX_UI_BASE_URL=f"http://127.0.0.1:{port}",
             SLOW_PATCH_SECONDS="1.0",
         )

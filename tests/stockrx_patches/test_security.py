@@ -171,6 +171,7 @@ def test_no_secret_is_recorded_anywhere(pg_url, dagster_home, monkeypatch, capfd
             "STOCKRX_SMTP_USERNAME": "stockrx",
             "STOCKRX_SMTP_PASSWORD": SMTP_PASSWORD,
             "STOCKRX_SMTP_RECIPIENTS": "ops@example.com",
+            "STOCKRX_SMTP_SECURITY": "none",
         }.items():
             monkeypatch.setenv(name, value)
         defs = build_definitions(default_registry())  # resources from the environment

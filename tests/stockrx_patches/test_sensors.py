@@ -532,7 +532,7 @@ def run_dying_patch(url: str, instance: DagsterInstance):  # type: ignore[no-unt
         os.environ.pop("DYING_PATCH_KILL")
 
 
-def test_run_that_dies_is_closed_with_an_urgent_notification(sqlite_url, db, instance, clock):
+def test_dry_run_that_dies_is_closed_with_an_ordinary_notification(sqlite_url, db, instance, clock):
     engine = seeded(sqlite_url, items=100)
     result = run_dying_patch(sqlite_url, instance)
     assert not result.success
@@ -553,6 +553,7 @@ def test_run_that_dies_is_closed_with_an_urgent_notification(sqlite_url, db, ins
             smtp_host="127.0.0.1",
             smtp_port=smtp.port,
             smtp_recipients=["ops@stockrx.test"],
+            smtp_security="none",
             retry_delay_seconds=0.01,
         )
         audit = AuditLog(audit_keys=TEST_AUDIT_KEY)
@@ -574,11 +575,12 @@ def test_run_that_dies_is_closed_with_an_urgent_notification(sqlite_url, db, ins
     assert closed["error_message"].startswith("the Dagster run failed outside the patch steps")
     with engine.connect() as conn:
         assert conn.execute(select(locks)).all() == []
-    assert message["text"].startswith(":rotating_light:")
+    assert message["text"].startswith(":warning:")  # a dry run: urgent is for real runs
     assert "dying_patch FAILED (DRY RUN)" in message["text"]
     assert f"Execution id: {died['execution_id']}" in message["text"]
     assert "Reason: the Dagster run failed outside the patch steps" in message["text"]
-    assert str(mail["Subject"]).strip() == "[URGENT] [StockRx] Patch dying_patch FAILED (DRY RUN)"
+    assert str(mail["Subject"]).strip() == "[StockRx] Patch dying_patch FAILED (DRY RUN)"
+    assert "Rows changed: none (a dry run commits nothing)" in message["text"]
     assert died["execution_id"] in mail.get_content()
     assert [n["delivered"] for n in closed["notifications"]] == [True, True]
 
