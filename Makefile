@@ -34,16 +34,18 @@ lint: env
 # make demo: a demo StockRx SQLite database with 100,000 items, then inventory_price_adjustment
 # (+8 %) as a dry run through `dagster job execute`, its impact report, then the real run.
 # Everything lives under var/ (gitignored): the database, DAGSTER_HOME (its dagster.yaml from
-# `stockrx-patches instance-config`: dagster.yaml plus the run-queue limit of every patch table),
-# a demo audit key.
+# `stockrx-patches instance-config`: dagster.yaml plus the run-queue limit of every patch table);
+# the demo audit key outside the repository (DEMO_KEY).
 DEMO_DIR := var/demo
 DEMO_DB := $(abspath $(DEMO_DIR))/stockrx.db
 DEMO_ITEMS ?= 100000
 # Another database for the demo (its StockRx and data_patch_* tables are dropped and re-made):
 #   make demo DEMO_DATABASE_URL='mysql+pymysql://USER:PASSWORD@HOST:3306/stockrx_demo?charset=utf8mb4'
 DEMO_DATABASE_URL ?= sqlite:///$(DEMO_DB)
+# The demo's audit key lives outside the repository (key files inside it are refused).
+DEMO_KEY := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/stockrx-patches/demo-audit.key
 DEMO_ENV := STOCKRX_DATABASE_URL='$(DEMO_DATABASE_URL)' \
-	STOCKRX_AUDIT_KEY_FILE=$(abspath $(DEMO_DIR))/audit.key \
+	STOCKRX_AUDIT_KEY_FILE=$(DEMO_KEY) \
 	DAGSTER_HOME=$(abspath $(DEMO_DIR))/dagster_home
 # The demo runs whenever you run it, not in a maintenance window: the override is part of the
 # plan (dry and real alike) and recorded in the history.
@@ -54,8 +56,9 @@ PRICE_JOB := $(VENV)/bin/dagster job execute -m stockrx_patches.definitions -j i
 demo: env
 	@mkdir -p $(DEMO_DIR)/dagster_home
 	$(VENV)/bin/stockrx-patches instance-config > $(DEMO_DIR)/dagster_home/dagster.yaml
-	@[ -s $(DEMO_DIR)/audit.key ] || $(PY) -c "from patch_ops.audit import AuditKeyring; \
-	print(AuditKeyring.new_entry('demo'))" > $(DEMO_DIR)/audit.key
+	@mkdir -p $(dir $(DEMO_KEY))
+	@[ -s $(DEMO_KEY) ] || (umask 077; $(PY) -c "from patch_ops.audit import AuditKeyring; \
+	print(AuditKeyring.new_entry('demo'))" > $(DEMO_KEY))
 	@echo "stockrx-patches seed-demo --items $(DEMO_ITEMS) --reset  (the URL is not echoed: it may hold a password)"
 	@$(VENV)/bin/stockrx-patches seed-demo --database-url '$(DEMO_DATABASE_URL)' --items $(DEMO_ITEMS) --reset
 	@echo "== DRY RUN: nothing is committed ================================================="

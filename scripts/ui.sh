@@ -16,7 +16,8 @@
 #     `dagster dev` runs in that folder, so the repo's dagster.yaml (a template) is not in its
 #     current folder to warn about;
 #   - audit key for real runs: $STOCKRX_AUDIT_KEYS / $STOCKRX_AUDIT_KEY_FILE if set, else a demo
-#     key in var/demo/audit.key (created if missing, as `make demo` does).
+#     key in ~/.config/stockrx-patches/demo-audit.key (created if missing, as `make demo` does;
+#     outside the repository, where key files are refused).
 # Env: UI_DATABASE_URL, UI_HOST (127.0.0.1), UI_PORT (3000), DEMO_ITEMS (100000),
 #      UI_AUTOMATION (off), UI_DAGSTER_HOME (var/dagster_home).
 set -euo pipefail
@@ -64,11 +65,14 @@ if [ "$instance_config" != "$(cat "$HOME_DIR/dagster.yaml" 2>/dev/null)" ]; then
 fi
 
 if [ -z "${STOCKRX_AUDIT_KEYS:-}" ] && [ -z "${STOCKRX_AUDIT_KEY_FILE:-}" ]; then
-    if [ ! -s "$DEMO_DIR/audit.key" ]; then
-        "$VENV/bin/python" -c "from patch_ops.audit import AuditKeyring; \
-print(AuditKeyring.new_entry('demo'))" > "$DEMO_DIR/audit.key"
+    # outside the repository: key files inside it are refused (patch_ops/audit/keys.py)
+    demo_key=${XDG_CONFIG_HOME:-$HOME/.config}/stockrx-patches/demo-audit.key
+    if [ ! -s "$demo_key" ]; then
+        mkdir -p "$(dirname "$demo_key")"
+        (umask 077; "$VENV/bin/python" -c "from patch_ops.audit import AuditKeyring; \
+print(AuditKeyring.new_entry('demo'))" > "$demo_key")
     fi
-    export STOCKRX_AUDIT_KEY_FILE=$DEMO_DIR/audit.key
+    export STOCKRX_AUDIT_KEY_FILE=$demo_key
 fi
 
 export STOCKRX_DATABASE_URL=$url

