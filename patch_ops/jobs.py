@@ -15,13 +15,20 @@ from typing import Any
 
 from dagster import Failure, JobDefinition, MetadataValue, Out, Output, job
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from patch_ops.approval import require_approved_plan
 from patch_ops.checks import check_maintenance_window, refuse_repeats, require_audit_key
 from patch_ops.database import check_connection, write_transaction
+from patch_ops.dialects import dialect_of
 from patch_ops.dialects.names import has_table
-from patch_ops.execution import UNVERIFIED, PlanCheck, finish_execution
+from patch_ops.execution import (
+    UNVERIFIED,
+    PlanCheck,
+    finish_execution,
+    load_execution,
+    set_execution,
+)
 from patch_ops.executor import patch_executor
 from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
@@ -264,10 +271,21 @@ def build_patch_job(
         lc = step.lifecycle(execution_id)
         # The commit unit: the data, the execution's committed state and its audit event in
         # one transaction.
+        def on_committed(conn: Connection, rows: dict[str, int]) -> None:
+            before = dialect_of(conn).log_position(conn)
+            set_execution(conn, execution_id, commit_position={"before": before})
+            lc.audit("commit", {"rows": rows, "log_position_before": before}, conn=conn)
+
         counts = commit.commit_execution(
-            step.engine, execution_id, log=step.log,
-            on_committed=lambda conn, rows: lc.audit("commit", {"rows": rows}, conn=conn),
+            step.engine, execution_id, log=step.log, on_committed=on_committed
         )
+        with write_transaction(step.engine) as conn:
+            position = {**(load_execution(conn, execution_id)["commit_position"] or {}),
+                        "after": dialect_of(conn).log_position(conn)}
+            set_execution(conn, execution_id, commit_position=position)
+        if position["after"]:
+            step.log.info(f"committed between log positions {position['before']} and "
+                          f"{position['after']} (point-in-time recovery: README, after a crash)")
         step.context.add_output_metadata(counts)
         return execution_id
 

@@ -97,6 +97,9 @@ executions = Table(
     Column("deadline_at", DATETIME_US),
     Column("overrun_at", DATETIME_US),
     Column("paused_seconds", Float, nullable=False, server_default=text("0")),
+    # Where the commit sits in the database's log, for point-in-time recovery: the position
+    # read inside the commit transaction ("before": the patch not yet in it) and right after.
+    Column("commit_position", JSON),
     schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )

@@ -82,6 +82,11 @@ class DatabaseDialect:
     def configure(self, engine: Engine) -> None:
         """Connection set-up (event listeners) right after the engine is created."""
 
+    def log_position(self, conn: Connection) -> str | None:
+        """The database's current position in its transaction log (for point-in-time recovery:
+        PostgreSQL's WAL LSN, MySQL's executed GTID set), or None where there is none."""
+        return None
+
     def missing_database(self, url: URL) -> str | None:
         """Why the database at ``url`` plainly does not exist (so connecting would create it),
         or None; asked before the first connection."""

@@ -131,6 +131,14 @@ class MySQLDialect(DatabaseDialect):
                 "(8.0.16 and later do); upgrade the server"
             )
 
+    def log_position(self, conn: Connection) -> str | None:
+        """The executed GTID set (readable without privileges; SHOW BINARY LOG STATUS would need
+        one). MariaDB: ``gtid_binlog_pos``; MySQL: ``gtid_executed`` (empty with gtid_mode OFF,
+        MySQL 8's default: then None)."""
+        name = "gtid_binlog_pos" if getattr(conn.dialect, "is_mariadb", False) else "gtid_executed"
+        value = conn.exec_driver_sql(f"SELECT @@GLOBAL.{name}").scalar()
+        return f"{name} {value}" if value else None
+
     def is_busy(self, exc: DBAPIError) -> bool:
         # a deadlock victim's transaction was rolled back whole: running it again may succeed
         return error_code(exc) == ER_LOCK_DEADLOCK

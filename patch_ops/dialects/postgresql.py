@@ -84,6 +84,9 @@ class PostgreSQLDialect(DatabaseDialect):
             for t in tables:
                 conn.exec_driver_sql(f"ANALYZE {table_sql(conn, t)}")
 
+    def log_position(self, conn: Connection) -> str | None:
+        return str(conn.execute(select(func.pg_current_wal_lsn())).scalar_one())
+
     def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
         # The server locks every row as it reads it and sends back one count, not the ids
         # (sending 1M ids to the client cost ~8 s of the commit at 1M rows).
