@@ -82,6 +82,11 @@ class DatabaseDialect:
     def configure(self, engine: Engine) -> None:
         """Connection set-up (event listeners) right after the engine is created."""
 
+    def not_a_number(self, column: ColumnElement[Any]) -> ColumnElement[bool] | None:
+        """True where a numeric column holds something that is not a number; None where the
+        database's types make that impossible (all but SQLite, whose columns take any value)."""
+        return None
+
     def log_position(self, conn: Connection) -> str | None:
         """The database's current position in its transaction log (for point-in-time recovery:
         PostgreSQL's WAL LSN, MySQL's executed GTID set), or None where there is none."""

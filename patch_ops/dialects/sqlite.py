@@ -10,6 +10,7 @@ import pandas as pd
 from sqlalchemy import Table, event, func, select, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ColumnElement
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 from patch_ops.dialects.names import table_sql
@@ -21,6 +22,9 @@ class SQLiteDialect(DatabaseDialect):
 
     def engine_options(self) -> dict[str, Any]:
         return {}
+
+    def not_a_number(self, column: ColumnElement[Any]) -> ColumnElement[bool] | None:
+        return func.typeof(column).notin_(["integer", "real", "null"])
 
     def missing_database(self, url: URL) -> str | None:
         """Connecting creates a missing file: a mistyped path would get an empty database."""

@@ -16,7 +16,19 @@ from typing import Any
 
 import pandas as pd
 import pandera.errors as pa_errors
-from sqlalchemy import Float, Integer, Numeric, cast, delete, insert, select, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    Numeric,
+    Text,
+    cast,
+    delete,
+    insert,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
@@ -55,6 +67,50 @@ def read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignore
         cast(mirror.c[c], Float).label(c) if _fractional(live.c[c]) else mirror.c[c]
         for c in columns
     ]
+
+
+def unreadable_sources(
+    conn: Connection, patch: Patch, backups: dict[str, Any], tables: Any, execution_id: str,
+    lo: int, hi: int,
+) -> list[dict[str, Any]]:
+    """Reject rows for the batch's source rows (driving ids ``lo``..``hi``) whose numeric
+    columns hold something that is not a number (SQLite stores any value in any column): the
+    patch cannot read such a row, so it is rejected with its reason instead of being read as 0
+    or NaN and silently skipped or mis-changed, whatever the patch does with it."""
+    dialect = dialect_of(conn)
+    found: list[dict[str, Any]] = []
+    for name, key in [(patch.driving_table, "id"), *patch.related.items()]:
+        b = backups[name]
+        tests = {
+            c.name: test for c in tables[name].columns
+            if isinstance(c.type, Numeric | Integer)
+            and (test := dialect.not_a_number(b.c[c.name])) is not None
+        }
+        if not tests:
+            continue
+        # the driving table's dp_seq is its id: the primary key's range, as the batch read
+        ranged = b.c.dp_seq if name == patch.driving_table else b.c[key]
+        rows = conn.execute(
+            select(b.c[key], *[type_coerce(b.c[c], Text).label(c) for c in tests],
+                   *[t.label(f"bad_{c}") for c, t in tests.items()])
+            .where(b.c.dp_execution_id == execution_id, ranged.between(lo, hi),
+                   or_(*tests.values()))
+        ).mappings().all()
+        found += [
+            {"execution_id": execution_id, "source_id": int(r[key]), "table_name": name,
+             "column_name": c, "check_name": "a number (the column's type)",
+             "failure_case": str(r[c])}
+            for r in rows for c in tests if r[f"bad_{c}"]
+        ]
+    return found
+
+
+def without_sources(
+    patch: Patch, frames: dict[str, pd.DataFrame], bad: set[int]
+) -> dict[str, pd.DataFrame]:
+    """The batch's frames without the rows of the ``bad`` source rows."""
+    keys = {patch.driving_table: "id", **patch.related}
+    return {t: df[~df[keys[t]].isin(bad)] for t, df in frames.items()}
 
 
 def _frame(rows: Sequence[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
@@ -179,8 +235,14 @@ def run_transform(
                         .order_by(b.c.dp_seq),
                     )
                     frames[rel] = _frame(rel_rows, live_cols[rel], tables[rel])
+                unreadable = unreadable_sources(
+                    conn, patch, backups, tables, execution_id, lo, hi
+                )
+            if unreadable:
+                frames = without_sources(patch, frames, {r["source_id"] for r in unreadable})
             changes = patch.transform(frames, config, ctx)
             accepted, reject_rows = _validate_batch(patch, frames, changes)
+            reject_rows += unreadable
             staged, n_upd, n_ins = _stage_rows(
                 patch, accepted, stages, execution_id, staged_inserts
             )

@@ -309,3 +309,24 @@ def test_check_connections_come_from_the_yaml(tmp_path):
         path.write_text(entry + f"    check_connections: {bad}\n")
         with pytest.raises(RegistryError, match="check_connections must be a whole number"):
             load_project_config(path)
+
+
+@pytest.mark.parametrize("config", [
+    {"adjustment_type": "percentage", "adjustment_value": 8},
+    {"adjustment_type": "fixed_amount", "adjustment_value": 5},
+    {"adjustment_type": "set_value", "adjustment_value": 500},
+], ids=lambda c: c["adjustment_type"])
+def test_a_text_price_is_a_rejected_row_with_its_reason_for_every_adjustment(sqlite_url, config):
+    """SQLite keeps any value in any column: 'abc' in price was read as 0 (percentage: silently
+    skipped) or crashed the report (fixed_amount, set_value)."""
+    engine = hand_built(sqlite_url, [100, 200, 300])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE inventories SET price = 'abc' WHERE id = 1")
+    result = run_patch(sqlite_url, PRICE_JOB, {**config, "dry_run": True})
+    assert result.success, failure_description(result)
+    ex = latest_execution(engine)
+    assert (ex["staged_updates"], ex["failed_records"]) == (2, 1)
+    with engine.connect() as conn:
+        [reject] = conn.execute(select(rejects)).mappings().all()
+    assert (reject["source_id"], reject["column_name"], reject["failure_case"]) == (1, "price", "abc")
+    assert "a number" in reject["check_name"]
