@@ -91,15 +91,16 @@ def unreadable_sources(
         # the driving table's dp_seq is its id: the primary key's range, as the batch read
         ranged = b.c.dp_seq if name == patch.driving_table else b.c[key]
         rows = conn.execute(
-            select(b.c[key], *[type_coerce(b.c[c], Text).label(c) for c in tests],
+            select(b.c[key].label("src"),
+                   *[type_coerce(b.c[c], Text).label(f"value_{c}") for c in tests],
                    *[t.label(f"bad_{c}") for c, t in tests.items()])
             .where(b.c.dp_execution_id == execution_id, ranged.between(lo, hi),
                    or_(*tests.values()))
         ).mappings().all()
         found += [
-            {"execution_id": execution_id, "source_id": int(r[key]), "table_name": name,
+            {"execution_id": execution_id, "source_id": int(r["src"]), "table_name": name,
              "column_name": c, "check_name": "a number (the column's type)",
-             "failure_case": str(r[c])}
+             "failure_case": str(r[f"value_{c}"])}
             for r in rows for c in tests if r[f"bad_{c}"]
         ]
     return found
