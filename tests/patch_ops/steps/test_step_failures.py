@@ -323,7 +323,8 @@ def test_a_text_price_is_a_rejected_row_with_its_reason_for_every_adjustment(sql
     with engine.begin() as conn:
         conn.exec_driver_sql("UPDATE inventories SET price = 'abc' WHERE id = 1")
     result = run_patch(sqlite_url, PRICE_JOB, {**config, "dry_run": True})
-    assert result.success, failure_description(result)
+    assert not result.success  # max_failure_ratio is 0: one rejected row fails validation
+    assert "1 of 3 rows (33.3%) failed validation" in failure_description(result)
     ex = latest_execution(engine)
     assert (ex["staged_updates"], ex["failed_records"]) == (2, 1)
     with engine.connect() as conn:
