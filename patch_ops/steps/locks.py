@@ -20,11 +20,16 @@ from patch_ops.execution import (
     UNVERIFIED,
     PlanRefused,
     RunFinished,
+    drop_work_rows,
     jsonable,
     set_execution,
     utcnow,
 )
 from patch_ops.state import executions, locks
+
+#: The phase of an execution abandoned before its commit (its locks released as stale): its work
+#: rows are dropped and it is never carried on.
+ABANDONED = "abandoned"
 
 #: A lock whose holder's process is gone (same host) is stale once the holder's execution has had
 #: no heartbeat for this long (the gap between two op processes of a live run is shorter).
@@ -101,6 +106,11 @@ def _release_stale(
         if row.status == "running":
             closed = UNVERIFIED if row.phase == "committed" else "failed"
             values.update(status=closed, completed_at=utcnow())
+            if row.phase not in ("committed", "verified"):
+                # Nothing reached the live tables: its backup and stage rows serve no one (a
+                # re-execution of its run plans afresh: phase ABANDONED is never carried on).
+                values["phase"] = ABANDONED
+                drop_work_rows(conn, dead)
         set_execution(conn, dead, **values)
     (log or logging.getLogger(__name__)).warning(
         f"released stale lock of execution {dead} (Dagster run {holder['dagster_run_id']}, "

@@ -44,7 +44,7 @@ from patch_ops.patch import (
     Tables,
 )
 from patch_ops.state import executions, mirror_table, targets
-from patch_ops.steps.locks import acquire_locks
+from patch_ops.steps.locks import ABANDONED, acquire_locks
 
 
 def check_columns(tables: Tables, patch: Patch) -> None:
@@ -97,7 +97,7 @@ def plan_execution(
                     executions.c.kind == "patch",
                 )
             ).first()
-            if existing is not None and existing.phase != "planning":
+            if existing is not None and existing.phase not in ("planning", ABANDONED):
                 # Re-execution of the same Dagster run: carry on with the same execution.
                 set_execution(
                     conn,

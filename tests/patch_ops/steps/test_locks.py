@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from patch_ops.execution import utcnow
 from patch_ops.jobs import TABLE_TAG_PREFIX
-from patch_ops.state import ensure_framework_tables, executions, locks
+from patch_ops.state import ensure_framework_tables, executions, locks, mirror_by_name, mirror_name
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import defs as real_defs
 from stockrx_patches.registry import (
@@ -188,6 +188,14 @@ def test_lock_of_a_killed_process_is_released_as_stale(sqlite_url, dagster_home,
     assert dead["error_message"].startswith("abandoned: its table locks were released as stale")
     assert f"(pid {held[0]['pid']}) is gone from this host" in dead["error_message"]
     assert latest_execution(engine, PRICE_JOB)["status"] == "completed"
+    # Nothing of it reached the live tables: its backup and stage rows are gone with it.
+    assert dead["phase"] == "abandoned"
+    with engine.connect() as conn:
+        for kind in ("backup", "stage"):
+            mirror = mirror_by_name(conn, mirror_name(kind, "inventories"))
+            assert mirror is not None
+            left = select(func.count()).where(mirror.c.dp_execution_id == dead["execution_id"])
+            assert conn.execute(left).scalar_one() == 0
 
 
 # ---------------------------------------------------------------------------------------------
