@@ -7,6 +7,7 @@ The password is never shown: only ``redact_url``'s form of the URL goes into mes
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,18 @@ from patch_ops.dialects.names import URL_PARAMETER, framework_schema, translate_
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
+
+
+def _forget_pooled_connections() -> None:
+    """In a forked child: the parent's pooled connections are the parent's (sharing a socket
+    corrupts both); the child opens its own (SQLAlchemy's advice for os.fork)."""
+    global _engines_lock
+    _engines_lock = threading.Lock()
+    for engine in _engines.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_pooled_connections)
 
 
 class DatabaseUnavailable(RuntimeError):

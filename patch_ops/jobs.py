@@ -30,11 +30,13 @@ from patch_ops.execution import (
     set_execution,
 )
 from patch_ops.executor import patch_executor
+from patch_ops.failpoints import failpoint
 from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
 from patch_ops.patch import Patch, PatchSettings
-from patch_ops.state import executions, require_tables
+from patch_ops.state import executions, locks, require_tables
 from patch_ops.steps import backup, commit, transform, validate, verify
+from patch_ops.steps.locks import release_stale_locks
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.report import log_summary
 from patch_ops.steps.restore import restore_rows
@@ -168,6 +170,10 @@ def build_patch_job(
         check_connection(step.engine)
         require_tables(step.engine, patch.tables())
         prepare_audit(context.resources, step.engine)
+        if has_table(step.engine, locks):
+            with write_transaction(step.engine) as conn:
+                release_stale_locks(conn, patch.tables(), f"a new run of {patch.name} "
+                                    f"(Dagster run {context.run_id})", step.run_finished, step.log)
         for unverified in unverified_executions(step.engine, patch.name):
             step.log.warning(
                 f"execution {unverified} of {patch.name} committed its changes but was never "
@@ -275,10 +281,12 @@ def build_patch_job(
             before = dialect_of(conn).log_position(conn)
             set_execution(conn, execution_id, commit_position={"before": before})
             lc.audit("commit", {"rows": rows, "log_position_before": before}, conn=conn)
+            failpoint("commit:inside")
 
         counts = commit.commit_execution(
             step.engine, execution_id, log=step.log, on_committed=on_committed
         )
+        failpoint("commit:after")
         with write_transaction(step.engine) as conn:
             position = {**(load_execution(conn, execution_id)["commit_position"] or {}),
                         "after": dialect_of(conn).log_position(conn)}

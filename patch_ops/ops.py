@@ -43,6 +43,7 @@ from patch_ops.execution import (
     load_execution,
     set_execution,
 )
+from patch_ops.failpoints import failpoint
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
 from patch_ops.steps.locks import acquire_locks
 from resources.database import StockRxDatabase
@@ -211,7 +212,9 @@ def step_op(
                     stack.enter_context(step.refusing(*refused))
                 if take_over:
                     stack.enter_context(step.taking_over(value))
-                return body(step, value)
+                result = body(step, value)
+            failpoint(f"after:{name}")
+            return result
 
         def branch(result: Any) -> Iterator[Any]:
             if result is not None:  # the one optional output taken (None: none, e.g. paused)

@@ -10,10 +10,12 @@ from typing import Any
 
 from dagster import Config, JobDefinition, Out, Output, job
 from pydantic import Field
+from sqlalchemy.engine import Connection
 
 from patch_ops.checks import missing_audit_key
 from patch_ops.execution import RestoreRefused
 from patch_ops.executor import patch_executor
+from patch_ops.failpoints import failpoint
 from patch_ops.ops import Step, step_op
 from patch_ops.steps.purge import PURGE_NAME, purge_backups
 from patch_ops.steps.restore import apply_restore, plan_restore
@@ -117,14 +119,14 @@ def build_restore_job() -> JobDefinition:
     )
     def apply_restore_op(step: Step, execution_id: str) -> None:
         lc = step.lifecycle(execution_id)
+
+        def on_applied(conn: Connection, report: dict[str, Any]) -> None:
+            lc.audit("restore", {"stage": "applied", **restore_summary(report)}, conn=conn)
+            failpoint("restore:inside")
+
         apply_restore(
-            step.engine,
-            execution_id,
-            log=step.log,
-            run_finished=step.run_finished,
-            on_applied=lambda conn, report: lc.audit(
-                "restore", {"stage": "applied", **restore_summary(report)}, conn=conn
-            ),
+            step.engine, execution_id, log=step.log, run_finished=step.run_finished,
+            on_applied=on_applied,
         )
         meta = step.report_metadata(execution_id)
         step.log.info(log_line("restore", execution_id,

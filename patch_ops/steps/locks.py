@@ -82,14 +82,14 @@ def stale_lock_reason(
 
 
 def _release_stale(
-    conn: Connection, holder: dict[str, Any], reason: str, execution_id: str, log: Any
+    conn: Connection, holder: dict[str, Any], reason: str, by: str, log: Any
 ) -> None:
     """Drop a dead holder's locks; close its execution as failed (``UNVERIFIED`` if it had
     committed: its data changed), saying why (the history)."""
     dead = holder["execution_id"]
     conn.execute(delete(locks).where(locks.c.execution_id == dead))
     note = (
-        f"abandoned: its table locks were released as stale by execution {execution_id} "
+        f"abandoned: its table locks were released as stale by {by} "
         f"at {utcnow():%Y-%m-%d %H:%M:%S} UTC because {reason}"
     )
     row = conn.execute(
@@ -116,6 +116,21 @@ def _release_stale(
         f"released stale lock of execution {dead} (Dagster run {holder['dagster_run_id']}, "
         f"host {holder['hostname']}, pid {holder['pid']}): {reason}"
     )
+
+
+def release_stale_locks(
+    conn: Connection, tables: Iterable[str], by: str, run_finished: RunFinished | None = None,
+    log: Any = None,
+) -> None:
+    """Release the locks of dead holders of ``tables`` (``stale_lock_reason``) now, before a
+    new run looks at the history: a holder that died after its commit is then ``UNVERIFIED``,
+    and that run verifies it first instead of taking it for a run still at work."""
+    for table in tables:
+        holder = conn.execute(select(locks).where(locks.c.table_name == table)).mappings().first()
+        if holder is not None:
+            reason = stale_lock_reason(conn, dict(holder), run_finished)
+            if reason is not None:
+                _release_stale(conn, dict(holder), reason, by, log)
 
 
 def acquire_locks(
@@ -156,7 +171,7 @@ def acquire_locks(
                     "time: try again when it has finished",
                     {"holder": {k: jsonable(v) for k, v in holder.items()}},
                 )
-            _release_stale(conn, dict(holder), reason, execution_id, log)
+            _release_stale(conn, dict(holder), reason, f"execution {execution_id}", log)
         try:
             with conn.begin_nested():
                 conn.execute(

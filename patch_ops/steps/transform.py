@@ -45,6 +45,7 @@ from patch_ops.execution import (
     step_counts,
     utcnow,
 )
+from patch_ops.failpoints import failpoint
 from patch_ops.patch import Changes, Patch
 from patch_ops.state import BACKUP, INSERT, UPDATE, executions, locks, mirror_table
 from patch_ops.windows import now_naive as clock_now
@@ -268,6 +269,7 @@ def run_transform(
             pending = writer.submit(
                 _stage_batch, engine, execution_id, staged, reject_rows, progress
             )
+            failpoint(f"transform:batch:{batch_no}")
             now_s = time.monotonic()
             if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
                 continue
