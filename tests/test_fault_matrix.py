@@ -98,7 +98,7 @@ def execute(url: str, job: str, op: str, config: dict[str, Any]) -> ExecuteInPro
 
 
 def patch_run(url: str) -> ExecuteInProcessResult:
-    return execute(url, FaultPrice.name, f"{OP}plan_patch", REAL)
+    return execute(url, FaultPrice.name, "plan_patch", REAL)
 
 
 def restore_run(url: str, execution_id: str) -> ExecuteInProcessResult:
