@@ -41,11 +41,11 @@ from tests.support.mysql import MySQLServer
 from tests.support.postgres import PostgresServer
 from tests.support.stockrx import (
     defs_with,
-    digest,
     failure_description,
     latest_execution,
     seeded,
 )
+from tests.support.stockrx import digest as full_digest
 
 pytestmark = pytest.mark.faults
 
@@ -82,8 +82,13 @@ BACKENDS = [
     pytest.param("postgres", marks=pytest.mark.postgres),
     pytest.param("mariadb", marks=pytest.mark.mysql),
 ]
-#: Digests before and after one application of the patch, per backend (same seed, same clock).
+#: Digests before and after one application of the patch, per backend (same seed; the
+#: timestamps a run writes are its own start time, so they are left out).
 REFERENCE: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+
+
+def digest(engine: Any) -> dict[str, str]:
+    return full_digest(engine, ignore=("created_at", "updated_at"))
 
 
 def fault_defs() -> Definitions:

@@ -29,13 +29,15 @@ T0 = dt.datetime(2026, 1, 10, 9, 0, 0)
 PRICE_JOB = "inventory_price_adjustment"
 
 
-def digest(engine: Engine, tables: tuple[str, ...] = STOCKRX_TABLES) -> dict[str, str]:
-    """A hash of every row and column of each table, in id order."""
+def digest(
+    engine: Engine, tables: tuple[str, ...] = STOCKRX_TABLES, ignore: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """A hash of every row and column (but ``ignore``'s) of each table, in id order."""
     out = {}
     insp = inspect(engine)
     with engine.connect() as conn:
         for name in tables:
-            cols = [c["name"] for c in insp.get_columns(name)]
+            cols = [c["name"] for c in insp.get_columns(name) if c["name"] not in ignore]
             h = hashlib.sha256()
             q = text(f"SELECT {', '.join(cols)} FROM {name} ORDER BY id")
             for row in conn.execute(q):
