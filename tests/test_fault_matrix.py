@@ -82,13 +82,14 @@ BACKENDS = [
     pytest.param("postgres", marks=pytest.mark.postgres),
     pytest.param("mariadb", marks=pytest.mark.mysql),
 ]
-#: Digests before and after one application of the patch, per backend (same seed; the
-#: timestamps a run writes are its own start time, so they are left out).
+#: Digests before and after one application of the patch, per backend (same seed). Left out:
+#: the timestamps a run writes (its own start time) and the ids (a commit killed inside its
+#: transaction used up sequence / AUTO_INCREMENT values: the new log rows' ids come after).
 REFERENCE: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
 
 
 def digest(engine: Any) -> dict[str, str]:
-    return full_digest(engine, ignore=("created_at", "updated_at"))
+    return full_digest(engine, ignore=("id", "created_at", "updated_at"))
 
 
 def fault_defs() -> Definitions:
