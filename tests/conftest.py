@@ -130,3 +130,25 @@ def dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo_root: Pat
     (home / "dagster.yaml").write_text(instance_config_yaml())
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return home
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault matrix (tests/test_fault_matrix.py) as a table: case x database, pass/fail."""
+    cells: dict[str, dict[str, str]] = {}
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            case = dict(getattr(report, "user_properties", ())).get("fault_case")
+            if case and getattr(report, "when", "call") in ("call", "setup"):
+                backend, what = str(case).split("|", 1)
+                mark = "pass" if outcome == "passed" else "FAIL"
+                if cells.setdefault(what, {}).get(backend) != "FAIL":
+                    cells[what][backend] = mark
+    if not cells:
+        return
+    backends = [b for b in ("sqlite", "postgres", "mariadb") if any(b in r for r in cells.values())]
+    width = max(len(w) for w in cells)
+    terminalreporter.write_sep("=", "fault matrix (SIGKILL at each failpoint)")
+    terminalreporter.write_line(f"{'case':<{width}}  " + "  ".join(f"{b:<8}" for b in backends))
+    for what in sorted(cells):
+        row = "  ".join(f"{cells[what].get(b, '-'):<8}" for b in backends)
+        terminalreporter.write_line(f"{what:<{width}}  {row}")

@@ -194,7 +194,8 @@ def audit_verifies(url: str) -> bool:
 
 @pytest.mark.parametrize("point", PATCH_POINTS)
 def test_a_patch_killed_at(point, backend, new_url, tmp_path, grace_zero, record_property):
-    record_property("fault_case", f"{backend}|patch killed at {point}")
+    record_property("fault_case", f"{backend}|{PATCH_POINTS.index(point) + 1:02d} patch killed "
+                                  f"at {point.replace(OP, '')}")
     before, after = reference(backend, new_url)
     url = new_url()
     engine = seeded(url, items=ITEMS)
@@ -226,7 +227,8 @@ def test_a_patch_killed_at(point, backend, new_url, tmp_path, grace_zero, record
 
 @pytest.mark.parametrize("point", RESTORE_POINTS)
 def test_a_restore_killed_at(point, backend, new_url, tmp_path, grace_zero, record_property):
-    record_property("fault_case", f"{backend}|restore killed at {point}")
+    record_property("fault_case", f"{backend}|{len(PATCH_POINTS) + RESTORE_POINTS.index(point) + 1:02d}"
+                                  f" restore killed at {point}")
     before, after = reference(backend, new_url)
     url = new_url()
     engine = seeded(url, items=ITEMS)
