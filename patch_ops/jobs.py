@@ -33,7 +33,7 @@ from patch_ops.executor import patch_executor
 from patch_ops.failpoints import failpoint
 from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
-from patch_ops.patch import Patch, PatchSettings
+from patch_ops.patch import Patch, PatchConfigError, PatchSettings
 from patch_ops.state import executions, locks, require_tables
 from patch_ops.steps import backup, commit, transform, validate, verify
 from patch_ops.steps.locks import release_stale_locks
@@ -46,6 +46,13 @@ from patch_ops.steps.restore import restore_rows
 #: guarantee; this keeps the second run waiting instead of failing). Dagster allows one '/' in a
 #: tag key, hence "stockrx-table/<table>".
 TABLE_TAG_PREFIX = "stockrx-table/"
+#: Run tags set while the run goes: dry run or real (the Runs page filters real runs by it), who
+#: launched it, and the transform's progress (rows done / total, ETA), updated every batch.
+MODE_TAG = "stockrx/mode"
+LAUNCHED_BY_TAG = "stockrx/launched-by"
+PROGRESS_TAG = "stockrx/progress"
+#: The tag the Dagster UI puts on every run launched from it (its launchpad, re-execution).
+FROM_UI_TAG = "dagster/from_ui"
 DEFAULT_PLAN_CHECKS: tuple[PlanCheck, ...] = (
     require_audit_key,
     check_maintenance_window,
@@ -167,6 +174,13 @@ def build_patch_job(
     )
     def plan_patch(step: Step, config: Any) -> str:
         context = step.context
+        if (context.run.tags.get(FROM_UI_TAG) == "true" and not config.dry_run
+                and not (config.launched_by or "").strip()):
+            # The UI cannot tell who clicked (its runs would say the daemon's user).
+            raise PatchConfigError(
+                "a real run launched from the Dagster UI must say who launched it: set "
+                "launched_by (your name) in the launchpad's run config"
+            )
         check_connection(step.engine)
         require_tables(step.engine, patch.tables())
         prepare_audit(context.resources, step.engine)
@@ -194,6 +208,8 @@ def build_patch_job(
         )
         lc = step.lifecycle(execution_id)
         ex = step.load(execution_id)
+        step.set_tags({MODE_TAG: "dry run" if ex["dry_run"] else "real",
+                       LAUNCHED_BY_TAG: str(ex["launched_by"])[:255]})
         lc.audit("started", {"launched_by": ex["launched_by"]}, {"config": ex["config"]})
         lc.audit("plan", {"targets": (ex["report"] or {}).get("targets", {}),
                           "estimated_seconds": ex["estimated_seconds"]})
@@ -217,15 +233,19 @@ def build_patch_job(
         required=(MEMORY,),
     )
     def transform_batches(step: Step, execution_id: str) -> str:
+        def on_progress(done: int, total: int, eta: float) -> None:
+            left = "" if done >= total or eta != eta else f", ETA {eta:,.0f} s"  # nan: unknown
+            step.set_tags({PROGRESS_TAG: f"{done:,}/{total:,} rows ({done / max(total, 1):.0%})"
+                                         f"{left}"})
+
         counts = transform.run_transform(
-            step.engine, patch, execution_id, step.memory, log=step.log
+            step.engine, patch, execution_id, step.memory, log=step.log, on_progress=on_progress
         )
         if counts.get("paused"):
             step.lifecycle(execution_id).audit(
                 "paused", {"reason": "maintenance window ended", "processed": counts["processed"]}
             )
-            context = step.context
-            context.instance.add_run_tags(context.run_id, {"stockrx/paused": "window-end"})
+            step.set_tags({"stockrx/paused": "window-end"})
         step.context.add_output_metadata(counts)
         return execution_id
 

@@ -92,6 +92,10 @@ class Step:
     def run_finished(self) -> RunFinished:
         return run_finished(self.context.instance)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Add or update tags of this Dagster run (the Runs page filters and shows them)."""
+        self.context.instance.add_run_tags(self.context.run_id, tags)
+
     def lifecycle(self, execution_id: str) -> Lifecycle:
         return Lifecycle(self.context.resources, self.engine, execution_id, self.log)
 

@@ -18,52 +18,29 @@ The matrix (cases x databases, pass/fail) is printed at the end of the test sess
 
 from __future__ import annotations
 
-import dataclasses
-import multiprocessing
-import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import Definitions, ExecuteInProcessResult
 from sqlalchemy import select
 
-from patch_ops.failpoints import FAILPOINT_ENV, FAILPOINT_FILE_ENV
 from patch_ops.state import executions
 from patch_ops.steps import locks as lock_rules
 from stockrx_patches.cli import main as cli_main
-from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
-from stockrx_patches.registry import default_registry
+from tests.support.faults import ITEMS, OP, FaultPrice, patch_run, restore_run, run_and_kill
 from tests.support.mysql import MySQLServer
 from tests.support.postgres import PostgresServer
+from tests.support.stockrx import digest as full_digest
 from tests.support.stockrx import (
-    defs_with,
     failure_description,
     latest_execution,
     seeded,
 )
-from tests.support.stockrx import digest as full_digest
 
 pytestmark = pytest.mark.faults
 
 
-class FaultPrice(InventoryPriceAdjustment):
-    """The price patch (+8 %) without the approval gate (not what is tested here): each case
-    is one real run, and its recovery another."""
-
-    name = "fault_price_adjustment"
-
-
-SETTINGS = dataclasses.replace(
-    default_registry().settings("inventory_price_adjustment"),
-    require_approved_plan=False, batch_size=50, estimated_records=200,
-)
-ITEMS = 200  # 4 transform batches of 50
-REAL = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
-OP = f"{FaultPrice.name}__"
 PATCH_POINTS = [
     f"after:{OP}plan_patch",
     f"after:{OP}take_backup",
@@ -90,56 +67,6 @@ REFERENCE: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
 
 def digest(engine: Any) -> dict[str, str]:
     return full_digest(engine, ignore=("id", "created_at", "updated_at"))
-
-
-def fault_defs() -> Definitions:
-    return defs_with((FaultPrice(), SETTINGS))
-
-
-def execute(url: str, job: str, op: str, config: dict[str, Any]) -> ExecuteInProcessResult:
-    os.environ["STOCKRX_DATABASE_URL"] = url
-    return fault_defs().resolve_job_def(job).execute_in_process(
-        run_config={"ops": {op: {"config": config}}}, raise_on_error=False
-    )
-
-
-def patch_run(url: str) -> ExecuteInProcessResult:
-    return execute(url, FaultPrice.name, "plan_patch", REAL)
-
-
-def restore_run(url: str, execution_id: str) -> ExecuteInProcessResult:
-    return execute(url, "restore_patch", "plan_restore",
-                   {"execution_id": execution_id, "dry_run": False})
-
-
-def _child(url: str, point: str, marker: str, restore_of: str | None) -> None:
-    """The killed run, in a forked child: all its ops in this process."""
-    os.environ[FAILPOINT_ENV] = point
-    os.environ[FAILPOINT_FILE_ENV] = marker
-    try:
-        if restore_of is None:
-            patch_run(url)
-        else:
-            restore_run(url, restore_of)
-    finally:
-        os._exit(0)  # never run the parent's (pytest's) exit handlers
-
-
-def run_and_kill(url: str, point: str, tmp_path: Path, restore_of: str | None = None) -> None:
-    marker = tmp_path / "failpoint.pid"
-    child = multiprocessing.get_context("fork").Process(
-        target=_child, args=(url, point, str(marker), restore_of)
-    )
-    child.start()
-    deadline = time.monotonic() + 180
-    while not marker.exists():
-        assert child.is_alive(), f"the run ended (exit {child.exitcode}) before {point}"
-        assert time.monotonic() < deadline, f"the run never reached {point}"
-        time.sleep(0.05)
-    assert int(marker.read_text()) == child.pid
-    os.kill(child.pid, signal.SIGKILL)
-    child.join(30)
-    assert child.exitcode == -signal.SIGKILL
 
 
 @pytest.fixture(params=BACKENDS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -141,8 +141,10 @@ def run_transform(
     execution_id: str,
     memory: MemoryGuard,
     log: Any = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, int]:
-    """Transform the frozen target set in keyset batches into the stage tables.
+    """Transform the frozen target set in keyset batches into the stage tables;
+    ``on_progress(done, total, eta_seconds)`` after each batch (the run's progress tag).
 
     Each batch commits its staged rows together with the cursor, so a crashed run resumes at the
     next batch. Rows whose changes fail the patch's pandera schemas are rejected (recorded with
@@ -269,14 +271,16 @@ def run_transform(
             pending = writer.submit(
                 _stage_batch, engine, execution_id, staged, reject_rows, progress
             )
-            failpoint(f"transform:batch:{batch_no}")
             now_s = time.monotonic()
-            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
-                continue
-            logged_at = now_s
             elapsed = now_s - started
             rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
             eta = (total - done) / rate if rate > 0 else float("nan")
+            if on_progress is not None:
+                on_progress(done, total, eta)
+            failpoint(f"transform:batch:{batch_no}")
+            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+                continue
+            logged_at = now_s
             log.info(
                 f"batch {batch_no}: {done:,}/{total:,} rows ({done / max(total, 1):.0%}), "
                 f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
