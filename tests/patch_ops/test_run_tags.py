@@ -19,6 +19,7 @@ def tags_of_the_run(instance_dir: str) -> dict[str, str]:
 def test_a_real_run_tags_its_mode_and_launcher_and_its_progress_changes(sqlite_url, tmp_path):
     seeded(sqlite_url, items=ITEMS)
     instance_dir = str(tmp_path / "dagster_home")
+    (tmp_path / "dagster_home").mkdir()
 
     child = stop_at(sqlite_url, "transform:batch:1", tmp_path, instance_dir=instance_dir)
     first = tags_of_the_run(instance_dir)
@@ -36,6 +37,7 @@ def test_a_real_run_tags_its_mode_and_launcher_and_its_progress_changes(sqlite_u
 def test_a_finished_run_says_all_rows_done(sqlite_url, tmp_path):
     seeded(sqlite_url, items=ITEMS)
     instance_dir = str(tmp_path / "dagster_home")
+    (tmp_path / "dagster_home").mkdir()
     result = patch_run(sqlite_url, instance_dir)
     assert result.success, failure_description(result)
     tags = tags_of_the_run(instance_dir)
