@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dagster import DagsterInstance
 
+from patch_ops.steps import locks as lock_rules
 from tests.support.faults import ITEMS, kill, patch_run, stop_at
 from tests.support.stockrx import failure_description, seeded
 
@@ -16,7 +17,11 @@ def tags_of_the_run(instance_dir: str) -> dict[str, str]:
         return dict(run.tags)
 
 
-def test_a_real_run_tags_its_mode_and_launcher_and_its_progress_changes(sqlite_url, tmp_path):
+def test_a_real_run_tags_its_mode_and_launcher_and_its_progress_changes(
+    sqlite_url, tmp_path, monkeypatch
+):
+    # the second run takes over the first one's locks at once (its process is gone)
+    monkeypatch.setattr(lock_rules, "LOCK_PID_GRACE_SECONDS", 0.0)
     seeded(sqlite_url, items=ITEMS)
     instance_dir = str(tmp_path / "dagster_home")
     (tmp_path / "dagster_home").mkdir()
