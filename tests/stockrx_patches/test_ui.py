@@ -105,7 +105,7 @@ def runs(ui: DagsterUI, demo_url: str) -> dict[str, dict[str, Any]]:
     """Two runs of the price patch launched as from the launchpad, both finished.
 
     ``dry``: percentage +8 with dry_run left at its default; ``refused``: percentage +5000,
-    refused by plan_patch. Each: the run as launched, as finished, its events, price sums.
+    refused by plan_patch; ``nameless``: a real run from the UI without launched_by. Each: the run as launched, as finished, its events, price sums.
     """
     before = _price_sum(demo_url)
     launched = {
@@ -116,6 +116,13 @@ def runs(ui: DagsterUI, demo_url: str) -> dict[str, dict[str, Any]]:
         "refused": ui.launch_run(
             PRICE_JOB,
             launchpad_config(ui, PRICE_JOB, adjustment_type="percentage", adjustment_value=5000),
+        ),
+        # a real run as the launchpad sends it (the UI tags its runs), naming nobody
+        "nameless": ui.launch_run(
+            PRICE_JOB,
+            launchpad_config(ui, PRICE_JOB, adjustment_type="percentage", adjustment_value=8,
+                             dry_run=False),
+            tags={"dagster/from_ui": "true"},
         ),
     }
     out = {}
@@ -291,6 +298,26 @@ def test_refused_run_fails_with_the_one_line_reason_first(
     assert first_line.endswith(description)
     meta = _metadata(failures[0]["failureMetadata"]["metadataEntries"])
     assert "got 5000" in meta["error"]["text"]
+    assert not _events(run, "ExecutionStepStartEvent", "take_backup")
+    assert run["price_sum_after"] == run["price_sum_before"]
+
+
+def test_runs_are_tagged_dry_or_real_so_the_runs_page_can_filter_them(
+    runs: dict[str, dict[str, Any]],
+) -> None:
+    tags = {t["key"]: t["value"] for t in runs["dry"]["final"]["tags"]}
+    assert tags["stockrx/mode"] == "dry run"
+    assert tags["stockrx/progress"] == f"{DEMO_ITEMS:,}/{DEMO_ITEMS:,} rows (100%)"
+
+
+def test_a_real_run_from_the_launchpad_must_name_who_launched_it(
+    runs: dict[str, dict[str, Any]],
+) -> None:
+    run = runs["nameless"]
+    assert run["final"]["status"] == "FAILURE"
+    [failure] = _events(run, "ExecutionStepFailureEvent")
+    description = failure["failureMetadata"]["description"]
+    assert "a real run launched from the Dagster UI must say who launched it" in description
     assert not _events(run, "ExecutionStepStartEvent", "take_backup")
     assert run["price_sum_after"] == run["price_sum_before"]
 
