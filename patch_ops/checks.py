@@ -58,6 +58,50 @@ def require_audit_key(stage: str, conn: Connection, info: PlanInfo) -> None:
         raise PlanRefused(reason)
 
 
+#: ``launched_by`` of a scheduled run: "schedule:<schedule name>" (stockrx_patches.schedules).
+SCHEDULED_BY = "schedule:"
+#: A scheduled real run whose target set exceeds this many times the largest of the patch's
+#: completed real runs (or its ``estimated_records`` before it has any) is held, not committed.
+ANOMALY_FACTOR = 3
+
+
+def hold_anomalous_scheduled_runs(stage: str, conn: Connection, info: PlanInfo) -> None:
+    """A scheduled real run runs without a dry-run approval (its code and schedule are reviewed
+    in version control); one whose target set is far outside the patch's own history is not
+    committed: it goes on as a dry run (reported, an ordinary message) and waits for a person
+    to launch the real run by hand."""
+    config = info.config
+    if stage != "after_freeze" or config.dry_run:
+        return
+    if not (config.launched_by or "").startswith(SCHEDULED_BY):
+        return
+    ex = load_execution(conn, info.execution_id)
+    count = int(ex["target_count"] or 0)
+    largest = conn.execute(
+        select(func.max(executions.c.target_count)).where(
+            executions.c.patch_name == info.patch.name,
+            executions.c.kind == "patch",
+            executions.c.dry_run.is_(False),
+            executions.c.status == "completed",
+        )
+    ).scalar()
+    if largest:
+        limit, basis = ANOMALY_FACTOR * int(largest), f"the largest of its completed runs ({largest:,})"
+    else:
+        limit = ANOMALY_FACTOR * int(info.settings.estimated_records)
+        basis = f"its estimated_records ({info.settings.estimated_records:,}; no completed run yet)"
+    if count <= limit:
+        return
+    reason = (
+        f"held for approval: this scheduled run targets {count:,} rows, more than "
+        f"{ANOMALY_FACTOR}x {basis}; it ran as a dry run and committed nothing. Check the report, "
+        "then launch the real run by hand to apply it"
+    )
+    report = dict(ex["report"] or {})
+    report["held_for_approval"] = {"targets": count, "limit": limit, "reason": reason}
+    set_execution(conn, info.execution_id, dry_run=True, report=report)
+
+
 def refuse_repeats(stage: str, conn: Connection, info: PlanInfo) -> None:
     """A real run must not apply a patch a second time by accident (a +8 % twice): refused,
     unless ``allow_repeat`` (recorded), when an unrestored committed real run of the patch

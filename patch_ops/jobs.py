@@ -18,7 +18,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops.approval import require_approved_plan
-from patch_ops.checks import check_maintenance_window, refuse_repeats, require_audit_key
+from patch_ops.checks import (
+    check_maintenance_window,
+    hold_anomalous_scheduled_runs,
+    refuse_repeats,
+    require_audit_key,
+)
 from patch_ops.database import check_connection, write_transaction
 from patch_ops.dialects import dialect_of
 from patch_ops.dialects.names import has_table
@@ -58,6 +63,7 @@ DEFAULT_PLAN_CHECKS: tuple[PlanCheck, ...] = (
     check_maintenance_window,
     require_approved_plan,
     refuse_repeats,
+    hold_anomalous_scheduled_runs,
 )
 
 
@@ -73,15 +79,17 @@ def complete(
     audit_event: str,
     message: str,
     keep_work_tables: bool = True,
+    reason: str | None = None,
 ) -> None:
     """The last step of an execution that succeeds: ``last_work`` and the completed state as a
-    step of the execution (a failure fails it); then its last audit event and notification."""
+    step of the execution (a failure fails it); then its last audit event and notification
+    (with ``reason``, if any)."""
     with step.taking_over(execution_id):
         last_work()
         finish_execution(
             step.engine, execution_id, "completed", keep_work_tables=keep_work_tables, phase=phase
         )
-    step.lifecycle(execution_id).close(audit_event, {}, "completed")
+    step.lifecycle(execution_id).close(audit_event, {}, "completed", reason)
     step.log.info(message)
 
 
@@ -328,8 +336,12 @@ def build_patch_job(
         "Close a dry run: nothing was committed; the report says what would change.",
     )
     def report_dry_run(step: Step, execution_id: str) -> None:
+        held = (step.load(execution_id)["report"] or {}).get("held_for_approval")
+        if held:
+            step.log.warning(held["reason"])
         complete(step, execution_id, lambda: None, "dry_run_reported", "dry_run_completed",
-                 f"dry run {execution_id} complete: nothing was committed", keep_work_tables=False)
+                 f"dry run {execution_id} complete: nothing was committed", keep_work_tables=False,
+                 reason=held["reason"] if held else None)
 
     @step_op(
         op_name("roll_back"),

@@ -285,6 +285,8 @@ class Notifier(dg.ConfigurableResource):
         lines = []
         if n.outcome != "completed":
             lines.append(f"Reason: {n.reason or 'unknown'}")
+        elif n.reason:  # a completed run with something to say (held for approval)
+            lines.append(f"Note: {n.reason}")
         lines += [
             f"Patch: {n.patch_name}",
             f"Mode: {'DRY RUN' if n.dry_run else 'REAL'}",

@@ -18,6 +18,7 @@ from typing import Any
 
 from dagster import DefaultScheduleStatus, DefaultSensorStatus, ScheduleDefinition
 
+from patch_ops.checks import SCHEDULED_BY
 from patch_ops.patch import PatchSettings
 from patch_ops.windows import cron_schedules, schedule_timezone
 from stockrx_patches.registry import Registry
@@ -47,7 +48,7 @@ def schedule_name(patch_name: str) -> str:
 
 
 def scheduled_run_config(patch_name: str, settings: PatchSettings) -> dict[str, Any]:
-    config = {"launched_by": f"schedule:{schedule_name(patch_name)}", **settings.schedule_config}
+    config = {"launched_by": f"{SCHEDULED_BY}{schedule_name(patch_name)}", **settings.schedule_config}
     return {"ops": {"plan_patch": {"config": config}}}
 
 
