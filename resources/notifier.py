@@ -27,7 +27,7 @@ from slack_sdk import WebClient
 from slack_sdk.http_retry import HttpRequest, HttpResponse, RetryHandler, RetryState
 
 CHANNELS = ("slack", "email")
-OUTCOMES = ("completed", "failed", "rolled_back", "restored")
+OUTCOMES = ("completed", "failed", "rolled_back", "restored", "held")
 NOT_CONFIGURED = "not configured"
 SMTP_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 #: Slack answers (HTTP 200, ok=false) that are worth another attempt.
@@ -39,6 +39,7 @@ _OUTCOME_TITLES = {
     "failed": "FAILED",
     "rolled_back": "ROLLED BACK",
     "restored": "RESTORED FROM BACKUP",
+    "held": "HELD, not run",
 }
 
 
@@ -82,6 +83,8 @@ class PatchNotification:
     def urgent(self) -> bool:
         """Urgent (pages): a real run that did not complete, or anything after a commit. A dry run
         that fails (a mistyped value, a killed run) changed nothing: an ordinary message."""
+        if self.outcome == "held":  # nothing ran: the requester is told, nobody is paged
+            return False
         return self.outcome != "completed" and (not self.dry_run or self.committed)
 
     @property

@@ -9,7 +9,10 @@ so a request is never run twice. The row says what became of it:
 status     meaning
 =========  ==================================================================================
 pending    inserted, not yet looked at
-held       a real run outside the maintenance windows: launched when the next window opens
+held       a real run outside the maintenance windows: when the next window opens, a fresh
+           dry run re-confirms the approved plan first (the approval is valid 24 hours, windows
+           are days apart); held again, with the difference, if the plan changed
+reconfirming  that dry run is running; the real run follows if its plan is the approved one
 rejected   unknown patch or invalid config; ``reason`` says why (nothing was run)
 launched   a run was requested (``run_key``; ``dagster_run_id`` once the run is seen)
 succeeded  the run finished successfully (``execution_id``: the patch execution)
@@ -55,16 +58,22 @@ from patch_ops.database import write_transaction
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA
 from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS, UTCNow, framework_ddl
 
-PENDING, HELD, REJECTED, LAUNCHED, SUCCEEDED, FAILED = (
+PENDING, HELD, REJECTED, LAUNCHED, SUCCEEDED, FAILED, RECONFIRMING = (
     "pending",
     "held",
     "rejected",
     "launched",
     "succeeded",
     "failed",
+    "reconfirming",
 )
 OPEN = (PENDING, HELD)  # still to be launched
-RUNNING = (LAUNCHED,)  # launched, outcome not recorded yet
+RUNNING = (LAUNCHED, RECONFIRMING)  # launched, outcome not recorded yet
+#: The reason of a request held because its plan changed since it was approved: it stays held
+#: until a person sets it back to pending (or files it again) after reading the new dry run.
+PLAN_CHANGED = "held: the plan changed since it was approved"
+#: Tag of the re-confirming dry run of a held request (value: the request id).
+RECONFIRM_TAG = "stockrx/reconfirms-request"
 REQUEST_TAG = "stockrx/request"
 
 metadata = MetaData()

@@ -143,8 +143,11 @@ def judge_request(
     )
     if problem or run_config is None:
         return rq.REJECTED, problem, None
+    if request["status"] == rq.HELD and str(request["reason"] or "").startswith(rq.PLAN_CHANGED):
+        return rq.HELD, request["reason"], None  # until a person sets it back to pending
     config = registry.get(name).config_class(**_plan_config(run_config))
-    windows = registry.settings(name).maintenance_windows
+    settings = registry.settings(name)
+    windows = settings.maintenance_windows
     if (
         not config.dry_run
         and windows
@@ -154,15 +157,83 @@ def judge_request(
         nxt = next_window(windows, instant)
         when = nxt.describe() if nxt else "the next maintenance window"
         return rq.HELD, f"real run held until the next maintenance window ({when})", None
+    if request["status"] == rq.HELD and not config.dry_run and settings.require_approved_plan:
+        # Its approval (a dry run of the same plan, valid 24 hours) has likely expired while it
+        # waited: a fresh dry run re-confirms the plan first (_reconfirmed).
+        dry = {"ops": {"plan_patch": {"config": {**_plan_config(run_config), "dry_run": True}}}}
+        return rq.RECONFIRMING, "re-confirming the approved plan with a fresh dry run", dry
     return rq.LAUNCHED, None, run_config
 
 
-def _reconcile(context: SensorEvaluationContext, engine: Any) -> None:
+def _reconfirmed(
+    context: SensorEvaluationContext, engine: Any, req: dict[str, Any], notifier: Notifier
+) -> None:
+    """The outcome of a held request's re-confirming dry run: same plan as the dry run that
+    approved it (or none before it): pending, so the real run starts at once; another plan:
+    held with the difference until a person looks, and the requester told (not paged)."""
+    runs = context.instance.get_runs(RunsFilter(tags={rq.RECONFIRM_TAG: str(req["id"])}), limit=1)
+    if not runs:
+        since = req["updated_at"] or req["requested_at"]
+        if since is not None and rq.utcnow() - since > LOST_LAUNCH:
+            with write_transaction(engine) as conn:
+                rq.mark(conn, req["id"], rq.HELD, reason="no re-confirming run appeared; held")
+        return
+    run = runs[0]
+    with engine.connect() as conn:
+        ex = conn.execute(
+            select(executions).where(executions.c.dagster_run_id == run.run_id,
+                                     executions.c.kind == "patch")
+        ).mappings().first()
+        prior = None
+        if ex is not None and ex["status"] == "completed":
+            prior = conn.execute(
+                select(executions).where(
+                    executions.c.patch_name == ex["patch_name"], executions.c.kind == "patch",
+                    executions.c.dry_run.is_(True), executions.c.status == "completed",
+                    executions.c.started_at < ex["started_at"],
+                ).order_by(executions.c.started_at.desc())
+            ).mappings().all()
+            prior = next((p for p in prior
+                          if work_config(p["config"]) == work_config(ex["config"])), None)
+    values: dict[str, Any] = {"dagster_run_id": run.run_id}
+    if ex is None:
+        if not run.is_finished:
+            return
+        status, values["reason"] = rq.FAILED, f"the re-confirming dry run {run.status.value}"
+    elif ex["status"] == "failed":
+        status = rq.FAILED
+        values["reason"] = f"the re-confirming dry run failed: {ex['error_message']}"
+    elif ex["status"] != "completed":
+        return
+    elif prior is None or prior["plan_hash"] == ex["plan_hash"]:
+        status, values["reason"] = rq.PENDING, (
+            f"plan re-confirmed by dry run {ex['execution_id']}: the real run starts")
+    else:
+        status, values["reason"] = rq.HELD, (
+            f"{rq.PLAN_CHANGED}: dry run {prior['execution_id']} planned "
+            f"{prior['target_count']:,} rows, the re-confirming dry run {ex['execution_id']} "
+            f"{ex['target_count']:,} (plan {str(prior['plan_hash'])[:12]} -> "
+            f"{str(ex['plan_hash'])[:12]}); read its report, then set the request back to "
+            "pending to run it")
+        notification = PatchNotification(
+            patch_name=req["patch_name"], execution_id=str(ex["execution_id"]), outcome="held",
+            dry_run=False, dagster_run_id=run.run_id,
+            reason=f"request {req['id']} of {req['requested_by']}: {values['reason']}",
+        )
+        keep(engine, notification, notifier.notify(notification))
+    with write_transaction(engine) as conn:
+        rq.mark(conn, req["id"], status, **values)
+
+
+def _reconcile(context: SensorEvaluationContext, engine: Any, notifier: Notifier) -> None:
     """Record the outcome of launched requests (by their execution, so a paused execution that a
     later run finishes counts too)."""
     with engine.connect() as conn:
         launched = rq.launched_requests(conn)
     for req in launched:
+        if req["status"] == rq.RECONFIRMING:
+            _reconfirmed(context, engine, req, notifier)
+            continue
         runs = context.instance.get_runs(RunsFilter(tags={rq.REQUEST_TAG: str(req["id"])}), limit=1)
         values: dict[str, Any] = {}
         status = rq.LAUNCHED
@@ -224,11 +295,11 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
         "patches and invalid config; holds real runs until a maintenance window.",
     )
     def patch_request_sensor(
-        context: SensorEvaluationContext, stockrx_db: StockRxDatabase
+        context: SensorEvaluationContext, stockrx_db: StockRxDatabase, notifier: Notifier
     ) -> SensorResult:
         engine = stockrx_db.get_engine()
         rq.ensure_requests_table(engine)
-        _reconcile(context, engine)
+        _reconcile(context, engine, notifier)
         instant = now()
         run_requests = []
         summary: dict[str, int] = {}
@@ -239,6 +310,8 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
                 if status == rq.HELD and req["status"] == rq.HELD and req["reason"] == reason:
                     continue
                 key = rq.run_key(req["id"]) if run_config is not None else None
+                if status == rq.RECONFIRMING:
+                    key = f"{key}:reconfirm"
                 rq.mark(conn, req["id"], status, reason=reason, run_key=key)
                 if run_config is None:
                     context.log.info(
@@ -252,6 +325,8 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
                 }
                 if req["release_tag"]:
                     tags["stockrx/release"] = str(req["release_tag"])[:255]
+                if status == rq.RECONFIRMING:
+                    tags[rq.RECONFIRM_TAG] = str(req["id"])
                 run_requests.append(
                     RunRequest(
                         run_key=key, job_name=req["patch_name"], run_config=run_config, tags=tags

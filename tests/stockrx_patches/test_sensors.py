@@ -79,13 +79,13 @@ def db(sqlite_url, monkeypatch):
     return StockRxDatabase(url=sqlite_url)
 
 
-def tick(defs, name: str, instance, db, cursor: str | None = None):  # type: ignore[no-untyped-def]
+def tick(defs, name: str, instance, db, cursor: str | None = None, notifier=None):  # type: ignore[no-untyped-def]
     sensor = defs.resolve_sensor_def(name)
     ctx = build_sensor_context(
         instance=instance,
         cursor=cursor,
         repository_def=defs.get_repository_def(),
-        resources={"stockrx_db": db},
+        resources={"stockrx_db": db, "notifier": notifier or Notifier(channels=[])},
     )
     return sensor.evaluate_tick(ctx)
 
@@ -234,10 +234,78 @@ def test_real_run_requests_are_held_until_the_window_opens(sqlite_url, db, insta
     )
     assert tick(defs, REQUEST_SENSOR, instance, db).run_requests == []
 
+    # The window opens 40 hours after the dry run that approved it (valid 24 hours): a fresh
+    # dry run re-confirms the plan first, then the real run starts.
+    approving = launch(defs, tick_request(defs, instance, db, dry), instance)
+    assert approving.success, failure_description(approving)
     clock("2026-12-02T02:00:30+09:00")
+    [reconfirm] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
+    assert reconfirm.run_key == f"data_patch_request:{real}:reconfirm"
+    assert reconfirm.run_config["ops"]["plan_patch"]["config"]["dry_run"] is True
+    assert rq.get_request(engine, real)["status"] == "reconfirming"
+    assert launch(defs, reconfirm, instance).success
+
     [request] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
     assert request.run_key == f"data_patch_request:{real}"
+    assert request.run_config["ops"]["plan_patch"]["config"]["dry_run"] is False
     assert rq.get_request(engine, real)["status"] == "launched"
+    before = digest(engine)
+    result = launch(defs, request, instance)
+    assert result.success, failure_description(result)  # approved by the fresh dry run
+    assert digest(engine) != before
+
+
+def tick_request(defs, instance, db, request_id: int) -> RunRequest:  # type: ignore[no-untyped-def]
+    """The run request of an already launched request (the sensor gave it before)."""
+    engine = db.get_engine()
+    req = rq.get_request(engine, request_id)
+    config = {"ops": {"plan_patch": {"config": {"launched_by": req["requested_by"],
+                                                **json.loads(json.dumps(req["run_config"]))}}}}
+    return RunRequest(run_key=req["run_key"], job_name=req["patch_name"], run_config=config,
+                      tags={rq.REQUEST_TAG: str(request_id)})
+
+
+def test_a_held_request_whose_plan_changed_is_held_again_and_the_requester_told(
+    sqlite_url, db, instance, clock
+):
+    engine = seeded(sqlite_url, items=30)
+    defs = build_definitions(default_registry())
+    clock(MON_1000)
+    assert run_patch(sqlite_url, PRICE_JOB, DRY).success  # the dry run that approved it
+    real = rq.submit_request(engine, PRICE_JOB, {**DRY, "dry_run": False}, "release-bot")
+    tick(defs, REQUEST_SENSOR, instance, db)
+    assert rq.get_request(engine, real)["status"] == "held"
+    with engine.begin() as conn:  # the application adds an item meanwhile: another plan
+        conn.exec_driver_sql(
+            "INSERT INTO inventories (name, price, quantity, status, inventory_logs_count, "
+            "created_at, updated_at) VALUES ('new', 100, 1, 0, 0, '2026-12-01', '2026-12-01')"
+        )
+
+    clock("2026-12-02T02:00:30+09:00")
+    [reconfirm] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
+    assert launch(defs, reconfirm, instance).success
+    before = digest(engine)
+    with FakeSlack(token=TOKEN) as slack:
+        notifier = Notifier(channels=["slack"], slack_token=TOKEN, slack_base_url=slack.base_url)
+        result = tick(defs, REQUEST_SENSOR, instance, db, notifier=notifier)
+        [message] = slack.messages
+    assert result.run_requests == []
+    held = rq.get_request(engine, real)
+    assert held["status"] == "held"
+    assert held["reason"].startswith("held: the plan changed since it was approved")
+    assert "planned 30 rows, the re-confirming dry run" in held["reason"] and " 31 (" in (
+        held["reason"])
+    assert "HELD" in message["text"] and not message["text"].startswith(":rotating_light:")
+    assert "release-bot" in message["text"]
+    assert tick(defs, REQUEST_SENSOR, instance, db).run_requests == []  # until a person acts
+    assert digest(engine) == before
+
+    with engine.begin() as conn:  # a person read the new dry run's report: go
+        conn.exec_driver_sql(f"UPDATE data_patch_requests SET status = 'pending' WHERE id = {real}")
+    [request] = tick(defs, REQUEST_SENSOR, instance, db).run_requests
+    assert request.run_key == f"data_patch_request:{real}"
+    run = launch(defs, request, instance)
+    assert run.success, failure_description(run)  # approved by the re-confirming dry run
 
 
 def test_failed_request_run_records_the_reason(sqlite_url, db, instance, clock):
