@@ -35,6 +35,11 @@ PAUSED_PHASE = "paused_window_end"
 UNVERIFIED = "unverified"
 
 
+#: ``check_name`` in ``data_patch_rejects`` of a driving row held back because the database
+#: would refuse its changes (``patch_ops.steps.holdback``), apart from the pandera rejects.
+HELD_BACK = "database_refusal"
+
+
 #: Execution options of an INSERT ... SELECT whose rowcount is read (else -1 on psycopg).
 ROWCOUNT = {"preserve_rowcount": True}
 

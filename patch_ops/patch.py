@@ -23,6 +23,8 @@ from sqlalchemy import Select, Table
 from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, MaintenanceWindow
 
 MAX_LAUNCHED_BY = 255  # data_patch_executions.launched_by, audit actor
+#: ``on_refused_rows`` values: hold back the rows the database refuses, or fail the run.
+HOLD_BACK, FAIL = "hold_back", "fail"
 
 
 class PatchConfigError(ValueError):
@@ -276,3 +278,22 @@ class PatchSettings:
     first_run_rows_per_second: float = DEFAULT_FIRST_RUN_ROWS_PER_SECOND
     #: Run config (ops.plan_patch.config) of the scheduled runs, if ``scheduled``.
     schedule_config: Mapping[str, Any] = field(default_factory=lambda: {"dry_run": False})
+    #: Driving rows whose changes the database refuses (patch_ops.steps.holdback):
+    #: "hold_back" rejects them and commits the rest, "fail" fails the run. None: hold_back for
+    #: scheduled patches (unattended, run again at every window: a few refused rows must not
+    #: stop every other row, and the next window retries them), fail otherwise (a release-time
+    #: patch that someone launches should not be committed in part unless they chose so).
+    on_refused_rows: str | None = None
+    #: Above this share of the driving rows (percent, 0-100) held back, the run fails instead,
+    #: changing nothing (the original design's "10 % inconsistent" criterion).
+    max_held_back_percent: float = 10.0
+    #: Longest the search for refused rows may take in all, and one attempt's statements (each
+    #: attempt holds its row locks no longer than its transaction).
+    refusal_search_seconds: float = 300.0
+    refusal_attempt_seconds: float = 30.0
+
+    def refused_rows_policy(self) -> str:
+        """``on_refused_rows``, or its default for this patch (hold_back when scheduled)."""
+        if self.on_refused_rows is not None:
+            return self.on_refused_rows
+        return HOLD_BACK if self.scheduled else FAIL

@@ -15,7 +15,9 @@ from sqlalchemy import select
 
 from patch_ops.database import DatabaseUnavailable, check_connection, get_engine, redact_url
 from patch_ops.dialects.names import has_table
-from patch_ops.state import executions
+from patch_ops.execution import HELD_BACK
+from patch_ops.state import executions, rejects
+from patch_ops.steps.holdback import held_back_rows
 from patch_ops.steps.report import markdown_text
 from stockrx_patches import audit_cli
 
@@ -144,6 +146,47 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"error: {r['error_message']}")
     _print_approval(engine, r)
     return 0 if r["status"] == "completed" else 2
+
+
+def cmd_held(args: argparse.Namespace) -> int:
+    """The driving rows an execution held back because the database would refuse their changes
+    (default: the latest execution that held any back)."""
+    engine = _engine(args)
+    if _no_history(engine):
+        return 1
+    rj = rejects
+    execution_id = args.execution_id
+    with engine.connect() as conn:
+        if not execution_id:
+            execution_id = conn.execute(
+                select(executions.c.execution_id)
+                .where(select(rj.c.execution_id).where(
+                    rj.c.execution_id == executions.c.execution_id, rj.c.check_name == HELD_BACK
+                ).exists())
+                .order_by(executions.c.started_at.desc())
+                .limit(1)
+            ).scalar()
+            if execution_id is None:
+                print("no execution held back any row")
+                return 0
+        ex = conn.execute(
+            select(executions).where(executions.c.execution_id == execution_id)
+        ).mappings().first()
+        if ex is None:
+            print(f"no execution {execution_id}", file=sys.stderr)
+            return 1
+        rows = held_back_rows(conn, execution_id)
+    if args.json:
+        print(json.dumps({"execution_id": execution_id, "patch": ex["patch_name"],
+                          "dry_run": bool(ex["dry_run"]), "count": len(rows), "rows": rows},
+                         ensure_ascii=False, indent=2))
+        return 0
+    mode = "dry run" if ex["dry_run"] else "real run"
+    print(f"{ex['patch_name']} {mode} {execution_id}: {len(rows):,} row(s) held back "
+          "(the database would refuse their changes; left unchanged, retried by the next run)")
+    for r in rows:
+        print(f"{r['source_id']}\t{r['table']}\t{r['refusal']}\t{r['values']}")
+    return 0
 
 
 def _print_approval(engine, r) -> None:  # type: ignore[no-untyped-def]
@@ -364,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=at_least(1), default=20)
     sp.add_argument("--patch")
     sp = add("report", cmd_report, "impact report of an execution (default: the latest)")
+    sp.add_argument("execution_id", nargs="?")
+    sp.add_argument("--json", action="store_true")
+    sp = add("held", cmd_held, "rows an execution held back because the database would refuse "
+             "them (default: the latest execution that held any back)")
     sp.add_argument("execution_id", nargs="?")
     sp.add_argument("--json", action="store_true")
     sp = add("restore", cmd_restore, "undo a committed patch execution (dry run by default)")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from patch_ops.jobs import table_tags
-from patch_ops.patch import Patch, PatchSettings
+from patch_ops.patch import FAIL, HOLD_BACK, Patch, PatchSettings
 from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, WindowConfigError, parse_windows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,10 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 maintenance_windows=windows,
                 first_run_rows_per_second=first_rate,
                 schedule_config=_schedule_config(entry),
+                on_refused_rows=_choice(entry, "on_refused_rows", (HOLD_BACK, FAIL)),
+                max_held_back_percent=_percent(entry, "max_held_back_percent", 10.0),
+                refusal_search_seconds=_positive(entry, "refusal_search_seconds", 300.0),
+                refusal_attempt_seconds=_positive(entry, "refusal_attempt_seconds", 30.0),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RegistryError(f"{path}: bad entry for patch {name!r}: {exc}") from None
@@ -114,6 +118,20 @@ def _positive(entry: dict[str, Any], key: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise ValueError(f"{key} must be a positive number, got {value!r}")
     return value
+
+
+def _choice(entry: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str | None:
+    value = entry.get(key)
+    if value is not None and value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _percent(entry: dict[str, Any], key: str, default: float) -> float:
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise ValueError(f"{key} must be a number from 0 to 100 (percent), got {value!r}")
+    return float(value)
 
 
 def _count(entry: dict[str, Any], key: str, default: int) -> int:

@@ -172,6 +172,13 @@ def _refusal(conn: Connection, table: str, action: str) -> Iterator[None]:
         raise DatabaseRefused(f"{action} {table}: {reason}", {"table": table}) from None
 
 
+def _of_sources(st, sources: tuple[int, int] | None) -> list[ColumnElement[bool]]:  # type: ignore[no-untyped-def]
+    """The condition that picks the stage rows of driving rows ``lo..hi`` (none: all)."""
+    if sources is None:
+        return []
+    return [st.c.dp_source_id.between(*sources)]
+
+
 def apply_staged(
     conn: Connection,
     engine: Engine,
@@ -180,17 +187,23 @@ def apply_staged(
     decl: dict[str, Any],
     trial: bool = False,
     id_offsets: dict[str, int] | None = None,
+    sources: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial).
 
-    ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``)."""
+    ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``).
+    ``sources`` (trial only): apply only the changes of the driving rows whose ids lie in this
+    inclusive range (the search for the rows the database refuses, ``steps.holdback``)."""
+    if sources is not None and not trial:
+        raise PatchError("only a trial apply may apply part of the stage")
     counts: dict[str, int] = {}
     for table, cols in decl["updates"].items():
         live = tables[table]
         st = mirror_table(engine, live, "stage")
+        picked = _of_sources(st, sources)
         expected = conn.execute(
             select(func.count()).select_from(st).where(
-                st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE
+                st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE, *picked
             )
         ).scalar_one()
         if not expected:
@@ -203,6 +216,7 @@ def apply_staged(
                     live.c.id == st.c.dp_seq,
                     st.c.dp_execution_id == execution_id,
                     st.c.dp_action == UPDATE,
+                    *picked,
                 )
                 .values({c: st.c[c] for c in cols})
             )
@@ -217,7 +231,11 @@ def apply_staged(
         st = mirror_table(engine, live, "stage")
         if trial:
             # ids -dp_seq, computed in the INSERT: the stage itself is never rewritten
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            cond = and_(
+                st.c.dp_execution_id == execution_id,
+                st.c.dp_action == INSERT,
+                *_of_sources(st, sources),
+            )
             with _refusal(conn, table, "insert into"):
                 res = conn.execute(
                     insert(live).from_select(

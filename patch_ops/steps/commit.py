@@ -1,5 +1,9 @@
 """Commit: one transaction that locks the rows, refuses on rows the application changed since
-the backup, applies the stage to the live tables and records the execution as committed."""
+the backup, applies the stage to the live tables and records the execution as committed.
+
+A refusal by the database here rolls the whole commit back; only then, outside it, trial
+applies name the driving rows it refused (``steps.holdback``): a refusal validation did not see
+(rows it held back are out of the stage) is drift, and the run fails, never commits in part."""
 
 from __future__ import annotations
 
@@ -11,8 +15,16 @@ from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import write_transaction
-from patch_ops.execution import CommitConflict, PatchError, load_execution, set_execution, utcnow
+from patch_ops.execution import (
+    CommitConflict,
+    DatabaseRefused,
+    PatchError,
+    load_execution,
+    set_execution,
+    utcnow,
+)
 from patch_ops.steps.apply import apply_staged, find_conflicts, lock_target_rows
+from patch_ops.steps.holdback import Refusal, find_refused, name_refused
 
 
 def commit_execution(
@@ -37,6 +49,21 @@ def commit_execution(
         raise PatchError(f"execution {execution_id} has not passed validation; not committing")
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
+    try:
+        counts = _commit(engine, ex, tables, on_committed)
+    except DatabaseRefused as exc:  # rolled back: nothing was committed
+        raise name_commit_refusal(engine, ex, exc) from None
+    log.info("committed: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return counts
+
+
+def _commit(
+    engine: Engine,
+    ex: dict[str, Any],
+    tables: Any,
+    on_committed: Callable[[Connection, dict[str, int]], None] | None,
+) -> dict[str, int]:
+    execution_id, decl = ex["execution_id"], ex["declaration"]
     with write_transaction(engine) as conn:
         lock_target_rows(conn, tables, execution_id, decl)
         conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
@@ -58,5 +85,32 @@ def commit_execution(
         set_execution(conn, execution_id, phase="committed", report=report, heartbeat_at=utcnow())
         if on_committed is not None:
             on_committed(conn, counts)
-    log.info("committed: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return counts
+
+
+def name_commit_refusal(engine: Engine, ex: dict[str, Any], exc: DatabaseRefused) -> PatchError:
+    """After a refused commit (rolled back): the driving rows the database refuses, found by
+    trial applies outside the commit, in the report and in the error returned."""
+    execution_id = ex["execution_id"]
+    limits = (ex["report"] or {}).get("refusal_search") or {}
+    found = find_refused(
+        engine, execution_id, Refusal(str(exc), str(exc.details.get("table", ""))),
+        limit=int(limits.get("limit", 10)), budget_seconds=float(limits.get("budget_seconds", 300)),
+        attempt_seconds=limits.get("attempt_seconds"),
+    )
+    with engine.connect() as conn:
+        sample, named, rows = name_refused(conn, engine, ex, found.refused, found.at_least)
+    if found.refused:
+        named = f"{named}; {rows}"
+    else:
+        named = f"{exc}; no single driving row named ({found.stopped or 'refused only together'})"
+    message = (
+        "the database refused the commit, nothing was committed: a refusal its validation did "
+        f"not see (drift since the trial apply): {named}"
+    )
+    with write_transaction(engine) as conn:
+        report = dict(load_execution(conn, execution_id)["report"] or {})
+        report["commit_refusal"] = {"refusal": str(exc), "sample": sample,
+                                    "search": found.summary()}
+        set_execution(conn, execution_id, report=report)
+    return DatabaseRefused(message, {"sample": sample})

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from patch_ops import state
 from patch_ops.charts import ChangeSpread, change_histogram, histogram_markdown
-from patch_ops.execution import config_of, jsonable, load_execution, run_context
+from patch_ops.execution import HELD_BACK, config_of, jsonable, load_execution, run_context
 from patch_ops.patch import Patch
 from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
 from patch_ops.steps.result import SAMPLE_ROWS
@@ -39,7 +39,7 @@ def reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(
             select(rj.c.source_id, rj.c.table_name, rj.c.column_name, rj.c.check_name, rj.c.failure_case)
-            .where(rj.c.execution_id == execution_id)
+            .where(rj.c.execution_id == execution_id, rj.c.check_name != HELD_BACK)
             .order_by(rj.c.source_id)
             .limit(SAMPLE_ROWS)
         ).mappings()
@@ -161,6 +161,9 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
     for table, i in report["inserts"].items():
         lines.append(f"| {table} rows inserted | {i['rows']:,} |")
     lines.append(f"| rows rejected by validation | {report.get('failed_records', 0):,} |")
+    held = report.get("held_back") or {}
+    if held.get("count"):
+        lines.append(f"| rows held back (the database would refuse them) | {held['count']:,} |")
     v = report.get("validation")
     if v is not None:
         lines.append(f"| validation | {'passed' if v['passed'] else 'FAILED'} |")
@@ -191,9 +194,14 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
             if b["count"] is not None:
                 lines += ["", f"#### Rows breaking {b['name']} (first {len(b['sample'])} of "
                           f"{b['count']:,})", "", *md_table(b["sample"])]
+        if held.get("sample") and not held.get("count"):
+            lines += ["", f"#### Rows the database refuses (first {len(held['sample'])} of "
+                      f"{'at least ' if not held['search']['complete'] else ''}"
+                      f"{held['refused']:,})", "", *md_table(held["sample"])]
         if v.get("rejects"):
             lines += ["", "#### Rows rejected by the schemas (first "
                       f"{len(v['rejects'])})", "", *md_table(v["rejects"])]
+    lines += held_back_markdown(held)
     for title, sec in report.get("sections", {}).items():
         lines += ["", f"### {title}: {sec['count']:,}"]
         if sec["rows"]:
@@ -202,6 +210,27 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
             lines += ["", f"… and {sec['count'] - SECTION_ROWS_MD:,} more (the JSON report "
                       f"keeps the first {min(sec['count'], SECTION_ROWS):,})"]
     return "\n".join(lines) + "\n"
+
+
+def held_back_markdown(held: dict[str, Any]) -> list[str]:
+    """The report's "held back" section: driving rows left unchanged because the database would
+    refuse their changes (``patch_ops.steps.holdback``)."""
+    if not held.get("count"):
+        return []
+    n = held["count"]
+    why = (f"as approving dry run {held['approved_by']} held them back"
+           if held.get("approved_by") else
+           f"{held['percent']:g} % of {held['targets']:,} driving rows; at most "
+           f"{held.get('max_percent', 0):g} % may be held back")
+    lines = [
+        "", f"### Held back: {n:,} row(s) the database would refuse (not changed)", "",
+        f"**Warning**: {why}. They are rejected like the schemas' rejects and left as they "
+        f"are; the next run of the patch tries them again. `{held['list']}` lists them all.",
+        "", *md_table(held["sample"]),
+    ]
+    if n > len(held["sample"]):
+        lines += ["", f"… and {n - len(held['sample']):,} more"]
+    return lines
 
 
 def md_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -261,6 +290,10 @@ def impact_lines(report: dict[str, Any] | None) -> list[str]:
     failed = report.get("failed_records")
     if failed:
         lines.append(f"rejected by validation: {failed:,} rows")
+    held = report.get("held_back") or {}
+    if isinstance(held, dict) and held.get("count"):
+        lines.append(f"held back (the database would refuse them, not changed): "
+                     f"{held['count']:,} rows; list: {held.get('list')}")
     return lines
 
 

@@ -2,32 +2,43 @@
 
 The failure ratio of the batch rejects, the patch's invariants, and a trial apply (the staged
 changes applied in a transaction that is always rolled back, so the database's own rules judge
-them), run at once on their own connections beside the impact report.
+them), run at once on their own connections beside the impact report. A refused trial apply
+names the driving rows the database refuses and, where the patch's ``on_refused_rows`` says
+``hold_back``, holds them back and checks the rest again (``steps.holdback``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
 from patch_ops.database import write_transaction
-from patch_ops.dialects import dialect_of
 from patch_ops.execution import (
-    DatabaseRefused,
     PatchError,
     load_execution,
     run_concurrently,
     set_execution,
     utcnow,
 )
-from patch_ops.patch import Patch, PatchSettings
-from patch_ops.steps.apply import apply_staged
+from patch_ops.patch import FAIL, Patch, PatchSettings
+from patch_ops.steps.holdback import (
+    Refusal,
+    approved_refusals,
+    digest,
+    find_refused,
+    held_back_count,
+    held_back_rows,
+    hold_back,
+    name_refused,
+    trial_attempt,
+)
 from patch_ops.steps.report import build_report, reject_sample, render_markdown, report_sections
-from patch_ops.steps.result import invariant_checks, invariant_problem
+from patch_ops.steps.result import SAMPLE_ROWS, invariant_checks, invariant_problem
 
 
 def validate_execution(
@@ -57,40 +68,41 @@ def validate_execution(
             f"(allowed: {ratio_allowed:.1%})"
         )
     approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
-    # Its approving dry run passed the trial apply on the same plan (patch code, config, target
-    # set), and the commit is one all-or-nothing transaction: a refusal there still changes
-    # nothing. Applying everything twice would double the cost of the commit.
-    trials = [] if approver else [functools.partial(trial_apply, engine, execution_id)]
-    checks = invariant_checks(
-        engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds
-    )
-    # Read-only queries on their own connections, beside the trial (first: the longest)
-    results = run_concurrently(
-        [
-            *trials,
-            *checks,
-            functools.partial(build_report, engine, execution_id),
-            functools.partial(report_sections, engine, patch, ex),
-            functools.partial(reject_sample, engine, execution_id),
-        ],
-        settings.check_connections,
-    )
-    refusal = results.pop(0) if trials else None
+    held: dict[str, Any] = {}
+    if approver:
+        # The approval covers the rows its dry run held back: the same ones are held back here.
+        # Its dry run passed the trial apply on the same plan without them, and the commit is
+        # one all-or-nothing transaction: a new refusal there changes nothing and is named
+        # (drift). Applying everything twice would double the cost of the commit.
+        held = hold_back_as_approved(engine, execution_id, approver, log)
+    checks, results = run_checks(engine, patch, settings, ex, trial=not approver)
+    refusal = results.pop(0) if not approver else None
+    trial = f"skipped: approving dry run {approver} passed it on the same plan" if approver else (
+        "refused" if refusal else "passed")
+    refused = None
+    if refusal is not None:
+        held, refused = settle_refusal(engine, settings, ex, refusal, log)
+        if not refused:
+            trial = f"passed with {held['count']:,} driving row(s) held back"
+            checks, results = run_checks(engine, patch, settings, ex, trial=False)
     broken = [b for b in results[: len(checks)] if b is not None]
     report, sections, rejects = results[len(checks) :]
     problems += [invariant_problem(b) for b in broken]
-    if refusal:
-        problems.append(f"the database would refuse the changes: {refusal}")
-    if approver:
-        trial = f"skipped: approving dry run {approver} passed it on the same plan"
-    else:
-        trial = "refused" if refusal else "passed"
+    if refused:
+        problems.append(refused)
     report["sections"] = sections
+    report["held_back"] = held or None
+    # What a refusal at commit may spend naming the rows (the commit has no settings of its own)
+    report["refusal_search"] = {
+        "budget_seconds": settings.refusal_search_seconds,
+        "attempt_seconds": settings.refusal_attempt_seconds,
+        "limit": max(allowed_held_back(settings, ex), SAMPLE_ROWS),
+    }
     report["validation"] = {
         "passed": not problems,
         "problems": problems,
         "invariants": broken,
-        "database_refusal": refusal,
+        "database_refusal": refusal.reason if refusal is not None and problems else None,
         "trial_apply": trial,
         "rejects": rejects,
     }
@@ -109,7 +121,31 @@ def validate_execution(
     return not problems, merged
 
 
-def trial_apply(engine: Engine, execution_id: str) -> str | None:
+def run_checks(
+    engine: Engine, patch: Patch, settings: PatchSettings, ex: dict[str, Any], trial: bool
+) -> tuple[list[Any], list[Any]]:
+    """The checks of the would-be result, at once on their own connections: (the invariant
+    checks, their results in order: the trial apply's refusal first if ``trial``, then each
+    invariant's, the impact report, the report sections, the reject sample)."""
+    execution_id = ex["execution_id"]
+    trials = [functools.partial(trial_apply, engine, execution_id)] if trial else []
+    checks = invariant_checks(
+        engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds
+    )
+    results = run_concurrently(
+        [
+            *trials,  # first: the longest
+            *checks,
+            functools.partial(build_report, engine, execution_id),
+            functools.partial(report_sections, engine, patch, ex),
+            functools.partial(reject_sample, engine, execution_id),
+        ],
+        settings.check_connections,
+    )
+    return checks, results
+
+
+def trial_apply(engine: Engine, execution_id: str) -> Refusal | None:
     """Apply the staged changes in a transaction that is always rolled back, so the database's
     own rules (CHECK, NOT NULL, unique and foreign keys, triggers: also those of columns and
     constraints the patch does not know) judge them before commit. Returns the refusal or None.
@@ -118,17 +154,95 @@ def trial_apply(engine: Engine, execution_id: str) -> str | None:
     with a row the application inserts meanwhile.
     """
     with engine.connect() as conn:
-        decl = load_execution(conn, execution_id)["declaration"]
-    tables = state.reflect_tables(engine, decl["tables"])
-    with engine.connect() as conn:
-        conn.execution_options(sqlite_begin="IMMEDIATE")
-        trans = conn.begin()
-        try:
-            apply_staged(conn, engine, tables, execution_id, decl, trial=True)
-            dialect_of(conn).check_deferred_constraints(conn)  # deferred FKs too
-        except DatabaseRefused as exc:
-            return str(exc)
-        finally:
-            trans.rollback()
-    return None
+        ex = load_execution(conn, execution_id)
+    tables = state.reflect_tables(engine, ex["declaration"]["tables"])
+    return trial_attempt(engine, tables, ex)[0]
 
+
+def allowed_held_back(settings: PatchSettings, ex: dict[str, Any]) -> int:
+    """How many driving rows may be held back: ``max_held_back_percent`` of the targets."""
+    return math.floor(int(ex["target_count"]) * settings.max_held_back_percent / 100 + 1e-9)
+
+
+def settle_refusal(
+    engine: Engine, settings: PatchSettings, ex: dict[str, Any], refusal: Refusal, log: Any
+) -> tuple[dict[str, Any], str | None]:
+    """The trial apply was refused: find the driving rows, then hold them back (the rest passes
+    a trial apply again) or say why not. Returns (the report's held_back section, problem)."""
+    execution_id, policy = ex["execution_id"], settings.refused_rows_policy()
+    allowed = allowed_held_back(settings, ex)
+    found = find_refused(
+        engine, execution_id, refusal, limit=max(allowed, SAMPLE_ROWS),
+        budget_seconds=settings.refusal_search_seconds,
+        attempt_seconds=settings.refusal_attempt_seconds,
+    )
+    with engine.connect() as conn:
+        sample, named, rows = name_refused(conn, engine, ex, found.refused, found.at_least)
+    count = max(len(found.refused), found.at_least)
+    total = int(ex["target_count"])
+    info: dict[str, Any] = {
+        "policy": policy, "count": 0, "refused": count, "targets": total,
+        "max_percent": settings.max_held_back_percent, "sample": sample,
+        "search": found.summary(),
+    }
+    head = "the database would refuse the changes"
+    if not found.refused and found.complete:
+        return info, (f"{head}: {refusal.reason} (no single driving row is refused on its own: "
+                      "the refusal comes from several together)")
+    if not found.complete and not found.stopped.startswith("more than"):  # type: ignore[union-attr]
+        return info, (f"{head}: {refusal.reason}; the search for the rows stopped "
+                      f"({found.stopped}) having found {named}; {rows}")
+    if policy == FAIL:
+        return info, f"{head}: {named} (on_refused_rows: fail; nothing committed); {rows}"
+    if count > allowed:
+        return info, (f"{head}: {named}, more than max_held_back_percent "
+                      f"({settings.max_held_back_percent:g} % of {total:,}: {allowed:,} rows), "
+                      f"so nothing is held back or committed; {rows}")
+    hold_back(engine, execution_id, found.refused)
+    again = trial_apply(engine, execution_id)
+    if again is not None:
+        return info, (f"{head}: {again.reason} (also without the {named}; {rows})")
+    info.update(held_back_section(engine, execution_id, settings, total))
+    info["search"] = found.summary()
+    log.warning(
+        f"held back {named} (on_refused_rows: hold_back); the rest passes; "
+        f"`stockrx-patches held {execution_id}` lists them, the next run retries them; {rows}"
+    )
+    return info, None
+
+
+def hold_back_as_approved(
+    engine: Engine, execution_id: str, approver: str, log: Any
+) -> dict[str, Any]:
+    """A real run holds back exactly the rows its approving dry run held back."""
+    with engine.connect() as conn:
+        refused = approved_refusals(conn, approver)
+        done = held_back_count(conn, execution_id)
+    if not refused:
+        return {}
+    if not done:  # not already (a re-executed validation)
+        hold_back(engine, execution_id, refused)
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    info = held_back_section(engine, execution_id, None, int(ex["target_count"]))
+    info.update(policy="as approved", approved_by=approver)
+    log.warning(f"held back the {info['count']:,} driving row(s) approving dry run {approver} "
+                f"held back; `stockrx-patches held {execution_id}` lists them")
+    return info
+
+
+def held_back_section(
+    engine: Engine, execution_id: str, settings: PatchSettings | None, total: int
+) -> dict[str, Any]:
+    """What the report says of the rows an execution held back (from data_patch_rejects)."""
+    with engine.connect() as conn:
+        count = held_back_count(conn, execution_id)
+        sample = held_back_rows(conn, execution_id, limit=SAMPLE_ROWS)
+        ids = [r["source_id"] for r in held_back_rows(conn, execution_id)]
+    out: dict[str, Any] = {
+        "count": count, "targets": total, "percent": round(100 * count / max(total, 1), 2),
+        "sample": sample, "sha256": digest(ids), "list": f"stockrx-patches held {execution_id}",
+    }
+    if settings is not None:
+        out["max_percent"] = settings.max_held_back_percent
+    return out
