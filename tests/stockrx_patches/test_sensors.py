@@ -685,7 +685,8 @@ def test_dead_run_lock_is_released_as_stale_by_the_next_run(sqlite_url, instance
             .one()
         )
     assert row["status"] == "failed"
-    assert "abandoned: its table locks were released as stale by execution" in row["error_message"]
+    assert "abandoned: its table locks were released as stale by a new run of" in (
+        row["error_message"])
     assert f"its Dagster run {result.run_id} is FAILURE" in row["error_message"]
     logs = [e.user_message for e in instance.all_logs(nxt.run_id)]
     assert any(f"released stale lock of execution {died['execution_id']}" in m for m in logs)
