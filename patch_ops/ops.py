@@ -33,8 +33,11 @@ from dagster import (
 )
 from sqlalchemy.engine import Engine
 
+from patch_ops.audit import audit_head
+from patch_ops.audit.anchors import ANCHOR_TAG, append_to_file, current_head
 from patch_ops.database import DatabaseUnavailable, write_transaction
 from patch_ops.dialects import MissingPrivilege
+from patch_ops.dialects.names import has_table
 from patch_ops.execution import (
     PatchError,
     RunFinished,
@@ -91,6 +94,23 @@ class Step:
     @property
     def run_finished(self) -> RunFinished:
         return run_finished(self.context.instance)
+
+    def anchor_audit(self) -> None:
+        """Copy the audit head outside the StockRx database (patch_ops.audit.anchors): a tag of
+        this Dagster run and a line of the anchor file. Never raises: an op's own error is what
+        the operator needs to see; a missed anchor is made by the next op."""
+        audit = getattr(self.context.resources, AUDIT, None)
+        if audit is None or not audit.active:
+            return
+        try:
+            if not has_table(self.engine, audit_head):
+                return
+            head = current_head(self.engine)
+            if head is not None and head.seq > 0:
+                self.set_tags({ANCHOR_TAG: head.tag_value})
+                append_to_file(head)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.log.warning(f"could not anchor the audit head: {exc}")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Add or update tags of this Dagster run (the Runs page filters and shows them)."""
@@ -211,12 +231,15 @@ def step_op(
     def decorate(body: Callable[..., Any]) -> OpDefinition:
         def run(context: OpExecutionContext, value: Any) -> Any:
             step = Step(context)
-            with contextlib.ExitStack() as stack:
-                if refused is not None:
-                    stack.enter_context(step.refusing(*refused))
-                if take_over:
-                    stack.enter_context(step.taking_over(value))
-                result = body(step, value)
+            try:
+                with contextlib.ExitStack() as stack:
+                    if refused is not None:
+                        stack.enter_context(step.refusing(*refused))
+                    if take_over:
+                        stack.enter_context(step.taking_over(value))
+                    result = body(step, value)
+            finally:
+                step.anchor_audit()
             failpoint(f"after:{name}")
             return result
 

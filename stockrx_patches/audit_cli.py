@@ -21,9 +21,11 @@ import getpass
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from dagster import DagsterInstance
+from sqlalchemy import exists, func, select
 
 from patch_ops.audit import (
     AuditChainBroken,
@@ -37,6 +39,15 @@ from patch_ops.audit import (
     read_events,
     verify_chain,
 )
+from patch_ops.audit.anchors import (
+    ANCHOR_FILE_ENV,
+    ANCHOR_TAG,
+    Anchor,
+    check_anchors,
+    from_file,
+    from_tag_values,
+)
+from patch_ops.audit.errors import AuditProblem
 from patch_ops.dialects.names import has_table
 from patch_ops.state import executions
 
@@ -68,19 +79,57 @@ def _real_runs(engine) -> int:  # type: ignore[no-untyped-def]
         )
 
 
+def outside_anchors(anchor_file: str | None) -> list[Anchor]:
+    """The anchors kept outside the StockRx database: the anchor file (--anchor-file or
+    $STOCKRX_AUDIT_ANCHOR_FILE) and the Dagster instance's run tags (when $DAGSTER_HOME is set)."""
+    anchors: list[Anchor] = []
+    path = anchor_file or os.environ.get(ANCHOR_FILE_ENV)
+    if path:
+        if not Path(path).is_file():
+            raise AuditConfigError(f"audit anchor file {path} does not exist")
+        anchors += from_file(path)
+    if os.environ.get("DAGSTER_HOME"):
+        with DagsterInstance.get() as instance:
+            for _key, values in instance.get_run_tags(tag_keys=[ANCHOR_TAG]):
+                anchors += from_tag_values(values)
+    return anchors
+
+
+def executions_without_events(engine) -> list[str]:  # type: ignore[no-untyped-def]
+    """Real patch executions the trail has no event of (since its last retention purge)."""
+    if not has_table(engine, executions):
+        return []
+    with engine.connect() as conn:
+        since = conn.execute(select(func.max(audit_checkpoints.c.created_at))).scalar()
+        query = select(executions.c.execution_id).where(
+            executions.c.kind == "patch", executions.c.dry_run.is_(False),
+            ~exists().where(audit_events.c.execution_id == executions.c.execution_id),
+        )
+        if since is not None:
+            query = query.where(executions.c.started_at > since.replace(tzinfo=None))
+        return [str(e) for e in conn.execute(query).scalars()]
+
+
 def cmd_verify(args: argparse.Namespace, engine) -> int:  # type: ignore[no-untyped-def]
     keyring = keyring_from_env(args.key_file)
+    anchors = outside_anchors(getattr(args, "anchor_file", None))
     if not _has_audit_tables(engine):
         real = _real_runs(engine)
-        if real:
+        if real or anchors:
             print(
                 f"audit trail MISSING: no audit tables, but {real} real patch run(s) are "
-                "recorded (dropped tables, or runs made with log_encryption: false)"
+                f"recorded and {len(anchors)} anchor(s) outside the database say it existed "
+                "(dropped tables, or runs made with log_encryption: false)"
             )
             return 1
         print("no audit trail in this database yet: nothing to verify")
         return 0
     report = verify_chain(engine, keyring)
+    report.problems += check_anchors(engine, anchors)
+    report.problems += [
+        AuditProblem(None, "missing_events", f"real execution {e} has no audit event")
+        for e in executions_without_events(engine)
+    ]
     if report.ok:
         print(
             f"audit chain OK: {report.checked:,} event(s) checked, head seq {report.head_seq}"
@@ -236,7 +285,9 @@ def add_parser(sub: Any, engine_of: Any) -> None:
             sp.set_defaults(handler=handler)
         return sp
 
-    add("verify", cmd_verify, "check the hash chain, head and checkpoints (exit 1 if broken)")
+    sp = add("verify", cmd_verify, "check the hash chain, head and checkpoints against the "
+             "anchors outside the database and the history (exit 1 if broken)")
+    sp.add_argument("--anchor-file", help=f"default: ${ANCHOR_FILE_ENV}")
     sp = add("show", cmd_show, "print an execution's audit events, decrypted")
     sp.add_argument("execution_id")
     sp.add_argument("--json", action="store_true")

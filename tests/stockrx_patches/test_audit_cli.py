@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
+from dagster import DagsterInstance
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Engine
 
@@ -283,3 +284,45 @@ def test_retention_purge_keeps_the_chain_verifiable(database_url, monkeypatch, c
     assert "purged 0 event(s)" in capsys.readouterr().out
     assert audit(database_url, "verify") == 0
     assert audit(database_url, "purge", "--older-than-days", "0") == 1
+
+
+# --- anchors outside the database ------------------------------------------------------------
+
+
+def erase(engine: Engine, history_too: bool) -> None:
+    """What the StockRx database's own user can do without the key: delete every event, reset
+    the head to the unsigned genesis (and delete the history rows as well)."""
+    with engine.begin() as conn:
+        conn.execute(delete(audit_events))
+        conn.execute(update(audit_head).values(seq=0, hash="0" * 64, key_id=None, mac=None))
+        if history_too:
+            conn.exec_driver_sql("DELETE FROM data_patch_executions")
+
+
+def test_an_erased_trail_is_caught_by_the_history_and_the_anchors_outside(
+    sqlite_url, dagster_home, tmp_path, monkeypatch, capsys
+):
+    anchors = tmp_path / "audit-anchors.log"
+    monkeypatch.setenv("STOCKRX_AUDIT_ANCHOR_FILE", str(anchors))
+    instance = DagsterInstance.get()
+    engine = hand_built(sqlite_url, [100, 200])
+    result = run_patch(sqlite_url, PRICE_JOB, REAL, instance=instance)
+    assert result.success, failure_description(result)
+    assert audit(sqlite_url, "verify") == 0
+    head = int(anchors.read_text().splitlines()[-1].split('"seq": ')[1].split(",")[0])
+    assert head > 0
+    capsys.readouterr()
+
+    erase(engine, history_too=False)  # "chain OK: 0 event(s)" before the anchors
+    monkeypatch.delenv("STOCKRX_AUDIT_ANCHOR_FILE")
+    monkeypatch.delenv("DAGSTER_HOME")
+    assert audit(sqlite_url, "verify") == 1  # the history alone: real executions, no events
+    assert "missing_events" in capsys.readouterr().out
+
+    erase(engine, history_too=True)  # the history gone too: only the anchors outside remain
+    assert audit(sqlite_url, "verify", "--anchor-file", str(anchors)) == 1
+    out = capsys.readouterr().out
+    assert "erased" in out and f"reached seq {head}" in out
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))  # the Dagster run tags alone
+    assert audit(sqlite_url, "verify") == 1
+    assert "Dagster run tag says the chain reached seq" in capsys.readouterr().out
