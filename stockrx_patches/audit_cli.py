@@ -16,6 +16,7 @@ file inside the project's repository is refused: keys never live next to the cod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -125,11 +126,12 @@ def cmd_verify(args: argparse.Namespace, engine) -> int:  # type: ignore[no-unty
         print("no audit trail in this database yet: nothing to verify")
         return 0
     report = verify_chain(engine, keyring)
-    report.problems += check_anchors(engine, anchors)
-    report.problems += [
-        AuditProblem(None, "missing_events", f"real execution {e} has no audit event")
-        for e in executions_without_events(engine)
-    ]
+    report = dataclasses.replace(report, problems=[
+        *report.problems,
+        *check_anchors(engine, anchors),
+        *[AuditProblem(None, "missing_events", f"real execution {e} has no audit event")
+          for e in executions_without_events(engine)],
+    ])
     if report.ok:
         print(
             f"audit chain OK: {report.checked:,} event(s) checked, head seq {report.head_seq}"
