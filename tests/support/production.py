@@ -62,31 +62,34 @@ def production_schema(
 
 
 def expired_items(
-    engine: Engine, md: MetaData, n: int, reserved: dict[int, int], quantity: int = 5
+    engine: Engine, md: MetaData, n: int, reserved: dict[int, int], quantity: int = 5,
+    first: int = 1,
 ) -> None:
-    """Items 1..n with ``quantity`` in stock, all of it in one lot that expired ten days before
+    """Items ``first``..``first + n - 1`` (admin user 9 with the first) with ``quantity`` in stock, all of it in one lot that expired ten days before
     ``BD``, one receive log each; ``reserved[id]`` units reserved (writing the lot off makes
     the item's quantity 0: an item with any reserved refuses it)."""
     inv, lots, logs = (md.tables[t] for t in ("inventories", "batches", "inventory_logs"))
     extra = {"source": "app"} if "source" in logs.c else {}
     with engine.begin() as conn:
-        conn.execute(insert(md.tables["admin_users"]), [{"id": 9, "name": "admin"}])
+        if first == 1:
+            conn.execute(insert(md.tables["admin_users"]), [{"id": 9, "name": "admin"}])
+        ids = range(first, first + n)
         conn.execute(insert(inv), [
             {"id": i, "name": f"item {i}", "quantity": quantity, "price": 100, "status": 0,
              "batches_count": 1, "inventory_logs_count": 1, "created_at": T0, "updated_at": T0,
              "sku": f"SKU-{i}", "reserved_quantity": reserved.get(i, 0)}
-            for i in range(1, n + 1)
+            for i in ids
         ])
         conn.execute(insert(lots), [
             {"id": i, "inventory_id": i, "lot_code": f"L{i}",
              "expires_on": BD - dt.timedelta(days=10), "quantity": quantity,
              "created_at": T0, "updated_at": T0}
-            for i in range(1, n + 1)
+            for i in ids
         ])
         conn.execute(insert(logs), [
             {"id": i, "inventory_id": i, "delta": quantity, "operation_type": "receive",
              "previous_quantity": 0, "current_quantity": quantity, "note": "in",
              "created_at": T0, "updated_at": T0, **extra}
-            for i in range(1, n + 1)
+            for i in ids
         ])
         dialect_of(conn).reset_id_sequences(conn, [inv, lots, logs])

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import select, update
 
 from patch_ops.steps.holdback import Refusal, bisect
+from patch_ops.steps.report import impact_lines
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.registry import RegistryError, default_registry, load_project_config
 from tests.support.production import (
-    ADMIN_FK,
     BD,
     PRICE_CAP,
     RESERVED_CHECK,
@@ -77,6 +77,10 @@ def test_scheduled_expiry_holds_back_reserved_items_and_writes_off_the_rest(data
     assert RESERVED_CHECK in ex["report_markdown"]
     assert ex["report"]["validation"]["trial_apply"] == "passed with 3 driving row(s) held back"
     assert ex["staged_updates"] == 37 and ex["failed_records"] == 0
+    # the notification's impact lines say how many, and where the list is
+    assert any(line.startswith("held back") and "3 rows" in line
+               and f"stockrx-patches held {ex['execution_id']}" in line
+               for line in impact_lines(ex["report"]))
     listed = held_json(database_url, capsys)
     assert listed["execution_id"] == ex["execution_id"] and listed["count"] == 3
     assert [r["source_id"] for r in listed["rows"]] == [3, 17, 29]
