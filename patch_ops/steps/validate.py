@@ -85,6 +85,8 @@ def validate_execution(
         if not refused:
             trial = f"passed with {held['count']:,} driving row(s) held back"
             checks, results = run_checks(engine, patch, settings, ex, trial=False)
+    if not held and not refused:
+        held = earlier_hold_back(engine, settings, ex)
     broken = [b for b in results[: len(checks)] if b is not None]
     report, sections, rejects = results[len(checks) :]
     problems += [invariant_problem(b) for b in broken]
@@ -229,6 +231,15 @@ def hold_back_as_approved(
     log.warning(f"held back the {info['count']:,} driving row(s) approving dry run {approver} "
                 f"held back; `stockrx-patches held {execution_id}` lists them")
     return info
+
+
+def earlier_hold_back(engine: Engine, settings: PatchSettings, ex: dict[str, Any]) -> dict[str, Any]:
+    """The rows an earlier attempt of this validation held back (it is re-executed), if any:
+    they are out of the stage, so this attempt's trial apply passed without them."""
+    with engine.connect() as conn:
+        if not held_back_count(conn, ex["execution_id"]):
+            return {}
+    return held_back_section(engine, ex["execution_id"], settings, int(ex["target_count"]))
 
 
 def held_back_section(
