@@ -53,10 +53,14 @@ def test_dry_then_real_run_through_dagster_cli(database_url, dagster_home):
                           "config/runs/inventory_price_adjustment.yaml")
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     out = dry.stdout + dry.stderr
-    assert "impact report, DRY RUN, nothing committed" in out
-    assert "価格調整" in out  # the sample of rows to insert
+    # the event log has one summary line; the whole report is the step's metadata and `report`
+    assert "impact report (dry run, nothing committed): inventories: " in out
+    assert "| measure | value |" not in out
     assert digest(engine) == before
     dry_ex = latest_execution(engine)
+    dry_report = cli(database_url, "report", dry_ex["execution_id"])
+    assert "impact report, DRY RUN, nothing committed" in dry_report.stdout
+    assert "価格調整" in dry_report.stdout  # the sample of rows to insert
 
     real = dagster_execute(database_url, dagster_home, *job, "-c",
                            "config/runs/inventory_price_adjustment.real.yaml")
