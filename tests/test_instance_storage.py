@@ -109,7 +109,7 @@ def test_a_patch_run_is_stored_in_the_instance_database(storage, sqlite_url, tmp
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "impact report, DRY RUN, nothing committed" in run.stdout + run.stderr
+    assert "impact report (dry run, nothing committed): " in run.stdout + run.stderr
     run_id = latest_execution(engine)["dagster_run_id"]
 
     dagster_db = create_engine(storage.url)

@@ -8,7 +8,7 @@ import datetime as dt
 from sqlalchemy import update
 
 from patch_ops.database import get_engine
-from patch_ops.execution import UNVERIFIED, load_execution
+from patch_ops.execution import load_execution
 from patch_ops.state import executions
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
@@ -57,11 +57,12 @@ def test_a_run_killed_after_its_commit_is_verified_by_the_next_one_never_applied
         ex = load_execution(conn, crashed)
     assert (ex["status"], ex["phase"]) == ("running", "committed")
 
-    # The next run's dry run finds the stale lock: the execution is unverified, not failed.
+    # The next run's dry run releases the dead run's locks before it looks at the history: the
+    # execution is unverified, not failed, and that run verifies it at once.
     assert run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": True}).success
     with engine.connect() as conn:
         ex = load_execution(conn, crashed)
-    assert (ex["status"], ex["phase"]) == (UNVERIFIED, "committed")
+    assert (ex["status"], ex["phase"]) == ("completed", "verified")
     assert "its changes are committed and not yet verified" in ex["error_message"]
 
     # Its real run verifies the crashed execution first, then refuses to apply +8 % again.

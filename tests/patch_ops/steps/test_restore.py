@@ -224,6 +224,7 @@ class SplitItems(Patch):
 
     name = "split_items"
     driving_table = "inventories"
+    example_config: dict[str, object] = {}
     updates = {"inventories": ("quantity", "updated_at")}
     inserts = {"inventories": ("name", "quantity", "price", "status", "batches_count",
                                "inventory_logs_count", "shipments_count", "receipts_count",
