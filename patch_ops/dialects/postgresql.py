@@ -85,7 +85,8 @@ class PostgreSQLDialect(DatabaseDialect):
                 conn.exec_driver_sql(f"ANALYZE {table_sql(conn, t)}")
 
     def log_position(self, conn: Connection) -> str | None:
-        return str(conn.execute(select(func.pg_current_wal_lsn())).scalar_one())
+        # the insert position (not the write position, which moves a page at a time)
+        return str(conn.execute(select(func.pg_current_wal_insert_lsn())).scalar_one())
 
     def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
         # The server locks every row as it reads it and sends back one count, not the ids
