@@ -115,18 +115,25 @@ def reference(backend: str, new_url: Any) -> tuple[dict[str, str], dict[str, str
     return REFERENCE[backend]
 
 
+def start_case(backend: str, new_url: Any, case: str, record_property: Any) -> tuple[Any, ...]:
+    """Name the case for the printed matrix; (before, after digests, url, engine) of a freshly
+    seeded database."""
+    record_property("fault_case", f"{backend}|{case}")
+    before, after = reference(backend, new_url)
+    url = new_url()
+    engine = seeded(url, items=ITEMS)
+    assert digest(engine) == before
+    return before, after, url, engine
+
+
 def audit_verifies(url: str) -> bool:
     return cli_main(["audit", "verify", "--database-url", url]) == 0
 
 
 @pytest.mark.parametrize("point", PATCH_POINTS)
 def test_a_patch_killed_at(point, backend, new_url, tmp_path, grace_zero, record_property):
-    record_property("fault_case", f"{backend}|{PATCH_POINTS.index(point) + 1:02d} patch killed "
-                                  f"at {point.replace(OP, '')}")
-    before, after = reference(backend, new_url)
-    url = new_url()
-    engine = seeded(url, items=ITEMS)
-    assert digest(engine) == before
+    case = f"{PATCH_POINTS.index(point) + 1:02d} patch killed at {point.replace(OP, '')}"
+    before, after, url, engine = start_case(backend, new_url, case, record_property)
 
     run_and_kill(url, point, tmp_path)
     now = digest(engine)
@@ -154,11 +161,8 @@ def test_a_patch_killed_at(point, backend, new_url, tmp_path, grace_zero, record
 
 @pytest.mark.parametrize("point", RESTORE_POINTS)
 def test_a_restore_killed_at(point, backend, new_url, tmp_path, grace_zero, record_property):
-    record_property("fault_case", f"{backend}|{len(PATCH_POINTS) + RESTORE_POINTS.index(point) + 1:02d}"
-                                  f" restore killed at {point}")
-    before, after = reference(backend, new_url)
-    url = new_url()
-    engine = seeded(url, items=ITEMS)
+    case = f"{len(PATCH_POINTS) + RESTORE_POINTS.index(point) + 1:02d} restore killed at {point}"
+    before, after, url, engine = start_case(backend, new_url, case, record_property)
     applied = patch_run(url)
     assert applied.success, failure_description(applied)
     assert digest(engine) == after
