@@ -70,7 +70,8 @@ from pathlib import Path
 from typing import Any
 
 import pymysql
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
 
 from tests.support.postgres import free_port, pid_alive
 
@@ -547,3 +548,17 @@ class MySQLServer:
         with self.admin_connection() as conn, conn.cursor() as cur:
             cur.execute("SELECT User FROM mysql.user")
             return sorted(str(r[0]) for r in cur.fetchall())
+
+
+def app_engine(url: str) -> Engine:
+    """An engine as the application has it: the server's defaults (REPEATABLE READ), short
+    lock waits."""
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def short_waits(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("SET SESSION innodb_lock_wait_timeout = 2")
+        cur.close()
+
+    return engine
