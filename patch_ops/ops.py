@@ -99,11 +99,9 @@ class Step:
         """Copy the audit head outside the StockRx database (patch_ops.audit.anchors): a tag of
         this Dagster run and a line of the anchor file. Never raises: an op's own error is what
         the operator needs to see; a missed anchor is made by the next op."""
-        audit = getattr(self.context.resources, AUDIT, None)
-        if audit is None or not audit.active:
-            return
         try:
-            if not has_table(self.engine, audit_head):
+            audit = getattr(self.context.resources, AUDIT, None)
+            if audit is None or not audit.active or not has_table(self.engine, audit_head):
                 return
             head = current_head(self.engine)
             if head is not None and head.seq > 0:
