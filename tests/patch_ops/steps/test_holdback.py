@@ -228,6 +228,21 @@ def test_bisection_finds_the_refused_rows_among_20000_with_few_attempts(bad):
     print(f"k={len(bad)}: {attempts} trial applies")
 
 
+@pytest.mark.parametrize("bad", [{7_777}, {3, 4_000, 11_111, 15_000, 19_999}],
+                         ids=["one", "five"])
+def test_the_search_on_a_real_database_finds_them_among_20000(sqlite_url, bad):
+    """The same search through real trial applies (SQLite: the fastest here; the other
+    databases run the smaller cases above)."""
+    engine, md = production_schema(sqlite_url)
+    expired_items(engine, md, N, {i: 1 for i in bad})
+    result = run_patch(sqlite_url, JOB, {"business_date": BD.isoformat(), "dry_run": True},
+                       approve=False)
+    assert result.success, failure_description(result)
+    held = latest_execution(engine, JOB)["report"]["held_back"]
+    assert held["count"] == len(bad)
+    assert held["search"]["attempts"] <= len(bad) * (2 * math.ceil(math.log2(N)) + 1)
+
+
 def test_a_refusal_of_rows_only_together_names_none():
     def probe(i: int, j: int) -> Refusal | None:  # 10 and 11 refuse only together
         return Refusal("unique", "t") if i <= 10 and j >= 11 else None
