@@ -145,7 +145,7 @@ MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
 #: dp_action of mirror rows: a before-image (backup), an updated row, an inserted row (stage).
 BACKUP, UPDATE, INSERT = "B", "U", "I"
 
-_mirror_cache: dict[tuple[str, str, str], Table] = {}
+_mirror_cache: dict[tuple[str, str | None, str, str], Table] = {}
 _mirror_lock = threading.Lock()
 
 
