@@ -384,6 +384,7 @@ def test_run_page_shows_the_impact_report_in_chromium(
         (tmp_path / "run_page.html").write_text(page.html())
         page.screenshot(tmp_path / "run_page.png")
         assert dry_id[:8] in body and "Success" in body
+        assert "stockrx/mode" in body and "dry run" in body  # the run's mode tag, shown
         assert "impact_report" in body
         # Markdown metadata shows as a "[Show Markdown]" link; the report opens in a dialog.
         assert page.evaluate(CLICK_METADATA % json.dumps("impact_report")), "no impact_report link"
