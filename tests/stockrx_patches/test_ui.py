@@ -384,7 +384,6 @@ def test_run_page_shows_the_impact_report_in_chromium(
         (tmp_path / "run_page.html").write_text(page.html())
         page.screenshot(tmp_path / "run_page.png")
         assert dry_id[:8] in body and "Success" in body
-        assert "stockrx/mode" in body and "dry run" in body  # the run's mode tag, shown
         assert "impact_report" in body
         # Markdown metadata shows as a "[Show Markdown]" link; the report opens in a dialog.
         assert page.evaluate(CLICK_METADATA % json.dumps("impact_report")), "no impact_report link"
@@ -398,6 +397,12 @@ def test_run_page_shows_the_impact_report_in_chromium(
         # font; without one they are boxes, all alike, in the screenshots).
         assert "価格調整: " in dialog
         assert page.evaluate(CJK_GLYPHS), "Japanese text renders as boxes: no CJK font"
+
+        # The Runs page lists each run with its tags: the mode tag tells dry runs from real ones.
+        page.navigate(f"{ui.base_url}/runs")
+        page.wait_for("document.body.innerText.includes('stockrx/mode')", what="the mode tags")
+        (tmp_path / "runs_page.html").write_text(page.html())
+        assert "stockrx/mode: dry run" in page.text()
 
         # The refused run: the one-line reason is on the page.
         page.navigate(f"{ui.base_url}/runs/{refused_id}?logs=step%3Aplan_patch")
