@@ -425,16 +425,6 @@ ORDER = ("bare", "naive", "job_dry", "job_real", "restore_dry", "restore_real")
 CONTENDERS = ("bare", "naive", "job", "restore")
 
 
-def copies_text(res: dict[str, Any]) -> str:
-    """How long seeding and the contenders' copies of the seeded data took."""
-    text = f" in {res['seed_seconds']:.1f} s" if res.get("seed_seconds") else ""
-    copies = res.get("copy_seconds") or []
-    if copies:
-        text += (f"; {len(copies)} copies of it, {sum(copies):.1f} s in all "
-                 f"({min(copies):.1f}–{max(copies):.1f} s each)")
-    return text
-
-
 def render(res: dict[str, Any]) -> str:
     args, outs, exp = res["args"], res["outcomes"], res["expired"]
     bare = outs.get("bare")
@@ -443,7 +433,7 @@ def render(res: dict[str, Any]) -> str:
         f"{res['database']}",
         "",
         f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}"
-        f"{copies_text(res)}. "
+        f"{common.copies_text(res)}. "
         f"**{exp['lots']:,} expired lots with stock** on {exp['items']:,} items "
         f"({exp['quantity']:,} units written off). Run timestamp of every contender: "
         f"{res['run_at']} (the job's run_at). Job executor: {res['executor']}.",

@@ -126,7 +126,43 @@ class SqliteCopies:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class PostgresCopies:
+class ServerCopies:
+    """What the PostgreSQL and MySQL copies share: a seeded template database on a server, the
+    contenders' copies of it (``fresh``, per server), dropped again at the end."""
+
+    server: Any
+    owns_server: bool
+    template_url: str
+    _made: list[str]
+
+    def seed_template(self, items: int) -> None:
+        self.template_url = self.server.create_database(prefix="bench_seed")
+        t0 = time.monotonic()
+        self.counts = seed(self.template_url, items)
+        self.seed_seconds = time.monotonic() - t0
+        self.copy_seconds: list[float] = []
+        self._made = []
+
+    @property
+    def seeded_url(self) -> str:
+        return self.template_url
+
+    def discard(self, url: str) -> None:
+        self.server.drop_database(url)
+        with contextlib.suppress(ValueError):
+            self._made.remove(url)
+
+    def close(self) -> None:
+        for url in list(self._made):
+            with contextlib.suppress(Exception):
+                self.discard(url)
+        with contextlib.suppress(Exception):
+            self.server.drop_database(self.template_url)
+        if self.owns_server:
+            self.server.stop()
+
+
+class PostgresCopies(ServerCopies):
     """Seed a template database once; every contender gets ``CREATE DATABASE ... TEMPLATE``.
 
     ``server`` is a started ``tests.support.postgres.PostgresServer`` (throwaway, or the one
@@ -138,16 +174,8 @@ class PostgresCopies:
         self.owns_server = owns_server
         self.description = f"PostgreSQL {server.version} on {server.host}:{server.port}"
         self.server_pid = server.postmaster_pid
-        self.template_url = server.create_database(prefix="bench_seed")
-        t0 = time.monotonic()
-        self.counts = seed(self.template_url, items)
-        self.seed_seconds = time.monotonic() - t0
-        self.copy_seconds: list[float] = []
-        self._made: list[str] = []
+        self.seed_template(items)
 
-    @property
-    def seeded_url(self) -> str:
-        return self.template_url
 
     def fresh(self, label: str) -> str:
         from psycopg import sql
@@ -169,24 +197,21 @@ class PostgresCopies:
         self.copy_seconds.append(time.monotonic() - t0)
         return url
 
-    def discard(self, url: str) -> None:
-        self.server.drop_database(url)
-        with contextlib.suppress(ValueError):
-            self._made.remove(url)
-
-    def close(self) -> None:
-        for url in list(self._made):
-            with contextlib.suppress(Exception):
-                self.discard(url)
-        with contextlib.suppress(Exception):
-            self.server.drop_database(self.template_url)
-        if self.owns_server:
-            self.server.stop()
 
 
 #: How a MySQL/MariaDB copy is made (``--mysql-copy``): "tablespace" (local server: the InnoDB
 #: files, exported and imported) or "insert" (``INSERT ... SELECT``, any server).
 MYSQL_COPY_METHODS = ("tablespace", "insert")
+
+
+def copies_text(res: dict[str, Any]) -> str:
+    """How long seeding and the contenders' copies of the seeded data took."""
+    text = f" in {res['seed_seconds']:.1f} s" if res.get("seed_seconds") else ""
+    copies = res.get("copy_seconds") or []
+    if copies:
+        text += (f"; {len(copies)} copies of it, {sum(copies):.1f} s in all "
+                 f"({min(copies):.1f}–{max(copies):.1f} s each)")
+    return text
 
 
 def is_mysql(url: str) -> bool:
@@ -198,7 +223,7 @@ def _mysql_ident(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
-class MySQLCopies:
+class MySQLCopies(ServerCopies):
     """Seed a template database once; every contender gets a database of its own with the
     least-privilege patch user of ``tests.support.mysql`` (``create_database()``), filled as root.
 
@@ -236,13 +261,8 @@ class MySQLCopies:
             + f", least-privilege patch user; copies by {method}"
         )
         self.server_pid = server.server_pid
-        self.template_url = server.create_database(prefix="bench_seed")
+        self.seed_template(items)
         self.template = str(make_url(self.template_url).database)
-        t0 = time.monotonic()
-        self.counts = seed(self.template_url, items)
-        self.seed_seconds = time.monotonic() - t0
-        self.copy_seconds: list[float] = []
-        self._made: list[str] = []
         with self.server.admin_connection() as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT TABLE_NAME FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s "
@@ -254,9 +274,6 @@ class MySQLCopies:
                 self.ddl[t] = str(cur.fetchone()[1])
         self.expected = self._shape(self.template)
 
-    @property
-    def seeded_url(self) -> str:
-        return self.template_url
 
     def _shape(self, db: str) -> dict[str, tuple[int, int | None]]:
         """(rows, AUTO_INCREMENT counter) per table of a database."""
@@ -312,19 +329,6 @@ class MySQLCopies:
         log(f"  copy for {label} ({self.method}): {self.copy_seconds[-1]:.1f} s")
         return url
 
-    def discard(self, url: str) -> None:
-        self.server.drop_database(url)
-        with contextlib.suppress(ValueError):
-            self._made.remove(url)
-
-    def close(self) -> None:
-        for url in list(self._made):
-            with contextlib.suppress(Exception):
-                self.discard(url)
-        with contextlib.suppress(Exception):
-            self.server.drop_database(self.template_url)
-        if self.owns_server:
-            self.server.stop()
 
 
 class ReseedInPlace:

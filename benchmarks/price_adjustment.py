@@ -728,16 +728,6 @@ def bounds(outs: dict[str, Outcome]) -> list[str]:
     return ["", "### Bounds", "", *lines] if lines else []
 
 
-def copies_text(res: dict[str, Any]) -> str:
-    """How long seeding and the contenders' copies of the seeded data took."""
-    text = f" in {res['seed_seconds']:.1f} s" if res.get("seed_seconds") else ""
-    copies = res.get("copy_seconds") or []
-    if copies:
-        text += (f"; {len(copies)} copies of it, {sum(copies):.1f} s in all "
-                 f"({min(copies):.1f}–{max(copies):.1f} s each)")
-    return text
-
-
 def render(res: dict[str, Any]) -> str:
     args, outs = res["args"], res["outcomes"]
     bare = outs.get("bare")
@@ -746,7 +736,7 @@ def render(res: dict[str, Any]) -> str:
         f"{args['items']:,} items, {res['database']}",
         "",
         f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}"
-        f"{copies_text(res)}. "
+        f"{common.copies_text(res)}. "
         f"Run timestamp of every contender: {res['run_at']} (the job's run_at). "
         f"Job executor: {res['executor']}.",
         "",

@@ -186,14 +186,14 @@ def _reconfirmed(
         ).mappings().first()
         prior = None
         if ex is not None and ex["status"] == "completed":
-            prior = conn.execute(
+            earlier = conn.execute(
                 select(executions).where(
                     executions.c.patch_name == ex["patch_name"], executions.c.kind == "patch",
                     executions.c.dry_run.is_(True), executions.c.status == "completed",
                     executions.c.started_at < ex["started_at"],
                 ).order_by(executions.c.started_at.desc())
-            ).mappings().all()
-            prior = next((p for p in prior
+            ).mappings()  # newest first, read until the first with the same config
+            prior = next((p for p in earlier
                           if work_config(p["config"]) == work_config(ex["config"])), None)
     values: dict[str, Any] = {"dagster_run_id": run.run_id}
     if ex is None:

@@ -87,7 +87,9 @@ def check_anchors(bind: Bind, anchors: Iterable[Anchor]) -> list[AuditProblem]:
         head = conn.execute(select(audit_head.c.seq).where(audit_head.c.id == HEAD_ID)).scalar()
         purged = conn.execute(select(audit_checkpoints.c.through_seq)
                               .order_by(audit_checkpoints.c.through_seq.desc())).scalar() or 0
-        for a in sorted(set(anchors), key=lambda a: (a.seq, a.where)):
+        # one check per anchored (seq, hash): the file holds a line per op, the tags one per run
+        unique = {(a.seq, a.hash): a for a in sorted(anchors, key=lambda a: a.where, reverse=True)}
+        for a in sorted(unique.values(), key=lambda a: (a.seq, a.where)):
             if a.seq < 0:
                 problems.append(AuditProblem(None, "bad_anchor", f"{a.where}: not an anchor"))
             elif head is None or a.seq > int(head):
