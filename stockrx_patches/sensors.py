@@ -60,6 +60,7 @@ from resources.notifier import Notifier, PatchNotification
 from stockrx_patches import requests as rq
 from stockrx_patches.registry import Registry
 from stockrx_patches.schedules import TRIGGER_TAG, scheduled_run_config, sensor_default_status
+from stockrx_patches.ticks import is_preview
 
 REQUEST_SENSOR = "patch_request_sensor"
 RESUME_SENSOR = "paused_patch_resume_sensor"
@@ -298,12 +299,17 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
         context: SensorEvaluationContext, stockrx_db: StockRxDatabase, notifier: Notifier
     ) -> SensorResult:
         engine = stockrx_db.get_engine()
-        rq.ensure_requests_table(engine)
-        _reconcile(context, engine, notifier)
+        preview = is_preview(context)
+        if preview and not has_table(engine, rq.requests):
+            return SensorResult(skip_reason=SkipReason("preview: no request table yet"))
+        if not preview:
+            rq.ensure_requests_table(engine)
+            _reconcile(context, engine, notifier)
         instant = now()
         run_requests = []
         summary: dict[str, int] = {}
-        with write_transaction(engine) as conn:
+        # A preview decides the same and writes nothing (its reads end rolled back).
+        with engine.connect() if preview else write_transaction(engine) as conn:
             for req in rq.open_requests(conn):
                 status, reason, run_config = judge_request(context, registry, by_name, req, instant)
                 summary[status] = summary.get(status, 0) + 1
@@ -312,10 +318,12 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
                 key = rq.run_key(req["id"]) if run_config is not None else None
                 if status == rq.RECONFIRMING:
                     key = f"{key}:reconfirm"
-                rq.mark(conn, req["id"], status, reason=reason, run_key=key)
+                if not preview:
+                    rq.mark(conn, req["id"], status, reason=reason, run_key=key)
                 if run_config is None:
                     context.log.info(
-                        f"request {req['id']} ({req['patch_name']}): {status}: {reason}"
+                        f"{'preview: ' if preview else ''}request {req['id']} "
+                        f"({req['patch_name']}): {status}: {reason}"
                     )
                     continue
                 tags = {
@@ -335,7 +343,10 @@ def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> S
         if not run_requests:
             detail = ", ".join(f"{n} {s}" for s, n in sorted(summary.items()))
             return SensorResult(
-                skip_reason=SkipReason(f"no request to launch ({detail or 'none open'})")
+                skip_reason=SkipReason(
+                    f"{'preview, nothing written: ' if preview else ''}no request to launch "
+                    f"({detail or 'none open'})"
+                )
             )
         return SensorResult(run_requests=run_requests)
 

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from dagster import build_sensor_context
+from dagster import DagsterInstance, build_sensor_context
 from sqlalchemy import update
 
 from patch_ops import outbox
@@ -165,6 +165,16 @@ def test_outbox_sensor_sends_what_is_due(sqlite_url, slack, smtp, monkeypatch):
 
     with write_transaction(engine) as conn:  # its wait is over
         conn.execute(update(outbox.outbox).values(next_attempt_at=outbox.wall_now()))
+    # A preview (`dagster sensor preview`, the UI's "Test sensor": no daemon tick behind its log
+    # key) sends nothing and leaves the message as it was.
+    with DagsterInstance.ephemeral() as instance, build_sensor_context(
+        instance=instance, repository_name="__repository__", sensor_name=OUTBOX_SENSOR,
+        resources=resources,
+    ) as ctx:
+        preview = sensor.evaluate_tick(ctx)
+    assert preview.skip_message == "preview, nothing sent: 1 message(s) kept"
+    assert slack.messages == [] and outbox.pending(engine) == [
+        {**kept, "next_attempt_at": outbox.pending(engine)[0]["next_attempt_at"]}]
     with build_sensor_context(resources=resources) as ctx:
         due = sensor.evaluate_tick(ctx)
 

@@ -7,7 +7,10 @@ import datetime as dt
 import json
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from dagster import (
@@ -52,6 +55,8 @@ from tests.support.stockrx import (
 )
 
 EXPIRY_JOB = "batch_expiry_update"
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 SUN_0230 = "2026-11-29T02:30:00+09:00"
 MON_1000 = "2026-11-30T10:00:00+09:00"
 DRY = {"adjustment_type": "percentage", "adjustment_value": 8}
@@ -197,6 +202,34 @@ def test_bad_requests_are_rejected_with_the_reason(
     assert row["status"] == "rejected"
     assert reason in row["reason"]
     assert tick(defs, REQUEST_SENSOR, instance, db).run_requests == []  # stays rejected
+
+
+def test_sensor_preview_decides_and_writes_nothing(sqlite_url, dagster_home):
+    """`dagster sensor preview` shows what a tick would launch and reject; only a daemon tick
+    writes (stockrx_patches.ticks)."""
+    engine = seeded(sqlite_url, items=10)
+    rq.ensure_requests_table(engine)
+    with engine.begin() as conn:  # as release tooling would, by SQL: one bad, one good
+        bad = conn.execute(insert(rq.requests).values(
+            patch_name="no_such_patch", run_config={}, requested_by="bob")).inserted_primary_key[0]
+        good = conn.execute(insert(rq.requests).values(
+            patch_name=PRICE_JOB, run_config={**DRY, "dry_run": True}, requested_by="alice",
+        )).inserted_primary_key[0]
+    rows = {i: rq.get_request(engine, i) for i in (bad, good)}
+    env = dict(os.environ, STOCKRX_DATABASE_URL=sqlite_url, DAGSTER_HOME=str(dagster_home),
+               PYTHONPATH=str(REPO))
+
+    out = subprocess.run(
+        [str(BIN / "dagster"), "sensor", "preview", REQUEST_SENSOR,
+         "-m", "stockrx_patches.definitions"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Sensor returning run requests for 1 run(s)" in out.stdout  # the good one's
+    assert f"preview: request {bad} (no_such_patch): rejected: unknown patch" in out.stderr
+    assert {i: rq.get_request(engine, i) for i in (bad, good)} == rows  # still pending, untouched
+    assert rows[bad]["status"] == "pending" and rows[bad]["reason"] is None
 
 
 def test_rejection_reasons_name_the_problem(sqlite_url, db, instance, clock):
