@@ -414,6 +414,57 @@ def test_run_page_shows_the_impact_report_in_chromium(
         assert "Failure" in page.text()
 
 
+LAUNCH_BUTTON = """(() => {
+  const b = [...document.querySelectorAll('button')].find(
+    b => b.innerText.trim() === 'Launch Run' && !b.disabled);
+  if (!b) return false;
+  b.click();
+  return true;
+})()"""
+
+
+def test_a_real_run_launched_in_chromium_names_its_launcher_and_shows_its_mode(
+    chromium: str, ui: DagsterUI, runs: dict[str, dict[str, Any]], demo_url: str, tmp_path: Path
+) -> None:
+    """The launchpad as an operator uses it: the real run's config typed into its editor
+    (approved by the ``dry`` run of the same plan), Launch Run clicked; the run commits, names who
+    launched it, and the Runs page shows it as a real run."""
+    assert runs["dry"]["final"]["status"] == "SUCCESS"  # the approving dry run
+    ui.dismiss_onboarding()
+    config = launchpad_config(
+        ui, PRICE_JOB, adjustment_type="percentage", adjustment_value=8, dry_run=False,
+        launched_by="alice@example.com",
+        # the tests' clock is fixed (STOCKRX_PATCHES_CLOCK): a fixed clock is an override
+        allow_outside_window=True,
+    )
+    playground = f"{ui.base_url}/locations/stockrx_patches/jobs/{PRICE_JOB}/playground"
+    with Chromium(chromium, tmp_path / "profile", tmp_path / "chromium.log") as page:
+        page.navigate(playground)
+        page.wait_for("document.querySelector('.CodeMirror')", what="the launchpad editor")
+        page.evaluate(
+            f"document.querySelector('.CodeMirror').CodeMirror.setValue({json.dumps(yaml.safe_dump(config))})"
+        )
+        page.screenshot(tmp_path / "launchpad_real_run.png")
+        page.wait_for(LAUNCH_BUTTON, what="an enabled Launch Run button")
+        run_id = page.wait_for(
+            "(location.pathname.match(/\\/runs\\/([0-9a-f-]{36})/) || [])[1]",
+            what="the new run's page",
+        )
+        final = ui.wait_for_run(run_id)
+        tags = {t["key"]: t["value"] for t in final["tags"]}
+        assert final["status"] == "SUCCESS", json.dumps(final)[:2000]
+        assert tags["stockrx/mode"] == "real"
+        assert tags["stockrx/launched-by"] == "alice@example.com"
+        assert tags.get("dagster/from_ui") == "true"  # launched the launchpad's way
+        assert _price_sum(demo_url) != runs["dry"]["price_sum_before"]  # it committed
+
+        page.navigate(f"{ui.base_url}/runs")
+        page.wait_for(
+            "document.body.innerText.includes('stockrx/mode: real')", what="the real run's tag"
+        )
+        page.screenshot(tmp_path / "runs_page_real.png")
+
+
 # make ui ------------------------------------------------------------------------------------
 
 
