@@ -11,7 +11,10 @@ canonical JSON document of:
 - ``config``: the run config, normalized (every field with its default filled in, numbers and
   enums as pydantic serializes them), without ``EXCLUDED_CONFIG``;
 - ``targets``: per table the patch may update (sorted), the number of frozen ids and a SHA-256
-  over them in keyset order (read in pages: memory stays flat whatever the size).
+  over them in keyset order (read in pages: memory stays flat whatever the size);
+- ``schema``: per table the patch touches, its reflected columns, keys, unique constraints and
+  indexes and CHECKs (``patch_ops.steps.drift.schema_of``): a migration after approval is a new
+  plan, and the refusal names what changed.
 
 Left out on purpose (they change how or when the same rows are written, not what):
 ``dry_run`` (the whole point: the dry run approves the real run), ``launched_by`` (who, not
@@ -29,8 +32,11 @@ approved a real run that reached the live tables (one approval, one commit: runn
 config twice would otherwise apply a relative change twice). The real run records the hash and
 ``approved_by_execution_id``; both executions record ``launched_by``.
 
-The target digest is over ids, not row contents: an application change to a targeted row
-between dry run and real run is not a new plan (the real run's own impact report shows it).
+The target digest is over ids, not row contents. What the application changed in a targeted
+row between dry run and real run is measured separately, on the patch's drift columns only
+(``patch_ops.steps.drift``): those rows are held back with their before / approved / now
+values, and above ``max_drift_percent`` the real run is refused. With
+``require_distinct_approver`` the approving dry run must have been launched by someone else.
 """
 
 from __future__ import annotations
@@ -44,21 +50,23 @@ from pathlib import Path
 from typing import Any
 
 from dagster import get_dagster_logger
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, func, select
 from sqlalchemy.engine import Connection
 
 from patch_ops.execution import (
     PlanInfo,
     PlanRefused,
     fetch_rows,
+    load_execution,
     set_execution,
     utcnow,
 )
 from patch_ops.lifecycle import Lifecycle
 from patch_ops.patch import Patch, PatchRunConfig
 from patch_ops.state import executions, targets
+from patch_ops.steps.drift import SAMPLE, hold_back_drift, schema_changes, schema_of
 
-PLAN_VERSION = "stockrx-plan-v1"
+PLAN_VERSION = "stockrx-plan-v2"  # v2: the schema of the touched tables
 EXCLUDED_CONFIG = (
     "dry_run",
     "launched_by",
@@ -141,11 +149,12 @@ def plan_of(conn: Connection, info: PlanInfo) -> dict[str, Any]:
         "code": code_version(patch),
         "config": normalized_config(info.config),
         "targets": {t: target_digest(conn, info.execution_id, t) for t in tables},
+        "schema": schema_of(conn, patch.tables()),
     }
 
 
 def plan_hash(plan: dict[str, Any]) -> str:
-    parts = {k: plan[k] for k in ("version", "patch", "code", "config", "targets")}
+    parts = {k: plan[k] for k in ("version", "patch", "code", "config", "targets", "schema")}
     text = json.dumps(
         parts, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
     )
@@ -177,9 +186,23 @@ def require_approved_plan(stage: str, conn: Connection, info: PlanInfo) -> None:
         _audit(conn, info, "plan_hash", {"plan_hash": digest, "approval": "not required"})
         log.warning(f"plan hash {digest}: approval not required for {info.patch.name}")
         return
-    approver = find_approval(conn, info.patch.name, digest, info.settings.plan_valid_hours)
+    me = str(load_execution(conn, info.execution_id)["launched_by"] or "")
+    distinct = me if info.settings.require_distinct_approver else None
+    approver = find_approval(
+        conn, info.patch.name, digest, info.settings.plan_valid_hours, not_launched_by=distinct
+    )
     if approver is None:
+        same = find_approval(conn, info.patch.name, digest, info.settings.plan_valid_hours)
+        if distinct is not None and same is not None:
+            raise PlanRefused(
+                f"require_distinct_approver: approving dry run {same['execution_id']} was "
+                f"launched by {same['launched_by']}, who launches this real run too; someone "
+                "else must launch the dry run that approves it, or the real run"
+            )
         raise PlanRefused(_refusal(conn, info, plan, digest))
+    drift = hold_back_drift(
+        conn, info.patch, info.settings, info.execution_id, approver["execution_id"]
+    )
     plan["approval"] = {
         "execution_id": approver["execution_id"],
         "launched_by": approver["launched_by"],
@@ -201,8 +224,26 @@ def require_approved_plan(stage: str, conn: Connection, info: PlanInfo) -> None:
             "approved_by_execution_id": approver["execution_id"],
             "approved_by": approver["launched_by"],
             "dry_run_completed_at": plan["approval"]["completed_at"],
+            "drift_held_back": drift["count"],
         },
     )
+    if drift["count"]:
+        _audit(
+            conn,
+            info,
+            "drift_held_back",
+            {"rows": drift["count"], "targets": drift["targets"], "percent": drift["percent"],
+             "max_drift_percent": drift["max_percent"], "columns": drift["columns"],
+             "approved_by_execution_id": approver["execution_id"],
+             "sample_ids": [s["source_id"] for s in drift["sample"][:SAMPLE]]},
+            {"sample": drift["sample"]},
+        )
+        log.warning(
+            f"held back {drift['count']:,} row(s) changed since approving dry run "
+            f"{approver['execution_id']} ({drift['percent']:g} % of {drift['targets']:,}; at "
+            f"most {drift['max_percent']:g} %): "
+            + "; ".join(f"{s['source_id']} ({s['values']})" for s in drift["sample"])
+        )
     log.info(
         f"plan hash {digest} approved by dry run {approver['execution_id']} "
         f"(launched by {approver['launched_by']}, completed {plan['approval']['completed_at']} UTC)"
@@ -217,23 +258,31 @@ def _used_up(dry_id: Any) -> Any:
 
 
 def find_approval(
-    conn: Connection, patch_name: str, digest: str, valid_hours: float
+    conn: Connection,
+    patch_name: str,
+    digest: str,
+    valid_hours: float,
+    not_launched_by: str | None = None,
 ) -> dict[str, Any] | None:
-    """The newest completed dry run with this plan, still valid and not used up, if any."""
+    """The newest completed dry run with this plan, still valid and not used up, if any
+    (``not_launched_by``: launched by someone else, names compared case-insensitively)."""
     since = utcnow() - dt.timedelta(hours=valid_hours)
+    q = select(executions).where(
+        executions.c.patch_name == patch_name,
+        executions.c.kind == "patch",
+        executions.c.dry_run.is_(True),
+        executions.c.status == "completed",
+        executions.c.plan_hash == digest,
+        executions.c.completed_at >= since,
+        ~_used_up(executions.c.execution_id),
+    )
+    if not_launched_by is not None:
+        q = q.where(
+            func.lower(func.coalesce(executions.c.launched_by, "")) != not_launched_by.lower()
+        )
     row = (
         conn.execute(
-            select(executions)
-            .where(
-                executions.c.patch_name == patch_name,
-                executions.c.kind == "patch",
-                executions.c.dry_run.is_(True),
-                executions.c.status == "completed",
-                executions.c.plan_hash == digest,
-                executions.c.completed_at >= since,
-                ~_used_up(executions.c.execution_id),
-            )
-            .order_by(executions.c.completed_at.desc())
+            q.order_by(executions.c.completed_at.desc())
             .limit(1)
         )
         .mappings()
@@ -324,6 +373,12 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 f"{k} ({_short(old_cfg.get(k))} → {_short(new_cfg.get(k))})" for k in changed
             )
         )
+    for table, items in (new.get("schema") or {}).items():
+        was = (old.get("schema") or {}).get(table)
+        if was is not None and was != items:
+            changes = schema_changes(was, items)
+            shown = "; ".join(changes[:3]) + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
+            out.append(f"the schema of {table} changed since approval ({shown})")
     for table, t in new["targets"].items():
         o = old.get("targets", {}).get(table, {})
         if o.get("sha256") != t["sha256"]:
@@ -334,6 +389,14 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def _audit(conn: Connection, info: PlanInfo, event_type: str, public: dict[str, Any]) -> None:
+def _audit(
+    conn: Connection,
+    info: PlanInfo,
+    event_type: str,
+    public: dict[str, Any],
+    secret: dict[str, Any] | None = None,
+) -> None:
     """An audit event in the freezing transaction: it commits only if the plan does."""
-    Lifecycle(info.resources, info.engine, info.execution_id).audit(event_type, public, conn=conn)
+    Lifecycle(info.resources, info.engine, info.execution_id).audit(
+        event_type, public, secret, conn=conn
+    )

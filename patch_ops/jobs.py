@@ -41,6 +41,7 @@ from patch_ops.ops import MEMORY, Step, step_op
 from patch_ops.patch import Patch, PatchConfigError, PatchSettings
 from patch_ops.state import executions, locks, require_tables
 from patch_ops.steps import backup, commit, transform, validate, verify
+from patch_ops.steps.drift import keep_fingerprint
 from patch_ops.steps.locks import release_stale_locks
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.report import log_summary
@@ -339,7 +340,9 @@ def build_patch_job(
         held = (step.load(execution_id)["report"] or {}).get("held_for_approval")
         if held:
             step.log.warning(held["reason"])
-        complete(step, execution_id, lambda: None, "dry_run_reported", "dry_run_completed",
+        complete(step, execution_id,
+                 lambda: keep_fingerprint(step.engine, patch, settings, execution_id),
+                 "dry_run_reported", "dry_run_completed",
                  f"dry run {execution_id} complete: nothing was committed", keep_work_tables=False,
                  reason=held["reason"] if held else None)
 

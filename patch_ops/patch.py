@@ -187,6 +187,11 @@ class Patch:
     #: same config as an earlier one that changed any of today's targets is refused as a repeat
     #: unless its config says allow_repeat (a +8 % must not be applied twice).
     idempotent: ClassVar[bool] = False
+    #: Columns whose change between the approving dry run and the real run is drift
+    #: (patch_ops.steps.drift), per driving or related table. None: the updated columns but the
+    #: application's bookkeeping (created_at/updated_at, *_count counter caches), with a related
+    #: table's link to its driving row.
+    drift_columns: ClassVar[dict[str, tuple[str, ...]] | None] = None
     #: A valid dry-run config of this patch (``ops.plan_patch.config`` without ``dry_run``), e.g.
     #: ``{"adjustment_type": "percentage", "adjustment_value": 8}``. Required: the registry
     #: refuses a patch without one; tests and the run files in config/runs/ use it.
@@ -291,6 +296,11 @@ class PatchSettings:
     #: attempt holds its row locks no longer than its transaction).
     refusal_search_seconds: float = 300.0
     refusal_attempt_seconds: float = 30.0
+    #: Above this share of the target set (percent, 0-100) changed since the approving dry run
+    #: in its drift columns, a real run is refused; at or below it those rows are held back.
+    max_drift_percent: float = 1.0
+    #: A real run must be launched by someone else than its approving dry run (launched_by).
+    require_distinct_approver: bool = False
 
     def refused_rows_policy(self) -> str:
         """``on_refused_rows``, or its default for this patch (hold_back when scheduled)."""

@@ -4,10 +4,11 @@
 - ``data_patch_targets``: the frozen target set of each execution (table, id).
 - ``data_patch_rejects``: rows whose transform output failed validation.
 - ``data_patch_locks``: one row per table while an execution holds it.
-- per target table T, two mirror tables built from T's reflected columns:
+- per target table T, mirror tables built from T's reflected columns:
   ``data_patch_backup__T`` (before-images) and ``data_patch_stage__T`` (after-images of updated
-  rows, and rows to insert). They have every column of T, nullable and unconstrained, plus
-  ``dp_*`` bookkeeping columns.
+  rows, and rows to insert), and for approving dry runs ``data_patch_approved__T`` (what they
+  read and would write in the drift columns). They have every column of T, nullable and
+  unconstrained, plus ``dp_*`` bookkeeping columns.
 """
 
 from __future__ import annotations
@@ -141,7 +142,14 @@ locks = Table(
     **TABLE_OPTIONS,
 )
 
+#: ``check_name`` in ``data_patch_rejects`` of a driving row held back because what the patch
+#: reads or writes of it changed since the approving dry run (``patch_ops.steps.drift``).
+DRIFTED = "drift_since_approval"
+
 MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
+#: Mirror kinds: before-images, staged changes, and what an approving dry run read and would
+#: write in its drift columns (``patch_ops.steps.drift``).
+MIRROR_KINDS = ("backup", "stage", "approved")
 #: dp_action of mirror rows: a before-image (backup), an updated row, an inserted row (stage).
 BACKUP, UPDATE, INSERT = "B", "U", "I"
 
@@ -179,8 +187,8 @@ def mirror_name(kind: str, table: str) -> str:
 
 
 def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
-    """The backup or stage mirror of a live table, created (or widened) to match its columns."""
-    assert kind in ("backup", "stage")
+    """A mirror (``MIRROR_KINDS``) of a live table, created (or widened) to match its columns."""
+    assert kind in MIRROR_KINDS
     schema = framework_schema(engine)
     key = (str(engine.url), schema, kind, live.name)
     with _mirror_lock:

@@ -80,6 +80,8 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 max_held_back_percent=_percent(entry, "max_held_back_percent", 10.0),
                 refusal_search_seconds=_positive(entry, "refusal_search_seconds", 300.0),
                 refusal_attempt_seconds=_positive(entry, "refusal_attempt_seconds", 30.0),
+                max_drift_percent=_percent(entry, "max_drift_percent", 1.0),
+                require_distinct_approver=_flag(entry, "require_distinct_approver", False),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RegistryError(f"{path}: bad entry for patch {name!r}: {exc}") from None

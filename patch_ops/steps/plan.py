@@ -203,7 +203,10 @@ def plan_execution(
             for check in checks:
                 check("after_freeze", conn, info)
     except Exception as exc:
-        finish_execution(engine, execution_id, "failed", error=describe(exc))
+        # A refusal may leave its findings in the history (drift since approval: the rows)
+        found = (getattr(exc, "details", None) or {}).get("report")
+        extra: dict[str, Any] = {"report": found} if isinstance(found, dict) else {}
+        finish_execution(engine, execution_id, "failed", error=describe(exc), **extra)
         exc.execution_id = execution_id  # type: ignore[attr-defined]
         raise
     log.info(

@@ -1,6 +1,6 @@
-"""Purge: remove the work data (backup, stage, targets, rejects) of patch executions that
-finished more than the retention period ago, recorded as an execution of kind ``purge``. A
-purged execution can no longer be restored (restore says so)."""
+"""Purge: remove the work data (backup, stage, targets, rejects, an approving dry run's
+fingerprint) of patch executions that finished more than the retention period ago, recorded as
+an execution of kind ``purge``. A purged execution can no longer be restored (restore says so)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from patch_ops import state
 from patch_ops.database import check_connection, write_transaction
 from patch_ops.execution import PatchError, drop_work_rows, finish_execution, set_execution, utcnow
 from patch_ops.state import executions
+from patch_ops.steps.drift import APPROVED, drop_fingerprint
 from patch_ops.steps.report import md_table
 from patch_ops.steps.restore import new_execution, recorded
 
@@ -24,7 +25,7 @@ PURGE_NAME = "purge_expired_backups"
 def _work_rows(conn: Connection, execution_id: str, decl: dict[str, Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for table in (decl or {}).get("tables", []):
-        for kind in ("backup", "stage"):
+        for kind in ("backup", "stage", APPROVED):
             mirror = state.mirror_by_name(conn, state.mirror_name(kind, table))
             if mirror is not None:
                 n = conn.execute(
@@ -117,6 +118,8 @@ def purge_backups(
                         .one()
                     )
                     drop_work_rows(conn, f["execution_id"])
+                    drop_fingerprint(conn, f["execution_id"],
+                                     (ex["declaration"] or {}).get("tables", []))
                     conn.execute(
                         delete(state.rejects).where(
                             state.rejects.c.execution_id == f["execution_id"]

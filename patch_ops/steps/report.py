@@ -12,7 +12,8 @@ from patch_ops import state
 from patch_ops.charts import ChangeSpread, change_histogram, histogram_markdown
 from patch_ops.execution import HELD_BACK, config_of, jsonable, load_execution, run_context
 from patch_ops.patch import Patch
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
+from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE, mirror_table
+from patch_ops.steps.drift import drift_markdown
 from patch_ops.steps.result import SAMPLE_ROWS
 
 SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
@@ -39,7 +40,8 @@ def reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(
             select(rj.c.source_id, rj.c.table_name, rj.c.column_name, rj.c.check_name, rj.c.failure_case)
-            .where(rj.c.execution_id == execution_id, rj.c.check_name != HELD_BACK)
+            .where(rj.c.execution_id == execution_id,
+                   rj.c.check_name.not_in([HELD_BACK, DRIFTED]))
             .order_by(rj.c.source_id)
             .limit(SAMPLE_ROWS)
         ).mappings()
@@ -164,6 +166,9 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
     held = report.get("held_back") or {}
     if held.get("count"):
         lines.append(f"| rows held back (the database would refuse them) | {held['count']:,} |")
+    drift = report.get("drift") or (ex.get("report") or {}).get("drift") or {}
+    if drift.get("count"):
+        lines.append(f"| rows held back (changed since approval) | {drift['count']:,} |")
     v = report.get("validation")
     if v is not None:
         lines.append(f"| validation | {'passed' if v['passed'] else 'FAILED'} |")
@@ -202,6 +207,7 @@ def render_markdown(ex: dict[str, Any], report: dict[str, Any]) -> str:
             lines += ["", "#### Rows rejected by the schemas (first "
                       f"{len(v['rejects'])})", "", *md_table(v["rejects"])]
     lines += held_back_markdown(held)
+    lines += drift_markdown(drift)
     for title, sec in report.get("sections", {}).items():
         lines += ["", f"### {title}: {sec['count']:,}"]
         if sec["rows"]:
@@ -294,6 +300,10 @@ def impact_lines(report: dict[str, Any] | None) -> list[str]:
     if isinstance(held, dict) and held.get("count"):
         lines.append(f"held back (the database would refuse them, not changed): "
                      f"{held['count']:,} rows; list: {held.get('list')}")
+    drift = report.get("drift") or {}
+    if isinstance(drift, dict) and drift.get("count"):
+        lines.append(f"held back (changed since approving dry run {drift.get('approved_by')}, "
+                     f"not changed): {drift['count']:,} rows")
     return lines
 
 

@@ -183,22 +183,25 @@ def test_the_real_run_holds_back_what_its_approving_dry_run_held_back(database_u
 
 
 def test_a_new_refusal_in_the_real_run_is_drift_and_commits_nothing(database_url):
+    # A change to what the patch reads or writes (a price) is caught before this, at plan time
+    # (tests/patch_ops/test_drift.py); a refusal can still first appear at commit through a row
+    # the patch neither reads nor writes: here the admin user its log rows name is deleted.
     engine, md = price_items(database_url)
     defs = hold_back_defs()
-    dry = run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": True}, defs=defs)
+    config = {**PCT8, "user_id": 9}
+    dry = run_patch(database_url, PRICE_JOB, {**config, "dry_run": True}, defs=defs)
     assert dry.success, failure_description(dry)
     with engine.begin() as conn:  # the application, after the approving dry run
-        inv = md.tables["inventories"]
-        conn.execute(update(inv).where(inv.c.id == 7).values(price=251))
+        conn.execute(md.tables["admin_users"].delete().where(md.tables["admin_users"].c.id == 9))
     before = digest(engine, TABLES)
-    real = run_patch(database_url, PRICE_JOB, {**PCT8, "dry_run": False}, defs=defs,
+    real = run_patch(database_url, PRICE_JOB, {**config, "dry_run": False}, defs=defs,
                      approve=False)
     assert not real.success
     assert digest(engine, TABLES) == before
     message = failure_description(real)
     assert "nothing was committed" in message and "drift" in message, message
-    assert "1 inventories row(s) refused (" in message and "rows 7 (" in message
-    assert PRICE_CAP in message and "price 251 → 271" in message
+    assert "inventories row(s) refused (" in message and "rows 1 (" in message, message
+    assert "foreign key" in message.lower(), message
 
 
 # -- the search itself -------------------------------------------------------------------------

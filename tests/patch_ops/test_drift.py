@@ -1,0 +1,179 @@
+"""Drift since approval (issue 19, item 4): what a real run commits is what its approving dry run
+showed. Rows whose drift columns changed since are held back with their before / approved / now
+values, or the run is refused above max_drift_percent; quantities moving is not drift; a
+migration after approval is a new plan; require_distinct_approver."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+from dagster import Definitions
+from sqlalchemy import func, insert, select, update
+
+from patch_ops.audit import AuditKeyring, read_events
+from patch_ops.database import get_engine
+from patch_ops.state import DRIFTED, executions, mirror_by_name, mirror_name, rejects
+from patch_ops.steps.drift import APPROVED, drift_columns
+from patch_ops.steps.purge import purge_backups
+from stockrx_patches.definitions import build_definitions
+from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
+from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
+from stockrx_patches.registry import Registry, default_registry, load_project_config
+from stockrx_patches.tables import inventories, inventory_logs
+from tests.conftest import TEST_AUDIT_KEY
+from tests.support.stockrx import (
+    PRICE_JOB,
+    digest,
+    failure_description,
+    hand_built,
+    latest_execution,
+    prices,
+    run_patch,
+)
+
+PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
+
+
+def defs_with_settings(**changes: object) -> Definitions:
+    base = default_registry()
+    settings = dict(base.config.patches)
+    settings[PRICE_JOB] = dataclasses.replace(settings[PRICE_JOB], **changes)  # type: ignore[arg-type]
+    return build_definitions(Registry(base.patches, dataclasses.replace(base.config, patches=settings)))
+
+
+def run(url: str, dry_run: bool, who: str, defs: Definitions | None = None):  # type: ignore[no-untyped-def]
+    return run_patch(url, PRICE_JOB, {**PCT8, "dry_run": dry_run, "launched_by": who}, defs=defs,
+                     approve=False)
+
+
+def app_moves_stock(engine, item: int, quantity: int) -> None:  # type: ignore[no-untyped-def]
+    """What the application does every hour: a quantity, its log row, the counter, the clock."""
+    with engine.begin() as conn:
+        old = conn.execute(select(inventories.c.quantity).where(inventories.c.id == item)).scalar()
+        conn.execute(update(inventories).where(inventories.c.id == item).values(
+            quantity=quantity, inventory_logs_count=inventories.c.inventory_logs_count + 1,
+            updated_at=dt.datetime(2026, 12, 1, 10, 0)))
+        conn.execute(insert(inventory_logs).values(
+            inventory_id=item, delta=quantity - old, operation_type="receive",
+            previous_quantity=old, current_quantity=quantity, note="app",
+            created_at=dt.datetime(2026, 12, 1, 10, 0), updated_at=dt.datetime(2026, 12, 1, 10, 0)))
+
+
+def times_ten(engine, *items: int) -> None:  # type: ignore[no-untyped-def]
+    with engine.begin() as conn:
+        conn.execute(update(inventories).where(inventories.c.id.in_(items))
+                     .values(price=inventories.c.price * 10))
+
+
+def fingerprint_rows(engine, execution_id: str) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        fp = mirror_by_name(conn, mirror_name(APPROVED, "inventories"))
+        assert fp is not None
+        return int(conn.execute(select(func.count()).where(
+            fp.c.dp_execution_id == execution_id)).scalar_one())
+
+
+def test_drift_is_defined_on_what_the_patch_reads_and_writes():
+    # the price, not the counter cache or the timestamp the application bumps with every
+    # stock movement; a related table's link to its driving row
+    assert drift_columns(InventoryPriceAdjustment()) == {"inventories": ("price",)}
+    assert drift_columns(BatchExpiryUpdate()) == {
+        "inventories": ("quantity",), "batches": ("quantity", "inventory_id")}
+    shipped = load_project_config().patches[PRICE_JOB]
+    assert shipped.max_drift_percent == 1.0 and shipped.require_distinct_approver is False
+
+
+def test_prices_changed_since_approval_are_held_back_and_the_rest_committed(database_url):
+    engine = hand_built(database_url, [100 * i for i in range(1, 11)])
+    defs = defs_with_settings(max_drift_percent=20)
+    dry = run(database_url, True, "alice", defs)
+    assert dry.success, failure_description(dry)
+    dry_ex = latest_execution(engine)
+    assert dry_ex["report"]["approval_fingerprint"]["rows"] == {"inventories": 10}
+    times_ten(engine, 3, 7)  # the application, after the dry run was approved
+    app_moves_stock(engine, 5, 9)  # quantities change hourly: not drift
+
+    result = run(database_url, False, "bob", defs)
+    assert result.success, failure_description(result)
+    now = prices(engine)
+    assert (now[3], now[7]) == (3000, 7000)  # held back, left as they are
+    assert {i: p for i, p in now.items() if i not in (3, 7)} == {
+        i: round(100 * i * 1.08) for i in range(1, 11) if i not in (3, 7)}
+    ex = latest_execution(engine)
+    assert ex["approved_by_execution_id"] == dry_ex["execution_id"]
+    drift = ex["report"]["drift"]
+    assert (drift["count"], drift["targets"], drift["percent"]) == (2, 10, 20.0)
+    assert drift["sample"][0] == {
+        "source_id": 3, "values": "inventories 3: price before 300, approved 324, now 3000"}
+    assert ex["target_count"] == 8 and ex["report"]["targets"] == {"inventories": 8}
+    assert "Changed since approval: 2 row(s) held back" in ex["report_markdown"]
+    assert "price before 700, approved 756, now 7000" in ex["report_markdown"]
+    with engine.connect() as conn:
+        held = conn.execute(select(rejects.c.source_id, rejects.c.failure_case).where(
+            rejects.c.execution_id == ex["execution_id"], rejects.c.check_name == DRIFTED)
+            .order_by(rejects.c.source_id)).all()
+    assert [h.source_id for h in held] == [3, 7]
+    assert f"changed since approving dry run {dry_ex['execution_id']}" in held[0].failure_case
+    events = read_events(engine, AuditKeyring.parse(TEST_AUDIT_KEY), ex["execution_id"])
+    audited = [e for e in events if e["event_type"] == "drift_held_back"]
+    assert audited[0]["public"]["rows"] == 2 and audited[0]["public"]["sample_ids"] == [3, 7]
+    assert audited[0]["secret"]["sample"] == drift["sample"]
+
+
+def test_more_drift_than_allowed_refuses_and_a_migration_is_a_new_plan(database_url):
+    engine = hand_built(database_url, [100, 200, 300])
+    dry = run(database_url, True, "alice")
+    assert dry.success, failure_description(dry)
+    dry_id = latest_execution(engine)["execution_id"]
+    times_ten(engine, 2)
+    before = digest(engine)
+
+    result = run(database_url, False, "bob")  # 1 of 3 rows: above the default 1 %
+    assert not result.success
+    message = failure_description(result)
+    assert "refused before any write" in message
+    assert f"1 of 3 inventories rows (33.33 %) changed since approving dry run {dry_id}" in message
+    assert "max_drift_percent (1 % of 3: 0 rows)" in message
+    assert "rows 2 (inventories 2: price before 200, approved 216, now 2000)" in message
+    assert digest(engine) == before
+    ex = latest_execution(engine)
+    assert ex["status"] == "failed" and "max_drift_percent" in ex["error_message"]
+    assert ex["report"]["drift"]["count"] == 1
+
+    with engine.begin() as conn:  # a migration after approval
+        conn.exec_driver_sql("ALTER TABLE inventories ADD COLUMN discount_rate INTEGER")
+    result = run(database_url, False, "bob")
+    assert not result.success
+    message = failure_description(result)
+    assert "the schema of inventories changed since approval (column discount_rate added)" in (
+        message), message
+    assert digest(engine, ignore=("discount_rate",)) == before
+
+
+def test_require_distinct_approver_and_the_fingerprints_lifetime(sqlite_url):
+    engine = hand_built(sqlite_url, [100, 200])
+    strict = defs_with_settings(require_distinct_approver=True)
+    assert run(sqlite_url, True, "alice", strict).success
+    dry_id = latest_execution(engine)["execution_id"]
+    assert fingerprint_rows(engine, dry_id) == 2 + 2  # what it read and what it would write
+
+    refused = run(sqlite_url, False, "Alice", strict)
+    assert not refused.success
+    message = failure_description(refused)
+    assert f"require_distinct_approver: approving dry run {dry_id} was launched by alice" in message
+    assert prices(engine) == {1: 100, 2: 200}
+    result = run(sqlite_url, False, "bob", strict)
+    assert result.success, failure_description(result)
+    assert prices(engine) == {1: 108, 2: 216}
+
+    # used by a commit: the next dry run of the patch drops it; the purge drops expired ones
+    assert run(sqlite_url, True, "carol").success
+    new_id = latest_execution(engine)["execution_id"]
+    assert fingerprint_rows(engine, dry_id) == 0 and fingerprint_rows(engine, new_id) == 4
+    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id == new_id)
+                     .values(started_at=long_ago, completed_at=long_ago))
+    purge_backups(get_engine(sqlite_url), 90, dry_run=False)
+    assert fingerprint_rows(engine, new_id) == 0
