@@ -26,11 +26,11 @@ from patch_ops.steps.plan import work_config
 from patch_ops.windows import (
     MIN_TIME_BUDGET_SECONDS,
     OVERRUN_FACTOR,
-    current_window,
     describe_windows,
     fixed_clock,
     next_window,
     now,
+    real_run_window,
     utc_naive,
 )
 from resources.audit import AuditLog
@@ -194,12 +194,18 @@ def check_maintenance_window(stage: str, conn: Connection, info: PlanInfo) -> No
     real = not config.dry_run
     override = bool(getattr(config, "allow_outside_window", False))
     instant = now()
-    occ = current_window(windows, instant) if windows else None
-    outside = real and bool(windows) and occ is None
+    occ, why = real_run_window(windows, instant)
+    outside = real and why is not None
 
     if stage in ("before_freeze", "resume") and outside and not override:
-        nxt = next_window(windows, instant)
         what = "resume" if stage == "resume" else "start"
+        if occ is not None:  # inside a window by a fixed clock: that is an override
+            raise PlanRefused(
+                f"{why}: a fixed clock is an override of the maintenance windows, so a real run "
+                f"of {info.patch.name} under it needs allow_outside_window: true in the run "
+                "config (recorded in the history); or unset it to run by the system clock."
+            )
+        nxt = next_window(windows, instant)
         raise PlanRefused(
             f"outside the maintenance windows ({describe_windows(windows)}): a real run of "
             f"{info.patch.name} may {what} only inside one"
@@ -241,6 +247,7 @@ def check_maintenance_window(stage: str, conn: Connection, info: PlanInfo) -> No
         "estimate_basis": basis,
         "allow_outside_window": override,
         "outside_window_override": outside and override,
+        "override_reason": why if outside and override else None,
     }
     report = dict(ex["report"] or {})
     key = "timing" if stage == "after_freeze" else "timing_resumed"

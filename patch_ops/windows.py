@@ -19,8 +19,11 @@ A window starts on each of its ``days`` at ``start`` and ends at ``end`` (the ne
   kept, so it pauses again at the window end.
 
 The clock is the system clock, unless ``STOCKRX_PATCHES_CLOCK`` holds an ISO 8601 instant with
-its UTC offset (``2026-11-29T02:30:00+09:00``): then "now" is fixed at that instant, for tests
-and rehearsals. Every execution planned under a fixed clock says so in its report and its log.
+its UTC offset (``2026-11-29T02:30:00+09:00``): then "now" is fixed at that instant, for
+rehearsals. A fixed clock cannot show that a real run is inside a window, so it is an override like
+any other: a real run under it needs ``allow_outside_window: true`` and is recorded as an override
+(``real_run_window``). Every execution planned under a fixed clock says so in its report.
+The test suite freezes ``system_now`` below the product instead (tests/support/testclock).
 """
 
 from __future__ import annotations
@@ -69,9 +72,14 @@ def fixed_clock() -> dt.datetime | None:
     return value
 
 
+def system_now() -> dt.datetime:
+    """The system clock (aware, UTC)."""
+    return dt.datetime.now(dt.UTC)
+
+
 def now() -> dt.datetime:
-    """The current instant (aware, UTC)."""
-    return (fixed_clock() or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+    """The current instant (aware, UTC): the fixed clock if set, else the system clock."""
+    return (fixed_clock() or system_now()).astimezone(dt.UTC)
 
 
 def utc_naive(value: dt.datetime) -> dt.datetime:
@@ -180,6 +188,20 @@ def current_window(
     instant = instant or now()
     inside = [o for w in windows for o in w.occurrences_around(instant, 0) if o.contains(instant)]
     return max(inside, key=lambda o: o.end) if inside else None
+
+
+def real_run_window(
+    windows: Sequence[MaintenanceWindow], instant: dt.datetime
+) -> tuple[WindowOccurrence | None, str | None]:
+    """Where a real run starting at ``instant`` stands: the window it is in (None outside every
+    window), and why it needs ``allow_outside_window`` (None: it does not). Under a fixed clock
+    it always does: the fixed instant is an assertion, not the time."""
+    occ = current_window(windows, instant) if windows else None
+    if not windows:
+        return occ, None
+    if fixed_clock() is not None:
+        return occ, f"the clock is fixed by {CLOCK_ENV} at {instant.isoformat()}"
+    return occ, None if occ is not None else "outside every maintenance window"
 
 
 def next_window(

@@ -112,6 +112,9 @@ def cmd_history(args: argparse.Namespace) -> int:
                      "started_at (UTC)", "error / rollback"))
     for r in rows:
         note = "ROLLED BACK " if r["rollback_performed"] else ""
+        timing = (r["report"] or {}).get("timing") or {}
+        if timing.get("outside_window_override"):
+            note += f"OVERRIDE: {timing.get('override_reason') or 'outside the windows'} "
         note += (r["error_message"] or "")[:80]
         print(fmt.format(r["execution_id"], r["patch_name"][:28], r["kind"], r["status"],
                          "yes" if r["dry_run"] else "no", f"{r['processed_records']:,}",

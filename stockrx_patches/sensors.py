@@ -53,7 +53,7 @@ from patch_ops.outbox import keep
 from patch_ops.patch import PatchConfigError, RunContext
 from patch_ops.state import executions, reflect_tables
 from patch_ops.steps.plan import work_config
-from patch_ops.windows import current_window, next_window, now, utc_naive
+from patch_ops.windows import current_window, next_window, now, real_run_window, utc_naive
 from resources.audit import AuditLog
 from resources.database import StockRxDatabase
 from resources.notifier import Notifier, PatchNotification
@@ -149,12 +149,10 @@ def judge_request(
     config = registry.get(name).config_class(**_plan_config(run_config))
     settings = registry.settings(name)
     windows = settings.maintenance_windows
-    if (
-        not config.dry_run
-        and windows
-        and not getattr(config, "allow_outside_window", False)
-        and current_window(windows, instant) is None
-    ):
+    occ, why = real_run_window(windows, instant)
+    if not config.dry_run and why is not None and not getattr(config, "allow_outside_window", False):
+        if occ is not None:  # a fixed clock: no window opens for it
+            return rq.HELD, f"real run held: {why}, which needs allow_outside_window", None
         nxt = next_window(windows, instant)
         when = nxt.describe() if nxt else "the next maintenance window"
         return rq.HELD, f"real run held until the next maintenance window ({when})", None

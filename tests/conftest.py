@@ -31,18 +31,28 @@ import pytest
 from stockrx_patches.registry import instance_config_yaml
 from tests.support.mysql import MySQLServer, MySQLUnavailable, mysql_required
 from tests.support.postgres import PostgresServer, PostgresUnavailable, postgres_required
+from tests.support.testclock import sitecustomize as testclock
 
 # Real runs refuse without an audit key. Tests run with a throwaway key (set before the code
 # location is imported; subprocesses inherit it). Tests of the no-key path unset it themselves.
 TEST_AUDIT_KEY = "test:" + base64.urlsafe_b64encode(b"stockrx-patches-test-key-32bytes").decode()
 os.environ.setdefault("STOCKRX_AUDIT_KEYS", TEST_AUDIT_KEY)
-# Real runs start only inside a maintenance window (patch_ops.windows). Tests run on a clock fixed
-# inside one (Sunday 02:30 JST; the window ends at 04:00), inherited by subprocesses; tests of the
-# windows set their own.
-TEST_CLOCK = "2026-11-29T02:30:00+09:00"
-os.environ.setdefault("STOCKRX_PATCHES_CLOCK", TEST_CLOCK)
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Real runs start only inside a maintenance window (patch_ops.windows). Tests run on a system clock
+# frozen inside one (Sunday 02:30 JST; the window ends at 04:00) below the product
+# (tests/support/testclock: not STOCKRX_PATCHES_CLOCK, which is an override real runs must
+# declare), here and in every Python subprocess: its folder leads their PYTHONPATH. Tests of the
+# windows move it (TEST_NOW_ENV).
+TEST_CLOCK = "2026-11-29T02:30:00+09:00"
+TEST_NOW_ENV = testclock.ENV
+os.environ.setdefault(TEST_NOW_ENV, TEST_CLOCK)
+testclock.install()
+TEST_PYTHONPATH = os.pathsep.join([str(REPO_ROOT / "tests" / "support" / "testclock"),
+                                   str(REPO_ROOT)])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in [TEST_PYTHONPATH, os.environ.get("PYTHONPATH", "")] if p
+)
 
 # database_url's backends; STOCKRX_TEST_MARIADB=0 leaves MariaDB out.
 MARIADB_IN_DATABASE_URL = os.environ.get("STOCKRX_TEST_MARIADB", "1").strip() != "0"

@@ -30,6 +30,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from stockrx_patches.cli import main as cli_main
+from tests.conftest import TEST_PYTHONPATH
 from tests.support.stockrx import PRICE_JOB, latest_execution, seeded
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def test_a_patch_run_is_stored_in_the_instance_database(storage, sqlite_url, tmp
 
     engine = seeded(sqlite_url, items=50)  # the StockRx database: SQLite, it is not the point
     env = dict(os.environ, **storage.env, DAGSTER_HOME=str(home), STOCKRX_DATABASE_URL=sqlite_url,
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=TEST_PYTHONPATH)
     run = subprocess.run(
         [str(BIN / "dagster"), "job", "execute", "-m", "stockrx_patches.definitions",
          "-j", PRICE_JOB, "-c", "config/runs/inventory_price_adjustment.yaml"],

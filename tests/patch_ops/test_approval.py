@@ -30,7 +30,7 @@ from stockrx_patches.registry import (
     load_project_config,
 )
 from stockrx_patches.tables import inventories
-from tests.conftest import TEST_AUDIT_KEY
+from tests.conftest import TEST_AUDIT_KEY, TEST_PYTHONPATH
 from tests.support import slow_patches
 from tests.support.stockrx import (
     PRICE_JOB,
@@ -307,7 +307,7 @@ def test_dagster_cli_refuses_a_real_run_without_its_dry_run(sqlite_url, dagster_
     env = {
         "STOCKRX_DATABASE_URL": sqlite_url,
         "DAGSTER_HOME": str(dagster_home),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": TEST_PYTHONPATH,
     }
     run = subprocess.run(
         [

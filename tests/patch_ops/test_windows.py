@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 
 from patch_ops import windows as win
 from patch_ops.state import executions, locks
+from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
@@ -26,6 +27,7 @@ from stockrx_patches.registry import (
 )
 from stockrx_patches.schedules import build_schedules, schedule_name
 from stockrx_patches.tables import inventory_logs
+from tests.conftest import TEST_NOW_ENV
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,
@@ -57,7 +59,7 @@ def jst(y: int, m: int, d: int, hh: int, mm: int = 0, ss: int = 0) -> dt.datetim
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch):
     def set_clock(iso: str) -> None:
-        monkeypatch.setenv(win.CLOCK_ENV, iso)
+        monkeypatch.setenv(TEST_NOW_ENV, iso)
 
     return set_clock
 
@@ -240,8 +242,41 @@ def test_explicit_override_runs_outside_the_window_and_is_recorded(sqlite_url, c
     assert ex["config"]["allow_outside_window"] is True
     timing = ex["report"]["timing"]
     assert timing["outside_window_override"] is True and timing["window"] is None
-    assert timing["clock"] == "2026-11-30T01:00:00+00:00" and timing["clock_fixed"] is True
+    assert timing["override_reason"] == "outside every maintenance window"
+    assert timing["clock"] == "2026-11-30T01:00:00+00:00" and timing["clock_fixed"] is False
     assert ex["deadline_at"] is None  # no window to end
+
+
+def test_the_product_fixed_clock_is_an_override_a_real_run_must_declare(
+    sqlite_url, clock, monkeypatch, capsys
+):
+    """STOCKRX_PATCHES_CLOCK inside a window let a real run commit with no override on record.
+    A fixed clock asserts the time, it does not show it: a real run under it needs
+    allow_outside_window, and the history says it was an override."""
+    engine = seeded(sqlite_url, items=30)
+    old = prices(engine)
+    clock(MON_1000)  # the real time: outside every window
+    monkeypatch.setenv(win.CLOCK_ENV, SUN_0230)  # the product's clock says: inside one
+
+    refused = run_patch(sqlite_url, PRICE_JOB, REAL)
+
+    assert not refused.success
+    reason = failure_description(refused)
+    assert f"the clock is fixed by {win.CLOCK_ENV} at 2026-11-28T17:30:00+00:00" in reason
+    assert "needs allow_outside_window: true" in reason
+    assert prices(engine) == old
+
+    done = run_patch(sqlite_url, PRICE_JOB, {**REAL, "allow_outside_window": True})
+
+    assert done.success, failure_description(done)
+    assert prices(engine) != old
+    ex = latest_execution(engine)
+    timing = ex["report"]["timing"]
+    assert timing["clock_fixed"] is True and timing["outside_window_override"] is True
+    assert timing["override_reason"].startswith(f"the clock is fixed by {win.CLOCK_ENV}")
+    assert timing["window"] == "Sun 2026-11-29 02:00-04:00 Asia/Tokyo"
+    assert cli_main(["history", "--limit", "1", "--database-url", sqlite_url]) == 0
+    assert f"OVERRIDE: the clock is fixed by {win.CLOCK_ENV}" in capsys.readouterr().out
 
 
 def test_real_run_inside_the_window_gets_the_window_end_as_deadline(sqlite_url, clock):
@@ -309,7 +344,7 @@ class WindowEndPatch(InventoryPriceAdjustment):
     def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
         WindowEndPatch.calls += 1
         if WindowEndPatch.calls in self.moves:
-            os.environ[win.CLOCK_ENV] = self.moves[WindowEndPatch.calls]
+            os.environ[TEST_NOW_ENV] = self.moves[WindowEndPatch.calls]
         return super().transform(batch, config, ctx)
 
     calls = 0
@@ -440,7 +475,7 @@ class SlowClockPatch(InventoryPriceAdjustment):
     def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
         SlowClockPatch.calls += 1
         if SlowClockPatch.calls == 2:
-            os.environ[win.CLOCK_ENV] = "2026-11-29T03:00:00+09:00"
+            os.environ[TEST_NOW_ENV] = "2026-11-29T03:00:00+09:00"
         return super().transform(batch, config, ctx)
 
     calls = 0
@@ -474,7 +509,7 @@ class PausingExpiry(BatchExpiryUpdate):
     def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
         PausingExpiry.calls += 1
         if PausingExpiry.calls == 2:
-            os.environ[win.CLOCK_ENV] = AFTER_SUNDAY_WINDOW
+            os.environ[TEST_NOW_ENV] = AFTER_SUNDAY_WINDOW
         return super().transform(batch, config, ctx)
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from patch_ops import windows as win
 from resources.notifier import Notifier
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.registry import Registry, default_registry
+from tests.conftest import TEST_NOW_ENV
 from tests.support import slow_patches
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
@@ -174,7 +174,7 @@ def test_restore_after_failed_verification_is_urgent(sqlite_url, slack, smtp):
 
 def test_refused_run_is_urgent_with_the_refusal(sqlite_url, slack, smtp, monkeypatch):
     engine = seeded(sqlite_url, items=20)
-    monkeypatch.setenv(win.CLOCK_ENV, "2026-11-30T10:00:00+09:00")  # Monday: no window
+    monkeypatch.setenv(TEST_NOW_ENV, "2026-11-30T10:00:00+09:00")  # Monday: no window
 
     result = run_patch(sqlite_url, PRICE_JOB, REAL, defs=defs_for(slack, smtp), approve=False)
 

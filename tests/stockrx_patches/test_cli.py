@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.tables import inventory_logs
+from tests.conftest import TEST_PYTHONPATH
 from tests.support import slow_patches
 from tests.support.stockrx import digest, latest_execution, prices, seeded
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def _env(url: str, home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), **extra)
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = TEST_PYTHONPATH
     return env
 
 

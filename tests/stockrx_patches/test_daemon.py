@@ -30,6 +30,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from patch_ops.database import get_engine
 from stockrx_patches import requests as rq
 from stockrx_patches.registry import instance_config_yaml
+from tests.conftest import TEST_PYTHONPATH
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import latest_execution, seeded
@@ -96,7 +97,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
     with FakeSlack(token=TOKEN) as slack, FakeSmtp() as smtp:
         env = dict(
             os.environ,
-            PYTHONPATH=str(REPO),
+            PYTHONPATH=TEST_PYTHONPATH,
             DAGSTER_HOME=str(home),
             STOCKRX_DATABASE_URL=url,
             STOCKRX_SLACK_TOKEN=TOKEN,

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from stockrx_patches.cli import main as cli_main
+from tests.conftest import TEST_PYTHONPATH
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -117,7 +118,7 @@ def test_a_new_patch_is_one_file_one_entry_and_its_test(root: Path, capsys) -> N
 
     generated = root / "tests" / "stockrx_patches" / "patches"
     tests = [generated / "test_archive_idle_items.py", generated / "test_relabel_lots.py"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(REPO)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), TEST_PYTHONPATH]))
     probe = subprocess.run(
         [sys.executable, "-c", PROBE, *map(str, tests)],
         cwd=root, env=env, capture_output=True, text=True, timeout=120,

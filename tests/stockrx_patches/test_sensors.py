@@ -42,7 +42,7 @@ from stockrx_patches.sensors import (
     work_pending_sensor_name,
 )
 from stockrx_patches.tables import batches
-from tests.conftest import TEST_AUDIT_KEY
+from tests.conftest import TEST_AUDIT_KEY, TEST_NOW_ENV, TEST_PYTHONPATH
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import (
@@ -66,7 +66,7 @@ TOKEN = "xoxb-sensor-test"
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch):
     def set_clock(iso: str) -> None:
-        monkeypatch.setenv(win.CLOCK_ENV, iso)
+        monkeypatch.setenv(TEST_NOW_ENV, iso)
 
     set_clock(SUN_0230)
     return set_clock
@@ -217,7 +217,7 @@ def test_sensor_preview_decides_and_writes_nothing(sqlite_url, dagster_home):
         )).inserted_primary_key[0]
     rows = {i: rq.get_request(engine, i) for i in (bad, good)}
     env = dict(os.environ, STOCKRX_DATABASE_URL=sqlite_url, DAGSTER_HOME=str(dagster_home),
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=TEST_PYTHONPATH)
 
     out = subprocess.run(
         [str(BIN / "dagster"), "sensor", "preview", REQUEST_SENSOR,
@@ -296,6 +296,24 @@ def tick_request(defs, instance, db, request_id: int) -> RunRequest:  # type: ig
                                                 **json.loads(json.dumps(req["run_config"]))}}}}
     return RunRequest(run_key=req["run_key"], job_name=req["patch_name"], run_config=config,
                       tags={rq.REQUEST_TAG: str(request_id)})
+
+
+def test_a_real_request_under_the_product_fixed_clock_is_held_not_launched(
+    sqlite_url, db, instance, clock, monkeypatch
+):
+    """STOCKRX_PATCHES_CLOCK inside a window is an override (patch_ops.windows): a real request
+    without allow_outside_window would be refused at plan, so the sensor holds it and says why."""
+    engine = seeded(sqlite_url, items=10)
+    monkeypatch.setenv(win.CLOCK_ENV, SUN_0230)
+    request_id = rq.submit_request(engine, PRICE_JOB, {**DRY, "dry_run": False}, "release-bot")
+
+    result = tick(build_definitions(default_registry()), REQUEST_SENSOR, instance, db)
+
+    assert result.run_requests == []
+    row = rq.get_request(engine, request_id)
+    assert row["status"] == "held"
+    assert f"the clock is fixed by {win.CLOCK_ENV}" in row["reason"]
+    assert "needs allow_outside_window" in row["reason"]
 
 
 def test_a_held_request_whose_plan_changed_is_held_again_and_the_requester_told(
@@ -518,7 +536,7 @@ class PausingPatch(InventoryPriceAdjustment):
     def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
         PausingPatch.calls += 1
         if PausingPatch.calls == 2:
-            os.environ[win.CLOCK_ENV] = "2026-11-29T04:00:05+09:00"
+            os.environ[TEST_NOW_ENV] = "2026-11-29T04:00:05+09:00"
         return super().transform(batch, config, ctx)
 
 

@@ -434,15 +434,15 @@ def test_a_real_run_launched_in_chromium_names_its_launcher_and_shows_its_mode(
     config = launchpad_config(
         ui, PRICE_JOB, adjustment_type="percentage", adjustment_value=8, dry_run=False,
         launched_by="alice@example.com",
-        # the tests' clock is fixed (STOCKRX_PATCHES_CLOCK): a fixed clock is an override
-        allow_outside_window=True,
     )
     playground = f"{ui.base_url}/locations/stockrx_patches/jobs/{PRICE_JOB}/playground"
     with Chromium(chromium, tmp_path / "profile", tmp_path / "chromium.log") as page:
         page.navigate(playground)
-        page.wait_for("document.querySelector('.CodeMirror')", what="the launchpad editor")
+        page.wait_for("!!document.querySelector('.CodeMirror')", what="the launchpad editor")
+        typed = json.dumps(yaml.safe_dump(config))
         page.evaluate(
-            f"document.querySelector('.CodeMirror').CodeMirror.setValue({json.dumps(yaml.safe_dump(config))})"
+            f"(() => {{ document.querySelector('.CodeMirror').CodeMirror.setValue({typed}); "
+            "return true; })()"
         )
         page.screenshot(tmp_path / "launchpad_real_run.png")
         page.wait_for(LAUNCH_BUTTON, what="an enabled Launch Run button")

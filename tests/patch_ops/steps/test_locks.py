@@ -30,6 +30,7 @@ from stockrx_patches.registry import (
     instance_config,
     instance_config_yaml,
 )
+from tests.conftest import TEST_PYTHONPATH
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,
@@ -52,7 +53,7 @@ HOLDER = "11111111-1111-1111-1111-111111111111"
 
 def _env(url: str, home: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ, STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), **extra)
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = TEST_PYTHONPATH
     return env
 
 
