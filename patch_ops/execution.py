@@ -35,6 +35,13 @@ PAUSED_PHASE = "paused_window_end"
 UNVERIFIED = "unverified"
 
 
+#: Status of an execution whose run was stopped on request (Ctrl-C/SIGINT, SIGTERM, Terminate in
+#: the Dagster UI) before its commit committed: its open transaction rolled back, its progress
+#: kept, its table locks released; the next run of the same config continues it
+#: (patch_ops.steps.plan), as it does a paused one.
+CANCELLED = "cancelled"
+
+
 #: ``check_name`` in ``data_patch_rejects`` of a driving row held back because the database
 #: would refuse its changes (``patch_ops.steps.holdback``), apart from the pandera rejects.
 HELD_BACK = "database_refusal"
@@ -172,6 +179,53 @@ def finish_execution(
         conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
         if not keep_work_tables:
             drop_work_rows(conn, execution_id)
+
+
+def stop_execution(engine: Engine, execution_id: str, stop: dict[str, Any]) -> dict[str, Any]:
+    """Close the execution of a stopped run at once and say so: who stopped it, why, in which
+    step and how far it had got (``stop``: by, reason, step, at). Before its commit committed it
+    is ``CANCELLED`` (progress and work rows kept for the next run); after, ``UNVERIFIED`` (its
+    data changed: the next run verifies it first). Its table locks are released. Returns the
+    closed row."""
+    with write_transaction(engine) as conn:
+        ex = load_execution(conn, execution_id)
+        committed = ex["phase"] == "committed"
+        done, total = int(ex["processed_records"]), int(ex["target_count"])
+        progress = {"phase": ex["phase"], "processed": done, "target_count": total,
+                    "batches_done": int(ex["batches_done"]), "cursor": ex["cursor"]}
+        report = dict(ex["report"] or {})
+        report["stops"] = [*report.get("stops", []), {**stop, **progress}]
+        if committed:
+            after = ("its changes are committed (the commit finished before the stop) and not "
+                     "yet verified: the next run of the patch verifies them first")
+        elif ex["kind"] != "patch" or ex["phase"] == "planning":
+            after = "nothing reached the live tables; nothing to continue: run it again"
+        else:
+            after = (f"nothing reached the live tables; {done:,}/{total:,} rows transformed "
+                     f"({progress['batches_done']} batches kept); the next run with the same "
+                     "config continues it")
+        note = (f"cancelled: {stop['reason']} in step {stop['step']} by {stop['by']} at "
+                f"{stop['at']} UTC (launched by {ex['launched_by']}); {after}")
+        now = utcnow()
+        set_execution(
+            conn, execution_id, status=UNVERIFIED if committed else CANCELLED, completed_at=now,
+            heartbeat_at=now, error_message=note, report=report,
+        )
+        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
+        return load_execution(conn, execution_id)
+
+
+def running_executions(engine: Engine, dagster_run_id: str) -> list[str]:
+    """The executions a Dagster run has open (status running), oldest first."""
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                select(executions.c.execution_id)
+                .where(executions.c.dagster_run_id == dagster_run_id,
+                       executions.c.status == "running")
+                .order_by(executions.c.started_at)
+            ).scalars()
+        )
 
 
 def drop_work_rows(conn: Connection, execution_id: str) -> None:

@@ -2,11 +2,13 @@
 and TiKV's failpoints do), for the crash tests' fault matrix.
 
 Off unless ``STOCKRX_FAILPOINT`` names a point: the process reaching it writes its pid to the
-file ``STOCKRX_FAILPOINT_FILE`` and waits to be killed (``SIGKILL``: no cleanup code runs), so
-the test kills it exactly there instead of guessing with timing. Points: ``after:<op name>``
-(an op's work done, its output not yet handed on), ``transform:batch:<n>`` (batch n handed to
-the stage writer), ``commit:inside`` (data applied and audited, transaction not committed),
-``commit:after`` (committed, nothing recorded after it yet), ``restore:inside``.
+file ``STOCKRX_FAILPOINT_FILE`` and waits to be killed (``SIGKILL``: no cleanup code runs) or
+stopped (SIGINT, Terminate: tests/test_stop.py), so the test acts exactly there instead of
+guessing with timing. Points: ``after:<op name>`` (an op's work done, its output not yet handed
+on), ``transform:batch:<n>`` (batch n handed to the stage writer), ``validate:inside`` (the
+whole-set checks done and recorded, the step not finished), ``commit:inside`` (data applied and
+audited, transaction not committed), ``commit:after`` (committed, nothing recorded after it
+yet), ``restore:inside``.
 """
 
 from __future__ import annotations

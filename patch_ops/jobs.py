@@ -277,6 +277,7 @@ def build_patch_job(
             passed, report = validate.validate_execution(
                 step.engine, patch, settings, execution_id, log=step.log
             )
+            failpoint("validate:inside")
             ex = step.load(execution_id)
             validation = report.get("validation", {})
             step.lifecycle(execution_id).audit(

@@ -8,6 +8,10 @@ factory wraps it:
 - ``take_over=True`` (every patch step after plan): the execution continues under this run (a
   re-executed run takes it over), its table locks are held by this process, and a failure closes
   the execution as failed, audits and notifies it, and fails the step with a one-line reason.
+- a stop request (Ctrl-C, SIGTERM, Terminate in the UI; ``patch_ops.stopping``) in any op closes
+  the executions its run has open as cancelled (or unverified, had the commit committed), with
+  who, why and the progress, releases their locks at once, audits it and sends an ordinary
+  message; the step then ends interrupted, as Dagster expects.
 - ``refused=(what, audit_event)`` (ops that open or check an execution: plan, restore, purge): a
   refusal fails the op with "what: reason"; if an execution was opened, it is audited under
   ``audit_event`` and notified.
@@ -17,12 +21,15 @@ factory wraps it:
 # (the config class of each op is chosen at runtime).
 
 import contextlib
+import datetime as dt
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import (
+    DagsterExecutionInterruptedError,
     DagsterInstance,
+    DagsterRunStatus,
     Failure,
     In,
     MetadataValue,
@@ -41,14 +48,19 @@ from patch_ops.dialects.names import has_table
 from patch_ops.execution import (
     PatchError,
     RunFinished,
+    default_user,
     describe,
     finish_execution,
     load_execution,
+    running_executions,
     set_execution,
+    stop_execution,
 )
 from patch_ops.failpoints import failpoint
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
+from patch_ops.state import executions
 from patch_ops.steps.locks import acquire_locks
+from patch_ops.stopping import StopRequest, stoppable
 from resources.database import StockRxDatabase
 from resources.memory import MemoryGuard, MemoryLimitExceeded
 
@@ -58,6 +70,9 @@ MEMORY = "memory_guard"
 STEP_ERRORS = (PatchError, MemoryLimitExceeded, DatabaseUnavailable, MissingPrivilege, ValueError)
 #: Errors of an op that opens or checks an execution: a refusal, before any write.
 REFUSALS = (PatchError, DatabaseUnavailable, MissingPrivilege, LookupError, ValueError)
+#: What a stop request raises in a step (patch_ops.stopping; Dagster's own error, should its
+#: handler fire before ours is in place).
+STOPS = (KeyboardInterrupt, DagsterExecutionInterruptedError)
 
 
 def one_line(exc: BaseException) -> str:
@@ -140,6 +155,46 @@ class Step:
         except Exception as audit_exc:  # noqa: BLE001 - report the original failure, not this one
             self.log.error(f"could not write the audit event: {audit_exc}")
         lc.notify("failed", reason=reason)
+
+    def who_and_why(self, stop: StopRequest) -> tuple[str, str]:
+        """Who stopped the run and why: a terminate request through Dagster (the run is
+        CANCELING: the UI's Terminate, GraphQL terminateRun) or a signal to the run's processes
+        (Ctrl-C, kill), which only the OS user the run runs as (or root) can send."""
+        run = self.context.instance.get_run_by_id(self.context.run_id)
+        if run is not None and run.status in (DagsterRunStatus.CANCELING,
+                                              DagsterRunStatus.CANCELED):
+            return ("a Dagster UI/API user (Dagster records no name for a terminate request)",
+                    "terminated from the UI (Dagster run termination request)")
+        return (f"OS user {default_user()} (the run's user)",
+                f"stopped by {stop.signal or 'SIGINT'}")
+
+    def record_stop(self, stop: StopRequest) -> list[str]:
+        """A stop request reached this op: close every execution its run has open (patch_ops.
+        execution.stop_execution: cancelled, or unverified after a commit; locks released), audit
+        it and send the message. Returns the executions closed; never raises (the stop goes on
+        whatever happens here)."""
+        closed: list[str] = []
+        try:
+            if not has_table(self.engine, executions):
+                return closed
+            by, reason = self.who_and_why(stop)
+            at = f"{stop.at or dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S}"
+            info = {"by": by, "reason": reason, "step": self.context.op.name, "at": at,
+                    "signal": stop.signal, "dagster_run_id": self.context.run_id}
+            for execution_id in running_executions(self.engine, self.context.run_id):
+                ex = stop_execution(self.engine, execution_id, info)
+                closed.append(execution_id)
+                self.log.warning(f"execution {execution_id}: {ex['error_message']}")
+                lc = self.lifecycle(execution_id)
+                try:
+                    lc.audit("cancelled", {**info, **ex["report"]["stops"][-1],
+                                           "status": ex["status"]})
+                except Exception as exc:  # noqa: BLE001 - still send the message
+                    self.log.error(f"could not write the audit event: {exc}")
+                lc.notify("cancelled", reason=ex["error_message"])
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.log.error(f"could not record the stop of this run: {describe(exc)}")
+        return closed
 
     @contextlib.contextmanager
     def taking_over(self, execution_id: str) -> Iterator[None]:
@@ -229,16 +284,23 @@ def step_op(
     def decorate(body: Callable[..., Any]) -> OpDefinition:
         def run(context: OpExecutionContext, value: Any) -> Any:
             step = Step(context)
-            try:
-                with contextlib.ExitStack() as stack:
-                    if refused is not None:
-                        stack.enter_context(step.refusing(*refused))
-                    if take_over:
-                        stack.enter_context(step.taking_over(value))
-                    result = body(step, value)
-            finally:
-                step.anchor_audit()
-            failpoint(f"after:{name}")
+            with stoppable() as stop:
+                try:
+                    try:
+                        with contextlib.ExitStack() as stack:
+                            if refused is not None:
+                                stack.enter_context(step.refusing(*refused))
+                            if take_over:
+                                stack.enter_context(step.taking_over(value))
+                            result = body(step, value)
+                    finally:
+                        step.anchor_audit()
+                    failpoint(f"after:{name}")
+                except STOPS:
+                    # The open transaction has rolled back on the way here.
+                    if step.record_stop(stop):
+                        step.anchor_audit()
+                    raise
             return result
 
         def branch(result: Any) -> Iterator[Any]:

@@ -27,7 +27,7 @@ from slack_sdk import WebClient
 from slack_sdk.http_retry import HttpRequest, HttpResponse, RetryHandler, RetryState
 
 CHANNELS = ("slack", "email")
-OUTCOMES = ("completed", "failed", "rolled_back", "restored", "held")
+OUTCOMES = ("completed", "failed", "rolled_back", "restored", "held", "cancelled")
 NOT_CONFIGURED = "not configured"
 SMTP_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
 #: Slack answers (HTTP 200, ok=false) that are worth another attempt.
@@ -40,6 +40,7 @@ _OUTCOME_TITLES = {
     "rolled_back": "ROLLED BACK",
     "restored": "RESTORED FROM BACKUP",
     "held": "HELD, not run",
+    "cancelled": "STOPPED (cancelled on request)",
 }
 
 
@@ -82,9 +83,12 @@ class PatchNotification:
     @property
     def urgent(self) -> bool:
         """Urgent (pages): a real run that did not complete, or anything after a commit. A dry run
-        that fails (a mistyped value, a killed run) changed nothing: an ordinary message."""
+        that fails (a mistyped value, a killed run) changed nothing: an ordinary message; so
+        does a run stopped on request (Ctrl-C, Terminate) before its commit."""
         if self.outcome == "held":  # nothing ran: the requester is told, nobody is paged
             return False
+        if self.outcome == "cancelled":  # someone stopped it: paged only if data had changed
+            return self.committed
         return self.outcome != "completed" and (not self.dry_run or self.committed)
 
     @property

@@ -47,7 +47,7 @@ from sqlalchemy import select
 
 from patch_ops.database import write_transaction
 from patch_ops.dialects.names import has_table
-from patch_ops.execution import finish_execution
+from patch_ops.execution import CANCELLED, finish_execution
 from patch_ops.lifecycle import AUDIT, NOTIFIER, Lifecycle
 from patch_ops.outbox import keep
 from patch_ops.patch import PatchConfigError, RunContext
@@ -199,9 +199,9 @@ def _reconfirmed(
         if not run.is_finished:
             return
         status, values["reason"] = rq.FAILED, f"the re-confirming dry run {run.status.value}"
-    elif ex["status"] == "failed":
+    elif ex["status"] in ("failed", CANCELLED):
         status = rq.FAILED
-        values["reason"] = f"the re-confirming dry run failed: {ex['error_message']}"
+        values["reason"] = f"the re-confirming dry run {ex['status']}: {ex['error_message']}"
     elif ex["status"] != "completed":
         return
     elif prior is None or prior["plan_hash"] == ex["plan_hash"]:
@@ -267,7 +267,7 @@ def _reconcile(context: SensorEvaluationContext, engine: Any, notifier: Notifier
                 values["execution_id"] = ex["execution_id"]
                 if ex["status"] == "completed":
                     status, values["reason"] = rq.SUCCEEDED, None
-                elif ex["status"] == "failed":
+                elif ex["status"] in ("failed", CANCELLED):  # cancelled: stopped on request
                     status, values["reason"] = rq.FAILED, ex["error_message"]
                 elif ex["status"] == "paused":
                     values["reason"] = (

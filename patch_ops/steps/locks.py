@@ -1,7 +1,9 @@
 """Per-table locks in the StockRx database (``data_patch_locks``): one execution per table at a
 time, whoever starts it (the run queue's tag limits only cover runs of one Dagster instance).
 A lock whose holder is dead (process gone, Dagster run finished, no heartbeat) is released as
-stale and its execution closed with the reason.
+stale and its execution closed with the reason: failed and abandoned, or, when its Dagster run was
+terminated on request (CANCELED) while no step was there to record the stop (patch_ops.stopping),
+cancelled and continued by the next run of the same config.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from patch_ops.execution import (
+    CANCELLED,
     UNVERIFIED,
     PlanRefused,
     RunFinished,
@@ -81,12 +84,23 @@ def stale_lock_reason(
     return None
 
 
+#: The status of a Dagster run terminated on request (the UI's Terminate, terminateRun).
+RUN_CANCELED = "CANCELED"
+
+
 def _release_stale(
-    conn: Connection, holder: dict[str, Any], reason: str, by: str, log: Any
+    conn: Connection, holder: dict[str, Any], reason: str, by: str, log: Any,
+    run_finished: RunFinished | None = None,
 ) -> None:
     """Drop a dead holder's locks; close its execution as failed (``UNVERIFIED`` if it had
-    committed: its data changed), saying why (the history)."""
+    committed: its data changed), saying why (the history). A holder whose Dagster run was
+    terminated on request (CANCELED) between two steps is ``CANCELLED`` instead: it was stopped,
+    not lost, so its progress is kept for the next run of the same config."""
     dead = holder["execution_id"]
+    stopped = bool(
+        run_finished is not None and holder["dagster_run_id"]
+        and run_finished(holder["dagster_run_id"]) == RUN_CANCELED
+    )
     conn.execute(delete(locks).where(locks.c.execution_id == dead))
     note = (
         f"abandoned: its table locks were released as stale by {by} "
@@ -106,7 +120,14 @@ def _release_stale(
         if row.status == "running":
             closed = UNVERIFIED if row.phase == "committed" else "failed"
             values.update(status=closed, completed_at=utcnow())
-            if row.phase not in ("committed", "verified"):
+            if stopped and row.phase not in ("committed", "verified", "planning"):
+                values["status"] = CANCELLED
+                values["error_message"] = (
+                    "cancelled: its Dagster run was terminated on request while no step was "
+                    f"running to record it; {note.removeprefix('abandoned: ')}; nothing "
+                    "reached the live tables; the next run with the same config continues it"
+                )
+            elif row.phase not in ("committed", "verified"):
                 # Nothing reached the live tables: its backup and stage rows serve no one (a
                 # re-execution of its run plans afresh: phase ABANDONED is never carried on).
                 values["phase"] = ABANDONED
@@ -130,7 +151,7 @@ def release_stale_locks(
         if holder is not None:
             reason = stale_lock_reason(conn, dict(holder), run_finished)
             if reason is not None:
-                _release_stale(conn, dict(holder), reason, by, log)
+                _release_stale(conn, dict(holder), reason, by, log, run_finished)
 
 
 def acquire_locks(
@@ -171,7 +192,8 @@ def acquire_locks(
                     "time: try again when it has finished",
                     {"holder": {k: jsonable(v) for k, v in holder.items()}},
                 )
-            _release_stale(conn, dict(holder), reason, f"execution {execution_id}", log)
+            _release_stale(conn, dict(holder), reason, f"execution {execution_id}", log,
+                           run_finished)
         try:
             with conn.begin_nested():
                 conn.execute(

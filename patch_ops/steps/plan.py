@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from patch_ops import state
 from patch_ops.database import check_connection, write_transaction
 from patch_ops.execution import (
+    CANCELLED,
     PAUSED_PHASE,
     ROWCOUNT,
     PlanCheck,
@@ -241,8 +242,11 @@ def _resume_paused(
     resources: Any,
     run_finished: RunFinished | None,
 ) -> str | None:
-    """Take over a paused execution of the patch for this run, or None if there is none to."""
+    """Take over a paused execution of the patch for this run, or None if there is none to. A
+    cancelled one (its run stopped on request, patch_ops.stopping) is continued the same way,
+    unless it was stopped while planning (nothing frozen to continue)."""
     wanted = getattr(config, "resume_execution_id", None)
+    resumable = ("paused", CANCELLED)
     mine = work_config(config.model_dump())
     with write_transaction(engine) as conn:
         q = select(executions).where(
@@ -252,10 +256,10 @@ def _resume_paused(
             row = conn.execute(q.where(executions.c.execution_id == wanted)).mappings().first()
             if row is None:
                 raise PlanRefused(f"no execution {wanted} of patch {patch.name} to resume")
-            if row["status"] != "paused":
+            if row["status"] not in resumable or row["phase"] in ("planning", ABANDONED):
                 raise PlanRefused(
-                    f"execution {wanted} is {row['status']} (phase {row['phase']}), not paused: "
-                    "nothing to resume"
+                    f"execution {wanted} is {row['status']} (phase {row['phase']}), not paused "
+                    "or cancelled: nothing to resume"
                 )
             theirs = work_config(row["config"])
             if theirs != mine:
@@ -266,7 +270,9 @@ def _resume_paused(
                 )
         else:
             paused = conn.execute(
-                q.where(executions.c.status == "paused").order_by(executions.c.started_at)
+                q.where(executions.c.status.in_(resumable),
+                        executions.c.phase.not_in(["planning", ABANDONED]))
+                .order_by(executions.c.started_at)
             ).mappings()
             row = next((r for r in paused if work_config(r["config"]) == mine), None)
             if row is None:
@@ -291,7 +297,7 @@ def _resume_paused(
         )
         acquire_locks(conn, patch.tables(), execution_id, dagster_run_id, run_finished, log)
     log.info(
-        f"resuming paused execution {execution_id} of {patch.name} at id > {row['cursor']} "
+        f"resuming {row['status']} execution {execution_id} of {patch.name} at id > {row['cursor']} "
         f"({int(row['processed_records']):,}/{int(row['target_count']):,} rows done, "
         f"{int(row['batches_done'])} batches kept; paused {paused_for:,.0f} s)"
     )

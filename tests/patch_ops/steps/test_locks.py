@@ -22,6 +22,7 @@ from sqlalchemy import func, insert, select
 from patch_ops.execution import utcnow
 from patch_ops.jobs import TABLE_TAG_PREFIX
 from patch_ops.state import ensure_framework_tables, executions, locks, mirror_by_name, mirror_name
+from patch_ops.steps.locks import release_stale_locks
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import defs as real_defs
 from stockrx_patches.registry import (
@@ -287,6 +288,23 @@ def test_finished_holder_that_left_its_lock_is_stale(sqlite_url):
     holder = _holder(engine)
     assert holder["status"] == "completed"  # its outcome is kept; the note is added
     assert "because its execution is completed" in holder["error_message"]
+
+
+def test_holder_whose_run_was_terminated_between_steps_is_cancelled_and_kept(sqlite_url):
+    # A Terminate that reached no step (between two steps): the stop is recorded by the next run
+    # that finds the lock; the execution stays resumable (not failed/abandoned).
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine)
+    with engine.begin() as conn:
+        release_stale_locks(conn, ["inventories"], "a test", lambda run_id: "CANCELED")
+
+    holder = _holder(engine)
+    assert (holder["status"], holder["phase"]) == ("cancelled", "transforming")
+    assert holder["error_message"].startswith(
+        "cancelled: its Dagster run was terminated on request while no step was running"
+    )
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(locks)).scalar_one() == 0
 
 
 def test_dead_process_on_this_host_within_the_grace_period_still_holds(sqlite_url):
