@@ -31,6 +31,7 @@ from patch_ops.state import executions, locks
 from stockrx_patches.definitions import defs as real_defs
 from stockrx_patches.registry import instance_config_yaml
 from stockrx_patches.tables import inventory_logs
+from tests.conftest import TEST_PYTHONPATH
 from tests.support import faults
 from tests.support.fake_slack import FakeSlack
 from tests.support.stockrx import digest, latest_execution, prices, seeded
@@ -54,7 +55,7 @@ UNSET = ("STOCKRX_SMTP_HOST", "STOCKRX_SMTP_PASSWORD", "STOCKRX_SMTP_USERNAME",
 
 def _env(url: str, home: Path, slack: FakeSlack, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in UNSET}
-    env.update(STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), PYTHONPATH=str(REPO),
+    env.update(STOCKRX_DATABASE_URL=url, DAGSTER_HOME=str(home), PYTHONPATH=TEST_PYTHONPATH,
                STOCKRX_SLACK_TOKEN=TOKEN, STOCKRX_SLACK_BASE_URL=slack.base_url,
                SLOW_PATCH_SECONDS="0", **extra)
     return env
