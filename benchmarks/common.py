@@ -172,7 +172,9 @@ class PostgresCopies(ServerCopies):
     def __init__(self, server: Any, items: int, owns_server: bool):
         self.server = server
         self.owns_server = owns_server
-        self.description = f"PostgreSQL {server.version} on {server.host}:{server.port}"
+        self.description = f"PostgreSQL {server.version} on {server.host}:{server.port}" + (
+            " (durable: fsync, synchronous_commit, full_page_writes on)"
+            if server.durable and not server.is_external else "")
         self.server_pid = server.postmaster_pid
         self.seed_template(items)
 
@@ -1056,7 +1058,8 @@ def make_copies(args: Any, workdir: Path) -> Copies:
             raise
     from tests.support.postgres import PostgresServer
 
-    server = PostgresServer.from_env().start()
+    # Production durability: fsync, synchronous_commit and full_page_writes on.
+    server = PostgresServer.from_env(durable=True).start()
     try:
         return PostgresCopies(server, args.items, owns_server=not server.is_external)
     except BaseException:

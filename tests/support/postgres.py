@@ -14,7 +14,8 @@ How the local server is run:
 - ``initdb`` refuses to run as root: as root, every server command runs as the ``postgres`` OS
   user and the temporary directory is chowned to it;
 - data directory and Unix socket live in one temporary directory; TCP only on 127.0.0.1 on a
-  free port; durability is switched off (fsync, synchronous_commit, full_page_writes);
+  free port; durability is switched off (fsync, synchronous_commit, full_page_writes), except
+  with ``durable=True`` (the benchmarks: production durability);
 - ``stop()`` is ``pg_ctl -m fast stop``, then ``-m immediate``, then SIGKILL by pid, and removes
   the directory. It is also registered with ``atexit``; a server left behind by a test session
   that was killed (SIGKILL) is stopped by the next session's ``start()``.
@@ -64,6 +65,11 @@ TEST_SETTINGS: dict[str, str] = {
     "max_wal_size": "1GB",
     "log_min_messages": "warning",
     "log_line_prefix": "'%m [%p] %d '",
+}
+
+#: Production durability (the benchmarks): every commit flushed and synced, full-page writes.
+DURABLE_SETTINGS: dict[str, str] = {
+    **TEST_SETTINGS, "fsync": "on", "synchronous_commit": "on", "full_page_writes": "on",
 }
 
 
@@ -210,8 +216,16 @@ class PostgresServer:
             self.port = u.port or 5432
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> PostgresServer:
-        return cls(external_url=environ.get(ENV_EXTERNAL_URL) or None)
+    def from_env(
+        cls, environ: Mapping[str, str] = os.environ, durable: bool = False
+    ) -> PostgresServer:
+        return cls(external_url=environ.get(ENV_EXTERNAL_URL) or None,
+                   settings=DURABLE_SETTINGS if durable else None)
+
+    @property
+    def durable(self) -> bool:
+        return all(self.settings.get(k) == "on"
+                   for k in ("fsync", "synchronous_commit", "full_page_writes"))
 
     # ---------------------------------------------------------------- properties
 
