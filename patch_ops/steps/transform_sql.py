@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
+    BigInteger,
     Select,
     String,
     and_,
@@ -248,7 +248,7 @@ def run_sql_transform(
                         numbered = numbered.where(_kept(rel, failing_sources))
                     nr = numbered.subquery(f"numbered_{table}")
                     q = select(literal(execution_id, String), literal(INSERT, String),
-                               nr.c.dp_rn + literal(staged_inserts + n_ins, Integer),
+                               nr.c.dp_rn + literal(staged_inserts + n_ins, BigInteger),
                                nr.c.source_id, *[nr.c[c] for c in cols])
                 if failing_sources is not None and table in changes.updates:
                     q = q.where(_kept(rel, failing_sources))

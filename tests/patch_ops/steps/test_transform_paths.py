@@ -208,3 +208,25 @@ def test_patches_that_declare_sql_take_it_by_default():
     for name in (PRICE, EXPIRY):
         patch = registry.patches[name]
         assert transform_path(patch, patch.config_class(**patch.example_config)) == SQL_PATH
+
+
+def test_the_sql_path_pauses_at_the_window_end_and_continues(sqlite_url):
+    engine = seeded(sqlite_url, items=120)
+    registry = default_registry()
+    patch, settings = registry.patches[PRICE], registry.settings(PRICE)
+    cfg = patch.config_class(adjustment_type="percentage", adjustment_value=8, batch_size=50,
+                             transform_path=SQL_PATH)
+    execution_id = plan_execution(engine, patch, settings, cfg)
+    take_backup(engine, execution_id)
+    ended = dt.datetime(2026, 11, 28, 17, 0)  # before the tests' clock (17:30 UTC)
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id == execution_id)
+                     .values(deadline_at=ended))
+    counts = run_transform(engine, patch, execution_id, MemoryGuard())
+    assert counts["paused"] == 1 and counts["processed"] == 0
+    with engine.begin() as conn:
+        assert load_execution(conn, execution_id)["status"] == "paused"
+        conn.execute(update(executions).where(executions.c.execution_id == execution_id)
+                     .values(status="running", phase="transforming"))
+    counts = run_transform(engine, patch, execution_id, MemoryGuard())
+    assert "paused" not in counts and counts["processed"] == 120
