@@ -327,7 +327,12 @@ def _before(
         ]
     else:
         key = b.c[patch.related[table]]
-        where = [b.c.dp_execution_id == execution_id, key > cursor, key <= hi]
+        where = [b.c.dp_execution_id == execution_id, b.c.dp_action == BACKUP,
+                 key > cursor, key <= hi]
     if skip:
         where.append(key.not_in(skip))
-    return select(*read_columns(b, live, columns)).where(and_(*where)).subquery(f"batch_{table}")
+    # ``id`` as dp_seq (a backup's dp_seq is the row's id): joins on id are primary-key lookups
+    # (SQLite joined two such subqueries on the unindexed id column row by row: quadratic).
+    cols = [b.c.dp_seq.label("id") if c == "id" else c for c in columns]
+    read = [c if not isinstance(c, str) else read_columns(b, live, [c])[0] for c in cols]
+    return select(*read).where(and_(*where)).subquery(f"batch_{table}")
