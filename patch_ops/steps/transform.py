@@ -2,8 +2,11 @@
 
 Each batch is read from the backup, handed to the patch's pure ``transform``, validated with its
 pandera schemas (a failing source row is rejected with every change it causes) and staged with
-its progress in one transaction, so a crashed run resumes at the next batch. The memory guard
-sizes the batches; the maintenance window's end pauses the step at a batch boundary.
+its progress in one transaction, so a crashed run resumes at the next batch. Batches are sized by
+duration, bounded by the memory guard; the maintenance window's end pauses the step at a batch
+boundary. That is the Python path; ``run_transform`` sends a patch that declares its change in
+SQL to the in-database path (patch_ops.steps.transform_sql) unless the run says
+``transform_path: python``.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def run_transform(
         fixed=config.batch_size is not None,
     )
     if transform_path(patch, config, log) == SQL_PATH:
-        return run_sql_transform(engine, patch, ex, sizer, log, on_progress)
+        return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress)
     tables = state.reflect_tables(engine, patch.tables())
     backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
     stages = {t: mirror_table(engine, tables[t], "stage") for t in patch.tables()}

@@ -72,6 +72,7 @@ from patch_ops.steps.batching import (
     unreadable_sources,
     window_stop,
 )
+from resources.memory import MemoryGuard
 
 
 def sql_path_problem(patch: Patch) -> str | None:
@@ -163,11 +164,14 @@ def run_sql_transform(
     patch: Patch,
     ex: dict[str, Any],
     sizer: BatchSizer,
+    memory: MemoryGuard,
     log: Any = None,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, int]:
     """The transform step in the database (``patch_ops.steps.transform.run_transform`` chooses
-    it): the same progress, resume, pause, rejects and counts as the pandas path."""
+    it): the same progress, resume, pause, rejects and counts as the pandas path. The memory
+    guard still checks the process and the machine before every batch (the rows stay in the
+    database, so it does not size them)."""
     log = log or logging.getLogger(__name__)
     execution_id = str(ex["execution_id"])
     config, ctx = config_of(patch, ex), run_context(ex)
@@ -185,123 +189,125 @@ def run_sql_transform(
     paused = False
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
-    while True:
-        batch_started = time.monotonic()
-        size = sizer.size
-        keys = (
-            select(driving.c.dp_seq)
-            .where(driving.c.dp_execution_id == execution_id, driving.c.dp_action == BACKUP,
-                   driving.c.dp_seq > cursor)
-            .order_by(driving.c.dp_seq)
-            .limit(size)
-            .subquery()
-        )
-        with engine.connect() as conn:
-            n, hi = conn.execute(select(func.count(), func.max(keys.c.dp_seq))).one()
-        if not n:
-            break
-        if window_stop(ex, done, total):
-            paused = True
-            break
-        batch_no += 1
-        hi = int(hi)
-        with write_transaction(engine) as conn:
-            unreadable = unreadable_sources(conn, patch, backups, tables, execution_id,
-                                            cursor + 1, hi)
-            skip = sorted({int(r["source_id"]) for r in unreadable})
-            before = {t: _before(patch, t, backups[t], tables[t], live_cols[t], execution_id,
-                                 cursor, hi, skip)
-                      for t in [patch.driving_table, *patch.related]}
-            changes = patch.sql_transform(before, config, ctx)
-            if changes is None:
-                raise PatchError(f"patch {patch.name} declared no SQL change for this batch")
-            batch = _Batch(patch, changes, before, live_cols)
-            bad: set[int] = set()
-            reject_rows: list[dict[str, Any]] = []
-            for table, rel in batch.checked.items():
-                if checks.get(table):
-                    b, found = _failures(conn, table, checks[table], rel)
-                    bad |= b
-                    reject_rows += found
-            failing_sources: Any = None
-            if bad:
-                failing_sources = union_all(*[
-                    select(rel.c.source_id).where(failing(checks[t], rel)).correlate(None)
-                    for t, rel in batch.checked.items() if checks.get(t)
-                ]).subquery("failing_sources")
-            n_upd = n_ins = 0
-            for table, rel in batch.checked.items():
-                stage = stages[table]
-                if table in changes.updates:
-                    cols = ["id", *patch.updates[table]]
-                    q = select(literal(execution_id, String), literal(UPDATE, String),
-                               rel.c.id, rel.c.source_id, *[rel.c[c] for c in cols])
-                else:
-                    cols = list(patch.inserts[table])
-                    numbered = select(
-                        *[rel.c[c] for c in ["source_id", *cols]],
-                        func.row_number().over(
-                            order_by=[rel.c[k] for k in batch.order[table]]
-                        ).label("dp_rn"),
-                    )
-                    if failing_sources is not None:
-                        numbered = numbered.where(_kept(rel, failing_sources))
-                    nr = numbered.subquery(f"numbered_{table}")
-                    q = select(literal(execution_id, String), literal(INSERT, String),
-                               nr.c.dp_rn + literal(staged_inserts + n_ins, BigInteger),
-                               nr.c.source_id, *[nr.c[c] for c in cols])
-                if failing_sources is not None and table in changes.updates:
-                    q = q.where(_kept(rel, failing_sources))
-                target = ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols]
-                res = conn.execute(insert(stage).from_select(target, q),
-                                   execution_options={"preserve_rowcount": True})
-                if table in changes.updates:
-                    n_upd += res.rowcount if table == patch.driving_table else 0
-                else:
-                    n_ins += res.rowcount
-            reject_rows = [*reject_rows, *unreadable]
-            for r in reject_rows:
-                r["execution_id"] = execution_id
-            if reject_rows:
-                conn.execute(insert(state.rejects), reject_rows[:MAX_REJECTS_STORED])
-            staged_inserts += n_ins
-            cursor = hi
-            done += int(n)
-            conn.execute(
-                update(executions)
-                .where(executions.c.execution_id == execution_id)
-                .values(
-                    phase="transforming", cursor=cursor, processed_records=done,
-                    batches_done=batch_no,
-                    staged_updates=executions.c.staged_updates + n_upd,
-                    staged_inserts=staged_inserts,
-                    failed_records=executions.c.failed_records + len(bad | set(skip)),
-                    heartbeat_at=utcnow(),
-                )
+    with memory.budget(ex["memory_limit_mb"], ex["batch_size"]) as budget:
+        while True:
+            budget.next_batch_size(batch_no + 1)  # raises when memory is nearly exhausted
+            batch_started = time.monotonic()
+            size = sizer.size
+            keys = (
+                select(driving.c.dp_seq)
+                .where(driving.c.dp_execution_id == execution_id, driving.c.dp_action == BACKUP,
+                       driving.c.dp_seq > cursor)
+                .order_by(driving.c.dp_seq)
+                .limit(size)
+                .subquery()
             )
-        now_s = time.monotonic()
-        sizer.record(int(n), now_s - batch_started)
-        elapsed = now_s - started
-        rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        if on_progress is not None:
-            on_progress(done, total, eta)
-        failpoint(f"transform:batch:{batch_no}")
-        if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
-            continue
-        logged_at = now_s
-        log.info(
-            f"batch {batch_no} (in the database): {done:,}/{total:,} rows "
-            f"({done / max(total, 1):.0%}), batch size {size}, {rate:,.0f} rows/s, "
-            f"ETA {eta:,.1f}s; next batch {sizer.size} rows"
-        )
+            with engine.connect() as conn:
+                n, hi = conn.execute(select(func.count(), func.max(keys.c.dp_seq))).one()
+            if not n:
+                break
+            if window_stop(ex, done, total):
+                paused = True
+                break
+            batch_no += 1
+            hi = int(hi)
+            with write_transaction(engine) as conn:
+                unreadable = unreadable_sources(conn, patch, backups, tables, execution_id,
+                                                cursor + 1, hi)
+                skip = sorted({int(r["source_id"]) for r in unreadable})
+                before = {t: _before(patch, t, backups[t], tables[t], live_cols[t], execution_id,
+                                     cursor, hi, skip)
+                          for t in [patch.driving_table, *patch.related]}
+                changes = patch.sql_transform(before, config, ctx)
+                if changes is None:
+                    raise PatchError(f"patch {patch.name} declared no SQL change for this batch")
+                batch = _Batch(patch, changes, before, live_cols)
+                bad: set[int] = set()
+                reject_rows: list[dict[str, Any]] = []
+                for table, rel in batch.checked.items():
+                    if checks.get(table):
+                        b, found = _failures(conn, table, checks[table], rel)
+                        bad |= b
+                        reject_rows += found
+                failing_sources: Any = None
+                if bad:
+                    failing_sources = union_all(*[
+                        select(rel.c.source_id).where(failing(checks[t], rel)).correlate(None)
+                        for t, rel in batch.checked.items() if checks.get(t)
+                    ]).subquery("failing_sources")
+                n_upd = n_ins = 0
+                for table, rel in batch.checked.items():
+                    stage = stages[table]
+                    if table in changes.updates:
+                        cols = ["id", *patch.updates[table]]
+                        q = select(literal(execution_id, String), literal(UPDATE, String),
+                                   rel.c.id, rel.c.source_id, *[rel.c[c] for c in cols])
+                    else:
+                        cols = list(patch.inserts[table])
+                        numbered = select(
+                            *[rel.c[c] for c in ["source_id", *cols]],
+                            func.row_number().over(
+                                order_by=[rel.c[k] for k in batch.order[table]]
+                            ).label("dp_rn"),
+                        )
+                        if failing_sources is not None:
+                            numbered = numbered.where(_kept(rel, failing_sources))
+                        nr = numbered.subquery(f"numbered_{table}")
+                        q = select(literal(execution_id, String), literal(INSERT, String),
+                                   nr.c.dp_rn + literal(staged_inserts + n_ins, BigInteger),
+                                   nr.c.source_id, *[nr.c[c] for c in cols])
+                    if failing_sources is not None and table in changes.updates:
+                        q = q.where(_kept(rel, failing_sources))
+                    target = ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols]
+                    res = conn.execute(insert(stage).from_select(target, q),
+                                       execution_options={"preserve_rowcount": True})
+                    if table in changes.updates:
+                        n_upd += res.rowcount if table == patch.driving_table else 0
+                    else:
+                        n_ins += res.rowcount
+                reject_rows = [*reject_rows, *unreadable]
+                for r in reject_rows:
+                    r["execution_id"] = execution_id
+                if reject_rows:
+                    conn.execute(insert(state.rejects), reject_rows[:MAX_REJECTS_STORED])
+                staged_inserts += n_ins
+                cursor = hi
+                done += int(n)
+                conn.execute(
+                    update(executions)
+                    .where(executions.c.execution_id == execution_id)
+                    .values(
+                        phase="transforming", cursor=cursor, processed_records=done,
+                        batches_done=batch_no,
+                        staged_updates=executions.c.staged_updates + n_upd,
+                        staged_inserts=staged_inserts,
+                        failed_records=executions.c.failed_records + len(bad | set(skip)),
+                        heartbeat_at=utcnow(),
+                    )
+                )
+            now_s = time.monotonic()
+            sizer.record(int(n), now_s - batch_started)
+            elapsed = now_s - started
+            rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            if on_progress is not None:
+                on_progress(done, total, eta)
+            failpoint(f"transform:batch:{batch_no}")
+            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+                continue
+            logged_at = now_s
+            log.info(
+                f"batch {batch_no} (in the database): {done:,}/{total:,} rows "
+                f"({done / max(total, 1):.0%}), batch size {size}, {rate:,.0f} rows/s, "
+                f"ETA {eta:,.1f}s; next batch {sizer.size} rows"
+            )
     if paused:
-        ex = pause_execution(engine, execution_id)
+        ex = pause_execution(engine, execution_id, peak_rss_mb=budget.peak_rss_mb)
         log.warning(paused_message(ex, execution_id, done, total)
                     if ex.get("deadline_at") else f"transform paused after {done:,}/{total:,}")
         return {**step_counts(ex), "paused": 1}
     with write_transaction(engine) as conn:
-        set_execution(conn, execution_id, phase="transformed")
+        set_execution(conn, execution_id, phase="transformed", peak_rss_mb=budget.peak_rss_mb)
         ex = load_execution(conn, execution_id)
     state.analyze(engine, list(stages.values()))
     return step_counts(ex)
