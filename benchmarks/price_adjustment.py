@@ -485,7 +485,8 @@ EXECUTORS = common.EXECUTORS
 
 
 def job_setup(
-    code: common.Code, workdir: Path, executor: str, batch_size: int | None = None
+    code: common.Code, workdir: Path, executor: str, batch_size: int | None = None,
+    transform_path: str | None = None,
 ) -> JobSetup:
     ops = yaml.safe_load((code.dir / REAL_CONFIG).read_text())["ops"]
     (op_key,) = ops
@@ -497,6 +498,10 @@ def job_setup(
     )
     if batch_size is not None:  # the run config's override of config/data_patches.yml
         overrides["batch_size"] = batch_size
+    if transform_path is not None:  # default: the in-database path where the patch declares it
+        if "transform_path" not in fields:
+            raise SystemExit("--transform-path: the measured code has no transform_path option")
+        overrides["transform_path"] = transform_path
     return JobSetup(code, workdir, op_key, overrides, executor)
 
 
@@ -584,7 +589,7 @@ def _same(a: Digest | None, b: Digest | None, part: str) -> str:
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     code = common.measured_code(args.code, workdir)
-    setup = job_setup(code, workdir, args.executor, args.batch_size)
+    setup = job_setup(code, workdir, args.executor, args.batch_size, args.transform_path)
     log(f"measuring {code.label}; job config overrides {setup.overrides or 'none'}; "
         f"executor {args.executor}")
     copies = make_copies(args, workdir)
@@ -826,6 +831,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"{','.join(CONTENDERS)}; job = dry + real run, zero = dry + real on 0 rows)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="run config batch_size for the job (default: config/data_patches.yml)")
+    p.add_argument("--transform-path", choices=("sql", "python"),
+                   help="run config transform_path for the job (default: the patch's default, "
+                   "in the database; python: the pandas path)")
     p.add_argument("--executor", choices=sorted(EXECUTORS), default="default",
                    help="the job's executor (default: the jobs' own, one process per op forked "
                    "from a preloaded fork server; spawn: Dagster's stock multiprocess)")

@@ -248,7 +248,8 @@ def build_patch_job(
                                          f"{left}"})
 
         counts = transform.run_transform(
-            step.engine, patch, execution_id, step.memory, log=step.log, on_progress=on_progress
+            step.engine, patch, execution_id, step.memory, log=step.log, on_progress=on_progress,
+            batch_seconds=settings.batch_seconds,
         )
         if counts.get("paused"):
             step.lifecycle(execution_id).audit(

@@ -18,11 +18,13 @@ import pandas as pd
 import pandera.pandas as pa
 from dagster import Config
 from pydantic import Field
-from sqlalchemy import Select, Table
+from sqlalchemy import FromClause, Select, Table
 
 from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, MaintenanceWindow
 
 MAX_LAUNCHED_BY = 255  # data_patch_executions.launched_by, audit actor
+#: ``transform_path`` values: in the database (INSERT ... SELECT) or in Python (pandas batches).
+SQL_PATH, PYTHON_PATH = "sql", "python"
 #: ``on_refused_rows`` values: hold back the rows the database refuses, or fail the run.
 HOLD_BACK, FAIL = "hold_back", "fail"
 
@@ -80,6 +82,20 @@ class PatchRunConfig(Config):
         "Without it, a run whose config equals a paused execution's continues that one.",
     )
 
+    transform_path: str | None = Field(
+        default=None,
+        description="How the transform stages the changes: 'sql' (in the database, one INSERT "
+        "... SELECT per table per batch) or 'python' (pandas batches). Default: 'sql' for a "
+        "patch that declares its change in SQL and whose checks all compile to SQL, else "
+        "'python'. Both stage identical rows; how, not what (not part of the plan hash).",
+    )
+    batch_seconds: float | None = Field(
+        default=None,
+        description="Target seconds per transform batch: the batch size is adjusted from the "
+        "last batches' durations (bounded by the memory guard in Python). Ignored when "
+        "batch_size is set (fixed batches). Default from config/data_patches.yml (2).",
+    )
+
     def value_problem(self) -> str | None:
         """Why a value of this config cannot be stored or run (None: none), for every patch's
         config: no NaN or infinity, integers within 64 bits (batch and memory sizes within 32),
@@ -96,6 +112,10 @@ class PatchRunConfig(Config):
                     return f"{name} is out of range, got {value}"
             if isinstance(value, str) and "\x00" in value:
                 return f"{name} must not contain NUL characters"
+        if self.transform_path not in (None, SQL_PATH, PYTHON_PATH):
+            return f"transform_path must be {SQL_PATH!r} or {PYTHON_PATH!r}, got {self.transform_path!r}"
+        if self.batch_seconds is not None and not self.batch_seconds > 0:
+            return f"batch_seconds must be positive, got {self.batch_seconds}"
         if self.release is not None and (
             len(self.release) > MAX_LAUNCHED_BY or not self.release.isprintable()
         ):
@@ -133,6 +153,22 @@ class Changes:
 
     updates: dict[str, pd.DataFrame] = field(default_factory=dict)
     inserts: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+@dataclass
+class SqlChanges:
+    """What ``Patch.sql_transform`` returns for one batch: the same changes as ``transform``'s,
+    as SELECTs the framework stages with ``INSERT ... SELECT``.
+
+    ``updates[table]``: columns ``id``, ``source_id`` and the patch's ``updates`` columns.
+    ``inserts[table]``: ``source_id``, the patch's ``inserts`` columns and the columns named in
+    ``insert_order[table]``, which number the inserted rows in the order ``transform`` returns
+    them (order-only columns are not staged).
+    """
+
+    updates: dict[str, Select[Any]] = field(default_factory=dict)
+    inserts: dict[str, Select[Any]] = field(default_factory=dict)
+    insert_order: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -210,6 +246,14 @@ class Patch:
         """Pure function: before-images of one batch in, changes out. No I/O."""
         raise NotImplementedError(f"{type(self).__name__} must define transform()")
 
+    def sql_transform(
+        self, batch: Mapping[str, FromClause], config: Any, ctx: RunContext
+    ) -> SqlChanges | None:
+        """The same change as ``transform`` in SQL, for the in-database path: ``batch[table]``
+        holds the batch's before-images (the live columns; decimals as floats, as ``transform``
+        sees them). None (the default): the patch needs Python; the pandas path runs it."""
+        return None
+
     def invariants(self, result: Any, config: Any) -> list[Invariant]:
         """Whole-set rules checked on the would-be result and again after commit."""
         return []
@@ -265,6 +309,8 @@ class PatchSettings:
     description: str
     estimated_records: int = 10_000
     batch_size: int = 1000
+    #: Target seconds per transform batch (duration-sized batches, patch_ops.steps.batching).
+    batch_seconds: float = 2.0
     memory_limit_mb: int = 1024
     max_failure_ratio: float | None = None  # None: the patch's own default
     scheduled: bool = False

@@ -66,6 +66,7 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 description=str(entry["description"]),
                 estimated_records=int(entry.get("estimated_records", 10_000)),
                 batch_size=int(entry.get("batch_size", 1000)),
+                batch_seconds=_positive(entry, "batch_seconds", 2.0),
                 memory_limit_mb=int(entry.get("memory_limit", 1024)),
                 max_failure_ratio=entry.get("max_failure_ratio"),
                 scheduled=bool(entry.get("scheduled", False)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandera.pandas as pa
 from pandera.typing import Series
 
+from patch_ops.sql_checks import sql_twin
 from stockrx_patches.tables import OPERATION_TYPES
 
 MAX_PRICE = 99_999_999.99  # decimal(10,2)
@@ -49,6 +50,8 @@ class InventoryLogSchema(pa.DataFrameModel):
     current_quantity: Series[int] = pa.Field(ge=0)
     note: Series[str] = pa.Field(nullable=True)
 
+    # The SQL twin runs the same check on the in-database transform path.
+    @sql_twin(lambda c: c.previous_quantity + c.delta == c.current_quantity)
     @pa.dataframe_check(error="previous_quantity + delta must equal current_quantity")
     @classmethod
     def quantities_add_up(cls, df):  # type: ignore[no-untyped-def]

@@ -25,6 +25,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    cast,
+    literal,
     text,
 )
 from sqlalchemy.engine import Engine
@@ -132,6 +134,31 @@ def inventory_log_rows(run_at: dt.datetime, source_id: Any, **columns: Any) -> p
         )
     values = {**columns, **dict.fromkeys(TIMESTAMPS, run_at)}
     return pd.DataFrame({"source_id": source_id, **{c: values[c] for c in INVENTORY_LOG_INSERTS}})
+
+def inventory_log_columns(run_at: dt.datetime, source_id: Any, **columns: Any) -> list[Any]:
+    """:func:`inventory_log_rows` in SQL, for ``Patch.sql_transform``: the labelled columns of a
+    SELECT of new inventory_logs rows (``source_id`` and every column of INVENTORY_LOG_INSERTS;
+    the timestamps are ``run_at``). Plain values are typed here (PostgreSQL cannot infer the
+    type of a NULL in an INSERT ... SELECT)."""
+    wanted = [c for c in INVENTORY_LOG_INSERTS if c not in TIMESTAMPS]
+    if set(columns) != set(wanted):
+        missing, unknown = set(wanted) - set(columns), set(columns) - set(wanted)
+        raise ValueError(
+            f"inventory_logs columns: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    stamp = literal(run_at, inventory_logs.c.created_at.type)
+    values = {**columns, **dict.fromkeys(TIMESTAMPS, stamp)}
+    out = [_sql_value(source_id, "source_id", BigInteger())]
+    for name in INVENTORY_LOG_INSERTS:
+        out.append(_sql_value(values[name], name, inventory_logs.c[name].type))
+    return out
+
+
+def _sql_value(value: Any, name: str, type_: Any) -> Any:
+    if hasattr(value, "label"):
+        return value.label(name)
+    return cast(literal(value), type_).label(name)
+
 
 # The app validates these in Ruby; the demo schema also states them as CHECKs so a patch that
 # breaks them fails loudly in the database too.

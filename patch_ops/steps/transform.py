@@ -2,8 +2,11 @@
 
 Each batch is read from the backup, handed to the patch's pure ``transform``, validated with its
 pandera schemas (a failing source row is rejected with every change it causes) and staged with
-its progress in one transaction, so a crashed run resumes at the next batch. The memory guard
-sizes the batches; the maintenance window's end pauses the step at a batch boundary.
+its progress in one transaction, so a crashed run resumes at the next batch. Batches are sized by
+duration, bounded by the memory guard; the maintenance window's end pauses the step at a batch
+boundary. That is the Python path; ``run_transform`` sends a patch that declares its change in
+SQL to the in-database path (patch_ops.steps.transform_sql) unless the run says
+``transform_path: python``.
 """
 
 from __future__ import annotations
@@ -16,26 +19,13 @@ from typing import Any
 
 import pandas as pd
 import pandera.errors as pa_errors
-from sqlalchemy import (
-    Float,
-    Integer,
-    Numeric,
-    Text,
-    cast,
-    delete,
-    insert,
-    or_,
-    select,
-    type_coerce,
-    update,
-)
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.dialects import dialect_of
 from patch_ops.execution import (
-    PAUSED_PHASE,
     PatchError,
     config_of,
     fetch_rows,
@@ -46,65 +36,41 @@ from patch_ops.execution import (
     utcnow,
 )
 from patch_ops.failpoints import failpoint
-from patch_ops.patch import Changes, Patch
-from patch_ops.state import BACKUP, INSERT, UPDATE, executions, locks, mirror_table
-from patch_ops.windows import now_naive as clock_now
+from patch_ops.patch import PYTHON_PATH, SQL_PATH, Changes, Patch, PatchRunConfig
+from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
+from patch_ops.steps.batching import (
+    MAX_REJECTS_STORED,
+    PROGRESS_LOG_SECONDS,
+    BatchSizer,
+    fractional,
+    pause_execution,
+    read_columns,
+    unreadable_sources,
+    window_stop,
+)
+from patch_ops.steps.transform_sql import run_sql_transform, sql_path_problem
 from resources.memory import MemoryGuard
 
-MAX_REJECTS_STORED = 1000
-#: The transform logs its progress line (one Dagster event each) at most this often, and for the
-#: first and last batch; the executions row gets every batch's progress regardless.
-PROGRESS_LOG_SECONDS = 5.0
+__all__ = ["bulk_insert", "read_columns", "run_transform", "transform_path"]
+
+#: Target seconds per batch when neither the run config nor the caller says.
+DEFAULT_BATCH_SECONDS = 2.0
 
 
-def _fractional(col) -> bool:  # type: ignore[no-untyped-def]
-    return isinstance(col.type, Numeric) and not isinstance(col.type, Integer)
-
-
-def read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignore[no-untyped-def]
-    """A mirror's columns for a batch read: decimals come as floats from the database (the
-    frames hold them as float64 anyway), not as one Decimal object per value."""
-    return [
-        cast(mirror.c[c], Float).label(c) if _fractional(live.c[c]) else mirror.c[c]
-        for c in columns
-    ]
-
-
-def unreadable_sources(
-    conn: Connection, patch: Patch, backups: dict[str, Any], tables: Any, execution_id: str,
-    lo: int, hi: int,
-) -> list[dict[str, Any]]:
-    """Reject rows for the batch's source rows (driving ids ``lo``..``hi``) whose numeric
-    columns hold something that is not a number (SQLite stores any value in any column): the
-    patch cannot read such a row, so it is rejected with its reason instead of being read as 0
-    or NaN and silently skipped or mis-changed, whatever the patch does with it."""
-    dialect = dialect_of(conn)
-    found: list[dict[str, Any]] = []
-    for name, key in [(patch.driving_table, "id"), *patch.related.items()]:
-        b = backups[name]
-        tests = {
-            c.name: test for c in tables[name].columns
-            if isinstance(c.type, Numeric | Integer)
-            and (test := dialect.not_a_number(b.c[c.name])) is not None
-        }
-        if not tests:
-            continue
-        # the driving table's dp_seq is its id: the primary key's range, as the batch read
-        ranged = b.c.dp_seq if name == patch.driving_table else b.c[key]
-        rows = conn.execute(
-            select(b.c[key].label("src"),
-                   *[type_coerce(b.c[c], Text).label(f"value_{c}") for c in tests],
-                   *[t.label(f"bad_{c}") for c, t in tests.items()])
-            .where(b.c.dp_execution_id == execution_id, ranged.between(lo, hi),
-                   or_(*tests.values()))
-        ).mappings().all()
-        found += [
-            {"execution_id": execution_id, "source_id": int(r["src"]), "table_name": name,
-             "column_name": c, "check_name": "a number (the column's type)",
-             "failure_case": str(r[f"value_{c}"])}
-            for r in rows for c in tests if r[f"bad_{c}"]
-        ]
-    return found
+def transform_path(patch: Patch, config: PatchRunConfig, log: Any = None) -> str:
+    """The path this run's transform takes: the config's ``transform_path``, else in the
+    database when the patch declares its change in SQL and every check compiles, else Python.
+    Asked for the database but impossible: PatchError naming why (e.g. the check)."""
+    if config.transform_path == PYTHON_PATH:
+        return PYTHON_PATH
+    problem = sql_path_problem(patch)
+    if problem is None:
+        return SQL_PATH
+    if config.transform_path == SQL_PATH:
+        raise PatchError(f"patch {patch.name} cannot take the in-database path: {problem}")
+    if log is not None:
+        log.info(f"transform in Python: {problem}")
+    return PYTHON_PATH
 
 
 def without_sources(
@@ -118,7 +84,7 @@ def without_sources(
 def _frame(rows: Sequence[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
     df = pd.DataFrame.from_records(rows, columns=columns)
     for col in table.columns:
-        if col.name in df.columns and _fractional(col) and df[col.name].dtype != "float64":
+        if col.name in df.columns and fractional(col) and df[col.name].dtype != "float64":
             df[col.name] = pd.to_numeric(df[col.name], errors="coerce").astype("float64")
     return df
 
@@ -142,13 +108,17 @@ def run_transform(
     memory: MemoryGuard,
     log: Any = None,
     on_progress: Callable[[int, int, float], None] | None = None,
+    batch_seconds: float | None = None,
 ) -> dict[str, int]:
     """Transform the frozen target set in keyset batches into the stage tables;
     ``on_progress(done, total, eta_seconds)`` after each batch (the run's progress tag).
 
     Each batch commits its staged rows together with the cursor, so a crashed run resumes at the
     next batch. Rows whose changes fail the patch's pandera schemas are rejected (recorded with
-    the reason) together with every other change of the same source row.
+    the reason) together with every other change of the same source row. In the database
+    (patch_ops.steps.transform_sql) where the patch allows it, else in pandas batches; batches
+    sized to take ``batch_seconds`` (the run config's, else this, else 2 s) unless the run config
+    fixes batch_size.
     """
     log = log or logging.getLogger(__name__)
     with write_transaction(engine) as conn:
@@ -158,6 +128,13 @@ def run_transform(
         return step_counts(ex)
     config = config_of(patch, ex)
     ctx = run_context(ex)
+    sizer = BatchSizer(
+        int(ex["batch_size"]),
+        config.batch_seconds or batch_seconds or DEFAULT_BATCH_SECONDS,
+        fixed=config.batch_size is not None,
+    )
+    if transform_path(patch, config, log) == SQL_PATH:
+        return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress)
     tables = state.reflect_tables(engine, patch.tables())
     backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
     stages = {t: mirror_table(engine, tables[t], "stage") for t in patch.tables()}
@@ -171,7 +148,7 @@ def run_transform(
     total = int(ex["target_count"])
     started = time.monotonic()
     done_at_start = done
-    deadline_at, overrun_at = ex.get("deadline_at"), ex.get("overrun_at")
+    deadline_at = ex.get("deadline_at")
     paused = False
     logged_at = -PROGRESS_LOG_SECONDS
     if done:
@@ -188,7 +165,11 @@ def run_transform(
         pending: Future[None] | None = None
         while True:
             batch_no += 1
+            batch_started = time.monotonic()
+            budget.batch_size = sizer.size
             size = budget.next_batch_size(batch_no)
+            if size < sizer.size:
+                sizer.cap(size)  # the memory guard bounds the duration-sized batches
             with engine.connect() as conn:
                 rows = fetch_rows(
                     conn,
@@ -209,20 +190,9 @@ def run_transform(
                 )
                 if not rows:
                     break
-                if deadline_at is not None or overrun_at is not None:
-                    # Between batches: past the window end pauses (progress kept, so this comes
-                    # first); over the time budget (3x the estimate) fails.
-                    now = clock_now()
-                    if deadline_at is not None and now >= deadline_at:
-                        paused = True
-                        break
-                    if overrun_at is not None and now > overrun_at:
-                        raise PatchError(
-                            f"over 3x its estimate ({ex['estimated_seconds'] or 0:,.0f} s): "
-                            f"stopped at a batch boundary after {done:,}/{total:,} rows; nothing "
-                            "reached the live tables",
-                            {"time_budget": {"overrun_at": str(overrun_at), "processed": done}},
-                        )
+                if window_stop(ex, done, total):
+                    paused = True
+                    break
                 frames = {
                     patch.driving_table: _frame(
                         rows, live_cols[patch.driving_table], tables[patch.driving_table]
@@ -272,6 +242,7 @@ def run_transform(
                 _stage_batch, engine, execution_id, staged, reject_rows, progress
             )
             now_s = time.monotonic()
+            sizer.record(len(rows), now_s - batch_started)
             elapsed = now_s - started
             rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
             eta = (total - done) / rate if rate > 0 else float("nan")
@@ -359,24 +330,6 @@ def _stage_batch(
             .where(executions.c.execution_id == execution_id)
             .values(**progress, heartbeat_at=utcnow())
         )
-
-
-def pause_execution(engine: Engine, execution_id: str, **values: Any) -> dict[str, Any]:
-    """Stop an execution until a later run continues it: progress, backup and staging kept;
-    table locks released (a paused execution writes nothing; commit still checks conflicts)."""
-    with write_transaction(engine) as conn:
-        set_execution(
-            conn,
-            execution_id,
-            status="paused",
-            phase=PAUSED_PHASE,
-            heartbeat_at=utcnow(),
-            deadline_at=None,
-            overrun_at=None,
-            **values,
-        )
-        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
-        return load_execution(conn, execution_id)
 
 
 def _validate_batch(

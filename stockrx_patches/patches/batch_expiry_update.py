@@ -14,7 +14,7 @@ import datetime as dt
 
 import pandas as pd
 from pydantic import Field
-from sqlalchemy import and_, literal, select
+from sqlalchemy import String, and_, cast, func, literal, select
 
 from patch_ops.patch import (
     Changes,
@@ -23,11 +23,17 @@ from patch_ops.patch import (
     PatchConfigError,
     PatchRunConfig,
     RunContext,
+    SqlChanges,
     Tables,
 )
 from stockrx_patches import invariants as inv
 from stockrx_patches.schemas import BatchSchema, InventoryLogSchema, InventorySchema
-from stockrx_patches.tables import INVENTORY_LOG_INSERTS, inventory_log_rows
+from stockrx_patches.tables import (
+    INVENTORY_LOG_INSERTS,
+    inventories,
+    inventory_log_columns,
+    inventory_log_rows,
+)
 
 MAX_DAYS = 3650
 NOT_NEGATIVE = {
@@ -160,6 +166,74 @@ class BatchExpiryUpdate(Patch):
         return Changes(
             updates={"inventories": inv_updates, "batches": lot_updates},
             inserts={"inventory_logs": logs},
+        )
+
+    def sql_transform(self, batch, config: BatchExpiryConfig, ctx: RunContext) -> SqlChanges:
+        """``transform`` in SQL: the log chain per item is a running sum over its lots in lot
+        order (expiry date, then id), as the pandas cumsum."""
+        items, lots = batch["inventories"], batch["batches"]
+        qty = lots.c.quantity
+        running = func.sum(qty).over(
+            partition_by=lots.c.inventory_id, order_by=(lots.c.expires_on, lots.c.id),
+            rows=(None, 0),
+        )
+        expired = (
+            select(
+                lots.c.id, lots.c.inventory_id, lots.c.lot_code, lots.c.expires_on, qty,
+                (items.c.quantity - (running - qty)).label("previous"),
+            )
+            .join_from(lots, items, items.c.id == lots.c.inventory_id)
+            .where(qty > 0, lots.c.expires_on < _cutoff(config, ctx))
+            .subquery("expired")
+        )
+        stamp = literal(ctx.run_at, inventories.c.updated_at.type)
+        per_item = (
+            select(
+                expired.c.inventory_id,
+                func.sum(expired.c.quantity).label("removed"),
+                func.count().label("lots"),
+            )
+            .group_by(expired.c.inventory_id)
+            .subquery("per_item")
+        )
+        item_updates = select(
+            items.c.id,
+            items.c.id.label("source_id"),
+            (items.c.quantity - per_item.c.removed).label("quantity"),
+            (items.c.inventory_logs_count + per_item.c.lots).label("inventory_logs_count"),
+            stamp.label("updated_at"),
+        ).join_from(items, per_item, per_item.c.inventory_id == items.c.id)
+        lot_updates = select(
+            expired.c.id,
+            expired.c.inventory_id.label("source_id"),
+            literal(0).label("quantity"),
+            stamp.label("updated_at"),
+        )
+        e = expired.c
+        note = (
+            literal("期限切れ廃棄: ロット ", String) + e.lot_code + literal(" (有効期限 ", String)
+            + cast(e.expires_on, String) + literal(", ", String) + cast(e.quantity, String)
+            + literal("個)", String)
+        )
+        logs = select(
+            *inventory_log_columns(
+                ctx.run_at,
+                source_id=e.inventory_id,
+                inventory_id=e.inventory_id,
+                delta=-e.quantity,
+                operation_type="remove",
+                previous_quantity=e.previous,
+                current_quantity=e.previous - e.quantity,
+                note=note,
+                user_id=config.user_id,
+            ),
+            e.expires_on.label("lot_expires_on"),
+            e.id.label("lot_id"),
+        )
+        return SqlChanges(
+            updates={"inventories": item_updates, "batches": lot_updates},
+            inserts={"inventory_logs": logs},
+            insert_order={"inventory_logs": ("source_id", "lot_expires_on", "lot_id")},
         )
 
     def invariants(self, result, config: BatchExpiryConfig) -> list[Invariant]:

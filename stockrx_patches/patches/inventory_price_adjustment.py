@@ -13,8 +13,9 @@ from enum import Enum
 import numpy as np
 import pandas as pd
 from pydantic import Field
-from sqlalchemy import func, or_, select
+from sqlalchemy import BigInteger, String, case, cast, func, literal, or_, select
 
+from patch_ops.dialects.functions import as_double, decimal_text, floor_number
 from patch_ops.patch import (
     Changes,
     Invariant,
@@ -22,10 +23,16 @@ from patch_ops.patch import (
     PatchConfigError,
     PatchRunConfig,
     RunContext,
+    SqlChanges,
     Tables,
 )
 from stockrx_patches.schemas import InventoryLogSchema, InventorySchema
-from stockrx_patches.tables import INVENTORY_LOG_INSERTS, inventory_log_rows
+from stockrx_patches.tables import (
+    INVENTORY_LOG_INSERTS,
+    inventories,
+    inventory_log_columns,
+    inventory_log_rows,
+)
 
 RANGES = {
     "percentage": (-100, 1000),
@@ -58,6 +65,17 @@ class PriceAdjustmentConfig(PatchRunConfig):
 
 def _fmt(v: float) -> str:
     return f"{int(v)}" if float(v).is_integer() else f"{v:.2f}"
+
+
+def _sql_fmt(x):  # type: ignore[no-untyped-def]
+    """``_fmt`` in SQL."""
+    return case(
+        (x == floor_number(x), cast(cast(x, BigInteger), String)), else_=decimal_text(x, 2)
+    )
+
+
+def _double(v: float):  # type: ignore[no-untyped-def]
+    return as_double(literal(float(v)))
 
 
 class InventoryPriceAdjustment(Patch):
@@ -153,6 +171,59 @@ class InventoryPriceAdjustment(Patch):
             user_id=config.user_id,
         )
         return Changes(updates={"inventories": updates}, inserts={"inventory_logs": logs})
+
+    def sql_transform(self, batch, config: PriceAdjustmentConfig, ctx: RunContext) -> SqlChanges:
+        """``transform`` in SQL: the same double-precision arithmetic in the same order (the
+        batch's prices come as doubles, as in the frame), so every database rounds as numpy."""
+        inv = batch["inventories"]
+        old = inv.c.price
+        v = float(config.adjustment_value)
+        kind = AdjustmentType(config.adjustment_type).value
+        if kind == "percentage":
+            new = old * _double(100.0 + v) / _double(100.0)
+        elif kind == "fixed_amount":
+            new = case((old + _double(v) > 0, old + _double(v)), else_=_double(0.0))
+        elif kind == "multiply":
+            new = old * _double(v)
+        else:
+            new = _double(v)
+        new = floor_number(new + _double(0.5) + _double(1e-7))
+        calc = select(
+            inv.c.id, inv.c.quantity, inv.c.inventory_logs_count, old.label("old"),
+            new.label("new"),
+        ).subquery("priced")
+        changed = select(calc).where(calc.c.new != calc.c.old).subquery("changed")
+        stamp = literal(ctx.run_at, inventories.c.updated_at.type)
+        updates = select(
+            changed.c.id,
+            changed.c.id.label("source_id"),
+            changed.c.new.label("price"),
+            (changed.c.inventory_logs_count + 1).label("inventory_logs_count"),
+            stamp.label("updated_at"),
+        )
+        label = f"{kind}:{_fmt(v)}"
+        note = (
+            literal("価格調整: ", String) + _sql_fmt(changed.c.old) + literal("円 → ", String)
+            + _sql_fmt(changed.c.new) + literal(f"円 ({label})", String)
+        )
+        logs = select(
+            *inventory_log_columns(
+                ctx.run_at,
+                source_id=changed.c.id,
+                inventory_id=changed.c.id,
+                delta=0,
+                operation_type="adjust",
+                previous_quantity=changed.c.quantity,
+                current_quantity=changed.c.quantity,
+                note=note,
+                user_id=config.user_id,
+            )
+        )
+        return SqlChanges(
+            updates={"inventories": updates},
+            inserts={"inventory_logs": logs},
+            insert_order={"inventory_logs": ("source_id",)},
+        )
 
     def invariants(self, result, config: PriceAdjustmentConfig) -> list[Invariant]:
         items, logs = result.updated("inventories"), result.inserted("inventory_logs")

@@ -1,0 +1,101 @@
+"""SQL functions that each database spells differently, as portable SQLAlchemy constructs.
+
+The in-database transform path and the compiled pandera checks build their SQL from these, so
+no patch or step writes a database-specific function: each construct compiles to the right SQL
+for SQLite, PostgreSQL and MySQL/MariaDB here (SQLAlchemy's ``@compiles``), the one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Float, Integer, Numeric, String, case, cast, func
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+
+class char_length(FunctionElement[int]):  # noqa: N801 - SQL function names are lower case
+    """Length of a text in characters (MySQL's ``length`` counts bytes)."""
+
+    type = Integer()
+    inherit_cache = True
+    name = "char_length"
+
+
+@compiles(char_length)
+def _char_length(element: char_length, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(func.char_length(*element.clauses.clauses), **kw))
+
+
+@compiles(char_length, "sqlite")
+def _char_length_sqlite(element: char_length, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(func.length(*element.clauses.clauses), **kw))
+
+
+class floor_number(FunctionElement[float]):  # noqa: N801
+    """The largest whole number not above a double (SQLite's ``floor`` exists only in builds
+    with the math functions: there, a CASE over the integer cast)."""
+
+    type = Float()
+    inherit_cache = True
+    name = "floor_number"
+
+
+@compiles(floor_number)
+def _floor(element: floor_number, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(func.floor(*element.clauses.clauses), **kw))
+
+
+@compiles(floor_number, "sqlite")
+def _floor_sqlite(element: floor_number, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    whole = cast(x, BigInteger)
+    expr = case((x < whole, whole - 1), else_=whole) * 1.0  # REAL, as floor() returns
+    return str(compiler.process(expr, **kw))
+
+
+class decimal_text(FunctionElement[str]):  # noqa: N801
+    """A number as text with exactly ``places`` decimals ('1080.50'), as Python's
+    ``f"{v:.2f}"`` writes a value that has at most that many decimals."""
+
+    type = String()
+    inherit_cache = False  # ``places`` is not part of SQLAlchemy's cache key
+    name = "decimal_text"
+
+    def __init__(self, expr: Any, places: int = 2):
+        self.places = places
+        super().__init__(expr)
+
+
+@compiles(decimal_text)
+def _decimal_text(element: decimal_text, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    expr = cast(cast(x, Numeric(30, element.places)), String)
+    return str(compiler.process(expr, **kw))
+
+
+@compiles(decimal_text, "sqlite")
+def _decimal_text_sqlite(element: decimal_text, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return str(compiler.process(func.printf(f"%.{int(element.places)}f", x), **kw))
+
+
+class as_double(FunctionElement[float]):  # noqa: N801
+    """A value as an IEEE double, as numpy computes (PostgreSQL ``float8``, SQLite ``REAL``,
+    MySQL ``DOUBLE``: SQLAlchemy's Float cast is MySQL's single-precision FLOAT)."""
+
+    type = Float()
+    inherit_cache = True
+    name = "as_double"
+
+
+@compiles(as_double)
+def _as_double(element: as_double, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return str(compiler.process(cast(x, Float), **kw))
+
+
+@compiles(as_double, "mysql")
+def _as_double_mysql(element: as_double, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return f"CAST({compiler.process(x, **kw)} AS DOUBLE)"

@@ -1,0 +1,204 @@
+"""A patch's pandera schemas compiled to SQL predicates, for the in-database transform path.
+
+The pandera ``DataFrameModel`` stays the one declaration of a table's column checks. Its
+built-in checks (``gt``/``ge``/``lt``/``le``/``eq``/``ne``, ``in_range``, ``isin``/``notin``,
+``str_length``), ``nullable`` and ``unique`` are compiled from the schema objects
+(``to_schema()``: each Check's ``name`` and ``statistics``) to SQL over the rows a batch would
+stage, so they run where the data is. A custom check (``@pa.check`` / ``@pa.dataframe_check``)
+runs there only through a SQL twin declared on it with :func:`sql_twin`; a check that compiles
+to neither makes the patch refuse the in-database path, naming the check (none is skipped).
+Column types (pandera's dtype/coerce) are the stage columns' own: a value is stored in its type.
+
+Why this rather than pandera's Ibis backend: Ibis is not a dependency, and these checks are a
+handful of comparisons; measured, the compiled checks add one query per table per batch that
+returns no rows when every row passes (benchmarks/README.md, issue 22).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy.sql import ColumnElement, FromClause
+
+from patch_ops.dialects.functions import char_length
+
+#: pandera's names for the failures that are not Check objects.
+NOT_NULLABLE, UNIQUE = "not_nullable", "field_uniqueness"
+
+Predicate = Callable[[FromClause], ColumnElement[bool]]
+
+
+class UncompilableCheck(Exception):
+    """A check of a patch's schema has no SQL form: the patch cannot take the in-database path."""
+
+
+def sql_twin(predicate: Callable[[Any], ColumnElement[bool]]) -> Callable[[Any], Any]:
+    """Declare the SQL form of a custom pandera check, on the check itself::
+
+        @sql_twin(lambda c: c.previous_quantity + c.delta == c.current_quantity)
+        @pa.dataframe_check(error="previous_quantity + delta must equal current_quantity")
+        @classmethod
+        def quantities_add_up(cls, df): ...
+
+    ``predicate`` gets the checked rows' columns (``.c``) for a dataframe check, the column for a
+    column check, and returns what must hold (True: the row passes), as the pandas check does."""
+
+    def attach(check: Any) -> Any:
+        getattr(check, "__func__", check).__sql_twin__ = predicate
+        return check
+
+    return attach
+
+
+@dataclass(frozen=True)
+class SqlCheck:
+    """One compiled check: ``name`` as pandera reports it, its ``column`` (None: a dataframe
+    check, reported once per column of a failing row, as pandera does), and ``passes``, which
+    builds the predicate over a relation of the checked rows (NULL: passes, as pandera ignores
+    missing values)."""
+
+    name: str
+    column: str | None
+    passes: Predicate
+    dtype: str = ""
+
+
+def _builtin(name: str, stats: dict[str, Any], col: ColumnElement[Any]) -> ColumnElement[bool]:
+    if name == "greater_than":
+        return col > stats["min_value"]
+    if name == "greater_than_or_equal_to":
+        return col >= stats["min_value"]
+    if name == "less_than":
+        return col < stats["max_value"]
+    if name == "less_than_or_equal_to":
+        return col <= stats["max_value"]
+    if name == "equal_to":
+        return col == stats["value"]
+    if name == "not_equal_to":
+        return col != stats["value"]
+    if name == "in_range":
+        lo, hi = stats["min_value"], stats["max_value"]
+        low = col >= lo if stats.get("include_min", True) else col > lo
+        high = col <= hi if stats.get("include_max", True) else col < hi
+        return and_(low, high)
+    if name == "isin":
+        return col.in_(list(stats["allowed_values"]))
+    if name == "notin":
+        return col.not_in(list(stats["forbidden_values"]))
+    if name == "str_length":
+        n = char_length(col)
+        if stats.get("exact_value") is not None:
+            return n == stats["exact_value"]
+        parts = []
+        if stats.get("min_value") is not None:
+            parts.append(n >= stats["min_value"])
+        if stats.get("max_value") is not None:
+            parts.append(n <= stats["max_value"])
+        return and_(*parts)
+    raise KeyError(name)
+
+
+def _column_check(model: type, column: str, check: Any, dtype: str) -> SqlCheck:
+    label = f"{model.__name__}.{column}: {check.error or check.name}"
+    if getattr(check, "groupby", None) is not None:
+        raise UncompilableCheck(f"{label} (a grouped check)")
+    twin = getattr(getattr(model, str(check.name), None), "__sql_twin__", None)
+    stats = dict(check.statistics or {})
+    if twin is None:
+        try:
+            _builtin(str(check.name), stats, func.coalesce(None))  # compiles?
+        except KeyError:
+            raise UncompilableCheck(f"{label} (no SQL twin: declare one with sql_twin)") from None
+
+    def passes(rel: FromClause) -> ColumnElement[bool]:
+        col = rel.c[column]
+        held = twin(col) if twin is not None else _builtin(str(check.name), stats, col)
+        return held if check.ignore_na else and_(col.is_not(None), held)
+
+    return SqlCheck(str(check.error or check.name), column, passes, dtype)
+
+
+def compile_schema(model: type[pa.DataFrameModel]) -> list[SqlCheck]:
+    """Every check of ``model`` as SQL, in pandera's order; raises UncompilableCheck naming the
+    first check that has no SQL form."""
+    schema = model.to_schema()
+    if schema.unique or schema.strict is True or schema.strict == "filter":
+        raise UncompilableCheck(f"{model.__name__}: schema-wide unique/strict options")
+    out: list[SqlCheck] = []
+    for name, column in schema.columns.items():
+        if column.regex:
+            raise UncompilableCheck(f"{model.__name__}.{name}: a regex column")
+        dtype = str(column.dtype)
+        if not column.nullable:
+            out.append(SqlCheck(NOT_NULLABLE, name, _not_null(name), dtype))
+        if column.unique:
+            out.append(SqlCheck(UNIQUE, name, _unique(name), dtype))
+        out += [_column_check(model, name, chk, dtype) for chk in column.checks]
+    for chk in schema.checks:
+        twin = getattr(getattr(model, str(chk.name), None), "__sql_twin__", None)
+        if twin is None:
+            raise UncompilableCheck(
+                f"{model.__name__}.{chk.name}: {chk.error or chk.name} "
+                "(a dataframe check with no SQL twin: declare one with sql_twin)"
+            )
+        out.append(SqlCheck(str(chk.error or chk.name), None, _frame_twin(twin)))
+    return out
+
+
+def _not_null(column: str) -> Predicate:
+    def passes(rel: FromClause) -> ColumnElement[bool]:
+        return rel.c[column].is_not(None)
+
+    return passes
+
+
+def _frame_twin(twin: Callable[[Any], ColumnElement[bool]]) -> Predicate:
+    def passes(rel: FromClause) -> ColumnElement[bool]:
+        return twin(rel.c)
+
+    return passes
+
+
+def _unique(column: str) -> Predicate:
+    def passes(rel: FromClause) -> ColumnElement[bool]:
+        col = rel.c[column]
+        dupes = select(col).group_by(col).having(func.count() > 1).correlate(None)
+        return not_(col.in_(dupes.scalar_subquery()))
+
+    return passes
+
+
+def uncompilable(schemas: dict[str, type[pa.DataFrameModel]]) -> str | None:
+    """The first check of these schemas that has no SQL form, named (None: all compile)."""
+    for model in schemas.values():
+        try:
+            compile_schema(model)
+        except UncompilableCheck as exc:
+            return str(exc)
+    return None
+
+
+def failing(checks: list[SqlCheck], rel: FromClause) -> ColumnElement[bool]:
+    """True for a row of ``rel`` that fails any of ``checks``."""
+    return or_(*[not_(c.passes(rel)) for c in checks])
+
+
+def case_text(value: Any, dtype: str = "") -> str:
+    """A failing value as pandera writes it in ``failure_case`` on the pandas path (after
+    coercion to the schema's dtype): '5' for ints, '5.0' for floats, 'None' for missing."""
+    if value is None:
+        return "nan" if dtype.startswith("float") else "None"
+    if dtype.startswith("int") and isinstance(value, int | float | Decimal):
+        return str(int(value))
+    if dtype.startswith("float") or isinstance(value, Decimal | float):
+        return str(float(value))
+    if isinstance(value, dt.datetime):
+        return str(pd.Timestamp(value))
+    return str(value)

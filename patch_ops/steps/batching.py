@@ -1,0 +1,167 @@
+"""What both transform paths share (patch_ops.steps.transform in pandas batches,
+patch_ops.steps.transform_sql in the database): the batch read's columns, rows the patch cannot
+read, the window's pause and time budget at batch boundaries, and duration-sized batches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import deque
+from typing import Any
+
+from sqlalchemy import Float, Integer, Numeric, Text, cast, delete, or_, select, type_coerce
+from sqlalchemy.engine import Connection, Engine
+
+from patch_ops.database import write_transaction
+from patch_ops.dialects import dialect_of
+from patch_ops.execution import (
+    PAUSED_PHASE,
+    PatchError,
+    load_execution,
+    set_execution,
+    utcnow,
+)
+from patch_ops.patch import Patch
+from patch_ops.state import locks
+from patch_ops.windows import now_naive as clock_now
+
+#: Reject rows stored per batch at most (each names its source row, check and value).
+MAX_REJECTS_STORED = 1000
+#: The transform logs its progress line (one Dagster event each) at most this often, and for the
+#: first and last batch; the executions row gets every batch's progress regardless.
+PROGRESS_LOG_SECONDS = 5.0
+
+
+def fractional(col) -> bool:  # type: ignore[no-untyped-def]
+    return isinstance(col.type, Numeric) and not isinstance(col.type, Integer)
+
+
+def read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignore[no-untyped-def]
+    """A mirror's columns for a batch read: decimals come as floats from the database (the
+    frames hold them as float64 anyway), not as one Decimal object per value."""
+    return [
+        cast(mirror.c[c], Float).label(c) if fractional(live.c[c]) else mirror.c[c]
+        for c in columns
+    ]
+
+
+def unreadable_sources(
+    conn: Connection, patch: Patch, backups: dict[str, Any], tables: Any, execution_id: str,
+    lo: int, hi: int,
+) -> list[dict[str, Any]]:
+    """Reject rows for the batch's source rows (driving ids ``lo``..``hi``) whose numeric
+    columns hold something that is not a number (SQLite stores any value in any column): the
+    patch cannot read such a row, so it is rejected with its reason instead of being read as 0
+    or NaN and silently skipped or mis-changed, whatever the patch does with it."""
+    dialect = dialect_of(conn)
+    found: list[dict[str, Any]] = []
+    for name, key in [(patch.driving_table, "id"), *patch.related.items()]:
+        b = backups[name]
+        tests = {
+            c.name: test for c in tables[name].columns
+            if isinstance(c.type, Numeric | Integer)
+            and (test := dialect.not_a_number(b.c[c.name])) is not None
+        }
+        if not tests:
+            continue
+        # the driving table's dp_seq is its id: the primary key's range, as the batch read
+        ranged = b.c.dp_seq if name == patch.driving_table else b.c[key]
+        rows = conn.execute(
+            select(b.c[key].label("src"),
+                   *[type_coerce(b.c[c], Text).label(f"value_{c}") for c in tests],
+                   *[t.label(f"bad_{c}") for c, t in tests.items()])
+            .where(b.c.dp_execution_id == execution_id, ranged.between(lo, hi),
+                   or_(*tests.values()))
+        ).mappings().all()
+        found += [
+            {"execution_id": execution_id, "source_id": int(r["src"]), "table_name": name,
+             "column_name": c, "check_name": "a number (the column's type)",
+             "failure_case": str(r[f"value_{c}"])}
+            for r in rows for c in tests if r[f"bad_{c}"]
+        ]
+    return found
+
+
+
+def pause_execution(engine: Engine, execution_id: str, **values: Any) -> dict[str, Any]:
+    """Stop an execution until a later run continues it: progress, backup and staging kept;
+    table locks released (a paused execution writes nothing; commit still checks conflicts)."""
+    with write_transaction(engine) as conn:
+        set_execution(
+            conn,
+            execution_id,
+            status="paused",
+            phase=PAUSED_PHASE,
+            heartbeat_at=utcnow(),
+            deadline_at=None,
+            overrun_at=None,
+            **values,
+        )
+        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
+        return load_execution(conn, execution_id)
+
+
+def window_stop(ex: dict[str, Any], done: int, total: int) -> bool:
+    """Between batches: True when the maintenance window has ended (pause: progress is kept, so
+    this comes first); PatchError when the step is over its time budget (3x the estimate)."""
+    deadline_at, overrun_at = ex.get("deadline_at"), ex.get("overrun_at")
+    if deadline_at is None and overrun_at is None:
+        return False
+    now = clock_now()
+    if deadline_at is not None and now >= deadline_at:
+        return True
+    if overrun_at is not None and now > overrun_at:
+        raise PatchError(
+            f"over 3x its estimate ({ex['estimated_seconds'] or 0:,.0f} s): "
+            f"stopped at a batch boundary after {done:,}/{total:,} rows; nothing "
+            "reached the live tables",
+            {"time_budget": {"overrun_at": str(overrun_at), "processed": done}},
+        )
+    return False
+
+
+def paused_message(ex: dict[str, Any], execution_id: str, done: int, total: int) -> str:
+    deadline_at: dt.datetime = ex["deadline_at"]
+    return (
+        f"maintenance window ends at {deadline_at:%Y-%m-%d %H:%M:%S} UTC: transform paused "
+        f"at a batch boundary after {done:,}/{total:,} rows; execution {execution_id} "
+        "continues in the next window"
+    )
+
+
+class BatchSizer:
+    """Batch sizes by duration, as GitLab's batched background migrations size theirs: aim at
+    ``target_seconds`` per batch, from the mean rows/second of the last few batches, moving at
+    most 2x (up) or 0.5x (down) from one batch to the next, within [``min_rows``, ``max_rows``].
+    ``fixed``: always ``size`` (a run config that sets batch_size asks for exactly that)."""
+
+    def __init__(
+        self,
+        size: int,
+        target_seconds: float,
+        fixed: bool = False,
+        min_rows: int = 100,
+        max_rows: int = 1_000_000,
+    ):
+        self.size = max(1, int(size))
+        self.target_seconds = target_seconds
+        self.fixed = fixed
+        self.min_rows = min(min_rows, self.size)
+        self.max_rows = max(max_rows, self.size)
+        self._recent: deque[tuple[int, float]] = deque(maxlen=3)
+
+    def record(self, rows: int, seconds: float) -> int:
+        """The size of the next batch after a batch of ``rows`` took ``seconds``."""
+        if self.fixed or rows <= 0:
+            return self.size
+        self._recent.append((rows, max(seconds, 1e-3)))
+        rate = sum(r for r, _ in self._recent) / sum(s for _, s in self._recent)
+        wanted = rate * self.target_seconds
+        wanted = min(max(wanted, self.size * 0.5), self.size * 2.0)
+        self.size = int(min(max(wanted, self.min_rows), self.max_rows))
+        return self.size
+
+    def cap(self, rows: int) -> None:
+        """Never above ``rows`` again (the memory guard shrank the batch)."""
+        self.max_rows = max(self.min_rows, rows)
+        self.size = min(self.size, self.max_rows)

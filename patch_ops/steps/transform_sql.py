@@ -1,0 +1,344 @@
+"""Transform in the database: the patch's SQL change staged with ``INSERT ... SELECT``.
+
+For a patch that declares its change in SQL (``Patch.sql_transform``) and whose pandera checks
+all compile to SQL (patch_ops.sql_checks), no row travels through Python: each batch of the
+frozen target set (keyset over the backup, as the pandas path reads it) is
+
+1. checked where it is: one query per written table selects the rows that would be staged and
+   fail a check (none, normally); their source rows are rejected with every change they cause,
+   named in ``data_patch_rejects`` exactly as the pandas path names them (the failing values
+   are formatted in Python, as pandera writes them);
+2. staged with one ``INSERT ... SELECT`` per written table (updated rows keyed by id, inserted
+   rows numbered in the order the pandas transform returns them), and
+3. committed with its rejects and the cursor in one transaction, so a crashed run resumes at
+   the next batch; the window's end pauses at a batch boundary.
+
+Batches are sized by duration (``BatchSizer``). The stages equal the pandas path's row for row
+and column for column (tests/patch_ops/steps/test_transform_paths.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    String,
+    and_,
+    case,
+    func,
+    insert,
+    literal,
+    not_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql import ColumnElement, FromClause
+
+from patch_ops import state
+from patch_ops.database import write_transaction
+from patch_ops.execution import (
+    PatchError,
+    config_of,
+    load_execution,
+    run_context,
+    set_execution,
+    step_counts,
+    utcnow,
+)
+from patch_ops.failpoints import failpoint
+from patch_ops.patch import Patch, SqlChanges
+from patch_ops.sql_checks import (
+    SqlCheck,
+    case_text,
+    compile_schema,
+    failing,
+    uncompilable,
+)
+from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
+from patch_ops.steps.batching import (
+    MAX_REJECTS_STORED,
+    PROGRESS_LOG_SECONDS,
+    BatchSizer,
+    pause_execution,
+    paused_message,
+    read_columns,
+    unreadable_sources,
+    window_stop,
+)
+from resources.memory import MemoryGuard
+
+
+def sql_path_problem(patch: Patch) -> str | None:
+    """Why ``patch`` cannot take the in-database path (None: it can): it declares no SQL
+    change, or one of its checks (named) has no SQL form."""
+    cls = type(patch)
+    if cls.sql_transform is Patch.sql_transform:
+        return "it declares no sql_transform (its change needs Python)"
+    owner = {name: next(k for k in cls.__mro__ if name in vars(k))
+             for name in ("transform", "sql_transform")}
+    if owner["transform"] is not owner["sql_transform"] and issubclass(
+        owner["transform"], owner["sql_transform"]
+    ):
+        # A subclass changed the Python transform only: the inherited SQL is another change.
+        return (f"{owner['transform'].__name__} overrides transform but not sql_transform "
+                f"(inherited from {owner['sql_transform'].__name__})")
+    problem = uncompilable(patch.schemas)
+    return None if problem is None else f"check {problem}"
+
+
+class _Batch:
+    """One batch's relations: the before-images (``before``), what would be staged per written
+    table (``checked``: updated rows as whole after-images, inserted rows as declared)."""
+
+    def __init__(self, patch: Patch, changes: SqlChanges, before: dict[str, FromClause],
+                 live_cols: dict[str, list[str]]):
+        self.checked: dict[str, FromClause] = {}
+        self.order: dict[str, tuple[str, ...]] = {}
+        for table, sel in changes.updates.items():
+            cols = patch.updates.get(table)
+            if cols is None:
+                raise PatchError(f"patch {patch.name} updated undeclared table {table!r}")
+            _expect(patch, table, sel, {"id", "source_id", *cols}, set())
+            ch, b = sel.subquery(f"changed_{table}"), before[table]
+            # Joined to the batch's before-images: an id outside the batch stages nothing.
+            self.checked[table] = (
+                select(*[(ch.c[c] if c in cols else b.c[c]).label(c) for c in live_cols[table]],
+                       ch.c.source_id)
+                .join_from(ch, b, b.c.id == ch.c.id)
+                .subquery(f"checked_{table}")
+            )
+        for table, sel in changes.inserts.items():
+            cols = patch.inserts.get(table)
+            if cols is None:
+                raise PatchError(f"patch {patch.name} inserted into undeclared table {table!r}")
+            order = tuple(changes.insert_order.get(table, ("source_id",)))
+            _expect(patch, table, sel, {"source_id", *cols}, set(order))
+            self.checked[table] = sel.subquery(f"checked_{table}")
+            self.order[table] = order
+
+
+def _expect(patch: Patch, table: str, sel: Select[Any], need: set[str], extra: set[str]) -> None:
+    got = set(sel.selected_columns.keys())
+    if not need <= got or got - need - extra:
+        raise PatchError(
+            f"patch {patch.name}: its SQL change of {table} selects {sorted(got)}, "
+            f"expected {sorted(need)}" + (f" (+ order columns {sorted(extra)})" if extra else "")
+        )
+
+
+def _failures(
+    conn: Connection, table: str, checks: list[SqlCheck], rel: FromClause
+) -> tuple[set[int], list[dict[str, Any]]]:
+    """The source rows of ``rel`` (one table's would-be stage) that fail a check, and their
+    reject rows as pandera names them: one per failing check and column (a dataframe check:
+    one per column of the row)."""
+    flags = [case((not_(c.passes(rel)), 1), else_=0).label(f"dp_fail_{i}")
+             for i, c in enumerate(checks)]
+    rows = conn.execute(select(rel, *flags).where(failing(checks, rel))).mappings().all()
+    dtypes = {c.column: c.dtype for c in checks if c.column is not None}
+    columns = [c.name for c in rel.c]
+    bad: set[int] = set()
+    found: list[dict[str, Any]] = []
+    for r in rows:
+        src = int(r["source_id"])
+        bad.add(src)
+        for i, chk in enumerate(checks):
+            if not r[f"dp_fail_{i}"]:
+                continue
+            for col in [chk.column] if chk.column is not None else columns:
+                found.append({"source_id": src, "table_name": table, "column_name": col,
+                              "check_name": chk.name,
+                              "failure_case": case_text(r[col], dtypes.get(col, ""))})
+    return bad, found
+
+
+def run_sql_transform(
+    engine: Engine,
+    patch: Patch,
+    ex: dict[str, Any],
+    sizer: BatchSizer,
+    memory: MemoryGuard,
+    log: Any = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, int]:
+    """The transform step in the database (``patch_ops.steps.transform.run_transform`` chooses
+    it): the same progress, resume, pause, rejects and counts as the pandas path. The memory
+    guard still checks the process and the machine before every batch (the rows stay in the
+    database, so it does not size them)."""
+    log = log or logging.getLogger(__name__)
+    execution_id = str(ex["execution_id"])
+    config, ctx = config_of(patch, ex), run_context(ex)
+    tables = state.reflect_tables(engine, patch.tables())
+    backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
+    stages = {t: mirror_table(engine, tables[t], "stage") for t in patch.tables()}
+    checks = {t: compile_schema(m) for t, m in patch.schemas.items()}
+    live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
+    driving = backups[patch.driving_table]
+
+    cursor = ex["cursor"] if ex["cursor"] is not None else -(2**62)
+    done, total = int(ex["processed_records"]), int(ex["target_count"])
+    staged_inserts, batch_no = int(ex["staged_inserts"]), int(ex["batches_done"])
+    started, done_at_start, logged_at = time.monotonic(), done, -PROGRESS_LOG_SECONDS
+    paused = False
+    if done:
+        log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
+    with memory.budget(ex["memory_limit_mb"], ex["batch_size"]) as budget:
+        while True:
+            budget.next_batch_size(batch_no + 1)  # raises when memory is nearly exhausted
+            batch_started = time.monotonic()
+            size = sizer.size
+            keys = (
+                select(driving.c.dp_seq)
+                .where(driving.c.dp_execution_id == execution_id, driving.c.dp_action == BACKUP,
+                       driving.c.dp_seq > cursor)
+                .order_by(driving.c.dp_seq)
+                .limit(size)
+                .subquery()
+            )
+            with engine.connect() as conn:
+                n, hi = conn.execute(select(func.count(), func.max(keys.c.dp_seq))).one()
+            if not n:
+                break
+            if window_stop(ex, done, total):
+                paused = True
+                break
+            batch_no += 1
+            hi = int(hi)
+            with write_transaction(engine) as conn:
+                unreadable = unreadable_sources(conn, patch, backups, tables, execution_id,
+                                                cursor + 1, hi)
+                skip = sorted({int(r["source_id"]) for r in unreadable})
+                before = {t: _before(patch, t, backups[t], tables[t], live_cols[t], execution_id,
+                                     cursor, hi, skip)
+                          for t in [patch.driving_table, *patch.related]}
+                changes = patch.sql_transform(before, config, ctx)
+                if changes is None:
+                    raise PatchError(f"patch {patch.name} declared no SQL change for this batch")
+                batch = _Batch(patch, changes, before, live_cols)
+                bad: set[int] = set()
+                reject_rows: list[dict[str, Any]] = []
+                for table, rel in batch.checked.items():
+                    if checks.get(table):
+                        b, found = _failures(conn, table, checks[table], rel)
+                        bad |= b
+                        reject_rows += found
+                failing_sources: Any = None
+                if bad:
+                    failing_sources = union_all(*[
+                        select(rel.c.source_id).where(failing(checks[t], rel)).correlate(None)
+                        for t, rel in batch.checked.items() if checks.get(t)
+                    ]).subquery("failing_sources")
+                n_upd = n_ins = 0
+                for table, rel in batch.checked.items():
+                    stage = stages[table]
+                    if table in changes.updates:
+                        cols = ["id", *patch.updates[table]]
+                        q = select(literal(execution_id, String), literal(UPDATE, String),
+                                   rel.c.id, rel.c.source_id, *[rel.c[c] for c in cols])
+                    else:
+                        cols = list(patch.inserts[table])
+                        numbered = select(
+                            *[rel.c[c] for c in ["source_id", *cols]],
+                            func.row_number().over(
+                                order_by=[rel.c[k] for k in batch.order[table]]
+                            ).label("dp_rn"),
+                        )
+                        if failing_sources is not None:
+                            numbered = numbered.where(_kept(rel, failing_sources))
+                        nr = numbered.subquery(f"numbered_{table}")
+                        q = select(literal(execution_id, String), literal(INSERT, String),
+                                   nr.c.dp_rn + literal(staged_inserts + n_ins, BigInteger),
+                                   nr.c.source_id, *[nr.c[c] for c in cols])
+                    if failing_sources is not None and table in changes.updates:
+                        q = q.where(_kept(rel, failing_sources))
+                    target = ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols]
+                    res = conn.execute(insert(stage).from_select(target, q),
+                                       execution_options={"preserve_rowcount": True})
+                    if table in changes.updates:
+                        n_upd += res.rowcount if table == patch.driving_table else 0
+                    else:
+                        n_ins += res.rowcount
+                reject_rows = [*reject_rows, *unreadable]
+                for r in reject_rows:
+                    r["execution_id"] = execution_id
+                if reject_rows:
+                    conn.execute(insert(state.rejects), reject_rows[:MAX_REJECTS_STORED])
+                staged_inserts += n_ins
+                cursor = hi
+                done += int(n)
+                conn.execute(
+                    update(executions)
+                    .where(executions.c.execution_id == execution_id)
+                    .values(
+                        phase="transforming", cursor=cursor, processed_records=done,
+                        batches_done=batch_no,
+                        staged_updates=executions.c.staged_updates + n_upd,
+                        staged_inserts=staged_inserts,
+                        failed_records=executions.c.failed_records + len(bad | set(skip)),
+                        heartbeat_at=utcnow(),
+                    )
+                )
+            now_s = time.monotonic()
+            sizer.record(int(n), now_s - batch_started)
+            elapsed = now_s - started
+            rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            if on_progress is not None:
+                on_progress(done, total, eta)
+            failpoint(f"transform:batch:{batch_no}")
+            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+                continue
+            logged_at = now_s
+            log.info(
+                f"batch {batch_no} (in the database): {done:,}/{total:,} rows "
+                f"({done / max(total, 1):.0%}), batch size {size}, {rate:,.0f} rows/s, "
+                f"ETA {eta:,.1f}s; next batch {sizer.size} rows"
+            )
+    if paused:
+        ex = pause_execution(engine, execution_id, peak_rss_mb=budget.peak_rss_mb)
+        log.warning(paused_message(ex, execution_id, done, total)
+                    if ex.get("deadline_at") else f"transform paused after {done:,}/{total:,}")
+        return {**step_counts(ex), "paused": 1}
+    with write_transaction(engine) as conn:
+        set_execution(conn, execution_id, phase="transformed", peak_rss_mb=budget.peak_rss_mb)
+        ex = load_execution(conn, execution_id)
+    state.analyze(engine, list(stages.values()))
+    return step_counts(ex)
+
+
+def _kept(rel: FromClause, failing_sources: FromClause) -> ColumnElement[bool]:
+    """Rows of ``rel`` whose source row fails no check (all its changes are staged)."""
+    return rel.c.source_id.not_in(select(failing_sources.c.source_id))
+
+
+def _before(
+    patch: Patch, table: str, backup: Any, live: Any, columns: list[str], execution_id: str,
+    cursor: int, hi: int, skip: list[int],
+) -> FromClause:
+    """The batch's before-images of ``table`` (driving ids in (``cursor``, ``hi``]), with the
+    live columns as the pandas path reads them, without the ``skip``ped (unreadable) sources."""
+    b = backup
+    if table == patch.driving_table:
+        key = b.c.id
+        where: list[ColumnElement[bool]] = [
+            b.c.dp_execution_id == execution_id, b.c.dp_action == BACKUP,
+            b.c.dp_seq > cursor, b.c.dp_seq <= hi,
+        ]
+    else:
+        key = b.c[patch.related[table]]
+        where = [b.c.dp_execution_id == execution_id, b.c.dp_action == BACKUP,
+                 key > cursor, key <= hi]
+    if skip:
+        where.append(key.not_in(skip))
+    # ``id`` as dp_seq (a backup's dp_seq is the row's id): joins on id are primary-key lookups
+    # (SQLite joined two such subqueries on the unindexed id column row by row: quadratic).
+    cols = [b.c.dp_seq.label("id") if c == "id" else c for c in columns]
+    read = [c if not isinstance(c, str) else read_columns(b, live, [c])[0] for c in cols]
+    return select(*read).where(and_(*where)).subquery(f"batch_{table}")

@@ -1,0 +1,232 @@
+"""The two transform paths (issue 22): in the database and in pandas, on the same data, stage
+the same rows (every column) and reject the same rows; the SQL path keeps progress and resume
+at batch boundaries; a check with no SQL form refuses the in-database path, named."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pandera.pandas as pa
+import pytest
+from pandera.typing import Series
+from sqlalchemy import delete, select, update
+
+from patch_ops import state
+from patch_ops.execution import PatchError, load_execution
+from patch_ops.patch import PYTHON_PATH, SQL_PATH
+from patch_ops.state import executions, locks, rejects
+from patch_ops.steps.backup import take_backup
+from patch_ops.steps.plan import plan_execution
+from patch_ops.steps.transform import run_transform, transform_path
+from resources.memory import MemoryGuard
+from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
+from stockrx_patches.registry import default_registry
+from stockrx_patches.schemas import InventorySchema
+from stockrx_patches.tables import batches, inventories
+from tests.support.stockrx import seeded
+
+PRICE, EXPIRY = "inventory_price_adjustment", "batch_expiry_update"
+
+PRICE_CONFIGS: list[dict[str, Any]] = [
+    {"adjustment_type": "percentage", "adjustment_value": 8.5, "min_price": 100},
+    {"adjustment_type": "fixed_amount", "adjustment_value": -300.25, "max_price": 5000,
+     "before_date": "2026-11-20", "user_id": 7},
+    {"adjustment_type": "multiply", "adjustment_value": 1.15},
+    {"adjustment_type": "set_value", "adjustment_value": 480, "min_price": 300,
+     "max_price": 700},
+]
+
+
+def _transform(engine, name: str, config: dict[str, Any], path: str, **kw: Any) -> str:  # type: ignore[no-untyped-def]
+    """Plan, back up and transform one execution on ``path``; returns its id."""
+    registry = default_registry()
+    patch, settings = registry.patches[name], registry.settings(name)
+    cfg = patch.config_class(**config, transform_path=path, batch_size=kw.pop("batch_size", 40))
+    execution_id = plan_execution(engine, patch, settings, cfg)
+    if run_at := kw.pop("run_at", None):  # the other path's run time: every column compares
+        with engine.begin() as conn:
+            conn.execute(update(executions).where(executions.c.execution_id == execution_id)
+                         .values(run_at=run_at))
+    take_backup(engine, execution_id)
+    run_transform(engine, patch, execution_id, MemoryGuard(), **kw)
+    return execution_id
+
+
+def _release(engine, execution_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Let the next execution plan the same tables (this one is only compared)."""
+    with engine.begin() as conn:
+        conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
+        conn.execute(update(executions).where(executions.c.execution_id == execution_id)
+                     .values(status="failed"))
+
+
+def _staged(engine, name: str, execution_id: str) -> dict[str, list[tuple[Any, ...]]]:  # type: ignore[no-untyped-def]
+    """Every stage row of the execution, every column but the execution id, as the driver
+    returns it (no type processing: a REAL and an INTEGER differ on SQLite)."""
+    patch = default_registry().patches[name]
+    tables = state.reflect_tables(engine, patch.tables())
+    out = {}
+    with engine.connect() as conn:
+        for t in patch.written_tables():
+            stage = state.mirror_table(engine, tables[t], "stage")
+            q = (select(*[c for c in stage.c if c.name != "dp_execution_id"])
+                 .where(stage.c.dp_execution_id == execution_id)
+                 .order_by(stage.c.dp_action, stage.c.dp_seq))
+            sql = str(q.compile(conn, compile_kwargs={"literal_binds": True}))
+            out[t] = [tuple(r) for r in conn.exec_driver_sql(sql)]
+    return out
+
+
+def _rejects(engine, execution_id: str) -> list[tuple[Any, ...]]:  # type: ignore[no-untyped-def]
+    cols = [c for c in rejects.c if c.name != "execution_id"]
+    with engine.connect() as conn:
+        rows = conn.execute(select(*cols).where(rejects.c.execution_id == execution_id))
+        return sorted((tuple(r) for r in rows), key=repr)
+
+
+def _run_at(engine, execution_id: str) -> dt.datetime:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return load_execution(conn, execution_id)["run_at"]
+
+
+def _counts(engine, execution_id: str) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        ex = load_execution(conn, execution_id)
+    return (ex["phase"], ex["processed_records"], ex["staged_updates"], ex["staged_inserts"],
+            ex["failed_records"])
+
+
+def _both_paths(engine, name: str, config: dict[str, Any]) -> int:  # type: ignore[no-untyped-def]
+    """Both paths on the same data; the number of reject rows (equal on both)."""
+    py = _transform(engine, name, config, PYTHON_PATH)
+    _release(engine, py)
+    sql = _transform(engine, name, config, SQL_PATH, run_at=_run_at(engine, py))
+    _release(engine, sql)
+    assert _counts(engine, sql) == _counts(engine, py), config
+    expected, got = _staged(engine, name, py), _staged(engine, name, sql)
+    assert any(expected.values()), f"{config}: nothing staged, nothing compared"
+    for table in expected:
+        assert got[table] == expected[table], f"{table} {config}"
+    assert _rejects(engine, sql) == _rejects(engine, py), config
+    return len(_rejects(engine, py))
+
+
+def test_price_adjustment_stages_the_same_rows_on_both_paths(database_url):
+    engine = seeded(database_url, items=150)
+    with engine.begin() as conn:  # rows the schema rejects: a status outside 0/1, an empty name
+        conn.execute(update(inventories).where(inventories.c.id.in_([5, 60])).values(status=2))
+        conn.execute(update(inventories).where(inventories.c.id == 7).values(name=""))
+        conn.execute(update(inventories).where(inventories.c.id == 8).values(price=1250))
+    rejected = [_both_paths(engine, PRICE, config) for config in PRICE_CONFIGS]
+    assert rejected[2] >= 3  # multiply touches every item: the three bad ones are named
+
+
+def test_batch_expiry_stages_the_same_rows_on_both_paths(database_url):
+    engine = seeded(database_url, items=150)
+    with engine.connect() as conn:
+        owners = conn.execute(
+            select(batches.c.inventory_id).where(
+                batches.c.expires_on < dt.date(2026, 11, 29), batches.c.quantity > 0
+            ).order_by(batches.c.inventory_id).limit(3)
+        ).scalars().all()
+    assert owners, "the seed has expired lots"
+    with engine.begin() as conn:  # an item holding less than its expired lots: negative stock
+        conn.execute(update(inventories).where(inventories.c.id == owners[0]).values(quantity=0))
+    configs = ({"business_date": "2026-11-29"},
+               {"business_date": "2026-12-20", "grace_days": 3, "user_id": 9})
+    assert [_both_paths(engine, EXPIRY, config) for config in configs][0] > 0
+
+
+def test_the_sql_path_resumes_at_the_batch_after_the_last_staged(sqlite_url):
+    engine = seeded(sqlite_url, items=200)
+    config = {"adjustment_type": "percentage", "adjustment_value": 8}
+    whole = _transform(engine, PRICE, config, SQL_PATH, batch_size=30)
+    _release(engine, whole)
+    run_at = _run_at(engine, whole)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(done: int, total: int, eta: float) -> None:
+        if done >= 60:
+            raise Crash
+
+    with pytest.raises(Crash):
+        _transform(engine, PRICE, config, SQL_PATH, batch_size=30, on_progress=crash_after_two,
+                   run_at=run_at)
+    with engine.connect() as conn:
+        crashed = conn.execute(select(executions.c.execution_id, executions.c.batches_done)
+                               .order_by(executions.c.started_at.desc())).first()
+    assert crashed is not None and crashed.batches_done == 2
+    patch = default_registry().patches[PRICE]
+    run_transform(engine, patch, crashed.execution_id, MemoryGuard())
+    assert _counts(engine, crashed.execution_id) == _counts(engine, whole)
+    assert _staged(engine, PRICE, crashed.execution_id) == _staged(engine, PRICE, whole)
+
+
+class _PandasOnlySchema(InventorySchema):
+    @pa.dataframe_check(error="prices end in 0")
+    @classmethod
+    def round_prices(cls, df):  # type: ignore[no-untyped-def]
+        return df["price"] % 10 == 0
+
+
+class _PandasOnlyColumnSchema(pa.DataFrameModel):
+    price: Series[float] = pa.Field(ge=0)
+
+    @pa.check("price")
+    @classmethod
+    def cheap(cls, s):  # type: ignore[no-untyped-def]
+        return s < 10_000
+
+
+class _PandasCheckedPatch(InventoryPriceAdjustment):
+    schemas = {**InventoryPriceAdjustment.schemas, "inventories": _PandasOnlySchema}
+
+
+class _PandasColumnCheckedPatch(InventoryPriceAdjustment):
+    schemas = {**InventoryPriceAdjustment.schemas, "inventories": _PandasOnlyColumnSchema}
+
+
+@pytest.mark.parametrize(("patch_cls", "named"), [
+    (_PandasCheckedPatch, "_PandasOnlySchema.round_prices"),
+    (_PandasColumnCheckedPatch, "_PandasOnlyColumnSchema.price: cheap"),
+])
+def test_a_check_with_no_sql_form_refuses_the_sql_path_by_name(patch_cls, named):
+    patch = patch_cls()
+    cfg = patch.config_class(adjustment_type="percentage", adjustment_value=8)
+    assert transform_path(patch, cfg) == PYTHON_PATH  # the default falls back, saying why
+    asked = patch.config_class(adjustment_type="percentage", adjustment_value=8,
+                               transform_path=SQL_PATH)
+    with pytest.raises(PatchError, match=named.replace(".", r"\.")):
+        transform_path(patch, asked)
+
+
+def test_patches_that_declare_sql_take_it_by_default():
+    registry = default_registry()
+    for name in (PRICE, EXPIRY):
+        patch = registry.patches[name]
+        assert transform_path(patch, patch.config_class(**patch.example_config)) == SQL_PATH
+
+
+def test_the_sql_path_pauses_at_the_window_end_and_continues(sqlite_url):
+    engine = seeded(sqlite_url, items=120)
+    registry = default_registry()
+    patch, settings = registry.patches[PRICE], registry.settings(PRICE)
+    cfg = patch.config_class(adjustment_type="percentage", adjustment_value=8, batch_size=50,
+                             transform_path=SQL_PATH)
+    execution_id = plan_execution(engine, patch, settings, cfg)
+    take_backup(engine, execution_id)
+    ended = dt.datetime(2026, 11, 28, 17, 0)  # before the tests' clock (17:30 UTC)
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id == execution_id)
+                     .values(deadline_at=ended))
+    counts = run_transform(engine, patch, execution_id, MemoryGuard())
+    assert counts["paused"] == 1 and counts["processed"] == 0
+    with engine.begin() as conn:
+        assert load_execution(conn, execution_id)["status"] == "paused"
+        conn.execute(update(executions).where(executions.c.execution_id == execution_id)
+                     .values(status="running", phase="transforming"))
+    counts = run_transform(engine, patch, execution_id, MemoryGuard())
+    assert "paused" not in counts and counts["processed"] == 120
