@@ -19,7 +19,8 @@ canonical JSON document of:
 Left out on purpose (they change how or when the same rows are written, not what):
 ``dry_run`` (the whole point: the dry run approves the real run), ``launched_by`` (who, not
 what; recorded on both executions), ``batch_size`` (how the frozen set is cut into batches; a
-patch's transform is per driving row), ``memory_limit_mb`` (only the guard's threshold),
+patch's transform is per driving row; ``batch_seconds`` likewise), ``transform_path`` (SQL or
+pandas: both stage the same rows), ``memory_limit_mb`` (only the guard's threshold),
 ``allow_outside_window`` (when a real run may start, not what it writes),
 ``resume_execution_id`` (continuing a paused execution, whose plan was approved when it was
 planned), and the run's time (``run_at``, ``business_date``): a real run always comes after its
@@ -76,6 +77,8 @@ EXCLUDED_CONFIG = (
     "resume_execution_id",  # which paused execution to continue; its plan was approved already
     "allow_repeat",  # whether a repeat is intended (patch_ops.checks.refuse_repeats), not what
     "release",  # a label of the run, not what it writes
+    "transform_path",  # how the transform stages the same rows (SQL or pandas), not what
+    "batch_seconds",  # how the frozen set is cut into batches, as batch_size
 )
 PAGE = 10_000
 #: Phases of a real run whose changes reached the live tables: its approval is used up.
