@@ -31,8 +31,9 @@ SETTINGS = dataclasses.replace(
     default_registry().settings("inventory_price_adjustment"),
     require_approved_plan=False, batch_size=50, estimated_records=200,
 )
-ITEMS = 200  # 4 transform batches of 50
-REAL = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
+ITEMS = 200  # 4 transform batches of 50 (fixed by the run config, not sized by duration)
+REAL = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False,
+        "batch_size": 50}
 OP = f"{FaultPrice.name}__"
 
 
