@@ -118,7 +118,7 @@ def run_transform(
     the reason) together with every other change of the same source row. In the database
     (patch_ops.steps.transform_sql) where the patch allows it, else in pandas batches; batches
     sized to take ``batch_seconds`` (the run config's, else this, else 2 s) unless the run config
-    fixes batch_size.
+    fixes batch_size or this is 0 (the patch's setting: every batch at its batch_size).
     """
     log = log or logging.getLogger(__name__)
     with write_transaction(engine) as conn:
@@ -131,7 +131,8 @@ def run_transform(
     sizer = BatchSizer(
         int(ex["batch_size"]),
         config.batch_seconds or batch_seconds or DEFAULT_BATCH_SECONDS,
-        fixed=config.batch_size is not None,
+        # the run config's batch_size, or the patch's batch_seconds: 0, fixes the size
+        fixed=config.batch_size is not None or (not config.batch_seconds and batch_seconds == 0),
     )
     if transform_path(patch, config, log) == SQL_PATH:
         return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress)

@@ -355,6 +355,7 @@ def window_defs(patch_cls: type, **settings_overrides):  # type: ignore[no-untyp
     settings = replace(
         base.settings(PRICE_JOB),
         batch_size=20,
+        batch_seconds=0,  # batches of exactly 20: the window end falls between known batches
         require_approved_plan=False,
         **settings_overrides,
     )
@@ -519,7 +520,7 @@ def test_the_schedule_continues_what_the_previous_window_left(
     engine = seeded(sqlite_url, items=100)
     monkeypatch.setenv("STOCKRX_DATABASE_URL", sqlite_url)
     base = default_registry()
-    settings = replace(base.settings("batch_expiry_update"), batch_size=5)
+    settings = replace(base.settings("batch_expiry_update"), batch_size=5, batch_seconds=0)
     registry = Registry(
         {**base.patches, PausingExpiry.name: PausingExpiry()},
         replace(base.config, patches={**base.config.patches, PausingExpiry.name: settings}),

@@ -543,7 +543,8 @@ class PausingPatch(InventoryPriceAdjustment):
 def defs_with_patch(patch_cls: type, **overrides):  # type: ignore[no-untyped-def]
     base = default_registry()
     settings = replace(
-        base.settings(PRICE_JOB), batch_size=20, require_approved_plan=False, **overrides
+        base.settings(PRICE_JOB), batch_size=20, batch_seconds=0, require_approved_plan=False,
+        **overrides
     )
     patches = {**base.patches, patch_cls.name: patch_cls()}
     config = replace(base.config, patches={**base.config.patches, patch_cls.name: settings})
