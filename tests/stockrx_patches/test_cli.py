@@ -44,6 +44,11 @@ def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# SQLite (the embedded default) and MariaDB (StockRx's engine); PostgreSQL goes through the CLI in
+# test_killed_mid_transform_then_reexecuted_resumes_without_redoing_batches and tests/test_stop.py.
+@pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mysql)], indirect=True
+)
 def test_dry_then_real_run_through_dagster_cli(database_url, dagster_home):
     engine = seeded(database_url, items=300)
     before = digest(engine)
