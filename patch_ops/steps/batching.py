@@ -6,7 +6,9 @@ read, the window's pause and time budget at batch boundaries, and duration-sized
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Float, Integer, Numeric, Text, cast, delete, or_, select, type_coerce
@@ -21,6 +23,7 @@ from patch_ops.execution import (
     set_execution,
     utcnow,
 )
+from patch_ops.failpoints import failpoint
 from patch_ops.patch import Patch
 from patch_ops.state import locks
 from patch_ops.windows import now_naive as clock_now
@@ -30,6 +33,33 @@ MAX_REJECTS_STORED = 1000
 #: The transform logs its progress line (one Dagster event each) at most this often, and for the
 #: first and last batch; the executions row gets every batch's progress regardless.
 PROGRESS_LOG_SECONDS = 5.0
+
+
+class Progress:
+    """After each batch: feed the batch sizer, report progress (done, total, ETA) and say
+    whether to log the progress line (first and last batch, else every PROGRESS_LOG_SECONDS)."""
+
+    def __init__(self, done: int, total: int, sizer: Any,
+                 on_progress: Callable[[int, int, float], None] | None):
+        self.started = time.monotonic()
+        self.done_at_start, self.total = done, total
+        self.sizer, self.on_progress = sizer, on_progress
+        self.logged_at = -PROGRESS_LOG_SECONDS
+        self.rate, self.eta = 0.0, float("nan")
+
+    def after_batch(self, rows: int, batch_started: float, done: int, batch_no: int) -> bool:
+        now_s = time.monotonic()
+        self.sizer.record(rows, now_s - batch_started)
+        elapsed = now_s - self.started
+        self.rate = (done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+        self.eta = (self.total - done) / self.rate if self.rate > 0 else float("nan")
+        if self.on_progress is not None:
+            self.on_progress(done, self.total, self.eta)
+        failpoint(f"transform:batch:{batch_no}")
+        if now_s - self.logged_at < PROGRESS_LOG_SECONDS and done < self.total:
+            return False
+        self.logged_at = now_s
+        return True
 
 
 def fractional(col) -> bool:  # type: ignore[no-untyped-def]

@@ -35,13 +35,12 @@ from patch_ops.execution import (
     step_counts,
     utcnow,
 )
-from patch_ops.failpoints import failpoint
 from patch_ops.patch import PYTHON_PATH, SQL_PATH, Changes, Patch, PatchRunConfig
 from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
-    PROGRESS_LOG_SECONDS,
     BatchSizer,
+    Progress,
     fractional,
     pause_execution,
     read_columns,
@@ -147,11 +146,9 @@ def run_transform(
     staged_inserts = int(ex["staged_inserts"])
     batch_no = int(ex["batches_done"])
     total = int(ex["target_count"])
-    started = time.monotonic()
-    done_at_start = done
+    progress_of = Progress(done, total, sizer, on_progress)
     deadline_at = ex.get("deadline_at")
     paused = False
-    logged_at = -PROGRESS_LOG_SECONDS
     if done:
         log.info(f"resuming transform at id > {cursor} ({done:,}/{total:,} done)")
 
@@ -242,20 +239,11 @@ def run_transform(
             pending = writer.submit(
                 _stage_batch, engine, execution_id, staged, reject_rows, progress
             )
-            now_s = time.monotonic()
-            sizer.record(len(rows), now_s - batch_started)
-            elapsed = now_s - started
-            rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
-            eta = (total - done) / rate if rate > 0 else float("nan")
-            if on_progress is not None:
-                on_progress(done, total, eta)
-            failpoint(f"transform:batch:{batch_no}")
-            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+            if not progress_of.after_batch(len(rows), batch_started, done, batch_no):
                 continue
-            logged_at = now_s
             log.info(
                 f"batch {batch_no}: {done:,}/{total:,} rows ({done / max(total, 1):.0%}), "
-                f"batch size {size}, {rate:,.0f} rows/s, ETA {eta:,.1f}s, "
+                f"batch size {size}, {progress_of.rate:,.0f} rows/s, ETA {progress_of.eta:,.1f}s, "
                 f"RSS {budget.peak_rss_mb:.0f} MB (step +{budget.peak_used_mb:.0f} MB)"
             )
         if pending is not None:

@@ -52,7 +52,6 @@ from patch_ops.execution import (
     step_counts,
     utcnow,
 )
-from patch_ops.failpoints import failpoint
 from patch_ops.patch import Patch, SqlChanges
 from patch_ops.sql_checks import (
     SqlCheck,
@@ -64,8 +63,8 @@ from patch_ops.sql_checks import (
 from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
-    PROGRESS_LOG_SECONDS,
     BatchSizer,
+    Progress,
     pause_execution,
     paused_message,
     read_columns,
@@ -185,7 +184,7 @@ def run_sql_transform(
     cursor = ex["cursor"] if ex["cursor"] is not None else -(2**62)
     done, total = int(ex["processed_records"]), int(ex["target_count"])
     staged_inserts, batch_no = int(ex["staged_inserts"]), int(ex["batches_done"])
-    started, done_at_start, logged_at = time.monotonic(), done, -PROGRESS_LOG_SECONDS
+    progress_of = Progress(done, total, sizer, on_progress)
     paused = False
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
@@ -285,21 +284,12 @@ def run_sql_transform(
                         heartbeat_at=utcnow(),
                     )
                 )
-            now_s = time.monotonic()
-            sizer.record(int(n), now_s - batch_started)
-            elapsed = now_s - started
-            rate = (done - done_at_start) / elapsed if elapsed > 0 else 0.0
-            eta = (total - done) / rate if rate > 0 else float("nan")
-            if on_progress is not None:
-                on_progress(done, total, eta)
-            failpoint(f"transform:batch:{batch_no}")
-            if now_s - logged_at < PROGRESS_LOG_SECONDS and done < total:
+            if not progress_of.after_batch(int(n), batch_started, done, batch_no):
                 continue
-            logged_at = now_s
             log.info(
                 f"batch {batch_no} (in the database): {done:,}/{total:,} rows "
-                f"({done / max(total, 1):.0%}), batch size {size}, {rate:,.0f} rows/s, "
-                f"ETA {eta:,.1f}s; next batch {sizer.size} rows"
+                f"({done / max(total, 1):.0%}), batch size {size}, {progress_of.rate:,.0f} "
+                f"rows/s, ETA {progress_of.eta:,.1f}s; next batch {sizer.size} rows"
             )
     if paused:
         ex = pause_execution(engine, execution_id, peak_rss_mb=budget.peak_rss_mb)
