@@ -671,6 +671,7 @@ class StepTiming:
     duration_s: float  # STEP_START → STEP_SUCCESS/FAILURE
     error: str | None = None  # first line of the failure, if the step failed
     pid: int | None = None  # the op's process (from its STEP_START event)
+    started_at: float | None = None  # STEP_START, epoch seconds (None: never started)
 
 
 @dataclass
@@ -729,7 +730,8 @@ def dagster_run_timings(dagster_home: Path) -> RunTimings | None:
                 timings.append(StepTiming(s, status, 0.0, 0.0, errors.get(s), pids.get(s)))
                 continue
             launch = start - worker if worker is not None else 0.0
-            timings.append(StepTiming(s, status, launch, end - start, errors.get(s), pids.get(s)))
+            timings.append(StepTiming(s, status, launch, end - start, errors.get(s), pids.get(s),
+                                      start))
         return RunTimings(
             run.run_id,
             run.status.value,
@@ -1017,6 +1019,7 @@ class Outcome:
     cpu_s: float | None = None  # client CPU as reported (scaled like the times); None: measured
     notes: list[str] = field(default_factory=list)
     steps: list[tuple[str, float]] = field(default_factory=list)  # a baseline's own step times
+    writer: Any = None  # the application stand-in's samples meanwhile (benchmarks.app_writer)
 
     @property
     def ok(self) -> bool:

@@ -55,7 +55,9 @@ import yaml
 from sqlalchemy import DateTime, bindparam, select, text
 
 from benchmarks import common
+from benchmarks.app_writer import app_writer
 from benchmarks.common import Digest
+from benchmarks.rounds import summary
 
 JOB = "inventory_price_adjustment"
 DRY_CONFIG = Path("config") / "runs" / f"{JOB}.yaml"  # relative to the measured code
@@ -591,71 +593,21 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     code = common.measured_code(args.code, workdir)
     setup = job_setup(code, workdir, args.executor, args.batch_size, args.transform_path)
     log(f"measuring {code.label}; job config overrides {setup.overrides or 'none'}; "
-        f"executor {args.executor}")
+        f"executor {args.executor}; {args.rounds} round(s)"
+        + (f"; application stand-in {args.app_writer:g} writes/s" if args.app_writer else ""))
     copies = make_copies(args, workdir)
     log(f"seeded {copies.counts} in {copies.seed_seconds:.1f} s ({copies.description})")
-    subset = min(args.naive_rows, args.items)
-    outcomes: dict[str, Outcome] = {}
+    rounds: list[dict[str, Outcome]] = []
+    run_ats: list[dt.datetime] = []
     profile: list[dict[str, Any]] = []
-    run_at = dt.datetime(2026, 1, 15, 2, 0, 0)  # replaced by the real run's run_at
-
-    def measure(key: str, url: str | None, fn) -> Outcome:  # type: ignore[no-untyped-def]
-        """Run ``fn(url)``; digest the data it leaves (``url`` None: it uses no database)."""
-        log(f"running {key} ...")
-        cpu0 = common.server_cpu_seconds(copies.server_pid)
-        out = fn(url)
-        cpu1 = common.server_cpu_seconds(copies.server_pid)
-        if cpu0 is not None and cpu1 is not None:
-            out.server_cpu_s = (cpu1 - cpu0) * out.scale
-        out.digest = common.digest(url, subset) if out.ok and url else None
-        log(f"  {key}: rc {out.process.returncode}, {out.process.wall_s:.1f} s")
-        outcomes[key] = out
-        return out
-
     try:
-        seeded = common.digest(copies.seeded_url, subset)
-        dry_cfg = setup.config_files(setup.dry_config)
-        real_cfg = setup.config_files(setup.real_config)
-        if "job" in args.only:
-            # The real run comes after its dry run on the same data (the dry run approves it).
-            url = copies.fresh("job")
-            try:
-                dry = measure("job_dry", url, lambda u: run_job("job dry", u, dry_cfg, setup,
-                                                                args))
-                real = None
-                if dry.ok:  # without its dry run, the real run is refused
-                    common.settle(url)
-                    real = measure("job_real", url,
-                                   lambda u: run_job("job real", u, real_cfg, setup, args))
-            finally:
-                copies.discard(url)
-            if real and real.execution and real.execution.get("run_at"):
-                run_at = real.execution["run_at"]
-            elif real:
-                real.notes.append(f"no run_at: baselines used {run_at}")
-        for key in ("bare", "naive", "floor"):
-            if key in args.only:
-                url = copies.fresh(key)
-                try:
-                    measure(key, url, lambda u, k=key: run_worker(k, u, run_at,
-                                                                  setup.percentage, args))
-                finally:
-                    copies.discard(url)
-        if "dagster" in args.only:
-            measure("dagster", None, lambda _: run_empty_job(setup, args))
-        if "zero" in args.only:
-            above_all = {"min_price": 1e9}
-            zdry = setup.config_files(setup.dry_config, above_all)
-            zreal = setup.config_files(setup.real_config, above_all)
-            url = copies.fresh("zero")
-            try:
-                zero = measure("zero_dry", url, lambda u: run_job("job dry, 0 rows", u, zdry,
-                                                                  setup, args))
-                if zero.ok:
-                    measure("zero_real", url, lambda u: run_job("job real, 0 rows", u, zreal,
-                                                                setup, args))
-            finally:
-                copies.discard(url)
+        seeded = common.digest(copies.seeded_url, min(args.naive_rows, args.items))
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {r + 1} of {args.rounds}")
+            outcomes, run_at = one_round(args, setup, copies, workdir, seeded, first=r == 0)
+            rounds.append(outcomes)
+            run_ats.append(run_at)
         if args.profile:
             url = copies.fresh("profile")
             try:
@@ -665,6 +617,91 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 copies.discard(url)
     finally:
         copies.close()
+    return {
+        "args": vars(args),
+        "machine": common.machine_description(),
+        "code": code.label,
+        "executor": args.executor,
+        "database": copies.description,
+        "seeded": copies.counts,
+        "seed_seconds": copies.seed_seconds,
+        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
+        "run_at": run_ats[-1].isoformat(),
+        "percentage": str(setup.percentage),
+        "outcomes": rounds[-1],
+        "rounds": rounds,
+        "run_ats": [r.isoformat() for r in run_ats],
+        "profile": profile,
+        "total_s": time.monotonic() - t0,
+    }
+
+
+def one_round(args: argparse.Namespace, setup: JobSetup, copies: common.Copies, workdir: Path,
+              seeded: Digest, first: bool) -> tuple[dict[str, Outcome], dt.datetime]:
+    """Every contender once, each on a fresh copy (the naive baseline in the first round only:
+    it is the reference for the rows/min bound, not part of the job's); the final data checked."""
+    subset = min(args.naive_rows, args.items)
+    outcomes: dict[str, Outcome] = {}
+    run_at = dt.datetime(2026, 1, 15, 2, 0, 0)  # replaced by the real run's run_at
+
+    def measure(key: str, url: str | None, fn) -> Outcome:  # type: ignore[no-untyped-def]
+        """Run ``fn(url)`` (with the application stand-in writing, if asked); digest the data it
+        leaves (``url`` None: it uses no database)."""
+        log(f"running {key} ...")
+        cpu0 = common.server_cpu_seconds(copies.server_pid)
+        with app_writer(url if key != "naive" else None, args.items, args.app_writer, workdir,
+                        key) as writer:
+            out = fn(url)
+        cpu1 = common.server_cpu_seconds(copies.server_pid)
+        if cpu0 is not None and cpu1 is not None:
+            out.server_cpu_s = (cpu1 - cpu0) * out.scale
+        out.writer = writer
+        out.digest = common.digest(url, subset) if out.ok and url else None
+        log(f"  {key}: rc {out.process.returncode}, {out.process.wall_s:.1f} s")
+        outcomes[key] = out
+        return out
+
+    dry_cfg = setup.config_files(setup.dry_config)
+    real_cfg = setup.config_files(setup.real_config)
+    if "job" in args.only:
+        # The real run comes after its dry run on the same data (the dry run approves it).
+        url = copies.fresh("job")
+        try:
+            dry = measure("job_dry", url, lambda u: run_job("job dry", u, dry_cfg, setup, args))
+            real = None
+            if dry.ok:  # without its dry run, the real run is refused
+                common.settle(url)
+                real = measure("job_real", url,
+                               lambda u: run_job("job real", u, real_cfg, setup, args))
+        finally:
+            copies.discard(url)
+        if real and real.execution and real.execution.get("run_at"):
+            run_at = real.execution["run_at"]
+        elif real:
+            real.notes.append(f"no run_at: baselines used {run_at}")
+    for key in ("bare", "naive", "floor"):
+        if key in args.only and (first or key != "naive"):
+            url = copies.fresh(key)
+            try:
+                measure(key, url, lambda u, k=key: run_worker(k, u, run_at, setup.percentage,
+                                                              args))
+            finally:
+                copies.discard(url)
+    if "dagster" in args.only:
+        measure("dagster", None, lambda _: run_empty_job(setup, args))
+    if "zero" in args.only:
+        above_all = {"min_price": 1e9}
+        zdry = setup.config_files(setup.dry_config, above_all)
+        zreal = setup.config_files(setup.real_config, above_all)
+        url = copies.fresh("zero")
+        try:
+            zero = measure("zero_dry", url, lambda u: run_job("job dry, 0 rows", u, zdry, setup,
+                                                              args))
+            if zero.ok:
+                measure("zero_real", url, lambda u: run_job("job real, 0 rows", u, zreal, setup,
+                                                            args))
+        finally:
+            copies.discard(url)
 
     ref = outcomes["job_real"].digest if "job_real" in outcomes else None
     checks = {
@@ -679,21 +716,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     for key, o in outcomes.items():
         o.check = checks[key](o)
-    return {
-        "args": vars(args),
-        "machine": common.machine_description(),
-        "code": code.label,
-        "executor": args.executor,
-        "database": copies.description,
-        "seeded": copies.counts,
-        "seed_seconds": copies.seed_seconds,
-        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
-        "run_at": run_at.isoformat(),
-        "percentage": str(setup.percentage),
-        "outcomes": outcomes,
-        "profile": profile,
-        "total_s": time.monotonic() - t0,
-    }
+    return outcomes, run_at
 
 
 log = common.log
@@ -734,6 +757,21 @@ def bounds(outs: dict[str, Outcome]) -> list[str]:
 
 
 def render(res: dict[str, Any]) -> str:
+    """The report: with several rounds, their medians first, then each round as run."""
+    rounds = res.get("rounds") or [res["outcomes"]]
+    if len(rounds) == 1 and not res["args"].get("app_writer"):
+        return render_round(res)
+    args = res["args"]
+    lines = [f"## inventory_price_adjustment (percentage {fmt_price(Decimal(res['percentage']))}), "
+             f"{args['items']:,} items, {res['database']}: {len(rounds)} round(s)", "",
+             *summary(rounds, ORDER), ""]
+    for i, (outs, run_at) in enumerate(zip(rounds, res["run_ats"], strict=True), 1):
+        lines += ["", f"## Round {i} of {len(rounds)}", "",
+                  render_round(res | {"outcomes": outs, "run_at": run_at})]
+    return "\n".join(lines) + "\n"
+
+
+def render_round(res: dict[str, Any]) -> str:
     args, outs = res["args"], res["outcomes"]
     bare = outs.get("bare")
     lines = [
@@ -829,6 +867,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(CONTENDERS),
                    help="comma-separated contenders to run (default: all of "
                    f"{','.join(CONTENDERS)}; job = dry + real run, zero = dry + real on 0 rows)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every contender this many times, interleaved (round 1: all, round "
+                   "2: all, ...), and report medians (default 1; the naive baseline runs in the "
+                   "first round only)")
+    p.add_argument("--app-writer", type=float, default=0.0, metavar="RATE",
+                   help="an application stand-in updating random items at RATE writes/s during "
+                   "every contender that uses the database (benchmarks/app_writer.py); its "
+                   "latency is reported per contender and per op (default 0: off)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="run config batch_size for the job (default: config/data_patches.yml)")
     p.add_argument("--transform-path", choices=("sql", "python"),
