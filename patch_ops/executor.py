@@ -3,7 +3,8 @@
 By default every op still gets its own process, but forked from a fork server that has already
 imported Dagster, pandas, pandera, SQLAlchemy, the code location and the Dagster instance's
 modules (``start_method: forkserver``, PRELOAD_MODULES), instead of a fresh interpreter per op
-(``spawn``, Dagster's default), which costs ~5 s of CPU per op before it does any work. A run can
+(``spawn``, Dagster's default), which costs ~5 s of CPU per op before it does any work; what it
+preloaded is then frozen out of the op processes' garbage collection (FREEZE_MODULE). A run can
 still choose, in its run config, ``execution: {config: {in_process: {}}}`` or
 ``{multiprocess: {start_method: {spawn: {}}}}``.
 """
@@ -28,6 +29,9 @@ from dagster import (
 PRELOAD_MODULES = (
     "patch_ops.jobs", "patch_ops.restore_jobs", "psycopg", "psycopg2", "dagster._cli"
 )
+#: Imported by the fork server after every other preload: freezes the preloaded objects, so an
+#: op process's garbage collection does not walk (and copy) them (``patch_ops.forkserver_gc``).
+FREEZE_MODULE = "patch_ops.forkserver_gc"
 
 
 def instance_modules(instance: DagsterInstance) -> list[str]:
@@ -67,6 +71,7 @@ class StartMethodChooser:
         pointer = origin.get_repo_pointer()
         if getattr(pointer, "module", None):  # -m stockrx_patches.definitions, workspace.yaml
             preload.append(pointer.module)
+        preload.append(FREEZE_MODULE)
         return {"forkserver": {"preload_modules": preload}}
 
 

@@ -28,6 +28,7 @@ from sqlalchemy import and_, func, not_, or_, select
 from sqlalchemy.sql import ColumnElement, FromClause
 
 from patch_ops.dialects.functions import char_length
+from patch_ops.patch import Patch
 
 #: pandera's names for the failures that are not Check objects.
 NOT_NULLABLE, UNIQUE = "not_nullable", "field_uniqueness"
@@ -183,6 +184,26 @@ def uncompilable(schemas: dict[str, type[pa.DataFrameModel]]) -> str | None:
         except UncompilableCheck as exc:
             return str(exc)
     return None
+
+
+def sql_path_problem(patch: Patch) -> str | None:
+    """Why ``patch`` cannot take the in-database path (None: it can): it declares no SQL
+    change, or one of its checks (named) has no SQL form. The plan refuses a run that asks for
+    that path when it cannot (before anything is written); the transform falls back to Python
+    when the run does not ask."""
+    cls = type(patch)
+    if cls.sql_transform is Patch.sql_transform:
+        return "it declares no sql_transform (its change needs Python)"
+    owner = {name: next(k for k in cls.__mro__ if name in vars(k))
+             for name in ("transform", "sql_transform")}
+    if owner["transform"] is not owner["sql_transform"] and issubclass(
+        owner["transform"], owner["sql_transform"]
+    ):
+        # A subclass changed the Python transform only: the inherited SQL is another change.
+        return (f"{owner['transform'].__name__} overrides transform but not sql_transform "
+                f"(inherited from {owner['sql_transform'].__name__})")
+    problem = uncompilable(patch.schemas)
+    return None if problem is None else f"check {problem}"
 
 
 def failing(checks: list[SqlCheck], rel: FromClause) -> ColumnElement[bool]:

@@ -1,8 +1,9 @@
 """Plan: validate the config, lock the tables, freeze the target set, open the execution.
 
-A plan refuses early (unknown table or column, bad config, a plan check: window, approval, audit
-key) before any write to StockRx tables, recorded in the history. A re-executed Dagster run or a
-paused execution (stopped at its window's end) is taken over instead of planned anew.
+A plan refuses early (unknown table or column, bad config, an in-database transform asked of a
+patch that cannot take it, a plan check: window, approval, audit key) before any write to StockRx
+tables, recorded in the history. A re-executed Dagster run or a paused execution (stopped at its
+window's end) is taken over instead of planned anew.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from patch_ops.execution import (
     utcnow,
 )
 from patch_ops.patch import (
+    SQL_PATH,
     Patch,
     PatchConfigError,
     PatchRunConfig,
@@ -44,6 +46,7 @@ from patch_ops.patch import (
     RunContext,
     Tables,
 )
+from patch_ops.sql_checks import sql_path_problem
 from patch_ops.state import executions, mirror_table, targets
 from patch_ops.steps.locks import ABANDONED, acquire_locks
 
@@ -56,6 +59,20 @@ def check_columns(tables: Tables, patch: Patch) -> None:
                 f"column(s) missing in table {table!r}: {', '.join(missing)} "
                 f"(patch {patch.name} needs them)"
             )
+
+
+def refuse_impossible_path(patch: Patch, config: PatchRunConfig) -> None:
+    """A run that asks for the in-database transform (``transform_path: sql``) of a patch that
+    cannot take it (no SQL change, or a check with no SQL form) is refused at plan, naming why,
+    not at transform after the backup. Unasked, the transform chooses (and says why)."""
+    if config.transform_path != SQL_PATH:
+        return
+    problem = sql_path_problem(patch)
+    if problem is not None:
+        raise PlanRefused(
+            f"patch {patch.name} cannot take the in-database path (transform_path: sql): "
+            f"{problem}; leave transform_path unset to run it in Python"
+        )
 
 
 def plan_execution(
@@ -162,6 +179,7 @@ def plan_execution(
         if memory_limit <= 0:
             raise PatchConfigError(f"memory_limit_mb must be positive, got {memory_limit}")
         patch.check_config(config)
+        refuse_impossible_path(patch, config)
         tables = state.reflect_tables(engine, patch.tables())
         check_columns(tables, patch)
         ctx = RunContext(execution_id, run_at, business_date)

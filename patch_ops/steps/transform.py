@@ -36,6 +36,7 @@ from patch_ops.execution import (
     utcnow,
 )
 from patch_ops.patch import PYTHON_PATH, SQL_PATH, Changes, Patch, PatchRunConfig
+from patch_ops.sql_checks import sql_path_problem
 from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
@@ -47,7 +48,7 @@ from patch_ops.steps.batching import (
     unreadable_sources,
     window_stop,
 )
-from patch_ops.steps.transform_sql import run_sql_transform, sql_path_problem
+from patch_ops.steps.transform_sql import run_sql_transform
 from resources.memory import MemoryGuard
 
 __all__ = ["bulk_insert", "read_columns", "run_transform", "transform_path"]

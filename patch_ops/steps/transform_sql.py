@@ -53,13 +53,7 @@ from patch_ops.execution import (
     utcnow,
 )
 from patch_ops.patch import Patch, SqlChanges
-from patch_ops.sql_checks import (
-    SqlCheck,
-    case_text,
-    compile_schema,
-    failing,
-    uncompilable,
-)
+from patch_ops.sql_checks import SqlCheck, case_text, compile_schema, failing
 from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
@@ -72,24 +66,6 @@ from patch_ops.steps.batching import (
     window_stop,
 )
 from resources.memory import MemoryGuard
-
-
-def sql_path_problem(patch: Patch) -> str | None:
-    """Why ``patch`` cannot take the in-database path (None: it can): it declares no SQL
-    change, or one of its checks (named) has no SQL form."""
-    cls = type(patch)
-    if cls.sql_transform is Patch.sql_transform:
-        return "it declares no sql_transform (its change needs Python)"
-    owner = {name: next(k for k in cls.__mro__ if name in vars(k))
-             for name in ("transform", "sql_transform")}
-    if owner["transform"] is not owner["sql_transform"] and issubclass(
-        owner["transform"], owner["sql_transform"]
-    ):
-        # A subclass changed the Python transform only: the inherited SQL is another change.
-        return (f"{owner['transform'].__name__} overrides transform but not sql_transform "
-                f"(inherited from {owner['sql_transform'].__name__})")
-    problem = uncompilable(patch.schemas)
-    return None if problem is None else f"check {problem}"
 
 
 class _Batch:

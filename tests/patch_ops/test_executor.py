@@ -1,11 +1,13 @@
-"""The jobs' executor: Dagster's multi_or_in_process run config, op processes from a fork server,
-and a fresh spawn where a reused fork server would carry a stale environment."""
+"""The jobs' executor: Dagster's multi_or_in_process run config, op processes from a fork server
+(whose preloaded heap they start with frozen), and a fresh spawn where a reused fork server would
+carry a stale environment."""
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
-from dagster import instance_for_test, reconstructable
+from dagster import execute_job, instance_for_test, job, op, reconstructable
 
 from patch_ops import executor
 from stockrx_patches.definitions import defs
@@ -29,9 +31,31 @@ def test_fork_server_preloads_the_code_location_until_the_environment_changes(mo
         assert preload[: len(executor.PRELOAD_MODULES)] == list(executor.PRELOAD_MODULES)
         # what the op processes' instance is made of (here SQLite storages), imported once
         assert {"dagster._core.storage.runs", "dagster._core.storage.event_log"} <= set(preload)
-        assert preload[-1] == "tests.support.slow_patches"
+        assert preload[-2:] == ["tests.support.slow_patches", executor.FREEZE_MODULE]
         assert choose(context) == first  # type: ignore[arg-type]
 
         # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.
         monkeypatch.setenv("STOCKRX_DATABASE_URL", "sqlite:////tmp/another.sqlite")
         assert choose(context) == {"spawn": {}}  # type: ignore[arg-type]
+
+
+@op
+def freeze_count() -> int:
+    return gc.get_freeze_count()
+
+
+@job(executor_def=executor.patch_executor)
+def gc_probe() -> None:
+    freeze_count()
+
+
+def test_op_processes_start_with_the_preloaded_heap_frozen(monkeypatch):
+    """The fork server imports FREEZE_MODULE last, so an op process's garbage collection walks
+    (and copies) only what the op makes, not the ~1M objects it shares with the fork server."""
+    monkeypatch.setattr(executor, "default_start_method", executor.StartMethodChooser())
+    before = gc.get_freeze_count()
+    with (instance_for_test() as instance,
+          execute_job(reconstructable(gc_probe), instance=instance) as result):
+        assert result.success
+        assert result.output_for_node("freeze_count") > 100_000
+    assert gc.get_freeze_count() == before  # the run worker (this process) is left alone

@@ -1,6 +1,7 @@
 """The two transform paths (issue 22): in the database and in pandas, on the same data, stage
 the same rows (every column) and reject the same rows; the SQL path keeps progress and resume
-at batch boundaries; a check with no SQL form refuses the in-database path, named."""
+at batch boundaries; a check with no SQL form refuses the in-database path, named: at plan,
+before anything is written, when the run asks for that path."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from typing import Any
 
 import pandera.pandas as pa
 import pytest
+from dagster import DagsterInstance
 from pandera.typing import Series
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from patch_ops import state
 from patch_ops.execution import PatchError, load_execution
 from patch_ops.patch import PYTHON_PATH, SQL_PATH
-from patch_ops.state import executions, locks, rejects
+from patch_ops.state import executions, locks, mirror_by_name, mirror_name, rejects, targets
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.transform import run_transform, transform_path
@@ -24,7 +26,15 @@ from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdj
 from stockrx_patches.registry import default_registry
 from stockrx_patches.schemas import InventorySchema
 from stockrx_patches.tables import batches, inventories
-from tests.support.stockrx import seeded
+from tests.support.stockrx import (
+    PRICE_JOB,
+    defs_with,
+    digest,
+    failure_description,
+    hand_built,
+    run_patch,
+    seeded,
+)
 
 PRICE, EXPIRY = "inventory_price_adjustment", "batch_expiry_update"
 
@@ -230,3 +240,55 @@ def test_the_sql_path_pauses_at_the_window_end_and_continues(sqlite_url):
                      .values(status="running", phase="transforming"))
     counts = run_transform(engine, patch, execution_id, MemoryGuard())
     assert "paused" not in counts and counts["processed"] == 120
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry", "real"])
+def test_asking_the_sql_path_of_a_patch_that_cannot_take_it_is_refused_at_plan(
+    database_url, dry_run
+):
+    """Refused by plan_patch in one line naming the check, before the backup or anything else
+    is written: the execution row records the refusal (as every plan refusal's does), and that
+    is all."""
+    engine = hand_built(database_url, [100, 200, 300])
+    before = digest(engine)
+    patch = _PandasCheckedPatch()
+    defs = defs_with((patch, default_registry().settings(PRICE)))
+    config = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": dry_run,
+              "transform_path": SQL_PATH}
+    result = run_patch(database_url, PRICE_JOB, config, defs=defs, approve=False)
+
+    assert not result.success
+    assert [e.step_key for e in result.all_events if e.is_step_start] == ["plan_patch"]
+    assert failure_description(result) == (
+        f"{PRICE_JOB} refused before any write: patch {PRICE} cannot take the in-database path "
+        "(transform_path: sql): check _PandasOnlySchema.round_prices: prices end in 0 (a "
+        "dataframe check with no SQL twin: declare one with sql_twin); leave transform_path "
+        "unset to run it in Python"
+    )
+    assert digest(engine) == before
+    with engine.connect() as conn:
+        rows = conn.execute(select(executions)).mappings().all()
+        assert [(r["status"], r["phase"], r["target_count"]) for r in rows] == [
+            ("failed", "planning", 0)
+        ]
+        assert "_PandasOnlySchema.round_prices" in rows[0]["error_message"]
+        assert conn.execute(select(func.count()).select_from(targets)).scalar_one() == 0
+        assert conn.execute(select(func.count()).select_from(locks)).scalar_one() == 0
+        for table in patch.tables():  # the backup (and stage) tables are not even created
+            assert mirror_by_name(conn, mirror_name("backup", table)) is None
+            assert mirror_by_name(conn, mirror_name("stage", table)) is None
+
+
+def test_unasked_a_patch_that_cannot_take_the_sql_path_runs_in_python_saying_why(sqlite_url):
+    hand_built(sqlite_url, [100, 200, 300])
+    patch = _PandasCheckedPatch()
+    defs = defs_with((patch, default_registry().settings(PRICE)))
+    instance = DagsterInstance.ephemeral()
+    config = {"adjustment_type": "fixed_amount", "adjustment_value": 10}  # prices stay x0
+    result = run_patch(sqlite_url, PRICE_JOB, config, defs=defs, instance=instance)
+
+    assert result.success, failure_description(result)
+    said = [e.user_message for e in instance.all_logs(result.run_id)
+            if e.user_message.startswith("transform in Python")]
+    assert said == ["transform in Python: check _PandasOnlySchema.round_prices: prices end in 0 "
+                    "(a dataframe check with no SQL twin: declare one with sql_twin)"]

@@ -1,0 +1,20 @@
+"""Imported last by the op fork server (``patch_ops.executor``), after everything it preloads:
+the objects alive then are frozen out of the garbage collector's reach (``gc.freeze``).
+
+An op process is forked from the fork server and shares its heap (Dagster, pandas, SQLAlchemy,
+the code location: about a million objects) copy-on-write. Unfrozen, the op process's first full
+collection (an automatic one, or the memory guard's ``gc.collect``) walks that whole heap and,
+by writing each object's GC header, copies it page by page: measured 0.3-0.4 s of every op of a
+0-row run on SQLite (benchmarks/README.md, issue 22). Frozen, a collection walks only what the
+op made. Nothing is lost: the preloaded objects live as long as the op process anyway.
+
+Nothing else imports this module: a long-lived process (webserver, daemon, tests) keeps its
+ordinary garbage collection.
+"""
+
+from __future__ import annotations
+
+import gc
+
+gc.collect()  # garbage made by the imports goes now, not into the frozen generation
+gc.freeze()
