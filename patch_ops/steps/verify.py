@@ -31,9 +31,9 @@ def verify_execution(
             return find_conflicts(conn, engine, tables, ex, "stage", limit=20)
 
     checks = invariant_checks(engine, patch, execution_id, committed=True, timeout_s=timeout_s)
-    mismatched, *broken = run_concurrently([live_differs, *checks], connections)
+    mismatched, *found = run_concurrently([live_differs, *checks.calls], connections)
     problems = [
         f"{table}: live rows differ from what was committed, e.g. ids {ids}"
         for table, ids in mismatched.items()
     ]
-    return problems + [invariant_problem(b, after_commit=True) for b in broken if b is not None]
+    return problems + [invariant_problem(b, after_commit=True) for b in checks.broken(found)]
