@@ -51,8 +51,9 @@ class ResultView:
     """SQL views of an execution's result, before commit (from staging) or after (live).
 
     ``updated(t)``: full after-images of the rows the patch updates, plus ``before_<col>`` for
-    every column the patch changes; ``inserted(t)``: rows it inserts; ``table(t)``: the whole
-    table as it is (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
+    every column the patch changes (after commit also ``dp_staged_<col>``: the value it
+    committed); ``inserted(t)``: rows it inserts; ``table(t)``: the whole table as it is
+    (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
     """
 
     engine: Engine
@@ -84,7 +85,9 @@ class ResultView:
             # its primary key it lets PostgreSQL drop the backup from a query that reads no
             # before_ column: one join over every updated row less for each such check.
             joined = st.outerjoin(bk, on_backup).join(live, live.c.id == st.c.dp_seq)
+            # what was committed beside what is live: verification compares them in the pass
             cols = [live.c[c] for c in self._cols(table)]
+            cols += [st.c[c].label(f"dp_staged_{c}") for c in changed]
         else:
             joined = st.join(bk, on_backup)
             # id from the stage's primary key, so joins on it can use the index

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import String, cast, column, func, literal, select, table, update
+from sqlalchemy import String, cast, column, delete, func, literal, select, table, update
 from sqlalchemy.dialects import sqlite
 
 from patch_ops.patch import Invariant, PatchSettings
@@ -20,7 +20,7 @@ from patch_ops.steps.validate import validate_execution
 from patch_ops.steps.verify import verify_execution
 from resources.memory import MemoryGuard
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
-from stockrx_patches.tables import inventories
+from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.support.stockrx import hand_built
 
 SETTINGS = PatchSettings(description="test patch", estimated_records=100, batch_size=4,
@@ -98,6 +98,26 @@ def test_after_commit_both_invariants_and_the_live_mismatch_are_named(database_u
                in p for p in problems)
     assert any("invariant price_actually_changed broken after commit by 1 row(s)" in p
                for p in problems)
+
+
+def test_after_commit_a_deleted_row_is_named(database_url):
+    """The pass counts the committed rows still there: one the application deleted is named,
+    with the log row the patch wrote for it."""
+    patch = InventoryPriceAdjustment()
+    engine, x = _transformed(database_url, patch)
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
+    with engine.begin() as conn:
+        logs = conn.execute(select(inventory_logs.c.id).where(inventory_logs.c.inventory_id == 4)
+                            .order_by(inventory_logs.c.id)).scalars().all()
+        for t in (inventory_logs, batches):
+            conn.execute(delete(t).where(t.c.inventory_id == 4))
+        conn.execute(delete(inventories).where(inventories.c.id == 4))
+    problems = verify_execution(engine, patch, x, connections=2)
+    assert problems[:2] == [
+        "inventories: live rows differ from what was committed, e.g. ids [4]",
+        f"inventory_logs: live rows differ from what was committed, e.g. ids [{logs[-1]}]",
+    ]
 
 
 class SlowFilterPatch(InventoryPriceAdjustment):
