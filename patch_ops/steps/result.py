@@ -1,9 +1,11 @@
 """The would-be (or committed) result of an execution as SQL, and the patch's invariants on it.
 
 ``ResultView`` gives a patch's invariants the rows it updates and inserts and whole tables as they
-would be after commit (from the stage) or are (live, after commit); ``invariant_checks`` runs
-each invariant as one count query with a sample of offenders, bounded by the statement timeout.
-Validation and post-verification share them.
+would be after commit (from the stage) or are (live, after commit); ``invariant_checks`` counts
+the offenders of each invariant, with a sample of them, bounded by the statement timeout:
+invariants that filter the same rows in one query (``row_filter``), beside the aggregates the
+caller needs of those rows (the impact report's, verification's comparison with the stage), so
+each row source is read as few times as possible. Validation and post-verification share them.
 """
 
 from __future__ import annotations
