@@ -213,11 +213,14 @@ def invariant_checks(
     committed: bool,
     timeout_s: float | None,
     aggregates: Callable[[ResultView], Aggregates] | None = None,
+    shared_only: bool = False,
 ) -> Checks:
     """The checks of every invariant of ``patch`` on the result: each finds the broken
     invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
     caller needs over the view's rows anyway (the impact report's), computed in the same pass
-    as the invariants that filter the same rows, or alone.
+    as the invariants that filter the same rows, or alone (``shared_only``: only in a pass
+    with invariants; the others are left out of ``Checks.aggregates`` for the caller to get as
+    it would without invariants).
 
     Where the database can limit a statement's time, each query may run ``timeout_s`` at most: one that
     runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
@@ -255,6 +258,10 @@ def invariant_checks(
     for key, (_, conds, more) in list(passes.items()):
         if len(conds) == 1 and not more:  # nothing to share: its own query (an index may help)
             alone.append(conds[0][0])
+            del passes[key]
+        elif shared_only and not conds:
+            for name in more:
+                del futures[name]
             del passes[key]
     alone.sort()
 

@@ -120,6 +120,28 @@ def test_after_commit_a_deleted_row_is_named(database_url):
     ]
 
 
+class NoInvariantsPatch(InventoryPriceAdjustment):
+    """No invariant passes over the updated rows: verification compares them on its own."""
+
+    name = "no_invariants_patch"
+
+    def invariants(self, result, config):  # type: ignore[no-untyped-def]
+        return []
+
+
+def test_after_commit_without_invariants_the_live_mismatch_is_named(database_url):
+    patch = NoInvariantsPatch()
+    engine, x = _transformed(database_url, patch)
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
+    assert verify_execution(engine, patch, x) == []
+    with engine.begin() as conn:
+        conn.execute(update(inventories).where(inventories.c.id == 5).values(price=1))
+    assert verify_execution(engine, patch, x, connections=2) == [
+        "inventories: live rows differ from what was committed, e.g. ids [5]"
+    ]
+
+
 class SlowFilterPatch(InventoryPriceAdjustment):
     """Two row filters whose condition sleeps 50 ms per row on PostgreSQL: their shared pass
     runs past the 0.5 s allowed."""
