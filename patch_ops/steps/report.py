@@ -3,6 +3,8 @@ the patch's own report sections, rendered as Markdown. It is what a dry run exis
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 from sqlalchemy import Integer, Numeric, and_, case, func, select
@@ -14,7 +16,7 @@ from patch_ops.execution import HELD_BACK, config_of, jsonable, load_execution, 
 from patch_ops.patch import Patch
 from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE, mirror_table
 from patch_ops.steps.drift import drift_markdown
-from patch_ops.steps.result import SAMPLE_ROWS
+from patch_ops.steps.result import SAMPLE_ROWS, Aggregates, ResultView
 
 SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
 SECTION_ROWS_MD = 50  # ... and shown in the Markdown report
@@ -48,12 +50,44 @@ def reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
-    """Counts, before/after sums and min/max change of every changed numeric column, samples."""
+def change_aggregates(rows: Any, numeric: list[str]) -> list[Any]:
+    """Over the updated rows (``ResultView.updated``): the count, and per numeric column the
+    sums before and after, the spread of the change and what its histogram needs of it (so
+    the histogram does not pass again for that)."""
+    aggs: list[Any] = [func.count()]
+    for c in numeric:
+        change = rows.c[c] - rows.c[f"before_{c}"]
+        aggs += [func.sum(rows.c[f"before_{c}"]), func.sum(rows.c[c]), func.min(change),
+                 func.max(change), func.count(change), func.count(case((change == 0, 1)))]
+    return aggs
+
+
+def report_aggregates(view: ResultView) -> Aggregates:
+    """What the impact report counts and sums over the rows an execution updates and inserts:
+    the invariants' passes over the same rows compute it too (``invariant_checks``)."""
+    decl = view.declaration
+    out: Aggregates = {}
+    for table, cols in decl["updates"].items():
+        rows = view.updated(table)
+        numeric = [c for c in cols if _is_numeric(view.tables[table].c[c])]
+        out[f"updates:{table}"] = (rows, change_aggregates(rows, numeric))
+    for table in decl["inserts"]:
+        out[f"inserts:{table}"] = (view.inserted(table), [func.count()])
+    return out
+
+
+def build_report(
+    engine: Engine, execution_id: str, computed: Mapping[str, Future[Any]] | None = None
+) -> dict[str, Any]:
+    """Counts, before/after sums and min/max change of every changed numeric column, samples.
+
+    ``computed``: the rows of ``report_aggregates`` the invariants' passes computed (one that
+    is None, or missing, is computed here)."""
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
+    wanted = report_aggregates(ResultView(engine, tables, execution_id, False, decl, ex))
     report: dict[str, Any] = {
         "patch": ex["patch_name"],
         "execution_id": execution_id,
@@ -65,6 +99,14 @@ def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
         "inserts": {},
     }
     with engine.connect() as conn:
+
+        def aggregated(key: str) -> Any:
+            row = computed[key].result() if computed and key in computed else None
+            if row is None:
+                source, cols = wanted[key]
+                row = conn.execute(select(*cols).select_from(source)).one()
+            return row
+
         for table, cols in decl["updates"].items():
             live = tables[table]
             st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
@@ -73,14 +115,7 @@ def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
             )
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
             numeric = [c for c in cols if _is_numeric(live.c[c])]
-            # One pass over the pairs: the count, and per numeric column the sums, the spread of
-            # the change and what the histogram needs of it (so it does not pass again for that)
-            aggs: list[Any] = [func.count()]
-            for c in numeric:
-                change = st.c[c] - bk.c[c]
-                aggs += [func.sum(bk.c[c]), func.sum(st.c[c]), func.min(change),
-                         func.max(change), func.count(change), func.count(case((change == 0, 1)))]
-            rows, *vals = conn.execute(select(*aggs).select_from(joined).where(cond)).one()
+            rows, *vals = aggregated(f"updates:{table}")
             stats: dict[str, Any] = {}
             spreads: dict[str, ChangeSpread] = {}
             for i, c in enumerate(numeric if rows else ()):
@@ -115,7 +150,7 @@ def build_report(engine: Engine, execution_id: str) -> dict[str, Any]:
         for table, cols in decl["inserts"].items():
             st = mirror_table(engine, tables[table], "stage")
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
-            rows = conn.execute(select(func.count()).select_from(st).where(cond)).scalar_one()
+            rows = aggregated(f"inserts:{table}")[0]
             sample = conn.execute(
                 select(*[st.c[c] for c in cols]).where(cond).order_by(st.c.dp_seq).limit(SAMPLE_ROWS)
             ).mappings()

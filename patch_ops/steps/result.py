@@ -1,21 +1,43 @@
 """The would-be (or committed) result of an execution as SQL, and the patch's invariants on it.
 
 ``ResultView`` gives a patch's invariants the rows it updates and inserts and whole tables as they
-would be after commit (from the stage) or are (live, after commit); ``invariant_checks`` runs
-each invariant as one count query with a sample of offenders, bounded by the statement timeout.
-Validation and post-verification share them.
+would be after commit (from the stage) or are (live, after commit); ``invariant_checks`` counts
+the offenders of each invariant, with a sample of them, bounded by the statement timeout:
+invariants that filter the same rows in one query (``row_filter``), beside the aggregates the
+caller needs of those rows (the impact report's, verification's comparison with the stage), so
+each row source is read as few times as possible. Validation and post-verification share them.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Integer, and_, func, literal, select, union_all
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    ColumnClause,
+    ColumnElement,
+    Exists,
+    FromClause,
+    FunctionElement,
+    Integer,
+    Join,
+    Over,
+    ScalarSelect,
+    SelectBase,
+    and_,
+    case,
+    func,
+    literal,
+    literal_column,
+    select,
+    union_all,
+)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.sql import visitors
 
 from patch_ops import state
 from patch_ops.dialects import dialect_of
@@ -31,8 +53,9 @@ class ResultView:
     """SQL views of an execution's result, before commit (from staging) or after (live).
 
     ``updated(t)``: full after-images of the rows the patch updates, plus ``before_<col>`` for
-    every column the patch changes; ``inserted(t)``: rows it inserts; ``table(t)``: the whole
-    table as it is (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
+    every column the patch changes (after commit also ``dp_staged_<col>``: the value it
+    committed); ``inserted(t)``: rows it inserts; ``table(t)``: the whole table as it is
+    (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
     """
 
     engine: Engine
@@ -64,7 +87,9 @@ class ResultView:
             # its primary key it lets PostgreSQL drop the backup from a query that reads no
             # before_ column: one join over every updated row less for each such check.
             joined = st.outerjoin(bk, on_backup).join(live, live.c.id == st.c.dp_seq)
+            # what was committed beside what is live: verification compares them in the pass
             cols = [live.c[c] for c in self._cols(table)]
+            cols += [st.c[c].label(f"dp_staged_{c}") for c in changed]
         else:
             joined = st.join(bk, on_backup)
             # id from the stage's primary key, so joins on it can use the index
@@ -116,19 +141,91 @@ class ResultView:
         return union_all(*parts).subquery(f"all_{table}")
 
 
+#: The extra aggregates a caller computes in the invariants' passes: key -> (row source, columns)
+Aggregates = dict[str, tuple[FromClause, list[ColumnElement[Any]]]]
+
+
+@dataclass
+class Checks:
+    """The invariant checks of one result as calls to run at once (``run_concurrently``).
+
+    Invariants that only filter the rows of one source (``row_filter``) share one query per
+    source: a ``COUNT(CASE WHEN ...)`` each, beside the caller's extra aggregates over the same
+    rows. Every call returns ``{invariant index: broken or None}``; ``aggregates[key]`` is set
+    to the row of the extra aggregates (None: its pass timed out, compute them again).
+    """
+
+    invariants: list[Invariant]
+    calls: list[Callable[[], dict[int, dict[str, Any] | None]]]
+    aggregates: dict[str, Future[Any]]
+
+    def broken(self, results: list[dict[int, dict[str, Any] | None]]) -> list[dict[str, Any]]:
+        """The broken invariants, in the order the patch declares them."""
+        found: dict[int, dict[str, Any] | None] = {}
+        for r in results:
+            found.update(r)
+        return [b for i in range(len(self.invariants)) if (b := found[i]) is not None]
+
+
+def row_filter(inv: Invariant, dialect: Any) -> tuple[FromClause, ColumnElement[bool]] | None:
+    """(source, condition) when ``inv.offenders`` is exactly ``SELECT <columns> FROM source
+    WHERE condition`` with one table or subquery as source (no join, grouping, DISTINCT, LIMIT,
+    aggregate or window column, no subquery in the condition: inside a CASE it would run once
+    per row); else None."""
+    sel, where = inv.offenders, inv.offenders.whereclause
+    froms = sel.get_final_froms()
+    if where is None or len(froms) != 1 or isinstance(froms[0], Join):
+        return None
+    if any(isinstance(e, SelectBase | ScalarSelect | Exists) for e in visitors.iterate(where)):
+        return None
+    for col in sel.selected_columns:
+        if any(isinstance(e, FunctionElement | Over) for e in visitors.iterate(col)):
+            return None
+    plain = select(*sel.selected_columns).select_from(froms[0]).where(where)
+    if str(plain.compile(dialect=dialect)) != str(sel.compile(dialect=dialect)):
+        return None
+    return froms[0], where
+
+
+def _source_key(source: FromClause, dialect: Any) -> str:
+    """The same rows: the same SQL and parameters (two calls of ``ResultView.updated(t)``)."""
+    compiled = select(literal_column("1")).select_from(source).compile(dialect=dialect)
+    return f"{compiled} {sorted(compiled.params.items(), key=lambda kv: kv[0])!r}"
+
+
+def _on(source: FromClause, condition: ColumnElement[bool], other: FromClause):  # type: ignore[no-untyped-def]
+    """``condition`` (on ``other``'s columns) on ``source``'s columns of the same names."""
+    if other is source:
+        return condition
+
+    def swap(e: Any, **_: Any) -> Any:
+        if isinstance(e, ColumnClause) and e.table is other:
+            return source.c[e.key]
+        return None
+
+    return visitors.replacement_traverse(condition, {}, swap)  # type: ignore[call-overload]
+
+
 def invariant_checks(
     engine: Engine,
     patch: Patch,
     execution_id: str,
     committed: bool,
     timeout_s: float | None,
-) -> list[Callable[[], dict[str, Any] | None]]:
-    """One call per invariant of ``patch``: it returns the broken invariant with a sample of
-    offending rows, or None (run them with ``run_concurrently``).
+    aggregates: Callable[[ResultView], Aggregates] | None = None,
+    shared_only: bool = False,
+) -> Checks:
+    """The checks of every invariant of ``patch`` on the result: each finds the broken
+    invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
+    caller needs over the view's rows anyway (the impact report's), computed in the same pass
+    as the invariants that filter the same rows, or alone (``shared_only``: only in a pass
+    with invariants; the others are left out of ``Checks.aggregates`` for the caller to get as
+    it would without invariants).
 
     Where the database can limit a statement's time, each query may run ``timeout_s`` at most: one that
     runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
     post-verification restore, instead of holding the maintenance window and the table locks.
+    A shared pass that runs longer marks every invariant in it so.
     """
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
@@ -137,28 +234,96 @@ def invariant_checks(
     view = ResultView(engine, tables, execution_id, committed, ex["declaration"], ex)
     dialect = dialect_of(engine)
     limit_s = timeout_s if timeout_s and dialect.features.statement_timeout else 0
+    invariants = patch.invariants(view, config)
+    # key -> (source, [(index, condition)], {aggregate key: columns})
+    passes: dict[str, tuple[FromClause, list[tuple[int, ColumnElement[bool]]], Aggregates]] = {}
+    alone: list[int] = []
+    for i, inv in enumerate(invariants):
+        found = row_filter(inv, engine.dialect)
+        if found is None:
+            alone.append(i)
+            continue
+        source, cond = found
+        key = _source_key(source, engine.dialect)
+        first = passes.setdefault(key, (source, [], {}))[0]
+        passes[key][1].append((i, _on(first, cond, source)))
+    extra = aggregates(view) if aggregates else {}
+    futures: dict[str, Future[Any]] = {k: Future() for k in extra}
+    for name, (source, cols) in extra.items():
+        key = _source_key(source, engine.dialect)
+        first = passes.setdefault(key, (source, [], {}))[0]
+        if first is not source:  # the same rows: the columns by name on the pass's source
+            cols = [_on(first, c, source) for c in cols]
+        passes[key][2][name] = (first, cols)
+    for key, (_, conds, more) in list(passes.items()):
+        if len(conds) == 1 and not more:  # nothing to share: its own query (an index may help)
+            alone.append(conds[0][0])
+            del passes[key]
+        elif shared_only and not conds:
+            for name in more:
+                del futures[name]
+            del passes[key]
+    alone.sort()
 
-    def check(inv: Invariant) -> dict[str, Any] | None:
+    def timed_out(inv: Invariant) -> dict[str, Any]:
+        return {"name": inv.name, "description": inv.description, "count": None,
+                "timed_out": timeout_s, "sample": []}
+
+    def sample(conn: Connection, inv: Invariant, n: int) -> dict[str, Any]:
+        rows = conn.execute(select(inv.offenders.subquery()).limit(SAMPLE_ROWS)).mappings()
+        return {"name": inv.name, "description": inv.description, "count": n,
+                "sample": [{k: jsonable(v) for k, v in r.items()} for r in rows]}
+
+    def check(i: int) -> dict[int, dict[str, Any] | None]:
+        inv = invariants[i]
         sub = inv.offenders.subquery()
         with engine.connect() as conn:
             if limit_s:
                 dialect.set_statement_timeout(conn, limit_s)
             try:
                 n = conn.execute(select(func.count()).select_from(sub)).scalar_one()
+                return {i: sample(conn, inv, n) if n else None}
             except OperationalError as exc:
                 if not dialect.is_statement_timeout(exc):
                     raise
-                return {"name": inv.name, "description": inv.description, "count": None,
-                        "timed_out": timeout_s, "sample": []}
-            if not n:
-                return None
-            sample = [
-                {k: jsonable(v) for k, v in r.items()}
-                for r in conn.execute(select(sub).limit(SAMPLE_ROWS)).mappings()
-            ]
-        return {"name": inv.name, "description": inv.description, "count": n, "sample": sample}
+                return {i: timed_out(inv)}
 
-    return [functools.partial(check, inv) for inv in patch.invariants(view, config)]
+    def shared(
+        source: FromClause, conds: list[tuple[int, ColumnElement[bool]]], more: Aggregates
+    ) -> dict[int, dict[str, Any] | None]:
+        cols: list[ColumnElement[Any]] = [func.count(case((c, 1))) for _, c in conds]
+        cols += [c for _, extra_cols in more.values() for c in extra_cols]
+        found: dict[int, dict[str, Any] | None] = {}
+        row: Any = None
+        try:
+            with engine.connect() as conn:
+                if limit_s and conds:
+                    dialect.set_statement_timeout(conn, limit_s)
+                try:
+                    row = conn.execute(select(*cols).select_from(source)).one()
+                    for (i, _), n in zip(conds, row[: len(conds)], strict=True):
+                        found[i] = sample(conn, invariants[i], n) if n else None
+                except OperationalError as exc:
+                    if not dialect.is_statement_timeout(exc):
+                        raise
+                    row = None
+                    found = {i: timed_out(invariants[i]) for i, _ in conds}
+        except BaseException as exc:
+            for name in more:
+                futures[name].set_exception(exc)
+            raise
+        at = len(conds)
+        for name, (_, extra_cols) in more.items():
+            futures[name].set_result(None if row is None else tuple(row[at : at + len(extra_cols)]))
+            at += len(extra_cols)
+        return found
+
+    # the shared passes first: the impact report waits for its aggregates
+    calls: list[Callable[[], dict[int, dict[str, Any] | None]]] = [
+        functools.partial(shared, *p) for p in passes.values()
+    ]
+    calls += [functools.partial(check, i) for i in alone]
+    return Checks(invariants, calls, futures)
 
 
 def invariant_problem(broken: dict[str, Any], after_commit: bool = False) -> str:

@@ -37,7 +37,13 @@ from patch_ops.steps.holdback import (
     name_refused,
     trial_attempt,
 )
-from patch_ops.steps.report import build_report, reject_sample, render_markdown, report_sections
+from patch_ops.steps.report import (
+    build_report,
+    reject_sample,
+    render_markdown,
+    report_aggregates,
+    report_sections,
+)
 from patch_ops.steps.result import SAMPLE_ROWS, invariant_checks, invariant_problem
 
 
@@ -75,8 +81,9 @@ def validate_execution(
         # one all-or-nothing transaction: a new refusal there changes nothing and is named
         # (drift). Applying everything twice would double the cost of the commit.
         held = hold_back_as_approved(engine, execution_id, approver, log)
-    checks, results = run_checks(engine, patch, settings, ex, trial=not approver)
-    refusal = results.pop(0) if not approver else None
+    refusal, broken, report, sections, rejects = run_checks(
+        engine, patch, settings, ex, trial=not approver
+    )
     trial = f"skipped: approving dry run {approver} passed it on the same plan" if approver else (
         "refused" if refusal else "passed")
     refused = None
@@ -84,11 +91,11 @@ def validate_execution(
         held, refused = settle_refusal(engine, settings, ex, refusal, log)
         if not refused:
             trial = f"passed with {held['count']:,} driving row(s) held back"
-            checks, results = run_checks(engine, patch, settings, ex, trial=False)
+            _, broken, report, sections, rejects = run_checks(
+                engine, patch, settings, ex, trial=False
+            )
     if not held and not refused:
         held = earlier_hold_back(engine, settings, ex)
-    broken = [b for b in results[: len(checks)] if b is not None]
-    report, sections, rejects = results[len(checks) :]
     problems += [invariant_problem(b) for b in broken]
     if refused:
         problems.append(refused)
@@ -125,26 +132,31 @@ def validate_execution(
 
 def run_checks(
     engine: Engine, patch: Patch, settings: PatchSettings, ex: dict[str, Any], trial: bool
-) -> tuple[list[Any], list[Any]]:
-    """The checks of the would-be result, at once on their own connections: (the invariant
-    checks, their results in order: the trial apply's refusal first if ``trial``, then each
-    invariant's, the impact report, the report sections, the reject sample)."""
+) -> tuple[Refusal | None, list[dict[str, Any]], dict[str, Any], dict[str, Any], list[Any]]:
+    """The checks of the would-be result, at once on their own connections: (the trial apply's
+    refusal if ``trial``, the broken invariants, the impact report, its sections, the reject
+    sample). The invariants' passes compute the report's counts and sums over the same rows."""
     execution_id = ex["execution_id"]
     trials = [functools.partial(trial_apply, engine, execution_id)] if trial else []
     checks = invariant_checks(
-        engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds
+        engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds,
+        aggregates=report_aggregates,
     )
     results = run_concurrently(
         [
             *trials,  # first: the longest
-            *checks,
-            functools.partial(build_report, engine, execution_id),
+            *checks.calls,
             functools.partial(report_sections, engine, patch, ex),
             functools.partial(reject_sample, engine, execution_id),
+            # last: it waits for its aggregates from the passes above, started before it
+            functools.partial(build_report, engine, execution_id, checks.aggregates),
         ],
         settings.check_connections,
     )
-    return checks, results
+    refusal = results.pop(0) if trial else None
+    n = len(checks.calls)
+    sections, rejects, report = results[n:]
+    return refusal, checks.broken(results[:n]), report, sections, rejects
 
 
 def trial_apply(engine: Engine, execution_id: str) -> Refusal | None:
