@@ -326,7 +326,11 @@ def test_purge_expired_backups(database_url):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_restore_and_purge_are_audited_and_need_the_audit_key(database_url, monkeypatch):
+# On SQLite: the key check is Python and an audit event is the same append on every database
+# (tests/patch_ops/audit/test_audit.py runs the audit chain on all three; the fault matrix's
+# restore cases verify the chain after a restore on PostgreSQL and MariaDB).
+def test_restore_and_purge_are_audited_and_need_the_audit_key(sqlite_url, monkeypatch):
+    database_url = sqlite_url
     engine = fixture_engine(database_url)
     build_fixture(engine)
     patched_id = committed(database_url)
@@ -366,7 +370,12 @@ def test_restore_and_purge_are_audited_and_need_the_audit_key(database_url, monk
 # ---------------------------------------------------------------------------------------------
 
 
-def test_stockrx_patches_restore_and_purge_commands(database_url, capsys):
+# On SQLite: the commands only launch restore_patch / purge_expired_backups and print their
+# reports; what the restore does on PostgreSQL and MariaDB, conflicts included, is
+# test_patch_then_restore_gives_the_before_digest and
+# test_conflicts_refuse_by_default_and_are_skipped_on_request.
+def test_stockrx_patches_restore_and_purge_commands(sqlite_url, capsys):
+    database_url = sqlite_url
     engine = fixture_engine(database_url)
     build_fixture(engine)
     before = digest(engine)
