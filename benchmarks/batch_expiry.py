@@ -388,14 +388,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for key, o in outcomes.items():
         o.check = checks[key](o)
     return {
-        "args": vars(args),
-        "machine": common.machine_description(),
-        "code": code.label,
-        "executor": args.executor,
-        "database": copies.description,
-        "seeded": copies.counts,
-        "seed_seconds": copies.seed_seconds,
-        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
+        **common.result_fields(args, code, copies),
         "run_at": run_at.isoformat(),
         "business_date": args.business_date,
         "expired": {"lots": lots, "items": items, "quantity": qty, "subset_lots": sub_lots},

@@ -1215,6 +1215,21 @@ def to_json(res: dict[str, Any]) -> str:
     return json.dumps(res, default=default, indent=2, ensure_ascii=False)
 
 
+def result_fields(args: Any, code: Any, copies: Any) -> dict[str, Any]:
+    """The fields every benchmark's result starts with: its arguments, the machine, the measured
+    code, the executor and the database with its seeding and copies."""
+    return {
+        "args": vars(args),
+        "machine": machine_description(),
+        "code": code.label,
+        "executor": args.executor,
+        "database": copies.description,
+        "seeded": copies.counts,
+        "seed_seconds": copies.seed_seconds,
+        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
+    }
+
+
 def run_benchmark(
     args: Any,
     benchmark: Callable[[Any, Path], dict[str, Any]],

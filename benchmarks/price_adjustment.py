@@ -634,14 +634,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     finally:
         copies.close()
     return {
-        "args": vars(args),
-        "machine": common.machine_description(),
-        "code": code.label,
-        "executor": args.executor,
-        "database": copies.description,
-        "seeded": copies.counts,
-        "seed_seconds": copies.seed_seconds,
-        "copy_seconds": list(getattr(copies, "copy_seconds", [])),
+        **common.result_fields(args, code, copies),
         "run_at": run_ats[-1].isoformat(),
         "percentage": str(setup.percentage),
         "outcomes": rounds[-1],
