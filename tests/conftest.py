@@ -81,6 +81,16 @@ def _frozen_heap() -> None:
     gc.freeze()
 
 
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """Nothing frozen during the test (for tests of who freezes what; ``_frozen_heap`` freezes
+    before every other test)."""
+    gc.unfreeze()
+    yield
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -145,15 +145,6 @@ class _Node:
     pass
 
 
-@pytest.fixture
-def unfrozen() -> Iterator[None]:
-    """Nothing frozen during the test (conftest's _frozen_heap freezes before every test)."""
-    gc.unfreeze()
-    yield
-    gc.collect()
-    gc.freeze()
-
-
 def test_the_budget_freezes_what_the_step_began_with_and_only_what_it_froze(unfrozen):
     assert gc.get_freeze_count() == 0
     with _no_automatic_collections():
