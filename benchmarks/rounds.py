@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from benchmarks.app_writer import latency_stats
 from benchmarks.common import Outcome, contender_columns, table
