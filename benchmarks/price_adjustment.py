@@ -249,8 +249,7 @@ FLOOR_APPROVED = "CREATE TABLE bench_floor_approved AS SELECT id, price FROM inv
 def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
     """(step, statement) of the safety floor: the job's safety steps (freeze the target set,
     compare it with what the approving dry run saw (drift), back up whole rows, stage the new
-    values, check every staged row and the cross-table pairing, a trial apply rolled back,
-    commit with row locks and a conflict check against the backup, check live against staged)
+    values, check every staged row and the cross-table pairing, commit with row locks and a conflict check against the backup, check live against staged)
     as hand-written set-based SQL, with no Python on the rows and no Dagster. ``columns``: the
     reflected columns of ``inventories`` (the conflict check compares every one)."""
     new, note = new_price_and_note(dialect)
@@ -291,13 +290,9 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
          "SELECT count(*) FROM bench_floor_up u LEFT JOIN (SELECT inventory_id, count(*) AS n "
          "FROM bench_floor_log GROUP BY inventory_id) l ON l.inventory_id = u.id "
          "WHERE l.n IS NULL OR l.n <> 1"),
-        # The trial apply: the database's own rules judge the staged changes, rolled back.
-        ("validate: trial apply, BEGIN", "BEGIN"),
-        ("validate: trial apply, update the items", d.update_from_stage),
-        ("validate: trial apply, insert the log rows",  # ids -seq, as the job's: no gap
-         f"INSERT INTO inventory_logs (id, {log_cols}) SELECT -seq, {log_cols} "
-         "FROM bench_floor_log ORDER BY seq"),
-        ("validate: trial apply, ROLLBACK", "ROLLBACK"),
+        # No trial apply: a real run approved by a dry run skips it (its dry run passed it on
+        # the same plan, and the commit is all-or-nothing), so the least a real run takes has
+        # none either.
         ("commit: BEGIN", "BEGIN"),
     ]
     if d.lock:
