@@ -55,8 +55,8 @@ def wall_now() -> dt.datetime:
 
 
 def ensure_outbox(engine: Engine) -> None:
-    with framework_ddl(engine):
-        outbox_metadata.create_all(engine, checkfirst=True)
+    with framework_ddl(engine), write_transaction(engine) as conn:
+        outbox_metadata.create_all(conn, checkfirst=True)
 
 
 def keep(engine: Engine, n: PatchNotification, undelivered: list[DeliveryResult]) -> int:

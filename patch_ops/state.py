@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
+from patch_ops.database import write_transaction
 from patch_ops.dialects import dialect_of
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA, framework_schema, table_sql
 from patch_ops.dialects.types import (
@@ -158,8 +159,12 @@ _mirror_lock = threading.Lock()
 
 
 def ensure_framework_tables(engine: Engine) -> None:
+    """Create the framework tables if missing, and add the columns added since. In a write
+    transaction: on SQLite a deferred one that looked for a table and then creates it fails at
+    once ("database is locked") when the application wrote in between."""
     with framework_ddl(engine):
-        framework_metadata.create_all(engine, checkfirst=True)
+        with write_transaction(engine) as conn:
+            framework_metadata.create_all(conn, checkfirst=True)
         _add_missing_columns(engine)
 
 
@@ -173,7 +178,7 @@ def _add_missing_columns(engine: Engine) -> None:
         for col in missing:
             ddl = CreateColumn(col).compile(dialect=engine.dialect)
             try:
-                with engine.begin() as conn:
+                with write_transaction(engine) as conn:
                     conn.exec_driver_sql(f"ALTER TABLE {table_sql(conn, table)} ADD COLUMN {ddl}")
             except DBAPIError:
                 # Another process added it at the same moment: fine; anything else: raise.
@@ -226,13 +231,14 @@ def widen_or_create_mirror(engine: Engine, live: Table, table: Table) -> None:
     mirror is widened, never narrowed)."""
     insp = inspect(engine)
     if not insp.has_table(table.name, schema=table.schema):
-        table.metadata.create_all(engine)
+        with write_transaction(engine) as conn:
+            table.metadata.create_all(conn)
         return
     existing = {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}
     missing = [c for c in live.columns if c.name not in existing]
     if missing:
         q = engine.dialect.identifier_preparer
-        with engine.begin() as conn:
+        with write_transaction(engine) as conn:
             for c in missing:
                 ddl = c.type.compile(dialect=engine.dialect)
                 conn.exec_driver_sql(

@@ -40,3 +40,40 @@ def test_a_mysql_url_whose_driver_is_missing_is_one_clear_line() -> None:
     message = str(info.value)
     assert "the database driver for 'mysql+mysqldb' is not installed" in message
     assert "s3cr3t" not in message and "\n" not in message
+
+
+def test_framework_tables_are_made_while_the_application_writes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """On SQLite, a deferred transaction that looked for a framework table and then created it
+    failed at once ("database is locked") when the application committed a write in between
+    (a plan failed so in the benchmark with its application stand-in writing). The tables are
+    made in a write transaction: the application's write waits for it instead."""
+    import sqlite3
+
+    from sqlalchemy import event, inspect
+
+    from patch_ops.database import get_engine
+    from patch_ops.state import ensure_framework_tables
+
+    path = tmp_path / "app.sqlite"
+    engine = get_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE app_rows (id INTEGER PRIMARY KEY, n INTEGER)")
+    app: list[str] = []
+
+    def application_writes(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        if app or "data_patch_executions" not in statement:
+            return  # once: right after the first look for the executions table
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            other.execute("INSERT INTO app_rows (n) VALUES (1)")
+            other.commit()
+            app.append("written")
+        except sqlite3.OperationalError as exc:
+            app.append(str(exc))
+        finally:
+            other.close()
+
+    event.listen(engine, "after_cursor_execute", application_writes)
+    ensure_framework_tables(engine)
+    assert app == ["database is locked"]  # the application waits (it has a busy timeout)
+    assert inspect(engine).has_table("data_patch_executions")
