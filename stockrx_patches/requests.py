@@ -102,8 +102,8 @@ requests = Table(
 
 
 def ensure_requests_table(engine: Engine) -> None:
-    with framework_ddl(engine):
-        metadata.create_all(engine, checkfirst=True)
+    with framework_ddl(engine), write_transaction(engine) as conn:
+        metadata.create_all(conn, checkfirst=True)
 
 
 def utcnow() -> dt.datetime:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 from sqlalchemy.engine import Connection, Engine
 
+from patch_ops.database import write_transaction
 from patch_ops.dialects import dialect_of
 
 Bind = Engine | Connection
@@ -19,9 +20,11 @@ Bind = Engine | Connection
 
 @contextmanager
 def transaction(bind: Bind) -> Iterator[Connection]:
-    """The caller's connection as is, or a new transaction on the engine (committed on exit)."""
+    """The caller's connection as is, or a new write transaction on the engine (committed on
+    exit; on SQLite it holds the write lock from its first statement, so reading the chain's
+    head and then appending cannot fail when the application wrote in between)."""
     if isinstance(bind, Engine):
-        with bind.begin() as conn:
+        with write_transaction(bind) as conn:
             yield conn
     else:
         yield bind

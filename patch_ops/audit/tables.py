@@ -69,8 +69,8 @@ audit_checkpoints = Table(
 
 def ensure_audit_tables(bind: Bind) -> None:
     """Create the audit tables if missing and the head row (seq 0, genesis hash). Idempotent."""
-    with framework_ddl(bind):
-        audit_metadata.create_all(bind, checkfirst=True)
+    with framework_ddl(bind), transaction(bind) as conn:
+        audit_metadata.create_all(conn, checkfirst=True)
     genesis = {"id": HEAD_ID, "seq": 0, "hash": GENESIS_HASH, "key_id": None, "mac": None}
     try:
         with transaction(bind) as conn:
