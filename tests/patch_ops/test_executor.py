@@ -5,12 +5,16 @@ carry a stale environment."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
-from dagster import execute_job, instance_for_test, job, op, reconstructable
+from dagster import instance_for_test, job, op, reconstructable
 
 from patch_ops import executor
 from stockrx_patches.definitions import defs
+from tests.conftest import REPO_ROOT, TEST_PYTHONPATH
 from tests.support import slow_patches
 
 
@@ -49,13 +53,27 @@ def gc_probe() -> None:
     freeze_count()
 
 
-def test_op_processes_start_with_the_preloaded_heap_frozen(monkeypatch, unfrozen):
+#: Runs gc_probe in a process of its own and prints the op's and the run worker's freeze counts.
+PROBE = """
+import gc
+from dagster import execute_job, instance_for_test, reconstructable
+from tests.patch_ops.test_executor import gc_probe
+with instance_for_test() as instance, execute_job(reconstructable(gc_probe), instance=instance) as r:
+    assert r.success
+    print(r.output_for_node("freeze_count"), gc.get_freeze_count())
+"""
+
+
+def test_op_processes_start_with_the_preloaded_heap_frozen():
     """The fork server imports FREEZE_MODULE last, so an op process's garbage collection walks
-    (and copies) only what the op makes, not the ~1M objects it shares with the fork server."""
-    monkeypatch.setattr(executor, "default_start_method", executor.StartMethodChooser())
-    before = gc.get_freeze_count()
-    with (instance_for_test() as instance,
-          execute_job(reconstructable(gc_probe), instance=instance) as result):
-        assert result.success
-        assert result.output_for_node("freeze_count") > 100_000
-    assert gc.get_freeze_count() == before == 0  # the run worker (this process) is left alone
+    (and copies) only what the op makes, not the ~1M objects it shares with the fork server.
+    In a fresh process: a fork server lives as long as the process that started it, and one
+    started in this test worker would fork later tests' op processes with this test's
+    environment."""
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=TEST_PYTHONPATH),
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    in_op, in_worker = map(int, out.stdout.split()[-2:])
+    assert in_op > 100_000
+    assert in_worker == 0  # the run worker is left alone
