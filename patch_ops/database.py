@@ -12,12 +12,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from patch_ops.dialects import UnsupportedServer, dialect_for_url, dialect_of
 from patch_ops.dialects.names import URL_PARAMETER, framework_schema, translate_map
+from patch_ops.dialects.types import framework_ddl
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
@@ -54,6 +55,14 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         conn.execution_options(sqlite_begin="IMMEDIATE")
         with conn.begin():
             yield conn
+
+
+def create_tables(engine: Engine, metadata: MetaData) -> None:
+    """Create ``metadata``'s missing framework tables (``framework_ddl``: a missing privilege
+    is one line) in a write transaction: on SQLite a deferred one that looked for a table and
+    then creates it fails at once ("database is locked") when the application wrote between."""
+    with framework_ddl(engine), write_transaction(engine) as conn:
+        metadata.create_all(conn, checkfirst=True)
 
 
 def get_engine(url: str) -> Engine:

@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Column, Integer, MetaData, String, Table, select, update
 from sqlalchemy.engine import Engine
 
-from patch_ops.database import write_transaction
+from patch_ops.database import create_tables, write_transaction
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA
-from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS, framework_ddl
+from patch_ops.dialects.types import DATETIME_US, LONG_TEXT, TABLE_OPTIONS
 from resources.notifier import DeliveryResult, Notifier, PatchNotification
 
 RETRY_AFTER = dt.timedelta(seconds=60)
@@ -55,8 +55,7 @@ def wall_now() -> dt.datetime:
 
 
 def ensure_outbox(engine: Engine) -> None:
-    with framework_ddl(engine), write_transaction(engine) as conn:
-        outbox_metadata.create_all(conn, checkfirst=True)
+    create_tables(engine, outbox_metadata)
 
 
 def keep(engine: Engine, n: PatchNotification, undelivered: list[DeliveryResult]) -> int:

@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
-from patch_ops.database import write_transaction
+from patch_ops.database import create_tables, write_transaction
 from patch_ops.dialects import dialect_of
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA, framework_schema, table_sql
 from patch_ops.dialects.types import (
@@ -159,12 +159,9 @@ _mirror_lock = threading.Lock()
 
 
 def ensure_framework_tables(engine: Engine) -> None:
-    """Create the framework tables if missing, and add the columns added since. In a write
-    transaction: on SQLite a deferred one that looked for a table and then creates it fails at
-    once ("database is locked") when the application wrote in between."""
+    """Create the framework tables if missing, and add the columns added since."""
+    create_tables(engine, framework_metadata)
     with framework_ddl(engine):
-        with write_transaction(engine) as conn:
-            framework_metadata.create_all(conn, checkfirst=True)
         _add_missing_columns(engine)
 
 

@@ -66,7 +66,7 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 description=str(entry["description"]),
                 estimated_records=int(entry.get("estimated_records", 10_000)),
                 batch_size=int(entry.get("batch_size", 1000)),
-                batch_seconds=_non_negative(entry, "batch_seconds", 2.0),
+                batch_seconds=_positive(entry, "batch_seconds", 2.0, zero=True),
                 memory_limit_mb=int(entry.get("memory_limit", 1024)),
                 max_failure_ratio=entry.get("max_failure_ratio"),
                 scheduled=bool(entry.get("scheduled", False)),
@@ -116,17 +116,12 @@ def _flag(entry: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _positive(entry: dict[str, Any], key: str, default: float) -> float:
+def _positive(entry: dict[str, Any], key: str, default: float, zero: bool = False) -> float:
+    """A finite number > 0 (``zero``: >= 0)."""
     value = float(entry.get(key, default))
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{key} must be a positive number, got {value!r}")
-    return value
-
-
-def _non_negative(entry: dict[str, Any], key: str, default: float) -> float:
-    value = float(entry.get(key, default))
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        raise ValueError(f"{key} must be {'a number >= 0' if zero else 'a positive number'}, "
+                         f"got {value!r}")
     return value
 
 

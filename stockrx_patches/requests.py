@@ -54,9 +54,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
-from patch_ops.database import write_transaction
+from patch_ops.database import create_tables, write_transaction
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA
-from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS, UTCNow, framework_ddl
+from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS, UTCNow
 
 PENDING, HELD, REJECTED, LAUNCHED, SUCCEEDED, FAILED, RECONFIRMING = (
     "pending",
@@ -102,8 +102,7 @@ requests = Table(
 
 
 def ensure_requests_table(engine: Engine) -> None:
-    with framework_ddl(engine), write_transaction(engine) as conn:
-        metadata.create_all(conn, checkfirst=True)
+    create_tables(engine, metadata)
 
 
 def utcnow() -> dt.datetime:

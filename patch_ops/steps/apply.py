@@ -28,7 +28,9 @@ from patch_ops.patch import Tables
 from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, targets
 
 
-def _distinct(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type: ignore[no-untyped-def]
+def values_differ(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type: ignore[no-untyped-def]
+    """``a`` and ``b`` (values of column ``col``) differ, NULL-safe; JSON is compared as text
+    (it has no equality on every database)."""
     if isinstance(col.type, JSONType):
         return cast(a, String).is_distinct_from(cast(b, String))
     return a.is_distinct_from(b)
@@ -61,7 +63,7 @@ def find_conflicts(
                 bk = mirror_table(engine, live, "backup")
                 cols = [c.name for c in live.columns if c.name in bk.c]
                 differs = or_(
-                    live.c.id.is_(None), *[_distinct(live.c[c], bk.c[c], live.c[c]) for c in cols]
+                    live.c.id.is_(None), *[values_differ(live.c[c], bk.c[c], live.c[c]) for c in cols]
                 )
                 q = (
                     select(st.c.dp_seq)
@@ -73,7 +75,7 @@ def find_conflicts(
             else:
                 cols = decl["updates"][table]
                 differs = or_(
-                    live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
+                    live.c.id.is_(None), *[values_differ(live.c[c], st.c[c], live.c[c]) for c in cols]
                 )
                 q = select(st.c.dp_seq).select_from(st).outerjoin(
                     live, live.c.id == st.c.dp_seq
@@ -88,7 +90,7 @@ def find_conflicts(
             if span is not None:
                 on = and_(on, live.c.id.between(*span))  # the inserted rows, not all the table
             differs = or_(
-                live.c.id.is_(None), *[_distinct(live.c[c], st.c[c], live.c[c]) for c in cols]
+                live.c.id.is_(None), *[values_differ(live.c[c], st.c[c], live.c[c]) for c in cols]
             )
             q = select(new_id).select_from(st).outerjoin(live, on).where(cond, differs)
             ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())

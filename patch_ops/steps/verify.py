@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import String, case, cast, func, or_
+from sqlalchemy import case, func, or_
 from sqlalchemy.engine import Engine
-from sqlalchemy.types import JSON
 
 from patch_ops import state
 from patch_ops.execution import load_execution, run_concurrently, written_tables
-from patch_ops.steps.apply import find_conflicts
+from patch_ops.patch import Patch
+from patch_ops.steps.apply import find_conflicts, values_differ
 from patch_ops.steps.result import Aggregates, ResultView, invariant_checks, invariant_problem
 
 MISMATCH_IDS = 20  # ids named per table whose live rows differ
@@ -27,21 +27,15 @@ def staged_differences(view: ResultView) -> Aggregates:
     out: Aggregates = {}
     for table, cols in view.declaration["updates"].items():
         rows, live = view.updated(table), view.tables[table]
-
-        def text(c: Any, col: Any) -> Any:  # JSON has no equality everywhere: compare its text
-            return cast(c, String) if isinstance(col.type, JSON) else c
-
-        differs = or_(*[
-            text(rows.c[c], live.c[c]).is_distinct_from(text(rows.c[f"dp_staged_{c}"], live.c[c]))
-            for c in cols
-        ])
+        differs = or_(*[values_differ(rows.c[c], rows.c[f"dp_staged_{c}"], live.c[c])
+                        for c in cols])
         out[table] = (rows, [func.count(), func.count(case((differs, 1)))])
     return out
 
 
 def verify_execution(
     engine: Engine,
-    patch: Any,
+    patch: Patch,
     execution_id: str,
     timeout_s: float | None = None,
     connections: int = 1,
