@@ -23,14 +23,18 @@ from dagster import (
 )
 
 #: What the fork server imports before forking op processes: the framework (which brings
-#: Dagster, pandas, pandera, SQLAlchemy), the database drivers, and Dagster's command line
-#: (every op process re-runs the parent's main script, ``dagster``, which imports it: 0.45 s of
-#: each op's start otherwise); the code location's own module is added per run.
+#: Dagster and SQLAlchemy), what the ops import that loading the code location does not (the
+#: transform step and the pandas row helpers, which bring pandas and pandera: the CLI, webserver
+#: and daemon do without them), the database drivers, and Dagster's command line (every op
+#: process re-runs the parent's main script, ``dagster``, which imports it: 0.45 s of each op's
+#: start otherwise); the code location's own module is added per run.
 PRELOAD_MODULES = (
-    "patch_ops.jobs", "patch_ops.restore_jobs", "psycopg", "psycopg2", "dagster._cli"
+    "patch_ops.jobs", "patch_ops.restore_jobs", "patch_ops.steps.transform", "patch_ops.frames",
+    "psycopg", "psycopg2", "dagster._cli",
 )
-#: Imported by the fork server after every other preload: freezes the preloaded objects, so an
-#: op process's garbage collection does not walk (and copy) them (``patch_ops.forkserver_gc``).
+#: Imported by the fork server after every other preload: reads the patches' lazy declarations
+#: (their pandera schemas) and freezes the preloaded objects, so an op process's garbage
+#: collection does not walk (and copy) them (``patch_ops.forkserver_gc``).
 FREEZE_MODULE = "patch_ops.forkserver_gc"
 
 

@@ -1,5 +1,8 @@
 """Imported last by the op fork server (``patch_ops.executor``), after everything it preloads:
-the objects alive then are frozen out of the garbage collector's reach (``gc.freeze``).
+the patches' lazy declarations are read (``patch_ops.patch.resolve_declarations``: their pandera
+schemas, which loading the code location leaves unread), so every op process shares them instead
+of importing pandera itself; then the objects alive are frozen out of the garbage collector's
+reach (``gc.freeze``).
 
 An op process is forked from the fork server and shares its heap (Dagster, pandas, SQLAlchemy,
 the code location: about a million objects) copy-on-write. Unfrozen, the op process's first full
@@ -16,5 +19,8 @@ from __future__ import annotations
 
 import gc
 
+from patch_ops.patch import resolve_declarations
+
+resolve_declarations()
 gc.collect()  # garbage made by the imports goes now, not into the frozen generation
 gc.freeze()

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-import pandas as pd
-import pandera.pandas as pa
 from dagster import Config
 from pydantic import Field
 from sqlalchemy import FromClause, Select, Table
 
 from patch_ops.windows import DEFAULT_FIRST_RUN_ROWS_PER_SECOND, MaintenanceWindow
+
+if TYPE_CHECKING:  # the code location's process loads patches without pandas and pandera
+    import pandas as pd
+    import pandera.pandas as pa
 
 MAX_LAUNCHED_BY = 255  # data_patch_executions.launched_by, audit actor
 #: ``transform_path`` values: in the database (INSERT ... SELECT) or in Python (pandas batches).
@@ -199,6 +201,48 @@ class Tables(Mapping[str, Table]):
         return len(self._tables)
 
 
+T = TypeVar("T")
+
+
+class lazy_declaration(Generic[T]):  # noqa: N801 - used as a decorator, like property
+    """A patch class attribute made by its function when first read, then kept.
+
+    For declarations that need pandera or pandas: the code location's processes (the CLI,
+    webserver, daemon) only build jobs from the patches and never read them, so they do not pay
+    those imports (~1 s); the ops' fork server reads them once (:func:`resolve_declarations`).
+    Read as ``patch.schemas`` or ``PatchClass.schemas``, like a plain class attribute::
+
+        @lazy_declaration
+        def schemas():
+            from stockrx_patches.schemas import InventorySchema
+            return {"inventories": InventorySchema}
+    """
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self.make = make
+        self.__doc__ = make.__doc__
+        self.made = False
+        self.value: T
+
+    def __get__(self, obj: Any, owner: type | None = None) -> T:
+        if not self.made:  # two threads at once both get the same classes: imports are cached
+            self.value = self.make()
+            self.made = True
+        return self.value
+
+
+def resolve_declarations() -> None:
+    """Read every lazy declaration of every patch class defined so far (the fork server does,
+    so the op processes forked from it share what they import and build)."""
+    todo = [Patch]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        for value in list(vars(cls).values()):
+            if isinstance(value, lazy_declaration):
+                value.__get__(None, cls)
+
+
 class Patch:
     """Base class of every patch. Subclasses set the class attributes and two methods."""
 
@@ -212,7 +256,8 @@ class Patch:
     updates: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Columns the patch fills in the rows it inserts, per table.
     inserts: ClassVar[dict[str, tuple[str, ...]]] = {}
-    #: pandera schemas for the changed/inserted rows, per table.
+    #: pandera schemas for the changed/inserted rows, per table; declared with
+    #: :class:`lazy_declaration` so that loading the patch does not import pandera.
     schemas: ClassVar[dict[str, type[pa.DataFrameModel]]] = {}
     #: Share of driving rows allowed to fail validation before the run is failed (0 = none).
     max_failure_ratio: ClassVar[float] = 0.0

@@ -20,15 +20,16 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import pandera.pandas as pa
 from sqlalchemy import and_, func, not_, or_, select
 from sqlalchemy.sql import ColumnElement, FromClause
 
 from patch_ops.dialects.functions import char_length
 from patch_ops.patch import Patch
+
+if TYPE_CHECKING:  # pandera is for the op processes: loading the code location skips it
+    import pandera.pandas as pa
 
 #: pandera's names for the failures that are not Check objects.
 NOT_NULLABLE, UNIQUE = "not_nullable", "field_uniqueness"
@@ -221,5 +222,7 @@ def case_text(value: Any, dtype: str = "") -> str:
     if dtype.startswith("float") or isinstance(value, Decimal | float):
         return str(float(value))
     if isinstance(value, dt.datetime):
+        import pandas as pd  # op processes only
+
         return str(pd.Timestamp(value))
     return str(value)

@@ -9,9 +9,8 @@ reflects the live tables, which may have more columns, indexes and constraints t
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -32,6 +31,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 
 from patch_ops.dialects.types import DATETIME_US, TABLE_OPTIONS
+
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
 
 metadata = MetaData()
 
@@ -132,6 +134,8 @@ def inventory_log_rows(run_at: dt.datetime, source_id: Any, **columns: Any) -> p
         raise ValueError(
             f"inventory_logs rows: missing {sorted(missing)}, unknown {sorted(unknown)}"
         )
+    import pandas as pd  # transform only: loading a patch must not import it
+
     values = {**columns, **dict.fromkeys(TIMESTAMPS, run_at)}
     return pd.DataFrame({"source_id": source_id, **{c: values[c] for c in INVENTORY_LOG_INSERTS}})
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import DateTime, Select, Table, delete, func, insert, select
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
-from patch_ops.frames import plain_records
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,8 @@ class DatabaseDialect:
     # -- bulk work -----------------------------------------------------------------------------
     def bulk_insert(self, conn: Connection, table: Table, df: pd.DataFrame) -> None:
         """Insert a frame's rows in ``conn``'s transaction (columns already checked)."""
+        from patch_ops.frames import plain_records  # pandas: op processes only
+
         conn.execute(insert(table), plain_records(df))
 
     def load_frame(self, engine: Engine, table: Table, df: pd.DataFrame) -> None:

@@ -26,9 +26,8 @@ What differs here, and why:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import Select, Table, delete, event, func
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
@@ -40,6 +39,9 @@ from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, Un
 from patch_ops.dialects.mysql_rows import error_code
 from patch_ops.dialects.mysql_timeouts import TIMEOUT_CODES, StatementWatchdog
 from patch_ops.dialects.names import table_sql
+
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
 
 #: Seconds a statement waits for a row lock (InnoDB's default is 50) or a metadata lock (the
 #: server's default is a year) before failing.

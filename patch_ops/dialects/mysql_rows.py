@@ -25,9 +25,8 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import (
     Integer,
     LargeBinary,
@@ -44,7 +43,9 @@ from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import StagedInserts
 from patch_ops.dialects.names import table_sql
-from patch_ops.frames import copy_text, plain_rows
+
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
 
 #: Drivers whose connections can send a local file (their ``local_infile`` connect argument).
 LOCAL_INFILE_DRIVERS = ("pymysql", "mysqldb")
@@ -75,6 +76,8 @@ def bulk_insert(conn: Connection, table: Table, df: pd.DataFrame) -> None:
 
 def insert_rows(conn: Connection, table: Table, df: pd.DataFrame) -> None:
     """Multi-row INSERTs (``executemany`` of plain tuples; the driver packs them)."""
+    from patch_ops.frames import plain_rows  # pandas: op processes only
+
     cols, rows = plain_rows(df)
     q = conn.dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in cols).replace("%", "%%")
@@ -98,6 +101,10 @@ def local_infile_ready(conn: Connection) -> bool:
 def tsv_text(table: Table, df: pd.DataFrame) -> str | None:
     """The frame as LOAD DATA's default text format (the same escapes as PostgreSQL's COPY
     text; booleans as 1/0), or None when a column holds something that format does not cover."""
+    import pandas as pd
+
+    from patch_ops.frames import copy_text
+
     df = df.copy(deep=False)
     for c in df.columns:
         if pd.api.types.is_bool_dtype(df[c].dtype):

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from sqlalchemy import Integer, Select, Table, func, literal, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 from patch_ops.dialects.names import table_sql
-from patch_ops.frames import copy_text, plain_rows
+
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
 
 
 class PostgreSQLDialect(DatabaseDialect):
@@ -28,6 +29,8 @@ class PostgreSQLDialect(DatabaseDialect):
         if conn.dialect.driver != "psycopg":
             super().bulk_insert(conn, table, df)
             return
+        from patch_ops.frames import copy_text, plain_rows  # pandas: op processes only
+
         q = conn.dialect.identifier_preparer
         cols = [str(c) for c in df.columns]
         sql = f"COPY {table_sql(conn, table)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
 from sqlalchemy import Table, event, func, select, text
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -14,6 +12,9 @@ from sqlalchemy.sql import ColumnElement
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 from patch_ops.dialects.names import table_sql
+
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
 
 
 class SQLiteDialect(DatabaseDialect):
@@ -64,6 +65,9 @@ class SQLiteDialect(DatabaseDialect):
     def load_frame(self, engine: Engine, table: Table, df: pd.DataFrame) -> None:
         """executemany of plain tuples in SQLAlchemy's SQLite storage formats (datetimes as
         ``YYYY-MM-DD HH:MM:SS.ffffff``, dates as ISO text): no per-value type processing."""
+        import numpy as np
+        import pandas as pd
+
         df = df.copy()
         for col in df.columns:
             if pd.api.types.is_datetime64_any_dtype(df[col]):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pandas as pd
 from pydantic import Field
 from sqlalchemy import String, and_, cast, func, literal, select
 
@@ -25,9 +24,9 @@ from patch_ops.patch import (
     RunContext,
     SqlChanges,
     Tables,
+    lazy_declaration,
 )
 from stockrx_patches import invariants as inv
-from stockrx_patches.schemas import BatchSchema, InventoryLogSchema, InventorySchema
 from stockrx_patches.tables import (
     INVENTORY_LOG_INSERTS,
     inventories,
@@ -81,12 +80,17 @@ class BatchExpiryUpdate(Patch):
         "batches": ("quantity", "updated_at"),
     }
     inserts = {"inventory_logs": INVENTORY_LOG_INSERTS}
-    schemas = {
-        "inventories": InventorySchema,
-        "batches": BatchSchema,
-        "inventory_logs": InventoryLogSchema,
-    }
     example_config = {"grace_days": 0, "warning_days": 30}
+
+    @lazy_declaration
+    def schemas():  # type: ignore[misc]
+        from stockrx_patches.schemas import BatchSchema, InventoryLogSchema, InventorySchema
+
+        return {
+            "inventories": InventorySchema,
+            "batches": BatchSchema,
+            "inventory_logs": InventoryLogSchema,
+        }
 
     def business_date(self, config: BatchExpiryConfig, today: dt.date) -> dt.date:
         if config.business_date:
@@ -118,6 +122,8 @@ class BatchExpiryUpdate(Patch):
         }
 
     def transform(self, batch, config: BatchExpiryConfig, ctx: RunContext) -> Changes:
+        import pandas as pd  # here, not at the top: loading the patch must not import it
+
         items, lots = batch["inventories"], batch["batches"]
         # Re-check on the backed-up rows: the app may have emptied a lot since plan.
         lots = lots[(lots["quantity"] > 0) & (lots["expires_on"] < _cutoff(config, ctx))]

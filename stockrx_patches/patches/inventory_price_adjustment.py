@@ -8,10 +8,9 @@ goes up by one. Items whose price would not change are not touched.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from enum import Enum
 
-import numpy as np
-import pandas as pd
 from pydantic import Field
 from sqlalchemy import BigInteger, String, case, cast, func, literal, or_, select
 
@@ -25,8 +24,8 @@ from patch_ops.patch import (
     RunContext,
     SqlChanges,
     Tables,
+    lazy_declaration,
 )
-from stockrx_patches.schemas import InventoryLogSchema, InventorySchema
 from stockrx_patches.tables import (
     INVENTORY_LOG_INSERTS,
     inventories,
@@ -86,14 +85,19 @@ class InventoryPriceAdjustment(Patch):
     driving_table = "inventories"
     updates = {"inventories": ("price", "inventory_logs_count", "updated_at")}
     inserts = {"inventory_logs": INVENTORY_LOG_INSERTS}
-    schemas = {"inventories": InventorySchema, "inventory_logs": InventoryLogSchema}
     example_config = {"adjustment_type": "percentage", "adjustment_value": 8}
+
+    @lazy_declaration
+    def schemas():  # type: ignore[misc]
+        from stockrx_patches.schemas import InventoryLogSchema, InventorySchema
+
+        return {"inventories": InventorySchema, "inventory_logs": InventoryLogSchema}
 
     def check_config(self, config: PriceAdjustmentConfig) -> None:
         kind = AdjustmentType(config.adjustment_type).value
         lo, hi = RANGES[kind]
         v = config.adjustment_value
-        if not np.isfinite(v):
+        if not math.isfinite(v):
             raise PatchConfigError("adjustment_value must be a finite number")
         if kind == "multiply" and v <= 0:
             raise PatchConfigError(f"multiply needs adjustment_value > 0, got {v}")
@@ -129,6 +133,9 @@ class InventoryPriceAdjustment(Patch):
         return {"inventories": q}
 
     def transform(self, batch, config: PriceAdjustmentConfig, ctx: RunContext) -> Changes:
+        import numpy as np  # here, not at the top: loading the patch must not import them
+        import pandas as pd
+
         inv = batch["inventories"]
         old = inv["price"].to_numpy(dtype="float64")
         v = config.adjustment_value

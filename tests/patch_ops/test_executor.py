@@ -1,6 +1,6 @@
 """The jobs' executor: Dagster's multi_or_in_process run config, op processes from a fork server
-(whose preloaded heap they start with frozen), and a fresh spawn where a reused fork server would
-carry a stale environment."""
+(whose preloaded heap, with pandas, pandera and the patches' schemas, they start with frozen),
+and a fresh spawn where a reused fork server would carry a stale environment."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from dagster import instance_for_test, job, op, reconstructable
 
 from patch_ops import executor
 from stockrx_patches.definitions import defs
+from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from tests.conftest import REPO_ROOT, TEST_PYTHONPATH
 from tests.support import slow_patches
 
@@ -48,9 +49,20 @@ def freeze_count() -> int:
     return gc.get_freeze_count()
 
 
+@op
+def preloaded() -> str:
+    """What the op process had before the op ran: pandas and pandera imported and the patches'
+    lazy schemas read, by the fork server (the code location's process never imports them)."""
+    made = vars(InventoryPriceAdjustment)["schemas"].made  # read in this process yet?
+    have = [m for m in ("pandas", "pandera", "stockrx_patches.schemas", "patch_ops.steps.transform")
+            if m in sys.modules]
+    return " ".join([f"schemas-made={made}", *have])
+
+
 @job(executor_def=executor.patch_executor)
 def gc_probe() -> None:
     freeze_count()
+    preloaded()
 
 
 #: Runs gc_probe in a process of its own and prints the op's and the run worker's freeze counts.
@@ -60,6 +72,7 @@ from dagster import execute_job, instance_for_test, reconstructable
 from tests.patch_ops.test_executor import gc_probe
 with instance_for_test() as instance, execute_job(reconstructable(gc_probe), instance=instance) as r:
     assert r.success
+    print(r.output_for_node("preloaded"))
     print(r.output_for_node("freeze_count"), gc.get_freeze_count())
 """
 
@@ -77,3 +90,7 @@ def test_op_processes_start_with_the_preloaded_heap_frozen():
     in_op, in_worker = map(int, out.stdout.split()[-2:])
     assert in_op > 100_000
     assert in_worker == 0  # the run worker is left alone
+    # what the ops need was imported once, in the fork server, not by each op process
+    assert out.stdout.splitlines()[-2] == (
+        "schemas-made=True pandas pandera stockrx_patches.schemas patch_ops.steps.transform"
+    )
