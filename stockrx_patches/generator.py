@@ -146,11 +146,18 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import pandas as pd
 from sqlalchemy import false, select
 
-from patch_ops.patch import Changes, Invariant, Patch, PatchRunConfig, RunContext, Tables
-{schema_import}
+from patch_ops.patch import (
+    Changes,
+    Invariant,
+    Patch,
+    PatchRunConfig,
+    RunContext,
+    Tables,
+    lazy_declaration,
+)
+
 
 class {cls}Config(PatchRunConfig):
     """Run options of {name} (ops.plan_patch.config). dry_run, batch_size and the other
@@ -168,10 +175,14 @@ class {cls}(Patch):
     driving_table = "{table}"
     # The only columns the patch may change, per table (backed up and restored together).
     updates = {{"{table}": ("updated_at",)}}
-    # pandera checks of the rows it writes, per table (stockrx_patches/schemas.py).
-    schemas = {schemas}
     # A valid dry-run config (ops.plan_patch.config without dry_run): tests and config/runs/ use it.
     example_config: ClassVar[dict[str, Any]] = {{}}
+
+    # pandera checks of the rows it writes, per table (stockrx_patches/schemas.py); imported
+    # when first read, so loading the patch does not import pandera.
+    @lazy_declaration
+    def schemas():  # type: ignore[misc]
+{schema_import}        return {schemas}
 
     def targets(self, tables: Tables, config: {cls}Config, ctx: RunContext):
         # Per updated table, a SELECT of the ids the patch may change (SQLAlchemy Core, no raw SQL).
@@ -180,6 +191,8 @@ class {cls}(Patch):
 
     def transform(self, batch, config: {cls}Config, ctx: RunContext) -> Changes:
         # Pure: before-images of one batch in, after-images (id, source_id, updates' columns) out.
+        import pandas as pd  # here, not at the top: loading the patch must not import it
+
         rows = batch["{table}"]
         changed = rows[rows["id"] < 0]  # TODO: the rows of this batch that change, and how
         if changed.empty:
@@ -247,7 +260,7 @@ def patch_source(name: str, table: str, description: str) -> str:
         cls=class_name(name),
         table=table,
         description=description.rstrip(".").replace("\\", "\\\\").replace('"', '\\"'),
-        schema_import=f"from stockrx_patches.schemas import {schema}\n" if schema else "",
+        schema_import=f"        from stockrx_patches.schemas import {schema}\n\n" if schema else "",
         schemas=f'{{"{table}": {schema}}}' if schema else "{}",
     )
 
