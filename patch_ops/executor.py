@@ -23,13 +23,13 @@ from dagster import (
 )
 
 #: What the fork server imports before forking op processes: the framework (which brings
-#: Dagster and SQLAlchemy), what the ops import that loading the code location does not (the
-#: transform step and the pandas row helpers, which bring pandas and pandera: the CLI, webserver
-#: and daemon do without them), the database drivers, and Dagster's command line (every op
+#: Dagster and SQLAlchemy), what the ops import that loading the code location does not (pandas
+#: and pandera, which only the ops' functions import: the CLI, webserver and daemon do without
+#: them), the database drivers, and Dagster's command line (every op
 #: process re-runs the parent's main script, ``dagster``, which imports it: 0.45 s of each op's
 #: start otherwise); the code location's own module is added per run.
 PRELOAD_MODULES = (
-    "patch_ops.jobs", "patch_ops.restore_jobs", "patch_ops.steps.transform", "patch_ops.frames",
+    "patch_ops.jobs", "patch_ops.restore_jobs", "pandas", "pandera.pandas", "pandera.errors",
     "psycopg", "psycopg2", "dagster._cli",
 )
 #: Imported by the fork server after every other preload: reads the patches' lazy declarations

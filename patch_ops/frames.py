@@ -8,16 +8,20 @@ pd.NA) as ``None``.
 missing, backslash escapes), built column-wise by pandas/numpy instead of value by value in the
 driver. It covers the dtypes patches produce (ints, floats, bools, naive datetimes, strings,
 Decimals, dates); anything else returns ``None`` and the caller uses the driver's row path.
+
+pandas and numpy are imported inside the functions: the dialects import this module, and loading
+the code location (CLI, webserver, daemon) must not import them (the op processes have them from
+the fork server's preload, so there the import is a dictionary lookup).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 NULL = "\\N"
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -27,6 +31,8 @@ _OBJECT_TYPES = (str, int, float, Decimal, dt.date)
 
 
 def plain_column(s: pd.Series) -> list[Any]:
+    import pandas as pd
+
     missing = s.isna()
     if pd.api.types.is_datetime64_any_dtype(s.dtype):
         values = list(s.array.to_pydatetime())  # type: ignore[attr-defined]
@@ -53,6 +59,9 @@ def plain_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 def _object_text(v: Any) -> str | None:
     if isinstance(v, str):
         return v.translate(_ESCAPES)
+    import numpy as np
+    import pandas as pd
+
     if v is None or v is pd.NaT or v is pd.NA or (isinstance(v, float) and v != v):
         return NULL
     if isinstance(v, bool | np.bool_):
@@ -74,6 +83,9 @@ def column_text(s: pd.Series, integer_target: bool) -> list[str] | None:
     ``integer_target``: the database column is an integer, so whole floats (an int column that
     became float64 because it has missing values) are written as integers.
     """
+    import numpy as np
+    import pandas as pd
+
     if not isinstance(s.dtype, np.dtype) or s.dtype.kind == "O":
         # object columns and pandas' extension dtypes (nullable ints, strings, categoricals)
         values = s.to_numpy(dtype=object)
@@ -115,6 +127,9 @@ def constant_text(s: pd.Series, integer_target: bool) -> list[str] | None:
     """A column with one value throughout (an execution id, a run timestamp, all missing): that
     value's text once, repeated. None when the values differ or when equal values could print
     differently (objects of several types, such as 1 and Decimal("1.0"))."""
+    import numpy as np
+    import pandas as pd
+
     if len(s) < 2 or not isinstance(s.dtype, np.dtype):
         return None
     values = s.to_numpy()

@@ -40,7 +40,7 @@ from patch_ops.lifecycle import prepare_audit
 from patch_ops.ops import MEMORY, Step, step_op
 from patch_ops.patch import Patch, PatchConfigError, PatchSettings
 from patch_ops.state import executions, locks, require_tables
-from patch_ops.steps import backup, commit, validate, verify
+from patch_ops.steps import backup, commit, transform, validate, verify
 from patch_ops.steps.drift import keep_fingerprint
 from patch_ops.steps.locks import release_stale_locks
 from patch_ops.steps.plan import plan_execution
@@ -246,10 +246,6 @@ def build_patch_job(
             left = "" if done >= total or eta != eta else f", ETA {eta:,.0f} s"  # nan: unknown
             step.set_tags({PROGRESS_TAG: f"{done:,}/{total:,} rows ({done / max(total, 1):.0%})"
                                          f"{left}"})
-
-        # Imported here: it brings pandas and pandera, which the op processes get from the fork
-        # server's preload and the code location's process (CLI, webserver, daemon) never needs.
-        from patch_ops.steps import transform
 
         counts = transform.run_transform(
             step.engine, patch, execution_id, step.memory, log=step.log, on_progress=on_progress,

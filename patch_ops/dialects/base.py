@@ -19,6 +19,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
+from patch_ops.frames import plain_records
+
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
     import pandas as pd
 
@@ -130,8 +132,6 @@ class DatabaseDialect:
     # -- bulk work -----------------------------------------------------------------------------
     def bulk_insert(self, conn: Connection, table: Table, df: pd.DataFrame) -> None:
         """Insert a frame's rows in ``conn``'s transaction (columns already checked)."""
-        from patch_ops.frames import plain_records  # pandas: op processes only
-
         conn.execute(insert(table), plain_records(df))
 
     def load_frame(self, engine: Engine, table: Table, df: pd.DataFrame) -> None:

@@ -43,6 +43,7 @@ from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import StagedInserts
 from patch_ops.dialects.names import table_sql
+from patch_ops.frames import copy_text, plain_rows
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
     import pandas as pd
@@ -76,8 +77,6 @@ def bulk_insert(conn: Connection, table: Table, df: pd.DataFrame) -> None:
 
 def insert_rows(conn: Connection, table: Table, df: pd.DataFrame) -> None:
     """Multi-row INSERTs (``executemany`` of plain tuples; the driver packs them)."""
-    from patch_ops.frames import plain_rows  # pandas: op processes only
-
     cols, rows = plain_rows(df)
     q = conn.dialect.identifier_preparer
     names = ", ".join(q.quote(c) for c in cols).replace("%", "%%")
@@ -101,9 +100,7 @@ def local_infile_ready(conn: Connection) -> bool:
 def tsv_text(table: Table, df: pd.DataFrame) -> str | None:
     """The frame as LOAD DATA's default text format (the same escapes as PostgreSQL's COPY
     text; booleans as 1/0), or None when a column holds something that format does not cover."""
-    import pandas as pd
-
-    from patch_ops.frames import copy_text
+    import pandas as pd  # op processes only
 
     df = df.copy(deep=False)
     for c in df.columns:

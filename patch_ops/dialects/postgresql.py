@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 from patch_ops.dialects.names import table_sql
+from patch_ops.frames import copy_text, plain_rows
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
     import pandas as pd
@@ -29,8 +30,6 @@ class PostgreSQLDialect(DatabaseDialect):
         if conn.dialect.driver != "psycopg":
             super().bulk_insert(conn, table, df)
             return
-        from patch_ops.frames import copy_text, plain_rows  # pandas: op processes only
-
         q = conn.dialect.identifier_preparer
         cols = [str(c) for c in df.columns]
         sql = f"COPY {table_sql(conn, table)} ({', '.join(q.quote(c) for c in cols)}) FROM STDIN"

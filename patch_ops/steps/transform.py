@@ -15,10 +15,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import pandera.errors as pa_errors
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
@@ -51,6 +49,9 @@ from patch_ops.steps.batching import (
 from patch_ops.steps.transform_sql import run_sql_transform
 from resources.memory import MemoryGuard
 
+if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
+    import pandas as pd
+
 __all__ = ["bulk_insert", "read_columns", "run_transform", "transform_path"]
 
 #: Target seconds per batch when neither the run config nor the caller says.
@@ -82,6 +83,8 @@ def without_sources(
 
 
 def _frame(rows: Sequence[Any], columns: list[str], table) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+    import pandas as pd  # op processes only (the fork server preloads it)
+
     df = pd.DataFrame.from_records(rows, columns=columns)
     for col in table.columns:
         if col.name in df.columns and fractional(col) and df[col.name].dtype != "float64":
@@ -326,6 +329,9 @@ def _validate_batch(
     patch: Patch, frames: dict[str, pd.DataFrame], changes: Changes
 ) -> tuple[Changes, list[dict[str, Any]]]:
     """Check a batch's changes with the patch's schemas; drop every change of a bad source."""
+    import pandas as pd  # op processes only (the fork server preloads them)
+    import pandera.errors as pa_errors
+
     bad_sources: set[int] = set()
     reject_rows: list[dict[str, Any]] = []
     checked: list[tuple[str, pd.DataFrame]] = []
