@@ -153,6 +153,9 @@ MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
 MIRROR_KINDS = ("backup", "stage", "approved")
 #: dp_action of mirror rows: a before-image (backup), an updated row, an inserted row (stage).
 BACKUP, UPDATE, INSERT = "B", "U", "I"
+#: dp_action of a stage row that fails a check, staged by the in-database transform's one-pass
+#: write inside a savepoint that is then rolled back: never committed, never read by a step.
+FAILED = "F"
 
 _mirror_cache: dict[tuple[str, str | None, str, str], Table] = {}
 _mirror_lock = threading.Lock()

@@ -8,11 +8,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import pandas as pd
 import pandera.pandas as pa
 import pytest
 from dagster import DagsterInstance
 from pandera.typing import Series
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, event, func, select, union_all, update
 
 from patch_ops import state
 from patch_ops.execution import PatchError, load_execution
@@ -51,7 +52,7 @@ PRICE_CONFIGS: list[dict[str, Any]] = [
 def _transform(engine, name: str, config: dict[str, Any], path: str, **kw: Any) -> str:  # type: ignore[no-untyped-def]
     """Plan, back up and transform one execution on ``path``; returns its id."""
     registry = default_registry()
-    patch, settings = registry.patches[name], registry.settings(name)
+    patch, settings = kw.pop("patch", registry.patches[name]), registry.settings(name)
     cfg = patch.config_class(**config, transform_path=path, batch_size=kw.pop("batch_size", 40))
     execution_id = plan_execution(engine, patch, settings, cfg)
     if run_at := kw.pop("run_at", None):  # the other path's run time: every column compares
@@ -107,11 +108,11 @@ def _counts(engine, execution_id: str) -> tuple[Any, ...]:  # type: ignore[no-un
             ex["failed_records"])
 
 
-def _both_paths(engine, name: str, config: dict[str, Any]) -> int:  # type: ignore[no-untyped-def]
+def _both_paths(engine, name: str, config: dict[str, Any], **kw: Any) -> int:  # type: ignore[no-untyped-def]
     """Both paths on the same data; the number of reject rows (equal on both)."""
-    py = _transform(engine, name, config, PYTHON_PATH)
+    py = _transform(engine, name, config, PYTHON_PATH, **kw)
     _release(engine, py)
-    sql = _transform(engine, name, config, SQL_PATH, run_at=_run_at(engine, py))
+    sql = _transform(engine, name, config, SQL_PATH, run_at=_run_at(engine, py), **kw)
     _release(engine, sql)
     assert _counts(engine, sql) == _counts(engine, py), config
     expected, got = _staged(engine, name, py), _staged(engine, name, sql)
@@ -146,6 +147,64 @@ def test_batch_expiry_stages_the_same_rows_on_both_paths(database_url):
     configs = ({"business_date": "2026-11-29"},
                {"business_date": "2026-12-20", "grace_days": 3, "user_id": 9})
     assert [_both_paths(engine, EXPIRY, config) for config in configs][0] > 0
+
+
+def test_rows_the_database_would_refuse_are_rejected_by_name_on_both_paths(database_url):
+    """x50,000 takes prices from 2,000 yen past decimal(10,2) (and InventorySchema's le): the
+    one-pass stage of the SQL path is refused by the database (SQLite stores them and flags
+    them instead), and the batch is checked first and staged without them, as in pandas."""
+    engine = seeded(database_url, items=150)
+    config = {"adjustment_type": "multiply", "adjustment_value": 50_000}
+    assert _both_paths(engine, PRICE, config) > 0
+
+
+class _DuplicatingPatch(InventoryPriceAdjustment):
+    """Updates item 10 twice (a patch bug pandera's unique id check rejects, by name)."""
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        changes = super().transform(batch, config, ctx)
+        upd = changes.updates.get("inventories")
+        if upd is not None:
+            changes.updates["inventories"] = pd.concat([upd, upd[upd["id"] == 10]])
+        return changes
+
+    def sql_transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        changes = super().sql_transform(batch, config, ctx)
+        upd = changes.updates["inventories"]
+        changes.updates["inventories"] = union_all(upd, upd.where(upd.selected_columns.id == 10))
+        return changes
+
+
+def test_a_duplicate_update_is_rejected_by_name_on_both_paths(database_url):
+    engine = seeded(database_url, items=150)
+    config = {"adjustment_type": "percentage", "adjustment_value": 8}
+    assert _both_paths(engine, PRICE, config, patch=_DuplicatingPatch()) == 2
+
+
+def test_a_clean_batch_is_checked_in_its_stage_statements_and_the_next_after_a_bad_one_first(
+    sqlite_url,
+):
+    """Batches of 40 items: the second holds a row the schema rejects. The first and fourth
+    are checked in the statements that stage them; the second's one-pass stage is undone and
+    the batch checked first, as is the third (the batch after one with failing rows)."""
+    engine = seeded(sqlite_url, items=160)
+    with engine.begin() as conn:
+        conn.execute(update(inventories).where(inventories.c.id == 50).values(status=2))
+    checks_per_batch: list[int] = []
+
+    def count(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("SELECT count(*) AS count_1, max("):  # next keys
+            checks_per_batch.append(0)
+        elif statement.lstrip().startswith("SELECT checked_"):
+            checks_per_batch[-1] += 1
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        _transform(engine, PRICE, {"adjustment_type": "multiply", "adjustment_value": 1.15},
+                   SQL_PATH)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert checks_per_batch == [0, 2, 2, 0, 0]  # the last: no batch left
 
 
 def test_the_sql_path_resumes_at_the_batch_after_the_last_staged(sqlite_url):
