@@ -6,9 +6,30 @@ would-be result before commit, the live tables after. Offending rows come back i
 
 from __future__ import annotations
 
-from sqlalchemy import Select, and_, case, func, literal, or_, select, union_all
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Select,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 
 from patch_ops.patch import Invariant
+
+
+def screened(source: FromClause, *checks: tuple[Invariant, ColumnElement[Any]]) -> list[Invariant]:
+    """The invariants, each with its screen over ``source`` (an aggregate over its rows that is
+    0 exactly when the invariant holds): checked together in one query over ``source``, each
+    one's own ``offenders`` query run only when its screen is not 0 (``Invariant.screen``)."""
+    return [replace(inv, screen=(source, aggregate)) for inv, aggregate in checks]
 
 
 def balanced_per_item(name: str, description: str, *parts: Select) -> Invariant:

@@ -26,6 +26,7 @@ from patch_ops.patch import (
     SqlChanges,
     Tables,
 )
+from stockrx_patches.invariants import screened
 from stockrx_patches.schemas import InventoryLogSchema, InventorySchema
 from stockrx_patches.tables import (
     INVENTORY_LOG_INSERTS,
@@ -232,7 +233,7 @@ class InventoryPriceAdjustment(Patch):
             .group_by(logs.c.inventory_id)
             .subquery()
         )
-        return [
+        one_log, belong, quantities = (
             Invariant(
                 "one_log_per_changed_item",
                 "every changed item has exactly one adjust log row",
@@ -245,13 +246,6 @@ class InventoryPriceAdjustment(Patch):
                 "every new log row is for an item whose price changed",
                 select(logs.c.inventory_id).where(
                     ~select(items.c.id).where(items.c.id == logs.c.inventory_id).exists()
-                ),
-            ),
-            Invariant(
-                "inventory_logs_count_incremented",
-                "inventory_logs_count went up by exactly one on every changed item",
-                select(items.c.id).where(
-                    items.c.inventory_logs_count != items.c.before_inventory_logs_count + 1
                 ),
             ),
             Invariant(
@@ -268,6 +262,35 @@ class InventoryPriceAdjustment(Patch):
                     )
                 ),
             ),
+        )
+        # The three log checks in one read of the items and the log rows (the queries above run
+        # only for one that fails): the log rows beside their items, each item at least once
+        paired = items.outerjoin(logs, logs.c.inventory_id == items.c.id)
+        q, unpaired = items.c.quantity, logs.c.inventory_id.is_(None)
+        one_log, belong, quantities = screened(
+            paired,
+            # items without a log row, and log rows beyond the first of their item
+            (one_log, func.count(case((unpaired, 1)))
+             + func.count() - func.count(items.c.id.distinct())),
+            # log rows not beside a changed item
+            (belong, select(func.count()).select_from(logs).scalar_subquery()
+             - func.count(logs.c.inventory_id)),
+            (quantities, func.count(case((or_(
+                logs.c.delta != 0, logs.c.previous_quantity != q, logs.c.current_quantity != q,
+                logs.c.operation_type != "adjust",
+            ), 1)))),
+        )
+        return [
+            one_log,
+            belong,
+            Invariant(
+                "inventory_logs_count_incremented",
+                "inventory_logs_count went up by exactly one on every changed item",
+                select(items.c.id).where(
+                    items.c.inventory_logs_count != items.c.before_inventory_logs_count + 1
+                ),
+            ),
+            quantities,
             Invariant(
                 "price_actually_changed",
                 "no item is touched whose price stays the same",
