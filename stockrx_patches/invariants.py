@@ -45,6 +45,37 @@ def balanced_per_item(name: str, description: str, *parts: Select) -> Invariant:
     )
 
 
+def balanced_per_item_together(*rules: tuple[str, str, tuple[Select, ...]]) -> list[Invariant]:
+    """``balanced_per_item(name, description, *parts)`` for each rule, screened together: one
+    query sums every rule's amounts per item over all the parts, the parts that read the same
+    rows merged into one (each relation is read once, not once per rule that reads it)."""
+    invariants = [balanced_per_item(name, description, *parts) for name, description, parts in rules]
+    merged: dict[tuple[int, ...], tuple[Any, dict[int, Any]]] = {}  # FROM -> (item, amounts)
+    for k, (_, _, parts) in enumerate(rules):
+        for part in parts:
+            item, amount = part.selected_columns
+            froms = tuple(id(f) for f in part.get_final_froms())
+            key = (*froms, id(item)) if part.whereclause is None else (id(part),)
+            merged.setdefault(key, (part, {}))[1][k] = (item, amount)
+    selects = []
+    for part, amounts in merged.values():
+        item = next(iter(amounts.values()))[0]
+        cols = [amounts[k][1] if k in amounts else literal(0) for k in range(len(rules))]
+        selects.append(part.with_only_columns(
+            item.label("item_id"), *[c.label(f"amount_{k}") for k, c in enumerate(cols)]
+        ))
+    u = union_all(*selects).subquery()
+    per_item = (
+        select(*[func.sum(u.c[f"amount_{k}"]).label(f"sum_{k}") for k in range(len(rules))])
+        .group_by(u.c.item_id)
+        .subquery("balances")
+    )
+    return screened(per_item, *[
+        (inv, func.count(case((per_item.c[f"sum_{k}"] != 0, 1))))
+        for k, inv in enumerate(invariants)
+    ])
+
+
 def no_negative(result, columns: dict[str, tuple[str, ...]]) -> Invariant:  # type: ignore[no-untyped-def]
     """No written row (updated or inserted) of the tables has a negative value in the columns."""
     parts = []
