@@ -224,9 +224,10 @@ def invariant_checks(
     """The checks of every invariant of ``patch`` on the result: each finds the broken
     invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
     caller needs over the view's rows anyway (the impact report's), computed in the same pass
-    as the invariants that filter the same rows, or alone (``shared_only``: only in a pass
-    with invariants; the others are left out of ``Checks.aggregates`` for the caller to get as
-    it would without invariants).
+    as the invariants that filter or screen the same rows, or alone (``shared_only``: only in
+    a pass with invariants; the others are left out of ``Checks.aggregates`` for the caller to
+    get as it would without invariants). A screened invariant whose screen is not 0 is then
+    counted and sampled by its own ``offenders`` query, on its own connection.
 
     Where the database can limit a statement's time, each query may run ``timeout_s`` at most: one that
     runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
