@@ -175,11 +175,18 @@ class SqlChanges:
 
 @dataclass(frozen=True)
 class Invariant:
-    """A whole-set rule: ``offenders`` selects the rows that break it (none = it holds)."""
+    """A whole-set rule: ``offenders`` selects the rows that break it (none = it holds).
+
+    ``screen``: (source, aggregate over source) that is 0 exactly when no row offends (another
+    value: the offenders are counted and named as without it). Invariants that screen over the
+    same source are screened together, in one query; ``offenders`` runs only for those whose
+    screen is not 0, so several checks that join the same rows read them once when they hold.
+    """
 
     name: str
     description: str
     offenders: Select
+    screen: tuple[Any, Any] | None = None
 
 
 class Tables(Mapping[str, Table]):

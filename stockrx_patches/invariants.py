@@ -6,9 +6,30 @@ would-be result before commit, the live tables after. Offending rows come back i
 
 from __future__ import annotations
 
-from sqlalchemy import Select, and_, case, func, literal, or_, select, union_all
+from dataclasses import replace
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Select,
+    and_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 
 from patch_ops.patch import Invariant
+
+
+def screened(source: FromClause, *checks: tuple[Invariant, ColumnElement[Any]]) -> list[Invariant]:
+    """The invariants, each with its screen over ``source`` (an aggregate over its rows that is
+    0 exactly when the invariant holds): checked together in one query over ``source``, each
+    one's own ``offenders`` query run only when its screen is not 0 (``Invariant.screen``)."""
+    return [replace(inv, screen=(source, aggregate)) for inv, aggregate in checks]
 
 
 def balanced_per_item(name: str, description: str, *parts: Select) -> Invariant:
@@ -22,6 +43,37 @@ def balanced_per_item(name: str, description: str, *parts: Select) -> Invariant:
         .group_by(item)
         .having(func.sum(amount) != 0),
     )
+
+
+def balanced_per_item_together(*rules: tuple[str, str, tuple[Select, ...]]) -> list[Invariant]:
+    """``balanced_per_item(name, description, *parts)`` for each rule, screened together: one
+    query sums every rule's amounts per item over all the parts, the parts that read the same
+    rows merged into one (each relation is read once, not once per rule that reads it)."""
+    invariants = [balanced_per_item(name, description, *parts) for name, description, parts in rules]
+    merged: dict[tuple[int, ...], tuple[Any, dict[int, Any]]] = {}  # FROM -> (item, amounts)
+    for k, (_, _, parts) in enumerate(rules):
+        for part in parts:
+            item, amount = part.selected_columns
+            froms = tuple(id(f) for f in part.get_final_froms())
+            key = (*froms, id(item)) if part.whereclause is None else (id(part),)
+            merged.setdefault(key, (part, {}))[1][k] = (item, amount)
+    selects = []
+    for part, amounts in merged.values():
+        item = next(iter(amounts.values()))[0]
+        cols = [amounts[k][1] if k in amounts else literal(0) for k in range(len(rules))]
+        selects.append(part.with_only_columns(
+            item.label("item_id"), *[c.label(f"amount_{k}") for k, c in enumerate(cols)]
+        ))
+    u = union_all(*selects).subquery()
+    per_item = (
+        select(*[func.sum(u.c[f"amount_{k}"]).label(f"sum_{k}") for k in range(len(rules))])
+        .group_by(u.c.item_id)
+        .subquery("balances")
+    )
+    return screened(per_item, *[
+        (inv, func.count(case((per_item.c[f"sum_{k}"] != 0, 1))))
+        for k, inv in enumerate(invariants)
+    ])
 
 
 def no_negative(result, columns: dict[str, tuple[str, ...]]) -> Invariant:  # type: ignore[no-untyped-def]

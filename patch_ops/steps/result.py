@@ -3,9 +3,11 @@
 ``ResultView`` gives a patch's invariants the rows it updates and inserts and whole tables as they
 would be after commit (from the stage) or are (live, after commit); ``invariant_checks`` counts
 the offenders of each invariant, with a sample of them, bounded by the statement timeout:
-invariants that filter the same rows in one query (``row_filter``), beside the aggregates the
-caller needs of those rows (the impact report's, verification's comparison with the stage), so
-each row source is read as few times as possible. Validation and post-verification share them.
+invariants that filter the same rows in one query (``row_filter``), and invariants that declare a
+screen over the same rows (``Invariant.screen``, e.g. several checks over one join), beside the
+aggregates the caller needs of those rows (the impact report's, verification's comparison with
+the stage), so each row source is read as few times as possible; a screened invariant's own
+query runs only when its screen is not 0. Validation and post-verification share them.
 """
 
 from __future__ import annotations
@@ -143,15 +145,17 @@ class ResultView:
 
 #: The extra aggregates a caller computes in the invariants' passes: key -> (row source, columns)
 Aggregates = dict[str, tuple[FromClause, list[ColumnElement[Any]]]]
+#: An invariant in a shared pass: (its index, its column there, whether that is its exact count)
+Screen = tuple[int, ColumnElement[Any], bool]
 
 
 @dataclass
 class Checks:
     """The invariant checks of one result as calls to run at once (``run_concurrently``).
 
-    Invariants that only filter the rows of one source (``row_filter``) share one query per
-    source: a ``COUNT(CASE WHEN ...)`` each, beside the caller's extra aggregates over the same
-    rows. Every call returns ``{invariant index: broken or None}``; ``aggregates[key]`` is set
+    Invariants that only filter the rows of one source (``row_filter``) or screen it
+    (``Invariant.screen``) share one query per source: a ``COUNT(CASE WHEN ...)`` or the screen
+    each, beside the caller's extra aggregates over the same rows. Every call returns ``{invariant index: broken or None}``; ``aggregates[key]`` is set
     to the row of the extra aggregates (None: its pass timed out, compute them again).
     """
 
@@ -188,9 +192,11 @@ def row_filter(inv: Invariant, dialect: Any) -> tuple[FromClause, ColumnElement[
 
 
 def _source_key(source: FromClause, dialect: Any) -> str:
-    """The same rows: the same SQL and parameters (two calls of ``ResultView.updated(t)``)."""
+    """The same rows: the same SQL and parameters (two calls of ``ResultView.updated(t)``). A
+    join is the same only as the same object: ``_on`` cannot move conditions between two."""
     compiled = select(literal_column("1")).select_from(source).compile(dialect=dialect)
-    return f"{compiled} {sorted(compiled.params.items(), key=lambda kv: kv[0])!r}"
+    key = f"{compiled} {sorted(compiled.params.items(), key=lambda kv: kv[0])!r}"
+    return f"{key} #{id(source)}" if isinstance(source, Join) else key
 
 
 def _on(source: FromClause, condition: ColumnElement[bool], other: FromClause):  # type: ignore[no-untyped-def]
@@ -218,9 +224,10 @@ def invariant_checks(
     """The checks of every invariant of ``patch`` on the result: each finds the broken
     invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
     caller needs over the view's rows anyway (the impact report's), computed in the same pass
-    as the invariants that filter the same rows, or alone (``shared_only``: only in a pass
-    with invariants; the others are left out of ``Checks.aggregates`` for the caller to get as
-    it would without invariants).
+    as the invariants that filter or screen the same rows, or alone (``shared_only``: only in
+    a pass with invariants; the others are left out of ``Checks.aggregates`` for the caller to
+    get as it would without invariants). A screened invariant whose screen is not 0 is then
+    counted and sampled by its own ``offenders`` query, on its own connection.
 
     Where the database can limit a statement's time, each query may run ``timeout_s`` at most: one that
     runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
@@ -235,18 +242,20 @@ def invariant_checks(
     dialect = dialect_of(engine)
     limit_s = timeout_s if timeout_s and dialect.features.statement_timeout else 0
     invariants = patch.invariants(view, config)
-    # key -> (source, [(index, condition)], {aggregate key: columns})
-    passes: dict[str, tuple[FromClause, list[tuple[int, ColumnElement[bool]]], Aggregates]] = {}
+    # key -> (source, [(index, count of offenders or screen, exact)], {aggregate key: columns})
+    passes: dict[str, tuple[FromClause, list[Screen], Aggregates]] = {}
     alone: list[int] = []
     for i, inv in enumerate(invariants):
-        found = row_filter(inv, engine.dialect)
-        if found is None:
+        if inv.screen is not None:
+            source, counted, exact = *inv.screen, False
+        elif (found := row_filter(inv, engine.dialect)) is not None:
+            source, counted, exact = found[0], func.count(case((found[1], 1))), True
+        else:
             alone.append(i)
             continue
-        source, cond = found
         key = _source_key(source, engine.dialect)
         first = passes.setdefault(key, (source, [], {}))[0]
-        passes[key][1].append((i, _on(first, cond, source)))
+        passes[key][1].append((i, _on(first, counted, source), exact))
     extra = aggregates(view) if aggregates else {}
     futures: dict[str, Future[Any]] = {k: Future() for k in extra}
     for name, (source, cols) in extra.items():
@@ -289,11 +298,12 @@ def invariant_checks(
                 return {i: timed_out(inv)}
 
     def shared(
-        source: FromClause, conds: list[tuple[int, ColumnElement[bool]]], more: Aggregates
+        source: FromClause, conds: list[Screen], more: Aggregates
     ) -> dict[int, dict[str, Any] | None]:
-        cols: list[ColumnElement[Any]] = [func.count(case((c, 1))) for _, c in conds]
+        cols: list[ColumnElement[Any]] = [c for _, c, _ in conds]
         cols += [c for _, extra_cols in more.values() for c in extra_cols]
         found: dict[int, dict[str, Any] | None] = {}
+        screened: list[int] = []  # screens not 0: their own query counts and names the rows
         row: Any = None
         try:
             with engine.connect() as conn:
@@ -301,13 +311,18 @@ def invariant_checks(
                     dialect.set_statement_timeout(conn, limit_s)
                 try:
                     row = conn.execute(select(*cols).select_from(source)).one()
-                    for (i, _), n in zip(conds, row[: len(conds)], strict=True):
-                        found[i] = sample(conn, invariants[i], n) if n else None
+                    for (i, _, exact), n in zip(conds, row[: len(conds)], strict=True):
+                        if exact:  # the count of the offenders itself
+                            found[i] = sample(conn, invariants[i], n) if n else None
+                        elif n == 0:
+                            found[i] = None
+                        else:
+                            screened.append(i)
                 except OperationalError as exc:
                     if not dialect.is_statement_timeout(exc):
                         raise
-                    row = None
-                    found = {i: timed_out(invariants[i]) for i, _ in conds}
+                    row, screened = None, []
+                    found = {i: timed_out(invariants[i]) for i, _, _ in conds}
         except BaseException as exc:
             for name in more:
                 futures[name].set_exception(exc)
@@ -316,6 +331,8 @@ def invariant_checks(
         for name, (_, extra_cols) in more.items():
             futures[name].set_result(None if row is None else tuple(row[at : at + len(extra_cols)]))
             at += len(extra_cols)
+        for i in screened:
+            found.update(check(i))
         return found
 
     # the shared passes first: the impact report waits for its aggregates

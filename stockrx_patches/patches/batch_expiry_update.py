@@ -248,23 +248,26 @@ class BatchExpiryUpdate(Patch):
         return [
             inv.log_quantities_add_up(result),
             inv.no_negative(result, NOT_NEGATIVE),
-            inv.balanced_per_item(
-                "one_log_per_written_off_lot",
-                "every item has exactly as many remove log rows as lots written off",
-                select(logs.c.inventory_id, literal(1)),
-                select(lots.c.inventory_id, literal(-1)),
-            ),
-            inv.balanced_per_item(
-                "removed_from_items_equals_removed_from_lots",
-                "per item, the quantity removed from the item = the quantity removed from its lots",
-                select(items.c.id, items.c.before_quantity - items.c.quantity),
-                select(lots.c.inventory_id, lots.c.quantity - lots.c.before_quantity),
-            ),
-            inv.balanced_per_item(
-                "logs_record_what_lots_lost",
-                "per item, the log rows' deltas add up to what its lots lost",
-                select(logs.c.inventory_id, logs.c.delta),
-                select(lots.c.inventory_id, lots.c.before_quantity - lots.c.quantity),
+            *inv.balanced_per_item_together(
+                (
+                    "one_log_per_written_off_lot",
+                    "every item has exactly as many remove log rows as lots written off",
+                    (select(logs.c.inventory_id, literal(1)),
+                     select(lots.c.inventory_id, literal(-1))),
+                ),
+                (
+                    "removed_from_items_equals_removed_from_lots",
+                    "per item, the quantity removed from the item = the quantity removed from "
+                    "its lots",
+                    (select(items.c.id, items.c.before_quantity - items.c.quantity),
+                     select(lots.c.inventory_id, lots.c.quantity - lots.c.before_quantity)),
+                ),
+                (
+                    "logs_record_what_lots_lost",
+                    "per item, the log rows' deltas add up to what its lots lost",
+                    (select(logs.c.inventory_id, logs.c.delta),
+                     select(lots.c.inventory_id, lots.c.before_quantity - lots.c.quantity)),
+                ),
             ),
             inv.log_chains(result, "remove"),
             inv.counter_cache_true(result, "inventory_logs_count", "inventory_logs"),

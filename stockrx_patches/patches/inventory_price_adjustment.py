@@ -26,6 +26,7 @@ from patch_ops.patch import (
     Tables,
     lazy_declaration,
 )
+from stockrx_patches.invariants import screened
 from stockrx_patches.tables import (
     INVENTORY_LOG_INSERTS,
     inventories,
@@ -239,7 +240,7 @@ class InventoryPriceAdjustment(Patch):
             .group_by(logs.c.inventory_id)
             .subquery()
         )
-        return [
+        one_log, belong, quantities = (
             Invariant(
                 "one_log_per_changed_item",
                 "every changed item has exactly one adjust log row",
@@ -252,13 +253,6 @@ class InventoryPriceAdjustment(Patch):
                 "every new log row is for an item whose price changed",
                 select(logs.c.inventory_id).where(
                     ~select(items.c.id).where(items.c.id == logs.c.inventory_id).exists()
-                ),
-            ),
-            Invariant(
-                "inventory_logs_count_incremented",
-                "inventory_logs_count went up by exactly one on every changed item",
-                select(items.c.id).where(
-                    items.c.inventory_logs_count != items.c.before_inventory_logs_count + 1
                 ),
             ),
             Invariant(
@@ -275,6 +269,48 @@ class InventoryPriceAdjustment(Patch):
                     )
                 ),
             ),
+        )
+        # The three log checks in one read of the items and the log rows (the queries above run
+        # only for one that fails): beside each item, its log rows' count, odd ones and
+        # quantities. Grouped first, so that MariaDB, which has no hash join, looks the logs of
+        # an item up by key (an index on the grouped rows) instead of scanning them per item
+        prev, cur = logs.c.previous_quantity, logs.c.current_quantity
+        of_item = (
+            select(
+                logs.c.inventory_id,
+                func.count().label("n"),
+                func.count(case((or_(logs.c.delta != 0, logs.c.operation_type != "adjust"), 1)))
+                .label("odd"),
+                func.min(prev).label("prev_min"), func.max(prev).label("prev_max"),
+                func.min(cur).label("cur_min"), func.max(cur).label("cur_max"),
+            )
+            .group_by(logs.c.inventory_id)
+            .subquery("logs_of_item")
+        )
+        q = items.c.quantity
+        quantity_differs = or_(
+            of_item.c.odd > 0, of_item.c.prev_min != q, of_item.c.prev_max != q,
+            of_item.c.cur_min != q, of_item.c.cur_max != q,
+        )
+        one_log, belong, quantities = screened(
+            items.outerjoin(of_item, of_item.c.inventory_id == items.c.id),
+            (one_log, func.count(case((func.coalesce(of_item.c.n, 0) != 1, 1)))),
+            # log rows not counted beside a changed item
+            (belong, select(func.count()).select_from(logs).scalar_subquery()
+             - func.coalesce(func.sum(of_item.c.n), 0)),
+            (quantities, func.count(case((quantity_differs, 1)))),
+        )
+        return [
+            one_log,
+            belong,
+            Invariant(
+                "inventory_logs_count_incremented",
+                "inventory_logs_count went up by exactly one on every changed item",
+                select(items.c.id).where(
+                    items.c.inventory_logs_count != items.c.before_inventory_logs_count + 1
+                ),
+            ),
+            quantities,
             Invariant(
                 "price_actually_changed",
                 "no item is touched whose price stays the same",

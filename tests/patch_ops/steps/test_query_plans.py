@@ -2,8 +2,9 @@
 
 ``x NOT IN (SELECT ...)`` is planned as a *hashed* subplan only while the subquery fits in
 work_mem; past that PostgreSQL rescans it for every outer row, which made validation of a million
-changed items run for hours. Every invariant and the would-be table views are planned here with a
-work_mem far too small for any hash, and no plan may contain a plain (rescanned) SubPlan.
+changed items run for hours. Every invariant, its screen and the would-be table views are planned
+here with a work_mem far too small for any hash, and no plan may contain a plain (rescanned)
+SubPlan.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def _plans(engine, patch, execution_id, committed=False):  # type: ignore[no-unt
         engine, state.reflect_tables(engine, patch.tables()), execution_id, committed,
         ex["declaration"], ex,
     )
-    queries = {inv.name: inv.offenders for inv in patch.invariants(view, config_of(patch, ex))}
+    invariants = patch.invariants(view, config_of(patch, ex))
+    queries = {inv.name: inv.offenders for inv in invariants}
+    queries |= {f"screen({inv.name})": select(inv.screen[1]).select_from(inv.screen[0])
+                for inv in invariants if inv.screen is not None}
     queries |= {f"table({t})": select(view.table(t)) for t in patch.tables()}
     plans = {}
     with engine.begin() as conn:

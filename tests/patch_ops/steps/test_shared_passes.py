@@ -1,13 +1,25 @@
-"""Invariants that filter the same rows share one query, with the impact report's counts and
-sums: each broken one is still found and named with its own count and sample, and a shared
-query past its timeout fails every check in it."""
+"""Invariants that filter the same rows, or screen the same join, share one query, with the
+impact report's counts and sums: each broken one is still found and named with its own count
+and sample, and a shared query past its timeout fails every check in it."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import pandas as pd
 import pytest
-from sqlalchemy import String, cast, column, delete, func, literal, select, table, update
+from sqlalchemy import (
+    String,
+    case,
+    cast,
+    column,
+    delete,
+    func,
+    literal,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 
 from patch_ops.patch import Invariant, PatchSettings
@@ -198,3 +210,135 @@ def test_only_plain_row_filters_share_a_pass():
     assert not shares(select(t.c.id).where(~select(u.c.id).where(u.c.id == t.c.id).exists()))
     assert not shares(select(t.c.id).where(t.c.k.in_(select(u.c.id))))
     assert not shares(select(literal(1)).where(t.c.n < 0, u.c.id == 1))  # two sources
+
+
+# The price patch's three log checks are screened together over one join of the items and
+# their log rows: each one still finds its violation and names its rows as on its own.
+
+WITH_UNCHANGED = [*PRICES, 0.0]  # item 10's price stays 0: it is not changed
+
+
+class BrokenLogsPatch(InventoryPriceAdjustment):
+    """Writes the log rows wrong: ``missing`` drops item 2's, ``doubled`` doubles item 3's,
+    ``belong`` adds one for item 10 (not changed), ``quantities`` gives item 4's another
+    previous_quantity and item 5's another current_quantity."""
+
+    name = "broken_logs_patch"
+    schemas = {}
+    breaks: tuple[str, ...] = ()
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        changes = super().transform(batch, config, ctx)
+        logs = changes.inserts["inventory_logs"]
+        if "missing" in self.breaks:
+            logs = logs[logs["inventory_id"] != 2]
+        if "doubled" in self.breaks:
+            logs = pd.concat([logs, logs[logs["inventory_id"] == 3]])
+        if "belong" in self.breaks and 10 in set(batch["inventories"]["id"]):
+            extra = logs.iloc[:1].copy()
+            extra[["source_id", "inventory_id"]] = 10
+            logs = pd.concat([logs, extra])
+        if "quantities" in self.breaks:
+            logs.loc[logs["inventory_id"] == 4, "previous_quantity"] += 1
+            logs.loc[logs["inventory_id"] == 5, "current_quantity"] += 1
+        changes.inserts["inventory_logs"] = logs.reset_index(drop=True)
+        return changes
+
+
+ONE_LOG, BELONG, QUANTITIES = (
+    "one_log_per_changed_item", "log_rows_belong_to_changed_items", "log_quantities_match_item"
+)
+BROKEN_BY = {  # what each break breaks: invariant -> rows named
+    "missing": {ONE_LOG: [{"id": 2, "n": None}]},
+    "doubled": {ONE_LOG: [{"id": 3, "n": 2}]},
+    "belong": {BELONG: [{"inventory_id": 10}]},
+    "quantities": {QUANTITIES: [{"inventory_id": 4}, {"inventory_id": 5}]},
+}
+
+
+@pytest.mark.parametrize("breaks", [("missing",), ("doubled",), ("belong",), ("quantities",),
+                                    tuple(BROKEN_BY)])
+def test_each_log_check_screened_together_finds_and_names_its_rows(database_url, breaks):
+    patch = BrokenLogsPatch()
+    patch.breaks = breaks
+    engine = hand_built(database_url, WITH_UNCHANGED)
+    x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
+    take_backup(engine, x)
+    run_transform(engine, patch, x, MemoryGuard())
+    passed, report = validate_execution(engine, patch, SETTINGS, x)
+    assert not passed
+    expected: dict[str, list[dict]] = {}
+    for b in breaks:
+        for name, rows in BROKEN_BY[b].items():
+            expected[name] = expected.get(name, []) + rows
+    broken = report["validation"]["invariants"]
+    assert [b["name"] for b in broken] == [n for n in (ONE_LOG, BELONG, QUANTITIES)
+                                           if n in expected]
+    for b in broken:
+        rows = expected[b["name"]]
+        key = next(iter(rows[0]))
+        assert b["count"] == len(rows)
+        assert sorted(b["sample"], key=lambda r: r[key]) == rows
+        assert any(f"invariant {b['name']} broken by {len(rows)} row(s)" in p
+                   for p in report["validation"]["problems"])
+
+
+def test_after_commit_each_log_check_screened_together_names_its_rows(database_url):
+    """The application breaks all three after commit: a log row deleted (item 2), one moved
+    to an item the patch did not change (item 6's, to item 10), one with another quantity."""
+    patch = InventoryPriceAdjustment()
+    engine = hand_built(database_url, WITH_UNCHANGED)
+    x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
+    take_backup(engine, x)
+    run_transform(engine, patch, x, MemoryGuard())
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
+    assert verify_execution(engine, patch, x) == []
+    new = (inventory_logs.c.operation_type == "adjust")
+    with engine.begin() as conn:
+        conn.execute(delete(inventory_logs).where(new, inventory_logs.c.inventory_id == 2))
+        conn.execute(update(inventory_logs).where(new, inventory_logs.c.inventory_id == 6)
+                     .values(inventory_id=10))
+        conn.execute(update(inventory_logs).where(new, inventory_logs.c.inventory_id == 4)
+                     .values(previous_quantity=inventory_logs.c.previous_quantity + 1))
+    problems = verify_execution(engine, patch, x, connections=2)
+    assert problems[0].startswith("inventory_logs: live rows differ from what was committed")
+    assert problems[1:] == [
+        "invariant one_log_per_changed_item broken after commit by 2 row(s): every changed "
+        "item has exactly one adjust log row",
+        "invariant log_rows_belong_to_changed_items broken after commit by 1 row(s): every new "
+        "log row is for an item whose price changed",
+        "invariant log_quantities_match_item broken after commit by 1 row(s): log rows carry "
+        "the item's quantity, delta 0",
+    ]
+
+
+class SlowJoinPatch(InventoryPriceAdjustment):
+    """One more check screened over the join of the three log checks, sleeping 50 ms per row on
+    PostgreSQL: their shared pass runs past the 0.5 s allowed."""
+
+    name = "slow_join_patch"
+
+    def invariants(self, result, config):  # type: ignore[no-untyped-def]
+        invariants = super().invariants(result, config)
+        paired = invariants[0].screen[0]
+        slow = cast(func.pg_sleep(0.05), String) == "never"
+        return [*invariants, Invariant("slow_join", "sleeps", select(literal(1)).where(slow),
+                                       screen=(paired, func.count(case((slow, 1)))))]
+
+
+@pytest.mark.postgres
+def test_a_screened_pass_past_its_timeout_fails_every_check_in_it(pg_url):
+    patch = SlowJoinPatch()
+    settings = replace(SETTINGS, query_timeout_seconds=0.5)
+    engine = hand_built(pg_url, PRICES * 3)
+    x = plan_execution(engine, patch, settings, patch.config_class(**CONFIG))
+    take_backup(engine, x)
+    run_transform(engine, patch, x, MemoryGuard())
+    passed, report = validate_execution(engine, patch, settings, x)
+    assert not passed
+    broken = {b["name"]: b for b in report["validation"]["invariants"]}
+    assert set(broken) == {"one_log_per_changed_item", "log_rows_belong_to_changed_items",
+                           "log_quantities_match_item", "slow_join"}
+    for b in broken.values():
+        assert b["count"] is None and b["timed_out"] == 0.5

@@ -315,6 +315,20 @@ class BrokenArithmetic(_NoSchemas):
         return changes
 
 
+class BrokenDelta(_NoSchemas):
+    """Item 5's log rows record one unit less than its lots lost (each row still adds up)."""
+
+    name = "expiry_broken_delta"
+
+    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
+        changes = super().transform(batch, config, ctx)
+        logs = changes.inserts["inventory_logs"]
+        five = logs["inventory_id"] == 5
+        logs.loc[five, "delta"] += 1
+        logs.loc[five, "current_quantity"] += 1
+        return changes
+
+
 class BrokenChain(_NoSchemas):
     """Every log row starts from the item's old quantity: rows add up, the chain does not."""
 
@@ -354,6 +368,7 @@ def _defs(patch_cls):  # type: ignore[no-untyped-def]
         (BrokenSums, {}, "removed_from_items_equals_removed_from_lots", 1),
         (BrokenChain, {}, "log_chain_consistent", 1),
         (MissingLog, {}, "one_log_per_written_off_lot", 5),
+        (BrokenDelta, {}, "logs_record_what_lots_lost", 5),
         (NoSchemaExpiry, {"item_qty": {3: 5}}, "no_negative_quantity", 3),  # holds 5, lot 7
         (BatchExpiryUpdate, {"counters": {2: (3, 9)}}, "inventory_logs_count_true", 2),
         (BatchExpiryUpdate, {"counters": {5: (4, 3)}}, "batches_count_true", 5),
