@@ -157,6 +157,9 @@ def keep_fingerprint(
         report = dict(ex["report"] or {})
         report["approval_fingerprint"] = kept
         set_execution(conn, execution_id, report=report)
+    # The real run's drift check joins these rows with the live ones: with stale statistics
+    # the planner takes them for a handful (a nested loop over every target, ~3x slower)
+    state.analyze(engine, list(fps.values()))
 
 
 def _forget_unusable(
