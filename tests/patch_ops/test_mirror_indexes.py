@@ -4,7 +4,7 @@ one made by an earlier version loses it, its rows kept. On SQLite, PostgreSQL an
 
 from __future__ import annotations
 
-from sqlalchemy import Index, MetaData, Table, func, inspect, insert, select
+from sqlalchemy import Index, MetaData, Table, func, insert, inspect, select
 
 from patch_ops import state
 from patch_ops.database import get_engine
