@@ -26,7 +26,7 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
         return dict(ex["report"].get("backup", {})) if ex["report"] else {}
     tables = state.reflect_tables(engine, decl["tables"])
     with engine.connect() as conn:
-        targeted = _targeted_tables(conn, execution_id)
+        targeted = _targeted_tables(conn, execution_id, decl["tables"])
     backups = {table: mirror_table(engine, tables[table], "backup") for table in targeted}
     for table, backup in backups.items():
         fk = decl.get("related", {}).get(table)
@@ -58,18 +58,20 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
         report = dict(ex["report"] or {})
         report["backup"] = counts
         set_execution(conn, execution_id, phase="backed_up", report=report, heartbeat_at=utcnow())
-    state.analyze(engine, [targets, *backups.values()])
+    state.analyze(engine, list(backups.values()))  # the targets' at plan, after the freeze
     log.info("backup taken: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
     return counts
 
 
-def _targeted_tables(conn: Connection, execution_id: str) -> list[str]:
-    return list(
-        conn.execute(
-            select(targets.c.table_name)
-            .where(targets.c.execution_id == execution_id)
-            .distinct()
-            .order_by(targets.c.table_name)
-        ).scalars()
-    )
-
+def _targeted_tables(conn: Connection, execution_id: str, tables: list[str]) -> list[str]:
+    """The declared tables with at least one frozen target, by name: one index probe each
+    (a DISTINCT over the execution's target rows read all of them)."""
+    return [
+        table
+        for table in sorted(set(tables))
+        if conn.execute(
+            select(targets.c.row_id)
+            .where(targets.c.execution_id == execution_id, targets.c.table_name == table)
+            .limit(1)
+        ).first() is not None
+    ]

@@ -157,6 +157,9 @@ def keep_fingerprint(
         report = dict(ex["report"] or {})
         report["approval_fingerprint"] = kept
         set_execution(conn, execution_id, report=report)
+    # The real run's drift check joins these rows with the live ones: with stale statistics
+    # the planner takes them for a handful (a nested loop over every target, ~3x slower)
+    state.analyze(engine, list(fps.values()))
 
 
 def _forget_unusable(
@@ -225,16 +228,29 @@ class _Compare:
             self.fps[table] = fp
 
     def drifted(self, table: str, *extra: Any) -> Any:
-        """SELECT ``extra`` from the target rows of ``table`` that drifted (live vs before)."""
+        """SELECT ``extra`` from the target rows of ``table`` that drifted (live vs before).
+
+        The driving table's are read from the fingerprint and the live rows alone: the approving
+        dry run's plan hash has this run's target ids (``patch_ops.approval``), so its backup
+        rows there are this run's targets, and a driving row leaves the targets only with its
+        own page of drifted rows (``_leave_targets``). Joining the target set as well read every
+        target a third time. A related table's rows may leave with another driving row's page
+        (their link drifted): those still go through the target set."""
         live, fp = self.live[table], self.fps[table]
         b = fp.alias("b")
         changed = [live.c[c].is_distinct_from(b.c[c]) for c in self.cols[table]]
+        approved = and_(b.c.dp_execution_id == self.approver, b.c.dp_action == BACKUP)
+        if table == self.patch.driving_table:
+            return (
+                select(*extra)
+                .select_from(b.join(live, live.c.id == b.c.dp_seq))
+                .where(approved, or_(*changed))
+            ), b
         return (
             select(*extra)
             .select_from(
                 targets.join(live, live.c.id == targets.c.row_id).join(
-                    b, and_(b.c.dp_execution_id == self.approver, b.c.dp_action == BACKUP,
-                            b.c.dp_seq == live.c.id),
+                    b, and_(approved, b.c.dp_seq == live.c.id),
                 )
             )
             .where(targets.c.execution_id == self.execution_id, targets.c.table_name == table,
