@@ -171,8 +171,9 @@ class SlowFilterPatch(InventoryPriceAdjustment):
 
 
 @pytest.mark.postgres
-def test_a_shared_pass_past_its_timeout_fails_every_check_in_it(pg_url):
-    patch = SlowFilterPatch()
+def validated_past_timeout(pg_url, patch):  # type: ignore[no-untyped-def]
+    """Validate a transformed run of ``patch`` with a 0.5 s query limit: (report, broken checks
+    by name); the run must not pass."""
     settings = replace(SETTINGS, query_timeout_seconds=0.5)
     engine = hand_built(pg_url, PRICES * 3)
     x = plan_execution(engine, patch, settings, patch.config_class(**CONFIG))
@@ -180,7 +181,11 @@ def test_a_shared_pass_past_its_timeout_fails_every_check_in_it(pg_url):
     run_transform(engine, patch, x, MemoryGuard())
     passed, report = validate_execution(engine, patch, settings, x)
     assert not passed
-    broken = {b["name"]: b for b in report["validation"]["invariants"]}
+    return report, {b["name"]: b for b in report["validation"]["invariants"]}
+
+
+def test_a_shared_pass_past_its_timeout_fails_every_check_in_it(pg_url):
+    report, broken = validated_past_timeout(pg_url, SlowFilterPatch())
     # the patch's own row filters share the pass: they could not be checked either
     assert {"slow_a", "slow_b", "inventory_logs_count_incremented",
             "price_actually_changed"} <= set(broken)
@@ -329,15 +334,7 @@ class SlowJoinPatch(InventoryPriceAdjustment):
 
 @pytest.mark.postgres
 def test_a_screened_pass_past_its_timeout_fails_every_check_in_it(pg_url):
-    patch = SlowJoinPatch()
-    settings = replace(SETTINGS, query_timeout_seconds=0.5)
-    engine = hand_built(pg_url, PRICES * 3)
-    x = plan_execution(engine, patch, settings, patch.config_class(**CONFIG))
-    take_backup(engine, x)
-    run_transform(engine, patch, x, MemoryGuard())
-    passed, report = validate_execution(engine, patch, settings, x)
-    assert not passed
-    broken = {b["name"]: b for b in report["validation"]["invariants"]}
+    _, broken = validated_past_timeout(pg_url, SlowJoinPatch())
     assert set(broken) == {"one_log_per_changed_item", "log_rows_belong_to_changed_items",
                            "log_quantities_match_item", "slow_join"}
     for b in broken.values():
