@@ -155,8 +155,9 @@ class Checks:
 
     Invariants that only filter the rows of one source (``row_filter``) or screen it
     (``Invariant.screen``) share one query per source: a ``COUNT(CASE WHEN ...)`` or the screen
-    each, beside the caller's extra aggregates over the same rows. Every call returns ``{invariant index: broken or None}``; ``aggregates[key]`` is set
-    to the row of the extra aggregates (None: its pass timed out, compute them again).
+    each, beside the caller's extra aggregates over the same rows. Every call returns
+    ``{invariant index: broken or None}``; ``aggregates[key]`` is set to the row of the extra
+    aggregates (None: its pass timed out, compute them again).
     """
 
     invariants: list[Invariant]

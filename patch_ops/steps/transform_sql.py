@@ -214,14 +214,14 @@ def run_sql_transform(
                             b, found = _failures(conn, table, checks[table], rel)
                             bad |= b
                             reject_rows += found
-                    kept = None
+                    failing_sources = None
                     if bad:
-                        kept = union_all(*[
+                        failing_sources = union_all(*[
                             select(rel.c.source_id).where(failing(checks[t], rel)).correlate(None)
                             for t, rel in batch.checked.items() if checks.get(t)
                         ]).subquery("failing_sources")
                     staged = _stage(conn, patch, changes, batch, stages, execution_id,
-                                    staged_inserts, failing_sources=kept)
+                                    staged_inserts, failing_sources=failing_sources)
                 # a batch with failing rows is staged in two passes; so is the next one
                 optimistic = not bad
                 n_upd, n_ins = staged
