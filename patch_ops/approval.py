@@ -11,7 +11,8 @@ canonical JSON document of:
 - ``config``: the run config, normalized (every field with its default filled in, numbers and
   enums as pydantic serializes them), without ``EXCLUDED_CONFIG``;
 - ``targets``: per table the patch may update (sorted), the number of frozen ids and a SHA-256
-  over them in keyset order (read in pages: memory stays flat whatever the size);
+  over them in keyset order (in the database where the dialect can hash them, else
+  read in pages: memory stays flat whatever the size);
 - ``schema``: per table the patch touches, its reflected columns, keys, unique constraints and
   indexes and CHECKs (``patch_ops.steps.drift.schema_of``): a migration after approval is a new
   plan, and the refusal names what changed.
@@ -54,6 +55,7 @@ from dagster import get_dagster_logger
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.engine import Connection
 
+from patch_ops.dialects import dialect_of
 from patch_ops.execution import (
     PlanInfo,
     PlanRefused,
@@ -124,15 +126,20 @@ def normalized_config(config: PatchRunConfig) -> dict[str, Any]:
 
 
 def target_digest(conn: Connection, execution_id: str, table: str) -> dict[str, Any]:
-    """Count and SHA-256 of an execution's frozen ids of one table, in keyset order."""
-    h = hashlib.sha256(table.encode() + b"\0")
+    """Count and SHA-256 of an execution's frozen ids of one table, in keyset order: in the
+    database where it can (``DatabaseDialect.ids_sha256``, the same bytes hashed), else read here
+    in pages (memory stays flat)."""
+    mine = select(targets.c.row_id).where(
+        targets.c.execution_id == execution_id, targets.c.table_name == table
+    )
+    prefix = table.encode() + b"\0"
+    server = dialect_of(conn).ids_sha256(conn, mine, prefix)
+    if server is not None:
+        return {"count": server[0], "sha256": server[1]}
+    h = hashlib.sha256(prefix)
     count, last = 0, None
     while True:
-        q = select(targets.c.row_id).where(
-            targets.c.execution_id == execution_id, targets.c.table_name == table
-        )
-        if last is not None:
-            q = q.where(targets.c.row_id > last)
+        q = mine if last is None else mine.where(targets.c.row_id > last)
         # the driver's tuples (not SQLAlchemy rows): 1M ids in ~0.8 s instead of ~2.2 s
         ids = [r[0] for r in fetch_rows(conn, q.order_by(targets.c.row_id).limit(PAGE))]
         if not ids:

@@ -146,6 +146,12 @@ class DatabaseDialect:
     def analyze(self, engine: Engine, tables: Sequence[Table]) -> None:
         """Fresh planner statistics after a bulk load, where the planner needs them."""
 
+    def ids_sha256(self, conn: Connection, ids: Select[Any], prefix: bytes) -> tuple[int, str] | None:
+        """(count, SHA-256 hex) of ``prefix`` followed by every id of ``ids`` (a one-column
+        SELECT of BIGINT) as 8-byte big-endian two's complement, ascending, computed in the
+        database; None where it cannot (the caller reads the ids and hashes them itself)."""
+        return None
+
     # -- locks and limits ----------------------------------------------------------------------
     def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
         """Take the row locks of ``locking`` (a ``SELECT ... FOR UPDATE``) without keeping the

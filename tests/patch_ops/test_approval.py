@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, Definitions
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 
 from patch_ops import approval
 from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
+from patch_ops.dialects import dialect_of
 from patch_ops.state import ensure_framework_tables, executions, targets
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
@@ -279,6 +282,32 @@ def test_plan_hash_parts(sqlite_url, monkeypatch):
         other_table = approval.target_digest(conn, "a", "batches")
     assert whole == paged and whole["count"] == 7
     assert fewer["sha256"] != whole["sha256"] and other_table["count"] == 0
+
+
+def test_the_target_digest_hashes_the_same_bytes_on_every_database(database_url, monkeypatch):
+    """Hashed in the database (PostgreSQL) or read in pages here, the digest is the SHA-256 of
+    the table name, a NUL and the ids as 8-byte big-endian integers in ascending order, byte for
+    byte, so a plan hashed by either way approves the same real run."""
+    engine = get_engine(database_url)
+    ensure_framework_tables(engine)
+    ids = [17, 3, 2**40, -5, 0, 2**63 - 1, -(2**63), 99, 8]
+    with engine.begin() as conn:
+        conn.execute(insert(targets), [
+            {"execution_id": "d", "table_name": "inventories", "row_id": i} for i in ids
+        ])
+        got = approval.target_digest(conn, "d", "inventories")
+        none = approval.target_digest(conn, "d", "batches")
+        monkeypatch.setattr(approval, "PAGE", 2)
+        paged = approval.target_digest(conn, "d", "inventories")
+        server = dialect_of(conn).ids_sha256(
+            conn, select(targets.c.row_id).where(targets.c.execution_id == "d"), b"inventories\0"
+        )
+    packed = b"inventories\0" + struct.pack(f">{len(ids)}q", *sorted(ids))
+    assert got == paged == {"count": len(ids), "sha256": hashlib.sha256(packed).hexdigest()}
+    assert none == {"count": 0, "sha256": hashlib.sha256(b"batches\0").hexdigest()}
+    assert server in (None, (len(ids), got["sha256"]))
+    if database_url.startswith("postgresql"):
+        assert server is not None  # hashed in the server, not read here
 
 
 def test_settings_come_from_the_yaml(tmp_path):
