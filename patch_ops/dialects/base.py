@@ -148,8 +148,8 @@ class DatabaseDialect:
 
     def ids_sha256(self, conn: Connection, ids: Select[Any], prefix: bytes) -> tuple[int, str] | None:
         """(count, SHA-256 hex) of ``prefix`` followed by every id of ``ids`` (a one-column
-        SELECT of BIGINT) as 8-byte big-endian two's complement, ascending, computed in the
-        database; None where it cannot (the caller reads the ids and hashes them itself)."""
+        SELECT of BIGINT) as 8-byte big-endian two's complement, ascending, with the database's
+        help (hashed or packed there); None: the caller reads the ids in pages and hashes them."""
         return None
 
     # -- locks and limits ----------------------------------------------------------------------
