@@ -165,8 +165,10 @@ def keep_fingerprint(
 def _forget_unusable(
     conn: Connection, patch_name: str, current: str, valid_hours: float, fps: dict[str, Table]
 ) -> None:
-    """Drop the fingerprints of this patch's earlier executions that can approve nothing: not a
-    completed dry run, older than ``valid_hours``, or used by a real run that committed."""
+    """Drop the fingerprints of this patch's earlier dry runs that can approve nothing: not
+    completed, older than ``valid_hours``, or used by a real run that committed. Their ids are
+    read first and deleted by key: MariaDB ran ``dp_execution_id IN (SELECT ...)`` in a DELETE
+    as a dependent subquery, once per kept row (2.4 s over one kept 100k-row fingerprint)."""
     real = executions.alias("real")
     used = (
         select(real.c.execution_id)
@@ -174,8 +176,9 @@ def _forget_unusable(
                real.c.phase.in_(USED_PHASES))
         .exists()
     )
-    gone = select(executions.c.execution_id).where(
+    gone = list(conn.execute(select(executions.c.execution_id).where(
         executions.c.patch_name == patch_name,
+        executions.c.dry_run.is_(True),  # only a dry run keeps a fingerprint
         executions.c.execution_id != current,
         executions.c.completed_at.is_not(None),
         or_(
@@ -183,9 +186,10 @@ def _forget_unusable(
             executions.c.completed_at < utcnow() - dt.timedelta(hours=valid_hours),
             used,
         ),
-    )
+    )).scalars())
     for fp in fps.values():
-        conn.execute(delete(fp).where(fp.c.dp_execution_id.in_(gone)))
+        for at in range(0, len(gone), PAGE):
+            conn.execute(delete(fp).where(fp.c.dp_execution_id.in_(gone[at : at + PAGE])))
 
 
 def drop_fingerprint(conn: Connection, execution_id: str, tables: list[str]) -> int:

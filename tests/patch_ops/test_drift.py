@@ -171,6 +171,9 @@ def test_require_distinct_approver_and_the_fingerprints_lifetime(sqlite_url):
     assert run(sqlite_url, True, "carol").success
     new_id = latest_execution(engine)["execution_id"]
     assert fingerprint_rows(engine, dry_id) == 0 and fingerprint_rows(engine, new_id) == 4
+    # still valid and unused: kept by the next dry run
+    assert run(sqlite_url, True, "dave").success
+    assert fingerprint_rows(engine, new_id) == 4
     long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
     with engine.begin() as conn:
         conn.execute(update(executions).where(executions.c.execution_id == new_id)
