@@ -169,8 +169,9 @@ def run_sql_transform(
     paused, optimistic = False, True
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
+    last = False  # the last batch read: no probe for more (the target set is frozen)
     with memory.budget(ex["memory_limit_mb"], ex["batch_size"]) as budget:
-        while True:
+        while not last:
             budget.next_batch_size(batch_no + 1)  # raises when memory is nearly exhausted
             batch_started = time.monotonic()
             size = sizer.size
@@ -182,16 +183,17 @@ def run_sql_transform(
                 .limit(size)
                 .subquery()
             )
-            with engine.connect() as conn:
-                n, hi = conn.execute(select(func.count(), func.max(keys.c.dp_seq))).one()
-            if not n:
-                break
-            if window_stop(ex, done, total):
-                paused = True
-                break
-            batch_no += 1
-            hi = int(hi)
+            # The batch's keys are counted in its own transaction (one connection and one
+            # transaction a batch); leaving it before any write stages nothing.
             with write_transaction(engine) as conn:
+                n, hi = conn.execute(select(func.count(), func.max(keys.c.dp_seq))).one()
+                if not n:
+                    break
+                if window_stop(ex, done, total):
+                    paused = True
+                    break
+                batch_no += 1
+                hi, last = int(hi), n < size  # a short batch: the backup holds no more
                 unreadable = unreadable_sources(conn, patch, backups, tables, execution_id,
                                                 cursor + 1, hi)
                 skip = sorted({int(r["source_id"]) for r in unreadable})

@@ -207,6 +207,25 @@ def test_a_clean_batch_is_checked_in_its_stage_statements_and_the_next_after_a_b
     assert checks_per_batch == [0, 2, 2, 0, 0]  # the last: no batch left
 
 
+def test_no_keys_are_probed_after_a_short_batch(database_url):
+    """150 items in batches of 40: the fourth batch (30 rows) is the last; no probe for more."""
+    engine = seeded(database_url, items=150)
+    probes: list[str] = []
+
+    def count(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("SELECT count(*) AS count_1, max("):  # next keys
+            probes.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        execution_id = _transform(engine, PRICE, {"adjustment_type": "percentage",
+                                                  "adjustment_value": 8}, SQL_PATH)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert _counts(engine, execution_id)[:2] == ("transformed", 150)
+    assert len(probes) == 4
+
+
 def test_the_sql_path_resumes_at_the_batch_after_the_last_staged(sqlite_url):
     engine = seeded(sqlite_url, items=200)
     config = {"adjustment_type": "percentage", "adjustment_value": 8}
