@@ -56,7 +56,8 @@ class ResultView:
 
     ``updated(t)``: full after-images of the rows the patch updates, plus ``before_<col>`` for
     every column the patch changes (after commit also ``dp_staged_<col>``: the value it
-    committed); ``inserted(t)``: rows it inserts; ``table(t)``: the whole table as it is
+    committed); ``inserted(t)``: rows it inserts (after commit also ``dp_staged_<col>`` for
+    every column it declares); ``table(t)``: the whole table as it is
     (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
     """
 
@@ -66,6 +67,8 @@ class ResultView:
     committed: bool
     declaration: dict[str, Any]
     execution: dict[str, Any] = field(default_factory=dict)  # its report: ids of inserted rows
+    #: table -> the live ids its committed inserts span: read once, however many checks ask
+    spans: dict[str, tuple[int, int] | None] = field(default_factory=dict, repr=False)
 
     def _stage(self, table: str):  # type: ignore[no-untyped-def]
         return mirror_table(self.engine, self.tables[table], "stage")
@@ -111,9 +114,15 @@ class ResultView:
         cond = and_(st.c.dp_execution_id == self.execution_id, st.c.dp_action == INSERT)
         if self.committed:
             new_id = inserted_id(st, self.execution, table)
-            with self.engine.connect() as conn:
-                span = inserted_id_range(conn, st, self.execution, table)
-            q = select(*live.c, st.c.dp_source_id).join(st, live.c.id == new_id).where(cond)
+            if table not in self.spans:
+                with self.engine.connect() as conn:
+                    self.spans[table] = inserted_id_range(conn, st, self.execution, table)
+            span = self.spans[table]
+            # what was committed beside what is live: verification compares them in the pass
+            staged = [st.c[c].label(f"dp_staged_{c}")
+                      for c in self.declaration["inserts"].get(table, ())]
+            q = (select(*live.c, st.c.dp_source_id, *staged)
+                 .join(st, live.c.id == new_id).where(cond))
             if span is not None:
                 q = q.where(live.c.id.between(*span))
         else:
