@@ -130,11 +130,22 @@ class ResultView:
         return q.subquery(f"inserted_{table}")
 
     def table(self, table: str):  # type: ignore[no-untyped-def]
+        return self.table_where(table, None, None)
+
+    def table_where(self, table: str, column: str | None, values: Any):  # type: ignore[no-untyped-def]
+        """The rows of ``table(t)`` whose ``column`` is in ``values`` (a one-column SELECT):
+        the condition in every part, so the database reads the rows by the column's index
+        instead of the whole table (and, before commit, its every row against the stage)."""
         live = self.tables[table]
+
+        def where(sel, rows):  # type: ignore[no-untyped-def]
+            return sel if column is None else sel.where(rows.c[column].in_(values))
+
+        name = f"all_{table}" if column is None else f"{table}_by_{column}"
         if self.committed:
-            return select(*live.c, literal(None, type_=Integer).label("dp_source_id")).subquery(
-                f"all_{table}"
-            )
+            return where(
+                select(*live.c, literal(None, type_=Integer).label("dp_source_id")), live
+            ).subquery(name)
         st = self._stage(table)
         # NOT EXISTS, not NOT IN: PostgreSQL runs NOT IN (subquery) as a nested loop when the
         # subquery does not fit in work_mem (quadratic at a million rows); an anti-join is linear
@@ -148,8 +159,8 @@ class ResultView:
         )
         upd, ins = self.updated(table), self.inserted(table)
         upd_cols = [upd.c[c] for c in self._cols(table)] + [upd.c.dp_source_id]
-        parts = [untouched, select(*upd_cols), select(*ins.c)]
-        return union_all(*parts).subquery(f"all_{table}")
+        parts = [where(untouched, live), where(select(*upd_cols), upd), where(select(*ins.c), ins)]
+        return union_all(*parts).subquery(name)
 
 
 #: The extra aggregates a caller computes in the invariants' passes: key -> (row source, columns)
