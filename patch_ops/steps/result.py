@@ -56,7 +56,8 @@ class ResultView:
 
     ``updated(t)``: full after-images of the rows the patch updates, plus ``before_<col>`` for
     every column the patch changes (after commit also ``dp_staged_<col>``: the value it
-    committed); ``inserted(t)``: rows it inserts; ``table(t)``: the whole table as it is
+    committed); ``inserted(t)``: rows it inserts (after commit also ``dp_staged_<col>`` for
+    every column it declares); ``table(t)``: the whole table as it is
     (committed) or would be (not yet). Every subquery carries ``dp_source_id``.
     """
 
@@ -66,6 +67,8 @@ class ResultView:
     committed: bool
     declaration: dict[str, Any]
     execution: dict[str, Any] = field(default_factory=dict)  # its report: ids of inserted rows
+    #: table -> the live ids its committed inserts span: read once, however many checks ask
+    spans: dict[str, tuple[int, int] | None] = field(default_factory=dict, repr=False)
 
     def _stage(self, table: str):  # type: ignore[no-untyped-def]
         return mirror_table(self.engine, self.tables[table], "stage")
@@ -111,9 +114,15 @@ class ResultView:
         cond = and_(st.c.dp_execution_id == self.execution_id, st.c.dp_action == INSERT)
         if self.committed:
             new_id = inserted_id(st, self.execution, table)
-            with self.engine.connect() as conn:
-                span = inserted_id_range(conn, st, self.execution, table)
-            q = select(*live.c, st.c.dp_source_id).join(st, live.c.id == new_id).where(cond)
+            if table not in self.spans:
+                with self.engine.connect() as conn:
+                    self.spans[table] = inserted_id_range(conn, st, self.execution, table)
+            span = self.spans[table]
+            # what was committed beside what is live: verification compares them in the pass
+            staged = [st.c[c].label(f"dp_staged_{c}")
+                      for c in self.declaration["inserts"].get(table, ())]
+            q = (select(*live.c, st.c.dp_source_id, *staged)
+                 .join(st, live.c.id == new_id).where(cond))
             if span is not None:
                 q = q.where(live.c.id.between(*span))
         else:
@@ -121,11 +130,22 @@ class ResultView:
         return q.subquery(f"inserted_{table}")
 
     def table(self, table: str):  # type: ignore[no-untyped-def]
+        return self.table_where(table, None, None)
+
+    def table_where(self, table: str, column: str | None, values: Any):  # type: ignore[no-untyped-def]
+        """The rows of ``table(t)`` whose ``column`` is in ``values`` (a one-column SELECT):
+        the condition in every part, so the database reads the rows by the column's index
+        instead of the whole table (and, before commit, its every row against the stage)."""
         live = self.tables[table]
+
+        def where(sel, rows):  # type: ignore[no-untyped-def]
+            return sel if column is None else sel.where(rows.c[column].in_(values))
+
+        name = f"all_{table}" if column is None else f"{table}_by_{column}"
         if self.committed:
-            return select(*live.c, literal(None, type_=Integer).label("dp_source_id")).subquery(
-                f"all_{table}"
-            )
+            return where(
+                select(*live.c, literal(None, type_=Integer).label("dp_source_id")), live
+            ).subquery(name)
         st = self._stage(table)
         # NOT EXISTS, not NOT IN: PostgreSQL runs NOT IN (subquery) as a nested loop when the
         # subquery does not fit in work_mem (quadratic at a million rows); an anti-join is linear
@@ -139,8 +159,8 @@ class ResultView:
         )
         upd, ins = self.updated(table), self.inserted(table)
         upd_cols = [upd.c[c] for c in self._cols(table)] + [upd.c.dp_source_id]
-        parts = [untouched, select(*upd_cols), select(*ins.c)]
-        return union_all(*parts).subquery(f"all_{table}")
+        parts = [where(untouched, live), where(select(*upd_cols), upd), where(select(*ins.c), ins)]
+        return union_all(*parts).subquery(name)
 
 
 #: The extra aggregates a caller computes in the invariants' passes: key -> (row source, columns)

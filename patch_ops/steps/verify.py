@@ -1,9 +1,9 @@
 """Verify: post-execution checks on live data, sharing the invariants of validation: the live
 rows hold what was committed, and every invariant still holds.
 
-Where invariants pass over the updated rows, the comparison with what was committed runs in
-that pass (``invariant_checks``): a count of rows that differ and of rows still there. Only
-when it finds a difference does a second query name the rows."""
+Where invariants pass over the updated or the inserted rows, the comparison with what was
+committed runs in that pass (``invariant_checks``): a count of rows that differ and of rows
+still there. Only when it finds a difference does a second query name the rows."""
 
 from __future__ import annotations
 
@@ -19,17 +19,21 @@ from patch_ops.steps.apply import find_conflicts, values_differ
 from patch_ops.steps.result import Aggregates, ResultView, invariant_checks, invariant_problem
 
 MISMATCH_IDS = 20  # ids named per table whose live rows differ
+#: The written rows of a table: (declaration key, ResultView method, committed report's count)
+WRITTEN = (("updates", "updated", "updated"), ("inserts", "inserted", "inserted"))
 
 
 def staged_differences(view: ResultView) -> Aggregates:
-    """Per updated table, over its committed rows: how many are still there and how many hold
-    a value other than the one committed in a column the patch changed."""
+    """Per updated and per inserted table (``updates:<t>``, ``inserts:<t>``), over the rows it
+    committed: how many are still there and how many hold a value other than the one committed
+    in a column the patch wrote."""
     out: Aggregates = {}
-    for table, cols in view.declaration["updates"].items():
-        rows, live = view.updated(table), view.tables[table]
-        differs = or_(*[values_differ(rows.c[c], rows.c[f"dp_staged_{c}"], live.c[c])
-                        for c in cols])
-        out[table] = (rows, [func.count(), func.count(case((differs, 1)))])
+    for kind, rows_of, _ in WRITTEN:
+        for table, cols in view.declaration[kind].items():
+            rows, live = getattr(view, rows_of)(table), view.tables[table]
+            differs = or_(*[values_differ(rows.c[c], rows.c[f"dp_staged_{c}"], live.c[c])
+                            for c in cols])
+            out[f"{kind}:{table}"] = (rows, [func.count(), func.count(case((differs, 1)))])
     return out
 
 
@@ -60,20 +64,29 @@ def verify_execution(
         engine, patch, execution_id, committed=True, timeout_s=timeout_s,
         aggregates=staged_differences, shared_only=True,
     )
-    on_own = {t: c for t, c in decl["updates"].items() if t not in checks.aggregates}
+    on_own = {kind: {t: c for t, c in decl[kind].items() if f"{kind}:{t}" not in checks.aggregates}
+              for kind, _, _ in WRITTEN}
     separate, *found = run_concurrently(
-        [lambda: live_differs(on_own, decl["inserts"]), *checks.calls], connections
+        [lambda: live_differs(on_own["updates"], on_own["inserts"]), *checks.calls], connections
     )
-    mismatched: dict[str, list[int]] = {}
-    for table, cols in decl["updates"].items():
-        if table in on_own:
-            continue
-        row = checks.aggregates[table].result()  # None: its pass timed out
-        expected = committed.get(f"{table}_updated")
-        if row is None or expected is None or row[0] != expected or row[1]:
-            mismatched.update(live_differs({table: cols}, {}))
-    for table, ids in separate.items():
-        mismatched[table] = mismatched.get(table, []) + ids
+    # per table as find_conflicts lists them: the updated rows' ids, then the inserted rows'
+    shared: dict[str, dict[str, list[int]]] = {}
+    for kind, _, count in WRITTEN:
+        shared[kind] = {}
+        for table, cols in decl[kind].items():
+            if table in on_own[kind]:
+                continue
+            row = checks.aggregates[f"{kind}:{table}"].result()  # None: its pass timed out
+            expected = committed.get(f"{table}_{count}")
+            if row is None or expected is None or row[0] != expected or row[1]:
+                args = ({table: cols}, {}) if kind == "updates" else ({}, {table: cols})
+                shared[kind].update(live_differs(*args))
+    mismatched = {
+        table: ids
+        for table in written_tables(decl)
+        if (ids := shared["updates"].get(table, []) + separate.get(table, [])
+            + shared["inserts"].get(table, []))
+    }
     problems = [
         f"{table}: live rows differ from what was committed, e.g. ids {mismatched[table]}"
         for table in written_tables(decl)
