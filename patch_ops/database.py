@@ -7,17 +7,20 @@ The password is never shown: only ``redact_url``'s form of the URL goes into mes
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy import MetaData, create_engine, inspect, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy import MetaData, Table, create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine, Inspector, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from patch_ops.dialects import UnsupportedServer, dialect_for_url, dialect_of
-from patch_ops.dialects.names import URL_PARAMETER, framework_schema, translate_map
+from patch_ops.dialects.names import URL_PARAMETER, framework_schema, real_schema, translate_map
 from patch_ops.dialects.types import framework_ddl
 
 _engines: dict[str, Engine] = {}
@@ -61,6 +64,9 @@ def create_tables(engine: Engine, metadata: MetaData) -> None:
     """Create ``metadata``'s missing framework tables (``framework_ddl``: a missing privilege
     is one line) in a write transaction: on SQLite a deferred one that looked for a table and
     then creates it fails at once ("database is locked") when the application wrote between."""
+    known = catalog(engine)
+    if known.cached and all(table_exists(engine, t) for t in metadata.sorted_tables):
+        return  # all there, as this op already read (a table is never dropped by the engine)
     with framework_ddl(engine), write_transaction(engine) as conn:
         metadata.create_all(conn, checkfirst=True)
 
@@ -118,6 +124,9 @@ def check_connection(engine: Engine, create: bool = False) -> None:
     """Fail with a clear, password-free message if the database does not exist (unless
     ``create``: seeding a new demo database), cannot be reached, or its server cannot run
     patches safely (``DatabaseDialect.check_server``)."""
+    known = catalog(engine)
+    if known.cached and "connection checked" in known.done:
+        return  # this op checked it already
     if not create:
         require_database(engine)
     try:
@@ -131,6 +140,7 @@ def check_connection(engine: Engine, create: bool = False) -> None:
                     "exist: create it and grant the patch user its privileges (README, "
                     "'Against MySQL'), or leave the parameter out"
                 )
+        known.done.add("connection checked")
     except UnsupportedServer as exc:
         raise DatabaseUnavailable(
             f"the StockRx database {engine.url.render_as_string(True)}: {exc}"
@@ -144,3 +154,125 @@ def check_connection(engine: Engine, create: bool = False) -> None:
             f"cannot connect to the StockRx database {engine.url.render_as_string(True)}: "
             f"{reason}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog, read once per op
+# ---------------------------------------------------------------------------------------------
+
+#: A statement that changes the catalog (tables, columns, indexes).
+_DDL = re.compile(r"\s*(CREATE|ALTER|DROP|RENAME)\b", re.IGNORECASE)
+
+_catalogs: dict[str, Catalog] = {}
+_catalogs_lock = threading.Lock()
+_scopes = 0
+
+
+class Catalog:
+    """What the database's catalog says about its tables, for one engine: which exist, their
+    columns and indexes (one inspector: SQLAlchemy keeps each answer in it) and reflected tables
+    (one MetaData). Inside ``catalog_scope`` (an op) it is read once and kept, so an op asks
+    once per table instead of once per step function (a 0-row run's ops sent ~240 catalog
+    queries); any DDL statement of this process drops it, and a table missing from it is
+    looked for again (another process may have made it). Outside a scope (``cached`` False)
+    every call reads the catalog afresh, as before."""
+
+    def __init__(self, engine: Engine, cached: bool):
+        self.engine = engine
+        self.cached = cached
+        self.metadata = MetaData()
+        self.found: set[tuple[str | None, str]] = set()
+        #: Work done once per scope (e.g. "the audit tables are there").
+        self.done: set[str] = set()
+        self.lock = threading.RLock()
+
+    @functools.cached_property
+    def inspector(self) -> Inspector:
+        """Made when first asked (making one connects)."""
+        return inspect(self.engine)
+
+    def has_table(self, name: str, schema: str | None, bind: Any = None) -> bool:
+        """``name`` exists in ``schema``; looked for through ``bind`` (a connection whose own
+        transaction may have made it) when this catalog does not know it."""
+        with self.lock:
+            if (schema, name) in self.found:
+                return True
+            if self.cached and name in self.inspector.get_table_names(schema):
+                self.found.add((schema, name))
+                return True
+            if inspect(bind if bind is not None else self.engine).has_table(name, schema=schema):
+                if self.cached:
+                    self.found.add((schema, name))
+                return True
+            return False
+
+    def tables(self, names: list[str] | tuple[str, ...], schema: str | None = None,
+               bind: Any = None) -> dict[str, Table]:
+        """``names`` reflected (each once while cached)."""
+        with self.lock:
+            md = self.metadata if self.cached else MetaData()
+            key = {n: f"{schema}.{n}" if schema else n for n in names}
+            missing = [n for n in names if key[n] not in md.tables]
+            if missing:
+                if self.cached and any(n not in self.inspector.get_table_names(schema)
+                                       for n in missing):
+                    self.inspector.clear_cache()  # made since it was read
+                source = self.inspector if self.cached or bind is None else bind
+                md.reflect(source, schema=schema, only=missing)  # type: ignore[arg-type]
+            return {n: md.tables[key[n]] for n in names}
+
+
+def catalog(bind: Engine | Connection) -> Catalog:
+    """The catalog of ``bind``'s engine: kept for the op (``catalog_scope``), else a fresh one."""
+    engine = bind.engine
+    if not _scopes:
+        return Catalog(engine, cached=False)
+    key = f"{engine.url!r}|{framework_schema(engine)}"
+    with _catalogs_lock:
+        found = _catalogs.get(key)
+        if found is None or found.engine is not engine:
+            found = _catalogs[key] = Catalog(engine, cached=True)
+        return found
+
+
+def table_exists(bind: Engine | Connection, table: Table) -> bool:
+    """``table`` exists in the database (in its real schema), as the op's catalog says."""
+    return catalog(bind).has_table(table.name, real_schema(bind, table), bind)
+
+
+def forget_catalogs() -> None:
+    """Drop every kept catalog: the database's tables may have changed."""
+    with _catalogs_lock:
+        _catalogs.clear()
+
+
+@contextmanager
+def catalog_scope() -> Iterator[None]:
+    """Within: each engine's catalog is read once and kept (``Catalog``); dropped at the end,
+    so the next op (or a re-execution, in a new process) reads it afresh."""
+    global _scopes
+    with _catalogs_lock:
+        _scopes += 1
+    try:
+        yield
+    finally:
+        with _catalogs_lock:
+            _scopes -= 1
+            if not _scopes:
+                _catalogs.clear()
+
+
+@event.listens_for(Engine, "after_cursor_execute")
+def _forget_on_ddl(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+    """DDL changes the catalog: forget it now, and again when its transaction ends (rolled
+    back, PostgreSQL undoes it; whatever was read inside it meanwhile is gone with it)."""
+    if _scopes and _DDL.match(statement):
+        conn.info["stockrx_ddl"] = True
+        forget_catalogs()
+
+
+@event.listens_for(Engine, "commit")
+@event.listens_for(Engine, "rollback")
+def _forget_after_ddl_transaction(conn):  # type: ignore[no-untyped-def]
+    if conn.info.pop("stockrx_ddl", False):
+        forget_catalogs()

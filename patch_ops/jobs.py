@@ -24,9 +24,8 @@ from patch_ops.checks import (
     refuse_repeats,
     require_audit_key,
 )
-from patch_ops.database import check_connection, write_transaction
+from patch_ops.database import check_connection, table_exists, write_transaction
 from patch_ops.dialects import dialect_of
-from patch_ops.dialects.names import has_table
 from patch_ops.execution import (
     UNVERIFIED,
     PlanCheck,
@@ -96,7 +95,7 @@ def complete(
 
 def unverified_executions(engine: Engine, patch_name: str) -> list[str]:
     """Executions of the patch whose changes are committed but were never verified."""
-    if not has_table(engine, executions):
+    if not table_exists(engine, executions):
         return []
     with engine.connect() as conn:
         return list(
@@ -193,7 +192,7 @@ def build_patch_job(
         check_connection(step.engine)
         require_tables(step.engine, patch.tables())
         prepare_audit(context.resources, step.engine)
-        if has_table(step.engine, locks):
+        if table_exists(step.engine, locks):
             with write_transaction(step.engine) as conn:
                 release_stale_locks(conn, patch.tables(), f"a new run of {patch.name} "
                                     f"(Dagster run {context.run_id})", step.run_finished, step.log)
@@ -217,6 +216,7 @@ def build_patch_job(
         )
         lc = step.lifecycle(execution_id)
         ex = step.load(execution_id)
+        lc.know(ex)
         step.set_tags({MODE_TAG: "dry run" if ex["dry_run"] else "real",
                        LAUNCHED_BY_TAG: str(ex["launched_by"])[:255]})
         lc.audit("started", {"launched_by": ex["launched_by"]}, {"config": ex["config"]})

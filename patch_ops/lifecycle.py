@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import outbox
 from patch_ops.audit import ensure_audit_tables
-from patch_ops.database import write_transaction
+from patch_ops.database import catalog, write_transaction
 from patch_ops.execution import load_execution, utcnow
 from patch_ops.state import executions
 from patch_ops.steps.report import impact_lines
@@ -29,6 +29,8 @@ COMMITTED_PHASES = frozenset({"committed", "verified", "restored"})
 
 AUDIT = "audit_log"
 NOTIFIER = "notifier"
+#: The execution row's fields in every audit event (fixed once an op runs the execution).
+HEADER = ("patch_name", "dry_run", "dagster_run_id", "launched_by")
 
 
 def _resource(resources: Any, key: str) -> Any:
@@ -50,7 +52,17 @@ def prepare_audit(resources: Any, engine: Engine) -> None:
     (DDL commits implicitly)."""
     audit: AuditLog | None = _resource(resources, AUDIT)
     if audit is not None and audit.active:
-        ensure_audit_tables(engine)
+        _ensure_audit_tables(engine)
+
+
+def _ensure_audit_tables(bind: Engine | Connection) -> None:
+    """``ensure_audit_tables``, once per op (the catalog's scope: a new op, or a re-execution
+    after a kill, ensures them again, the genesis head row included)."""
+    known = catalog(bind)
+    if known.cached and "audit tables" in known.done:
+        return
+    ensure_audit_tables(bind)
+    known.done.add("audit tables")
 
 
 class Lifecycle:
@@ -61,6 +73,14 @@ class Lifecycle:
         self.engine = engine
         self.execution_id = execution_id
         self.log = log
+        #: What every audit event says of the execution (``know``), read once.
+        self._header: dict[str, Any] | None = None
+
+    def know(self, ex: dict[str, Any]) -> None:
+        """Take the execution row as just read by the op (the run it is now under), so its
+        audit events need not read it again. Only fields that never change once the op has
+        taken the execution over are kept: patch, mode, launcher, Dagster run."""
+        self._header = {k: ex[k] for k in HEADER}
 
     @property
     def audit_log(self) -> AuditLog | None:
@@ -81,8 +101,11 @@ class Lifecycle:
         audit = self.audit_log
         if audit is None or not audit.active:
             return
-        ex = self._execution() if conn is None else load_execution(conn, self.execution_id)
-        ensure_audit_tables(conn if conn is not None else self.engine)
+        if self._header is None:
+            self.know(self._execution() if conn is None else load_execution(conn, self.execution_id))
+        ex = self._header
+        assert ex is not None
+        _ensure_audit_tables(conn if conn is not None else self.engine)
         body = {"patch": ex["patch_name"], "dry_run": bool(ex["dry_run"]),
                 "dagster_run_id": ex["dagster_run_id"], **public}
         audit.append(

@@ -42,9 +42,13 @@ from sqlalchemy.engine import Engine
 
 from patch_ops.audit import audit_head
 from patch_ops.audit.anchors import ANCHOR_TAG, append_to_file, current_head
-from patch_ops.database import DatabaseUnavailable, write_transaction
+from patch_ops.database import (
+    DatabaseUnavailable,
+    catalog_scope,
+    table_exists,
+    write_transaction,
+)
 from patch_ops.dialects import MissingPrivilege
-from patch_ops.dialects.names import has_table
 from patch_ops.execution import (
     PatchError,
     RunFinished,
@@ -97,6 +101,7 @@ class Step:
         self.context = context
         self.log = context.log
         self.db: StockRxDatabase = getattr(context.resources, DB)
+        self._lifecycles: dict[str, Lifecycle] = {}
 
     @functools.cached_property
     def engine(self) -> Engine:
@@ -116,7 +121,7 @@ class Step:
         the operator needs to see; a missed anchor is made by the next op."""
         try:
             audit = getattr(self.context.resources, AUDIT, None)
-            if audit is None or not audit.active or not has_table(self.engine, audit_head):
+            if audit is None or not audit.active or not table_exists(self.engine, audit_head):
                 return
             head = current_head(self.engine)
             if head is not None and head.seq > 0:
@@ -130,7 +135,12 @@ class Step:
         self.context.instance.add_run_tags(self.context.run_id, tags)
 
     def lifecycle(self, execution_id: str) -> Lifecycle:
-        return Lifecycle(self.context.resources, self.engine, execution_id, self.log)
+        """The execution's lifecycle, one per op (it reads the execution's header once)."""
+        lc = self._lifecycles.get(execution_id)
+        if lc is None:
+            lc = Lifecycle(self.context.resources, self.engine, execution_id, self.log)
+            self._lifecycles[execution_id] = lc
+        return lc
 
     def load(self, execution_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:
@@ -175,7 +185,7 @@ class Step:
         whatever happens here)."""
         closed: list[str] = []
         try:
-            if not has_table(self.engine, executions):
+            if not table_exists(self.engine, executions):
                 return closed
             by, reason = self.who_and_why(stop)
             at = f"{stop.at or dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S}"
@@ -222,6 +232,8 @@ class Step:
                     self.run_finished,
                     self.log,
                 )
+            # Committed: the execution runs under this Dagster run now.
+            self.lifecycle(execution_id).know({**ex, "dagster_run_id": self.context.run_id})
             yield
         except Failure:
             raise
@@ -284,7 +296,8 @@ def step_op(
     def decorate(body: Callable[..., Any]) -> OpDefinition:
         def run(context: OpExecutionContext, value: Any) -> Any:
             step = Step(context)
-            with stoppable() as stop:
+            # The op reads the database's catalog once (patch_ops.database.Catalog).
+            with catalog_scope(), stoppable() as stop:
                 try:
                     try:
                         with contextlib.ExitStack() as stack:

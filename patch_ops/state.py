@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
 
-from patch_ops.database import create_tables, write_transaction
+from patch_ops.database import catalog, create_tables, write_transaction
 from patch_ops.dialects import dialect_of
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA, framework_schema, table_sql
 from patch_ops.dialects.types import (
@@ -171,9 +171,11 @@ def ensure_framework_tables(engine: Engine) -> None:
 def _add_missing_columns(engine: Engine) -> None:
     """Columns added to the framework tables since a database was set up (never dropped)."""
     schema = framework_schema(engine)
-    insp = inspect(engine)
+    names = [t.name for t in framework_metadata.sorted_tables]
+    # One catalog query for all of them (PostgreSQL), not one per table.
+    columns = catalog(engine).inspector.get_multi_columns(schema=schema, filter_names=names)
     for table in framework_metadata.sorted_tables:
-        existing = {c["name"] for c in insp.get_columns(table.name, schema=schema)}
+        existing = {c["name"] for c in columns.get((schema, table.name), [])}
         missing = [c for c in table.columns if c.name not in existing]
         for col in missing:
             ddl = CreateColumn(col).compile(dialect=engine.dialect)
@@ -241,7 +243,7 @@ def source_index_name(kind: str, table: str) -> str:
 def drop_unread_index(engine: Engine, mirror: Table, name: str) -> None:
     """Drop index ``name`` of ``mirror`` if an earlier version made it (nothing reads it; it
     only slows the bulk inserts), on a connection of its own: DDL commits on MySQL."""
-    made = inspect(engine).get_indexes(mirror.name, schema=mirror.schema)
+    made = catalog(engine).inspector.get_indexes(mirror.name, schema=mirror.schema)
     if name not in {ix["name"] for ix in made}:
         return
     try:
@@ -258,12 +260,12 @@ def drop_unread_index(engine: Engine, mirror: Table, name: str) -> None:
 def widen_or_create_mirror(engine: Engine, live: Table, table: Table) -> None:
     """Create the mirror ``table`` of ``live``, or add the columns ``live`` gained since (a
     mirror is widened, never narrowed)."""
-    insp = inspect(engine)
-    if not insp.has_table(table.name, schema=table.schema):
+    known = catalog(engine)
+    if not known.has_table(table.name, table.schema):
         with write_transaction(engine) as conn:
             table.metadata.create_all(conn)
         return
-    existing = {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}
+    existing = {c["name"] for c in known.inspector.get_columns(table.name, schema=table.schema)}
     missing = [c for c in live.columns if c.name not in existing]
     if missing:
         q = engine.dialect.identifier_preparer
@@ -298,25 +300,24 @@ def forget_mirrors() -> None:
         _mirror_cache.clear()
 
 
-def require_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> None:
+def require_tables(bind: Engine | Connection, names: tuple[str, ...] | list[str]) -> None:
     """A clear error, before anything is written (the framework's tables included), when the
     database lacks a StockRx table: most likely the URL names another database."""
-    insp = inspect(engine)
-    missing = [n for n in names if not insp.has_table(n)]
+    known = catalog(bind)
+    missing = [n for n in names if not known.has_table(n, None, bind)]
     if missing:
-        shown = engine.url.render_as_string(hide_password=True)
+        shown = bind.engine.url.render_as_string(hide_password=True)
         raise LookupError(
             f"table(s) not found in the StockRx database {shown}: {', '.join(missing)} "
             "(is this the StockRx database?)"
         )
 
 
-def reflect_tables(engine: Engine, names: tuple[str, ...] | list[str]) -> Tables:
-    """Reflect live tables by name; a missing table is a clear error before any write."""
-    require_tables(engine, names)
-    md = MetaData()
-    md.reflect(engine, only=list(names))
-    return Tables({n: md.tables[n] for n in names})
+def reflect_tables(bind: Engine | Connection, names: tuple[str, ...] | list[str]) -> Tables:
+    """Live tables by name, reflected (once per op: ``patch_ops.database.Catalog``); a missing
+    table is a clear error before any write."""
+    require_tables(bind, names)
+    return Tables(catalog(bind).tables(list(names), bind=bind))
 
 
 def analyze(engine: Engine, tables: list[Table] | tuple[Table, ...]) -> None:
@@ -327,8 +328,7 @@ def analyze(engine: Engine, tables: list[Table] | tuple[Table, ...]) -> None:
 def mirror_by_name(conn: Connection, name: str) -> Table | None:
     """An existing mirror table as it is in the database (None: there is none)."""
     schema = framework_schema(conn)
-    if not inspect(conn).has_table(name, schema=schema):
+    known = catalog(conn)
+    if not known.has_table(name, schema, conn):
         return None
-    md = MetaData()
-    md.reflect(conn, schema=schema, only=[name])
-    return md.tables[f"{schema}.{name}" if schema else name]
+    return known.tables([name], schema=schema, bind=conn)[name]

@@ -33,7 +33,6 @@ import math
 from typing import Any
 
 from sqlalchemy import (
-    MetaData,
     Table,
     and_,
     delete,
@@ -216,9 +215,7 @@ class _Compare:
     def __init__(self, conn: Connection, patch: Patch, execution_id: str, approver: str):
         self.patch, self.execution_id, self.approver = patch, execution_id, approver
         self.cols = drift_columns(patch)
-        md = MetaData()
-        md.reflect(conn, only=list(patch.tables()))
-        self.live = {t: md.tables[t] for t in patch.tables()}
+        self.live = dict(state.reflect_tables(conn, patch.tables()))
         self.fps: dict[str, Table] = {}
         for table, names in self.cols.items():
             missing = sorted(set(names) - set(self.live[table].c.keys()))
