@@ -9,6 +9,7 @@ subclass per database overrides only what differs there.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ from patch_ops.frames import plain_records
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
     import pandas as pd
+
+#: Ids per statement of ``ids_sha256`` (8 bytes each: 80 kB packed per page)
+ID_PAGE = 10_000
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,38 @@ class DatabaseDialect:
 
     def ids_sha256(self, conn: Connection, ids: Select[Any], prefix: bytes) -> tuple[int, str] | None:
         """(count, SHA-256 hex) of ``prefix`` followed by every id of ``ids`` (a one-column
-        SELECT of BIGINT) as 8-byte big-endian two's complement, ascending, with the database's
-        help (hashed or packed there); None: the caller reads the ids in pages and hashes them."""
+        SELECT of BIGINT) as 8-byte big-endian two's complement, ascending; None where the
+        database cannot pack them (``pack_ids``): the caller reads the ids in pages.
+
+        In pages of ``ID_PAGE`` ids, each packed into one binary string by the database and
+        hashed here: 10,000 one-id rows through the driver cost more than the rest of the read
+        (PyMySQL), and the server holds one page at a time (one statement hashing them all held
+        8 bytes per id in a PostgreSQL backend: 800 MB at 100M ids)."""
+        sub = ids.subquery()
+        col = list(sub.c)[0]
+        h, count, last = hashlib.sha256(prefix), 0, None
+        while True:
+            page = select(col.label("i")).order_by(col).limit(ID_PAGE)
+            if last is not None:
+                page = page.where(col > last)
+            p = page.subquery("page")
+            packed_ids = self.pack_ids(conn, p.c.i)
+            if packed_ids is None:
+                return None
+            n, high, packed = conn.execute(
+                select(func.count(), func.max(p.c.i), packed_ids)
+            ).one()
+            if not n:
+                return count, h.hexdigest()
+            packed = bytes(packed)
+            if len(packed) != 8 * n:  # e.g. cut short by a server limit: never hashed
+                raise RuntimeError(f"{n} ids packed into {len(packed)} bytes, not {8 * n}")
+            h.update(packed)
+            count, last = count + int(n), int(high)
+
+    def pack_ids(self, conn: Connection, ids: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        """An aggregate joining ``ids`` (one page of ``ids_sha256``) into one binary string,
+        each as 8-byte big-endian two's complement, ascending; None: this database cannot."""
         return None
 
     # -- locks and limits ----------------------------------------------------------------------

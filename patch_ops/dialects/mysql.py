@@ -25,18 +25,24 @@ What differs here, and why:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, Table, delete, event, func, literal_column, select
+from sqlalchemy import Select, Table, delete, event, func, literal_column
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
 from patch_ops.dialects import mysql_rows
-from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, UnsupportedServer
+from patch_ops.dialects.base import (
+    ID_PAGE,
+    DatabaseDialect,
+    Features,
+    StagedInserts,
+    UnsupportedServer,
+)
 from patch_ops.dialects.mysql_rows import error_code
 from patch_ops.dialects.mysql_timeouts import TIMEOUT_CODES, StatementWatchdog
 from patch_ops.dialects.names import table_sql
@@ -53,11 +59,6 @@ SESSION_SETUP = (
     f"innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}, "
     f"lock_wait_timeout = {METADATA_LOCK_WAIT_SECONDS}, max_error_count = 65535"
 )
-#: Ids per statement of ``ids_sha256`` (8 bytes each: 80 kB of GROUP_CONCAT)
-ID_PAGE = 10_000
-#: The server's 8-byte big-endian form of each id of a page, joined in id order: HEX of a
-#: negative BIGINT is its 64-bit two's complement, as Python's ``struct.pack(">q")``.
-PACKED_PAGE = "GROUP_CONCAT(UNHEX(LPAD(HEX(page.i), 16, '0')) ORDER BY page.i SEPARATOR '')"
 #: The first versions that enforce CHECK constraints (earlier ones parse and ignore them).
 MIN_MYSQL = (8, 0, 16)
 MIN_MARIADB = (10, 2, 1)
@@ -180,29 +181,17 @@ class MySQLDialect(DatabaseDialect):
             ).all()
 
     def ids_sha256(self, conn: Connection, ids: Select[Any], prefix: bytes) -> tuple[int, str] | None:
-        """Pages of ids packed by the server (one binary string per page, ``PACKED_PAGE``) and
-        hashed here: PyMySQL parsing 10,000 one-id rows per page cost more than the rest of
-        the read. A page cut short by group_concat_max_len is refused, never hashed."""
+        """The session's GROUP_CONCAT made long enough for a page first (a page cut short is
+        refused, never hashed)."""
         conn.exec_driver_sql(
             f"SET SESSION group_concat_max_len = GREATEST(@@group_concat_max_len, {ID_PAGE * 8})"
         )
-        sub = ids.subquery()
-        col = list(sub.c)[0]
-        h, count, last = hashlib.sha256(prefix), 0, None
-        while True:
-            page = select(col.label("i")).order_by(col).limit(ID_PAGE)
-            if last is not None:
-                page = page.where(col > last)
-            p = page.subquery("page")
-            n, high, packed = conn.execute(
-                select(func.count(), func.max(p.c.i), literal_column(PACKED_PAGE))
-            ).one()
-            if not n:
-                return count, h.hexdigest()
-            if len(packed) != 8 * n:
-                raise RuntimeError(f"{n} ids packed into {len(packed)} bytes, not {8 * n}")
-            h.update(packed)
-            count, last = count + int(n), int(high)
+        return super().ids_sha256(conn, ids, prefix)
+
+    def pack_ids(self, conn: Connection, ids: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        # HEX of a negative BIGINT is its 64-bit two's complement, as struct.pack(">q")
+        i = str(ids.compile(dialect=conn.dialect))
+        return literal_column(f"GROUP_CONCAT(UNHEX(LPAD(HEX({i}), 16, '0')) ORDER BY {i} SEPARATOR '')")
 
     # -- locks and limits ----------------------------------------------------------------------
     def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ColumnElement
 
 from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
 from patch_ops.dialects.names import table_sql
@@ -29,10 +30,6 @@ from patch_ops.frames import copy_text, plain_rows
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
     import pandas as pd
-
-
-#: SQLSTATE of string_agg outgrowing its 1 GB (past ~134M ids)
-PROGRAM_LIMIT_EXCEEDED = "54000"
 
 
 class PostgreSQLDialect(DatabaseDialect):
@@ -102,26 +99,10 @@ class PostgreSQLDialect(DatabaseDialect):
             for t in tables:
                 conn.exec_driver_sql(f"ANALYZE {table_sql(conn, t)}")
 
-    def ids_sha256(self, conn: Connection, ids: Select[Any], prefix: bytes) -> tuple[int, str] | None:
-        """``sha256(prefix || string_agg(int8send(id) ORDER BY id))`` in one pass in the server
-        (``int8send``: the big-endian 8-byte form), instead of sending every id to the client.
-        In a savepoint: past string_agg's 1 GB the server refuses and the caller reads them."""
-        sub = ids.subquery()
-        col = list(sub.c)[0]
+    def pack_ids(self, conn: Connection, ids: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        # int8send: the 8-byte big-endian form
         empty = cast(literal(b""), LargeBinary)
-        packed = func.string_agg(func.int8send(col), aggregate_order_by(empty, col))
-        whole = cast(literal(prefix), LargeBinary).op("||", return_type=LargeBinary)(
-            func.coalesce(packed, empty)
-        )
-        q = select(func.count(), func.sha256(whole, type_=LargeBinary)).select_from(sub)
-        try:
-            with conn.begin_nested():
-                n, digest = conn.execute(q).one()
-        except DBAPIError as exc:
-            if getattr(exc.orig, "sqlstate", None) != PROGRAM_LIMIT_EXCEEDED:
-                raise
-            return None
-        return int(n), bytes(digest).hex()
+        return func.string_agg(func.int8send(ids), aggregate_order_by(empty, ids))
 
     def log_position(self, conn: Connection) -> str | None:
         # the insert position (not the write position, which moves a page at a time)

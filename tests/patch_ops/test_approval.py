@@ -18,8 +18,8 @@ from sqlalchemy import insert, select, update
 from patch_ops import approval
 from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
+from patch_ops.dialects import base as dialect_base
 from patch_ops.dialects import dialect_of
-from patch_ops.dialects import mysql as mysql_dialect
 from patch_ops.state import ensure_framework_tables, executions, targets
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
@@ -286,7 +286,7 @@ def test_plan_hash_parts(sqlite_url, monkeypatch):
 
 
 def test_the_target_digest_hashes_the_same_bytes_on_every_database(database_url, monkeypatch):
-    """Hashed in the database (PostgreSQL), packed by it (MariaDB) or read in pages here, the
+    """Packed by the database a page at a time (PostgreSQL, MariaDB) or read in pages here, the
     digest is the SHA-256 of the table name, a NUL and the ids as 8-byte big-endian integers in
     ascending order, byte for byte, so a plan hashed either way approves the same real run."""
     engine = get_engine(database_url)
@@ -298,8 +298,8 @@ def test_the_target_digest_hashes_the_same_bytes_on_every_database(database_url,
         ])
         got = approval.target_digest(conn, "d", "inventories")
         none = approval.target_digest(conn, "d", "batches")
-        monkeypatch.setattr(approval, "PAGE", 2)  # read in pages of 2 (SQLite), packed (MariaDB)
-        monkeypatch.setattr(mysql_dialect, "ID_PAGE", 2)
+        monkeypatch.setattr(approval, "PAGE", 2)  # read in pages of 2 (SQLite)
+        monkeypatch.setattr(dialect_base, "ID_PAGE", 2)  # packed in pages of 2 (the servers)
         paged = approval.target_digest(conn, "d", "inventories")
         server = dialect_of(conn).ids_sha256(
             conn, select(targets.c.row_id).where(targets.c.execution_id == "d"), b"inventories\0"
@@ -309,7 +309,7 @@ def test_the_target_digest_hashes_the_same_bytes_on_every_database(database_url,
     assert none == {"count": 0, "sha256": hashlib.sha256(b"batches\0").hexdigest()}
     assert server in (None, (len(ids), got["sha256"]))
     if not database_url.startswith("sqlite"):
-        assert server is not None  # hashed or packed in the server, not read id by id
+        assert server is not None  # packed in the server, not read id by id
 
 
 def test_settings_come_from_the_yaml(tmp_path):
