@@ -11,8 +11,8 @@ canonical JSON document of:
 - ``config``: the run config, normalized (every field with its default filled in, numbers and
   enums as pydantic serializes them), without ``EXCLUDED_CONFIG``;
 - ``targets``: per table the patch may update (sorted), the number of frozen ids and a SHA-256
-  over them in keyset order (in the database where the dialect can hash them, else
-  read in pages: memory stays flat whatever the size);
+  over them in keyset order (a page at a time, packed by the database where the dialect
+  can: memory stays flat whatever the size);
 - ``schema``: per table the patch touches, its reflected columns, keys, unique constraints and
   indexes and CHECKs (``patch_ops.steps.drift.schema_of``): a migration after approval is a new
   plan, and the refusal names what changed.
@@ -126,9 +126,9 @@ def normalized_config(config: PatchRunConfig) -> dict[str, Any]:
 
 
 def target_digest(conn: Connection, execution_id: str, table: str) -> dict[str, Any]:
-    """Count and SHA-256 of an execution's frozen ids of one table, in keyset order: in the
-    database where it can (``DatabaseDialect.ids_sha256``, the same bytes hashed), else read here
-    in pages (memory stays flat)."""
+    """Count and SHA-256 of an execution's frozen ids of one table, in keyset order, a page at
+    a time (memory stays flat): packed by the database where it can
+    (``DatabaseDialect.ids_sha256``, the same bytes hashed), else read here id by id."""
     mine = select(targets.c.row_id).where(
         targets.c.execution_id == execution_id, targets.c.table_name == table
     )
