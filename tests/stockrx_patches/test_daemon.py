@@ -1,6 +1,6 @@
 """End to end with a real `dagster dev` (webserver + dagster-daemon) against a DAGSTER_HOME made
 from `stockrx-patches instance-config` (the repo's dagster.yaml plus the run-queue limit of every
-patch table): a request row in, a finished run out (with its Slack message and email); the run
+patch table; the queue polled every second: tests/support/webserver.daemon_instance_yaml): a request row in, a finished run out (with its Slack message and email); the run
 queue holding a run whose tables overlap a running one; the schedule's next ticks as Dagster
 itself computes them.
 
@@ -31,11 +31,11 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from patch_ops.database import get_engine
 from stockrx_patches import requests as rq
-from stockrx_patches.registry import instance_config_yaml
 from tests.conftest import TEST_PYTHONPATH
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import latest_execution, seeded
+from tests.support.webserver import daemon_instance_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -96,7 +96,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
     seeded(url, items=200)
     home = root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(instance_config_yaml())
+    (home / "dagster.yaml").write_text(daemon_instance_yaml())  # queue polled every 1 s
     port = _free_port()
     log = root / "dagster_dev.log"
     with FakeSlack(token=TOKEN) as slack, FakeSmtp() as smtp:
