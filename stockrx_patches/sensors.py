@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -282,13 +283,27 @@ def _reconcile(context: SensorEvaluationContext, engine: Any, notifier: Notifier
                 rq.mark(conn, req["id"], status, **values)
 
 
+REQUEST_POLL_ENV = "STOCKRX_REQUEST_POLL_SECONDS"
+
+
+def request_poll_seconds() -> int:
+    """How often ``patch_request_sensor`` looks at the request table (STOCKRX_REQUEST_POLL_SECONDS,
+    default 30 s): a pending request waits at most this long for its run, and a finished run this
+    long for its request's outcome. The daemon evaluates sensors at most every 5 s whatever it says.
+    """
+    raw = (os.environ.get(REQUEST_POLL_ENV) or "30").strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{REQUEST_POLL_ENV} must be a whole number of seconds >= 1, got {raw!r}")
+    return int(raw)
+
+
 def build_request_sensor(registry: Registry, jobs: Sequence[JobDefinition]) -> SensorDefinition:
     by_name = {j.name: j for j in jobs if j.name in registry.patches}
 
     @sensor(
         name=REQUEST_SENSOR,
         jobs=list(by_name.values()),
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=request_poll_seconds(),
         default_status=sensor_default_status(),
         description="Launches each pending row of data_patch_requests once; rejects unknown "
         "patches and invalid config; holds real runs until a maintenance window.",

@@ -30,13 +30,12 @@ from patch_ops.database import get_engine
 from patch_ops.failpoints import FAILPOINT_ENV, FAILPOINT_FILE_ENV
 from patch_ops.state import executions, locks
 from stockrx_patches.definitions import defs as real_defs
-from stockrx_patches.registry import instance_config_yaml
 from stockrx_patches.tables import inventory_logs
 from tests.conftest import TEST_PYTHONPATH
 from tests.support import faults, slow_patches
 from tests.support.fake_slack import FakeSlack
 from tests.support.stockrx import digest, latest_execution, prices, seeded
-from tests.support.webserver import DagsterUI
+from tests.support.webserver import DagsterUI, daemon_instance_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -277,7 +276,7 @@ def test_terminate_from_the_ui_cancels_a_run_held_in_transform(
     engine = seeded(sqlite_url, items=ITEMS)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(instance_config_yaml())
+    (home / "dagster.yaml").write_text(daemon_instance_yaml())  # queue polled every 1 s
     marker = tmp_path / "failpoint.pid"
     env: dict[str, str | None] = {k: None for k in UNSET}
     env.update(STOCKRX_DATABASE_URL=sqlite_url, STOCKRX_SLACK_TOKEN=TOKEN,

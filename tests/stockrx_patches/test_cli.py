@@ -84,6 +84,10 @@ def test_dry_then_real_run_through_dagster_cli(database_url, dagster_home):
     history = cli(database_url, "history")
     assert history.returncode == 0
     assert history.stdout.count("inventory_price_adjustment") == 2
+
+
+def test_stockrx_patches_list_names_each_patch():
+    # Reads no database: once, not per backend of the test above (a CLI start costs ~2.5 s).
     listing = subprocess.run([str(BIN / "stockrx-patches"), "list"], capture_output=True,
                              text=True, cwd=REPO)
     assert "inventory_price_adjustment: Adjust inventory prices" in listing.stdout

@@ -1,11 +1,13 @@
 """End to end with a real `dagster dev` (webserver + dagster-daemon) against a DAGSTER_HOME made
 from `stockrx-patches instance-config` (the repo's dagster.yaml plus the run-queue limit of every
-patch table): a request row in, a finished run out (with its Slack message and email); the run
+patch table; the queue polled every second: tests/support/webserver.daemon_instance_yaml): a request row in, a finished run out (with its Slack message and email); the run
 queue holding a run whose tables overlap a running one; the schedule's next ticks as Dagster
 itself computes them.
 
 The code location is tests.support.slow_patches: the real patches plus the slow test patch. The
-StockRx database is a SQLite file; the clock is the test clock (inside the Sunday window)."""
+StockRx database is a SQLite file; the clock is the test clock (inside the Sunday window). The
+request sensor polls every 5 s (STOCKRX_REQUEST_POLL_SECONDS; 30 s by default): each request waits
+for one tick to be launched and another to have its outcome recorded."""
 
 from __future__ import annotations
 
@@ -29,16 +31,18 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from patch_ops.database import get_engine
 from stockrx_patches import requests as rq
-from stockrx_patches.registry import instance_config_yaml
 from tests.conftest import TEST_PYTHONPATH
 from tests.support.fake_slack import FakeSlack
 from tests.support.fake_smtp import FakeSmtp
 from tests.support.stockrx import latest_execution, seeded
+from tests.support.webserver import daemon_instance_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TOKEN = "xoxb-daemon-test"
 LOCATION_MODULE = "tests.support.slow_patches"
+#: The daemon's sensor loop runs every 5 s at most; a shorter interval would gain nothing.
+POLL_SECONDS = "5"
 pytestmark = pytest.mark.slow
 
 
@@ -53,6 +57,7 @@ class Dev:
     url: str  # the StockRx database
     home: Path  # DAGSTER_HOME
     web: str  # http://127.0.0.1:PORT
+    gate: Path  # slow_price_adjustment's batches after its first wait until this file exists
     slack: FakeSlack
     smtp: FakeSmtp
     log: Path
@@ -91,7 +96,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
     seeded(url, items=200)
     home = root / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(instance_config_yaml())
+    (home / "dagster.yaml").write_text(daemon_instance_yaml())  # queue polled every 1 s
     port = _free_port()
     log = root / "dagster_dev.log"
     with FakeSlack(token=TOKEN) as slack, FakeSmtp() as smtp:
@@ -107,7 +112,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
             STOCKRX_SMTP_RECIPIENTS="ops@stockrx.test",
             STOCKRX_SMTP_SECURITY="none",
             STOCKRX_UI_BASE_URL=f"http://127.0.0.1:{port}",
-            SLOW_PATCH_SECONDS="1.0",
+            STOCKRX_REQUEST_POLL_SECONDS=POLL_SECONDS,
+            SLOW_PATCH_SECONDS="0",
+            SLOW_PATCH_GATE=str(root / "gate"),
         )
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -126,8 +133,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_sigint_default,
             )
-        d = Dev(url, home, f"http://127.0.0.1:{port}", slack, smtp, log)
+        d = Dev(url, home, f"http://127.0.0.1:{port}", root / "gate", slack, smtp, log)
         try:
             deadline = time.monotonic() + 240
             while True:
@@ -140,13 +148,19 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
                     time.sleep(1)
             yield d
         finally:
-            # Started from a non-interactive shell it may ignore SIGTERM: SIGKILL after a while.
+            # It stops on SIGTERM (as on Ctrl-C: _sigint_default); SIGKILL if it does not.
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=20)
+
+
+def _sigint_default() -> None:
+    """`dagster dev` maps SIGTERM to its SIGINT handler: inherited as ignored (a process started
+    from a non-interactive shell), SIGTERM was ignored too and teardown waited out its 20 s."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_request(dev: Dev, request_id: int, statuses: tuple[str, ...], timeout: float = 300):
@@ -216,7 +230,9 @@ def test_request_row_in_finished_run_out(dev: Dev):
 
 def test_queue_holds_a_run_whose_tables_overlap_a_running_one(dev: Dev):
     engine = get_engine(dev.url)
-    # Inserted together, so one sensor tick launches both.
+    # Inserted together, so one sensor tick usually launches both; the slow run goes first either
+    # way. It stops before its second batch until the gate opens: it holds the queue for as long
+    # as the test takes to see the other run held (no per-batch sleeps to outlast a slow machine).
     slow = rq.submit_request(
         engine,
         "slow_price_adjustment",
@@ -237,6 +253,7 @@ def test_queue_holds_a_run_whose_tables_overlap_a_running_one(dev: Dev):
                 a, b = runs[slow][0], runs[expiry][0]
                 if a.status == DagsterRunStatus.STARTED and b.status == DagsterRunStatus.QUEUED:
                     seen_held = True
+                    dev.gate.touch()
                 assert not (
                     a.status == DagsterRunStatus.STARTED and b.status == DagsterRunStatus.STARTED
                 ), "two runs on inventories at once"

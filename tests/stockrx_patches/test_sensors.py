@@ -37,6 +37,7 @@ from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdj
 from stockrx_patches.registry import Registry, default_registry
 from stockrx_patches.sensors import (
     FAILURE_SENSOR,
+    REQUEST_POLL_ENV,
     REQUEST_SENSOR,
     RESUME_SENSOR,
     work_pending_sensor_name,
@@ -230,6 +231,21 @@ def test_sensor_preview_decides_and_writes_nothing(sqlite_url, dagster_home):
     assert f"preview: request {bad} (no_such_patch): rejected: unknown patch" in out.stderr
     assert {i: rq.get_request(engine, i) for i in (bad, good)} == rows  # still pending, untouched
     assert rows[bad]["status"] == "pending" and rows[bad]["reason"] is None
+
+
+def test_the_request_sensor_polls_every_30_s_unless_told_otherwise(monkeypatch):
+    def interval() -> int | None:
+        defs = build_definitions(default_registry())
+        return defs.resolve_sensor_def(REQUEST_SENSOR).minimum_interval_seconds
+
+    monkeypatch.delenv(REQUEST_POLL_ENV, raising=False)
+    assert interval() == 30
+    monkeypatch.setenv(REQUEST_POLL_ENV, "5")
+    assert interval() == 5
+    for bad in ("0", "-3", "2.5", "soon"):
+        monkeypatch.setenv(REQUEST_POLL_ENV, bad)
+        with pytest.raises(ValueError, match=REQUEST_POLL_ENV):
+            interval()
 
 
 def test_rejection_reasons_name_the_problem(sqlite_url, db, instance, clock):

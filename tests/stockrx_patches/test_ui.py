@@ -3,8 +3,9 @@ SQLite demo database, driven through the webserver's GraphQL API (what the UI it
 looked at with headless Chromium.
 
 One server pair per module (starting it takes ~15 s, a run ~30 s): the DAGSTER_HOME is built like
-the ``dagster_home`` fixture does (a fresh directory with the generated instance config), but at module
-scope, which that function-scoped fixture cannot be. The repo's dagster.yaml has the
+the ``dagster_home`` fixture does (a fresh directory with the generated instance config; here with the run
+queue polled every second, tests.support.webserver.daemon_instance_yaml), but at module scope,
+which that function-scoped fixture cannot be. The repo's dagster.yaml has the
 QueuedRunCoordinator (and one run per table tag at a time), so launched runs are QUEUED until the
 daemon starts them, as with ``make ui``. Sensors and schedules are stopped before the daemon
 starts (tests.support.webserver): the only runs are the ones launched here.
@@ -26,13 +27,13 @@ import yaml
 from sqlalchemy import func, select
 
 from patch_ops.database import get_engine
-from stockrx_patches.registry import instance_config_yaml
 from stockrx_patches.seed import seed_demo
 from stockrx_patches.tables import inventories
 from tests.support.webserver import (
     Chromium,
     DagsterUI,
     DagsterUIError,
+    daemon_instance_yaml,
     find_chromium,
     free_port,
     stop_process_groups,
@@ -76,7 +77,7 @@ def ui(
     base = tmp_path_factory.mktemp("dagster_ui")
     home = base / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(instance_config_yaml())
+    (home / "dagster.yaml").write_text(daemon_instance_yaml())  # queue polled every 1 s
     env: dict[str, str | None] = {k: None for k in UNSET}
     env["STOCKRX_DATABASE_URL"] = demo_url
     server = DagsterUI(repo_root, home, env=env, log_dir=base / "logs")

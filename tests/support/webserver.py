@@ -43,9 +43,30 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from stockrx_patches.registry import instance_config_yaml
+
 LOCATION = "stockrx_patches"
 REPOSITORY = "__repository__"
 TERMINAL_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+#: How often a test daemon's run queue looks for runs to start (Dagster's default: 5 s). A queued
+#: run waited up to one interval, plus another after each run ahead of it on the same table.
+DEQUEUE_INTERVAL_SECONDS = 1
+
+
+def daemon_instance_yaml() -> str:
+    """The dagster.yaml of ``stockrx-patches instance-config`` (the repo's base plus the run-queue
+    limit of every patch table), with the run queue polled every second: Dagster's documented
+    ``run_coordinator.config.dequeue_interval_seconds``; nothing else changes (the limits decide
+    what starts, the interval only when)."""
+    config = yaml.safe_load(instance_config_yaml())
+    coordinator = config["run_coordinator"]
+    coordinator["config"] = {**(coordinator.get("config") or {}),
+                             "dequeue_interval_seconds": DEQUEUE_INTERVAL_SECONDS}
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 class DagsterUIError(RuntimeError):
