@@ -11,7 +11,7 @@ import functools
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -123,10 +123,11 @@ def require_database(engine: Engine) -> None:
 def check_connection(engine: Engine, create: bool = False) -> None:
     """Fail with a clear, password-free message if the database does not exist (unless
     ``create``: seeding a new demo database), cannot be reached, or its server cannot run
-    patches safely (``DatabaseDialect.check_server``)."""
-    known = catalog(engine)
-    if known.cached and "connection checked" in known.done:
-        return  # this op checked it already
+    patches safely (``DatabaseDialect.check_server``). Once per op (``Catalog.once``)."""
+    catalog(engine).once("connection checked", lambda: _check_connection(engine, create))
+
+
+def _check_connection(engine: Engine, create: bool) -> None:
     if not create:
         require_database(engine)
     try:
@@ -140,7 +141,6 @@ def check_connection(engine: Engine, create: bool = False) -> None:
                     "exist: create it and grant the patch user its privileges (README, "
                     "'Against MySQL'), or leave the parameter out"
                 )
-        known.done.add("connection checked")
     except UnsupportedServer as exc:
         raise DatabaseUnavailable(
             f"the StockRx database {engine.url.render_as_string(True)}: {exc}"
@@ -185,6 +185,14 @@ class Catalog:
         #: Work done once per scope (e.g. "the audit tables are there").
         self.done: set[str] = set()
         self.lock = threading.RLock()
+
+    def once(self, key: str, work: Callable[[], None]) -> None:
+        """Run ``work`` unless this op's catalog has run ``key`` already (outside an op:
+        always); a ``work`` that raises is tried again next time."""
+        if self.cached and key in self.done:
+            return
+        work()
+        self.done.add(key)
 
     @functools.cached_property
     def inspector(self) -> Inspector:

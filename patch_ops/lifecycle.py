@@ -58,11 +58,7 @@ def prepare_audit(resources: Any, engine: Engine) -> None:
 def _ensure_audit_tables(bind: Engine | Connection) -> None:
     """``ensure_audit_tables``, once per op (the catalog's scope: a new op, or a re-execution
     after a kill, ensures them again, the genesis head row included)."""
-    known = catalog(bind)
-    if known.cached and "audit tables" in known.done:
-        return
-    ensure_audit_tables(bind)
-    known.done.add("audit tables")
+    catalog(bind).once("audit tables", lambda: ensure_audit_tables(bind))
 
 
 class Lifecycle:
