@@ -26,7 +26,7 @@ How the local server is run:
   ``apt-get install -y mariadb-server`` (root only; scripts/bootstrap.sh normally did it already);
 - ``mariadb-install-db --no-defaults`` then ``mariadbd --no-defaults`` (``--user=root`` when running
   as root: mariadbd refuses root otherwise), data directory, Unix socket, binary log, pid file and
-  error log in one temporary directory (``stockrx-mdb-*``), TCP only on 127.0.0.1 on a free port;
+  error log, and both programs' ``--tmpdir``, in one temporary directory (``stockrx-mdb-*``), TCP only on 127.0.0.1 on a free port;
 - settings: utf8mb4 / utf8mb4_unicode_ci, ``--skip-name-resolve``, binary log ON in ROW format
   (``--log-bin --server-id=1``: MySQL 8's defaults, so statements that binary logging forbids
   fail here as they would in production), ``--local-infile=1``. For speed the test server is less
@@ -390,6 +390,10 @@ class MySQLServer:
             args.append("--user=root")
         args += [
             f"--datadir={self.data_dir}",
+            # Its bootstrap server's temporary files in this server's own directory, as the
+            # server's: with the shared /tmp, parallel workers' set-ups failed now and then on a
+            # temporary table's file (seen twice in session 15).
+            f"--tmpdir={self.base_dir / 'tmp'}",
             "--auth-root-authentication-method=normal",  # root@127.0.0.1 without password
             "--skip-test-db",
             "--skip-name-resolve",
