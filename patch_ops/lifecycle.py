@@ -16,8 +16,8 @@ from sqlalchemy import update
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import outbox
-from patch_ops.audit import ensure_audit_tables
-from patch_ops.database import catalog, write_transaction
+from patch_ops.audit import audit_metadata, ensure_audit_tables, ensure_head_row
+from patch_ops.database import catalog, table_exists, write_transaction
 from patch_ops.execution import load_execution, utcnow
 from patch_ops.state import executions
 from patch_ops.steps.report import impact_lines
@@ -57,8 +57,13 @@ def prepare_audit(resources: Any, engine: Engine) -> None:
 
 def _ensure_audit_tables(bind: Engine | Connection) -> None:
     """``ensure_audit_tables``, once per op (the catalog's scope: a new op, or a re-execution
-    after a kill, ensures them again, the genesis head row included)."""
-    catalog(bind).once("audit tables", lambda: ensure_audit_tables(bind))
+    after a kill, ensures them again, the genesis head row included); when the op's catalog
+    already lists the three tables, only the head row is looked for."""
+    known = catalog(bind)
+    if known.cached and all(table_exists(bind, t) for t in audit_metadata.sorted_tables):
+        known.once("audit tables", lambda: ensure_head_row(bind))
+    else:
+        known.once("audit tables", lambda: ensure_audit_tables(bind))
 
 
 class Lifecycle:
@@ -158,13 +163,7 @@ class Lifecycle:
                  **({"kept_in_outbox": True} if r.configured and not r.delivered else {})}
                 for r in results
             ]
-            with write_transaction(self.engine) as conn:
-                conn.execute(
-                    update(executions)
-                    .where(executions.c.execution_id == self.execution_id)
-                    .values(notifications=(ex.get("notifications") or []) + record)
-                )
-            self.audit("notification", {"outcome": outcome, "deliveries": record})
+            self.record_notifications(ex.get("notifications") or [], record, outcome)
             for r in record:
                 if not r["delivered"] and r["error"] != "not configured" and self.log:
                     self.log.warning(f"notification via {r['channel']} not delivered: {r['error']}")
@@ -173,6 +172,29 @@ class Lifecycle:
         except Exception as exc:  # noqa: BLE001 - a notification must never fail a patch
             if self.log:
                 self.log.warning(f"notification failed: {type(exc).__name__}: {exc}")
+
+    def record_notifications(self, earlier: list[dict[str, Any]], record: list[dict[str, Any]],
+                             outcome: str) -> None:
+        """Add ``record`` to the execution's notification history, audited in the same
+        transaction (one commit). Should the audit fail, the history is still written, then
+        the audit's error raised (``notify`` logs it)."""
+        prepare_audit(self.resources, self.engine)  # no table made inside the transaction
+
+        def write(conn: Connection) -> None:
+            conn.execute(
+                update(executions)
+                .where(executions.c.execution_id == self.execution_id)
+                .values(notifications=earlier + record)
+            )
+
+        try:
+            with write_transaction(self.engine) as conn:
+                write(conn)
+                self.audit("notification", {"outcome": outcome, "deliveries": record}, conn=conn)
+        except Exception:
+            with write_transaction(self.engine) as conn:
+                write(conn)
+            raise
 
     def flush_outbox(self, notifier: Notifier, deadline: float | None = None) -> list[dict[str, Any]]:
         """Send every message the outbox kept (due or not: a notification is going out anyway);

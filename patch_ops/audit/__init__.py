@@ -55,6 +55,7 @@ from patch_ops.audit.tables import (
     audit_head,
     audit_metadata,
     ensure_audit_tables,
+    ensure_head_row,
 )
 from patch_ops.audit.verify import verify_chain
 
@@ -83,6 +84,7 @@ __all__ = [
     "audit_metadata",
     "canonical_json",
     "ensure_audit_tables",
+    "ensure_head_row",
     "event_hash",
     "lock_head",
     "purge_events",

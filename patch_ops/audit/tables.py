@@ -71,6 +71,11 @@ def ensure_audit_tables(bind: Bind) -> None:
     """Create the audit tables if missing and the head row (seq 0, genesis hash). Idempotent."""
     with framework_ddl(bind), transaction(bind) as conn:
         audit_metadata.create_all(conn, checkfirst=True)
+    ensure_head_row(bind)
+
+
+def ensure_head_row(bind: Bind) -> None:
+    """Insert the genesis head row (seq 0, genesis hash) if the head table has none."""
     genesis = {"id": HEAD_ID, "seq": 0, "hash": GENESIS_HASH, "key_id": None, "mac": None}
     try:
         with transaction(bind) as conn:

@@ -45,10 +45,9 @@ from sqlalchemy import (
     union,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import NoSuchTableError
 
 from patch_ops import state
-from patch_ops.database import write_transaction
+from patch_ops.database import catalog, write_transaction
 from patch_ops.execution import (
     ROWCOUNT,
     PlanRefused,
@@ -432,34 +431,43 @@ def drift_markdown(drift: dict[str, Any] | None) -> list[str]:
 
 def schema_of(conn: Connection, names: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
     """Per table, what of its reflected schema decides what a write does: ``label →
-    definition`` for every column, the keys, unique constraints and indexes, CHECKs."""
-    insp = inspect(conn)
+    definition`` for every column, the keys, unique constraints and indexes, CHECKs. Read
+    through the op's catalog (one inspector), one catalog query per kind for all the tables."""
+    known = catalog(conn)
+    insp = known.inspector if known.cached else inspect(conn)
+    tables = sorted(set(names))
+    columns = insp.get_multi_columns(filter_names=tables)
+    present = [n for n in tables if (None, n) in columns]
+    if not present:
+        return {}
+    keys = insp.get_multi_pk_constraint(filter_names=present)
+    foreign = insp.get_multi_foreign_keys(filter_names=present)
+    unique = _optional(insp.get_multi_unique_constraints, present)
+    checks = _optional(insp.get_multi_check_constraints, present)
+    indexes = insp.get_multi_indexes(filter_names=present)
     out: dict[str, dict[str, str]] = {}
-    for name in sorted(set(names)):
+    for name in present:
+        at = (None, name)
         items: dict[str, str] = {}
-        try:
-            columns = insp.get_columns(name)
-        except NoSuchTableError:
-            continue
-        for c in columns:
+        for c in columns[at]:
             default = f" DEFAULT {c['default']}" if c.get("default") is not None else ""
             null = "NULL" if c.get("nullable", True) else "NOT NULL"
             items[f"column {c['name']}"] = f"{_type(c['type'], conn)} {null}{default}"
-        pk = insp.get_pk_constraint(name) or {}
+        pk: dict[str, Any] = dict(keys.get(at) or {})
         if pk.get("constrained_columns"):
             items["primary key"] = ", ".join(pk["constrained_columns"])
-        for fk in insp.get_foreign_keys(name):
+        for fk in foreign.get(at, []):
             cols = ", ".join(fk["constrained_columns"])
             ref = f"{fk['referred_table']} ({', '.join(fk['referred_columns'])})"
             opts = " ".join(f"{k} {v}" for k, v in sorted((fk.get("options") or {}).items()))
             items[f"foreign key {fk.get('name') or cols}"] = f"({cols}) → {ref} {opts}".strip()
-        for uq in _optional(insp.get_unique_constraints, name):
+        for uq in unique.get(at, []):
             cols = ", ".join(str(c) for c in uq["column_names"])
             items[f"unique constraint {uq.get('name') or cols}"] = f"({cols})"
-        for ck in _optional(insp.get_check_constraints, name):
+        for ck in checks.get(at, []):
             text = " ".join(str(ck["sqltext"]).split())
             items[f"check constraint {ck.get('name') or text}"] = text
-        for ix in insp.get_indexes(name):
+        for ix in indexes.get(at, []):
             if ix.get("unique"):
                 cols = ", ".join(str(c) for c in ix["column_names"])
                 items[f"unique index {ix.get('name') or cols}"] = f"({cols})"
@@ -474,11 +482,11 @@ def _type(t: Any, conn: Connection) -> str:
         return type(t).__name__
 
 
-def _optional(getter: Any, name: str) -> list[dict[str, Any]]:
+def _optional(getter: Any, names: list[str]) -> dict[Any, list[dict[str, Any]]]:
     try:
-        return list(getter(name))
+        return dict(getter(filter_names=names))
     except NotImplementedError:
-        return []
+        return {}
 
 
 def schema_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:

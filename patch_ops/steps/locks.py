@@ -139,6 +139,12 @@ def _release_stale(
     )
 
 
+def holders_of(conn: Connection, tables: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The lock rows of ``tables`` (table → row; a free table is absent), in one query."""
+    rows = conn.execute(select(locks).where(locks.c.table_name.in_(list(tables)))).mappings()
+    return {row["table_name"]: dict(row) for row in rows}
+
+
 def release_stale_locks(
     conn: Connection, tables: Iterable[str], by: str, run_finished: RunFinished | None = None,
     log: Any = None,
@@ -146,12 +152,15 @@ def release_stale_locks(
     """Release the locks of dead holders of ``tables`` (``stale_lock_reason``) now, before a
     new run looks at the history: a holder that died after its commit is then ``UNVERIFIED``,
     and that run verifies it first instead of taking it for a run still at work."""
+    tables = list(dict.fromkeys(tables))
+    holders, released = holders_of(conn, tables), set()
     for table in tables:
-        holder = conn.execute(select(locks).where(locks.c.table_name == table)).mappings().first()
-        if holder is not None:
-            reason = stale_lock_reason(conn, dict(holder), run_finished)
+        holder = holders.get(table)
+        if holder is not None and holder["execution_id"] not in released:
+            reason = stale_lock_reason(conn, holder, run_finished)
             if reason is not None:
-                _release_stale(conn, dict(holder), reason, by, log, run_finished)
+                _release_stale(conn, holder, reason, by, log, run_finished)
+                released.add(holder["execution_id"])
 
 
 def acquire_locks(
@@ -166,18 +175,23 @@ def acquire_locks(
 
     A lock held by another execution refuses at once, naming the holder, unless the holder is
     dead (``stale_lock_reason``): then its locks are released and its execution closed as failed
-    with the reason, and this execution takes the lock.
+    with the reason, and this execution takes the lock. One query reads every table's holder,
+    one statement moves the locks this execution holds to this process (a later step, or run),
+    one takes the free ones.
     """
     here = {"dagster_run_id": run_id, "hostname": socket.gethostname(), "pid": os.getpid()}
+    tables = list(dict.fromkeys(tables))
+    holders, released = holders_of(conn, tables), set()
+    moved, free = [], []
     for table in tables:
-        holder = conn.execute(select(locks).where(locks.c.table_name == table)).mappings().first()
-        if holder is not None:
-            if holder["execution_id"] == execution_id:
-                if any(holder[k] != v for k, v in here.items()):
-                    # A later step (own process) or run of the same execution: it holds it now.
-                    conn.execute(update(locks).where(locks.c.table_name == table).values(**here))
-                continue
-            reason = stale_lock_reason(conn, dict(holder), run_finished)
+        holder = holders.get(table)
+        if holder is None or holder["execution_id"] in released:
+            free.append(table)
+        elif holder["execution_id"] == execution_id:
+            if any(holder[k] != v for k, v in here.items()):
+                moved.append(table)
+        else:
+            reason = stale_lock_reason(conn, holder, run_finished)
             if reason is None:
                 patch_name = conn.execute(
                     select(executions.c.patch_name).where(
@@ -192,16 +206,22 @@ def acquire_locks(
                     "time: try again when it has finished",
                     {"holder": {k: jsonable(v) for k, v in holder.items()}},
                 )
-            _release_stale(conn, dict(holder), reason, f"execution {execution_id}", log,
-                           run_finished)
+            _release_stale(conn, holder, reason, f"execution {execution_id}", log, run_finished)
+            released.add(holder["execution_id"])
+            free.append(table)
+    if moved:
+        # A later step (own process) or run of the same execution: it holds them now.
+        conn.execute(update(locks).where(locks.c.table_name.in_(moved)).values(**here))
+    if free:
         try:
             with conn.begin_nested():
-                conn.execute(
-                    insert(locks).values(table_name=table, execution_id=execution_id,
-                                         acquired_at=utcnow(), **here)
-                )
+                conn.execute(insert(locks), [
+                    {"table_name": t, "execution_id": execution_id, "acquired_at": utcnow(), **here}
+                    for t in free
+                ])
         except IntegrityError:
+            taken = set(holders_of(conn, free))
+            table = next((t for t in free if t in taken), free[0])
             raise PlanRefused(
                 f"table {table!r} was locked by another execution a moment ago; try again"
             ) from None
-

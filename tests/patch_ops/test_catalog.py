@@ -1,12 +1,13 @@
 """The catalog read once per op (patch_ops.database.Catalog): a second look-up sends nothing,
-a table the op makes or drops is seen at once, and outside an op every look-up reads afresh."""
+a table the op makes or drops is seen at once, outside an op every look-up reads afresh, and a
+table is read as MetaData.reflect reads its columns, key and options."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import MetaData, Table, event
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
@@ -59,3 +60,25 @@ def test_outside_an_op_every_look_up_reads_the_catalog(engine: Engine) -> None:
     sent = statements(engine)
     second = state.reflect_tables(engine, ["app_items"])["app_items"]
     assert sent and second is not first
+
+
+def test_an_op_reads_of_a_table_what_metadata_reflect_reads_of_its_columns(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE app_logs (id BIGINT NOT NULL PRIMARY KEY, item_id BIGINT NOT NULL"
+            " REFERENCES app_items (id), note VARCHAR(40) DEFAULT 'none', qty INTEGER NOT NULL"
+            " CHECK (qty >= 0), UNIQUE (item_id, note))"
+        )
+    full = MetaData()
+    full.reflect(engine, only=["app_items", "app_logs"])
+    with catalog_scope():
+        lean = state.reflect_tables(engine, ["app_items", "app_logs"])
+
+    def shape(table: Table) -> list[tuple[object, ...]]:
+        return [(c.name, repr(c.type), c.nullable, c.primary_key, c.autoincrement,
+                 None if c.server_default is None else str(c.server_default.arg))
+                for c in table.columns]
+
+    for name in ("app_items", "app_logs"):
+        assert shape(lean[name]) == shape(full.tables[name])
+        assert dict(lean[name].kwargs) == dict(full.tables[name].kwargs)  # MySQL: charset

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
 
+from patch_ops.database import write_transaction
 from patch_ops.execution import utcnow
 from patch_ops.jobs import TABLE_TAG_PREFIX
 from patch_ops.state import ensure_framework_tables, executions, locks, mirror_by_name, mirror_name
-from patch_ops.steps.locks import release_stale_locks
+from patch_ops.steps.locks import acquire_locks, release_stale_locks
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import defs as real_defs
 from stockrx_patches.registry import (
@@ -211,6 +212,7 @@ def _hold(
     host: str = "batch-host-7",
     beat_age_s: float = 5,
     pid: int = 4242,
+    tables: tuple[str, ...] = ("inventories",),
 ) -> None:  # type: ignore[no-untyped-def]
     ensure_framework_tables(engine)
     now = utcnow()
@@ -227,16 +229,11 @@ def _hold(
                 heartbeat_at=now - dt.timedelta(seconds=beat_age_s),
             )
         )
-        conn.execute(
-            insert(locks).values(
-                table_name="inventories",
-                execution_id=HOLDER,
-                dagster_run_id="run-elsewhere",
-                hostname=host,
-                pid=pid,
-                acquired_at=now - dt.timedelta(minutes=3),
-            )
-        )
+        conn.execute(insert(locks), [
+            {"table_name": table, "execution_id": HOLDER, "dagster_run_id": "run-elsewhere",
+             "hostname": host, "pid": pid, "acquired_at": now - dt.timedelta(minutes=3)}
+            for table in tables
+        ])
 
 
 def _holder(engine) -> dict:  # type: ignore[no-untyped-def]
@@ -288,6 +285,44 @@ def test_finished_holder_that_left_its_lock_is_stale(sqlite_url):
     holder = _holder(engine)
     assert holder["status"] == "completed"  # its outcome is kept; the note is added
     assert "because its execution is completed" in holder["error_message"]
+
+
+def test_dead_holder_of_every_table_is_released_once(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine, status="completed", tables=("inventories", "inventory_logs"))
+
+    result = run_patch(sqlite_url, PRICE_JOB, DRY)
+
+    assert result.success, failure_description(result)
+    assert _holder(engine)["error_message"].count("released as stale") == 1
+
+
+def test_dead_holder_of_every_table_is_released_once_by_the_taker(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine, status="completed", tables=("inventories", "inventory_logs"))
+    taker = "22222222-2222-2222-2222-222222222222"
+
+    with write_transaction(engine) as conn:
+        acquire_locks(conn, ["inventories", "inventory_logs"], taker, "run-here")
+
+    assert _holder(engine)["error_message"].count("released as stale") == 1
+    with engine.connect() as conn:
+        assert set(conn.execute(select(locks.c.execution_id)).scalars()) == {taker}
+
+
+def test_a_step_takes_over_all_its_locks_in_two_statements(sqlite_url):
+    engine = seeded(sqlite_url, items=20)
+    _hold(engine, host=socket.gethostname(), tables=("inventories", "inventory_logs"))
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+
+    with write_transaction(engine) as conn:
+        acquire_locks(conn, ["inventories", "inventory_logs"], HOLDER, "run-here")
+
+    assert len([s for s in sent if "data_patch_locks" in s]) == 2  # read them all, move them all
+    with engine.connect() as conn:
+        held = conn.execute(select(locks.c.execution_id, locks.c.dagster_run_id, locks.c.pid))
+        assert {tuple(r) for r in held} == {(HOLDER, "run-here", os.getpid())}
 
 
 def test_holder_whose_run_was_terminated_between_steps_is_cancelled_and_kept(sqlite_url):
