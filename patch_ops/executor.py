@@ -3,7 +3,8 @@
 By default every op still gets its own process, but forked from a fork server that has already
 imported Dagster, pandas, pandera, SQLAlchemy, the StockRx database's driver, the code location
 and the Dagster instance's modules (``start_method: forkserver``, PRELOAD_MODULES), instead of a
-fresh interpreter per op (``spawn``, Dagster's default), which costs ~5 s of CPU per op before it does any work; what it
+fresh interpreter per op (``spawn``, Dagster's default), which costs ~5 s of CPU per op before
+it does any work; the fork server imports them with its garbage collector paused, and what it
 preloaded is then frozen out of the op processes' garbage collection (FREEZE_MODULE). A run can
 still choose, in its run config, ``execution: {config: {in_process: {}}}`` or
 ``{multiprocess: {start_method: {spawn: {}}}}``.
@@ -25,17 +26,20 @@ from dagster import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-#: What the fork server imports before forking op processes: the framework (which brings
-#: Dagster and SQLAlchemy), what the ops import that loading the code location does not (pandas
-#: and pandera, which only the ops' functions import: the CLI, webserver and daemon do without
-#: them), dagster-postgres's driver, Dagster's command line (every op process re-runs the parent's
-#: main script, ``dagster``, which imports it: 0.45 s of each op's start otherwise) and
-#: ``upath.core``, which every op process's instance (its ``defs_state_storage``) and Dagster's
-#: filesystem IO manager import (0.07-0.1 s of each op's start otherwise); the StockRx database's
-#: driver (``database_driver``) and the code location's own module are added per run.
+#: What the fork server imports before forking op processes: first the module that pauses its
+#: garbage collector until FREEZE_MODULE (then Dagster's executor, which Dagster would otherwise
+#: put first), the framework (which brings Dagster and SQLAlchemy), what the ops import that
+#: loading the code location does not (pandas and pandera, which only the ops' functions import:
+#: the CLI, webserver and daemon do without them), dagster-postgres's driver, Dagster's command
+#: line (every op process re-runs the parent's main script, ``dagster``, which imports it: 0.45 s
+#: of each op's start otherwise) and ``upath.core``, which every op process's instance (its
+#: ``defs_state_storage``) and Dagster's filesystem IO manager import (0.07-0.1 s of each op's
+#: start otherwise); the StockRx database's driver (``database_driver``) and the code location's
+#: own module are added per run.
 PRELOAD_MODULES = (
-    "patch_ops.jobs", "patch_ops.restore_jobs", "pandas", "pandera.pandas", "pandera.errors",
-    "psycopg2", "dagster._cli", "upath.core",
+    "patch_ops.forkserver_gc_pause", "dagster._core.executor.multiprocess", "patch_ops.jobs",
+    "patch_ops.restore_jobs", "pandas", "pandera.pandas", "pandera.errors", "psycopg2",
+    "dagster._cli", "upath.core",
 )
 #: The variable naming the StockRx database (definitions.py builds the database resource from it).
 DATABASE_URL_ENV = "STOCKRX_DATABASE_URL"

@@ -37,6 +37,9 @@ def test_fork_server_preloads_the_code_location_until_the_environment_changes(mo
         assert {"dagster._core.storage.runs", "dagster._core.storage.event_log"} <= set(preload)
         assert "pymysql" in preload and "psycopg" not in preload  # the StockRx database's driver
         assert preload[-2:] == ["tests.support.slow_patches", executor.FREEZE_MODULE]
+        # the garbage collector paused from the first preload to the last (GC_PAUSE below)
+        assert preload[:2] == [executor.PRELOAD_MODULES[0], "dagster._core.executor.multiprocess"]
+        assert executor.PRELOAD_MODULES[0] == "patch_ops.forkserver_gc_pause"
         assert choose(context) == first  # type: ignore[arg-type]
 
         # This process's fork server would fork op processes with the old STOCKRX_DATABASE_URL.
@@ -72,10 +75,40 @@ def test_op_processes_start_with_the_preloaded_heap_frozen():
     assert in_op > 100_000
     assert in_worker == 0  # the run worker is left alone
     # what the ops need was imported once, in the fork server, not by each op process
-    assert out.stdout.splitlines()[-2] == "schemas-made=True pandas pandera stockrx_patches.schemas"
+    assert out.stdout.splitlines()[-2] == (
+        "gc-enabled=True schemas-made=True pandas pandera stockrx_patches.schemas"
+    )
     # and the StockRx database's driver only (here pymysql), and what Dagster imports in every
     # op process (upath.core), so the op processes share them instead of importing them each
     assert out.stdout.splitlines()[-3] == "upath.core=frozen pymysql=frozen psycopg=absent"
+
+
+#: What the fork server does with the first and the last of its preloads, in a fresh process.
+GC_PAUSE = """
+import gc, os, sys
+import patch_ops.forkserver_gc_pause
+paused = not gc.isenabled()
+collections = gc.get_stats()[2]["collections"]
+import dagster, pandas, patch_ops.jobs, stockrx_patches.definitions  # ~400k objects
+uncollected = gc.get_stats()[2]["collections"] == collections
+pid = os.fork()
+if pid == 0:  # a process forked from it has its collector on even before FREEZE_MODULE
+    os._exit(0 if gc.isenabled() else 3)
+child_ok = os.waitpid(pid, 0)[1] == 0
+import patch_ops.forkserver_gc
+print(paused, uncollected, child_ok, gc.isenabled(), gc.get_freeze_count() > 100_000)
+"""
+
+
+def test_the_fork_server_preloads_with_its_garbage_collector_paused():
+    """No collection walks the preloaded objects while they are made (they live as long as the
+    fork server); the freeze module turns the collector back on, and a forked op process has
+    it on whatever happened to the preloads."""
+    out = subprocess.run([sys.executable, "-c", GC_PAUSE], capture_output=True, text=True,
+                         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=TEST_PYTHONPATH),
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "True", "True", "True", "True"]
 
 
 def test_the_fork_server_preloads_the_driver_the_database_url_names():

@@ -22,11 +22,12 @@ def freeze_count() -> int:
 
 @op
 def preloaded() -> str:
-    """What the op process had before the op ran: pandas and pandera imported and the patches'
-    lazy schemas read, by the fork server (the code location's process never imports them)."""
+    """What the op process had before the op ran: its garbage collector on (the fork server
+    paused its own while preloading), pandas and pandera imported and the patches' lazy schemas
+    read, by the fork server (the code location's process never imports them)."""
     made = vars(InventoryPriceAdjustment)["schemas"].made  # read in this process yet?
     have = [m for m in ("pandas", "pandera", "stockrx_patches.schemas") if m in sys.modules]
-    return " ".join([f"schemas-made={made}", *have])
+    return " ".join([f"gc-enabled={gc.isenabled()}", f"schemas-made={made}", *have])
 
 
 @op
