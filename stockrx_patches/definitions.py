@@ -14,6 +14,7 @@ from typing import Any
 
 from dagster import Definitions, JobDefinition, ResourceDefinition
 
+from patch_ops.executor import DATABASE_URL_ENV
 from patch_ops.jobs import build_patch_job
 from patch_ops.lifecycle import AUDIT, NOTIFIER
 from patch_ops.ops import DB, MEMORY
@@ -27,8 +28,6 @@ from stockrx_patches.outbox_sensor import build_outbox_sensor
 from stockrx_patches.registry import ProjectConfig, Registry, default_registry
 from stockrx_patches.schedules import build_schedules
 from stockrx_patches.sensors import build_sensors
-
-DATABASE_URL_ENV = "STOCKRX_DATABASE_URL"
 
 
 class MissingEnvironment(RuntimeError):
