@@ -6,9 +6,9 @@ rows and the hold-back make it. On SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
-from sqlalchemy import Index, MetaData, Table, func, insert, inspect, select
-
 import dataclasses
+
+from sqlalchemy import Index, MetaData, Table, func, insert, inspect, select
 
 from patch_ops import state
 from patch_ops.database import get_engine
