@@ -214,10 +214,13 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
         ]
         cols += [Column(c.name, c.type, nullable=True) for c in live.columns]
         # Backup rows have no source (dp_source_id is NULL): a source index there would be
-        # kept up on every bulk backup insert (a third of its time) and never read.
+        # kept up on every bulk backup insert (a third of its time) and never read. The stage's
+        # is read only by the search for refused rows and their hold-back, which make it first
+        # (``ensure_source_index``): kept up during the transform's inserts it cost a third of
+        # their time, so the transform drops it (``drop_source_index``).
         by_source = (
-            [] if kind == "backup" else
             [Index(source_index_name(kind, live.name), "dp_execution_id", "dp_source_id")]
+            if kind == "approved" else []
         )
         table = Table(
             mirror_name(kind, live.name),
@@ -241,19 +244,45 @@ def source_index_name(kind: str, table: str) -> str:
 
 
 def drop_unread_index(engine: Engine, mirror: Table, name: str) -> None:
-    """Drop index ``name`` of ``mirror`` if an earlier version made it (nothing reads it; it
-    only slows the bulk inserts), on a connection of its own: DDL commits on MySQL."""
+    """Drop index ``name`` of ``mirror`` if it exists (nothing reads it now; it only slows the
+    bulk inserts), on a connection of its own: DDL commits on MySQL."""
+    _source_index_ddl(engine, mirror, name, present=False)
+
+
+def drop_source_index(engine: Engine, stage: Table) -> None:
+    """Before the transform's inserts: drop the stage's ``dp_source_id`` index if a reader made
+    it (``ensure_source_index``). An index only, never a constraint: the rows are the same."""
+    drop_unread_index(engine, stage, _stage_source_index(stage))
+
+
+def ensure_source_index(engine: Engine, stage: Table) -> None:
+    """Before a reader that picks stage rows by driving row (the refusal search, the hold-back):
+    make the stage's (``dp_execution_id``, ``dp_source_id``) index if it is missing (one sort of
+    the stage; a transform killed or dropped it since, it is made again here). On a connection
+    of its own, outside any transaction: DDL commits on MySQL."""
+    _source_index_ddl(engine, stage, _stage_source_index(stage), present=True)
+
+
+def _stage_source_index(stage: Table) -> str:
+    return source_index_name("stage", stage.name.removeprefix(mirror_name("stage", "")))
+
+
+def _source_index_ddl(engine: Engine, mirror: Table, name: str, present: bool) -> None:
+    """Make (``present``) or drop the ``dp_source_id`` index ``name`` of ``mirror``, unless it
+    already is so."""
     made = catalog(engine).inspector.get_indexes(mirror.name, schema=mirror.schema)
-    if name not in {ix["name"] for ix in made}:
+    if (name in {ix["name"] for ix in made}) == present:
         return
+    index = Index(name, mirror.c.dp_execution_id, mirror.c.dp_source_id)
     try:
-        Index(name, mirror.c.dp_execution_id, mirror.c.dp_source_id).drop(engine)
+        (index.create if present else index.drop)(engine)
     except DBAPIError as exc:
-        if dialect_of(engine).is_privilege_error(exc):
-            return  # a user who may not drop it keeps it: slower, not wrong
-        # Another process dropped it at the same moment: fine; anything else: raise.
+        dialect = dialect_of(engine)
+        if dialect.is_privilege_error(exc) or dialect.is_lock_timeout(exc):
+            return  # a user who may not change it, or a session in the way: slower, not wrong
+        # Another process did it at the same moment: fine; anything else: raise.
         now = inspect(engine).get_indexes(mirror.name, schema=mirror.schema)
-        if name in {ix["name"] for ix in now}:
+        if (name in {ix["name"] for ix in now}) != present:
             raise
 
 

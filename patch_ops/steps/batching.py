@@ -25,7 +25,7 @@ from patch_ops.execution import (
 )
 from patch_ops.failpoints import failpoint
 from patch_ops.patch import Patch
-from patch_ops.state import locks
+from patch_ops.state import drop_source_index, locks, mirror_table
 from patch_ops.windows import now_naive as clock_now
 
 #: Reject rows stored per batch at most (each names its source row, check and value).
@@ -60,6 +60,16 @@ class Progress:
             return False
         self.logged_at = now_s
         return True
+
+
+def stage_tables(engine: Engine, tables: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """The stage mirrors of ``names``, without their ``dp_source_id`` index: nothing reads it
+    during the batches, and kept up it was a third of the staging inserts' time. The readers
+    that need it make it again, whenever this ran or was killed (``state.ensure_source_index``)."""
+    stages = {t: mirror_table(engine, tables[t], "stage") for t in names}
+    for stage in stages.values():
+        drop_source_index(engine, stage)
+    return stages
 
 
 def fractional(col) -> bool:  # type: ignore[no-untyped-def]

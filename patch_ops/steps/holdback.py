@@ -168,6 +168,14 @@ def bisect(
     return found, attempts, None, len(found)
 
 
+def index_sources(engine: Engine, tables: Tables, decl: dict[str, Any]) -> None:
+    """The stage's index by driving row (``state.ensure_source_index``), made if the transform
+    dropped it: every attempt below picks a range of driving rows, and the hold-back deletes by
+    them. Before any transaction of the caller (DDL commits on MySQL)."""
+    for table in written_tables(decl):
+        state.ensure_source_index(engine, mirror_table(engine, tables[table], "stage"))
+
+
 def source_ids(conn: Connection, engine: Engine, tables: Tables, ex: dict[str, Any]) -> array:
     """The distinct driving row ids of an execution's staged changes, ascending (8 bytes each)."""
     decl, execution_id = ex["declaration"], ex["execution_id"]
@@ -250,6 +258,7 @@ def find_refused(
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
     tables = state.reflect_tables(engine, ex["declaration"]["tables"])
+    index_sources(engine, tables, ex["declaration"])
     with engine.connect() as conn:
         ids = source_ids(conn, engine, tables, ex)
     result = SearchResult()
@@ -325,6 +334,7 @@ def hold_back(engine: Engine, execution_id: str, refused: dict[int, Refusal]) ->
         ex = load_execution(conn, execution_id)
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
+    index_sources(engine, tables, decl)
     ids = sorted(refused)
     with write_transaction(engine) as conn:
         values = describe_sources(conn, engine, tables, ex, ids)

@@ -43,6 +43,7 @@ from patch_ops.steps.batching import (
     fractional,
     pause_execution,
     read_columns,
+    stage_tables,
     unreadable_sources,
     window_stop,
 )
@@ -141,7 +142,7 @@ def run_transform(
         return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress)
     tables = state.reflect_tables(engine, patch.tables())
     backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
-    stages = {t: mirror_table(engine, tables[t], "stage") for t in patch.tables()}
+    stages = stage_tables(engine, tables, patch.tables())
     driving = backups[patch.driving_table]
     live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
 

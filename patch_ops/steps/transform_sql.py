@@ -67,6 +67,7 @@ from patch_ops.steps.batching import (
     pause_execution,
     paused_message,
     read_columns,
+    stage_tables,
     unreadable_sources,
     window_stop,
 )
@@ -157,7 +158,7 @@ def run_sql_transform(
     config, ctx = config_of(patch, ex), run_context(ex)
     tables = state.reflect_tables(engine, patch.tables())
     backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
-    stages = {t: mirror_table(engine, tables[t], "stage") for t in patch.tables()}
+    stages = stage_tables(engine, tables, patch.tables())
     checks = {t: compile_schema(m) for t, m in patch.schemas.items()}
     live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
     driving = backups[patch.driving_table]
