@@ -13,7 +13,7 @@ query runs only when its screen is not 0. Validation and post-verification share
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,14 +240,14 @@ def invariant_checks(
     committed: bool,
     timeout_s: float | None,
     aggregates: Callable[[ResultView], Aggregates] | None = None,
-    shared_only: bool = False,
+    shared_only: Collection[str] = (),
 ) -> Checks:
     """The checks of every invariant of ``patch`` on the result: each finds the broken
     invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
     caller needs over the view's rows anyway (the impact report's), computed in the same pass
-    as the invariants that filter or screen the same rows, or alone (``shared_only``: only in
-    a pass with invariants; the others are left out of ``Checks.aggregates`` for the caller to
-    get as it would without invariants). A screened invariant whose screen is not 0 is then
+    as the invariants that filter or screen the same rows, or alone (the keys in
+    ``shared_only``: only in a pass with invariants; the others are left out of
+    ``Checks.aggregates`` for the caller to get as it would without invariants). A screened invariant whose screen is not 0 is then
     counted and sampled by its own ``offenders`` query, on its own connection.
 
     Where the database can limit a statement's time, each query may run ``timeout_s`` at most: one that
@@ -289,10 +289,11 @@ def invariant_checks(
         if len(conds) == 1 and not more:  # nothing to share: its own query (an index may help)
             alone.append(conds[0][0])
             del passes[key]
-        elif shared_only and not conds:
-            for name in more:
-                del futures[name]
-            del passes[key]
+        elif not conds and (alone_only := [n for n in more if n in shared_only]):
+            for name in alone_only:
+                del futures[name], more[name]
+            if not more:
+                del passes[key]
     alone.sort()
 
     def timed_out(inv: Invariant) -> dict[str, Any]:
