@@ -22,14 +22,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import sqlite
 
+from patch_ops.execution import run_concurrently
 from patch_ops.patch import Invariant, PatchSettings
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
 from patch_ops.steps.plan import plan_execution
-from patch_ops.steps.result import row_filter
+from patch_ops.steps.result import invariant_checks, row_filter
 from patch_ops.steps.transform import run_transform
 from patch_ops.steps.validate import validate_execution
-from patch_ops.steps.verify import verify_execution
+from patch_ops.steps.verify import staged_differences, verify_execution
 from resources.memory import MemoryGuard
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.tables import batches, inventories, inventory_logs
@@ -339,3 +340,39 @@ def test_a_screened_pass_past_its_timeout_fails_every_check_in_it(pg_url):
                            "log_quantities_match_item", "slow_join"}
     for b in broken.values():
         assert b["count"] is None and b["timed_out"] == 0.5
+
+
+def test_a_pass_over_the_items_is_made_in_their_join_with_the_grouped_log_rows(database_url):
+    """After commit the row filters over the updated items and verification's comparison are
+    counted in the pass over the items joined with their log rows grouped per item (one row
+    per item): one query less, the same broken invariants, counts and samples, the same
+    aggregates, whichever invariants the application broke."""
+    patch = InventoryPriceAdjustment()
+    engine = hand_built(database_url, WITH_UNCHANGED)
+    x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
+    take_backup(engine, x)
+    run_transform(engine, patch, x, MemoryGuard())
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
+    new = inventory_logs.c.operation_type == "adjust"
+    with engine.begin() as conn:
+        conn.execute(update(inventories).where(inventories.c.id == 2)
+                     .values(inventory_logs_count=inventories.c.inventory_logs_count - 1))
+        conn.execute(update(inventories).where(inventories.c.id == 3).values(price=300))
+        conn.execute(delete(inventory_logs).where(new, inventory_logs.c.inventory_id == 5))
+        conn.execute(update(inventory_logs).where(new, inventory_logs.c.inventory_id == 4)
+                     .values(previous_quantity=inventory_logs.c.previous_quantity + 1))
+    found = {}
+    for joined in (False, True):
+        checks = invariant_checks(engine, patch, x, committed=True, timeout_s=None,
+                                  aggregates=staged_differences,
+                                  shared_only=["updates:inventories"], join_passes=joined)
+        broken = checks.broken(run_concurrently(checks.calls, 2))
+        found[joined] = (len(checks.calls), broken,
+                         {k: f.result() for k, f in checks.aggregates.items()})
+    assert found[True][0] == found[False][0] - 1
+    assert found[True][1:] == found[False][1:]
+    assert [b["name"] for b in found[True][1]] == [
+        "one_log_per_changed_item", "inventory_logs_count_incremented",
+        "log_quantities_match_item", "price_actually_changed"]
+    assert found[True][2]["updates:inventories"][1] == 2  # items 2 and 3 differ
