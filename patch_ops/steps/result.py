@@ -266,16 +266,19 @@ def _one_row_per_left_row(source: FromClause, dialect: Any) -> FromClause | None
 def _join_passes(
     passes: dict[str, tuple[FromClause, list[Screen], Aggregates]], dialect: Any
 ) -> None:
-    """Each pass over the left side of another pass's one-row-per-left-row join, made in that
-    one (its columns are the left side's, in the join's FROM)."""
+    """Each pass over the rows of the left side of another pass's one-row-per-left-row join,
+    made in that one (its columns taken by name from the left side, in the join's FROM)."""
     for outer in list(passes):
         if outer not in passes or (left := _one_row_per_left_row(passes[outer][0], dialect)) is None:
             continue
-        inner = next((k for k, p in passes.items() if p[0] is left), None)
-        if inner is not None:
-            _, conds, more = passes.pop(inner)
-            passes[outer][1].extend(conds)
-            passes[outer][2].update(more)
+        inner = _source_key(left, dialect)
+        if inner != outer and inner in passes:
+            first, conds, more = passes.pop(inner)
+            # the same rows: the columns by name on the join's left side
+            passes[outer][1].extend((i, _on(left, c, first), exact) for i, c, exact in conds)
+            passes[outer][2].update(
+                {name: (left, [_on(left, c, first) for c in cols]) for name, (_, cols) in more.items()}
+            )
 
 
 def invariant_checks(

@@ -32,6 +32,7 @@ from patch_ops.steps.transform import run_transform
 from patch_ops.steps.validate import validate_execution
 from patch_ops.steps.verify import staged_differences, verify_execution
 from resources.memory import MemoryGuard
+from stockrx_patches.invariants import screened
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.support.stockrx import hand_built
@@ -376,3 +377,38 @@ def test_a_pass_over_the_items_is_made_in_their_join_with_the_grouped_log_rows(d
         "one_log_per_changed_item", "inventory_logs_count_incremented",
         "log_quantities_match_item", "price_actually_changed"]
     assert found[True][2]["updates:inventories"][1] == 2  # items 2 and 3 differ
+
+
+class InnerJoinPatch(InventoryPriceAdjustment):
+    """The row filters over the items, and a check screened over the items JOIN (not LEFT JOIN)
+    their grouped log rows: an item whose log row is gone is not in that join, so the items'
+    own pass is not made in it."""
+
+    name = "inner_join_patch"
+
+    def invariants(self, result, config):  # type: ignore[no-untyped-def]
+        items, logs = result.updated("inventories"), result.inserted("inventory_logs")
+        per_item = (select(logs.c.inventory_id, func.count().label("n"))
+                    .group_by(logs.c.inventory_id).subquery())
+        joined = items.join(per_item, per_item.c.inventory_id == items.c.id)
+        extra = Invariant("logged_items_changed", "never broken",
+                          select(items.c.id).select_from(joined).where(per_item.c.n < 0))
+        plain = [i for i in super().invariants(result, config) if i.screen is None]
+        return [*plain, *screened(joined, (extra, func.count(case((per_item.c.n < 0, 1)))))]
+
+
+def test_a_pass_over_the_items_is_not_made_in_a_join_that_drops_items(database_url):
+    patch = InnerJoinPatch()
+    engine = hand_built(database_url, PRICES)
+    x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
+    take_backup(engine, x)
+    run_transform(engine, patch, x, MemoryGuard())
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
+    new = inventory_logs.c.operation_type == "adjust"
+    with engine.begin() as conn:  # item 5 loses its log row, then its price
+        conn.execute(delete(inventory_logs).where(new, inventory_logs.c.inventory_id == 5))
+        conn.execute(update(inventories).where(inventories.c.id == 5).values(price=500))
+    problems = verify_execution(engine, patch, x)
+    assert "invariant price_actually_changed broken after commit by 1 row(s): no item is " \
+           "touched whose price stays the same" in problems
