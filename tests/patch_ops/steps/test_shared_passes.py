@@ -61,11 +61,18 @@ class TwoBrokenPatch(InventoryPriceAdjustment):
         return changes
 
 
-def _transformed(url: str, patch: InventoryPriceAdjustment):  # type: ignore[no-untyped-def]
-    engine = hand_built(url, PRICES)
+def _transformed(url: str, patch: InventoryPriceAdjustment, prices=PRICES):  # type: ignore[no-untyped-def]
+    engine = hand_built(url, prices)
     x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
     take_backup(engine, x)
     run_transform(engine, patch, x, MemoryGuard())
+    return engine, x
+
+
+def _committed(url: str, patch: InventoryPriceAdjustment, prices=PRICES):  # type: ignore[no-untyped-def]
+    engine, x = _transformed(url, patch, prices)
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
     return engine, x
 
 
@@ -349,12 +356,7 @@ def test_a_pass_over_the_items_is_made_in_their_join_with_the_grouped_log_rows(d
     per item): one query less, the same broken invariants, counts and samples, the same
     aggregates, whichever invariants the application broke."""
     patch = InventoryPriceAdjustment()
-    engine = hand_built(database_url, WITH_UNCHANGED)
-    x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
-    take_backup(engine, x)
-    run_transform(engine, patch, x, MemoryGuard())
-    assert validate_execution(engine, patch, SETTINGS, x)[0]
-    commit_execution(engine, x)
+    engine, x = _committed(database_url, patch, WITH_UNCHANGED)
     new = inventory_logs.c.operation_type == "adjust"
     with engine.begin() as conn:
         conn.execute(update(inventories).where(inventories.c.id == 2)
@@ -399,12 +401,7 @@ class InnerJoinPatch(InventoryPriceAdjustment):
 
 def test_a_pass_over_the_items_is_not_made_in_a_join_that_drops_items(database_url):
     patch = InnerJoinPatch()
-    engine = hand_built(database_url, PRICES)
-    x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
-    take_backup(engine, x)
-    run_transform(engine, patch, x, MemoryGuard())
-    assert validate_execution(engine, patch, SETTINGS, x)[0]
-    commit_execution(engine, x)
+    engine, x = _committed(database_url, patch)
     new = inventory_logs.c.operation_type == "adjust"
     with engine.begin() as conn:  # item 5 loses its log row, then its price
         conn.execute(delete(inventory_logs).where(new, inventory_logs.c.inventory_id == 5))
