@@ -27,7 +27,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-CONFIG = {"adjustment_type": "percentage", "adjustment_value": 8, "allow_outside_window": True}
+CONFIG: dict[str, Any] = {
+    "adjustment_type": "percentage", "adjustment_value": 8, "allow_outside_window": True
+}
 #: Report fields that differ from run to run whatever the code (times, clocks, estimates).
 VOLATILE = re.compile(r"_at$|^clock|^timing|estimated_seconds|^deadline|^overrun|^search$")
 
