@@ -15,13 +15,10 @@ whether both versions returned the same result (report, broken invariants, probl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -118,15 +115,9 @@ def worker(url: str, name: str, step: str, execution_id: str) -> dict[str, Any]:
 
 
 def run_worker(code: Path, url: str, name: str, step: str, execution_id: str) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(code))
-    here = Path(__file__).resolve()
-    out = subprocess.run(
-        [sys.executable, str(here), "--worker", url, name, step, execution_id],
-        env=env, cwd=code, capture_output=True, text=True, check=False,
-    )
-    if out.returncode:
-        raise RuntimeError(f"worker failed ({code}, {name}, {step}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from benchmarks.common import run_code_worker
+
+    return run_code_worker(__file__, code, [url, name, step, execution_id])
 
 
 def main() -> int:
@@ -134,30 +125,13 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:6]), default=str))
         return 0
-    ap = argparse.ArgumentParser()
-    db = ap.add_mutually_exclusive_group(required=True)
-    db.add_argument("--postgres", action="store_true")
-    db.add_argument("--mysql", action="store_true")
-    ap.add_argument("--items", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--old", required=True, help="checkout of the code to compare with")
+    from benchmarks.common import ab_arguments, ab_parse, durable_server, seed
+
+    ap = ab_arguments("Validation's checks and post-verification, old code against new.")
     ap.add_argument("--patches", default=",".join(PATCHES))
-    ap.add_argument("--out", help="write the raw results (JSON) here")
-    args = ap.parse_args()
-    if args.items > 300_000:
-        ap.error("at most 300,000 items")
-    from benchmarks.common import seed
-
+    args = ab_parse(ap)
     new, old = Path(__file__).resolve().parents[1], Path(args.old).resolve()
-    if args.postgres:
-        from tests.support.postgres import PostgresServer
-
-        server: Any = PostgresServer.from_env(durable=True)
-    else:
-        from tests.support.mysql import MySQLServer
-
-        server = MySQLServer.from_env(durable=True)
-    server.start()
+    server = durable_server(args.postgres)
     raw: dict[str, Any] = {}
     try:
         for name in args.patches.split(","):

@@ -13,12 +13,13 @@ query runs only when its screen is not 0. Validation and post-verification share
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    BinaryExpression,
     ColumnClause,
     ColumnElement,
     Exists,
@@ -28,7 +29,9 @@ from sqlalchemy import (
     Join,
     Over,
     ScalarSelect,
+    Select,
     SelectBase,
+    Subquery,
     and_,
     case,
     func,
@@ -39,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.sql import visitors
+from sqlalchemy.sql import operators, visitors
 
 from patch_ops import state
 from patch_ops.dialects import dialect_of
@@ -233,6 +236,51 @@ def _on(source: FromClause, condition: ColumnElement[bool], other: FromClause): 
     return visitors.replacement_traverse(condition, {}, swap)  # type: ignore[call-overload]
 
 
+def _one_row_per_left_row(source: FromClause, dialect: Any) -> FromClause | None:
+    """``source.left`` when ``source`` is ``left LEFT OUTER JOIN (a subquery grouped by one
+    column) ON that column = a column of left``: each row of ``left`` meets at most one group,
+    so ``source`` has exactly one row per row of ``left`` (aggregates over ``left``'s columns
+    are the same over ``source``); else None."""
+    if not isinstance(source, Join) or not source.isouter or source.full:
+        return None
+    right, on = source.right, source.onclause
+    if not isinstance(right, Subquery) or not isinstance(on, BinaryExpression):
+        return None
+    if on.operator is not operators.eq:
+        return None
+    ends = [on.left, on.right]
+    key = next((c for c in ends if isinstance(c, ColumnClause) and c.table is right), None)
+    other = next((c for c in ends if c is not key), None)
+    if key is None or not isinstance(other, ColumnClause) or other.table is not source.left:
+        return None
+    grouped = right.element
+    if not isinstance(grouped, Select):
+        return None
+    by = list(grouped.selected_columns)[next(i for i, c in enumerate(right.c) if c is key)]
+    only = grouped.group_by(None).group_by(by)
+    if str(only.compile(dialect=dialect)) != str(grouped.compile(dialect=dialect)):
+        return None
+    return source.left
+
+
+def _join_passes(
+    passes: dict[str, tuple[FromClause, list[Screen], Aggregates]], dialect: Any
+) -> None:
+    """Each pass over the rows of the left side of another pass's one-row-per-left-row join,
+    made in that one (its columns taken by name from the left side, in the join's FROM)."""
+    for outer in list(passes):
+        if outer not in passes or (left := _one_row_per_left_row(passes[outer][0], dialect)) is None:
+            continue
+        inner = _source_key(left, dialect)
+        if inner != outer and inner in passes:
+            first, conds, more = passes.pop(inner)
+            # the same rows: the columns by name on the join's left side
+            passes[outer][1].extend((i, _on(left, c, first), exact) for i, c, exact in conds)
+            passes[outer][2].update(
+                {name: (left, [_on(left, c, first) for c in cols]) for name, (_, cols) in more.items()}
+            )
+
+
 def invariant_checks(
     engine: Engine,
     patch: Patch,
@@ -240,14 +288,15 @@ def invariant_checks(
     committed: bool,
     timeout_s: float | None,
     aggregates: Callable[[ResultView], Aggregates] | None = None,
-    shared_only: bool = False,
+    shared_only: Collection[str] = (),
+    join_passes: bool = False,
 ) -> Checks:
     """The checks of every invariant of ``patch`` on the result: each finds the broken
     invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
     caller needs over the view's rows anyway (the impact report's), computed in the same pass
-    as the invariants that filter or screen the same rows, or alone (``shared_only``: only in
-    a pass with invariants; the others are left out of ``Checks.aggregates`` for the caller to
-    get as it would without invariants). A screened invariant whose screen is not 0 is then
+    as the invariants that filter or screen the same rows, or alone (the keys in
+    ``shared_only``: only in a pass with invariants; the others are left out of
+    ``Checks.aggregates`` for the caller to get as it would without invariants). A screened invariant whose screen is not 0 is then
     counted and sampled by its own ``offenders`` query, on its own connection.
 
     Where the database can limit a statement's time, each query may run ``timeout_s`` at most: one that
@@ -285,14 +334,17 @@ def invariant_checks(
         if first is not source:  # the same rows: the columns by name on the pass's source
             cols = [_on(first, c, source) for c in cols]
         passes[key][2][name] = (first, cols)
+    if join_passes:
+        _join_passes(passes, engine.dialect)
     for key, (_, conds, more) in list(passes.items()):
         if len(conds) == 1 and not more:  # nothing to share: its own query (an index may help)
             alone.append(conds[0][0])
             del passes[key]
-        elif shared_only and not conds:
-            for name in more:
-                del futures[name]
-            del passes[key]
+        elif not conds and (alone_only := [n for n in more if n in shared_only]):
+            for name in alone_only:
+                del futures[name], more[name]
+            if not more:
+                del passes[key]
     alone.sort()
 
     def timed_out(inv: Invariant) -> dict[str, Any]:

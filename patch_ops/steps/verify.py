@@ -1,9 +1,10 @@
 """Verify: post-execution checks on live data, sharing the invariants of validation: the live
 rows hold what was committed, and every invariant still holds.
 
-Where invariants pass over the updated or the inserted rows, the comparison with what was
-committed runs in that pass (``invariant_checks``): a count of rows that differ and of rows
-still there. Only when it finds a difference does a second query name the rows."""
+The comparison with what was committed is a count of rows that differ and of rows still there
+(``invariant_checks``): for the inserted rows always (in the pass of invariants over them, or
+in one of its own), for the updated rows where invariants pass over them. Only when it finds a
+difference does a second query name the rows."""
 
 from __future__ import annotations
 
@@ -58,11 +59,14 @@ def verify_execution(
         with engine.connect() as conn:
             return find_conflicts(conn, engine, tables, part, "stage", limit=MISMATCH_IDS)
 
-    # Only where invariants pass over the same rows: else find_conflicts's own query is
-    # cheaper (it needs no join to the backup)
+    # The updated rows' counts only where invariants pass over the same rows: else
+    # find_conflicts's own query is cheaper (it needs no join to the backup). The inserted
+    # rows' always: find_conflicts's ORDER BY ... LIMIT over them walks the stage's key and
+    # probes the live rows one by one (a nested loop over every row when none differs)
     checks = invariant_checks(
         engine, patch, execution_id, committed=True, timeout_s=timeout_s,
-        aggregates=staged_differences, shared_only=True,
+        aggregates=staged_differences, shared_only=[f"updates:{t}" for t in decl["updates"]],
+        join_passes=True,  # nothing here waits on one pass's aggregates
     )
     on_own = {kind: {t: c for t, c in decl[kind].items() if f"{kind}:{t}" not in checks.aggregates}
               for kind, _, _ in WRITTEN}

@@ -22,15 +22,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import sqlite
 
+from patch_ops.execution import run_concurrently
 from patch_ops.patch import Invariant, PatchSettings
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
 from patch_ops.steps.plan import plan_execution
-from patch_ops.steps.result import row_filter
+from patch_ops.steps.result import invariant_checks, row_filter
 from patch_ops.steps.transform import run_transform
 from patch_ops.steps.validate import validate_execution
-from patch_ops.steps.verify import verify_execution
+from patch_ops.steps.verify import staged_differences, verify_execution
 from resources.memory import MemoryGuard
+from stockrx_patches.invariants import screened
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.support.stockrx import hand_built
@@ -59,11 +61,18 @@ class TwoBrokenPatch(InventoryPriceAdjustment):
         return changes
 
 
-def _transformed(url: str, patch: InventoryPriceAdjustment):  # type: ignore[no-untyped-def]
-    engine = hand_built(url, PRICES)
+def _transformed(url: str, patch: InventoryPriceAdjustment, prices=PRICES):  # type: ignore[no-untyped-def]
+    engine = hand_built(url, prices)
     x = plan_execution(engine, patch, SETTINGS, patch.config_class(**CONFIG))
     take_backup(engine, x)
     run_transform(engine, patch, x, MemoryGuard())
+    return engine, x
+
+
+def _committed(url: str, patch: InventoryPriceAdjustment, prices=PRICES):  # type: ignore[no-untyped-def]
+    engine, x = _transformed(url, patch, prices)
+    assert validate_execution(engine, patch, SETTINGS, x)[0]
+    commit_execution(engine, x)
     return engine, x
 
 
@@ -339,3 +348,64 @@ def test_a_screened_pass_past_its_timeout_fails_every_check_in_it(pg_url):
                            "log_quantities_match_item", "slow_join"}
     for b in broken.values():
         assert b["count"] is None and b["timed_out"] == 0.5
+
+
+def test_a_pass_over_the_items_is_made_in_their_join_with_the_grouped_log_rows(database_url):
+    """After commit the row filters over the updated items and verification's comparison are
+    counted in the pass over the items joined with their log rows grouped per item (one row
+    per item): one query less, the same broken invariants, counts and samples, the same
+    aggregates, whichever invariants the application broke."""
+    patch = InventoryPriceAdjustment()
+    engine, x = _committed(database_url, patch, WITH_UNCHANGED)
+    new = inventory_logs.c.operation_type == "adjust"
+    with engine.begin() as conn:
+        conn.execute(update(inventories).where(inventories.c.id == 2)
+                     .values(inventory_logs_count=inventories.c.inventory_logs_count - 1))
+        conn.execute(update(inventories).where(inventories.c.id == 3).values(price=300))
+        conn.execute(delete(inventory_logs).where(new, inventory_logs.c.inventory_id == 5))
+        conn.execute(update(inventory_logs).where(new, inventory_logs.c.inventory_id == 4)
+                     .values(previous_quantity=inventory_logs.c.previous_quantity + 1))
+    found = {}
+    for joined in (False, True):
+        checks = invariant_checks(engine, patch, x, committed=True, timeout_s=None,
+                                  aggregates=staged_differences,
+                                  shared_only=["updates:inventories"], join_passes=joined)
+        broken = checks.broken(run_concurrently(checks.calls, 2))
+        found[joined] = (len(checks.calls), broken,
+                         {k: f.result() for k, f in checks.aggregates.items()})
+    assert found[True][0] == found[False][0] - 1
+    assert found[True][1:] == found[False][1:]
+    assert [b["name"] for b in found[True][1]] == [
+        "one_log_per_changed_item", "inventory_logs_count_incremented",
+        "log_quantities_match_item", "price_actually_changed"]
+    assert found[True][2]["updates:inventories"][1] == 2  # items 2 and 3 differ
+
+
+class InnerJoinPatch(InventoryPriceAdjustment):
+    """The row filters over the items, and a check screened over the items JOIN (not LEFT JOIN)
+    their grouped log rows: an item whose log row is gone is not in that join, so the items'
+    own pass is not made in it."""
+
+    name = "inner_join_patch"
+
+    def invariants(self, result, config):  # type: ignore[no-untyped-def]
+        items, logs = result.updated("inventories"), result.inserted("inventory_logs")
+        per_item = (select(logs.c.inventory_id, func.count().label("n"))
+                    .group_by(logs.c.inventory_id).subquery())
+        joined = items.join(per_item, per_item.c.inventory_id == items.c.id)
+        extra = Invariant("logged_items_changed", "never broken",
+                          select(items.c.id).select_from(joined).where(per_item.c.n < 0))
+        plain = [i for i in super().invariants(result, config) if i.screen is None]
+        return [*plain, *screened(joined, (extra, func.count(case((per_item.c.n < 0, 1)))))]
+
+
+def test_a_pass_over_the_items_is_not_made_in_a_join_that_drops_items(database_url):
+    patch = InnerJoinPatch()
+    engine, x = _committed(database_url, patch)
+    new = inventory_logs.c.operation_type == "adjust"
+    with engine.begin() as conn:  # item 5 loses its log row, then its price
+        conn.execute(delete(inventory_logs).where(new, inventory_logs.c.inventory_id == 5))
+        conn.execute(update(inventories).where(inventories.c.id == 5).values(price=500))
+    problems = verify_execution(engine, patch, x)
+    assert "invariant price_actually_changed broken after commit by 1 row(s): no item is " \
+           "touched whose price stays the same" in problems
