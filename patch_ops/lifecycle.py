@@ -60,10 +60,12 @@ def _ensure_audit_tables(bind: Engine | Connection) -> None:
     after a kill, ensures them again, the genesis head row included); when the op's catalog
     already lists the three tables, only the head row is looked for."""
     known = catalog(bind)
-    if known.cached and all(table_exists(bind, t) for t in audit_metadata.sorted_tables):
-        known.once("audit tables", lambda: ensure_head_row(bind))
-    else:
-        known.once("audit tables", lambda: ensure_audit_tables(bind))
+
+    def ensure() -> None:
+        listed = known.cached and all(table_exists(bind, t) for t in audit_metadata.sorted_tables)
+        (ensure_head_row if listed else ensure_audit_tables)(bind)
+
+    known.once("audit tables", ensure)
 
 
 class Lifecycle:
