@@ -233,14 +233,21 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
         )
         with framework_ddl(engine):
             widen_or_create_mirror(engine, live, table)
-            if kind == "backup":
-                drop_unread_index(engine, table, source_index_name(kind, live.name))
         _mirror_cache[key] = table
         return table
 
 
 def source_index_name(kind: str, table: str) -> str:
     return f"ix_{mirror_name(kind, table)}_src"
+
+
+def drop_backup_source_index(engine: Engine, backup: Table) -> None:
+    """Drop the ``dp_source_id`` index an earlier version made on a backup mirror (its rows
+    have no source: it only slowed the bulk backup insert). A one-time migration, so called by
+    the plan only, before the backup it would slow: each op that merely reads the mirror paid
+    a catalog query for it."""
+    table = backup.name.removeprefix(mirror_name("backup", ""))
+    drop_unread_index(engine, backup, source_index_name("backup", table))
 
 
 def drop_unread_index(engine: Engine, mirror: Table, name: str) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import uuid
 from collections.abc import Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import insert, literal, select
+from sqlalchemy import Column, Select, Table, insert, literal, select
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
@@ -34,6 +33,7 @@ from patch_ops.execution import (
     describe,
     estimate_seconds,
     finish_execution,
+    new_execution_id,
     set_execution,
     utcnow,
 )
@@ -59,6 +59,30 @@ def check_columns(tables: Tables, patch: Patch) -> None:
                 f"column(s) missing in table {table!r}: {', '.join(missing)} "
                 f"(patch {patch.name} needs them)"
             )
+
+
+def frozen_rows(sel: Select[Any], execution_id: str, table: str) -> Select[Any]:
+    """The target rows of ``sel`` (a patch's id select) for ``table``, in id order: each
+    execution's ids then go into the targets' key one after the other, at its right end (the
+    id is time-ordered). Distinct, by a DISTINCT pass unless ``sel`` reads a table's own one-
+    column primary key from that table alone (no join: its ids are distinct already)."""
+    ids = sel.subquery()
+    id_col = list(ids.c)[0]
+    rows = select(literal(execution_id), literal(table), id_col)
+    return (rows if reads_primary_key(sel) else rows.distinct()).order_by(id_col)
+
+
+def reads_primary_key(sel: Select[Any]) -> bool:
+    """Whether ``sel`` selects one column that is the whole primary key of the one table it
+    reads, from that table alone (whatever its WHERE, GROUP BY or LIMIT, each id comes once)."""
+    if not isinstance(sel, Select) or len(sel.selected_columns) != 1:
+        return False
+    froms = sel.get_final_froms()
+    col = sel.selected_columns[0]
+    return (
+        len(froms) == 1 and isinstance(froms[0], Table) and isinstance(col, Column)
+        and col.table is froms[0] and list(froms[0].primary_key.columns) == [col]
+    )
 
 
 def refuse_impossible_path(patch: Patch, config: PatchRunConfig) -> None:
@@ -143,7 +167,7 @@ def plan_execution(
     if resumed is not None:
         return resumed
 
-    execution_id = str(uuid.uuid4())
+    execution_id = new_execution_id()
     run_at = utcnow().replace(microsecond=0)
     business_date = patch.business_date(config, dt.datetime.now(ZoneInfo(patch.timezone)).date())
     cfg = config.model_dump()
@@ -195,18 +219,16 @@ def plan_execution(
             for check in checks:
                 check("before_freeze", conn, info)
         for table in patch.tables():
-            mirror_table(engine, tables[table], "backup")
+            state.drop_backup_source_index(engine, mirror_table(engine, tables[table], "backup"))
             mirror_table(engine, tables[table], "stage")
         with write_transaction(engine) as conn:
             acquire_locks(conn, patch.tables(), execution_id, dagster_run_id, run_finished, log)
             counts = {}
             for table, sel in selects.items():
-                ids = sel.subquery()
-                id_col = list(ids.c)[0]
                 counts[table] = conn.execute(
                     insert(targets).from_select(
                         ["execution_id", "table_name", "row_id"],
-                        select(literal(execution_id), literal(table), id_col).distinct(),
+                        frozen_rows(sel, execution_id, table),
                     ),
                     execution_options=ROWCOUNT,
                 ).rowcount

@@ -34,6 +34,7 @@ from patch_ops.execution import (
     inserted_id,
     jsonable,
     load_execution,
+    new_execution_id,
     set_execution,
     utcnow,
 )
@@ -180,7 +181,7 @@ def _refusal_reason(target: dict[str, Any]) -> str | None:
 
 
 def new_execution(conn: Connection, **values: Any) -> str:
-    execution_id = str(uuid.uuid4())
+    execution_id = new_execution_id()
     now = utcnow()
     conn.execute(
         insert(executions).values(
