@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import importlib.util
 import json
 import os
 import sys
@@ -903,6 +904,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(CONTENDERS)
     if unknown:
         p.error(f"unknown contender(s) {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
+    if args.profile and importlib.util.find_spec("pyinstrument") is None:
+        p.error("--profile needs pyinstrument: pip install -e '.[bench]'")
     return args
 
 
