@@ -6,9 +6,11 @@ frozen target set (keyset over the backup, as the pandas path reads it) is
 
 1. staged with one ``INSERT ... SELECT`` per written table (updated rows keyed by id, inserted
    rows numbered in the order the pandas transform returns them) that also evaluates the
-   table's checks on each row: a failing row is staged as ``FAILED``. None is, normally: the
-   batch is then checked and staged in one pass. Otherwise (or when the database refuses a
-   row) that pass is rolled back to a savepoint, and the batch is
+   table's checks on each row (an updated row whole: its unchanged columns carried up from the
+   batch's row when the change keeps those rows one for one, else joined back on id): a
+   failing row is staged as ``FAILED``. None is, normally: the batch is then checked and
+   staged in one pass. Otherwise (or when the database refuses a row) that pass is rolled
+   back to a savepoint, and the batch is
 2. checked where it is: one query per written table selects the rows that would be staged and
    fail a check; their source rows are rejected with every change they cause, named in
    ``data_patch_rejects`` exactly as the pandas path names them (the failing values are
