@@ -6,9 +6,11 @@ frozen target set (keyset over the backup, as the pandas path reads it) is
 
 1. staged with one ``INSERT ... SELECT`` per written table (updated rows keyed by id, inserted
    rows numbered in the order the pandas transform returns them) that also evaluates the
-   table's checks on each row: a failing row is staged as ``FAILED``. None is, normally: the
-   batch is then checked and staged in one pass. Otherwise (or when the database refuses a
-   row) that pass is rolled back to a savepoint, and the batch is
+   table's checks on each row (an updated row whole: its unchanged columns carried up from the
+   batch's row when the change keeps those rows one for one, else joined back on id): a
+   failing row is staged as ``FAILED``. None is, normally: the batch is then checked and
+   staged in one pass. Otherwise (or when the database refuses a row) that pass is rolled
+   back to a savepoint, and the batch is
 2. checked where it is: one query per written table selects the rows that would be staged and
    fail a check; their source rows are rejected with every change they cause, named in
    ``data_patch_rejects`` exactly as the pandas path names them (the failing values are
@@ -45,6 +47,10 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement, FromClause
+from sqlalchemy.sql.elements import Label, Over
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Exists, ScalarSelect, Subquery
+from sqlalchemy.sql.visitors import replacement_traverse
 
 from patch_ops import state
 from patch_ops.database import write_transaction
@@ -87,7 +93,20 @@ class _Batch:
             if cols is None:
                 raise PatchError(f"patch {patch.name} updated undeclared table {table!r}")
             _expect(patch, table, sel, {"id", "source_id", *cols}, set())
-            ch, b = sel.subquery(f"changed_{table}"), before[table]
+            b = before[table]
+            kept = [c for c in live_cols[table] if c not in cols and c != "id"]
+            carried = carry_columns(sel, b, kept)
+            if carried is not None:
+                # Every row is one of the batch's rows with its id, the unchanged columns
+                # carried up from it: the whole after-image without a join back to the batch.
+                ch = carried.subquery(f"changed_{table}")
+                self.checked[table] = select(
+                    *[(ch.c[c] if c in cols or c == "id" else ch.c[_KEPT + c]).label(c)
+                      for c in live_cols[table]],
+                    ch.c.source_id,
+                ).subquery(f"checked_{table}")
+                continue
+            ch = sel.subquery(f"changed_{table}")
             # Joined to the batch's before-images: an id outside the batch stages nothing.
             self.checked[table] = (
                 select(*[(ch.c[c] if c in cols else b.c[c]).label(c) for c in live_cols[table]],
@@ -103,6 +122,83 @@ class _Batch:
             _expect(patch, table, sel, {"source_id", *cols}, set(order))
             self.checked[table] = sel.subquery(f"checked_{table}")
             self.order[table] = order
+
+
+#: Label prefix of the before-image columns ``carry_columns`` adds to each layer.
+_KEPT = "dp_kept_"
+#: Aggregates: a layer that calls one outside a window may fold rows together.
+_AGGREGATES = frozenset({
+    "count", "sum", "min", "max", "avg", "group_concat", "string_agg", "array_agg", "json_agg",
+    "jsonb_agg", "json_arrayagg", "json_objectagg", "bool_and", "bool_or", "every", "bit_and",
+    "bit_or", "bit_xor", "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop",
+    "var_samp", "std", "any_value", "percentile_cont", "percentile_disc", "mode", "median",
+    "total", "listagg",
+})
+
+
+def _row_preserving(sel: Select[Any], source: FromClause) -> bool:
+    """Whether every row of ``sel`` (whose one FROM is ``source``) is one row of ``source`` with
+    ``source``'s ``id``: no grouping, aggregate, DISTINCT or LIMIT."""
+    for attr in ("_group_by_clauses", "_having_criteria", "_distinct_on"):
+        if getattr(sel, attr, True):  # unknown to this SQLAlchemy: not provably preserving
+            return False
+    if getattr(sel, "_distinct", True) or any(
+        getattr(sel, a, True) is not None
+        for a in ("_limit_clause", "_offset_clause", "_fetch_clause")
+    ):
+        return False
+    idc = sel.selected_columns.get("id")
+    while isinstance(idc, Label):
+        idc = idc.element
+    if idc is None or idc is not source.c.get("id"):
+        return False
+    stack: list[Any] = [*sel.selected_columns, *([sel.whereclause] if sel.whereclause is not None
+                                                 else [])]
+    while stack:
+        el = stack.pop()
+        if isinstance(el, Over | ScalarSelect | Exists):
+            continue  # a window or a per-row subquery: no rows folded together
+        if isinstance(el, FunctionElement) and str(getattr(el, "name", "")).lower() in _AGGREGATES:
+            return False
+        stack.extend(el.get_children())
+    return True
+
+
+def carry_columns(sel: Select[Any], before: FromClause, names: list[str]) -> Select[Any] | None:
+    """``sel`` with ``before``'s ``names`` columns added (labelled ``dp_kept_<name>``) when each
+    of its rows provably is one row of ``before`` with its id, through single-FROM subquery
+    layers (``_row_preserving``); else None (the caller joins back on id)."""
+    froms = sel.get_final_froms() if isinstance(sel, Select) else []
+    if len(froms) != 1:
+        return None
+    source = froms[0]
+    if source is before:
+        inner = source
+    elif isinstance(source, Subquery) and isinstance(source.element, Select):
+        lower = carry_columns(source.element, before, names)
+        if lower is None:
+            return None
+        inner = lower.subquery(source.name)
+    else:
+        return None
+    if not _row_preserving(sel, source):
+        return None
+    if inner is not source:
+        swap = {id(c): inner.c[c.key] for c in source.c}
+
+        def replace(el: Any) -> Any:
+            return inner if el is source else swap.get(id(el))
+
+        sel = replacement_traverse(sel, {}, replace)
+    kept = []
+    for n in names:
+        col = inner.c[n] if inner is before else inner.c[_KEPT + n]
+        have = sel.selected_columns.get(_KEPT + n)
+        if have is None:
+            kept.append(col.label(_KEPT + n))
+        elif have is not col:  # the name taken by something else: no carrying
+            return None
+    return sel.add_columns(*kept) if kept else sel
 
 
 def _expect(patch: Patch, table: str, sel: Select[Any], need: set[str], extra: set[str]) -> None:

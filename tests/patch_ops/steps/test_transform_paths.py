@@ -370,3 +370,70 @@ def test_unasked_a_patch_that_cannot_take_the_sql_path_runs_in_python_saying_why
             if e.user_message.startswith("transform in Python")]
     assert said == ["transform in Python: check _PandasOnlySchema.round_prices: prices end in 0 "
                     "(a dataframe check with no SQL twin: declare one with sql_twin)"]
+
+
+def _stage_update_statements(engine, patch) -> list[str]:  # type: ignore[no-untyped-def]
+    """The statements that stage a SQL-path transform's updated items."""
+    seen: list[str] = []
+
+    def keep(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().startswith("INSERT INTO data_patch_stage__inventories"):
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        execution_id = _transform(engine, PRICE, {"adjustment_type": "percentage",
+                                                  "adjustment_value": 8}, SQL_PATH, patch=patch)
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+    _release(engine, execution_id)
+    return seen
+
+
+def test_updated_rows_derived_from_their_batch_rows_are_checked_without_a_join_back(
+    database_url,
+):
+    """The price change selects each item from its batch row: its unchanged columns are carried
+    up to the check and stage statement, which reads the batch once (no join back on id). A
+    change that is not provably row for row (here a UNION ALL) is still joined back."""
+    engine = seeded(database_url, items=60)
+    carried = _stage_update_statements(engine, default_registry().patches[PRICE])
+    joined = _stage_update_statements(engine, _DuplicatingPatch())
+    assert carried and not any(" JOIN " in s for s in carried)
+    assert joined and all(" JOIN " in s for s in joined)
+
+
+def test_only_changes_that_keep_their_batch_rows_one_for_one_carry_columns():
+    """``carry_columns`` refuses whatever could fold, multiply or invent rows or ids."""
+    from sqlalchemy import Integer, column, literal, table
+
+    from patch_ops.steps.transform_sql import carry_columns
+
+    batch = select(column("id", Integer), column("price", Integer), column("name"),
+                   column("quantity", Integer)).select_from(table("b")).subquery("batch")
+    other = table("other", column("id", Integer))
+    priced = select(batch.c.id, (batch.c.price * 2).label("new")).subquery("priced")
+    kept = carry_columns(
+        select(priced.c.id, priced.c.id.label("source_id"), priced.c.new.label("price"))
+        .where(priced.c.new > 0), batch, ["name", "quantity"])
+    assert kept is not None
+    assert list(kept.selected_columns.keys()) == [
+        "id", "source_id", "price", "dp_kept_name", "dp_kept_quantity"]
+    whole = carry_columns(select(select(priced).subquery("all")), batch, ["name"])
+    assert whole is not None and "dp_kept_name" in whole.selected_columns
+    refused = {
+        "join": select(batch.c.id).join_from(batch, other, other.c.id == batch.c.id),
+        "another table": select(batch.c.id).where(other.c.id == batch.c.id),
+        "group by": select(batch.c.id).group_by(batch.c.id),
+        "aggregate": select(batch.c.id, func.max(batch.c.price).label("price")),
+        "distinct": select(batch.c.id).distinct(),
+        "limit": select(batch.c.id).limit(5),
+        "an id not the batch's": select((batch.c.id + 1).label("id")),
+        "a literal id": select(literal(1).label("id")).select_from(batch),
+        "below": select(select(priced.c.id).group_by(priced.c.id).subquery("g")),
+        "union": union_all(select(batch.c.id), select(batch.c.id)),
+    }
+    for why, sel in refused.items():
+        assert carry_columns(sel, batch, ["name"]) is None, why
+    windowed = select(batch.c.id, func.sum(batch.c.price).over().label("total"))
+    assert carry_columns(windowed, batch, ["name"]) is not None
