@@ -2,6 +2,7 @@
 
     python -m benchmarks.report_verify --postgres --items 200000 --old /work/main [--rounds 3]
     python -m benchmarks.report_verify --mysql --items 200000 --old /work/main
+    ... --patches inventory_price_adjustment --steps checks    # one patch, one step
 
 One seeded database per patch (the benchmarks' seed), on a durable throwaway server. With the
 code of this checkout, per patch: a real run planned, backed up, transformed, validated,
@@ -129,6 +130,7 @@ def main() -> int:
 
     ap = ab_arguments("Validation's checks and post-verification, old code against new.")
     ap.add_argument("--patches", default=",".join(PATCHES))
+    ap.add_argument("--steps", default=",".join(STEPS), help="checks, verify or both")
     args = ab_parse(ap)
     new, old = Path(__file__).resolve().parents[1], Path(args.old).resolve()
     server = durable_server(args.postgres)
@@ -139,7 +141,7 @@ def main() -> int:
             t0 = time.perf_counter()
             seed(url, args.items)
             print(f"{name}: seeded in {time.perf_counter() - t0:.0f} s", flush=True)
-            for step in STEPS:  # the dry run first: it reads the data as seeded
+            for step in [s for s in STEPS if s in args.steps.split(",")]:  # dry run first
                 x = prepare(url, name, "dry" if step == "checks" else "real")
                 runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
                 for r in range(args.rounds):
