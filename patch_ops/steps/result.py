@@ -382,6 +382,7 @@ def invariant_checks(
             with engine.connect() as conn:
                 if limit_s and conds:
                     dialect.set_statement_timeout(conn, limit_s)
+                # a join onto grouped rows: each parallel worker would group them again
                 if _one_row_per_left_row(source, engine.dialect) is not None:
                     dialect.group_once(conn)
                 try:
