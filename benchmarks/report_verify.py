@@ -2,6 +2,7 @@
 
     python -m benchmarks.report_verify --postgres --items 200000 --old /work/main [--rounds 3]
     python -m benchmarks.report_verify --mysql --items 200000 --old /work/main
+    ... --patches inventory_price_adjustment --steps checks    # one patch, one step
 
 One seeded database per patch (the benchmarks' seed), on a durable throwaway server. With the
 code of this checkout, per patch: a real run planned, backed up, transformed, validated,
@@ -76,9 +77,12 @@ def prepare(url: str, name: str, kind: str) -> str:
     return x
 
 
-def worker(url: str, name: str, step: str, execution_id: str) -> dict[str, Any]:
-    """One timed step in this process (the code on PYTHONPATH): seconds, statements, result."""
-    from benchmarks.common import StatementTimer
+def worker(
+    url: str, name: str, step: str, execution_id: str, server_pid: str = "-"
+) -> dict[str, Any]:
+    """One timed step in this process (the code on PYTHONPATH): seconds, CPU here and in the
+    local server (``server_pid``, "-": not read), statements, result."""
+    from benchmarks.common import StatementTimer, server_cpu_seconds
     from patch_ops.database import get_engine
     from patch_ops.execution import load_execution
     from patch_ops.steps.validate import run_checks
@@ -90,8 +94,8 @@ def worker(url: str, name: str, step: str, execution_id: str) -> dict[str, Any]:
     engine = get_engine(url)
     timer = StatementTimer()
     timer.attach(engine)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
+    pid = int(server_pid) if server_pid != "-" else None
+    s0, t0, c0 = server_cpu_seconds(pid), time.perf_counter(), time.process_time()
     if step == "checks":
         with engine.connect() as conn:
             ex = load_execution(conn, execution_id)
@@ -103,35 +107,41 @@ def worker(url: str, name: str, step: str, execution_id: str) -> dict[str, Any]:
                                   timeout_s=settings.query_timeout_seconds,
                                   connections=settings.check_connections)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    s1 = server_cpu_seconds(pid)
     statements = timer.take()
     engine.dispose()
     text = json.dumps(result, sort_keys=True, default=str)
     return {
-        "seconds": seconds, "cpu": cpu, "statements": sum(n for _, _, n in statements),
+        "seconds": seconds, "cpu": cpu,
+        "server_cpu": None if s0 is None or s1 is None else s1 - s0, "statements": sum(n for _, _, n in statements),
         "sql_s": sum(s for _, s, _ in statements),
         "top": [(round(s, 3), n, q[:160]) for q, s, n in statements[:8]],
         "digest": hashlib.sha256(text.encode()).hexdigest()[:16], "result": result,
     }
 
 
-def run_worker(code: Path, url: str, name: str, step: str, execution_id: str) -> dict[str, Any]:
+def run_worker(
+    code: Path, url: str, name: str, step: str, execution_id: str, server_pid: int | None
+) -> dict[str, Any]:
     from benchmarks.common import run_code_worker
 
-    return run_code_worker(__file__, code, [url, name, step, execution_id])
+    return run_code_worker(__file__, code, [url, name, step, execution_id, str(server_pid or "-")])
 
 
 def main() -> int:
     warnings.simplefilter("ignore")
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(*sys.argv[2:6]), default=str))
+        print(json.dumps(worker(*sys.argv[2:7]), default=str))
         return 0
     from benchmarks.common import ab_arguments, ab_parse, durable_server, seed
 
     ap = ab_arguments("Validation's checks and post-verification, old code against new.")
     ap.add_argument("--patches", default=",".join(PATCHES))
+    ap.add_argument("--steps", default=",".join(STEPS), help="checks, verify or both")
     args = ab_parse(ap)
     new, old = Path(__file__).resolve().parents[1], Path(args.old).resolve()
     server = durable_server(args.postgres)
+    pid = getattr(server, "postmaster_pid", None) or getattr(server, "server_pid", None)
     raw: dict[str, Any] = {}
     try:
         for name in args.patches.split(","):
@@ -139,19 +149,20 @@ def main() -> int:
             t0 = time.perf_counter()
             seed(url, args.items)
             print(f"{name}: seeded in {time.perf_counter() - t0:.0f} s", flush=True)
-            for step in STEPS:  # the dry run first: it reads the data as seeded
+            for step in [s for s in STEPS if s in args.steps.split(",")]:  # dry run first
                 x = prepare(url, name, "dry" if step == "checks" else "real")
                 runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
                 for r in range(args.rounds):
                     order = [("old", old), ("new", new)]
                     for label, code in order if r % 2 == 0 else order[::-1]:
-                        res = run_worker(code, url, name, step, x)
+                        res = run_worker(code, url, name, step, x, pid)
                         runs[label].append(res)
                         print(f"  {name} {step} round {r + 1} {label}: {res['seconds']:.2f} s, "
-                              f"cpu {res['cpu']:.2f} s, sql {res['sql_s']:.2f} s, "
+                              f"cpu {res['cpu']:.2f} s, server cpu {res['server_cpu'] or 0:.2f} s, sql {res['sql_s']:.2f} s, "
                               f"{res['statements']} statements, result {res['digest']}",
                               flush=True)
                 med = {k: statistics.median(v["seconds"] for v in runs[k]) for k in runs}
+                srv = {k: statistics.median(v["server_cpu"] or 0.0 for v in runs[k]) for k in runs}
                 same = runs["old"][0]["digest"] == runs["new"][0]["digest"]
                 per_round = [n["seconds"] / o["seconds"]
                              for o, n in zip(runs["old"], runs["new"], strict=True)]
@@ -159,6 +170,7 @@ def main() -> int:
                       f"ratio {med['new'] / med['old']:.2f} (rounds "
                       f"{', '.join(f'{p:.2f}' for p in per_round)}); statements "
                       f"{runs['old'][0]['statements']} -> {runs['new'][0]['statements']}; "
+                      f"server cpu {srv['old']:.2f} -> {srv['new']:.2f} s; "
                       f"same result: {same}", flush=True)
                 for label in ("old", "new"):
                     for s, n, q in runs[label][0]["top"]:

@@ -206,6 +206,10 @@ class DatabaseDialect:
         """``exc`` is a statement cancelled by ``set_statement_timeout``'s limit."""
         return False
 
+    def group_once(self, conn: Connection) -> None:
+        """Plan the rest of ``conn``'s transaction so that a grouped subquery joined to other
+        rows is computed once (a no-op where the database never computes it more often)."""
+
     def check_deferred_constraints(self, conn: Connection) -> None:
         """Check now the constraints the schema defers to commit (a trial apply never commits)."""
 

@@ -121,6 +121,12 @@ class PostgreSQLDialect(DatabaseDialect):
     def is_statement_timeout(self, exc: DBAPIError) -> bool:
         return "statement timeout" in str(exc.orig)
 
+    def group_once(self, conn: Connection) -> None:
+        # No parallel workers: under a parallel join every worker computes the grouped side
+        # again in full (a join of 200k rows onto 200k grouped log rows: the HashAggregate 3
+        # times, each spilling at work_mem), for the same wall time as one process
+        conn.execute(select(func.set_config("max_parallel_workers_per_gather", "0", True)))
+
     def check_deferred_constraints(self, conn: Connection) -> None:
         conn.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
 

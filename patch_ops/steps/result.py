@@ -382,6 +382,9 @@ def invariant_checks(
             with engine.connect() as conn:
                 if limit_s and conds:
                     dialect.set_statement_timeout(conn, limit_s)
+                # a join onto grouped rows: each parallel worker would group them again
+                if _one_row_per_left_row(source, engine.dialect) is not None:
+                    dialect.group_once(conn)
                 try:
                     row = conn.execute(select(*cols).select_from(source)).one()
                     for (i, _, exact), n in zip(conds, row[: len(conds)], strict=True):

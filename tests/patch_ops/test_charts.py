@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, select
+from sqlalchemy import and_, case, func, select
 
 from patch_ops import state
 from patch_ops.charts import (
@@ -128,6 +128,49 @@ def test_change_histogram_counts_every_staged_update_once(
     assert hist.min_change == pytest.approx(min(changes))
     assert hist.max_change == pytest.approx(max(changes))
     assert list(hist.counts) == _bucket_in_python(changes, hist.edges)
+    engine.dispose()
+
+
+def _counts_per_bucket_condition(engine: Any, execution_id: str, edges: tuple[float, ...]) -> list[int]:
+    """The histogram's counts as the report counted them before session 17: one
+    ``COUNT(CASE WHEN edge_i <= change < edge_i+1)`` per bucket, open-ended at both ends."""
+    st, bk = _mirrors(engine)
+    change = (
+        select((st.c.price - bk.c.price).label("change"))
+        .select_from(st.join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id,
+                                      bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)))
+        .where(st.c.dp_execution_id == execution_id, st.c.dp_action == state.UPDATE)
+        .subquery()
+    ).c.change
+    n, conds = len(edges) - 1, []
+    for i in range(n):
+        parts = ([change >= edges[i]] if i > 0 else []) + ([change < edges[i + 1]] if i < n - 1 else [])
+        conds.append(and_(*parts) if parts else change.is_not(None))
+    with engine.connect() as conn:
+        return list(conn.execute(select(*[func.count(case((c, 1))) for c in conds])).one())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"adjustment_type": "percentage", "adjustment_value": 8},
+        {"adjustment_type": "set_value", "adjustment_value": 10_000},  # ups and downs, 0 on edges
+        {"adjustment_type": "fixed_amount", "adjustment_value": 500},  # one bucket
+    ],
+    ids=["percentage", "set_value", "constant"],
+)
+def test_change_histogram_counts_as_one_condition_per_bucket_did(
+    database_url: str, config: dict[str, Any]
+) -> None:
+    """The bucket of each change found by one searched CASE and grouped gives the counts one
+    condition per bucket gave (the same comparisons with the same bound edges), in every
+    database, changes on an edge included."""
+    engine, execution_id = _staged_execution(database_url, **config)
+    st, bk = _mirrors(engine)
+    with engine.connect() as conn:
+        hist = change_histogram(conn, st, bk, "price", execution_id)
+    assert hist.rows > 0
+    assert list(hist.counts) == _counts_per_bucket_condition(engine, execution_id, hist.edges)
     engine.dispose()
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import (
     cast,
     column,
     delete,
+    event,
     func,
     literal,
     select,
@@ -409,3 +410,26 @@ def test_a_pass_over_the_items_is_not_made_in_a_join_that_drops_items(database_u
     problems = verify_execution(engine, patch, x)
     assert "invariant price_actually_changed broken after commit by 1 row(s): no item is " \
            "touched whose price stays the same" in problems
+
+
+@pytest.mark.postgres
+def test_a_pass_over_a_join_with_grouped_rows_runs_in_one_postgres_process(pg_url):
+    """PostgreSQL's parallel workers would each group the log rows again: the pass over the
+    items joined with their grouped log rows runs without them, and only that transaction
+    (the pooled connection plans in parallel again after it)."""
+    patch = InventoryPriceAdjustment()
+    engine, x = _transformed(pg_url, patch)
+    seen: dict[str, str] = {}
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def workers(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        if "max_parallel" not in statement:
+            key = "grouped" if "logs_of_item" in statement else "other"
+            seen[key] = conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar()
+
+    checks = invariant_checks(engine, patch, x, committed=False, timeout_s=None)
+    assert checks.broken(run_concurrently(checks.calls, 1)) == []
+    event.remove(engine, "after_cursor_execute", workers)
+    with engine.connect() as conn:
+        default = conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar()
+    assert seen["grouped"] == "0" and seen["other"] == default != "0"
