@@ -98,7 +98,7 @@ def run(url: str, items: int, rate: float, out: Path) -> int:
     """The writer's loop (child process): until SIGTERM."""
     from sqlalchemy import text
 
-    from benchmarks.common import baseline_engine
+    from benchmarks.databases import baseline_engine
 
     stop = False
 

@@ -6,7 +6,7 @@ plus the restore of its real run.
     python -m benchmarks.batch_expiry --mysql --items 200000      # throwaway MariaDB, durable
     python -m benchmarks.batch_expiry --database-url URL --items 200000   # wiped + re-seeded
 
-The seed (benchmarks.common: fixed seed, fixed "today" 2026-01-15) gives ~0.24 expired lots with
+The seed (benchmarks.databases: fixed seed, fixed "today" 2026-01-15) gives ~0.24 expired lots with
 stock per item for business date = the seed's today: 200,000 items → ~48,750 lots.
 
 Contenders, each on its own identical copy of the same seeded data, each a child process whose
@@ -46,8 +46,8 @@ from typing import Any
 import yaml
 from sqlalchemy import Date, DateTime, bindparam, create_engine, select, text
 
-from benchmarks import common
-from benchmarks.common import Outcome
+from benchmarks import common, contenders, databases, digests, harness, report
+from benchmarks.contenders import Outcome
 
 JOB = "batch_expiry_update"
 RESTORE_JOB = "restore_patch"
@@ -56,7 +56,7 @@ RESULT_MARK = common.RESULT_MARK
 #: A throwaway audit key for this benchmark process only (``key_id:fernet_key``).
 AUDIT_KEY = "bench:" + base64.urlsafe_b64encode(os.urandom(32)).decode()
 #: Expired means expires_on before the business date; the default is the seed's "today".
-DEFAULT_BUSINESS_DATE = common.SEED_TODAY
+DEFAULT_BUSINESS_DATE = databases.SEED_TODAY
 
 log = common.log
 
@@ -145,7 +145,7 @@ def _stmt(sql: str) -> Any:
 
 
 def bare_sql(url: str, run_at: dt.datetime, cutoff: dt.date) -> dict[str, Any]:
-    engine = common.baseline_engine(url)
+    engine = databases.baseline_engine(url)
     params = {"run_at": run_at, "cutoff": cutoff}
     t0 = time.perf_counter()
     counts = []
@@ -174,7 +174,7 @@ def naive_orm(url: str, run_at: dt.datetime, cutoff: dt.date, limit: int) -> dic
     class Log(Base):
         __table__ = stockrx_tables.inventory_logs
 
-    engine = common.baseline_engine(url)
+    engine = databases.baseline_engine(url)
     b = stockrx_tables.batches.c
     t0, cpu0 = time.perf_counter(), time.process_time()
     items: set[int] = set()
@@ -259,13 +259,13 @@ def run_worker(kind: str, url: str, run_at: dt.datetime, args: argparse.Namespac
 class Runner:
     """Launches the patch job and the restore job of the measured code."""
 
-    def __init__(self, code: common.Code, workdir: Path, args: argparse.Namespace):
+    def __init__(self, code: contenders.Code, workdir: Path, args: argparse.Namespace):
         self.code, self.workdir, self.args = code, workdir, args
 
     def configs(self, base: str, op_key: str, cfg: dict[str, Any]) -> list[Path]:
         doc: dict[str, Any] = {"ops": {op_key: {"config": cfg}}}
         if self.args.executor != "default":
-            doc["execution"] = {"config": common.EXECUTORS[self.args.executor]}
+            doc["execution"] = {"config": contenders.EXECUTORS[self.args.executor]}
         path = self.workdir / f"overrides_{len(list(self.workdir.glob('overrides_*')))}.yaml"
         path.write_text(yaml.safe_dump(doc))
         return [self.code.dir / CONFIG_DIR / base, path]
@@ -275,14 +275,15 @@ class Runner:
         # the same config (part of the plan).
         cfg = {"business_date": self.args.business_date, "allow_outside_window": True}
         files = self.configs(f"{JOB}{'.real' if real else ''}.yaml", "plan_patch", cfg)
-        return common.run_dagster_job(JOB, name, url, files, self.code, self.workdir,
-                                      self.args.timeout, AUDIT_KEY)
+        return contenders.run_dagster_job(JOB, name, url, files, self.code, self.workdir,
+                                          self.args.timeout, AUDIT_KEY)
 
     def restore(self, name: str, url: str, execution_id: str, real: bool) -> Outcome:
         files = self.configs(f"{RESTORE_JOB}{'.real' if real else ''}.yaml", "plan_restore",
                              {"execution_id": execution_id})
-        return common.run_dagster_job(RESTORE_JOB, name, url, files, self.code, self.workdir,
-                                      self.args.timeout, AUDIT_KEY, kind="restore")
+        return contenders.run_dagster_job(RESTORE_JOB, name, url, files, self.code,
+                                          self.workdir, self.args.timeout, AUDIT_KEY,
+                                          kind="restore")
 
 
 def expired_counts(url: str, cutoff: dt.date) -> tuple[int, int, int]:
@@ -307,10 +308,10 @@ def expired_counts(url: str, cutoff: dt.date) -> tuple[int, int, int]:
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
-    code = common.measured_code(args.code, workdir)
+    code = contenders.measured_code(args.code, workdir)
     runner = Runner(code, workdir, args)
     log(f"measuring {code.label}; business date {args.business_date}; executor {args.executor}")
-    copies = common.make_copies(args, workdir)
+    copies = databases.make_copies(args, workdir)
     log(f"seeded {copies.counts} in {copies.seed_seconds:.1f} s ({copies.description})")
     cutoff = dt.date.fromisoformat(args.business_date)
     lots, items, qty = expired_counts(copies.seeded_url, cutoff)
@@ -320,7 +321,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"{qty:,} units; naive subset: items ≤ {subset:,}, {sub_lots:,} lots")
     outcomes: dict[str, Outcome] = {}
     run_at = dt.datetime(2026, 1, 15, 2, 0, 0)  # replaced by the real run's run_at
-    tables = common.ALL_TABLES
+    tables = digests.ALL_TABLES
 
     def measure(key: str, url: str, fn) -> Outcome:  # type: ignore[no-untyped-def]
         log(f"running {key} ...")
@@ -329,18 +330,18 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cpu1 = common.server_cpu_seconds(copies.server_pid)
         if cpu0 is not None and cpu1 is not None:
             out.server_cpu_s = (cpu1 - cpu0) * out.scale
-        out.digest = common.digest(url, subset, tables, id_free=True) if out.ok else None
+        out.digest = digests.digest(url, subset, tables, id_free=True) if out.ok else None
         log(f"  {key}: rc {out.process.returncode}, {out.process.wall_s:.1f} s")
         outcomes[key] = out
         return out
 
     try:
-        seeded = common.digest(copies.seeded_url, subset, tables, id_free=True)
+        seeded = digests.digest(copies.seeded_url, subset, tables, id_free=True)
         if "job" in args.only:
             url = copies.fresh("job")
             try:
                 dry = measure("job_dry", url, lambda u: runner.patch("job dry", u, False))
-                common.settle(url)
+                databases.settle(url)
                 real = measure("job_real", url, lambda u: runner.patch("job real", u, True))
                 for o in (dry, real):
                     # The job's target_count counts items (and a restore's, rows of every
@@ -378,17 +379,17 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     real_digest = ref
     checks = {
         "job_real": lambda o: "reference",
-        "bare": lambda o: common.same(o.digest, ref, "full") + " to job real",
-        "naive": lambda o: common.same(o.digest, ref, "subset")
+        "bare": lambda o: digests.same(o.digest, ref, "full") + " to job real",
+        "naive": lambda o: digests.same(o.digest, ref, "subset")
         + f" to job real on items ≤ {subset:,}",
-        "job_dry": lambda o: common.same(o.digest, seeded, "full") + " to seed",
-        "restore_dry": lambda o: common.same(o.digest, real_digest, "full") + " to job real",
-        "restore_real": lambda o: common.same(o.digest, seeded, "full") + " to seed",
+        "job_dry": lambda o: digests.same(o.digest, seeded, "full") + " to seed",
+        "restore_dry": lambda o: digests.same(o.digest, real_digest, "full") + " to job real",
+        "restore_real": lambda o: digests.same(o.digest, seeded, "full") + " to seed",
     }
     for key, o in outcomes.items():
         o.check = checks[key](o)
     return {
-        **common.result_fields(args, code, copies),
+        **harness.result_fields(args, code, copies),
         "run_at": run_at.isoformat(),
         "business_date": args.business_date,
         "expired": {"lots": lots, "items": items, "quantity": qty, "subset_lots": sub_lots},
@@ -426,7 +427,7 @@ def render(res: dict[str, Any]) -> str:
         f"{res['database']}",
         "",
         f"Seeded {', '.join(f'{n:,} {t}' for t, n in res['seeded'].items())}"
-        f"{common.copies_text(res)}. "
+        f"{report.copies_text(res)}. "
         f"**{exp['lots']:,} expired lots with stock** on {exp['items']:,} items "
         f"({exp['quantity']:,} units written off). Run timestamp of every contender: "
         f"{res['run_at']} (the job's run_at). Job executor: {res['executor']}.",
@@ -435,7 +436,7 @@ def render(res: dict[str, Any]) -> str:
     rows = []
     for key in [k for k in ORDER if k in outs]:
         o = outs[key]
-        name, wall, work, tail = common.contender_columns(
+        name, wall, work, tail = report.contender_columns(
             o, bare,
             f" (items ≤ {min(args['naive_rows'], args['items']):,}: {o.rows:,} lots measured, "
             f"times ×{o.scale:.2f})",
@@ -443,7 +444,7 @@ def render(res: dict[str, Any]) -> str:
         lots = round(o.rows * o.scale) if o.rows else None
         rpm = lots / work * 60 if work and lots else None
         rows.append([name, lots, wall, work, rpm, *tail])
-    lines.append(common.table(
+    lines.append(report.table(
         ["contender", "lots", "wall s", "work s", "lots/min (work)", "× bare wall",
          "× bare work", "client CPU s", "DB CPU s", "largest process MB",
          "peak RSS MB (tree)", "procs",
@@ -458,12 +459,12 @@ def render(res: dict[str, Any]) -> str:
         "user+system CPU of the child process tree (wait4 rusage); DB CPU s: of the local "
         "database server meanwhile (PostgreSQL: its processes; MariaDB: the mariadbd process; – "
         "for SQLite); naive: ×scale. "
-        + common.RSS_FOOTNOTE
+        + report.RSS_FOOTNOTE
         + " Final data: digests of every column of inventories, batches and inventory_logs in "
         "id order.",
     ]
     for key in [k for k in ORDER if k.startswith(("job", "restore")) and k in outs]:
-        lines += common.op_timings_section(outs[key])
+        lines += report.op_timings_section(outs[key])
     return "\n".join(lines) + "\n"
 
 
@@ -490,7 +491,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        "innodb_flush_log_at_trx_commit=1, sync_binlog=1; tests/support/mysql.py; "
                        "STOCKRX_TEST_MYSQL_URL to use an existing server); contenders connect as "
                        "a least-privilege patch user")
-    p.add_argument("--mysql-copy", choices=common.MYSQL_COPY_METHODS, default="tablespace",
+    p.add_argument("--mysql-copy", choices=databases.MYSQL_COPY_METHODS, default="tablespace",
                    help="how --mysql copies the seeded data for each contender: tablespace "
                    "(InnoDB file copy, local server; the default) or insert (INSERT ... SELECT)")
     p.add_argument("--items", type=int, default=200_000,
@@ -507,7 +508,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated contenders to run (default: all of "
                    f"{','.join(CONTENDERS)}; job = dry + real run, restore = dry + real restore "
                    "of the job's real run, needs job)")
-    p.add_argument("--executor", choices=sorted(common.EXECUTORS), default="default",
+    p.add_argument("--executor", choices=sorted(contenders.EXECUTORS), default="default",
                    help="the jobs' executor (default: the jobs' own, one process per op forked "
                    "from a preloaded fork server; spawn: Dagster's stock multiprocess)")
     p.add_argument("--code", metavar="REV",
@@ -538,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args)
-    return common.run_benchmark(args, benchmark, render)
+    return harness.run_benchmark(args, benchmark, render)
 
 
 if __name__ == "__main__":

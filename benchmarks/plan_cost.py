@@ -106,14 +106,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:5]), default=str))
         return 0
-    from benchmarks.common import (
-        MySQLCopies,
-        PostgresCopies,
-        ab_arguments,
-        ab_parse,
-        durable_server,
-        run_code_worker,
-    )
+    from benchmarks.ab import ab_arguments, ab_parse, durable_server, run_code_worker
+    from benchmarks.databases import MySQLCopies, PostgresCopies
 
     ap = ab_arguments(__doc__.splitlines()[0])
     ap.add_argument("--executions", type=int, default=EXECUTIONS)

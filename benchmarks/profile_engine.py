@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, report
 
 
 def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12) -> list[dict]:
@@ -150,7 +150,7 @@ def render_profile(results: list[dict]) -> str:
     lines = [
         "### Profile of the engine steps (in-process, pyinstrument 1 ms; SQL from cursor events)",
         "",
-        common.table(
+        report.table(
             ["step", "wall s", "CPU s (this process)", "SQL s", "SQL calls", "outside SQL s"],
             [[r["step"], r["wall_s"], r.get("cpu_s"), r["sql_s"], r["sql_calls"],
               r["wall_s"] - r["sql_s"]] for r in results],
@@ -161,12 +161,12 @@ def render_profile(results: list[dict]) -> str:
             lines += ["", f"#### {r['step']}: call tree (frames ≥ 1 % of the step)", "", "```",
                       r["tree"], "```"]
         lines += ["", f"#### {r['step']}: top SQL statements", ""]
-        lines.append(common.table(
+        lines.append(report.table(
             ["s", "calls", "statement"],
             [[s, n, q[:150] + ("…" if len(q) > 150 else "")] for q, s, n in r["statements"][:6]],
         ))
         lines += ["", f"#### {r['step']}: top self time (pyinstrument flat)", ""]
-        lines.append(common.table(["s", "function"], [[s, f] for s, f in r["self_time"][:8]]))
+        lines.append(report.table(["s", "function"], [[s, f] for s, f in r["self_time"][:8]]))
     return "\n".join(lines)
 
 

@@ -146,14 +146,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:4]), default=str))
         return 0
-    from benchmarks.common import (
-        MySQLCopies,
-        PostgresCopies,
-        ab_arguments,
-        ab_parse,
-        durable_server,
-        run_code_worker,
-    )
+    from benchmarks.ab import ab_arguments, ab_parse, durable_server, run_code_worker
+    from benchmarks.databases import MySQLCopies, PostgresCopies
 
     args = ab_parse(ab_arguments(__doc__.splitlines()[0]))
     new, old = Path(__file__).resolve().parents[1], Path(args.old).resolve()

@@ -123,7 +123,7 @@ def worker(
 def run_worker(
     code: Path, url: str, name: str, step: str, execution_id: str, server_pid: int | None
 ) -> dict[str, Any]:
-    from benchmarks.common import run_code_worker
+    from benchmarks.ab import run_code_worker
 
     return run_code_worker(__file__, code, [url, name, step, execution_id, str(server_pid or "-")])
 
@@ -133,7 +133,8 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:7]), default=str))
         return 0
-    from benchmarks.common import ab_arguments, ab_parse, durable_server, seed
+    from benchmarks.ab import ab_arguments, ab_parse, durable_server
+    from benchmarks.databases import seed
 
     ap = ab_arguments("Validation's checks and post-verification, old code against new.")
     ap.add_argument("--patches", default=",".join(PATCHES))

@@ -8,7 +8,8 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from benchmarks.app_writer import latency_stats
-from benchmarks.common import Outcome, contender_columns, table
+from benchmarks.contenders import Outcome
+from benchmarks.report import contender_columns, table
 
 #: The floor's steps are named "<op>: what"; the job's ops, by the same first word.
 OP_OF_STEP = {"plan": "plan_patch", "backup": "take_backup", "transform": "transform_batches",

@@ -139,7 +139,7 @@ def main() -> None:
     if args.child_url:
         child(args.child_url)
         return
-    from benchmarks.common import seed
+    from benchmarks.databases import seed
 
     if args.postgres:
         from tests.support.postgres import PostgresServer

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
-from benchmarks.price_adjustment import AUDIT_KEY, JOB, job_setup
+from benchmarks import contenders, databases, harness, report
+from benchmarks.price_contenders import AUDIT_KEY, JOB, job_setup
 
 LOG_ENV = "STOCKRX_STATEMENT_LOG"
 
@@ -88,7 +88,7 @@ def render(name: str, per_op: dict[str, collections.Counter[str]]) -> str:
     for c in per_op.values():
         total.update(c)
     rows.append(["total", *(total[k] for k in kinds)])
-    return f"### {name}\n\n" + common.table(["op", *kinds], rows)
+    return f"### {name}\n\n" + report.table(["op", *kinds], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", metavar="OP", help="also print the statement shapes of these ops (comma-separated; all: every op)")
     args = p.parse_args(argv)
     args.database_url, args.mysql_copy = None, "insert"
-    with common.workdir() as work:
-        code = common.measured_code(args.code, work)
+    with harness.workdir() as work:
+        code = contenders.measured_code(args.code, work)
         setup = job_setup(code, work, "default")
         hook = Path(tempfile.mkdtemp(dir=work))
         (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join([str(hook), *([old] if old else [])])
-        copies = common.make_copies(args, work)
+        copies = databases.make_copies(args, work)
         try:
             url = copies.fresh("counts")
             above_all = {"min_price": 1e9}
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                                 ("0-row real run", setup.real_config)):
                 log = work / f"{label.replace(' ', '_')}.log"
                 os.environ[LOG_ENV] = str(log)
-                out = common.run_dagster_job(JOB, label, url,
-                                             setup.config_files(base, above_all), code, work,
-                                             600, AUDIT_KEY)
+                out = contenders.run_dagster_job(JOB, label, url,
+                                                 setup.config_files(base, above_all), code,
+                                                 work, 600, AUDIT_KEY)
                 steps = out.timings.steps if out.timings else []
                 pids = {s.pid: s.step for s in steps if s.pid}
                 print(f"{label}: {'ok' if out.ok else 'FAILED ' + '; '.join(out.notes)}")

@@ -104,7 +104,7 @@ def main() -> None:
     if args.child_url:
         child(args.child_url, args.show)
         return
-    from benchmarks.common import seed
+    from benchmarks.databases import seed
 
     if args.postgres:
         from tests.support.postgres import PostgresServer

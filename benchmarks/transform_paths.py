@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, update
 
-from benchmarks.common import seed
+from benchmarks.databases import seed
 from patch_ops.database import get_engine
 from patch_ops.patch import PYTHON_PATH, SQL_PATH
 from patch_ops.state import executions, forget_mirrors, locks
