@@ -1,16 +1,21 @@
-"""Old code against new, each in child processes of its own (``report_verify``,
-``read_passes``, ``plan_cost``): their command line, a durable throwaway server, and the worker
-that runs one checkout's code.
+"""Old code against new, each in child processes of its own: the command lines, a durable
+throwaway server, the interleaved rounds, and the child that runs one checkout's code, either
+this script's worker on that checkout's PYTHONPATH (``report_verify``, ``read_passes``,
+``plan_cost``) or that checkout's own copy of the script (``stage_index``, ``transform_cost``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def ab_arguments(description: str) -> Any:
@@ -32,8 +37,6 @@ def ab_arguments(description: str) -> Any:
 def run_code_worker(script: str, code: Path, args: Sequence[str]) -> dict[str, Any]:
     """``script --worker *args`` in a child process running ``code`` (its PYTHONPATH and
     directory); its result is the JSON on the last line of its output."""
-    import json
-
     env = dict(os.environ, PYTHONPATH=str(code))
     out = subprocess.run(
         [sys.executable, str(Path(script).resolve()), "--worker", *args],
@@ -64,3 +67,92 @@ def durable_server(postgres: bool) -> Any:
         server = MySQLServer.from_env(durable=True)
     server.start()
     return server
+
+
+def server_pid(server: Any) -> int | None:
+    """The process id of a started ``durable_server`` (its CPU time is read from it)."""
+    return getattr(server, "postmaster_pid", None) or getattr(server, "server_pid", None)
+
+
+def interleaved(rounds: int, labels: Sequence[T]) -> Iterator[tuple[int, T]]:
+    """(round, label) for each round and label, the labels' order reversed every other round:
+    a shared machine's drift falls on every side alike."""
+    for r in range(rounds):
+        yield from ((r, label) for label in (labels if r % 2 == 0 else labels[::-1]))
+
+
+def ab_rounds(script: str, copies: Any, codes: dict[str, Path], rounds: int,
+              args: Sequence[str], summary: Callable[[dict[str, Any]], str],
+              runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Each code's ``run_code_worker`` result per interleaved round, each on a fresh copy of the
+    seeded database (its url and server pid come first in the worker's arguments), appended
+    to ``runs[label]`` as it comes: a failed round keeps the ones before it."""
+    for r, label in interleaved(rounds, list(codes)):
+        url = copies.fresh(label)
+        res = run_code_worker(script, codes[label], [url, str(copies.server_pid or "-"), *args])
+        copies.discard(url)
+        runs.setdefault(label, []).append(res)
+        print(f"round {r + 1} {label}: {summary(res)}", flush=True)
+
+
+def step_median(runs: dict[str, list[dict[str, Any]]], label: str, i: int,
+                value: Callable[[dict[str, Any]], float]) -> float:
+    """The median over ``label``'s rounds of ``value`` of its ``i``-th step."""
+    return statistics.median(value(r["steps"][i]) for r in runs[label])
+
+
+def cpu_and_server(step: dict[str, Any]) -> float:
+    """A step's client CPU plus its database server's (when read)."""
+    return step["cpu"] + (step["server_cpu"] or 0.0)
+
+
+def labelled_arguments(description: str, items: int = 200_000) -> Any:
+    """The command line of a benchmark whose child is each checkout's own copy of the script:
+    the database (or ``--child-url``: be that child), items, rounds, ``--code label=dir``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    db = ap.add_mutually_exclusive_group(required=True)
+    db.add_argument("--postgres", action="store_true")
+    db.add_argument("--mysql", action="store_true")
+    db.add_argument("--child-url")
+    ap.add_argument("--items", type=int, default=items)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--code", action="append", default=[], help="label=checkout directory")
+    return ap
+
+
+def labelled_rounds(module: str, codes: dict[str, str], rounds: int, args: Sequence[str],
+                    env: dict[str, str], mark: str, *, echo: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Per interleaved round, ``python -m module *args`` run from each code's checkout (its
+    PYTHONPATH and directory, ``env`` added); its result is the JSON after ``mark`` in its
+    output. ``echo``: its standard error is printed after each round's line."""
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label in codes}
+    for r, label in interleaved(rounds, list(codes)):
+        path = str(Path(codes[label]).resolve())
+        res = subprocess.run([sys.executable, "-m", module, *args], cwd=path,
+                             env={**os.environ, **env, "PYTHONPATH": path},
+                             capture_output=True, text=True, check=False)
+        line = next((ln for ln in res.stdout.splitlines() if ln.startswith(mark)), None)
+        if line is None:
+            sys.exit(f"{label} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+        got = json.loads(line[len(mark):])
+        results[label].append(got)
+        print(f"round {r + 1} {label}: " + json.dumps(
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}), flush=True)
+        if echo:
+            print(res.stderr.rstrip(), flush=True)
+    return results
+
+
+def print_medians(results: dict[str, list[dict[str, Any]]], width: int, fmt: str) -> None:
+    """Per numeric key, each code's median over its rounds and the last code's ratio to the
+    first's."""
+    labels = list(results)
+    for k, v in results[labels[0]][0].items():
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        med = {label: statistics.median(x[k] for x in rs) for label, rs in results.items()}
+        first, last = med[labels[0]], med[labels[-1]]
+        print(f"{k:{width}}" + "".join(f"  {label} {m:{fmt}}" for label, m in med.items())
+              + (f"  ratio {last / first:.2f}" if first else ""))

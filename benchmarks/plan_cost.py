@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
 import time
 import warnings
@@ -106,7 +105,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:5]), default=str))
         return 0
-    from benchmarks.ab import ab_arguments, ab_parse, durable_server, run_code_worker
+    from benchmarks.ab import ab_arguments, ab_parse, ab_rounds, durable_server
     from benchmarks.databases import MySQLCopies, PostgresCopies
 
     ap = ab_arguments(__doc__.splitlines()[0])
@@ -117,18 +116,11 @@ def main() -> int:
     kind = PostgresCopies if args.postgres else MySQLCopies
     copies: Any = kind(server, args.items, owns_server=True)
     print(f"seeded {args.items:,} items in {copies.seed_seconds:.0f} s", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        for r in range(args.rounds):
-            order = [("old", old), ("new", new)]
-            for label, code in order if r % 2 == 0 else order[::-1]:
-                url = copies.fresh(label)
-                res = run_code_worker(__file__, code, [url, str(copies.server_pid or "-"),
-                                                       str(args.executions)])
-                copies.discard(url)
-                runs[label].append(res)
-                print(f"round {r + 1} {label}: " + ", ".join(
-                    f"{s['step']} {s['wall']:.2f} s" for s in res["steps"]), flush=True)
+        ab_rounds(__file__, copies, {"old": old, "new": new}, args.rounds,
+                  [str(args.executions)], lambda res: ", ".join(
+                      f"{s['step']} {s['wall']:.2f} s" for s in res["steps"]), runs)
         report(runs)
     finally:
         copies.close()
@@ -138,19 +130,18 @@ def main() -> int:
 
 
 def report(runs: dict[str, list[dict[str, Any]]]) -> None:
+    from benchmarks.ab import cpu_and_server, step_median
+
     names = [s["step"] for s in runs["old"][0]["steps"]]
     print("\n| step | old wall s | new wall s | ratio | old CPU+server s | new CPU+server s "
           "| ratio | WAL MB old → new |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for i, name in enumerate(names):
         def med(label: str, f: Any, i: int = i) -> float:
-            return statistics.median(f(r["steps"][i]) for r in runs[label])
-
-        def both(s: dict[str, Any]) -> float:
-            return s["cpu"] + (s["server_cpu"] or 0.0)
+            return step_median(runs, label, i, f)
 
         ow, nw = med("old", lambda s: s["wall"]), med("new", lambda s: s["wall"])
-        oc, nc = med("old", both), med("new", both)
+        oc, nc = med("old", cpu_and_server), med("new", cpu_and_server)
         owal, nwal = med("old", lambda s: s["wal_mb"]), med("new", lambda s: s["wal_mb"])
         print(f"| {name} | {ow:.3f} | {nw:.3f} | {nw / ow:.2f} | {oc:.3f} | {nc:.3f} | "
               f"{nc / oc:.2f} | {owal:.1f} → {nwal:.1f} |")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import statistics
 import sys
 import time
 import warnings
@@ -146,7 +145,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:4]), default=str))
         return 0
-    from benchmarks.ab import ab_arguments, ab_parse, durable_server, run_code_worker
+    from benchmarks.ab import ab_arguments, ab_parse, ab_rounds, durable_server
     from benchmarks.databases import MySQLCopies, PostgresCopies
 
     args = ab_parse(ab_arguments(__doc__.splitlines()[0]))
@@ -155,17 +154,11 @@ def main() -> int:
     kind = PostgresCopies if args.postgres else MySQLCopies
     copies: Any = kind(server, args.items, owns_server=True)
     print(f"seeded {args.items:,} items in {copies.seed_seconds:.0f} s", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+    runs: dict[str, list[dict[str, Any]]] = {}
     try:
-        for r in range(args.rounds):
-            order = [("old", old), ("new", new)]
-            for label, code in order if r % 2 == 0 else order[::-1]:
-                url = copies.fresh(label)
-                res = run_code_worker(__file__, code, [url, str(copies.server_pid or "-")])
-                copies.discard(url)
-                runs[label].append(res)
-                print(f"round {r + 1} {label}: result {res['digest']}; " + ", ".join(
-                    f"{s['step']} {s['wall']:.2f} s" for s in res["steps"]), flush=True)
+        ab_rounds(__file__, copies, {"old": old, "new": new}, args.rounds, [],
+                  lambda res: f"result {res['digest']}; " + ", ".join(
+                      f"{s['step']} {s['wall']:.2f} s" for s in res["steps"]), runs)
         report(runs)
     finally:
         copies.close()
@@ -175,21 +168,20 @@ def main() -> int:
 
 
 def report(runs: dict[str, list[dict[str, Any]]]) -> None:
+    from benchmarks.ab import cpu_and_server, step_median
+
     names = [s["step"] for s in runs["old"][0]["steps"]]
     print("\n| step | old wall s | new wall s | ratio (rounds) | old CPU+server s | new CPU+server s"
           " | ratio | statements old → new |")
     print("|---|---:|---:|---|---:|---:|---:|---|")
     for i, name in enumerate(names):
         def med(label: str, f: Any, i: int = i) -> float:
-            return statistics.median(f(r["steps"][i]) for r in runs[label])
-
-        def both(s: dict[str, Any]) -> float:
-            return s["cpu"] + (s["server_cpu"] or 0.0)
+            return step_median(runs, label, i, f)
 
         rounds = [n["steps"][i]["wall"] / o["steps"][i]["wall"]
                   for o, n in zip(runs["old"], runs["new"], strict=True)]
         ow, nw = med("old", lambda s: s["wall"]), med("new", lambda s: s["wall"])
-        oc, nc = med("old", both), med("new", both)
+        oc, nc = med("old", cpu_and_server), med("new", cpu_and_server)
         print(f"| {name} | {ow:.2f} | {nw:.2f} | {nw / ow:.2f} ("
               + ", ".join(f"{x:.2f}" for x in rounds) + f") | {oc:.2f} | {nc:.2f} | "
               f"{nc / oc:.2f} | {runs['old'][0]['steps'][i]['statements']} → "

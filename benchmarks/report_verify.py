@@ -133,7 +133,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:7]), default=str))
         return 0
-    from benchmarks.ab import ab_arguments, ab_parse, durable_server
+    from benchmarks.ab import ab_arguments, ab_parse, durable_server, interleaved, server_pid
     from benchmarks.databases import seed
 
     ap = ab_arguments("Validation's checks and post-verification, old code against new.")
@@ -142,7 +142,7 @@ def main() -> int:
     args = ab_parse(ap)
     new, old = Path(__file__).resolve().parents[1], Path(args.old).resolve()
     server = durable_server(args.postgres)
-    pid = getattr(server, "postmaster_pid", None) or getattr(server, "server_pid", None)
+    pid = server_pid(server)
     raw: dict[str, Any] = {}
     try:
         for name in args.patches.split(","):
@@ -153,15 +153,13 @@ def main() -> int:
             for step in [s for s in STEPS if s in args.steps.split(",")]:  # dry run first
                 x = prepare(url, name, "dry" if step == "checks" else "real")
                 runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
-                for r in range(args.rounds):
-                    order = [("old", old), ("new", new)]
-                    for label, code in order if r % 2 == 0 else order[::-1]:
-                        res = run_worker(code, url, name, step, x, pid)
-                        runs[label].append(res)
-                        print(f"  {name} {step} round {r + 1} {label}: {res['seconds']:.2f} s, "
-                              f"cpu {res['cpu']:.2f} s, server cpu {res['server_cpu'] or 0:.2f} s, sql {res['sql_s']:.2f} s, "
-                              f"{res['statements']} statements, result {res['digest']}",
-                              flush=True)
+                for r, (label, code) in interleaved(args.rounds, [("old", old), ("new", new)]):
+                    res = run_worker(code, url, name, step, x, pid)
+                    runs[label].append(res)
+                    print(f"  {name} {step} round {r + 1} {label}: {res['seconds']:.2f} s, "
+                          f"cpu {res['cpu']:.2f} s, server cpu {res['server_cpu'] or 0:.2f} s, "
+                          f"sql {res['sql_s']:.2f} s, {res['statements']} statements, "
+                          f"result {res['digest']}", flush=True)
                 med = {k: statistics.median(v["seconds"] for v in runs[k]) for k in runs}
                 srv = {k: statistics.median(v["server_cpu"] or 0.0 for v in runs[k]) for k in runs}
                 same = runs["old"][0]["digest"] == runs["new"][0]["digest"]

@@ -16,14 +16,9 @@ stay, as a production database keeps them for its retention period.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 MARK = "STAGE_INDEX "
 
@@ -127,59 +122,28 @@ def child(url: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    db = ap.add_mutually_exclusive_group(required=True)
-    db.add_argument("--postgres", action="store_true")
-    db.add_argument("--mysql", action="store_true")
-    db.add_argument("--child-url")
-    ap.add_argument("--items", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--code", action="append", default=[], help="label=checkout directory")
-    args = ap.parse_args()
+    from benchmarks.ab import (
+        durable_server,
+        labelled_arguments,
+        labelled_rounds,
+        print_medians,
+        server_pid,
+    )
+
+    args = labelled_arguments(__doc__.splitlines()[0]).parse_args()
     if args.child_url:
         child(args.child_url)
         return
     from benchmarks.databases import seed
 
-    if args.postgres:
-        from tests.support.postgres import PostgresServer
-
-        server = PostgresServer.from_env(durable=True)
-    else:
-        from tests.support.mysql import MySQLServer
-
-        server = MySQLServer(durable=True)  # type: ignore[assignment]
-    server.start()
-    server_pid = (server.postmaster_pid if args.postgres
-                  else server.server_pid)  # type: ignore[attr-defined]
+    server = durable_server(args.postgres)
     codes = dict(c.split("=", 1) for c in args.code)
-    results: dict[str, list[dict]] = {label: [] for label in codes}
     try:
         url = server.create_database()
         seed(url, args.items)
-        for r in range(args.rounds):
-            order = list(codes) if r % 2 == 0 else list(reversed(codes))
-            for label in order:
-                path = str(Path(codes[label]).resolve())
-                env = {**os.environ, "PYTHONPATH": path,
-                       "STAGE_INDEX_SERVER_PID": str(server_pid)}
-                res = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.stage_index", "--child-url", url],
-                    cwd=path, env=env, capture_output=True, text=True, check=False)
-                line = next((ln for ln in res.stdout.splitlines() if ln.startswith(MARK)), None)
-                if line is None:
-                    sys.exit(f"{label} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-                got = json.loads(line[len(MARK):])
-                results[label].append(got)
-                print(f"round {r + 1} {label}: " + json.dumps(
-                    {k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}),
-                    flush=True)
-        keys = [k for k, v in results[next(iter(codes))][0].items() if isinstance(v, float)]
-        for k in keys:
-            med = {label: statistics.median(x[k] for x in rs) for label, rs in results.items()}
-            first, last = med[next(iter(codes))], med[list(codes)[-1]]
-            print(f"{k:26}" + "".join(f"  {label} {v:8.3f}" for label, v in med.items())
-                  + (f"  ratio {last / first:.2f}" if first else ""))
+        results = labelled_rounds("benchmarks.stage_index", codes, args.rounds, ["--child-url", url],
+                                  {"STAGE_INDEX_SERVER_PID": str(server_pid(server))}, MARK)
+        print_medians(results, 26, "8.3f")
     finally:
         server.stop()
 

@@ -14,13 +14,9 @@ cursor events). The execution is then released; its mirror rows stay, as in prod
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 MARK = "TRANSFORM_COST "
 
@@ -91,61 +87,31 @@ def child(url: str, show: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    db = ap.add_mutually_exclusive_group(required=True)
-    db.add_argument("--postgres", action="store_true")
-    db.add_argument("--mysql", action="store_true")
-    db.add_argument("--child-url")
-    ap.add_argument("--items", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    from benchmarks.ab import (
+        durable_server,
+        labelled_arguments,
+        labelled_rounds,
+        print_medians,
+        server_pid,
+    )
+
+    ap = labelled_arguments(__doc__.splitlines()[0])
     ap.add_argument("--show", type=int, default=12, help="slowest statement shapes printed")
-    ap.add_argument("--code", action="append", default=[], help="label=checkout directory")
     args = ap.parse_args()
     if args.child_url:
         child(args.child_url, args.show)
         return
     from benchmarks.databases import seed
 
-    if args.postgres:
-        from tests.support.postgres import PostgresServer
-
-        server = PostgresServer.from_env(durable=True)
-    else:
-        from tests.support.mysql import MySQLServer
-
-        server = MySQLServer(durable=True)  # type: ignore[assignment]
-    server.start()
-    server_pid = (server.postmaster_pid if args.postgres
-                  else server.server_pid)  # type: ignore[attr-defined]
+    server = durable_server(args.postgres)
     codes = dict(c.split("=", 1) for c in args.code) or {"here": "."}
-    results: dict[str, list[dict]] = {label: [] for label in codes}
     try:
         url = server.create_database()
         seed(url, args.items)
-        for r in range(args.rounds):
-            order = list(codes) if r % 2 == 0 else list(reversed(codes))
-            for label in order:
-                path = str(Path(codes[label]).resolve())
-                env = {**os.environ, "PYTHONPATH": path,
-                       "TRANSFORM_COST_SERVER_PID": str(server_pid)}
-                res = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.transform_cost", "--child-url", url,
-                     "--show", str(args.show)],
-                    cwd=path, env=env, capture_output=True, text=True, check=False)
-                line = next((ln for ln in res.stdout.splitlines() if ln.startswith(MARK)), None)
-                if line is None:
-                    sys.exit(f"{label} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
-                got = json.loads(line[len(MARK):])
-                results[label].append(got)
-                print(f"round {r + 1} {label}: " + json.dumps(
-                    {k: round(v, 3) if isinstance(v, float) else v for k, v in got.items()}),
-                    flush=True)
-                print(res.stderr.rstrip(), flush=True)
-        for k in results[next(iter(codes))][0]:
-            med = {label: statistics.median(x[k] for x in rs) for label, rs in results.items()}
-            first, last = med[next(iter(codes))], med[list(codes)[-1]]
-            print(f"{k:14}" + "".join(f"  {label} {v:9.3f}" for label, v in med.items())
-                  + (f"  ratio {last / first:.2f}" if first else ""))
+        results = labelled_rounds(
+            "benchmarks.transform_cost", codes, args.rounds, ["--child-url", url, "--show", str(args.show)],
+            {"TRANSFORM_COST_SERVER_PID": str(server_pid(server))}, MARK, echo=True)
+        print_medians(results, 14, "9.3f")
     finally:
         server.stop()
 
