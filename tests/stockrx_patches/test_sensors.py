@@ -1,51 +1,41 @@
-"""Sensors: release requests (launched once, rejected with a reason, held until a window, outcome
-recorded), the data-condition dry run, resuming paused executions, runs that die."""
+"""Sensors that launch a patch's runs when it is time: release requests (launched once, rejected
+with a reason, held until a window, outcome recorded) and paused executions resumed when the next
+window opens. The data-condition dry run is in test_work_pending_sensor.py, runs that die in
+test_failure_sensor.py, the request CLI in test_request_cli.py."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
-import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from dagster import (
-    DagsterEventType,
-    DagsterInstance,
-    ExecuteInProcessResult,
-    RunRequest,
-    build_run_status_sensor_context,
-    build_sensor_context,
-    execute_job,
-    reconstructable,
-)
-from sqlalchemy import func, insert, select, text, update
+from dagster import RunRequest
+from sqlalchemy import insert, text
 
 from patch_ops import windows as win
-from patch_ops.database import get_engine
-from patch_ops.state import executions, locks
-from resources.audit import AuditLog
-from resources.database import StockRxDatabase
+from patch_ops.state import executions
 from resources.notifier import Notifier
 from stockrx_patches import requests as rq
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
-from stockrx_patches.registry import Registry, default_registry
-from stockrx_patches.sensors import (
-    FAILURE_SENSOR,
-    REQUEST_POLL_ENV,
-    REQUEST_SENSOR,
-    RESUME_SENSOR,
-    work_pending_sensor_name,
-)
-from stockrx_patches.tables import batches
-from tests.conftest import TEST_AUDIT_KEY, TEST_NOW_ENV, TEST_PYTHONPATH
+from stockrx_patches.registry import default_registry
+from stockrx_patches.sensors import REQUEST_POLL_ENV, REQUEST_SENSOR, RESUME_SENSOR
+from tests.conftest import TEST_NOW_ENV, TEST_PYTHONPATH
 from tests.support.fake_slack import FakeSlack
-from tests.support.fake_smtp import FakeSmtp
+from tests.support.sensor_ticks import (
+    DRY,
+    EXPIRY_JOB,
+    MON_1000,
+    SUN_0230,
+    TOKEN,
+    defs_with_patch,
+    launch,
+    tick,
+)
 from tests.support.stockrx import (
     PRICE_JOB,
     digest,
@@ -55,53 +45,8 @@ from tests.support.stockrx import (
     seeded,
 )
 
-EXPIRY_JOB = "batch_expiry_update"
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SUN_0230 = "2026-11-29T02:30:00+09:00"
-MON_1000 = "2026-11-30T10:00:00+09:00"
-DRY = {"adjustment_type": "percentage", "adjustment_value": 8}
-TOKEN = "xoxb-sensor-test"
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch):
-    def set_clock(iso: str) -> None:
-        monkeypatch.setenv(TEST_NOW_ENV, iso)
-
-    set_clock(SUN_0230)
-    return set_clock
-
-
-@pytest.fixture
-def instance(dagster_home):
-    with DagsterInstance.get() as inst:
-        yield inst
-
-
-@pytest.fixture
-def db(sqlite_url, monkeypatch):
-    monkeypatch.setenv("STOCKRX_DATABASE_URL", sqlite_url)  # run config validation reads it
-    return StockRxDatabase(url=sqlite_url)
-
-
-def tick(defs, name: str, instance, db, cursor: str | None = None, notifier=None):  # type: ignore[no-untyped-def]
-    sensor = defs.resolve_sensor_def(name)
-    ctx = build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        repository_def=defs.get_repository_def(),
-        resources={"stockrx_db": db, "notifier": notifier or Notifier(channels=[])},
-    )
-    return sensor.evaluate_tick(ctx)
-
-
-def launch(defs, request: RunRequest, instance) -> ExecuteInProcessResult:  # type: ignore[no-untyped-def]
-    """What the daemon does with a run request (in-process here)."""
-    job = defs.resolve_job_def(request.job_name or EXPIRY_JOB)  # a one-job sensor names none
-    return job.execute_in_process(
-        run_config=request.run_config, instance=instance, tags=request.tags, raise_on_error=False
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,153 +336,6 @@ def test_failed_request_run_records_the_reason(sqlite_url, db, instance, clock):
     assert "dry run" in row["reason"]
 
 
-def test_request_cli_inserts_a_pending_row(sqlite_url, tmp_path, capsys):
-    from stockrx_patches.cli import main
-
-    seeded(sqlite_url, items=5)
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("ops:\n  plan_patch:\n    config:\n      adjustment_type: percentage\n")
-    rc = main(
-        [
-            "request",
-            PRICE_JOB,
-            "--config",
-            str(cfg),
-            "--set",
-            "adjustment_value=8",
-            "--requested-by",
-            "release-bot",
-            "--release-tag",
-            "v2.14.0",
-            "--database-url",
-            sqlite_url,
-        ]
-    )
-    assert rc == 0
-    assert "is pending" in capsys.readouterr().out
-    row = rq.get_request(get_engine(sqlite_url), 1)
-    assert row["run_config"] == {"adjustment_type": "percentage", "adjustment_value": 8}
-    assert (row["status"], row["requested_by"], row["release_tag"]) == (
-        "pending",
-        "release-bot",
-        "v2.14.0",
-    )
-    assert (
-        main(
-            [
-                "request",
-                PRICE_JOB,
-                "--real",
-                "--set",
-                "adjustment_type=multiply",
-                "--set",
-                "adjustment_value=1.5",
-                "--database-url",
-                sqlite_url,
-            ]
-        )
-        == 0
-    )
-    assert rq.get_request(get_engine(sqlite_url), 2)["run_config"] == {
-        "adjustment_type": "multiply",
-        "adjustment_value": 1.5,
-        "dry_run": False,
-    }
-    assert main(["requests", "--database-url", sqlite_url]) == 0
-    assert "release-bot" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize(
-    ("argv", "reason"),
-    [
-        (["no_such_patch", "--set", "x=1"], "unknown patch 'no_such_patch'"),
-        ([PRICE_JOB, "--set", "adjustment_type=percentage"], "adjustment_value"),
-        ([PRICE_JOB, "--set", "adjustment_type=percentage", "--set", "adjustment_value=5000"],
-         "percentage needs adjustment_value in [-100, 1000]"),
-        ([PRICE_JOB, "--set", "adjustment_type=percentage", "--set", "adjustment_value=8",
-          "--set", "nonsense=1"], "nonsense"),
-    ],
-    ids=["unknown patch", "missing field", "out of range", "unknown field"],
-)
-def test_request_cli_refuses_a_request_that_could_never_run(sqlite_url, capsys, argv, reason):
-    # `request no_such_patch --set x=1` said "pending" (exit 0); the sensor rejected it later.
-    from stockrx_patches.cli import main
-
-    seeded(sqlite_url, items=5)
-    assert main(["request", *argv, "--database-url", sqlite_url]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: request refused, nothing recorded: ") and reason in err
-    assert err.count("\n") == 1
-    rq.ensure_requests_table(get_engine(sqlite_url))
-    with get_engine(sqlite_url).connect() as conn:
-        assert conn.execute(select(func.count()).select_from(rq.requests)).scalar_one() == 0
-
-
-def test_requests_cli_shows_whole_reasons_as_json_and_one_request_in_full(sqlite_url, capsys):
-    from stockrx_patches.cli import main
-
-    engine = seeded(sqlite_url, items=5)
-    reason = "invalid run config: " + "x" * 300
-    request_id = rq.submit_request(engine, PRICE_JOB, {"dry_run": True}, "alice", None)
-    with engine.begin() as conn:
-        rq.mark(conn, request_id, rq.REJECTED, reason=reason)
-    capsys.readouterr()
-    assert main(["requests", "--json", "--database-url", sqlite_url]) == 0
-    [row] = json.loads(capsys.readouterr().out)
-    assert (row["id"], row["status"], row["reason"]) == (request_id, "rejected", reason)
-    assert main(["requests", str(request_id), "--database-url", sqlite_url]) == 0
-    assert f"reason: {reason}\n" in capsys.readouterr().out
-    assert main(["requests", "999", "--database-url", sqlite_url]) == 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Data condition: expired lots with stock, outside the schedule
-# ---------------------------------------------------------------------------------------------
-
-
-def test_expired_lots_start_one_dry_run_a_day_outside_the_windows(sqlite_url, db, instance, clock):
-    engine = seeded(sqlite_url, items=100)  # lots expire around 2026-11-29
-    before = digest(engine)
-    defs = build_definitions(default_registry())
-    name = work_pending_sensor_name(EXPIRY_JOB)
-
-    inside = tick(defs, name, instance, db)
-    assert inside.run_requests == [] and "inside the maintenance window" in inside.skip_message
-
-    clock(MON_1000)
-    result = tick(defs, name, instance, db)
-    [request] = result.run_requests
-    assert request.run_key == "batch_expiry_update:work-pending:2026-11-30"
-    config = request.run_config["ops"]["plan_patch"]["config"]
-    assert config["dry_run"] is True and config["business_date"] == "2026-11-30"
-    assert result.cursor == "2026-11-30"
-    later = tick(defs, name, instance, db, cursor=result.cursor)
-    assert later.run_requests == [] and "already started" in later.skip_message
-
-    run = launch(defs, request, instance)
-    assert run.success, failure_description(run)
-    ex = latest_execution(engine, EXPIRY_JOB)
-    assert ex["dry_run"] is True and ex["status"] == "completed" and ex["target_count"] > 0
-    assert digest(engine) == before
-
-    clock("2026-12-01T10:00:00+09:00")
-    assert tick(defs, name, instance, db, cursor=result.cursor).run_requests  # a new day
-
-
-def test_no_expired_lots_no_dry_run(sqlite_url, db, instance, clock):
-    engine = seeded(sqlite_url, items=50)
-    with engine.begin() as conn:
-        conn.execute(update(batches).values(expires_on=dt.date(2030, 1, 1)))
-    clock(MON_1000)
-
-    result = tick(
-        build_definitions(default_registry()), work_pending_sensor_name(EXPIRY_JOB), instance, db
-    )
-
-    assert result.run_requests == []
-    assert result.skip_message == "batch_expiry_update has nothing to do for 2026-11-30"
-
-
 # ---------------------------------------------------------------------------------------------
 # Resuming paused executions
 # ---------------------------------------------------------------------------------------------
@@ -554,17 +352,6 @@ class PausingPatch(InventoryPriceAdjustment):
         if PausingPatch.calls == 2:
             os.environ[TEST_NOW_ENV] = "2026-11-29T04:00:05+09:00"
         return super().transform(batch, config, ctx)
-
-
-def defs_with_patch(patch_cls: type, **overrides):  # type: ignore[no-untyped-def]
-    base = default_registry()
-    settings = replace(
-        base.settings(PRICE_JOB), batch_size=20, batch_seconds=0, require_approved_plan=False,
-        **overrides
-    )
-    patches = {**base.patches, patch_cls.name: patch_cls()}
-    config = replace(base.config, patches={**base.config.patches, patch_cls.name: settings})
-    return build_definitions(Registry(patches, config))
 
 
 def test_resume_sensor_continues_paused_executions_when_a_window_opens(
@@ -632,129 +419,3 @@ def test_resume_sensor_leaves_the_scheduled_config_to_the_schedule(sqlite_url, d
 
     config = request.run_config["ops"]["plan_patch"]["config"]
     assert config["grace_days"] == 3  # the other one is the schedule's own config
-
-
-# ---------------------------------------------------------------------------------------------
-# A run that dies outside the patch's steps
-# ---------------------------------------------------------------------------------------------
-
-
-class DyingPatch(InventoryPriceAdjustment):
-    """Its op process is killed (think: the OOM killer) in the second batch (test only)."""
-
-    name = "dying_patch"
-
-    def transform(self, batch, config, ctx):  # type: ignore[no-untyped-def]
-        if os.environ.get("DYING_PATCH_KILL") and int(batch["inventories"]["id"].min()) > 20:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().transform(batch, config, ctx)
-
-
-def dying_job():  # type: ignore[no-untyped-def]
-    """Module level, so the multiprocess executor can rebuild it in the op processes."""
-    return defs_with_patch(DyingPatch).resolve_job_def(DyingPatch.name)
-
-
-def run_dying_patch(url: str, instance: DagsterInstance):  # type: ignore[no-untyped-def]
-    os.environ["DYING_PATCH_KILL"] = "1"
-    os.environ["STOCKRX_DATABASE_URL"] = url
-    try:
-        return execute_job(
-            reconstructable(dying_job),
-            instance=instance,
-            run_config={"ops": {"plan_patch": {"config": DRY}}},
-        )
-    finally:
-        os.environ.pop("DYING_PATCH_KILL")
-
-
-def test_dry_run_that_dies_is_closed_with_an_ordinary_notification(sqlite_url, db, instance, clock):
-    engine = seeded(sqlite_url, items=100)
-    result = run_dying_patch(sqlite_url, instance)
-    assert not result.success
-    died = latest_execution(engine)
-    assert died["status"] == "running"  # the step never got to record anything
-    with engine.connect() as conn:
-        assert (
-            conn.execute(select(locks.c.execution_id)).scalars().all() == [died["execution_id"]] * 2
-        )
-
-    [failure] = instance.get_records_for_run(
-        result.run_id, of_type=DagsterEventType.RUN_FAILURE
-    ).records
-    with FakeSlack(token=TOKEN) as slack, FakeSmtp() as smtp:
-        notifier = Notifier(
-            slack_token=TOKEN,
-            slack_base_url=slack.base_url,
-            smtp_host="127.0.0.1",
-            smtp_port=smtp.port,
-            smtp_recipients=["ops@stockrx.test"],
-            smtp_security="none",
-            retry_delay_seconds=0.01,
-        )
-        audit = AuditLog(audit_keys=TEST_AUDIT_KEY)
-        defs = defs_with_patch(DyingPatch)
-        ctx = build_run_status_sensor_context(
-            sensor_name=FAILURE_SENSOR,
-            dagster_instance=instance,
-            dagster_run=instance.get_run_by_id(result.run_id),
-            dagster_event=failure.event_log_entry.dagster_event,
-            resources={"stockrx_db": db, "notifier": notifier, "audit_log": audit},
-            repository_def=defs.get_repository_def(),
-        ).for_run_failure()
-        defs.resolve_sensor_def(FAILURE_SENSOR)(ctx)
-
-        [message] = slack.messages
-        [mail] = smtp.messages
-    closed = latest_execution(engine)
-    assert closed["status"] == "failed"
-    assert closed["error_message"].startswith("the Dagster run failed outside the patch steps")
-    with engine.connect() as conn:
-        assert conn.execute(select(locks)).all() == []
-    assert message["text"].startswith(":warning:")  # a dry run: urgent is for real runs
-    assert "dying_patch FAILED (DRY RUN)" in message["text"]
-    assert f"Execution id: {died['execution_id']}" in message["text"]
-    assert "Reason: the Dagster run failed outside the patch steps" in message["text"]
-    assert str(mail["Subject"]).strip() == "[StockRx] Patch dying_patch FAILED (DRY RUN)"
-    assert "Rows changed: none (a dry run commits nothing)" in message["text"]
-    assert died["execution_id"] in mail.get_content()
-    assert [n["delivered"] for n in closed["notifications"]] == [True, True]
-
-    # A second evaluation (or a failure the steps had reported) sends nothing more.
-    with FakeSlack(token=TOKEN) as slack2:
-        notifier2 = Notifier(channels=["slack"], slack_token=TOKEN, slack_base_url=slack2.base_url)
-        ctx2 = build_run_status_sensor_context(
-            sensor_name=FAILURE_SENSOR,
-            dagster_instance=instance,
-            dagster_run=instance.get_run_by_id(result.run_id),
-            dagster_event=failure.event_log_entry.dagster_event,
-            resources={"stockrx_db": db, "notifier": notifier2, "audit_log": audit},
-            repository_def=defs.get_repository_def(),
-        ).for_run_failure()
-        defs.resolve_sensor_def(FAILURE_SENSOR)(ctx2)
-        assert slack2.messages == []
-
-
-def test_dead_run_lock_is_released_as_stale_by_the_next_run(sqlite_url, instance, clock):
-    engine = seeded(sqlite_url, items=100)
-    result = run_dying_patch(sqlite_url, instance)
-    died = latest_execution(engine)
-    assert died["status"] == "running"
-
-    nxt = run_patch(sqlite_url, PRICE_JOB, DRY, instance=instance)
-
-    assert nxt.success, failure_description(nxt)
-    with engine.connect() as conn:
-        row = (
-            conn.execute(
-                select(executions).where(executions.c.execution_id == died["execution_id"])
-            )
-            .mappings()
-            .one()
-        )
-    assert row["status"] == "failed"
-    assert "abandoned: its table locks were released as stale by a new run of" in (
-        row["error_message"])
-    assert f"its Dagster run {result.run_id} is FAILURE" in row["error_message"]
-    logs = [e.user_message for e in instance.all_logs(nxt.run_id)]
-    assert any(f"released stale lock of execution {died['execution_id']}" in m for m in logs)

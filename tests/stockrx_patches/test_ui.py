@@ -29,15 +29,9 @@ from sqlalchemy import func, select
 from patch_ops.database import get_engine
 from stockrx_patches.seed import seed_demo
 from stockrx_patches.tables import inventories
-from tests.support.webserver import (
-    Chromium,
-    DagsterUI,
-    DagsterUIError,
-    daemon_instance_yaml,
-    find_chromium,
-    free_port,
-    stop_process_groups,
-)
+from tests.support.chromium import Chromium, find_chromium
+from tests.support.processes import free_port, stop_process_groups
+from tests.support.webserver import DagsterUI, DagsterUIError, daemon_instance_yaml
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A real Dagster webserver and daemon for UI tests, and a headless Chromium to look at the UI.
+"""A real Dagster webserver and daemon for UI tests.
 
     ui = DagsterUI(repo_root, dagster_home, env={"STOCKRX_DATABASE_URL": url}, log_dir=tmp)
     ui.start()                       # dagster-webserver + dagster-daemon, waits for the location
@@ -18,22 +18,15 @@ starts first, every sensor and schedule is stopped through GraphQL (the state is
 instance, as a user's click would be), and only then the daemon starts: the only runs are the
 test's own.
 
-``Chromium`` drives ``/usr/bin/chromium --headless`` over the DevTools protocol (the
-``websockets`` package comes with dagster-webserver through uvicorn[standard]): navigate, wait
-for a JavaScript condition, click, read the DOM, take screenshots. The Dagster UI is a JavaScript
-app that renders Markdown metadata only in a dialog after a click, which ``--dump-dom`` cannot do.
+The GraphQL it sends is in tests/support/dagster_graphql.py, the headless Chromium that looks at
+the UI in tests/support/chromium.py.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +39,18 @@ from typing import Any
 import yaml
 
 from stockrx_patches.registry import instance_config_yaml
+from tests.support.dagster_graphql import (
+    DAEMON_HEALTH_QUERY,
+    EVENTS_QUERY,
+    LAUNCH_RUN_MUTATION,
+    REPOSITORY_QUERY,
+    RUN_CONFIG_SCHEMA_QUERY,
+    RUN_QUERY,
+    STOP_SCHEDULE_MUTATION,
+    STOP_SENSOR_MUTATION,
+    WORKSPACE_QUERY,
+)
+from tests.support.processes import free_port, stop_process_groups, tail_log
 
 LOCATION = "stockrx_patches"
 REPOSITORY = "__repository__"
@@ -73,20 +78,6 @@ class DagsterUIError(RuntimeError):
     """The webserver or daemon failed to start, died, or answered with an error."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _tool(name: str) -> str:
     """A console script of the running interpreter's environment (the project's .venv)."""
     here = Path(sys.executable).parent / name
@@ -96,46 +87,6 @@ def _tool(name: str) -> str:
     if not found:
         raise DagsterUIError(f"{name} not found next to {sys.executable} nor on PATH")
     return found
-
-
-def stop_process_groups(procs: list[subprocess.Popen[bytes]], grace: float = 20.0) -> None:
-    """SIGTERM processes we started (session leaders), then SIGKILL what is left of their groups.
-
-    A group holds what its leader spawned: the webserver's code server, the daemon's code server
-    and run workers. The group id is the PID of the process started here. All are signalled
-    first and waited for together: each takes several seconds to shut down gracefully.
-    """
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    # Children may outlive their leader for a moment; give them a little, then SIGKILL.
-    deadline = time.monotonic() + 3
-    left = list(procs)
-    while left and time.monotonic() < deadline:
-        left = [p for p in left if _group_alive(p.pid)]
-        if left:
-            time.sleep(0.2)
-    for proc in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class DagsterUI:
@@ -197,10 +148,10 @@ class DagsterUI:
                 if self._wait_http(timeout):
                     break
                 # Lost the race for the port (someone bound it between free_port and bind).
-                if "address already in use" not in _tail(self.webserver_log).lower() or attempt == 2:
+                if "address already in use" not in tail_log(self.webserver_log).lower() or attempt == 2:
                     raise DagsterUIError(
                         f"dagster-webserver exited with {self.webserver.returncode}:\n"
-                        + _tail(self.webserver_log)
+                        + tail_log(self.webserver_log)
                     )
             self.wait_until_loaded(timeout)
             if not self.automation:
@@ -247,7 +198,7 @@ class DagsterUI:
                 return
             if time.monotonic() > deadline:
                 raise DagsterUIError(
-                    f"daemon not healthy after {timeout:.0f}s: {statuses}\n" + _tail(self.daemon_log)
+                    f"daemon not healthy after {timeout:.0f}s: {statuses}\n" + tail_log(self.daemon_log)
                 )
             time.sleep(0.5)
 
@@ -266,7 +217,7 @@ class DagsterUI:
                 pass
             time.sleep(0.25)
         raise DagsterUIError(
-            f"dagster-webserver not answering after {timeout:.0f}s:\n" + _tail(self.webserver_log)
+            f"dagster-webserver not answering after {timeout:.0f}s:\n" + tail_log(self.webserver_log)
         )
 
     def check_alive(self) -> None:
@@ -275,7 +226,7 @@ class DagsterUI:
             ("dagster-daemon", self.daemon, self.daemon_log),
         ):
             if proc is not None and proc.poll() is not None:
-                raise DagsterUIError(f"{name} exited with {proc.returncode}:\n" + _tail(log))
+                raise DagsterUIError(f"{name} exited with {proc.returncode}:\n" + tail_log(log))
 
     def stop(self) -> None:
         stop_process_groups([p for p in (self.webserver, self.daemon) if p is not None])
@@ -372,7 +323,7 @@ class DagsterUI:
             if time.monotonic() > deadline:
                 raise DagsterUIError(
                     f"run {run_id} still {run['status']} after {timeout:.0f}s\n"
-                    f"daemon log:\n{_tail(self.daemon_log)}"
+                    f"daemon log:\n{tail_log(self.daemon_log)}"
                 )
             time.sleep(0.5)
 
@@ -389,295 +340,3 @@ class DagsterUI:
             cursor = conn["cursor"]
             if not conn["hasMore"]:
                 return events
-
-
-# -------------------------------------------------------------------------------------------
-# GraphQL documents (the same fields the UI asks for)
-# -------------------------------------------------------------------------------------------
-
-WORKSPACE_QUERY = """
-query Workspace {
-  workspaceOrError {
-    __typename
-    ... on Workspace {
-      locationEntries {
-        name
-        loadStatus
-        locationOrLoadError { __typename ... on PythonError { message } }
-      }
-    }
-    ... on PythonError { message }
-  }
-}
-"""
-
-CONFIG_FIELDS = "fields { name description isRequired defaultValueAsJson configTypeKey }"
-
-REPOSITORY_QUERY = f"""
-query Repository($location: String!, $repository: String!) {{
-  repositoryOrError(repositorySelector: {{
-    repositoryLocationName: $location, repositoryName: $repository
-  }}) {{
-    __typename
-    ... on Repository {{
-      name
-      jobs {{
-        name
-        description
-        tags {{ key value }}
-        solidHandles {{
-          handleID
-          solid {{
-            definition {{
-              __typename
-              name
-              description
-              ... on SolidDefinition {{
-                configField {{
-                  isRequired
-                  configType {{ key __typename ... on CompositeConfigType {{ {CONFIG_FIELDS} }} }}
-                }}
-              }}
-            }}
-          }}
-        }}
-      }}
-      schedules {{ id name cronSchedule pipelineName scheduleState {{ status }} }}
-      sensors {{ id name sensorState {{ status }} }}
-    }}
-    ... on PythonError {{ message }}
-  }}
-}}
-"""
-
-STOP_SENSOR_MUTATION = """
-mutation StopSensor($id: String!) {
-  stopSensor(id: $id) {
-    __typename
-    ... on StopSensorMutationResult { instigationState { status } }
-    ... on PythonError { message }
-    ... on UnauthorizedError { message }
-  }
-}
-"""
-
-STOP_SCHEDULE_MUTATION = """
-mutation StopSchedule($id: String!) {
-  stopRunningSchedule(id: $id) {
-    __typename
-    ... on ScheduleStateResult { scheduleState { status } }
-    ... on PythonError { message }
-    ... on UnauthorizedError { message }
-  }
-}
-"""
-
-DAEMON_HEALTH_QUERY = """
-query DaemonHealth {
-  instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } }
-}
-"""
-
-RUN_CONFIG_SCHEMA_QUERY = """
-query RunConfigSchema($selector: PipelineSelector!, $runConfigData: RunConfigData) {
-  runConfigSchemaOrError(selector: $selector) {
-    __typename
-    ... on RunConfigSchema {
-      rootDefaultYaml
-      isRunConfigValid(runConfigData: $runConfigData) {
-        __typename
-        ... on RunConfigValidationInvalid { errors { reason message } }
-        ... on PythonError { message }
-      }
-    }
-    ... on PythonError { message }
-    ... on PipelineNotFoundError { message }
-  }
-}
-"""
-
-LAUNCH_RUN_MUTATION = """
-mutation LaunchRun($executionParams: ExecutionParams!) {
-  launchRun(executionParams: $executionParams) {
-    __typename
-    ... on LaunchRunSuccess { run { runId status tags { key value } } }
-    ... on RunConfigValidationInvalid { errors { reason message } }
-    ... on PythonError { message stack }
-    ... on Error { message }
-  }
-}
-"""
-
-RUN_QUERY = """
-query Run($runId: ID!) {
-  runOrError(runId: $runId) {
-    __typename
-    ... on Run { runId status jobName tags { key value } }
-    ... on PythonError { message }
-    ... on RunNotFoundError { message }
-  }
-}
-"""
-
-METADATA_ENTRIES = """
-metadataEntries {
-  label
-  __typename
-  ... on MarkdownMetadataEntry { mdStr }
-  ... on TextMetadataEntry { text }
-  ... on IntMetadataEntry { intValue }
-  ... on JsonMetadataEntry { jsonString }
-}
-"""
-
-EVENTS_QUERY = f"""
-query RunEvents($runId: ID!, $afterCursor: String) {{
-  logsForRun(runId: $runId, afterCursor: $afterCursor, limit: 1000) {{
-    __typename
-    ... on EventConnection {{
-      cursor
-      hasMore
-      events {{
-        __typename
-        ... on MessageEvent {{ message level }}
-        ... on StepEvent {{ stepKey }}
-        ... on ExecutionStepOutputEvent {{ outputName {METADATA_ENTRIES} }}
-        ... on ExecutionStepFailureEvent {{
-          error {{ message className }}
-          failureMetadata {{ label description {METADATA_ENTRIES} }}
-        }}
-        ... on RunFailureEvent {{ pipelineName }}
-      }}
-    }}
-    ... on PythonError {{ message }}
-    ... on RunNotFoundError {{ message }}
-  }}
-}}
-"""
-
-
-# -------------------------------------------------------------------------------------------
-# Headless Chromium over the DevTools protocol
-# -------------------------------------------------------------------------------------------
-
-CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
-
-
-def find_chromium() -> str | None:
-    for c in CHROMIUM_CANDIDATES:
-        path = c if os.path.isabs(c) else shutil.which(c)
-        if path and os.access(path, os.X_OK):
-            return path
-    return None
-
-
-class Chromium:
-    """One headless Chromium with one page, driven over CDP (``websockets`` sync client)."""
-
-    def __init__(
-        self, binary: str, profile_dir: Path, log: Path, width: int = 1600, height: int = 1200
-    ) -> None:
-        self.binary = binary
-        self.profile_dir = profile_dir
-        self.log = log
-        self.size = (width, height)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._ws: Any = None
-        self._stack = contextlib.ExitStack()
-        self._ids = itertools.count(1)
-
-    def start(self, timeout: float = 60.0) -> Chromium:
-        from websockets.sync.client import connect
-
-        self.profile_dir.mkdir(parents=True, exist_ok=True)
-        port_file = self.profile_dir / "DevToolsActivePort"
-        port_file.unlink(missing_ok=True)
-        args = [
-            self.binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
-            f"--user-data-dir={self.profile_dir}", f"--window-size={self.size[0]},{self.size[1]}",
-            "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "about:blank",
-        ]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            deadline = time.monotonic() + timeout
-            while not (port_file.exists() and port_file.read_text().strip()):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"chromium did not start:\n{_tail(self.log)}")
-                time.sleep(0.1)
-            port = int(port_file.read_text().split()[0])
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-                pages = [t for t in json.load(r) if t.get("type") == "page"]
-            self._ws = self._stack.enter_context(
-                connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
-            )
-            self.send("Page.enable")
-            self.send("Runtime.enable")
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def send(self, method: str, **params: Any) -> dict[str, Any]:
-        msg_id = next(self._ids)
-        self._ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self._ws.recv(timeout=60))
-            if msg.get("id") == msg_id:
-                if "error" in msg:
-                    raise RuntimeError(f"CDP {method}: {msg['error']}")
-                return dict(msg.get("result", {}))
-            # other messages are events: ignored
-
-    def evaluate(self, expression: str) -> Any:
-        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"JS error: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-    def navigate(self, url: str) -> None:
-        self.send("Page.navigate", url=url)
-
-    def wait_for(self, expression: str, timeout: float = 60.0, what: str = "") -> Any:
-        """Poll a JS expression until it is truthy (errors count as falsy); return its value."""
-        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(guarded)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or expression}")
-            time.sleep(0.25)
-
-    def text(self, selector: str = "body") -> str:
-        return str(
-            self.evaluate(f"(document.querySelector({json.dumps(selector)}) || {{}}).innerText || ''")
-        )
-
-    def html(self) -> str:
-        return str(self.evaluate("document.documentElement.outerHTML"))
-
-    def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", format="png")["data"]
-        path.write_bytes(base64.b64decode(data))
-        return path
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._stack.close()
-        self._ws = None
-        if self.proc is not None:
-            stop_process_groups([self.proc], grace=5)
-            self.proc = None
-
-    def __enter__(self) -> Chromium:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
