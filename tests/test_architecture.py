@@ -1,6 +1,7 @@
-"""The shape of the code, checked: imports only go down (no module imports one that imports it
-back), no private name is used across modules, SQL differences between databases live in the
-dialect layer only, and modules stay small enough to read in one sitting."""
+"""The shape of the code (ours, its tests and benchmarks), checked: imports only go down (no
+module imports one that imports it back), no private name is used across modules, SQL
+differences between databases live in the dialect layer only, and modules stay small enough to
+read in one sitting."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("patch_ops", "resources", "stockrx_patches")
-#: Where modules may not grow past MAX_LINES.
+#: How long a module (of ours, its tests or benchmarks) may grow.
 MAX_LINES = 600
 
 
@@ -25,6 +26,8 @@ def modules(*tops: str) -> dict[str, Path]:
 
 
 OURS = modules(*PACKAGES)
+#: Ours with the tests and benchmarks that use it: the same rules on imports hold for all.
+EVERY = {**OURS, **modules("tests", "benchmarks")}
 
 
 def imported(path: Path, *, deferred: bool = True) -> list[tuple[str, list[str], int]]:
@@ -37,18 +40,19 @@ def imported(path: Path, *, deferred: bool = True) -> list[tuple[str, list[str],
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [a.name for a in node.names]
             for name in names:  # `from pkg import module` imports the module
-                if f"{node.module}.{name}" in OURS:
+                if f"{node.module}.{name}" in EVERY:
                     found.append((f"{node.module}.{name}", [], node.lineno))
             found.append((node.module, names, node.lineno))
         elif isinstance(node, ast.Import):
             found += [(a.name, [], node.lineno) for a in node.names]
-    return [(m, n, line) for m, n, line in found if m.split(".")[0] in (*PACKAGES, "tests")]
+    return [(m, n, line) for m, n, line in found
+            if m.split(".")[0] in (*PACKAGES, "tests", "benchmarks")]
 
 
 def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
-    for name, path in OURS.items():
-        graph[name] = {m for m, _, _ in imported(path) if m in OURS and m != name}
+    for name, path in EVERY.items():
+        graph[name] = {m for m, _, _ in imported(path) if m in EVERY and m != name}
     return graph
 
 
@@ -77,7 +81,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_module_imports_one_that_imports_it_back() -> None:
     # Package __init__ modules are left out: importing a.b runs a/__init__ too, but an
     # __init__ that imports its submodules is not a cycle of the code's design.
-    graph = {m: {d for d in deps if not OURS[d].name == "__init__.py" or d == m}
+    graph = {m: {d for d in deps if not EVERY[d].name == "__init__.py" or d == m}
              for m, deps in import_graph().items()}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
@@ -98,15 +102,15 @@ def test_patch_ops_has_no_deferred_imports_of_its_own_modules() -> None:
 
 def test_no_private_name_is_imported_across_modules() -> None:
     offenders = []
-    for name, path in {**OURS, **modules("tests", "benchmarks")}.items():
+    for name, path in EVERY.items():
         for mod, names, line in imported(path):
             offenders += [f"{name}:{line} from {mod} import {n}" for n in names
                           if n.startswith("_") and not n.startswith("__")]
         tree = ast.parse(path.read_text(encoding="utf-8"))
         aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
                    for a in node.names
-                   if (isinstance(node, ast.Import) and a.name in OURS)
-                   or (isinstance(node, ast.ImportFrom) and f"{node.module}.{a.name}" in OURS)}
+                   if (isinstance(node, ast.Import) and a.name in EVERY)
+                   or (isinstance(node, ast.ImportFrom) and f"{node.module}.{a.name}" in EVERY)}
         offenders += [f"{name}:{node.lineno} {node.value.id}.{node.attr}"
                       for node in ast.walk(tree)
                       if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
@@ -131,7 +135,7 @@ def test_only_the_dialect_layer_asks_which_database_it_is_on(top: str) -> None:
     assert found == []
 
 
-@pytest.mark.parametrize("top", PACKAGES)
+@pytest.mark.parametrize("top", (*PACKAGES, "tests", "benchmarks"))
 def test_modules_stay_readable_in_one_sitting(top: str) -> None:
     long = {name: n for name, path in modules(top).items()
             if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
