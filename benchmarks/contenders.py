@@ -99,6 +99,8 @@ class Outcome:
     execution: dict[str, Any] | None = None
     check: str = ""
     digest: Digest | None = None
+    #: the digest with the run's own instant hashed as one token (``--against``: two job runs)
+    untimed_digest: Digest | None = None
     server_cpu_s: float | None = None  # CPU of the local database server during the run
     cpu_s: float | None = None  # client CPU as reported (scaled like the times); None: measured
     notes: list[str] = field(default_factory=list)

@@ -14,14 +14,17 @@ from typing import Any
 
 from sqlalchemy import create_engine, select, text
 
+#: How a digest with ``run_at`` hashes that instant: two runs at other instants compare.
+RUN_AT = "RUN_AT"
 
-def _canon(v: Any) -> str:
+
+def _canon(v: Any, run_at: dt.datetime | None = None) -> str:
     if v is None:
         return "\\N"
     if isinstance(v, decimal.Decimal | float):
         return f"{decimal.Decimal(str(v)):.2f}"
     if isinstance(v, dt.datetime):
-        return v.isoformat(sep=" ", timespec="microseconds")
+        return RUN_AT if v == run_at else v.isoformat(sep=" ", timespec="microseconds")
     return str(v)
 
 
@@ -73,10 +76,12 @@ def same(a: Digest | None, b: Digest | None, part: str) -> str:
 #: PostgreSQL hashes server-side: md5 of every row's text form, in id order (much faster than
 #: reading millions of rows into Python; digests are only compared within one backend).
 PG_DIGEST = (
-    "SELECT md5(string_agg(md5(t::text), '' ORDER BY t.id)), "
-    "md5(string_agg(md5(t::text), '' ORDER BY t.id) FILTER (WHERE t.{item} <= :subset)), "
+    "SELECT md5(string_agg(md5({row}), '' ORDER BY t.id)), "
+    "md5(string_agg(md5({row}), '' ORDER BY t.id) FILTER (WHERE t.{item} <= :subset)), "
     "count(*) FROM {table} t"
 )
+#: A row's text for PG_DIGEST; with a run's instant, that instant's text replaced by RUN_AT.
+PG_ROW, PG_ROW_RUN_AT = "t::text", "replace(t::text, :run_at, :token)"
 #: The rows without their ids, in the order of their hashes (ids play no part).
 PG_ROWS_WITHOUT_IDS = (
     "SELECT md5(string_agg(h, '' ORDER BY h)) FROM "
@@ -85,7 +90,7 @@ PG_ROWS_WITHOUT_IDS = (
 
 
 def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABLES,
-           id_free: bool = False) -> Digest:
+           id_free: bool = False, run_at: dt.datetime | None = None) -> Digest:
     """Every column of the given StockRx tables ``(name, item column)``, rows in id order (in
     Python through SQLAlchemy's types, except on PostgreSQL: see PG_DIGEST). ``id_free``: also
     a digest of the rows without their ids, as a set (``Digest.rows_without_ids``).
@@ -93,7 +98,8 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
     MySQL/MariaDB go through Python too: the driver reads DECIMAL as ``Decimal`` and DATETIME(6)
     as ``datetime`` with its microseconds, so ``_canon`` gives every value one exact text
     whichever contender wrote it (a server-side ``MD5(GROUP_CONCAT(...))`` would be bounded
-    by ``group_concat_max_len`` and the packet size)."""
+    by ``group_concat_max_len`` and the packet size). ``run_at``: the instant a run wrote as
+    its timestamps, hashed as ``RUN_AT`` (two runs of one job at other instants compare)."""
     from stockrx_patches import tables as stockrx_tables
 
     engine = create_engine(url)
@@ -105,8 +111,11 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
         with engine.connect() as conn:
             if engine.dialect.name == "postgresql":
                 for name, item in tables:
+                    row = PG_ROW_RUN_AT if run_at else PG_ROW
                     full, part, n = conn.execute(
-                        text(PG_DIGEST.format(item=item, table=name)), {"subset": subset}
+                        text(PG_DIGEST.format(item=item, table=name, row=row)),
+                        {"subset": subset, "token": RUN_AT,
+                         "run_at": run_at.isoformat(sep=" ") if run_at else None},
                     ).one()
                     full_h[name], part_h[name], counts[name] = str(full), str(part), n
                     if id_free:
@@ -124,7 +133,7 @@ def digest(url: str, subset: int, tables: Sequence[tuple[str, str]] = PRICE_TABL
                 id_idx = list(tbl.c.keys()).index("id")
                 hashes: list[bytes] = []
                 for row in result:
-                    line = "\x1f".join(_canon(v) for v in row).encode() + b"\x1e"
+                    line = "\x1f".join(_canon(v, run_at) for v in row).encode() + b"\x1e"
                     full.update(line)
                     if id_free:
                         hashes.append(hashlib.blake2b(

@@ -448,6 +448,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--code", metavar="REV",
                    help="measure a commit (git archive, e.g. HEAD) or 'snapshot' (a copy of the "
                    "working tree taken at start) instead of the live working tree")
+    p.add_argument("--against", metavar="REV",
+                   help="also run the job (dry + real) of this commit in every round, on its own "
+                   "copy, interleaved with the measured code's (its order swapped each round), "
+                   "and report job real against it: a whole-job comparison of two versions "
+                   "within one run")
     p.add_argument("--json", metavar="PATH", help="write the raw results as JSON")
     p.add_argument("--output", metavar="PATH", help="append the printed report to this file")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -461,6 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.only) - set(CONTENDERS)
     if unknown:
         p.error(f"unknown contender(s) {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
+    if args.against and "job" not in args.only:
+        p.error("--against compares the job: add 'job' to --only")
     if args.profile and importlib.util.find_spec("pyinstrument") is None:
         p.error("--profile needs pyinstrument: pip install -e '.[bench]'")
     return args

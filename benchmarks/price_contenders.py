@@ -224,6 +224,11 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     code = contenders.measured_code(args.code, workdir)
     setup = job_setup(code, workdir, args.executor, args.batch_size, args.transform_path)
+    against = None
+    if args.against:
+        against = job_setup(contenders.measured_code(args.against, workdir), workdir,
+                            args.executor, args.batch_size, args.transform_path)
+        log(f"against {against.code.label}: its job runs in every round too, interleaved")
     log(f"measuring {code.label}; job config overrides {setup.overrides or 'none'}; "
         f"executor {args.executor}; {args.rounds} round(s)"
         + (f"; application stand-in {args.app_writer:g} writes/s" if args.app_writer else ""))
@@ -237,7 +242,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for r in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {r + 1} of {args.rounds}")
-            outcomes, run_at = one_round(args, setup, copies, workdir, seeded, first=r == 0)
+            outcomes, run_at = one_round(args, setup, copies, workdir, seeded, r, against)
             rounds.append(outcomes)
             run_ats.append(run_at)
         if args.profile:
@@ -249,8 +254,11 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 copies.discard(url)
     finally:
         copies.close()
+    fields = harness.result_fields(args, code, copies)
+    if against is not None:
+        fields["code"] += f"; against {against.code.label}"
     return {
-        **harness.result_fields(args, code, copies),
+        **fields,
         "run_at": run_ats[-1].isoformat(),
         "percentage": str(setup.percentage),
         "outcomes": rounds[-1],
@@ -262,9 +270,13 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copies, workdir: Path,
-              seeded: Digest, first: bool) -> tuple[dict[str, Outcome], dt.datetime]:
-    """Every contender once, each on a fresh copy (the naive baseline in the first round only:
-    it is the reference for the rows/min bound, not part of the job's); the final data checked."""
+              seeded: Digest, r: int,
+              against: JobSetup | None) -> tuple[dict[str, Outcome], dt.datetime]:
+    """Round ``r`` (from 0): every contender once, each on a fresh copy (the naive baseline in
+    the first round only: it is the reference for the rows/min bound, not part of the job's;
+    the job of the code ``against`` after the measured code's in even rounds, before it in odd
+    ones); the final data checked."""
+    first = r == 0
     subset = min(args.naive_rows, args.items)
     outcomes: dict[str, Outcome] = {}
     run_at = dt.datetime(2026, 1, 15, 2, 0, 0)  # replaced by the real run's run_at
@@ -286,24 +298,37 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
         outcomes[key] = out
         return out
 
-    dry_cfg = setup.config_files(setup.dry_config)
-    real_cfg = setup.config_files(setup.real_config)
-    if "job" in args.only:
-        # The real run comes after its dry run on the same data (the dry run approves it).
-        url = copies.fresh("job")
+    def job(prefix: str, label: str, s: JobSetup) -> dt.datetime | None:
+        """The job's dry run, then its real run on the same data (the dry run approves it);
+        the real run's run_at."""
+        dry_cfg, real_cfg = s.config_files(s.dry_config), s.config_files(s.real_config)
+        url = copies.fresh(prefix)
         try:
-            dry = measure("job_dry", url, lambda u: run_job("job dry", u, dry_cfg, setup, args))
-            real = None
-            if dry.ok:  # without its dry run, the real run is refused
-                databases.settle(url)
-                real = measure("job_real", url,
-                               lambda u: run_job("job real", u, real_cfg, setup, args))
+            dry = measure(f"{prefix}_dry", url,
+                          lambda u: run_job(f"{label} dry", u, dry_cfg, s, args))
+            if not dry.ok:  # without its dry run, the real run is refused
+                return None
+            databases.settle(url)
+            real = measure(f"{prefix}_real", url,
+                           lambda u: run_job(f"{label} real", u, real_cfg, s, args))
+            if against and real.ok and real.execution:
+                real.untimed_digest = digests.digest(url, subset,
+                                                     run_at=real.execution["run_at"])
         finally:
             copies.discard(url)
-        if real and real.execution and real.execution.get("run_at"):
-            run_at = real.execution["run_at"]
-        elif real:
+        if real.execution and real.execution.get("run_at"):
+            return real.execution["run_at"]
+        if prefix == "job":
             real.notes.append(f"no run_at: baselines used {run_at}")
+        return None
+
+    if "job" in args.only:
+        jobs = [("job", "job", setup)] + (
+            [("against", f"job at {args.against}", against)] if against else [])
+        for prefix, label, s in jobs if r % 2 == 0 else jobs[::-1]:
+            at = job(prefix, label, s)
+            if prefix == "job" and at is not None:
+                run_at = at
     for key in ("bare", "naive", "floor"):
         if key in args.only and (first or key != "naive"):
             url = copies.fresh(key)
@@ -331,6 +356,10 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
     ref = outcomes["job_real"].digest if "job_real" in outcomes else None
     checks = {
         "job_real": lambda o: "reference",
+        "against_real": lambda o: same(o.untimed_digest, outcomes["job_real"].untimed_digest
+                                       if "job_real" in outcomes else None, "full")
+        + " to job real, its run's instant aside",
+        "against_dry": lambda o: same(o.digest, seeded, "full") + " to seed",
         "bare": lambda o: same(o.digest, ref, "full") + " to job real",
         "floor": lambda o: same(o.digest, ref, "full") + " to job real",
         "dagster": lambda o: "no data (uses no database)",

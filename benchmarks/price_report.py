@@ -13,7 +13,8 @@ from benchmarks.contenders import Outcome
 from benchmarks.price_contenders import fmt_price
 from benchmarks.rounds import summary
 
-ORDER = ("bare", "naive", "floor", "dagster", "job_dry", "job_real", "zero_dry", "zero_real")
+ORDER = ("bare", "naive", "floor", "dagster", "job_dry", "job_real", "against_dry", "against_real",
+         "zero_dry", "zero_real")
 
 
 def bounds(outs: dict[str, Outcome]) -> list[str]:
@@ -107,7 +108,7 @@ def render_round(res: dict[str, Any]) -> str:
     if floor and floor.steps:
         lines += ["", f"### {floor.name}: time per step", "",
                   report.table(["step", "s"], floor.steps)]
-    for key in [k for k in ORDER if k.startswith(("dagster", "job", "zero")) and k in outs]:
+    for key in [k for k in ORDER if k.startswith(("dagster", "job", "against", "zero")) and k in outs]:
         lines += report.op_timings_section(outs[key])
     lines += bounds(outs)
     if res["profile"]:

@@ -106,6 +106,12 @@ def _bounds(rounds: list[dict[str, Outcome]]) -> list[str]:
     if any(zero) and any(empty):
         out.append(f"- **fixed cost: job real on 0 rows / Dagster alone** (target ≤ 1.3×): "
                    f"{_cell(_ratio(_series(zero, wall), _series(empty, wall)), '{:.2f}×')}.")
+    against = _ok(rounds, "against_real")
+    if any(real) and any(against):
+        name = next(o.name for o in against if o is not None).removesuffix(" real")
+        out.append(f"- **job real / {name} real** (the same job of two code versions, same "
+                   f"round): wall {_cell(_ratio(_series(real, wall), _series(against, wall)), '{:.2f}×')}; "
+                   f"CPU (client + DB) {_cell(_ratio(_series(real, cpu), _series(against, cpu)), '{:.2f}×')}.")
     bare = _ok(rounds, "bare")
     if any(real) and any(bare):
         out.append(f"- job real / bare SQL: "
