@@ -156,3 +156,23 @@ def print_medians(results: dict[str, list[dict[str, Any]]], width: int, fmt: str
         first, last = med[labels[0]], med[labels[-1]]
         print(f"{k:{width}}" + "".join(f"  {label} {m:{fmt}}" for label, m in med.items())
               + (f"  ratio {last / first:.2f}" if first else ""))
+
+
+def run_labelled(args: Any, module: str, env_name: str, mark: str, child_args: Sequence[str] = (),
+                 *, echo: bool = False, width: int = 26, fmt: str = "8.3f") -> None:
+    """The parent side of a ``labelled_arguments`` benchmark: a durable throwaway server, one
+    seeded database, ``labelled_rounds`` of ``module``'s child (``--child-url`` and
+    ``child_args``; the server's pid in ``env_name``) for each ``--code`` (default: this
+    checkout), then the medians."""
+    from benchmarks.databases import seed
+
+    server = durable_server(args.postgres)
+    codes = dict(c.split("=", 1) for c in args.code) or {"here": "."}
+    try:
+        url = server.create_database()
+        seed(url, args.items)
+        results = labelled_rounds(module, codes, args.rounds, ["--child-url", url, *child_args],
+                                  {env_name: str(server_pid(server))}, mark, echo=echo)
+        print_medians(results, width, fmt)
+    finally:
+        server.stop()

@@ -122,30 +122,13 @@ def child(url: str) -> None:
 
 
 def main() -> None:
-    from benchmarks.ab import (
-        durable_server,
-        labelled_arguments,
-        labelled_rounds,
-        print_medians,
-        server_pid,
-    )
+    from benchmarks.ab import labelled_arguments, run_labelled
 
     args = labelled_arguments(__doc__.splitlines()[0]).parse_args()
     if args.child_url:
         child(args.child_url)
         return
-    from benchmarks.databases import seed
-
-    server = durable_server(args.postgres)
-    codes = dict(c.split("=", 1) for c in args.code)
-    try:
-        url = server.create_database()
-        seed(url, args.items)
-        results = labelled_rounds("benchmarks.stage_index", codes, args.rounds, ["--child-url", url],
-                                  {"STAGE_INDEX_SERVER_PID": str(server_pid(server))}, MARK)
-        print_medians(results, 26, "8.3f")
-    finally:
-        server.stop()
+    run_labelled(args, "benchmarks.stage_index", "STAGE_INDEX_SERVER_PID", MARK)
 
 
 if __name__ == "__main__":

@@ -87,13 +87,7 @@ def child(url: str, show: int) -> None:
 
 
 def main() -> None:
-    from benchmarks.ab import (
-        durable_server,
-        labelled_arguments,
-        labelled_rounds,
-        print_medians,
-        server_pid,
-    )
+    from benchmarks.ab import labelled_arguments, run_labelled
 
     ap = labelled_arguments(__doc__.splitlines()[0])
     ap.add_argument("--show", type=int, default=12, help="slowest statement shapes printed")
@@ -101,19 +95,8 @@ def main() -> None:
     if args.child_url:
         child(args.child_url, args.show)
         return
-    from benchmarks.databases import seed
-
-    server = durable_server(args.postgres)
-    codes = dict(c.split("=", 1) for c in args.code) or {"here": "."}
-    try:
-        url = server.create_database()
-        seed(url, args.items)
-        results = labelled_rounds(
-            "benchmarks.transform_cost", codes, args.rounds, ["--child-url", url, "--show", str(args.show)],
-            {"TRANSFORM_COST_SERVER_PID": str(server_pid(server))}, MARK, echo=True)
-        print_medians(results, 14, "9.3f")
-    finally:
-        server.stop()
+    run_labelled(args, "benchmarks.transform_cost", "TRANSFORM_COST_SERVER_PID", MARK,
+                 ["--show", str(args.show)], echo=True, width=14, fmt="9.3f")
 
 
 if __name__ == "__main__":
