@@ -176,3 +176,28 @@ def run_labelled(args: Any, module: str, env_name: str, mark: str, child_args: S
         print_medians(results, width, fmt)
     finally:
         server.stop()
+
+
+def run_ab(script: str, args: Any, worker_args: Sequence[str],
+           summary: Callable[[dict[str, Any]], str],
+           report: Callable[[dict[str, list[dict[str, Any]]]], None]) -> int:
+    """The parent side of an ``ab_arguments`` benchmark: a durable throwaway server seeded once,
+    ``ab_rounds`` of ``script``'s worker for the old checkout and this one, then ``report``; the
+    raw results (as far as they got) to ``--out``."""
+    from benchmarks.databases import MySQLCopies, PostgresCopies
+
+    new, old = Path(script).resolve().parents[1], Path(args.old).resolve()
+    server = durable_server(args.postgres)
+    kind = PostgresCopies if args.postgres else MySQLCopies
+    copies: Any = kind(server, args.items, owns_server=True)
+    print(f"seeded {args.items:,} items in {copies.seed_seconds:.0f} s", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        ab_rounds(script, copies, {"old": old, "new": new}, args.rounds, worker_args, summary,
+                  runs)
+        report(runs)
+    finally:
+        copies.close()
+        if args.out:
+            Path(args.out).write_text(json.dumps(runs, default=str))
+    return 0

@@ -23,7 +23,6 @@ import re
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 CONFIG: dict[str, Any] = {
@@ -145,26 +144,11 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(*sys.argv[2:4]), default=str))
         return 0
-    from benchmarks.ab import ab_arguments, ab_parse, ab_rounds, durable_server
-    from benchmarks.databases import MySQLCopies, PostgresCopies
+    from benchmarks.ab import ab_arguments, ab_parse, run_ab
 
     args = ab_parse(ab_arguments(__doc__.splitlines()[0]))
-    new, old = Path(__file__).resolve().parents[1], Path(args.old).resolve()
-    server = durable_server(args.postgres)
-    kind = PostgresCopies if args.postgres else MySQLCopies
-    copies: Any = kind(server, args.items, owns_server=True)
-    print(f"seeded {args.items:,} items in {copies.seed_seconds:.0f} s", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    try:
-        ab_rounds(__file__, copies, {"old": old, "new": new}, args.rounds, [],
-                  lambda res: f"result {res['digest']}; " + ", ".join(
-                      f"{s['step']} {s['wall']:.2f} s" for s in res["steps"]), runs)
-        report(runs)
-    finally:
-        copies.close()
-        if args.out:
-            Path(args.out).write_text(json.dumps(runs, default=str))
-    return 0
+    return run_ab(__file__, args, [], lambda res: f"result {res['digest']}; " + ", ".join(
+        f"{s['step']} {s['wall']:.2f} s" for s in res["steps"]), report)
 
 
 def report(runs: dict[str, list[dict[str, Any]]]) -> None:
