@@ -208,7 +208,7 @@ class DatabaseDialect:
 
     def group_once(self, conn: Connection) -> None:
         """Plan the rest of ``conn``'s transaction so that a grouped subquery joined to other
-        rows is computed once (a no-op where the database never computes it more often)."""
+        rows is computed once and cheaply (a no-op where the database needs no telling)."""
 
     def check_deferred_constraints(self, conn: Connection) -> None:
         """Check now the constraints the schema defers to commit (a trial apply never commits)."""

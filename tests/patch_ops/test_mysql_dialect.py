@@ -37,7 +37,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from patch_ops import state
 from patch_ops.audit import ensure_audit_tables
 from patch_ops.database import DatabaseUnavailable, check_connection, get_engine, write_transaction
-from patch_ops.dialects import dialect_of, mysql_rows
+from patch_ops.dialects import dialect_of, mysql, mysql_rows
 from patch_ops.dialects.types import UTCDateTime
 from patch_ops.execution import CommitConflict, load_execution
 from patch_ops.state import INSERT, UPDATE, mirror_table, targets
@@ -360,6 +360,45 @@ def test_a_statement_past_its_time_limit_is_cancelled(mysql_url):
         assert conn.exec_driver_sql("SELECT 1").scalar() == 1  # the connection lives on
         conn.rollback()
         assert conn.exec_driver_sql("SELECT SLEEP(0.8)").scalar() == 0  # limit gone with it
+
+
+def test_a_grouped_join_keeps_its_groups_in_memory_then_the_session_limits_return(mysql_url):
+    """group_once, before the invariants' shared pass: the grouped rows stay in an in-memory
+    temporary table (on disk a million groups took 6x as long on MariaDB); the session's own
+    limits are back when the connection returns to the pool."""
+    engine = get_engine(mysql_url)
+    d = dialect_of(engine)
+    md = MetaData()
+    t = Table("grouped", md, Column("id", Integer, primary_key=True), Column("k", Integer))
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(t), [{"id": i, "k": i} for i in range(1, 20_001)])
+    g = select(t.c.k, func.count().label("n")).group_by(t.c.k).subquery("g")
+    q = select(func.count(), func.sum(g.c.n)).select_from(t.outerjoin(g, g.c.k == t.c.id))
+
+    def disk_tables(conn: Connection) -> int:
+        return int(conn.exec_driver_sql(
+            "SHOW SESSION STATUS LIKE 'Created_tmp_disk_tables'").one()[1])
+
+    def limits(conn: Connection) -> tuple[int, int]:
+        row = conn.exec_driver_sql(
+            "SELECT @@session.tmp_table_size, @@session.max_heap_table_size").one()
+        return int(row[0]), int(row[1])
+
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET SESSION tmp_table_size = 16384, max_heap_table_size = 16384")
+        before = disk_tables(conn)
+        assert tuple(conn.execute(q).one()) == (20_000, 20_000)
+        assert disk_tables(conn) > before  # 20,000 groups do not fit in 16 kB: on disk
+        d.group_once(conn)
+        assert limits(conn) == (mysql.GROUP_MEMORY, mysql.GROUP_MEMORY)
+        before = disk_tables(conn)
+        assert tuple(conn.execute(q).one()) == (20_000, 20_000)
+        assert disk_tables(conn) == before  # in memory
+        pooled = conn.connection.dbapi_connection
+    with engine.connect() as conn:
+        assert conn.connection.dbapi_connection is pooled
+        assert limits(conn) == (16384, 16384)
 
 
 # -- rows ------------------------------------------------------------------------------------------
