@@ -22,6 +22,7 @@ from sqlalchemy import MetaData, create_engine, inspect
 from sqlalchemy.engine import Engine, make_url
 
 from benchmarks.common import REPO_ROOT, log
+from patch_ops.dialects.mysql import GROUP_MEMORY
 from stockrx_patches.tables import STOCKRX_TABLES
 
 SEED = 20261129
@@ -411,10 +412,10 @@ def make_copies(args: Any, workdir: Path) -> Copies:
 
 
 #: The job's MySQL/MariaDB session (patch_ops.dialects.mysql.SESSION_SETUP, less its lock
-#: waits), with the in-memory temporary tables its grouped checks get (GROUP_MEMORY, 256 MiB:
-#: without them the safety floor's grouped check spills to disk at 1M items, 28 s on MariaDB)
+#: waits), with the in-memory temporary tables its grouped checks get (GROUP_MEMORY: without
+#: them the safety floor's grouped check spills to disk at 1M items, 28 s on MariaDB)
 MYSQL_SESSION = ("SET SESSION sql_mode = 'TRADITIONAL', time_zone = '+00:00', "
-                 "tmp_table_size = 268435456, max_heap_table_size = 268435456")
+                 f"tmp_table_size = {GROUP_MEMORY}, max_heap_table_size = {GROUP_MEMORY}")
 
 
 def baseline_engine(url: str) -> Engine:
