@@ -19,8 +19,9 @@ What differs here, and why:
   MySQL), strict-mode data errors DataError or OperationalError.
 - **Row locks** by ``SELECT COUNT(*) ... FOR UPDATE`` (the server locks the rows, sends one
   number); a lock wait that times out (1205) is told apart so the commit can name the table.
-- **Grouped joins** (the invariants' shared pass) keep their groups in memory up to
-  ``GROUP_MEMORY``, not the default 16 MiB (``group_once``).
+- **Grouped joins** (the invariants' shared pass) and **UPDATEs joined to the stage** (the
+  commit, a trial apply) keep their internal temporary tables in memory up to
+  ``GROUP_MEMORY``, not the default 16 MiB (``group_once``, ``update_joined``).
 - **Statement limits** by a client-side watchdog (``mysql_timeouts``); **ids** of inserted rows
   from multi-row INSERTs, **bulk rows** by LOAD DATA LOCAL or multi-row INSERTs (``mysql_rows``).
 """
@@ -61,11 +62,11 @@ SESSION_SETUP = (
     f"innodb_lock_wait_timeout = {LOCK_WAIT_SECONDS}, "
     f"lock_wait_timeout = {METADATA_LOCK_WAIT_SECONDS}, max_error_count = 65535"
 )
-#: Bytes an in-memory temporary table of a grouped join may take (``group_once``) before the
+#: Bytes an in-memory temporary table of a grouped join or a joined UPDATE may take before the
 #: server moves it to disk; both servers' defaults are 16 MiB. A million groups of the price
 #: patch's log check need 64-96 MiB on MariaDB, so this keeps ~3 million in memory.
 GROUP_MEMORY = 256 << 20
-#: ``group_once``'s session values to restore when the connection goes back to the pool.
+#: The session's own limits, put back when the connection returns to the pool.
 _GROUP_RESTORE = "stockrx_group_restore"
 #: The first versions that enforce CHECK constraints (earlier ones parse and ignore them).
 MIN_MYSQL = (8, 0, 16)
@@ -228,10 +229,20 @@ class MySQLDialect(DatabaseDialect):
         return error_code(exc) in TIMEOUT_CODES
 
     def group_once(self, conn: Connection) -> None:
-        # The grouped rows are an internal temporary table, in memory only up to 16 MiB by
-        # default: beyond that (a million groups) on disk, where the join's key lookups make
-        # the pass 6x as slow. Raised to GROUP_MEMORY for this connection, put back when it
-        # returns to the pool (engine's checkin event, configure).
+        # The grouped rows are an internal temporary table: on disk (a million groups) the
+        # join's key lookups make the pass 6x as slow.
+        self._temporary_tables_in_memory(conn)
+
+    def update_joined(self, conn: Connection) -> None:
+        # A multi-table UPDATE changes only the first table of its join order as it goes; with
+        # the stage read first, the live rows' positions and new values wait in an internal
+        # temporary table, on disk beyond 16 MiB (a million items: twice as slow).
+        self._temporary_tables_in_memory(conn)
+
+    def _temporary_tables_in_memory(self, conn: Connection) -> None:
+        """Internal temporary tables of ``conn`` stay in memory up to ``GROUP_MEMORY``, not the
+        default 16 MiB; the session's own limits return with the connection to the pool (the
+        engine's checkin event, ``configure``)."""
         info = conn.connection.info
         if _GROUP_RESTORE in info:
             return

@@ -211,6 +211,7 @@ def apply_staged(
         if not expected:
             counts[f"{table}_updated"] = 0
             continue
+        dialect_of(conn).update_joined(conn)
         with _refusal(conn, table, "update"):
             res = conn.execute(
                 update(live)
