@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -186,10 +186,10 @@ def carry_columns(sel: Select[Any], before: FromClause, names: list[str]) -> Sel
     if inner is not source:
         swap = {id(c): inner.c[c.key] for c in source.c}
 
-        def replace(el: Any) -> Any:
-            return inner if el is source else swap.get(id(el))
+        def replace(element: Any, **_: Any) -> Any:
+            return inner if element is source else swap.get(id(element))
 
-        sel = replacement_traverse(sel, {}, replace)
+        sel = cast(Select[Any], replacement_traverse(sel, {}, replace))
     kept = []
     for n in names:
         col = inner.c[n] if inner is before else inner.c[_KEPT + n]
