@@ -43,6 +43,8 @@ PRELOAD_MODULES = (
 )
 #: The variable naming the StockRx database (definitions.py builds the database resource from it).
 DATABASE_URL_ENV = "STOCKRX_DATABASE_URL"
+#: What the fork server imports after a database driver, for its op processes to share.
+DRIVER_PRELOADS = {"pymysql": ("patch_ops.dialects.mysql_tls",)}
 #: Imported by the fork server after every other preload: reads the patches' lazy declarations
 #: (their pandera schemas) and freezes the preloaded objects, so an op process's garbage
 #: collection does not walk (and copy) them (``patch_ops.forkserver_gc``).
@@ -67,14 +69,16 @@ def database_driver(environ: Mapping[str, str]) -> list[str]:
     one: a MariaDB run's fork server no longer imports psycopg (0.1-0.27 s), and its op
     processes no longer import pymysql each. A driver whose module is named otherwise (mysqldb:
     MySQLdb) or none (pysqlite) is skipped by the fork server, which ignores a preload it cannot
-    import; the op then imports it as before."""
+    import; the op then imports it as before. PyMySQL's comes with the module that makes its
+    TLS context once for every op process (``patch_ops.dialects.mysql_tls``)."""
     url = environ.get(DATABASE_URL_ENV)
     if not url:
         return []
     try:
-        return [make_url(url).get_driver_name()]
+        driver = make_url(url).get_driver_name()
     except ArgumentError:  # a bad URL, or an unknown database: the database resource says so
         return []
+    return [driver, *DRIVER_PRELOADS.get(driver, ())]
 
 
 class StartMethodChooser:

@@ -119,12 +119,17 @@ class MySQLDialect(DatabaseDialect):
         # look at it (its sql_mode decides how SQLAlchemy quotes); a URL that brings its own
         # init_command gets the set-up right after connecting instead.
         @event.listens_for(engine, "do_connect")
-        def on_do_connect(dialect, record, _cargs, cparams):  # type: ignore[no-untyped-def]
+        def on_do_connect(dialect, record, cargs, cparams):  # type: ignore[no-untyped-def]
             cparams.setdefault("charset", "utf8mb4")
             if dialect.driver in mysql_rows.LOCAL_INFILE_DRIVERS:
                 cparams.setdefault("local_infile", True)
             record.info["stockrx_session_set"] = "init_command" not in cparams
             cparams.setdefault("init_command", SESSION_SETUP)
+            if dialect.driver == "pymysql":  # its TLS context made once per process
+                from patch_ops.dialects.mysql_tls import SharedTLSConnection
+
+                return SharedTLSConnection(*cargs, **cparams)
+            return None
 
         @event.listens_for(engine, "connect")
         def on_connect(dbapi_conn, record):  # type: ignore[no-untyped-def]

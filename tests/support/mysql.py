@@ -31,7 +31,8 @@ How the local server is run:
   (``--log-bin --server-id=1``: MySQL 8's defaults, so statements that binary logging forbids
   fail here as they would in production), ``--local-infile=1``. For speed the test server is less
   durable: ``--innodb-flush-log-at-trx-commit=2 --sync-binlog=0``; ``MySQLServer(durable=True)``
-  (benchmarks) sets both to 1 instead, production durability;
+  (benchmarks) sets both to 1 instead, production durability; TLS offered, with a self-signed
+  certificate made by ``openssl`` when it is installed (``tls_args``), as MySQL 8 offers it;
 - ``stop()`` is SIGTERM (a clean shutdown), then SIGKILL after 30 s, and removes the directory. It
   is registered with ``atexit``; the directory holds ``owner.pid`` (the test process), so a server
   left behind by a session that was killed (SIGKILL) is stopped by the next session's ``start()``.
@@ -289,9 +290,26 @@ class MySQLServer:
             f"--log-bin={b / 'binlog'}",
             *SERVER_OPTIONS,
             *(DURABLE_OPTIONS if self.durable else FAST_OPTIONS),
+            *self.tls_args(),
             *self.extra_args,
         ]
         return args
+
+    def tls_args(self) -> list[str]:
+        """TLS offered, as MySQL 8 does by default (its own self-signed certificate): clients
+        that prefer TLS (PyMySQL, the Rails app) use it. A certificate of this server's own,
+        made with ``openssl`` when it is installed; without it the server offers no TLS."""
+        assert self.base_dir is not None
+        cert, key = self.base_dir / "tls-cert.pem", self.base_dir / "tls-key.pem"
+        openssl = shutil.which("openssl")
+        if not cert.exists() and openssl:
+            subprocess.run(
+                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30", "-subj",
+                 "/CN=stockrx-test-mariadb", "-keyout", str(key), "-out", str(cert)],
+                check=True, capture_output=True, timeout=60,
+            )
+        return [f"--ssl-cert={cert}", f"--ssl-key={key}"] if cert.exists() else []
 
     # ---------------------------------------------------------------- URLs, connections
 
