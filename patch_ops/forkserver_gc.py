@@ -22,9 +22,12 @@ ordinary garbage collection.
 from __future__ import annotations
 
 import gc
+import os
 
 from patch_ops.patch import resolve_declarations
+from resources.memory import FROZEN_ENV
 
 resolve_declarations()
 gc.freeze()
+os.environ[FROZEN_ENV] = "1"  # the op processes' memory budgets need not count what is frozen
 gc.enable()

@@ -46,6 +46,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,6 +75,10 @@ _MALLOPT: Callable[[int, int], int] | None = getattr(_LIBC, "mallopt", None)
 HEAP_TRIM = _MALLOC_TRIM is not None  #: release_free_memory can trim the heap here
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default starting value, kept fixed
+#: Set ("1") by a process that froze its objects (the op fork server, patch_ops.forkserver_gc)
+#: for the processes it forks: their budgets need not ask ``gc.get_freeze_count()``, which walks
+#: every frozen object (the fork server's ~1M: 35-40 ms of each transform op).
+FROZEN_ENV = "STOCKRX_GC_FROZEN"
 
 
 def release_free_memory() -> None:
@@ -120,7 +125,7 @@ class MemoryBudget:
     def __enter__(self) -> MemoryBudget:
         """Freeze the objects alive now (unless something else froze some): the collection
         before each batch then scans only the objects the step made since."""
-        if gc.get_freeze_count() == 0:
+        if os.environ.get(FROZEN_ENV) != "1" and gc.get_freeze_count() == 0:
             gc.freeze()
             self._froze = True
         return self

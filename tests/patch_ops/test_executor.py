@@ -96,7 +96,8 @@ if pid == 0:  # a process forked from it has its collector on even before FREEZE
     os._exit(0 if gc.isenabled() else 3)
 child_ok = os.waitpid(pid, 0)[1] == 0
 import patch_ops.forkserver_gc
-print(paused, uncollected, child_ok, gc.isenabled(), gc.get_freeze_count() > 100_000)
+print(paused, uncollected, child_ok, gc.isenabled(), gc.get_freeze_count() > 100_000,
+      os.environ.get("STOCKRX_GC_FROZEN") == "1")  # for the op processes' memory budgets
 """
 
 
@@ -108,7 +109,7 @@ def test_the_fork_server_preloads_with_its_garbage_collector_paused():
                          cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=TEST_PYTHONPATH),
                          timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["True", "True", "True", "True", "True"]
+    assert out.stdout.split() == ["True"] * 6
 
 
 def test_the_fork_server_preloads_the_driver_the_database_url_names():

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from resources.memory import HEAP_TRIM, MemoryGuard, MemoryLimitExceeded
+from resources.memory import FROZEN_ENV, HEAP_TRIM, MemoryGuard, MemoryLimitExceeded
 from tests.support import slow_patches
 from tests.support.stockrx import (
     PRICE_JOB,
@@ -165,6 +165,15 @@ def test_the_budget_freezes_what_the_step_began_with_and_only_what_it_froze(unfr
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def test_a_process_forked_frozen_is_not_frozen_again_nor_counted(unfrozen, monkeypatch):
+    """Forked from the op fork server (FROZEN_ENV set there, after its freeze), a budget asks
+    nothing of the collector (counting the frozen objects walks them all) and freezes nothing."""
+    monkeypatch.setenv(FROZEN_ENV, "1")
+    with MemoryGuard().budget(limit_mb=100, batch_size=500):
+        assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0
 
 
 _MMAPPED_AFTER_A_BIG_FREE = textwrap.dedent(
