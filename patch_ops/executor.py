@@ -44,7 +44,7 @@ PRELOAD_MODULES = (
 #: The variable naming the StockRx database (definitions.py builds the database resource from it).
 DATABASE_URL_ENV = "STOCKRX_DATABASE_URL"
 #: What the fork server imports after a database driver, for its op processes to share.
-DRIVER_PRELOADS = {"pymysql": ("patch_ops.dialects.mysql_tls",)}
+DRIVER_PRELOADS = {"pymysql": ("patch_ops.dialects.mysql_tls_preload",)}
 #: Imported by the fork server after every other preload: reads the patches' lazy declarations
 #: (their pandera schemas) and freezes the preloaded objects, so an op process's garbage
 #: collection does not walk (and copy) them (``patch_ops.forkserver_gc``).
@@ -70,7 +70,7 @@ def database_driver(environ: Mapping[str, str]) -> list[str]:
     processes no longer import pymysql each. A driver whose module is named otherwise (mysqldb:
     MySQLdb) or none (pysqlite) is skipped by the fork server, which ignores a preload it cannot
     import; the op then imports it as before. PyMySQL's comes with the module that makes its
-    TLS context once for every op process (``patch_ops.dialects.mysql_tls``)."""
+    TLS context once for every op process (``patch_ops.dialects.mysql_tls_preload``)."""
     url = environ.get(DATABASE_URL_ENV)
     if not url:
         return []

@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeEngine
 
-from patch_ops.dialects import mysql_rows
+from patch_ops.dialects import mysql_rows, mysql_tls
 from patch_ops.dialects.base import (
     ID_PAGE,
     DatabaseDialect,
@@ -67,7 +67,7 @@ SESSION_SETUP = (
 #: patch's log check need 64-96 MiB on MariaDB, so this keeps ~3 million in memory.
 GROUP_MEMORY = 256 << 20
 #: The session's own limits, put back when the connection returns to the pool.
-_GROUP_RESTORE = "stockrx_group_restore"
+_LIMITS_RESTORE = "stockrx_temp_limits_restore"
 #: The first versions that enforce CHECK constraints (earlier ones parse and ignore them).
 MIN_MYSQL = (8, 0, 16)
 MIN_MARIADB = (10, 2, 1)
@@ -126,9 +126,7 @@ class MySQLDialect(DatabaseDialect):
             record.info["stockrx_session_set"] = "init_command" not in cparams
             cparams.setdefault("init_command", SESSION_SETUP)
             if dialect.driver == "pymysql":  # its TLS context made once per process
-                from patch_ops.dialects.mysql_tls import SharedTLSConnection
-
-                return SharedTLSConnection(*cargs, **cparams)
+                return mysql_tls.connection_class()(*cargs, **cparams)
             return None
 
         @event.listens_for(engine, "connect")
@@ -140,7 +138,7 @@ class MySQLDialect(DatabaseDialect):
 
         @event.listens_for(engine, "checkin")
         def on_checkin(dbapi_conn, record):  # type: ignore[no-untyped-def]
-            restore = record.info.pop(_GROUP_RESTORE, None) if record is not None else None
+            restore = record.info.pop(_LIMITS_RESTORE, None) if record is not None else None
             if restore and dbapi_conn is not None:
                 try:
                     cursor = dbapi_conn.cursor()
@@ -249,7 +247,7 @@ class MySQLDialect(DatabaseDialect):
         default 16 MiB; the session's own limits return with the connection to the pool (the
         engine's checkin event, ``configure``)."""
         info = conn.connection.info
-        if _GROUP_RESTORE in info:
+        if _LIMITS_RESTORE in info:
             return
         tmp, heap = conn.exec_driver_sql(
             "SELECT @@session.tmp_table_size, @@session.max_heap_table_size"
@@ -260,7 +258,7 @@ class MySQLDialect(DatabaseDialect):
             f"SET SESSION tmp_table_size = {max(int(tmp), GROUP_MEMORY)}, "
             f"max_heap_table_size = {max(int(heap), GROUP_MEMORY)}"
         )
-        info[_GROUP_RESTORE] = (
+        info[_LIMITS_RESTORE] = (
             f"SET SESSION tmp_table_size = {int(tmp)}, max_heap_table_size = {int(heap)}"
         )
 

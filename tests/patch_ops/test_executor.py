@@ -117,7 +117,7 @@ def test_the_fork_server_preloads_the_driver_the_database_url_names():
     assert executor.database_driver({url: "postgresql://u:secret@db/stockrx"}) == ["psycopg"]
     assert executor.database_driver({url: "postgresql+psycopg2://u@db/stockrx"}) == ["psycopg2"]
     assert executor.database_driver({url: "mysql+pymysql://u@db/stockrx"}) == [
-        "pymysql", "patch_ops.dialects.mysql_tls"]
+        "pymysql", "patch_ops.dialects.mysql_tls_preload"]
     assert executor.database_driver({}) == []
     assert executor.database_driver({url: "not a url"}) == []  # the resource reports it
     assert executor.database_driver({url: "nosuchdb://u@db/x"}) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -416,37 +415,6 @@ def test_a_big_join_keeps_its_temporary_table_in_memory_then_the_session_limits_
     with engine.connect() as conn:
         assert conn.connection.dbapi_connection is pooled
         assert limits(conn) == (16384, 16384)
-
-
-def test_pymysql_connections_share_one_tls_context_as_pymysql_makes_it(mysql_url):
-    """TLS preferred, as PyMySQL connects without ssl options, with the context it would make
-    (no certificate checked) made once per process, not per connection (20-50 ms each)."""
-    from pymysql.connections import Connection as PyMySQLConnection
-
-    from patch_ops.dialects.mysql_tls import SharedTLSConnection
-
-    engine = get_engine(mysql_url)
-    if engine.dialect.driver != "pymysql":
-        pytest.skip("PyMySQL only")
-    with engine.connect() as a, engine.connect() as b:
-        ours = [c.connection.dbapi_connection for c in (a, b)]
-        assert all(type(c) is SharedTLSConnection for c in ours)
-        assert ours[0] is not ours[1] and ours[0].ctx is ours[1].ctx
-        for c in (a, b):
-            assert c.exec_driver_sql("SELECT 1").scalar() == 1
-            cipher = c.exec_driver_sql("SHOW SESSION STATUS LIKE 'Ssl_cipher'").one()[1]
-            offered = c.exec_driver_sql("SELECT @@have_ssl").scalar() == "YES"
-            assert bool(cipher) == offered  # TLS exactly when the server offers it
-    own = PyMySQLConnection(defer_connect=True).ctx
-    shared = ours[0].ctx
-    assert own is not shared
-    for attr in ("verify_mode", "check_hostname", "options", "verify_flags", "minimum_version",
-                 "maximum_version", "protocol"):
-        assert getattr(shared, attr) == getattr(own, attr), attr
-    assert shared.verify_mode == ssl.CERT_NONE
-    # a URL's own ssl options: a context of their own, as PyMySQL makes it
-    checking = SharedTLSConnection(defer_connect=True, ssl_verify_cert=True).ctx
-    assert checking is not shared and checking.verify_mode == ssl.CERT_REQUIRED
 
 
 # -- rows ------------------------------------------------------------------------------------------

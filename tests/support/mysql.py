@@ -306,7 +306,8 @@ class MySQLServer:
             subprocess.run(
                 [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                  "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30", "-subj",
-                 "/CN=stockrx-test-mariadb", "-keyout", str(key), "-out", str(cert)],
+                 "/CN=stockrx-test-mariadb", "-addext", f"subjectAltName=IP:{self.host}",
+                 "-keyout", str(key), "-out", str(cert)],
                 check=True, capture_output=True, timeout=60,
             )
         return [f"--ssl-cert={cert}", f"--ssl-key={key}"] if cert.exists() else []
