@@ -6,7 +6,8 @@
 #   - as root with apt-get, installs Debian's `chromium` if missing (the browser test in
 #     tests/stockrx_patches/test_ui.py; it skips without it), Debian's `postgresql` server if no initdb is
 #     found and Debian's `mariadb-server` (MariaDB 10.11) if no mariadbd is found (the tests start
-#     throwaway servers). Failure to install is a warning, not an error.
+#     throwaway servers), and `openssl` if missing (the test MariaDB's TLS certificate). Failure to
+#     install is a warning, not an error.
 # Env: PYTHON=python3.12 (interpreter for a new venv), BOOTSTRAP_FORCE=1 (reinstall anyway),
 #      BOOTSTRAP_NO_CHROMIUM=1 (never install chromium).
 set -euo pipefail
@@ -98,6 +99,16 @@ if [ -z "${STOCKRX_TEST_MYSQL_URL:-}" ] && ! have_mariadb && is_root && command 
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server; } \
             >/tmp/stockrx-bootstrap-mariadb.log 2>&1; then
         log "WARNING: could not install mariadb-server (see /tmp/stockrx-bootstrap-mariadb.log)"
+    fi
+fi
+# openssl makes the test MariaDB's certificate, so it offers TLS as MySQL 8 does (without it the
+# server offers none and the test of a URL that requires TLS skips).
+if [ -z "${STOCKRX_TEST_MYSQL_URL:-}" ] && ! command -v openssl >/dev/null 2>&1 && is_root \
+        && command -v apt-get >/dev/null 2>&1; then
+    log "openssl missing: apt-get install -y openssl (the test MariaDB's TLS certificate)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl; } \
+            >/tmp/stockrx-bootstrap-openssl.log 2>&1; then
+        log "WARNING: could not install openssl (see /tmp/stockrx-bootstrap-openssl.log)"
     fi
 fi
 
