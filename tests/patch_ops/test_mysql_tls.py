@@ -6,7 +6,6 @@ installed (``tests/support/mysql.py``)."""
 from __future__ import annotations
 
 import ssl
-import subprocess
 
 import pytest
 from pymysql.connections import Connection
@@ -14,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from patch_ops.database import get_engine
 from patch_ops.dialects import mysql_tls
+from tests.support.mysql import self_signed_certificate
 
 
 def test_pymysql_connections_share_one_tls_context_as_pymysql_makes_it(mysql_url):
@@ -54,10 +54,7 @@ def test_a_url_with_the_servers_ca_requires_tls_and_checks_the_server(mysql_serv
         assert conn.exec_driver_sql("SHOW SESSION STATUS LIKE 'Ssl_cipher'").one()[1]
         assert conn.connection.dbapi_connection.ctx.verify_mode == ssl.CERT_REQUIRED
     other = cert.with_name("other-ca.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=other",
-                    "-keyout", str(cert.with_name("other-key.pem")), "-out", str(other)],
-                   check=True, capture_output=True, timeout=60)
+    self_signed_certificate(other, cert.with_name("other-key.pem"), "other")
     with pytest.raises(DBAPIError, match="(?i)certificate"):
         with get_engine(f"{mysql_url}&ssl_ca={other}").connect():
             pass

@@ -206,6 +206,18 @@ def reap_stale_servers(parent: Path) -> list[Path]:
     return reaped
 
 
+def self_signed_certificate(cert: Path, key: Path, name: str, ip: str | None = None) -> None:
+    """A self-signed EC certificate ``cert`` (its key: ``key``) for ``name`` and ``ip``, made by
+    ``openssl``."""
+    san = ["-addext", f"subjectAltName=IP:{ip}"] if ip else []
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "30", "-subj", f"/CN={name}", *san,
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
 def _ident(name: str) -> str:
     """A backtick-quoted MySQL identifier."""
     return "`" + name.replace("`", "``") + "`"
@@ -301,15 +313,8 @@ class MySQLServer:
         made with ``openssl`` when it is installed; without it the server offers no TLS."""
         assert self.base_dir is not None
         cert, key = self.base_dir / "tls-cert.pem", self.base_dir / "tls-key.pem"
-        openssl = shutil.which("openssl")
-        if not cert.exists() and openssl:
-            subprocess.run(
-                [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                 "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30", "-subj",
-                 "/CN=stockrx-test-mariadb", "-addext", f"subjectAltName=IP:{self.host}",
-                 "-keyout", str(key), "-out", str(cert)],
-                check=True, capture_output=True, timeout=60,
-            )
+        if not cert.exists() and shutil.which("openssl"):
+            self_signed_certificate(cert, key, "stockrx-test-mariadb", self.host)
         return [f"--ssl-cert={cert}", f"--ssl-key={key}"] if cert.exists() else []
 
     # ---------------------------------------------------------------- URLs, connections
