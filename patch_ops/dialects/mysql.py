@@ -23,7 +23,8 @@ What differs here, and why:
   commit, a trial apply) keep their internal temporary tables in memory up to
   ``GROUP_MEMORY``, not the default 16 MiB (``group_once``, ``update_joined``).
 - **Statement limits** by a client-side watchdog (``mysql_timeouts``); **ids** of inserted rows
-  from multi-row INSERTs, **bulk rows** by LOAD DATA LOCAL or multi-row INSERTs (``mysql_rows``).
+  from one INSERT ... SELECT under AUTO_INCREMENT lock mode 2 (MySQL 8's default), else from
+  multi-row INSERTs; **bulk rows** by LOAD DATA LOCAL or multi-row INSERTs (``mysql_rows``).
 """
 
 from __future__ import annotations

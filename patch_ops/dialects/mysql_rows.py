@@ -9,15 +9,22 @@ a load that leaves any warning (notes, such as rounding 2.005 to 2.01, are what 
 is rolled back to its savepoint and the rows go in by INSERT, where strict mode refuses them.
 
 **Staged inserts at commit**: the ids of the rows the commit inserts must be known exactly, with
-no DDL on the application's tables. InnoDB hands AUTO_INCREMENT values out during the insert:
-under ``innodb_autoinc_lock_mode=2`` (MySQL 8's default) an ``INSERT ... SELECT`` (a "bulk
-insert": row count unknown in advance) takes them a few at a time, interleaved with concurrent
-inserts of the application; a multi-row ``INSERT ... VALUES`` (a "simple insert": row count
-known) reserves all its values at once, so its rows get ``first, first + step, ...`` in the
-order written, ``first`` being the statement's ``LAST_INSERT_ID()`` (the driver's
-``lastrowid``) and ``step`` ``@@auto_increment_increment``. So the staged rows are read in
-``dp_seq`` order, each as the SQL text of its values made by the server, and sent back in
-chunks of multi-row INSERTs.
+no DDL on the application's tables. InnoDB hands AUTO_INCREMENT values out during the insert,
+ascending within a statement in the order it writes the rows (``ORDER BY``).
+
+- Under ``innodb_autoinc_lock_mode=2`` (MySQL 8's default, "interleaved") an ``INSERT ... SELECT``
+  holds no table lock: its ids interleave with the application's concurrent inserts. So the rows
+  go in by one ``INSERT ... SELECT ... ORDER BY dp_seq`` and their ids are found afterwards: from
+  the statement's first id (``LAST_INSERT_ID()``) on, the rows this transaction sees (its own,
+  uncommitted, and what others committed) that another connection, which cannot see ours, does
+  not (``insert_selected``).
+- Under lock modes 0 and 1 (MariaDB's default) an ``INSERT ... SELECT`` would hold the table's
+  AUTO-INC lock, stopping the application's inserts, for the whole statement; a multi-row
+  ``INSERT ... VALUES`` (a "simple insert": row count known) reserves its values at once and
+  briefly, ``first, first + step, ...`` in the order written, ``first`` being the statement's
+  ``LAST_INSERT_ID()`` and ``step`` ``@@auto_increment_increment``. So the staged rows are read
+  in ``dp_seq`` order, each as the SQL text of its values made by the server, and sent back in
+  chunks of multi-row INSERTs (``insert_values``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     func,
+    insert,
     literal_column,
     select,
     update,
@@ -55,9 +63,13 @@ _CLIENT_LOCAL_FILES = 128
 #: LOAD DATA LOCAL refused: not allowed (1148), disabled on MySQL 8 (3948) or MariaDB (4166).
 LOCAL_INFILE_REFUSED = frozenset({1148, 3948, 4166})
 _READY = "stockrx_local_infile"  # per DBAPI connection: can it LOAD DATA LOCAL?
+_LOCK_MODE = "stockrx_autoinc_lock_mode"  # per DBAPI connection: the server's lock mode
 ROWCOUNT = {"preserve_rowcount": True}
 #: Staged inserts: rows per INSERT statement (fewer when they do not fit in a packet).
 CHUNK_ROWS = 5_000
+#: Staged inserts under lock mode 2: how many times the application's rows among ours are looked
+#: for before giving up (each look finds the rows it committed since the last one).
+APP_ROW_LOOKS = 20
 
 
 def error_code(exc: DBAPIError) -> int | None:
@@ -194,6 +206,118 @@ def run_text(conn: Connection, sql: str) -> tuple[Any, int, int]:
 
 
 def insert_staged(
+    conn: Connection, ins: StagedInserts, columns: Sequence[str]
+) -> tuple[int, int | None]:
+    """The staged rows ``ins`` into the live table, their ids known exactly; returns (rows,
+    offset | None) as ``DatabaseDialect.insert_staged``. One ``INSERT ... SELECT`` under lock
+    mode 2, multi-row ``INSERT ... VALUES`` under modes 0 and 1 (see the module's docstring)."""
+    if autoinc_lock_mode(conn) == 2:
+        return insert_selected(conn, ins, columns)
+    return insert_values(conn, ins, columns)
+
+
+def autoinc_lock_mode(conn: Connection) -> int:
+    """The server's ``innodb_autoinc_lock_mode`` (asked once per connection)."""
+    info = conn.connection.info
+    if _LOCK_MODE not in info:
+        info[_LOCK_MODE] = int(conn.exec_driver_sql("SELECT @@innodb_autoinc_lock_mode").scalar_one())
+    return int(info[_LOCK_MODE])
+
+
+def insert_selected(
+    conn: Connection, ins: StagedInserts, columns: Sequence[str]
+) -> tuple[int, int | None]:
+    """The staged rows ``ins`` by one ``INSERT ... SELECT ... ORDER BY dp_seq``, then their ids.
+
+    The statement's rows have ascending ids from its first (``lastrowid``); the application's
+    rows inserted meanwhile may take ids between them (lock mode 2), and may be committed by now.
+    Ours are the ids from the first on that this transaction sees and another connection does
+    not (it sees only committed rows). It looks after this transaction did, so it finds every
+    row of the application this transaction saw; until it finds none it had not found before,
+    this transaction looks again without them. Only plain reads of the live table: no lock on
+    the application's rows. Returns the offset when the ids are ``dp_seq + offset``; else writes
+    each row's id to the stage's ``id`` column, the k-th id to the k-th ``dp_seq``, by ranges."""
+    st, live = ins.stage, ins.live
+    source = select(*[st.c[c] for c in columns]).where(ins.where).order_by(st.c.dp_seq)
+    res = conn.execute(insert(live).from_select(list(columns), source), execution_options=ROWCOUNT)
+    n, first = res.rowcount, res.lastrowid
+    if n != ins.count or not first:
+        raise RuntimeError(
+            f"inserting {ins.count} staged rows into {live.name} inserted {n} (first id {first})"
+        )
+    step = int(conn.exec_driver_sql("SELECT @@auto_increment_increment").scalar() or 1)
+    seq_runs = (
+        [(ins.first, n)] if ins.span == n else runs(conn, st.c.dp_seq, [ins.where], 1, None)
+    )
+    theirs: set[int] = set()
+    for _ in range(APP_ROW_LOOKS):
+        where = [live.c.id >= first] + ([live.c.id.not_in(sorted(theirs))] if theirs else [])
+        id_runs = runs(conn, live.c.id, where, step, n)
+        if sum(k for _, k in id_runs) != n or id_runs[0][0] != first:
+            raise RuntimeError(f"{n} rows inserted into {live.name} from id {first}, but "
+                               f"{sum(k for _, k in id_runs)} found from {id_runs[0][0]}")
+        pieces = matched_ranges(seq_runs, id_runs, step)
+        offset = pieces[0][2] if len(pieces) == 1 and step == 1 else None
+        if offset is None:
+            for low_seq, high_seq, shift in pieces:
+                conn.execute(
+                    update(st).where(ins.where, st.c.dp_seq.between(low_seq, high_seq))
+                    .values(id=st.c.dp_seq * step + shift)
+                )
+        last = id_runs[-1][0] + (id_runs[-1][1] - 1) * step
+        with conn.engine.connect() as other:  # sees committed rows only: not ours
+            found = set(other.execute(
+                select(live.c.id).where(live.c.id.between(first, last))
+            ).scalars())
+        if found <= theirs:
+            return n, offset
+        theirs |= found
+    raise RuntimeError(
+        f"the application kept committing rows among the {n} inserted into {live.name}; "
+        "their ids are not known"
+    )
+
+
+def runs(
+    conn: Connection, col: Any, where: list[Any], step: int, limit: int | None
+) -> list[tuple[int, int]]:
+    """The ascending values of ``col`` (the first ``limit`` of them) where ``where`` holds, as
+    runs (first value, length) of values ``step`` apart. A plain read: no row lock."""
+    values = select(col.label("v")).where(*where).order_by(col)
+    if limit is not None:
+        values = values.limit(limit)
+    v = values.subquery("v")
+    keyed = select(
+        v.c.v, (v.c.v - func.row_number().over(order_by=v.c.v) * step).label("run")
+    ).subquery("keyed")
+    q = select(func.min(keyed.c.v), func.count()).group_by(keyed.c.run).order_by(func.min(keyed.c.v))
+    return [(int(a), int(k)) for a, k in conn.execute(q)]
+
+
+def matched_ranges(
+    seq_runs: list[tuple[int, int]], id_runs: list[tuple[int, int]], step: int
+) -> list[tuple[int, int, int]]:
+    """The k-th ``dp_seq`` paired with the k-th id, as ranges (low seq, high seq, shift) over
+    which ``id = dp_seq * step + shift``: cut wherever either sequence has a gap."""
+    out: list[tuple[int, int, int]] = []
+    i = j = 0
+    seq, left_s = seq_runs[0]
+    ident, left_i = id_runs[0]
+    while True:
+        k = min(left_s, left_i)
+        out.append((seq, seq + k - 1, ident - seq * step))
+        seq, left_s, ident, left_i = seq + k, left_s - k, ident + k * step, left_i - k
+        if not left_s:
+            i += 1
+            if i == len(seq_runs):
+                return out
+            seq, left_s = seq_runs[i]
+        if not left_i:
+            j += 1
+            ident, left_i = id_runs[j]
+
+
+def insert_values(
     conn: Connection, ins: StagedInserts, columns: Sequence[str]
 ) -> tuple[int, int | None]:
     """The staged rows ``ins`` into the live table by multi-row INSERT ... VALUES in ``dp_seq``

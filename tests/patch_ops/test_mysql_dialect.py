@@ -1,9 +1,9 @@
 """MySQL 8 / MariaDB (patch_ops/dialects/mysql.py): sessions, types, where DDL runs, refusals, row
 locks, statement limits, bulk rows and the ids of inserted rows.
 
-On the session's throwaway MariaDB (``mysql_url``); the tests of AUTO_INCREMENT lock mode 2 (MySQL
-8's default; MariaDB's is 1) and of a server whose time zone is +09:00 use a second server that
-this module starts with both settings (``mode2_url``).
+On the session's throwaway MariaDB (``mysql_url``, AUTO_INCREMENT lock mode 2 as MySQL 8 has it);
+the tests of MariaDB's own lock mode (1) and of a server whose time zone is +09:00 use a second
+server that this module starts with both settings (``mode1_url``).
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False
 
 
 @pytest.fixture(scope="module")
-def mode2_server() -> Iterator[MySQLServer]:
-    """MariaDB with MySQL 8's AUTO_INCREMENT lock mode (2, interleaved) in Tokyo time."""
+def mode1_server() -> Iterator[MySQLServer]:
+    """MariaDB with its own AUTO_INCREMENT lock mode (1, consecutive) in Tokyo time."""
     server = MySQLServer(
-        extra_args=["--innodb-autoinc-lock-mode=2", "--default-time-zone=+09:00"]
+        extra_args=["--innodb-autoinc-lock-mode=1", "--default-time-zone=+09:00"]
     )
     try:
         server.start()
@@ -87,10 +87,10 @@ def mode2_server() -> Iterator[MySQLServer]:
 
 
 @pytest.fixture
-def mode2_url(mode2_server: MySQLServer) -> Iterator[str]:
-    url = mode2_server.create_database()
+def mode1_url(mode1_server: MySQLServer) -> Iterator[str]:
+    url = mode1_server.create_database()
     yield url
-    mode2_server.drop_database(url)
+    mode1_server.drop_database(url)
 
 
 def validated_price_run(engine: Engine) -> tuple[str, Any]:
@@ -129,8 +129,8 @@ def test_every_session_is_set_up_as_the_rails_app_has_it(mysql_url):
             name="x" * 300, quantity=1, price=1, created_at=T0, updated_at=T0))
 
 
-def test_naive_utc_on_a_server_in_another_time_zone(mode2_url):
-    engine = get_engine(mode2_url)
+def test_naive_utc_on_a_server_in_another_time_zone(mode1_url):
+    engine = get_engine(mode1_url)
     md = MetaData()
     stamps = Table("stamps", md, Column("id", Integer, primary_key=True),
                    Column("at", UTCDateTime), Column("made", String(32)))
@@ -490,10 +490,10 @@ def test_demo_data_loads_and_ids_continue_after_it(mysql_url):
 
 
 # -- the ids of inserted rows ----------------------------------------------------------------------
-def test_staged_inserts_get_known_ids_while_the_application_inserts(mode2_url, monkeypatch):
+def test_staged_inserts_get_known_ids_while_the_application_inserts(mysql_url):
     """Lock mode 2 (interleaved), three application threads inserting log rows throughout: every
     staged row is at the id the commit recorded for it, none of the application's rows is."""
-    engine = hand_built(mode2_url, [100, 200])
+    engine = hand_built(mysql_url, [100, 200])
     state.ensure_framework_tables(engine)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT @@innodb_autoinc_lock_mode").scalar() == 2
@@ -501,8 +501,7 @@ def test_staged_inserts_get_known_ids_while_the_application_inserts(mode2_url, m
     n = 20_000
     with engine.begin() as conn:
         dialect_of(conn).bulk_insert(conn, stage, _frame(n, note="ours"))
-    monkeypatch.setattr(mysql_rows, "CHUNK_ROWS", 250)  # 80 statements: room to interleave
-    app = app_engine(mode2_url)
+    app = app_engine(mysql_url)
     stop = threading.Event()
     app_rows = [0]
 
@@ -544,6 +543,32 @@ def test_staged_inserts_get_known_ids_while_the_application_inserts(mode2_url, m
         ids = [r[0] for r in conn.execute(select(new_id).order_by(stage.c.dp_seq))]
     assert same == ours == n  # every staged row at its recorded id, and no other row of ours
     assert ids == sorted(ids) and len(set(ids)) == n  # ascending in dp_seq order
+
+
+@pytest.mark.parametrize(("lock_mode", "by_select"), [(2, True), (1, False)],
+                         ids=["mode2_insert_select", "mode1_insert_values"])
+def test_staged_inserts_take_the_way_the_servers_lock_mode_allows(request, lock_mode, by_select):
+    """Mode 2: one INSERT ... SELECT (no table lock); modes 0/1 would hold the table's AUTO-INC
+    lock for the whole statement, so multi-row INSERT ... VALUES there."""
+    url = request.getfixturevalue("mysql_url" if lock_mode == 2 else "mode1_url")
+    engine = hand_built(url, [100])
+    state.ensure_framework_tables(engine)
+    stage = mirror_table(engine, inventory_logs, "stage")
+    with engine.begin() as conn:
+        dialect_of(conn).bulk_insert(conn, stage, _frame(30, note="ours"))
+    sent: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, sql, *_: sent.append(" ".join(sql.split())))
+    with write_transaction(engine) as conn:
+        assert mysql_rows.autoinc_lock_mode(conn) == lock_mode
+        ins = staged_inserts(conn, inventory_logs, stage, "e")
+        assert ins is not None
+        assert dialect_of(conn).insert_staged(conn, ins, [
+            c.name for c in inventory_logs.columns if c.name != "id"])[0] == 30
+    into = [q for q in sent if q.startswith("INSERT INTO inventory_logs")]
+    assert len(into) == 1 and (" SELECT " in into[0]) is by_select
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).where(inventory_logs.c.note == "ours")).scalar() == 30
 
 
 def test_insert_ids_come_from_the_insert_itself(mysql_url):

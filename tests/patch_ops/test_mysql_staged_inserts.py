@@ -1,12 +1,17 @@
-"""MySQL/MariaDB staged inserts (patch_ops/dialects/mysql_rows.py): rows from the stage into a
-live table by multi-row INSERTs whose text the server writes, every awkward value arriving exactly
-at its id, chunks halved to fit a packet, refusals, and the statement watchdog over them. On the
-session's throwaway MariaDB (``mysql_url``)."""
+"""MySQL/MariaDB staged inserts (patch_ops/dialects/mysql_rows.py), both ways: one INSERT ... SELECT
+whose ids are found afterwards (lock mode 2), and multi-row INSERTs whose text the server writes
+(modes 0 and 1). Every awkward value arriving exactly at its id, the application's rows committed
+or still open among ours, chunks halved to fit a packet, refusals, and the statement watchdog over
+them. On the session's throwaway MariaDB (``mysql_url``, lock mode 2; both ways work in any mode,
+so each is called by name here)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -36,15 +41,25 @@ def _things(engine: Engine) -> Table:
     return state.reflect_tables(engine, ["things"])["things"]
 
 
-def _insert_staged(engine: Engine, live: Table, stage: Table) -> tuple[int, int | None]:
+Way = Callable[..., tuple[int, int | None]]
+WAYS = {"insert_select": mysql_rows.insert_selected, "insert_values": mysql_rows.insert_values}
+
+
+@pytest.fixture(params=list(WAYS))
+def way(request) -> Way:  # type: ignore[no-untyped-def]
+    return WAYS[request.param]
+
+
+def _insert_staged(
+    engine: Engine, live: Table, stage: Table, way: Way = mysql_rows.insert_staged
+) -> tuple[int, int | None]:
     with write_transaction(engine) as conn:
         ins = staged_inserts(conn, live, stage, "e")
         assert ins is not None
-        return dialect_of(conn).insert_staged(
-            conn, ins, [c.name for c in live.columns if c.name != "id"])
+        return way(conn, ins, [c.name for c in live.columns if c.name != "id"])
 
 
-def test_staged_values_arrive_exactly_at_their_ids(mysql_url):
+def test_staged_values_arrive_exactly_at_their_ids(mysql_url, way):
     engine = get_engine(mysql_url)
     live = _things(engine)
     stage = mirror_table(engine, live, "stage")
@@ -58,7 +73,7 @@ def test_staged_values_arrive_exactly_at_their_ids(mysql_url):
     ]
     with engine.begin() as conn:
         conn.execute(insert(stage), rows)
-    n, offset = _insert_staged(engine, live, stage)
+    n, offset = _insert_staged(engine, live, stage, way)
     assert (n, offset) == (6, None)  # gaps in dp_seq: the ids go to the stage
     cols = [c.name for c in live.columns if c.name != "id"]
     with engine.connect() as conn:
@@ -81,14 +96,14 @@ def test_a_chunk_too_big_for_one_statement_is_halved(mysql_url, monkeypatch):
             conn.execute(insert(stage).values(dp_execution_id="e", dp_action=INSERT,
                                               dp_seq=seq, t=big, s=str(seq)))
     monkeypatch.setattr(mysql_rows, "CHUNK_ROWS", 6)
-    n, offset = _insert_staged(engine, live, stage)
+    n, offset = _insert_staged(engine, live, stage, mysql_rows.insert_values)
     assert n == 6 and offset is not None
     with engine.connect() as conn:
         got = conn.execute(select(live.c.id, live.c.s, func.length(live.c.t))).all()
     assert sorted(got) == [(seq + offset, str(seq), len(big)) for seq in range(1, 7)]
 
 
-def test_a_staged_insert_the_database_refuses_is_a_data_refusal(mysql_url):
+def test_a_staged_insert_the_database_refuses_is_a_data_refusal(mysql_url, way):
     engine = get_engine(mysql_url)
     live = _things(engine)
     with engine.begin() as conn:
@@ -98,7 +113,7 @@ def test_a_staged_insert_the_database_refuses_is_a_data_refusal(mysql_url):
         conn.execute(insert(stage), [{"dp_execution_id": "e", "dp_action": INSERT, "dp_seq": i,
                                       "s": s} for i, s in ((1, "good"), (2, "bad"))])
     with pytest.raises(OperationalError, match="chk_no_bad") as err:
-        _insert_staged(engine, live, stage)
+        _insert_staged(engine, live, stage, way)
     assert dialect_of(engine).is_data_refusal(err.value)
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(live)).scalar() == 0
@@ -130,7 +145,7 @@ def test_a_statement_that_outlives_its_limit_fails_even_if_the_kill_missed_it(
         assert d.is_statement_timeout(err.value)
 
 
-def test_a_staged_insert_past_the_time_limit_is_cancelled(mysql_url):
+def test_a_staged_insert_past_the_time_limit_is_cancelled(mysql_url, way):
     """The staged rows go as SQL text: the statement watchdog sees those statements too (here
     the INSERT waits for a row lock the application holds on the same unique value)."""
     engine = get_engine(mysql_url)
@@ -146,9 +161,68 @@ def test_a_staged_insert_past_the_time_limit_is_cancelled(mysql_url):
             dialect_of(conn).set_statement_timeout(conn, 0.5)
             ins = staged_inserts(conn, live, stage, "e")
             assert ins is not None
-            dialect_of(conn).insert_staged(conn, ins, ["s"])
+            way(conn, ins, ["s"])
         app.rollback()
     # cancelled by the watchdog (1317), not ended by our 60 s lock wait limit (1205)
     assert dialect_of(engine).is_statement_timeout(err.value), err.value
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(live)).scalar() == 0
+
+
+def _lock_waits(server) -> int:  # type: ignore[no-untyped-def]
+    """Transactions of the server waiting for a row lock now."""
+    with server.admin_connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.INNODB_TRX "
+                    "WHERE trx_state = 'LOCK WAIT'")
+        return int(cur.fetchone()[0])
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "still_open"])
+def test_an_application_row_among_ours_is_told_apart(mysql_server, mysql_url, committed):
+    """Lock mode 2. The INSERT ... SELECT stops at its 50th row: the application holds the same
+    unique value, uncommitted. Meanwhile the application inserts a row, which takes an id among
+    ours, and commits it before we look for our ids or only after. Either way every staged row
+    is found at its own id, in dp_seq order, and the application's row is not taken for ours."""
+    engine = get_engine(mysql_url)
+    live = _things(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE things ADD UNIQUE KEY uq_s (s)")
+    stage = mirror_table(engine, live, "stage")
+    with engine.begin() as conn:
+        conn.execute(insert(stage), [{"dp_execution_id": "e", "dp_action": INSERT, "dp_seq": seq,
+                                      "s": f"r{seq}"} for seq in range(1, 101)])
+    outcome: list[object] = []
+
+    def ours() -> None:
+        try:
+            outcome.append(_insert_staged(engine, live, stage, mysql_rows.insert_selected))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    app = app_engine(mysql_url)
+    with app.connect() as holder, app.connect() as other:
+        holder.exec_driver_sql("INSERT INTO things (s) VALUES ('r50')")  # the gate, held open
+        worker = threading.Thread(target=ours)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while _lock_waits(mysql_server) == 0:  # our INSERT ... SELECT waits at r50
+            assert worker.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.01)
+        other.exec_driver_sql("INSERT INTO things (s) VALUES ('app')")
+        if committed:
+            other.commit()
+        holder.rollback()  # r50 goes in, and the rest after it
+        worker.join(60)
+        other.commit()
+    app.dispose()
+    assert not worker.is_alive() and len(outcome) == 1
+    assert isinstance(outcome[0], tuple), outcome[0]
+    n, offset = outcome[0]
+    assert (n, offset) == (100, None)  # not one block: the ids go to the stage
+    with engine.connect() as conn:
+        staged = {r[0]: r[1] for r in conn.execute(select(stage.c.dp_seq, stage.c.id))}
+        rows = {r[0]: r[1] for r in conn.execute(select(live.c.id, live.c.s))}
+    app_id = next(i for i, s in rows.items() if s == "app")
+    assert min(staged.values()) < app_id < max(staged.values())  # it took an id among ours
+    assert {staged[seq]: f"r{seq}" for seq in staged} == {i: s for i, s in rows.items() if s != "app"}
+    assert [staged[seq] for seq in sorted(staged)] == sorted(staged.values())

@@ -29,7 +29,8 @@ How the local server is run:
   error log, and both programs' ``--tmpdir``, in one temporary directory (``stockrx-mdb-*``), TCP only on 127.0.0.1 on a free port;
 - settings: utf8mb4 / utf8mb4_unicode_ci, ``--skip-name-resolve``, binary log ON in ROW format
   (``--log-bin --server-id=1``: MySQL 8's defaults, so statements that binary logging forbids
-  fail here as they would in production), ``--local-infile=1``. For speed the test server is less
+  fail here as they would in production), AUTO_INCREMENT lock mode 2 (``--innodb-autoinc-lock-mode=2``,
+  "interleaved": MySQL 8's default, MariaDB's is 1), ``--local-infile=1``. For speed the test server is less
   durable: ``--innodb-flush-log-at-trx-commit=2 --sync-binlog=0``; ``MySQLServer(durable=True)``
   (benchmarks) sets both to 1 instead, production durability; TLS offered, with a self-signed
   certificate made by ``openssl`` when it is installed (``tls_args``), as MySQL 8 offers it;
@@ -102,6 +103,7 @@ SERVER_OPTIONS: tuple[str, ...] = (
     "--skip-name-resolve",
     "--server-id=1",
     "--binlog-format=ROW",
+    "--innodb-autoinc-lock-mode=2",  # MySQL 8's default (MariaDB's is 1)
     "--local-infile=1",
     "--max-connections=200",
 )
