@@ -252,7 +252,11 @@ def insert_selected(
     theirs: set[int] = set()
     for _ in range(APP_ROW_LOOKS):
         where = [live.c.id >= first] + ([live.c.id.not_in(sorted(theirs))] if theirs else [])
-        id_runs = runs(conn, live.c.id, where, step, n)
+        seen, top = conn.execute(select(func.count(), func.max(live.c.id)).where(*where)).one()
+        if seen == n and top == first + (n - 1) * step:  # only ours, one run: no ranking
+            id_runs = [(first, n)]
+        else:
+            id_runs = runs(conn, live.c.id, where, step, n)
         if sum(k for _, k in id_runs) != n or id_runs[0][0] != first:
             raise RuntimeError(f"{n} rows inserted into {live.name} from id {first}, but "
                                f"{sum(k for _, k in id_runs)} found from {id_runs[0][0]}")
