@@ -41,6 +41,19 @@ def _things(engine: Engine) -> Table:
     return state.reflect_tables(engine, ["things"])["things"]
 
 
+def _things_staging(engine: Engine, ddl: str, values: list[str]) -> tuple[Table, Table]:
+    """``things`` altered by ``ddl``, and its stage holding a row per value of ``s`` (dp_seq 1,
+    2, ...)."""
+    live = _things(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE things {ddl}")
+    stage = mirror_table(engine, live, "stage")
+    with engine.begin() as conn:
+        conn.execute(insert(stage), [{"dp_execution_id": "e", "dp_action": INSERT, "dp_seq": seq,
+                                      "s": s} for seq, s in enumerate(values, 1)])
+    return live, stage
+
+
 Way = Callable[..., tuple[int, int | None]]
 WAYS = {"insert_select": mysql_rows.insert_selected, "insert_values": mysql_rows.insert_values}
 
@@ -105,13 +118,8 @@ def test_a_chunk_too_big_for_one_statement_is_halved(mysql_url, monkeypatch):
 
 def test_a_staged_insert_the_database_refuses_is_a_data_refusal(mysql_url, way):
     engine = get_engine(mysql_url)
-    live = _things(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE things ADD CONSTRAINT chk_no_bad CHECK (s <> 'bad')")
-    stage = mirror_table(engine, live, "stage")
-    with engine.begin() as conn:
-        conn.execute(insert(stage), [{"dp_execution_id": "e", "dp_action": INSERT, "dp_seq": i,
-                                      "s": s} for i, s in ((1, "good"), (2, "bad"))])
+    live, stage = _things_staging(engine, "ADD CONSTRAINT chk_no_bad CHECK (s <> 'bad')",
+                                  ["good", "bad"])
     with pytest.raises(OperationalError, match="chk_no_bad") as err:
         _insert_staged(engine, live, stage, way)
     assert dialect_of(engine).is_data_refusal(err.value)
@@ -149,12 +157,7 @@ def test_a_staged_insert_past_the_time_limit_is_cancelled(mysql_url, way):
     """The staged rows go as SQL text: the statement watchdog sees those statements too (here
     the INSERT waits for a row lock the application holds on the same unique value)."""
     engine = get_engine(mysql_url)
-    live = _things(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE things ADD UNIQUE KEY uq_s (s)")
-    stage = mirror_table(engine, live, "stage")
-    with engine.begin() as conn:
-        conn.execute(insert(stage).values(dp_execution_id="e", dp_action=INSERT, dp_seq=1, s="a"))
+    live, stage = _things_staging(engine, "ADD UNIQUE KEY uq_s (s)", ["a"])
     with app_engine(mysql_url).connect() as app:
         app.exec_driver_sql("INSERT INTO things (s) VALUES ('a')")  # not committed
         with pytest.raises(OperationalError) as err, write_transaction(engine) as conn:
@@ -184,13 +187,8 @@ def test_an_application_row_among_ours_is_told_apart(mysql_server, mysql_url, co
     ours, and commits it before we look for our ids or only after. Either way every staged row
     is found at its own id, in dp_seq order, and the application's row is not taken for ours."""
     engine = get_engine(mysql_url)
-    live = _things(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE things ADD UNIQUE KEY uq_s (s)")
-    stage = mirror_table(engine, live, "stage")
-    with engine.begin() as conn:
-        conn.execute(insert(stage), [{"dp_execution_id": "e", "dp_action": INSERT, "dp_seq": seq,
-                                      "s": f"r{seq}"} for seq in range(1, 101)])
+    live, stage = _things_staging(engine, "ADD UNIQUE KEY uq_s (s)",
+                                  [f"r{seq}" for seq in range(1, 101)])
     outcome: list[object] = []
 
     def ours() -> None:
