@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from decimal import Decimal
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import Table, func, insert, select
@@ -24,6 +25,8 @@ from patch_ops.database import get_engine, write_transaction
 from patch_ops.dialects import dialect_of, mysql_rows
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import staged_inserts
+from stockrx_patches.tables import inventory_logs
+from tests.support import stockrx as sx
 from tests.support.mysql import app_engine
 
 pytestmark = pytest.mark.mysql
@@ -224,3 +227,28 @@ def test_an_application_row_among_ours_is_told_apart(mysql_server, mysql_url, co
     assert min(staged.values()) < app_id < max(staged.values())  # it took an id among ours
     assert {staged[seq]: f"r{seq}" for seq in staged} == {i: s for i, s in rows.items() if s != "app"}
     assert [staged[seq] for seq in sorted(staged)] == sorted(staged.values())
+
+
+def test_ids_written_to_the_stage_serve_verify_and_restore(mysql_url):
+    """Every session's ids two apart (``auto_increment_increment = 2``, as on a multi-primary
+    cluster): the price patch's log rows are not ``dp_seq + offset``, so the commit writes each
+    id to the stage (by ranges); verify and restore find the rows by them."""
+    url = f"{mysql_url}&init_command={quote('SET SESSION auto_increment_increment = 2')}"
+    engine = sx.seeded(url, items=300)
+    before = sx.digest(engine)
+    result = sx.run_patch(url, sx.PRICE_JOB, {"adjustment_type": "percentage", "adjustment_value": 8,
+                                        "dry_run": False})
+    assert result.success, sx.failure_description(result)
+    ex = sx.latest_execution(engine, sx.PRICE_JOB)
+    assert ex["phase"] == "verified"
+    assert "inventory_logs" not in (ex["report"].get("insert_id_offsets") or {})
+    stage = mirror_table(engine, inventory_logs, "stage")
+    with engine.connect() as conn:
+        ids = list(conn.execute(select(stage.c.id).where(
+            stage.c.dp_execution_id == ex["execution_id"], stage.c.dp_action == INSERT
+        ).order_by(stage.c.dp_seq)).scalars())
+    assert len(ids) > 100 and all(b - a == 2 for a, b in zip(ids, ids[1:], strict=False))
+    restored = sx.run_job(url, "restore_patch", "plan_restore",
+                       {"execution_id": ex["execution_id"], "dry_run": False})
+    assert restored.success, sx.failure_description(restored)
+    assert sx.digest(engine) == before

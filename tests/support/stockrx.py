@@ -116,6 +116,34 @@ def starved_defs() -> Definitions:
     return build_definitions(default_registry(), {MEMORY: guard})
 
 
+def run_job(
+    url: str,
+    job_name: str,
+    op_name: str,
+    config: dict[str, Any],
+    defs: Definitions | None = None,
+    instance: DagsterInstance | None = None,
+) -> ExecuteInProcessResult:
+    """Run a job in-process against the database at ``url`` (as STOCKRX_DATABASE_URL), with
+    ``config`` for its first op ``op_name``."""
+    from stockrx_patches.definitions import defs as default_defs
+
+    job = (defs or default_defs).resolve_job_def(job_name)
+    saved = os.environ.get("STOCKRX_DATABASE_URL")
+    os.environ["STOCKRX_DATABASE_URL"] = url
+    try:
+        return job.execute_in_process(
+            run_config={"ops": {op_name: {"config": config}}},
+            raise_on_error=False,
+            instance=instance,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("STOCKRX_DATABASE_URL", None)
+        else:
+            os.environ["STOCKRX_DATABASE_URL"] = saved
+
+
 def run_patch(
     url: str,
     job_name: str,
@@ -136,22 +164,7 @@ def run_patch(
         dry = run_patch(url, job_name, {**config, "dry_run": True}, defs, instance, approve=False)
         if not dry.success:
             return dry
-    from stockrx_patches.definitions import defs as default_defs
-
-    job = (defs or default_defs).resolve_job_def(job_name)
-    saved = os.environ.get("STOCKRX_DATABASE_URL")
-    os.environ["STOCKRX_DATABASE_URL"] = url
-    try:
-        return job.execute_in_process(
-            run_config={"ops": {"plan_patch": {"config": config}}},
-            raise_on_error=False,
-            instance=instance,
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("STOCKRX_DATABASE_URL", None)
-        else:
-            os.environ["STOCKRX_DATABASE_URL"] = saved
+    return run_job(url, job_name, "plan_patch", config, defs, instance)
 
 
 def latest_execution(engine: Engine, patch_name: str | None = None) -> dict[str, Any]:

@@ -39,30 +39,13 @@ from tests.support.stockrx import (
     digest,
     failure_description,
     latest_execution,
+    run_job,
     run_patch,
     seeded,
 )
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
 PATCH_RUNS = {PRICE_JOB: PCT8, JOB: REAL}
-
-
-def run_job(url: str, job_name: str, op_name: str, config: dict[str, Any],
-            defs=None) -> ExecuteInProcessResult:  # type: ignore[no-untyped-def]
-    from stockrx_patches.definitions import defs as default_defs
-
-    job = (defs or default_defs).resolve_job_def(job_name)
-    saved = os.environ.get("STOCKRX_DATABASE_URL")
-    os.environ["STOCKRX_DATABASE_URL"] = url
-    try:
-        return job.execute_in_process(
-            run_config={"ops": {op_name: {"config": config}}}, raise_on_error=False
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("STOCKRX_DATABASE_URL", None)
-        else:
-            os.environ["STOCKRX_DATABASE_URL"] = saved
 
 
 def restore(url: str, execution_id: str, **cfg: Any) -> ExecuteInProcessResult:
