@@ -38,7 +38,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Table,
-    bindparam,
     func,
     insert,
     literal_column,
@@ -260,14 +259,7 @@ def insert_selected(
         if sum(k for _, k in id_runs) != n or id_runs[0][0] != first:
             raise RuntimeError(f"{n} rows inserted into {live.name} from id {first}, but "
                                f"{sum(k for _, k in id_runs)} found from {id_runs[0][0]}")
-        pieces = matched_ranges(seq_runs, id_runs, step)
-        offset = pieces[0][2] if len(pieces) == 1 and step == 1 else None
-        if offset is None:
-            for low_seq, high_seq, shift in pieces:
-                conn.execute(
-                    update(st).where(ins.where, st.c.dp_seq.between(low_seq, high_seq))
-                    .values(id=st.c.dp_seq * step + shift)
-                )
+        offset = record_ids(conn, ins, seq_runs, id_runs, step)
         last = id_runs[-1][0] + (id_runs[-1][1] - 1) * step
         with conn.engine.connect() as other:  # sees committed rows only: not ours
             found = set(other.execute(
@@ -309,7 +301,11 @@ def matched_ranges(
     ident, left_i = id_runs[0]
     while True:
         k = min(left_s, left_i)
-        out.append((seq, seq + k - 1, ident - seq * step))
+        shift = ident - seq * step
+        if out and out[-1][2] == shift and out[-1][1] + 1 == seq:  # continues the last range
+            out[-1] = (out[-1][0], seq + k - 1, shift)
+        else:
+            out.append((seq, seq + k - 1, shift))
         seq, left_s, ident, left_i = seq + k, left_s - k, ident + k * step, left_i - k
         if not left_s:
             i += 1
@@ -342,7 +338,8 @@ def insert_values(
     names = ", ".join(q.quote(c) for c in columns)
     head = f"INSERT INTO {table_sql(conn, live)} ({names}) VALUES "
     text: Any = literal_column(row_literal(conn, st, columns)).label("txt")
-    blocks: list[tuple[Sequence[int], int]] = []  # (dp_seq of the rows, id of the first)
+    seq_runs: list[tuple[int, int]] = []  # the rows' dp_seq, as runs (first, length)
+    id_runs: list[tuple[int, int]] = []  # their ids: a statement's from its first, step apart
     after, total, rows = ins.first - 1, 0, CHUNK_ROWS
     while True:
         chunk = (
@@ -376,39 +373,44 @@ def insert_values(
                 f"inserting {n} staged rows into {live.name} inserted {count} "
                 f"(first id {first_id})"
             )
-        seqs: Sequence[int] = (
-            range(int(low), int(high) + 1)
-            if int(high) - int(low) + 1 == n
-            else [int(s) for s in str(seq_text).split(",")]
-        )
-        blocks.append((seqs, int(first_id)))
+        if int(high) - int(low) + 1 == n:
+            seq_runs.append((int(low), n))
+        else:
+            seq_runs += consecutive_runs([int(s) for s in str(seq_text).split(",")])
+        id_runs.append((int(first_id), n))
         total += n
         after = int(high)
-    return total, record_ids(conn, ins, blocks, int(step or 1))
+    return total, record_ids(conn, ins, seq_runs, id_runs, int(step or 1))
 
 
 def record_ids(
-    conn: Connection, ins: StagedInserts, blocks: list[tuple[Sequence[int], int]], step: int
+    conn: Connection,
+    ins: StagedInserts,
+    seq_runs: list[tuple[int, int]],
+    id_runs: list[tuple[int, int]],
+    step: int,
 ) -> int | None:
-    """The offset when every inserted row's id is ``dp_seq + offset``; else write each row's id
-    to the stage's ``id`` column and return None."""
-    unbroken = [step == 1 and seqs[-1] - seqs[0] + 1 == len(seqs) for seqs, _ in blocks]
-    offsets = {first - seqs[0] for seqs, first in blocks}
-    if blocks and all(unbroken) and len(offsets) == 1:
-        return offsets.pop()
+    """The k-th inserted id belongs to the k-th ``dp_seq`` (both given as runs: first value,
+    length). The offset when every id is ``dp_seq + offset``; else write each row's id to the
+    stage's ``id`` column, one UPDATE per range (``matched_ranges``), and return None."""
+    pieces = matched_ranges(seq_runs, id_runs, step)
+    if len(pieces) == 1 and step == 1:
+        return pieces[0][2]
     st = ins.stage
-    for (seqs, first), plain in zip(blocks, unbroken, strict=True):
-        if plain:
-            conn.execute(
-                update(st)
-                .where(ins.where, st.c.dp_seq.between(seqs[0], seqs[-1]))
-                .values(id=st.c.dp_seq + (first - seqs[0]))
-            )
-        else:
-            conn.execute(
-                update(st)
-                .where(ins.where, st.c.dp_seq == bindparam("seq"))
-                .values(id=bindparam("new_id")),
-                [{"seq": s, "new_id": first + k * step} for k, s in enumerate(seqs)],
-            )
+    for low_seq, high_seq, shift in pieces:
+        conn.execute(
+            update(st).where(ins.where, st.c.dp_seq.between(low_seq, high_seq))
+            .values(id=st.c.dp_seq * step + shift)
+        )
     return None
+
+
+def consecutive_runs(values: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ``values`` as runs (first value, length) of consecutive integers."""
+    out: list[tuple[int, int]] = []
+    for v in values:
+        if out and out[-1][0] + out[-1][1] == v:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((v, 1))
+    return out

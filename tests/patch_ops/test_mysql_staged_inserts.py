@@ -27,7 +27,7 @@ from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import staged_inserts
 from stockrx_patches.tables import inventory_logs
 from tests.support import stockrx as sx
-from tests.support.mysql import app_engine
+from tests.support.mysql import MySQLServer, app_engine
 
 pytestmark = pytest.mark.mysql
 
@@ -175,7 +175,7 @@ def test_a_staged_insert_past_the_time_limit_is_cancelled(mysql_url, way):
         assert conn.execute(select(func.count()).select_from(live)).scalar() == 0
 
 
-def _lock_waits(server) -> int:  # type: ignore[no-untyped-def]
+def _lock_waits(server: MySQLServer) -> int:
     """Transactions of the server waiting for a row lock now."""
     with server.admin_connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM information_schema.INNODB_TRX "
