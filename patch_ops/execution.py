@@ -13,19 +13,19 @@ import getpass
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.patch import Patch, PatchRunConfig, PatchSettings, RunContext
-from patch_ops.state import INSERT, executions, locks, targets
+from patch_ops.state import INSERT, UPDATE, executions, locks, targets
 
 #: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
 #: window), status 'paused': progress kept, table locks released, continued by a later run.
@@ -176,10 +176,12 @@ def finish_execution(
     status: str,
     error: str | None = None,
     keep_work_tables: bool = True,
+    fingerprint: Collection[str] = (),
     **values: Any,
 ) -> None:
-    """Close an execution: status, completion time, locks released, scratch data dropped. A
-    committed execution closed as failed (not restored) is ``UNVERIFIED``: its data changed."""
+    """Close an execution: status, completion time, locks released, scratch data dropped (but
+    the ``fingerprint`` of an approving dry run: ``drop_work_rows``). A committed execution
+    closed as failed (not restored) is ``UNVERIFIED``: its data changed."""
     with write_transaction(engine) as conn:
         if status == "failed" and values.get("phase", "committed") == "committed":
             if load_execution(conn, execution_id)["phase"] == "committed":
@@ -194,7 +196,7 @@ def finish_execution(
         )
         conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
         if not keep_work_tables:
-            drop_work_rows(conn, execution_id)
+            drop_work_rows(conn, execution_id, fingerprint)
 
 
 def stop_execution(engine: Engine, execution_id: str, stop: dict[str, Any]) -> dict[str, Any]:
@@ -244,16 +246,25 @@ def running_executions(engine: Engine, dagster_run_id: str) -> list[str]:
         )
 
 
-def drop_work_rows(conn: Connection, execution_id: str) -> None:
-    """Backup/stage/target rows of an execution that never reached live tables."""
+def drop_work_rows(
+    conn: Connection, execution_id: str, fingerprint: Collection[str] = ()
+) -> None:
+    """Backup/stage/target rows of an execution that never reached live tables. Of the tables
+    in ``fingerprint`` its backup rows and staged updates stay: an approving dry run's record of
+    what it read and would write (``steps.drift``), dropped when it can approve nothing."""
     ex = load_execution(conn, execution_id)
     decl = ex.get("declaration") or {}
     for table in decl.get("tables", []):
         for kind in ("backup", "stage"):
+            if kind == "backup" and table in fingerprint:
+                continue
             name = state.mirror_name(kind, table)
             mirror = state.mirror_by_name(conn, name)
             if mirror is not None:
-                conn.execute(delete(mirror).where(mirror.c.dp_execution_id == execution_id))
+                mine = mirror.c.dp_execution_id == execution_id
+                if table in fingerprint:
+                    mine = and_(mine, mirror.c.dp_action != UPDATE)
+                conn.execute(delete(mirror).where(mine))
     conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
     # data_patch_rejects stays: it explains why a run failed.
 

@@ -10,7 +10,7 @@ its own process (``patch_ops.executor``) and can be re-executed from failure.
 
 # No `from __future__ import annotations` here: Dagster reads the op signatures' annotations.
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from dagster import Failure, JobDefinition, MetadataValue, Out, Output, job
@@ -74,21 +74,21 @@ def table_tags(patch: Patch) -> dict[str, str]:
 def complete(
     step: Step,
     execution_id: str,
-    last_work: Callable[[], None],
+    last_work: Callable[[], Collection[str] | None],
     phase: str,
     audit_event: str,
     message: str,
     keep_work_tables: bool = True,
     reason: str | None = None,
 ) -> None:
-    """The last step of an execution that succeeds: ``last_work`` and the completed state as a
-    step of the execution (a failure fails it); then its last audit event and notification
-    (with ``reason``, if any)."""
+    """The last step of an execution that succeeds: ``last_work`` (it may name the tables whose
+    work rows stay as a fingerprint: ``finish_execution``) and the completed state as a step of
+    the execution (a failure fails it); then its last audit event and notification (with
+    ``reason``, if any)."""
     with step.taking_over(execution_id):
-        last_work()
-        finish_execution(
-            step.engine, execution_id, "completed", keep_work_tables=keep_work_tables, phase=phase
-        )
+        fingerprint = last_work() or ()
+        finish_execution(step.engine, execution_id, "completed",
+                         keep_work_tables=keep_work_tables, fingerprint=fingerprint, phase=phase)
     step.lifecycle(execution_id).close(audit_event, {}, "completed", reason)
     step.log.info(message)
 

@@ -6,9 +6,9 @@
 - ``data_patch_locks``: one row per table while an execution holds it.
 - per target table T, mirror tables built from T's reflected columns:
   ``data_patch_backup__T`` (before-images) and ``data_patch_stage__T`` (after-images of updated
-  rows, and rows to insert), and for approving dry runs ``data_patch_approved__T`` (what they
-  read and would write in the drift columns). They have every column of T, nullable and
-  unconstrained, plus ``dp_*`` bookkeeping columns.
+  rows, and rows to insert); an approving dry run's stay as its fingerprint
+  (``patch_ops.steps.drift``; earlier versions copied them to ``data_patch_approved__T``).
+  They have every column of T, nullable and unconstrained, plus ``dp_*`` bookkeeping columns.
 """
 
 from __future__ import annotations
@@ -148,9 +148,8 @@ locks = Table(
 DRIFTED = "drift_since_approval"
 
 MIRROR_COLUMNS = ("dp_execution_id", "dp_action", "dp_seq", "dp_source_id")
-#: Mirror kinds: before-images, staged changes, and what an approving dry run read and would
-#: write in its drift columns (``patch_ops.steps.drift``).
-MIRROR_KINDS = ("backup", "stage", "approved")
+#: Mirror kinds: before-images, staged changes.
+MIRROR_KINDS = ("backup", "stage")
 #: dp_action of mirror rows: a before-image (backup), an updated row, an inserted row (stage).
 BACKUP, UPDATE, INSERT = "B", "U", "I"
 #: dp_action of a stage row that fails a check, staged by the in-database transform's one-pass
@@ -213,21 +212,15 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
             Column("dp_source_id", BigInteger),
         ]
         cols += [Column(c.name, c.type, nullable=True) for c in live.columns]
-        # Backup rows have no source (dp_source_id is NULL): a source index there would be
-        # kept up on every bulk backup insert (a third of its time) and never read. The stage's
-        # is read only by the search for refused rows and their hold-back, which make it first
-        # (``ensure_source_index``): kept up during the transform's inserts it cost a third of
-        # their time, so the transform drops it (``drop_source_index``).
-        by_source = (
-            [Index(source_index_name(kind, live.name), "dp_execution_id", "dp_source_id")]
-            if kind == "approved" else []
-        )
+        # No dp_source_id index: backup rows have no source (dp_source_id is NULL), and kept up
+        # during the transform's inserts the stage's cost a third of their time; its readers
+        # (the search for refused rows and their hold-back) make it first (``ensure_source_index``)
+        # and the transform drops it (``drop_source_index``).
         table = Table(
             mirror_name(kind, live.name),
             md,
             *cols,
             PrimaryKeyConstraint("dp_execution_id", "dp_action", "dp_seq"),
-            *by_source,
             schema=schema,
             **mirror_table_options(live),
         )

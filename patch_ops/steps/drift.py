@@ -14,16 +14,18 @@ Drift is defined once, on what the patch reads and writes, not on whole rows:
   of the plan hash (``patch_ops.approval``): a migration after approval is a new plan, refused
   naming what changed.
 
-A dry run of a patch that needs approval keeps, when it completes, what it read (its backup rows,
-drift columns only: action ``B``) and what it would write (its staged updates: ``U``) in
-``data_patch_approved__<table>`` (``keep_fingerprint``); its backup and stage are dropped as
-before. A real run approved by it compares, at plan time in the freezing transaction, its live
-target rows with those values, null-safe and set-based (``hold_back_drift``): drifted driving
-rows leave the target set (neither backed up nor transformed: left as they are, the next dry run
-shows them again) and are rejected (``data_patch_rejects``, check ``DRIFTED``) with their before
-/ approved / now values; above ``max_drift_percent`` of the target set the run is refused before
-any write. Fingerprints go once they can approve nothing (a later dry run of the patch drops
-those used by a commit or older than ``plan_valid_hours``) and with the purge.
+A dry run of a patch that needs approval keeps, when it completes, what it read (its backup
+rows: action ``B``) and what it would write (its staged updates: ``U``) of the tables with drift
+columns, as its fingerprint (``keep_fingerprint``); its other work rows are dropped as before.
+Copying them elsewhere and deleting the originals cost a dry run as much as its whole commit
+(benchmarks/README.md, session 22). A real run approved by it compares, at plan time in the
+freezing transaction, its live target rows with those values, null-safe and set-based
+(``hold_back_drift``): drifted driving rows leave the target set (neither backed up nor
+transformed: left as they are, the next dry run shows them again) and are rejected
+(``data_patch_rejects``, check ``DRIFTED``) with their before / approved / now values; above
+``max_drift_percent`` of the target set the run is refused before any write. Fingerprints go
+once they can approve nothing (a later dry run of the patch drops those used by a commit or
+older than ``plan_valid_hours``) and with the purge.
 """
 
 from __future__ import annotations
@@ -63,12 +65,15 @@ from patch_ops.state import (
     UPDATE,
     executions,
     mirror_name,
-    mirror_table,
     rejects,
     targets,
 )
 
+#: The mirror kind earlier versions kept fingerprints in: still dropped with them (the purge).
 APPROVED = "approved"
+#: Where an approving dry run's fingerprint is (``approval_fingerprint.kept_in`` of its report):
+#: its own backup rows and staged updates. Earlier versions copied them to ``APPROVED``.
+KEPT_IN = "work rows"
 #: Columns the application keeps moving by itself (Rails timestamps); with ``*_count`` counter
 #: caches they are not drift unless a patch declares them.
 BOOKKEEPING = ("created_at", "updated_at")
@@ -108,65 +113,39 @@ def _source_of(patch: Patch, table: str, mirror: Table) -> Any:
 
 def keep_fingerprint(
     engine: Engine, patch: Patch, settings: PatchSettings, execution_id: str
-) -> None:
-    """At the end of a dry run: copy its read and would-be values of the drift columns into
-    ``data_patch_approved__<table>`` (idempotent), and drop fingerprints of the patch's dry runs
-    that can approve nothing any more. Nothing is kept for a patch that needs no approval."""
+) -> list[str]:
+    """At the end of a dry run: record that its backup rows and staged updates of the tables
+    with drift columns stay as its fingerprint (idempotent), and drop the work rows of the
+    patch's dry runs that can approve nothing any more. Returns those tables, for
+    ``finish_execution``: none for a patch that needs no approval (everything is dropped)."""
     if not settings.require_approved_plan:
-        return
+        return []
     cols = drift_columns(patch)
     live = state.reflect_tables(engine, patch.tables())
     for table, names in cols.items():
         missing = sorted(set(names) - set(live[table].c.keys()))
         if missing:
             raise PlanRefused(f"drift column(s) missing in table {table!r}: {', '.join(missing)}")
-    # DDL before the transaction (it would commit it on MySQL)
-    fps = {t: mirror_table(engine, live[t], APPROVED) for t in cols}
-    backups = {t: mirror_table(engine, live[t], "backup") for t in cols}
-    stages = {t: mirror_table(engine, live[t], "stage") for t in cols}
     with write_transaction(engine) as conn:
         ex = load_execution(conn, execution_id)
-        _forget_unusable(conn, patch.name, execution_id, settings.plan_valid_hours, fps)
-        rows: dict[str, int] = {}
-        for table, names in cols.items():
-            fp, bk, st = fps[table], backups[table], stages[table]
-            conn.execute(delete(fp).where(fp.c.dp_execution_id == execution_id))
-            head = ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", "id"]
-            rows[table] = conn.execute(
-                insert(fp).from_select(
-                    [*head, *names],
-                    select(bk.c.dp_execution_id, bk.c.dp_action, bk.c.dp_seq,
-                           _source_of(patch, table, bk), bk.c.id, *[bk.c[c] for c in names])
-                    .where(bk.c.dp_execution_id == execution_id, bk.c.dp_action == BACKUP),
-                ),
-                execution_options=ROWCOUNT,
-            ).rowcount
-            written = [c for c in names if c in patch.updates.get(table, ())]
-            if written:
-                conn.execute(
-                    insert(fp).from_select(
-                        [*head, *written],
-                        select(st.c.dp_execution_id, st.c.dp_action, st.c.dp_seq,
-                               st.c.dp_source_id, st.c.id, *[st.c[c] for c in written])
-                        .where(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE),
-                    )
-                )
-        kept = {"columns": {t: list(c) for t, c in cols.items()}, "rows": rows}
+        _forget_unusable(conn, patch, execution_id, settings.plan_valid_hours)
+        backed_up = (ex["report"] or {}).get("backup") or {}
         report = dict(ex["report"] or {})
-        report["approval_fingerprint"] = kept
+        report["approval_fingerprint"] = {
+            "columns": {t: list(c) for t, c in cols.items()},
+            "rows": {t: int(backed_up.get(t, 0)) for t in cols},
+            "kept_in": KEPT_IN,
+        }
         set_execution(conn, execution_id, report=report)
-    # The real run's drift check joins these rows with the live ones: with stale statistics
-    # the planner takes them for a handful (a nested loop over every target, ~3x slower)
-    state.analyze(engine, list(fps.values()))
+    return list(cols)
 
 
-def _forget_unusable(
-    conn: Connection, patch_name: str, current: str, valid_hours: float, fps: dict[str, Table]
-) -> None:
+def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: float) -> None:
     """Drop the fingerprints of this patch's earlier dry runs that can approve nothing: not
-    completed, older than ``valid_hours``, or used by a real run that committed. Their ids are
-    read first and deleted by key: MariaDB ran ``dp_execution_id IN (SELECT ...)`` in a DELETE
-    as a dependent subquery, once per kept row (2.4 s over one kept 100k-row fingerprint)."""
+    completed, older than ``valid_hours``, or used by a real run that committed (a cancelled
+    one's work rows stay: a run with its config continues it). Their ids are read first and
+    deleted by key: MariaDB ran ``dp_execution_id IN (SELECT ...)`` in a DELETE as a dependent
+    subquery, once per kept row (2.4 s over one kept 100k-row fingerprint)."""
     real = executions.alias("real")
     used = (
         select(real.c.execution_id)
@@ -174,8 +153,8 @@ def _forget_unusable(
                real.c.phase.in_(USED_PHASES))
         .exists()
     )
-    gone = list(conn.execute(select(executions.c.execution_id).where(
-        executions.c.patch_name == patch_name,
+    gone = conn.execute(select(executions.c.execution_id, executions.c.status).where(
+        executions.c.patch_name == patch.name,
         executions.c.dry_run.is_(True),  # only a dry run keeps a fingerprint
         executions.c.execution_id != current,
         executions.c.completed_at.is_not(None),
@@ -184,10 +163,15 @@ def _forget_unusable(
             executions.c.completed_at < utcnow() - dt.timedelta(hours=valid_hours),
             used,
         ),
-    )).scalars())
-    for fp in fps.values():
-        for at in range(0, len(gone), PAGE):
-            conn.execute(delete(fp).where(fp.c.dp_execution_id.in_(gone[at : at + PAGE])))
+    )).all()
+    kept = [i for i, status in gone if status == "completed"]
+    for table in patch.tables():
+        for kind, ids in (("backup", kept), ("stage", kept), (APPROVED, [i for i, _ in gone])):
+            mirror = state.mirror_by_name(conn, mirror_name(kind, table)) if ids else None
+            if mirror is not None:
+                for at in range(0, len(ids), PAGE):
+                    page = ids[at : at + PAGE]
+                    conn.execute(delete(mirror).where(mirror.c.dp_execution_id.in_(page)))
 
 
 def drop_fingerprint(conn: Connection, execution_id: str, tables: list[str]) -> int:
@@ -209,23 +193,30 @@ def drop_fingerprint(conn: Connection, execution_id: str, tables: list[str]) -> 
 
 
 class _Compare:
-    """The drift queries of one real run against its approving dry run's fingerprint."""
+    """The drift queries of one real run against its approving dry run's fingerprint: that run's
+    backup rows (what it read) and staged updates (what it would write)."""
 
     def __init__(self, conn: Connection, patch: Patch, execution_id: str, approver: str):
         self.patch, self.execution_id, self.approver = patch, execution_id, approver
         self.cols = drift_columns(patch)
         self.live = dict(state.reflect_tables(conn, patch.tables()))
         self.fps: dict[str, Table] = {}
+        self.staged: dict[str, Table] = {}
         for table, names in self.cols.items():
             missing = sorted(set(names) - set(self.live[table].c.keys()))
             if missing:
                 raise PlanRefused(
                     f"drift column(s) missing in table {table!r}: {', '.join(missing)}"
                 )
-            fp = state.mirror_by_name(conn, mirror_name(APPROVED, table))
-            if fp is None or not set(names) <= set(fp.c.keys()):
+            fp = state.mirror_by_name(conn, mirror_name("backup", table))
+            st = state.mirror_by_name(conn, mirror_name("stage", table))
+            if fp is None or st is None or not set(names) <= set(fp.c.keys()):
                 raise PlanRefused(f"approving dry run {approver} kept no record of its values")
-            self.fps[table] = fp
+            self.fps[table], self.staged[table] = fp, st
+
+    def source(self, table: str, b: Any) -> Any:
+        """The driving row id of fingerprint row ``b`` of ``table`` (None: none)."""
+        return _source_of(self.patch, table, b)
 
     def drifted(self, table: str, *extra: Any) -> Any:
         """SELECT ``extra`` from the target rows of ``table`` that drifted (live vs before).
@@ -262,24 +253,25 @@ class _Compare:
         parts = []
         for table in self.cols:
             q, b = self.drifted(table)
-            parts.append(q.add_columns(b.c.dp_source_id.label("s")))
+            parts.append(q.add_columns(self.source(table, b).label("s")))
         return union(*parts).subquery()
 
     def describe(self, conn: Connection, ids: list[int]) -> dict[int, str]:
         """Per driving row: ``table id: col before X, approved Y, now Z`` of each drifted row."""
         out: dict[int, list[str]] = {i: [] for i in ids}
         for table, names in self.cols.items():
-            live, fp = self.live[table], self.fps[table]
+            live = self.live[table]
             q, b = self.drifted(table)
-            u = fp.alias("u")
+            u = self.staged[table].alias("u")
+            src = self.source(table, b)
             q = (
-                q.add_columns(b.c.dp_source_id, live.c.id, *[live.c[c] for c in names],
+                q.add_columns(src, live.c.id, *[live.c[c] for c in names],
                               *[b.c[c] for c in names], *[u.c[c] for c in names],
                               u.c.dp_seq.label("staged"))
                 .outerjoin(u, and_(u.c.dp_execution_id == self.approver,
                                    u.c.dp_action == UPDATE, u.c.dp_seq == live.c.id))
-                .where(b.c.dp_source_id.in_(ids))
-                .order_by(b.c.dp_source_id, live.c.id)
+                .where(src.in_(ids))
+                .order_by(src, live.c.id)
             )
             k = len(names)
             for row in conn.execute(q):
@@ -307,7 +299,9 @@ def hold_back_drift(
     dry = load_execution(conn, approver)
     cols = drift_columns(patch)
     kept = (dry.get("report") or {}).get("approval_fingerprint") or {}
-    if kept.get("columns") != {t: list(c) for t, c in cols.items()}:
+    if kept.get("columns") != {t: list(c) for t, c in cols.items()} or (
+        kept.get("kept_in") != KEPT_IN
+    ):
         raise PlanRefused(
             f"approving dry run {approver} kept no record of the values it read and would write "
             f"in the drift columns ({_columns(cols)}), so drift since approval cannot be "
@@ -395,7 +389,7 @@ def _leave_targets(conn: Connection, cmp: _Compare, page: list[int]) -> None:
         if fp is not None:  # also where the link itself drifted: the dry run's
             ids = union(ids, select(fp.c.dp_seq).where(
                 fp.c.dp_execution_id == cmp.approver, fp.c.dp_action == BACKUP,
-                fp.c.dp_source_id.in_(page)))
+                cmp.source(table, fp).in_(page)))
         conn.execute(delete(targets).where(
             mine, targets.c.table_name == table, targets.c.row_id.in_(ids)))
 

@@ -13,8 +13,8 @@ from sqlalchemy import func, insert, select, update
 
 from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
-from patch_ops.state import DRIFTED, executions, mirror_by_name, mirror_name, rejects
-from patch_ops.steps.drift import APPROVED, drift_columns
+from patch_ops.state import DRIFTED, executions, mirror_by_name, mirror_name, rejects, targets
+from patch_ops.steps.drift import drift_columns
 from patch_ops.steps.purge import purge_backups
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
@@ -67,11 +67,23 @@ def times_ten(engine, *items: int) -> None:  # type: ignore[no-untyped-def]
 
 
 def fingerprint_rows(engine, execution_id: str) -> int:  # type: ignore[no-untyped-def]
+    """The dry run's rows kept as its fingerprint: backup rows and staged updates of the items."""
+    return work_rows(engine, execution_id)["backup", "inventories"] + work_rows(
+        engine, execution_id)["stage", "inventories"]
+
+
+def work_rows(engine, execution_id: str) -> dict[tuple[str, str], int]:  # type: ignore[no-untyped-def]
+    """(kind, table) -> the execution's rows in that mirror; ("targets", "") its targets."""
+    out: dict[tuple[str, str], int] = {}
     with engine.connect() as conn:
-        fp = mirror_by_name(conn, mirror_name(APPROVED, "inventories"))
-        assert fp is not None
-        return int(conn.execute(select(func.count()).where(
-            fp.c.dp_execution_id == execution_id)).scalar_one())
+        for kind in ("backup", "stage"):
+            for table in ("inventories", "inventory_logs"):
+                m = mirror_by_name(conn, mirror_name(kind, table))
+                out[kind, table] = 0 if m is None else int(conn.execute(
+                    select(func.count()).where(m.c.dp_execution_id == execution_id)).scalar_one())
+        out["targets", ""] = int(conn.execute(select(func.count()).where(
+            targets.c.execution_id == execution_id)).scalar_one())
+    return out
 
 
 def test_drift_is_defined_on_what_the_patch_reads_and_writes():
@@ -156,7 +168,10 @@ def test_require_distinct_approver_and_the_fingerprints_lifetime(sqlite_url):
     strict = defs_with_settings(require_distinct_approver=True)
     assert run(sqlite_url, True, "alice", strict).success
     dry_id = latest_execution(engine)["execution_id"]
-    assert fingerprint_rows(engine, dry_id) == 2 + 2  # what it read and what it would write
+    # what it read and what it would write stay; its staged log rows and targets are gone
+    assert work_rows(engine, dry_id) == {
+        ("backup", "inventories"): 2, ("stage", "inventories"): 2,
+        ("backup", "inventory_logs"): 0, ("stage", "inventory_logs"): 0, ("targets", ""): 0}
 
     refused = run(sqlite_url, False, "Alice", strict)
     assert not refused.success
@@ -173,10 +188,42 @@ def test_require_distinct_approver_and_the_fingerprints_lifetime(sqlite_url):
     assert fingerprint_rows(engine, dry_id) == 0 and fingerprint_rows(engine, new_id) == 4
     # still valid and unused: kept by the next dry run
     assert run(sqlite_url, True, "dave").success
+    dave_id = latest_execution(engine)["execution_id"]
     assert fingerprint_rows(engine, new_id) == 4
+    # a cancelled dry run's work rows stay for the run with its config that continues it (here:
+    # as if stopped); a dry run with another config leaves them
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id == dave_id)
+                     .values(status="cancelled"))
+    other = run_patch(sqlite_url, PRICE_JOB, {**PCT8, "adjustment_value": 9, "dry_run": True,
+                                              "launched_by": "erin"}, approve=False)
+    assert other.success, failure_description(other)
+    assert latest_execution(engine)["execution_id"] != dave_id
+    assert fingerprint_rows(engine, dave_id) == 4
     long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
     with engine.begin() as conn:
         conn.execute(update(executions).where(executions.c.execution_id == new_id)
                      .values(started_at=long_ago, completed_at=long_ago))
     purge_backups(get_engine(sqlite_url), 90, dry_run=False)
     assert fingerprint_rows(engine, new_id) == 0
+
+
+def test_a_fingerprint_kept_by_an_earlier_version_approves_nothing(sqlite_url):
+    # Earlier versions copied the fingerprint to data_patch_approved__<table>, not read now: a
+    # real run approved by such a dry run is refused before any write, saying what to do.
+    engine = hand_built(sqlite_url, [100, 200])
+    assert run(sqlite_url, True, "alice").success
+    dry = latest_execution(engine)
+    report = dict(dry["report"])
+    report["approval_fingerprint"] = {
+        k: v for k, v in report["approval_fingerprint"].items() if k != "kept_in"}
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id == dry["execution_id"])
+                     .values(report=report))
+    result = run(sqlite_url, False, "bob")
+    assert not result.success
+    message = failure_description(result)
+    assert (f"approving dry run {dry['execution_id']} kept no record of the values it read and "
+            "would write in the drift columns (inventories.price)") in message, message
+    assert "run a new dry run" in message
+    assert prices(engine) == {1: 100, 2: 200}
