@@ -20,10 +20,11 @@ from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.registry import Registry, default_registry, load_project_config
-from stockrx_patches.tables import inventories, inventory_logs
+from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.conftest import TEST_AUDIT_KEY
 from tests.support.stockrx import (
     PRICE_JOB,
+    defs_with,
     digest,
     failure_description,
     hand_built,
@@ -227,3 +228,46 @@ def test_a_fingerprint_kept_by_an_earlier_version_approves_nothing(sqlite_url):
             "would write in the drift columns (inventories.price)") in message, message
     assert "run a new dry run" in message
     assert prices(engine) == {1: 100, 2: 200}
+
+
+def test_a_related_rows_drift_holds_back_its_driving_row(database_url):
+    # batch_expiry_update made to need approval: a lot (related table batches, linked by
+    # inventory_id) sold from since the dry run holds its item back, traced through the dry
+    # run's own backup rows; the other items' lots are written off.
+    from tests.stockrx_patches.patches.test_batch_expiry_update import BD, build_fixture
+
+    engine = get_engine(database_url)
+    build_fixture(engine)
+    base = default_registry()
+    expiry = "batch_expiry_update"
+    settings = dataclasses.replace(base.config.patches[expiry], require_approved_plan=True,
+                                   max_drift_percent=50)
+    defs = defs_with((base.patches[expiry], settings))
+    config = {"business_date": BD.isoformat(), "allow_outside_window": True}
+    dry = run_patch(database_url, expiry, {**config, "dry_run": True, "launched_by": "alice"},
+                    defs=defs, approve=False)
+    assert dry.success, failure_description(dry)
+    dry_id = latest_execution(engine)["execution_id"]
+    with engine.begin() as conn:  # the application sells one from lot A of item 1
+        lot_a = conn.execute(select(batches.c.id).where(batches.c.lot_code == "A")).scalar_one()
+        conn.execute(update(batches).where(batches.c.id == lot_a).values(quantity=29))
+        conn.execute(update(inventories).where(inventories.c.id == 1).values(quantity=99))
+
+    result = run_patch(database_url, expiry, {**config, "dry_run": False, "launched_by": "bob"},
+                       defs=defs, approve=False)
+    assert result.success, failure_description(result)
+    ex = latest_execution(engine)
+    assert ex["approved_by_execution_id"] == dry_id
+    drift = ex["report"]["drift"]
+    assert drift["count"] == 1 and [s["source_id"] for s in drift["sample"]] == [1]
+    assert f"batches {lot_a}: quantity before 30, approved 0, now 29" in drift["sample"][0][
+        "values"], drift["sample"][0]["values"]
+    assert "inventories 1: quantity before 100" in drift["sample"][0]["values"]
+    with engine.connect() as conn:
+        lots = dict(conn.execute(select(batches.c.lot_code, batches.c.quantity)).all())
+        left = conn.execute(select(func.count()).where(
+            targets.c.execution_id == ex["execution_id"], targets.c.table_name == "batches",
+            targets.c.row_id == lot_a)).scalar_one()
+    assert lots["A"] == 29 and lots["B"] == 20  # item 1 held back: its lots left as they are
+    assert lots["H"] == 0 and lots["E"] == 0  # items 3 and 2: written off
+    assert left == 0  # lot A left the target set with its item
