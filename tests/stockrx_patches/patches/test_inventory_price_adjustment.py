@@ -6,7 +6,7 @@ import datetime as dt
 
 import pandas as pd
 import pytest
-from sqlalchemy import MetaData, String, Table, cast, func, literal, select, update
+from sqlalchemy import MetaData, String, Table, cast, func, literal, select, text, update
 
 from patch_ops.patch import RunContext
 from stockrx_patches.patches.inventory_price_adjustment import (
@@ -230,11 +230,12 @@ def test_works_on_a_table_with_more_columns_than_we_know(database_url):
     )
     assert result.success
     assert prices(engine) == {1: 300, 2: 600}
+    real = latest_execution(engine)["execution_id"]  # (its approving dry run's rows are there too)
     with engine.connect() as conn:
         codes = conn.exec_driver_sql("SELECT supplier_code FROM inventories ORDER BY id").scalars().all()
-        backup_cols = conn.exec_driver_sql(
-            "SELECT supplier_code FROM data_patch_backup__inventories ORDER BY dp_seq"
-        ).scalars().all()
+        backup_cols = conn.execute(text(
+            "SELECT supplier_code FROM data_patch_backup__inventories "
+            "WHERE dp_execution_id = :x ORDER BY dp_seq"), {"x": real}).scalars().all()
     assert codes == ["S-1", "S-2"]
     assert backup_cols == ["S-1", "S-2"]  # the backup captures every column
 
