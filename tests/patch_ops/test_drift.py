@@ -22,6 +22,7 @@ from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdj
 from stockrx_patches.registry import Registry, default_registry, load_project_config
 from stockrx_patches.tables import batches, inventories, inventory_logs
 from tests.conftest import TEST_AUDIT_KEY
+from tests.stockrx_patches.patches.test_batch_expiry_update import BD, build_fixture
 from tests.support.stockrx import (
     PRICE_JOB,
     defs_with,
@@ -234,8 +235,6 @@ def test_a_related_rows_drift_holds_back_its_driving_row(database_url):
     # batch_expiry_update made to need approval: a lot (related table batches, linked by
     # inventory_id) sold from since the dry run holds its item back, traced through the dry
     # run's own backup rows; the other items' lots are written off.
-    from tests.stockrx_patches.patches.test_batch_expiry_update import BD, build_fixture
-
     engine = get_engine(database_url)
     build_fixture(engine)
     base = default_registry()
