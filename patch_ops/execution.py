@@ -255,11 +255,9 @@ def drop_work_rows(
     ex = load_execution(conn, execution_id)
     decl = ex.get("declaration") or {}
     for table in decl.get("tables", []):
-        for kind in ("backup", "stage"):
-            if kind == "backup" and table in fingerprint:
-                continue
-            name = state.mirror_name(kind, table)
-            mirror = state.mirror_by_name(conn, name)
+        # a fingerprint's backup rows stay whole, and of its stage the updates
+        for kind in ("stage",) if table in fingerprint else ("backup", "stage"):
+            mirror = state.mirror_by_name(conn, state.mirror_name(kind, table))
             if mirror is not None:
                 mine = mirror.c.dp_execution_id == execution_id
                 if table in fingerprint:

@@ -259,14 +259,13 @@ def insert_selected(
         if sum(k for _, k in id_runs) != n or id_runs[0][0] != first:
             raise RuntimeError(f"{n} rows inserted into {live.name} from id {first}, but "
                                f"{sum(k for _, k in id_runs)} found from {id_runs[0][0]}")
-        offset = record_ids(conn, ins, seq_runs, id_runs, step)
         last = id_runs[-1][0] + (id_runs[-1][1] - 1) * step
         with conn.engine.connect() as other:  # sees committed rows only: not ours
             found = set(other.execute(
                 select(live.c.id).where(live.c.id.between(first, last))
             ).scalars())
-        if found <= theirs:
-            return n, offset
+        if found <= theirs:  # the ids are settled: recorded once
+            return n, record_ids(conn, ins, seq_runs, id_runs, step)
         theirs |= found
     raise RuntimeError(
         f"the application kept committing rows among the {n} inserted into {live.name}; "
