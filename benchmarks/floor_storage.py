@@ -1,0 +1,270 @@
+"""The safety floor on the job's storage (issue 22): what keeping the work rows in shared, keyed
+tables costs, against the floor's new keyless tables, step by step.
+
+    python -m benchmarks.floor_storage --postgres --items 1000000 [--rounds 3]
+    python -m benchmarks.floor_storage --mysql --items 1000000
+
+The safety floor (``benchmarks.price_adjustment.floor_steps``) writes its target set, backup and
+stage into tables it creates for the run (``CREATE TABLE … AS``: no key, no other run's rows;
+MariaDB fills them without per-row undo). The job keeps them where every execution's are: the
+framework's ``data_patch_targets`` and its backup and stage mirrors, keyed by (execution,
+action, sequence), because they outlive the run (the backup 90 days for restore, an approving
+dry run's rows as its fingerprint, a crashed run's stage for its resume). The keyed floor is the
+same statements on those tables, made by the framework's own code (``patch_ops.state``), each
+filtered by its execution, with an approving dry run's backup and staged updates already there
+(untimed) as the job's real run finds them; its drift check reads them, as the job's does.
+
+Per round, each floor on a fresh copy of the seeded data, the order swapped every round; the
+same final data (digests of every column) is checked. Prints the medians per step and per op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+import uuid
+import warnings
+from decimal import Decimal
+
+from benchmarks import databases, harness
+from benchmarks.common import log
+from benchmarks.price_adjustment import (
+    dialect_sql,
+    new_price_and_note,
+    safety_floor,
+    sql_params,
+    sql_statement,
+)
+from benchmarks.report import table
+
+LOG_COLS = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
+            "user_id, created_at, updated_at")
+
+
+def keyed_names(url: str) -> dict[str, str]:
+    """The framework's tables for the keyed floor, made by its own code as the job makes them:
+    SQL names of ``targets``, ``backup`` and ``stage`` (inventories) and ``logs`` (the log rows'
+    stage)."""
+    from sqlalchemy import MetaData, Table
+
+    from patch_ops import state
+    from patch_ops.database import get_engine
+    from patch_ops.dialects.names import table_sql
+
+    engine = get_engine(url)
+    try:
+        state.ensure_framework_tables(engine)
+        md = MetaData()
+        live = {t: Table(t, md, autoload_with=engine) for t in ("inventories", "inventory_logs")}
+        def fmt(table: Table) -> str:
+            return table_sql(engine, table)
+
+        return {
+            "targets": fmt(state.targets),
+            "backup": fmt(state.mirror_table(engine, live["inventories"], "backup")),
+            "stage": fmt(state.mirror_table(engine, live["inventories"], "stage")),
+            "logs": fmt(state.mirror_table(engine, live["inventory_logs"], "stage")),
+        }
+    finally:
+        engine.dispose()
+        state.forget_mirrors()
+
+
+def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tuple[str, str]]:
+    """``floor_steps`` on the framework's shared tables ``n`` (``keyed_names``): every statement
+    of the floor, writing and reading the rows of execution ``:x`` only; the drift check reads
+    the approving dry run ``:a``'s backup rows."""
+    new, note = new_price_and_note(dialect)
+    d = dialect_sql(dialect)
+    differ = d.differ
+    cols = ", ".join(columns)
+    live_row = ", ".join(f"i.{c}" for c in columns)
+    backup_row = ", ".join(f"b.{c}" for c in columns)
+
+    def mine(action: str, alias: str = "") -> str:
+        a = f"{alias}." if alias else ""
+        return f"{a}dp_execution_id = :x AND {a}dp_action = '{action}'"
+
+    x = "CAST(:x AS VARCHAR(36))" if dialect == "postgresql" else ":x"  # as a selected value
+    up, logs, backup = n["stage"], n["logs"], n["backup"]
+    lock = (f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN {up} u ON u.dp_seq = i.id "
+            f"WHERE {mine('U', 'u')} FOR UPDATE OF i) locked" if dialect == "postgresql" else
+            f"SELECT count(*) FROM inventories i JOIN {up} u ON u.dp_seq = i.id WHERE {mine('U', 'u')} "
+            "FOR UPDATE")
+    set_cols = ("{i}price = u.price, {i}inventory_logs_count = u.inventory_logs_count, "
+                "{i}updated_at = u.updated_at")
+    update = (f"UPDATE inventories SET {set_cols.format(i='')} FROM {up} u "
+              f"WHERE inventories.id = u.dp_seq AND {mine('U', 'u')}" if dialect == "postgresql" else
+              f"UPDATE inventories i JOIN {up} u ON u.dp_seq = i.id "
+              f"SET {set_cols.format(i='i.')} WHERE {mine('U', 'u')}")
+    analyze = "ANALYZE " if dialect == "postgresql" else "ANALYZE TABLE "
+    return [
+        ("plan: freeze the target ids",
+         f"INSERT INTO {n['targets']} (execution_id, table_name, row_id) "
+         f"SELECT {x}, 'inventories', id FROM inventories ORDER BY id"),
+        ("plan: statistics", analyze + n["targets"]),
+        ("plan: drift since approval",
+         f"SELECT count(*) FROM inventories i JOIN {backup} a ON a.dp_seq = i.id "
+         f"WHERE a.dp_execution_id = :a AND a.dp_action = 'B' AND {differ('i.price', 'a.price')}"),
+        ("backup: whole rows",
+         f"INSERT INTO {backup} (dp_execution_id, dp_action, dp_seq, dp_source_id, {cols}) "
+         f"SELECT {x}, 'B', i.id, NULL, {live_row} FROM inventories i JOIN {n['targets']} t "
+         "ON t.row_id = i.id WHERE t.execution_id = :x AND t.table_name = 'inventories'"),
+        ("backup: statistics", analyze + backup),
+        ("transform: stage the updates",
+         f"INSERT INTO {up} (dp_execution_id, dp_action, dp_seq, dp_source_id, id, price, "
+         "inventory_logs_count, updated_at) "
+         f"SELECT {x}, 'U', id, id, id, {new}, inventory_logs_count + 1, {d.run_at} FROM {backup} "
+         f"WHERE {mine('B')} AND {new} <> price"),
+        ("transform: stage the log rows",
+         f"INSERT INTO {logs} (dp_execution_id, dp_action, dp_seq, dp_source_id, {LOG_COLS}) "
+         f"SELECT {x}, 'I', row_number() OVER (ORDER BY id), id, id, 0, 'adjust', quantity, "
+         f"quantity, {note}, {d.null_int}, {d.run_at}, {d.run_at} FROM {backup} "
+         f"WHERE {mine('B')} AND {new} <> price"),
+        ("transform: statistics", f"{analyze}{up}, {logs}"),
+        ("validate: every staged item",
+         f"SELECT count(*) FROM {up} WHERE {mine('U')} AND (price IS NULL OR price < 0 "
+         "OR inventory_logs_count < 1)"),
+        ("validate: every staged log row",
+         f"SELECT count(*) FROM {logs} WHERE {mine('I')} AND (note IS NULL OR previous_quantity < 0 "
+         "OR current_quantity <> previous_quantity)"),
+        ("validate: one log row per changed item",
+         f"SELECT count(*) FROM {up} u LEFT JOIN (SELECT inventory_id, count(*) AS n FROM {logs} "
+         f"WHERE {mine('I')} GROUP BY inventory_id) l ON l.inventory_id = u.dp_seq "
+         f"WHERE {mine('U', 'u')} AND (l.n IS NULL OR l.n <> 1)"),
+        ("commit: BEGIN", "BEGIN"),
+        ("commit: lock the rows", lock),
+        ("commit: conflicts against the backup",
+         f"SELECT count(*) FROM {up} u JOIN {backup} b ON b.dp_execution_id = u.dp_execution_id "
+         "AND b.dp_action = 'B' AND b.dp_seq = u.dp_seq LEFT JOIN inventories i ON i.id = u.dp_seq "
+         f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR {differ(f'({live_row})', f'({backup_row})')})"),
+        ("commit: update the items", update),
+        ("commit: insert the log rows",
+         f"INSERT INTO inventory_logs ({LOG_COLS}) SELECT {LOG_COLS} FROM {logs} "
+         f"WHERE {mine('I')} ORDER BY dp_seq"),
+        ("commit: COMMIT", "COMMIT"),
+        ("verify: live items = staged",
+         f"SELECT count(*) FROM {up} u LEFT JOIN inventories i ON i.id = u.dp_seq "
+         f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR "
+         + differ("(i.price, i.inventory_logs_count, i.updated_at)",
+                  "(u.price, u.inventory_logs_count, u.updated_at)") + ")"),
+        ("verify: live log rows = staged",
+         f"SELECT count(*) FROM {logs} s LEFT JOIN inventory_logs l "
+         "ON l.id = s.dp_seq + (SELECT max(id) FROM inventory_logs) - "
+         f"(SELECT count(*) FROM {logs} WHERE {mine('I')}) WHERE {mine('I', 's')} AND (l.id IS NULL OR "
+         f"{differ('l.inventory_id', 's.inventory_id')} OR {differ('l.note', 's.note')})"),
+    ]
+
+
+def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) -> str:
+    """Untimed: what an approving dry run leaves in the shared tables (its backup rows and staged
+    updates, kept as its fingerprint), then ``settle``. Returns its execution id."""
+    from sqlalchemy import inspect
+
+    engine = databases.baseline_engine(url)
+    quote = engine.dialect.identifier_preparer.quote
+    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+    steps = dict(keyed_steps(engine.dialect.name, columns, names))
+    a = str(uuid.uuid4())
+    with engine.begin() as conn:
+        for name in ("plan: freeze the target ids", "backup: whole rows",
+                     "transform: stage the updates"):
+            conn.execute(sql_statement(steps[name]), {**sql_params(run_at, pct), "x": a})
+        conn.execute(sql_statement(f"DELETE FROM {names['targets']} WHERE execution_id = :x"),
+                     {"x": a})
+    engine.dispose()
+    databases.settle(url)
+    return a
+
+
+def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal) -> list[tuple[str, float]]:
+    """The keyed floor (``keyed_steps``) timed step by step on one connection, as
+    ``safety_floor`` times its own; every check must find nothing."""
+    from sqlalchemy import inspect
+
+    names = keyed_names(url)
+    a = approve(url, names, run_at, pct)
+    engine = databases.baseline_engine(url)
+    quote = engine.dialect.identifier_preparer.quote
+    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+    params = {**sql_params(run_at, pct), "x": str(uuid.uuid4()), "a": a}
+    steps: list[tuple[str, float]] = []
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for name, sql in keyed_steps(engine.dialect.name, columns, names):
+            t = time.perf_counter()
+            res = conn.execute(sql_statement(sql), params)
+            check = name.startswith(("plan: drift", "validate", "commit: conflicts", "verify"))
+            found = res.scalar_one() if check else res.all() if res.returns_rows else None
+            steps.append((name, time.perf_counter() - t))
+            if check and found:
+                raise SystemExit(f"keyed floor: {name} found {found} row(s)")
+    engine.dispose()
+    return steps
+
+
+def by_op(steps: list[tuple[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, s in steps:
+        op = name.split(":")[0]
+        out[op] = out.get(op, 0.0) + s
+    out["total"] = sum(s for _, s in steps)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.simplefilter("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    db = ap.add_mutually_exclusive_group(required=True)
+    db.add_argument("--postgres", action="store_true")
+    db.add_argument("--mysql", action="store_true")
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    args.database_url, args.sqlite, args.mysql_copy = None, False, "tablespace"
+    from benchmarks.digests import digest, same
+
+    run_at = dt.datetime(2026, 12, 5, 3, 0, 0, 123456)
+    pct = Decimal(8)
+    runs: dict[str, list[list[tuple[str, float]]]] = {"floor": [], "keyed": []}
+    with harness.workdir() as work:
+        copies = databases.make_copies(args, work)
+        try:
+            log(f"{copies.description}; {args.items:,} items")
+            for r in range(args.rounds):
+                order = ["floor", "keyed"] if r % 2 == 0 else ["keyed", "floor"]
+                digests = {}
+                for kind in order:
+                    url = copies.fresh(f"{kind}{r}")
+                    if kind == "floor":
+                        databases.settle(url)
+                        steps = safety_floor(url, run_at, pct)["steps"]
+                    else:
+                        steps = keyed_floor(url, run_at, pct)
+                    runs[kind].append(steps)
+                    digests[kind] = digest(url, 0)
+                    copies.discard(url)
+                    log(f"round {r + 1} {kind}: {by_op(steps)['total']:.2f} s")
+                log(f"round {r + 1} final data: {same(digests['floor'], digests['keyed'], 'full')}")
+        finally:
+            copies.close()
+    med = {k: {name: statistics.median(dict(s)[name] for s in v) for name, _ in v[0]}
+           for k, v in runs.items()}
+    names = list(dict.fromkeys([*med["keyed"], *med["floor"]]))
+    rows = [[name, *[f"{med[k][name]:.2f}" if name in med[k] else "-" for k in runs]]
+            for name in names]
+    print(table(["step", "floor (new tables) s", "keyed floor s"], rows))
+    ops = {k: [by_op(s) for s in v] for k, v in runs.items()}
+    print()
+    print(table(["op", "floor s", "keyed floor s", "keyed / floor"], [
+        [op, f"{statistics.median(o[op] for o in ops['floor']):.2f}",
+         f"{statistics.median(o[op] for o in ops['keyed']):.2f}",
+         f"{statistics.median(k[op] / f[op] for f, k in zip(ops['floor'], ops['keyed'], strict=True)):.2f}"]
+        for op in ops["keyed"][0]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
