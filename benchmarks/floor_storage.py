@@ -1,8 +1,6 @@
-"""The safety floor on the job's storage (issue 22): what keeping the work rows in shared, keyed
-tables costs, against the floor's new keyless tables, step by step.
+"""The safety floor on the job's storage (issue 22): the price benchmark's ``keyed`` contender.
 
-    python -m benchmarks.floor_storage --postgres --items 1000000 [--rounds 3]
-    python -m benchmarks.floor_storage --mysql --items 1000000
+    python -m benchmarks.price_adjustment --postgres --items 1000000 --only floor,keyed,dagster,job
 
 The safety floor (``benchmarks.price_adjustment.floor_steps``) writes its target set, backup and
 stage into tables it creates for the run (``CREATE TABLE … AS``: no key, no other run's rows;
@@ -11,34 +9,27 @@ framework's ``data_patch_targets`` and its backup and stage mirrors, keyed by (e
 action, sequence), because they outlive the run (the backup 90 days for restore, an approving
 dry run's rows as its fingerprint, a crashed run's stage for its resume). The keyed floor is the
 same statements on those tables, made by the framework's own code (``patch_ops.state``), each
-filtered by its execution, with an approving dry run's backup and staged updates already there
-(untimed) as the job's real run finds them; its drift check reads them, as the job's does.
-
-Per round, each floor on a fresh copy of the seeded data, the order swapped every round; the
-same final data (digests of every column) is checked. Prints the medians per step and per op.
+filtered by its execution, with fresh planner statistics after each bulk load (as the job takes
+them), and an approving dry run's backup and staged updates already there (untimed) as the
+job's real run finds them; its drift check reads them, as the job's does. Keyed floor + Dagster
+alone is the least a real run on the job's storage can take (the report's "keyed bound").
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
+import json
 import sys
 import time
 import uuid
 import warnings
 from decimal import Decimal
+from typing import Any
 
-from benchmarks import databases, harness
-from benchmarks.common import log
-from benchmarks.price_adjustment import (
-    dialect_sql,
-    new_price_and_note,
-    safety_floor,
-    sql_params,
-    sql_statement,
-)
-from benchmarks.report import table
+from benchmarks import databases
+from benchmarks.common import RESULT_MARK
+from benchmarks.price_adjustment import dialect_sql, new_price_and_note, sql_params, sql_statement
 
 LOG_COLS = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
             "user_id, created_at, updated_at")
@@ -90,22 +81,26 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
 
     x = "CAST(:x AS VARCHAR(36))" if dialect == "postgresql" else ":x"  # as a selected value
     up, logs, backup = n["stage"], n["logs"], n["backup"]
-    lock = (f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN {up} u ON u.dp_seq = i.id "
-            f"WHERE {mine('U', 'u')} FOR UPDATE OF i) locked" if dialect == "postgresql" else
-            f"SELECT count(*) FROM inventories i JOIN {up} u ON u.dp_seq = i.id WHERE {mine('U', 'u')} "
-            "FOR UPDATE")
+    mysql = dialect in ("mysql", "mariadb")
+    # as the floor: FOR UPDATE OF on PostgreSQL, FOR UPDATE on MySQL, SQLite's write lock
+    lock = (f"SELECT count(*) FROM inventories i JOIN {up} u ON u.dp_seq = i.id "
+            f"WHERE {mine('U', 'u')} FOR UPDATE" if mysql else
+            f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN {up} u "
+            f"ON u.dp_seq = i.id WHERE {mine('U', 'u')} FOR UPDATE OF i) locked"
+            if dialect == "postgresql" else None)
     set_cols = ("{i}price = u.price, {i}inventory_logs_count = u.inventory_logs_count, "
                 "{i}updated_at = u.updated_at")
-    update = (f"UPDATE inventories SET {set_cols.format(i='')} FROM {up} u "
-              f"WHERE inventories.id = u.dp_seq AND {mine('U', 'u')}" if dialect == "postgresql" else
-              f"UPDATE inventories i JOIN {up} u ON u.dp_seq = i.id "
-              f"SET {set_cols.format(i='i.')} WHERE {mine('U', 'u')}")
-    analyze = "ANALYZE " if dialect == "postgresql" else "ANALYZE TABLE "
-    return [
+    update = (f"UPDATE inventories i JOIN {up} u ON u.dp_seq = i.id "
+              f"SET {set_cols.format(i='i.')} WHERE {mine('U', 'u')}" if mysql else
+              f"UPDATE inventories SET {set_cols.format(i='')} FROM {up} u "
+              f"WHERE inventories.id = u.dp_seq AND {mine('U', 'u')}")
+    # the job's fresh statistics after a bulk load (patch_ops.dialects: none on SQLite)
+    analyze = "ANALYZE TABLE " if mysql else "ANALYZE " if dialect == "postgresql" else None
+    steps: list[tuple[str, str | None]] = [
         ("plan: freeze the target ids",
          f"INSERT INTO {n['targets']} (execution_id, table_name, row_id) "
          f"SELECT {x}, 'inventories', id FROM inventories ORDER BY id"),
-        ("plan: statistics", analyze + n["targets"]),
+        ("plan: statistics", analyze and analyze + n["targets"]),
         ("plan: drift since approval",
          f"SELECT count(*) FROM inventories i JOIN {backup} a ON a.dp_seq = i.id "
          f"WHERE a.dp_execution_id = :a AND a.dp_action = 'B' AND {differ('i.price', 'a.price')}"),
@@ -113,7 +108,7 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"INSERT INTO {backup} (dp_execution_id, dp_action, dp_seq, dp_source_id, {cols}) "
          f"SELECT {x}, 'B', i.id, NULL, {live_row} FROM inventories i JOIN {n['targets']} t "
          "ON t.row_id = i.id WHERE t.execution_id = :x AND t.table_name = 'inventories'"),
-        ("backup: statistics", analyze + backup),
+        ("backup: statistics", analyze and analyze + backup),
         ("transform: stage the updates",
          f"INSERT INTO {up} (dp_execution_id, dp_action, dp_seq, dp_source_id, id, price, "
          "inventory_logs_count, updated_at) "
@@ -124,7 +119,7 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"SELECT {x}, 'I', row_number() OVER (ORDER BY id), id, id, 0, 'adjust', quantity, "
          f"quantity, {note}, {d.null_int}, {d.run_at}, {d.run_at} FROM {backup} "
          f"WHERE {mine('B')} AND {new} <> price"),
-        ("transform: statistics", f"{analyze}{up}, {logs}"),
+        ("transform: statistics", analyze and f"{analyze}{up}, {logs}"),
         ("validate: every staged item",
          f"SELECT count(*) FROM {up} WHERE {mine('U')} AND (price IS NULL OR price < 0 "
          "OR inventory_logs_count < 1)"),
@@ -157,6 +152,7 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"(SELECT count(*) FROM {logs} WHERE {mine('I')}) WHERE {mine('I', 's')} AND (l.id IS NULL OR "
          f"{differ('l.inventory_id', 's.inventory_id')} OR {differ('l.note', 's.note')})"),
     ]
+    return [(name, sql) for name, sql in steps if sql]
 
 
 def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) -> str:
@@ -180,18 +176,20 @@ def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) 
     return a
 
 
-def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal) -> list[tuple[str, float]]:
-    """The keyed floor (``keyed_steps``) timed step by step on one connection, as
-    ``safety_floor`` times its own; every check must find nothing."""
+def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal, names: dict[str, str],
+                approval: str) -> dict[str, Any]:
+    """The keyed floor (``keyed_steps`` on the tables ``names``, approved by ``approval``) timed
+    step by step on one connection, as ``safety_floor`` times its own (the same result); every
+    check must find nothing. Imports nothing of the framework (the ``--worker keyed`` child)."""
     from sqlalchemy import inspect
 
-    names = keyed_names(url)
-    a = approve(url, names, run_at, pct)
     engine = databases.baseline_engine(url)
     quote = engine.dialect.identifier_preparer.quote
     columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
-    params = {**sql_params(run_at, pct), "x": str(uuid.uuid4()), "a": a}
+    params = {**sql_params(run_at, pct), "x": str(uuid.uuid4()), "a": approval}
     steps: list[tuple[str, float]] = []
+    changed = None
+    t0 = time.perf_counter()
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for name, sql in keyed_steps(engine.dialect.name, columns, names):
             t = time.perf_counter()
@@ -201,68 +199,36 @@ def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal) -> list[tuple[str, 
             steps.append((name, time.perf_counter() - t))
             if check and found:
                 raise SystemExit(f"keyed floor: {name} found {found} row(s)")
+            if name == "commit: update the items":
+                changed = res.rowcount
+    work = time.perf_counter() - t0
     engine.dispose()
-    return steps
-
-
-def by_op(steps: list[tuple[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, s in steps:
-        op = name.split(":")[0]
-        out[op] = out.get(op, 0.0) + s
-    out["total"] = sum(s for _, s in steps)
-    return out
+    return {"work_s": work, "rows_changed": changed, "rows": None, "steps": steps}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The price benchmark's ``keyed`` contender (``benchmarks.price_contenders``), a child
+    process: with ``--approve``, make the tables and an approving dry run's rows (untimed) and
+    print both; else time the keyed floor that ``--keyed`` (that output) names."""
     warnings.simplefilter("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    db = ap.add_mutually_exclusive_group(required=True)
-    db.add_argument("--postgres", action="store_true")
-    db.add_argument("--mysql", action="store_true")
-    ap.add_argument("--items", type=int, default=100_000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--worker", choices=["keyed"], required=True)
+    ap.add_argument("--database-url", required=True)
+    ap.add_argument("--run-at", required=True)
+    ap.add_argument("--percentage", default="8")
+    ap.add_argument("--naive-rows", help="given to every worker; unused")
+    ap.add_argument("--approve", action="store_true")
+    ap.add_argument("--keyed", help="JSON: [tables, approving execution] from --approve")
     args = ap.parse_args(argv)
-    args.database_url, args.sqlite, args.mysql_copy = None, False, "tablespace"
-    from benchmarks.digests import digest, same
-
-    run_at = dt.datetime(2026, 12, 5, 3, 0, 0, 123456)
-    pct = Decimal(8)
-    runs: dict[str, list[list[tuple[str, float]]]] = {"floor": [], "keyed": []}
-    with harness.workdir() as work:
-        copies = databases.make_copies(args, work)
-        try:
-            log(f"{copies.description}; {args.items:,} items")
-            for r in range(args.rounds):
-                order = ["floor", "keyed"] if r % 2 == 0 else ["keyed", "floor"]
-                digests = {}
-                for kind in order:
-                    url = copies.fresh(f"{kind}{r}")
-                    if kind == "floor":
-                        databases.settle(url)
-                        steps = safety_floor(url, run_at, pct)["steps"]
-                    else:
-                        steps = keyed_floor(url, run_at, pct)
-                    runs[kind].append(steps)
-                    digests[kind] = digest(url, 0)
-                    copies.discard(url)
-                    log(f"round {r + 1} {kind}: {by_op(steps)['total']:.2f} s")
-                log(f"round {r + 1} final data: {same(digests['floor'], digests['keyed'], 'full')}")
-        finally:
-            copies.close()
-    med = {k: {name: statistics.median(dict(s)[name] for s in v) for name, _ in v[0]}
-           for k, v in runs.items()}
-    names = list(dict.fromkeys([*med["keyed"], *med["floor"]]))
-    rows = [[name, *[f"{med[k][name]:.2f}" if name in med[k] else "-" for k in runs]]
-            for name in names]
-    print(table(["step", "floor (new tables) s", "keyed floor s"], rows))
-    ops = {k: [by_op(s) for s in v] for k, v in runs.items()}
-    print()
-    print(table(["op", "floor s", "keyed floor s", "keyed / floor"], [
-        [op, f"{statistics.median(o[op] for o in ops['floor']):.2f}",
-         f"{statistics.median(o[op] for o in ops['keyed']):.2f}",
-         f"{statistics.median(k[op] / f[op] for f, k in zip(ops['floor'], ops['keyed'], strict=True)):.2f}"]
-        for op in ops["keyed"][0]]))
+    url, run_at, pct = args.database_url, dt.datetime.fromisoformat(args.run_at), Decimal(
+        args.percentage)
+    if args.approve:
+        names = keyed_names(url)
+        result: Any = [names, approve(url, names, run_at, pct)]
+    else:
+        names, approval = json.loads(args.keyed)
+        result = keyed_floor(url, run_at, pct, names, approval)
+    print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 
 

@@ -59,20 +59,27 @@ def percentage_of_config(path: Path) -> Decimal:
 # ---------------------------------------------------------------------------------------------
 
 
-WORKER_NAMES = {"bare": "bare SQL", "naive": "naive ORM", "floor": "safety floor (SQL)"}
+WORKER_NAMES = {"bare": "bare SQL", "naive": "naive ORM", "floor": "safety floor (SQL)",
+                "keyed": "safety floor on shared keyed tables (SQL)"}
 
 
 def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
                args: argparse.Namespace) -> Outcome:
-    cmd = [sys.executable, "-m", "benchmarks.price_adjustment", "--worker", kind,
-           "--database-url", url, "--run-at", run_at.isoformat(), "--percentage", str(pct),
+    module = "benchmarks.floor_storage" if kind == "keyed" else "benchmarks.price_adjustment"
+    cmd = [sys.executable, "-m", module, "--worker", kind, "--database-url", url,
+           "--run-at", run_at.isoformat(), "--percentage", str(pct),
            "--naive-rows", str(args.naive_rows)]
+    if kind == "keyed":  # the framework's tables and an approving dry run's rows, untimed
+        made = common.run_monitored([*cmd, "--approve"], env=dict(os.environ),
+                                    timeout=args.timeout)
+        if (approved := result_of(made)) is None:
+            failed = Outcome(WORKER_NAMES[kind], 0, made)
+            failed.notes.append("its approval failed: " + made.stderr.strip()[-300:])
+            return failed
+        cmd += ["--keyed", approved]
     proc = common.run_monitored(cmd, env=dict(os.environ), timeout=args.timeout)
     out = Outcome(WORKER_NAMES[kind], 0, proc)
-    res: dict[str, Any] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(common.RESULT_MARK):
-            res = json.loads(line[len(common.RESULT_MARK):])
+    res: dict[str, Any] = json.loads(result_of(proc) or "{}")
     if res:
         out.work_s = res["work_s"]
         out.rows_changed = res["rows_changed"]
@@ -85,6 +92,12 @@ def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
     if not out.ok:
         out.notes.append("failed: " + " / ".join(proc.stderr.strip().splitlines()[-3:]))
     return out
+
+
+def result_of(proc: common.ProcessResult) -> str | None:
+    """The JSON a worker child printed after ``RESULT_MARK`` (None: it printed none)."""
+    return next((line[len(common.RESULT_MARK):] for line in proc.stdout.splitlines()
+                 if line.startswith(common.RESULT_MARK)), None)
 
 
 @dataclass
@@ -217,7 +230,7 @@ def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dic
 # ---------------------------------------------------------------------------------------------
 
 
-CONTENDERS = ("bare", "naive", "floor", "dagster", "job", "zero")
+CONTENDERS = ("bare", "naive", "floor", "keyed", "dagster", "job", "zero")
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -329,7 +342,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
             at = job(prefix, label, s)
             if prefix == "job" and at is not None:
                 run_at = at
-    for key in ("bare", "naive", "floor"):
+    for key in ("bare", "naive", "floor", "keyed"):
         if key in args.only and (first or key != "naive"):
             url = copies.fresh(key)
             try:
@@ -362,6 +375,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
         "against_dry": lambda o: same(o.digest, seeded, "full") + " to seed",
         "bare": lambda o: same(o.digest, ref, "full") + " to job real",
         "floor": lambda o: same(o.digest, ref, "full") + " to job real",
+        "keyed": lambda o: same(o.digest, ref, "full") + " to job real",
         "dagster": lambda o: "no data (uses no database)",
         "naive": lambda o: same(o.digest, ref, "subset") + f" to job real on items ≤ {subset:,}",
         "job_dry": lambda o: same(o.digest, seeded, "full") + " to seed",

@@ -13,7 +13,7 @@ from benchmarks.contenders import Outcome
 from benchmarks.price_contenders import fmt_price
 from benchmarks.rounds import summary
 
-ORDER = ("bare", "naive", "floor", "dagster", "job_dry", "job_real", "against_dry", "against_real",
+ORDER = ("bare", "naive", "floor", "keyed", "dagster", "job_dry", "job_real", "against_dry", "against_real",
          "zero_dry", "zero_real")
 
 
@@ -104,10 +104,10 @@ def render_round(res: dict[str, Any]) -> str:
         "both far less sensitive to the machine's load "
         "than wall times (naive: ×scale). " + report.RSS_FOOTNOTE,
     ]
-    floor = outs.get("floor")
-    if floor and floor.steps:
-        lines += ["", f"### {floor.name}: time per step", "",
-                  report.table(["step", "s"], floor.steps)]
+    for floor in (outs.get("floor"), outs.get("keyed")):
+        if floor and floor.steps:
+            lines += ["", f"### {floor.name}: time per step", "",
+                      report.table(["step", "s"], floor.steps)]
     for key in [k for k in ORDER if k.startswith(("dagster", "job", "against", "zero")) and k in outs]:
         lines += report.op_timings_section(outs[key])
     lines += bounds(outs)

@@ -86,20 +86,29 @@ def summary(rounds: list[dict[str, Outcome]], order: Sequence[str]) -> list[str]
     return lines
 
 
+#: The bounds: (floor contender, what the line calls the bound, how it is made)
+BOUNDS = (("floor", "bound", "bound = safety floor + Dagster alone, same round; target ≤ 1.3×"),
+          ("keyed", "keyed bound", "keyed bound = safety floor on shared keyed tables + "
+           "Dagster alone, same round: the job's storage, `benchmarks/floor_storage.py`"))
+
+
 def _bounds(rounds: list[dict[str, Outcome]]) -> list[str]:
-    real, dry, floor, empty, zero = (
-        _ok(rounds, k) for k in ("job_real", "job_dry", "floor", "dagster", "zero_real"))
+    real, dry, empty, zero = (
+        _ok(rounds, k) for k in ("job_real", "job_dry", "dagster", "zero_real"))
     wall = lambda o: o.process.wall_s  # noqa: E731
     out: list[str] = []
-    if any(real) and any(floor) and any(empty):
+    for key, name, how in BOUNDS:
+        floor = _ok(rounds, key)
+        if not (any(real) and any(floor) and any(empty)):
+            continue
         bound = [f + e if f is not None and e is not None else None
                  for f, e in zip(_series(floor, wall), _series(empty, wall), strict=True)]
         bound_cpu = [f + e if f is not None and e is not None else None
                      for f, e in zip(_series(floor, cpu), _series(empty, cpu), strict=True)]
-        out.append(f"- **job real / bound** (bound = safety floor + Dagster alone, same round; "
-                   f"target ≤ 1.3×): wall {_cell(_ratio(_series(real, wall), bound), '{:.2f}×')}; "
+        out.append(f"- **job real / {name}** ({how}): "
+                   f"wall {_cell(_ratio(_series(real, wall), bound), '{:.2f}×')}; "
                    f"CPU (client + DB) {_cell(_ratio(_series(real, cpu), bound_cpu), '{:.2f}×')}. "
-                   f"Bound: {_cell(bound, '{:.1f} s')}.")
+                   f"{name.capitalize()}: {_cell(bound, '{:.1f} s')}.")
     if any(real) and any(dry):
         out.append(f"- **job dry / job real** (target ≤ 1): "
                    f"{_cell(_ratio(_series(dry, wall), _series(real, wall)), '{:.2f}')}.")
@@ -120,8 +129,8 @@ def _bounds(rounds: list[dict[str, Outcome]]) -> list[str]:
 
 
 def _per_op(rounds: list[dict[str, Outcome]]) -> list[str]:
-    """job real's ops (process start, op) against the floor's steps, medians over the rounds."""
-    real, floor = _ok(rounds, "job_real"), _ok(rounds, "floor")
+    """job real's ops (process start, op) against the floors' steps, medians over the rounds."""
+    real, floor, keyed = _ok(rounds, "job_real"), _ok(rounds, "floor"), _ok(rounds, "keyed")
     if not any(real):
         return []
     ops: list[str] = []
@@ -139,14 +148,18 @@ def _per_op(rounds: list[dict[str, Outcome]]) -> list[str]:
             return None
         return sum(s for name, s in o.steps if OP_OF_STEP.get(name.split(":")[0]) == op)
 
+    floors = [("floor", floor)] + ([("keyed floor", keyed)] if any(keyed) else [])
     rows = []
     for op in ops:
         job = [op_s(o, op, "duration_s") for o in real]
-        fl = [floor_s(o, op) if op in OP_OF_STEP.values() else None for o in floor]
-        rows.append([op, med([op_s(o, op, "launch_s") for o in real]), med(job), med(fl),
-                     (med(job) or 0) / med(fl) if med(fl) else None])
-    return ["", "### job real per op against the safety floor's steps (medians)", "",
-            table(["op", "process start s", "op s", "floor s", "op / floor"], rows)]
+        row = [op, med([op_s(o, op, "launch_s") for o in real]), med(job)]
+        for _, outs in floors:
+            fl = [floor_s(o, op) if op in OP_OF_STEP.values() else None for o in outs]
+            row += [med(fl), (med(job) or 0) / med(fl) if med(fl) else None]
+        rows.append(row)
+    heads = [h for name, _ in floors for h in (f"{name} s", f"op / {name}")]
+    return ["", "### job real per op against the safety floors' steps (medians)", "",
+            table(["op", "process start s", "op s", *heads], rows)]
 
 
 def _writer(rounds: list[dict[str, Outcome]], keys: Sequence[str]) -> list[str]:
