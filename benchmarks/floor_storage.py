@@ -9,7 +9,7 @@ framework's ``data_patch_targets`` and its backup and stage mirrors, keyed by (e
 action, sequence), because they outlive the run (the backup 90 days for restore, an approving
 dry run's rows as its fingerprint, a crashed run's stage for its resume). The keyed floor is the
 same statements on those tables, made by the framework's own code (``patch_ops.state``), each
-filtered by its execution, with fresh planner statistics after each bulk load (as the job takes
+filtered by its execution (a time-ordered id from ``new_execution_id``, as the job's), with fresh planner statistics after each bulk load (as the job takes
 them), and an approving dry run's backup and staged updates already there (untimed) as the
 job's real run finds them; its drift check reads them, as the job's does. Keyed floor + Dagster
 alone is the least a real run on the job's storage can take (the report's "keyed bound").
@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import sys
 import time
-import uuid
 import warnings
 from decimal import Decimal
 from typing import Any
@@ -163,8 +162,10 @@ def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) 
     engine = databases.baseline_engine(url)
     quote = engine.dialect.identifier_preparer.quote
     columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+    from patch_ops.execution import new_execution_id
+
     steps = dict(keyed_steps(engine.dialect.name, columns, names))
-    a = str(uuid.uuid4())
+    a = new_execution_id()
     with engine.begin() as conn:
         for name in ("plan: freeze the target ids", "backup: whole rows",
                      "transform: stage the updates"):
@@ -177,16 +178,17 @@ def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) 
 
 
 def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal, names: dict[str, str],
-                approval: str) -> dict[str, Any]:
-    """The keyed floor (``keyed_steps`` on the tables ``names``, approved by ``approval``) timed
-    step by step on one connection, as ``safety_floor`` times its own (the same result); every
-    check must find nothing. Imports nothing of the framework (the ``--worker keyed`` child)."""
+                approval: str, execution: str) -> dict[str, Any]:
+    """The keyed floor (``keyed_steps`` on the tables ``names``, execution ``execution``
+    approved by ``approval``) timed step by step on one connection, as ``safety_floor`` times
+    its own (the same result); every check must find nothing. Imports nothing of the framework
+    (the ``--worker keyed`` child)."""
     from sqlalchemy import inspect
 
     engine = databases.baseline_engine(url)
     quote = engine.dialect.identifier_preparer.quote
     columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
-    params = {**sql_params(run_at, pct), "x": str(uuid.uuid4()), "a": approval}
+    params = {**sql_params(run_at, pct), "x": execution, "a": approval}
     steps: list[tuple[str, float]] = []
     changed = None
     t0 = time.perf_counter()
@@ -218,16 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--percentage", default="8")
     ap.add_argument("--naive-rows", help="given to every worker; unused")
     ap.add_argument("--approve", action="store_true")
-    ap.add_argument("--keyed", help="JSON: [tables, approving execution] from --approve")
+    ap.add_argument("--keyed", help="JSON: [tables, approving execution, execution] from "
+                    "--approve")
     args = ap.parse_args(argv)
     url, run_at, pct = args.database_url, dt.datetime.fromisoformat(args.run_at), Decimal(
         args.percentage)
     if args.approve:
+        from patch_ops.execution import new_execution_id
+
         names = keyed_names(url)
-        result: Any = [names, approve(url, names, run_at, pct)]
+        approval = approve(url, names, run_at, pct)
+        # the framework's time-ordered ids, as the job's: its rows go in at the keys' right end
+        result: Any = [names, approval, new_execution_id()]
     else:
-        names, approval = json.loads(args.keyed)
-        result = keyed_floor(url, run_at, pct, names, approval)
+        names, approval, execution = json.loads(args.keyed)
+        result = keyed_floor(url, run_at, pct, names, approval, execution)
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 
