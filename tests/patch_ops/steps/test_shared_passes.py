@@ -142,6 +142,22 @@ def test_after_commit_a_deleted_row_is_named(database_url):
     ]
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "known limitation (session 23 note on issue 22): post-verification reads live rows after "
+    "COMMIT, so the application's own writes since the commit fail it and the backup is "
+    "restored; a check made at the commit instant would not see them"))
+def test_an_application_sale_after_the_commit_does_not_fail_verification(database_url):
+    """A sale of a changed item between the commit and post-verification, as Rails writes it
+    (quantity down by one, updated_at now): the patch's result at its commit is intact, so
+    verification should pass (today it fails: live rows differ, log quantities do not match)."""
+    patch = InventoryPriceAdjustment()
+    engine, x = _committed(database_url, patch)
+    with engine.begin() as conn:
+        conn.execute(update(inventories).where(inventories.c.id == 2).values(
+            quantity=inventories.c.quantity - 1, updated_at=func.current_timestamp()))
+    assert verify_execution(engine, patch, x) == []
+
+
 class NoInvariantsPatch(InventoryPriceAdjustment):
     """No invariant passes over the updated rows: verification compares them on its own."""
 
