@@ -49,6 +49,7 @@ def keyed_names(url: str) -> dict[str, str]:
         state.ensure_framework_tables(engine)
         md = MetaData()
         live = {t: Table(t, md, autoload_with=engine) for t in ("inventories", "inventory_logs")}
+
         def fmt(table: Table) -> str:
             return table_sql(engine, table)
 
@@ -154,17 +155,21 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
     return [(name, sql) for name, sql in steps if sql]
 
 
+def item_columns(engine: Any) -> list[str]:
+    """The reflected columns of ``inventories``, quoted (the conflict check compares them all)."""
+    from sqlalchemy import inspect
+
+    quote = engine.dialect.identifier_preparer.quote
+    return [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+
+
 def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) -> str:
     """Untimed: what an approving dry run leaves in the shared tables (its backup rows and staged
     updates, kept as its fingerprint), then ``settle``. Returns its execution id."""
-    from sqlalchemy import inspect
-
-    engine = databases.baseline_engine(url)
-    quote = engine.dialect.identifier_preparer.quote
-    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
     from patch_ops.execution import new_execution_id
 
-    steps = dict(keyed_steps(engine.dialect.name, columns, names))
+    engine = databases.baseline_engine(url)
+    steps = dict(keyed_steps(engine.dialect.name, item_columns(engine), names))
     a = new_execution_id()
     with engine.begin() as conn:
         for name in ("plan: freeze the target ids", "backup: whole rows",
@@ -183,11 +188,8 @@ def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal, names: dict[str, st
     approved by ``approval``) timed step by step on one connection, as ``safety_floor`` times
     its own (the same result); every check must find nothing. Imports nothing of the framework
     (the ``--worker keyed`` child)."""
-    from sqlalchemy import inspect
-
     engine = databases.baseline_engine(url)
-    quote = engine.dialect.identifier_preparer.quote
-    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+    columns = item_columns(engine)
     params = {**sql_params(run_at, pct), "x": execution, "a": approval}
     steps: list[tuple[str, float]] = []
     changed = None
