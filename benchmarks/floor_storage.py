@@ -21,17 +21,21 @@ import argparse
 import datetime as dt
 import json
 import sys
-import time
 import warnings
 from decimal import Decimal
 from typing import Any
 
 from benchmarks import databases
 from benchmarks.common import RESULT_MARK
-from benchmarks.price_adjustment import dialect_sql, new_price_and_note, sql_params, sql_statement
-
-LOG_COLS = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
-            "user_id, created_at, updated_at")
+from benchmarks.price_adjustment import (
+    LOG_COLUMNS,
+    dialect_sql,
+    item_columns,
+    new_price_and_note,
+    run_floor_steps,
+    sql_params,
+    sql_statement,
+)
 
 
 def keyed_names(url: str) -> dict[str, str]:
@@ -115,7 +119,7 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"SELECT {x}, 'U', id, id, id, {new}, inventory_logs_count + 1, {d.run_at} FROM {backup} "
          f"WHERE {mine('B')} AND {new} <> price"),
         ("transform: stage the log rows",
-         f"INSERT INTO {logs} (dp_execution_id, dp_action, dp_seq, dp_source_id, {LOG_COLS}) "
+         f"INSERT INTO {logs} (dp_execution_id, dp_action, dp_seq, dp_source_id, {LOG_COLUMNS}) "
          f"SELECT {x}, 'I', row_number() OVER (ORDER BY id), id, id, 0, 'adjust', quantity, "
          f"quantity, {note}, {d.null_int}, {d.run_at}, {d.run_at} FROM {backup} "
          f"WHERE {mine('B')} AND {new} <> price"),
@@ -138,7 +142,7 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR {differ(f'({live_row})', f'({backup_row})')})"),
         ("commit: update the items", update),
         ("commit: insert the log rows",
-         f"INSERT INTO inventory_logs ({LOG_COLS}) SELECT {LOG_COLS} FROM {logs} "
+         f"INSERT INTO inventory_logs ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM {logs} "
          f"WHERE {mine('I')} ORDER BY dp_seq"),
         ("commit: COMMIT", "COMMIT"),
         ("verify: live items = staged",
@@ -153,14 +157,6 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"{differ('l.inventory_id', 's.inventory_id')} OR {differ('l.note', 's.note')})"),
     ]
     return [(name, sql) for name, sql in steps if sql]
-
-
-def item_columns(engine: Any) -> list[str]:
-    """The reflected columns of ``inventories``, quoted (the conflict check compares them all)."""
-    from sqlalchemy import inspect
-
-    quote = engine.dialect.identifier_preparer.quote
-    return [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
 
 
 def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) -> str:
@@ -189,25 +185,11 @@ def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal, names: dict[str, st
     its own (the same result); every check must find nothing. Imports nothing of the framework
     (the ``--worker keyed`` child)."""
     engine = databases.baseline_engine(url)
-    columns = item_columns(engine)
+    steps = keyed_steps(engine.dialect.name, item_columns(engine), names)
     params = {**sql_params(run_at, pct), "x": execution, "a": approval}
-    steps: list[tuple[str, float]] = []
-    changed = None
-    t0 = time.perf_counter()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for name, sql in keyed_steps(engine.dialect.name, columns, names):
-            t = time.perf_counter()
-            res = conn.execute(sql_statement(sql), params)
-            check = name.startswith(("plan: drift", "validate", "commit: conflicts", "verify"))
-            found = res.scalar_one() if check else res.all() if res.returns_rows else None
-            steps.append((name, time.perf_counter() - t))
-            if check and found:
-                raise SystemExit(f"keyed floor: {name} found {found} row(s)")
-            if name == "commit: update the items":
-                changed = res.rowcount
-    work = time.perf_counter() - t0
+    result = run_floor_steps(engine, steps, params, "keyed floor")
     engine.dispose()
-    return {"work_s": work, "rows_changed": changed, "rows": None, "steps": steps}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,6 +220,13 @@ FLOOR_TABLES = ("bench_floor_targets", "bench_floor_backup", "bench_floor_up", "
 FLOOR_APPROVED = "CREATE TABLE bench_floor_approved AS SELECT id, price FROM inventories"
 
 
+#: The columns of a log row that the floors stage and insert.
+LOG_COLUMNS = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
+               "user_id, created_at, updated_at")
+#: The floors' steps that check something: each must find nothing.
+FLOOR_CHECKS = ("plan: drift", "validate", "commit: conflicts", "verify")
+
+
 def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
     """(step, statement) of the safety floor: the job's safety steps (freeze the target set,
     compare it with what the approving dry run saw (drift), back up whole rows, stage the new
@@ -231,8 +238,6 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
     differ = d.differ
     live_row = ", ".join(f"i.{c}" for c in columns)
     backup_row = ", ".join(f"b.{c}" for c in columns)  # columns: reflected, quoted
-    log_cols = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
-                "user_id, created_at, updated_at")
     steps = [
         ("plan: freeze the target ids",
          "CREATE TABLE bench_floor_targets AS SELECT id FROM inventories ORDER BY id"),
@@ -278,7 +283,7 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
          f"OR {differ(f'({live_row})', f'({backup_row})')}"),
         ("commit: update the items", d.update_from_stage),
         ("commit: insert the log rows",
-         f"INSERT INTO inventory_logs ({log_cols}) SELECT {log_cols} FROM bench_floor_log "
+         f"INSERT INTO inventory_logs ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM bench_floor_log "
          "ORDER BY seq"),
         ("commit: COMMIT", "COMMIT"),
         ("verify: live items = staged",
@@ -298,32 +303,46 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
 def safety_floor(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
     """The safety floor (floor_steps), timed step by step on one connection; every check must
     find nothing. Its final data must equal bare SQL's and the job's."""
-    from sqlalchemy import inspect
-
     engine = databases.baseline_engine(url)
-    quote = engine.dialect.identifier_preparer.quote
-    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
-    params = sql_params(run_at, pct)
-    steps: list[tuple[str, float]] = []
-    changed = None
     with engine.begin() as conn:
         conn.execute(text(FLOOR_APPROVED))
-    t0 = time.perf_counter()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for name, sql in floor_steps(engine.dialect.name, columns):
-            t = time.perf_counter()
-            res = conn.execute(sql_statement(sql), params)
-            found = res.scalar_one() if res.returns_rows else None
-            steps.append((name, time.perf_counter() - t))
-            if found and name.startswith(("validate", "commit: conflicts", "verify")):
-                raise SystemExit(f"safety floor: {name} found {found} row(s)")
-            if name == "commit: update the items":
-                changed = res.rowcount
-    work = time.perf_counter() - t0
+    result = run_floor_steps(engine, floor_steps(engine.dialect.name, item_columns(engine)),
+                             sql_params(run_at, pct), "safety floor")
     with engine.begin() as conn:
         for table in FLOOR_TABLES:
             conn.execute(text(f"DROP TABLE {table}"))
-    return {"work_s": work, "rows_changed": changed, "rows": None, "steps": steps}
+    return result
+
+
+def item_columns(engine: Any) -> list[str]:
+    """The reflected columns of ``inventories``, quoted (the conflict check compares them all)."""
+    from sqlalchemy import inspect
+
+    quote = engine.dialect.identifier_preparer.quote
+    return [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+
+
+def run_floor_steps(engine: Any, steps: list[tuple[str, str]], params: dict[str, Any],
+                    who: str) -> dict[str, Any]:
+    """A floor's ``steps`` timed one by one on one connection in autocommit: the worker's
+    result (work seconds, items updated, the time per step). A check (``FLOOR_CHECKS``) that
+    finds a row stops the benchmark."""
+    steps_s: list[tuple[str, float]] = []
+    changed = None
+    t0 = time.perf_counter()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for name, sql in steps:
+            t = time.perf_counter()
+            res = conn.execute(sql_statement(sql), params)
+            check = name.startswith(FLOOR_CHECKS)
+            found = res.scalar_one() if check else res.all() if res.returns_rows else None
+            steps_s.append((name, time.perf_counter() - t))
+            if check and found:
+                raise SystemExit(f"{who}: {name} found {found} row(s)")
+            if name == "commit: update the items":
+                changed = res.rowcount
+    return {"work_s": time.perf_counter() - t0, "rows_changed": changed, "rows": None,
+            "steps": steps_s}
 
 
 def naive_orm(url: str, run_at: dt.datetime, pct: Decimal, limit: int) -> dict[str, Any]:
