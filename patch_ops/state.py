@@ -45,6 +45,7 @@ from patch_ops.dialects.types import (
     LONG_TEXT,
     TABLE_OPTIONS,
     framework_ddl,
+    key_string,
     mirror_table_options,
 )
 from patch_ops.patch import Tables
@@ -54,7 +55,7 @@ framework_metadata = MetaData()
 executions = Table(
     "data_patch_executions",
     framework_metadata,
-    Column("execution_id", String(36), primary_key=True),
+    Column("execution_id", key_string(36), primary_key=True),
     Column("patch_name", String(255), nullable=False, index=True),
     Column("kind", String(16), nullable=False, server_default="patch"),  # patch|restore|purge
     Column("status", String(16), nullable=False),  # pending|running|paused|completed|failed
@@ -84,15 +85,15 @@ executions = Table(
     Column("estimated_seconds", Float),
     Column("report", JSON),
     Column("report_markdown", LONG_TEXT),
-    Column("restores_execution_id", String(36)),
-    Column("restored_by_execution_id", String(36)),
+    Column("restores_execution_id", key_string(36)),
+    Column("restored_by_execution_id", key_string(36)),
     Column("heartbeat_at", DATETIME_US),
     Column("notifications", JSON),  # delivery outcome of every notification sent
     # Approval gate (patch_ops.approval): the plan hash of every patch execution, its parts, and
     # for a real run the dry run whose identical plan approved it.
     Column("plan_hash", String(64)),
     Column("plan", JSON),
-    Column("approved_by_execution_id", String(36)),
+    Column("approved_by_execution_id", key_string(36)),
     # Maintenance windows (patch_ops.windows): the transform pauses at the first batch boundary
     # after deadline_at (status 'paused', resumed by a later run) and fails after overrun_at
     # (3x the estimate); paused_seconds is the time spent paused, left out of throughput.
@@ -109,8 +110,8 @@ executions = Table(
 targets = Table(
     "data_patch_targets",
     framework_metadata,
-    Column("execution_id", String(36), nullable=False),
-    Column("table_name", String(255), nullable=False),
+    Column("execution_id", key_string(36), nullable=False),
+    Column("table_name", key_string(255), nullable=False),
     Column("row_id", BigInteger, nullable=False),
     PrimaryKeyConstraint("execution_id", "table_name", "row_id"),
     schema=FRAMEWORK_SCHEMA,
@@ -120,7 +121,7 @@ targets = Table(
 rejects = Table(
     "data_patch_rejects",
     framework_metadata,
-    Column("execution_id", String(36), nullable=False, index=True),
+    Column("execution_id", key_string(36), nullable=False, index=True),
     Column("source_id", BigInteger),
     Column("table_name", String(255), nullable=False),
     Column("column_name", String(255)),
@@ -133,8 +134,8 @@ rejects = Table(
 locks = Table(
     "data_patch_locks",
     framework_metadata,
-    Column("table_name", String(255), primary_key=True),
-    Column("execution_id", String(36), nullable=False),
+    Column("table_name", key_string(255), primary_key=True),
+    Column("execution_id", key_string(36), nullable=False),
     Column("dagster_run_id", String(64)),
     Column("hostname", String(255)),
     Column("pid", Integer),
@@ -206,8 +207,8 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
                 raise ValueError(f"{live.name}.{name} collides with the engine's bookkeeping columns")
         md = MetaData()
         cols: list[Column[Any]] = [
-            Column("dp_execution_id", String(36), nullable=False),
-            Column("dp_action", String(1), nullable=False),
+            Column("dp_execution_id", key_string(36), nullable=False),
+            Column("dp_action", key_string(1), nullable=False),
             Column("dp_seq", BigInteger, nullable=False),
             Column("dp_source_id", BigInteger),
         ]

@@ -6,7 +6,8 @@ PostgreSQL stores the offset (``features.stores_utc_offset``), the others store 
 (never local time); MySQL/MariaDB need ``DATETIME(6)`` for the microseconds
 (``DatabaseDialect.utc_datetime_type``). ``DATETIME_US`` is a naive UTC datetime with
 microseconds (the framework's own timestamps; Rails' ``datetime(6)``). ``LONG_TEXT`` is unbounded
-text (MySQL's ``TEXT`` stops at 64 KB). ``TABLE_OPTIONS`` are the keyword arguments every table
+text (MySQL's ``TEXT`` stops at 64 KB). ``key_string`` is a short text key (an execution's id, a
+table's name) compared byte for byte. ``TABLE_OPTIONS`` are the keyword arguments every table
 the framework (or the demo schema) creates passes to ``Table``: InnoDB and utf8mb4 on MySQL and
 MariaDB, ignored elsewhere. Column types are fixed when a ``Table`` is defined, before any
 connection, so the MySQL choices here are SQLAlchemy type variants. ``UTC_NOW`` is the server's
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Table, Text
+from sqlalchemy import DateTime, String, Table, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
@@ -40,6 +41,17 @@ LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), *_MYSQL)
 #: A naive (UTC) datetime with microseconds: ``DATETIME(6)`` on MySQL/MariaDB (plain
 #: ``DATETIME`` drops the fraction), ``DateTime`` elsewhere.
 DATETIME_US = DateTime().with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
+
+def key_string(length: int) -> Any:
+    """A short text key of the framework's tables (an execution's id, a table's name, an action),
+    compared byte for byte: ``utf8mb4_bin`` on MySQL/MariaDB, whose linguistic collations slow
+    every key comparison of a bulk insert (benchmarks/README.md, session 24). PostgreSQL and
+    SQLite keep their database's collation: PostgreSQL refuses to compare two columns of
+    different collations, as a database whose tables were made before this would hold."""
+    return String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), *_MYSQL
+    )
+
 
 #: ``Table(..., **TABLE_OPTIONS)``: InnoDB (transactions, row locks, foreign keys) and utf8mb4 on
 #: MySQL and MariaDB (SQLAlchemy reads each dialect's own prefix); other databases ignore them.
