@@ -42,6 +42,7 @@ LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), *_MYSQL)
 #: ``DATETIME`` drops the fraction), ``DateTime`` elsewhere.
 DATETIME_US = DateTime().with_variant(mysql.DATETIME(fsp=6), *_MYSQL)
 
+
 def key_string(length: int) -> Any:
     """A short text key of the framework's tables (an execution's id, a table's name, an action),
     compared byte for byte: ``utf8mb4_bin`` on MySQL/MariaDB, whose linguistic collations slow
