@@ -83,23 +83,9 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
         a = f"{alias}." if alias else ""
         return f"{a}dp_execution_id = :x AND {a}dp_action = '{action}'"
 
-    x = "CAST(:x AS VARCHAR(36))" if dialect == "postgresql" else ":x"  # as a selected value
+    x = d.text_value(":x")  # as a selected value
     up, logs, backup = n["stage"], n["logs"], n["backup"]
-    mysql = dialect in ("mysql", "mariadb")
-    # as the floor: FOR UPDATE OF on PostgreSQL, FOR UPDATE on MySQL, SQLite's write lock
-    lock = (f"SELECT count(*) FROM inventories i JOIN {up} u ON u.dp_seq = i.id "
-            f"WHERE {mine('U', 'u')} FOR UPDATE" if mysql else
-            f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN {up} u "
-            f"ON u.dp_seq = i.id WHERE {mine('U', 'u')} FOR UPDATE OF i) locked"
-            if dialect == "postgresql" else None)
-    set_cols = ("{i}price = u.price, {i}inventory_logs_count = u.inventory_logs_count, "
-                "{i}updated_at = u.updated_at")
-    update = (f"UPDATE inventories i JOIN {up} u ON u.dp_seq = i.id "
-              f"SET {set_cols.format(i='i.')} WHERE {mine('U', 'u')}" if mysql else
-              f"UPDATE inventories SET {set_cols.format(i='')} FROM {up} u "
-              f"WHERE inventories.id = u.dp_seq AND {mine('U', 'u')}")
-    # the job's fresh statistics after a bulk load (patch_ops.dialects: none on SQLite)
-    analyze = "ANALYZE TABLE " if mysql else "ANALYZE " if dialect == "postgresql" else None
+    analyze = d.analyze
     steps: list[tuple[str, str | None]] = [
         ("plan: freeze the target ids",
          f"INSERT INTO {n['targets']} (execution_id, table_name, row_id) "
@@ -135,12 +121,12 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"WHERE {mine('I')} GROUP BY inventory_id) l ON l.inventory_id = u.dp_seq "
          f"WHERE {mine('U', 'u')} AND (l.n IS NULL OR l.n <> 1)"),
         ("commit: BEGIN", "BEGIN"),
-        ("commit: lock the rows", lock),
+        ("commit: lock the rows", d.lock and d.lock(up, "dp_seq", mine("U", "u"))),
         ("commit: conflicts against the backup",
          f"SELECT count(*) FROM {up} u JOIN {backup} b ON b.dp_execution_id = u.dp_execution_id "
          "AND b.dp_action = 'B' AND b.dp_seq = u.dp_seq LEFT JOIN inventories i ON i.id = u.dp_seq "
          f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR {differ(f'({live_row})', f'({backup_row})')})"),
-        ("commit: update the items", update),
+        ("commit: update the items", d.update_from_stage(up, "dp_seq", mine("U", "u"))),
         ("commit: insert the log rows",
          f"INSERT INTO inventory_logs ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM {logs} "
          f"WHERE {mine('I')} ORDER BY dp_seq"),

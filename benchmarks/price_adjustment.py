@@ -111,17 +111,35 @@ class DialectSQL:
     #: safety floor: the backup table of whole rows, and how it gets its key
     backup: str
     backup_key: str | None
-    #: safety floor: row locks on the items to change (None: the transaction's write lock does)
-    lock: str | None
-    #: safety floor: the items' UPDATE from the staged rows
-    update_from_stage: str
+    #: safety floors: (stage, its item id column, condition on it or "") -> row locks on the
+    #: items to change (None: the transaction's write lock does)
+    lock: Any
+    #: safety floors: (stage, its item id column, condition on it or "") -> the items' UPDATE
+    update_from_stage: Any
+    #: safety floors: a text parameter as a selected value
+    text_value: Any
+    #: safety floors: fresh planner statistics of a bulk-loaded table, as the job takes them
+    #: (None: it takes none)
+    analyze: str | None
 
 
 _FLOOR_BACKUP = ("CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
                  "JOIN bench_floor_targets t ON t.id = i.id")
-_UPDATE_FROM = ("UPDATE inventories SET price = u.price, inventory_logs_count = "
-                "u.inventory_logs_count, updated_at = u.updated_at FROM bench_floor_up u "
-                "WHERE inventories.id = u.id")
+_SET = ("{i}price = u.price, {i}inventory_logs_count = u.inventory_logs_count, "
+        "{i}updated_at = u.updated_at")
+
+
+def _where(cond: str, joiner: str = " WHERE ") -> str:
+    return joiner + cond if cond else ""
+
+
+def _update_from(stage: str, key: str, cond: str) -> str:
+    return (f"UPDATE inventories SET {_SET.format(i='')} FROM {stage} u "
+            f"WHERE inventories.id = u.{key}{_where(cond, ' AND ')}")
+
+
+def _as_is(param: str) -> str:
+    return param
 
 DIALECT_SQL: dict[str, DialectSQL] = {
     "postgresql": DialectSQL(
@@ -129,9 +147,9 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         lambda a, b: f"{a} IS DISTINCT FROM {b}",
         ":run_at", "CAST(NULL AS INTEGER)",
         _FLOOR_BACKUP, "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)",
-        "SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN bench_floor_up u "
-        "ON u.id = i.id FOR UPDATE OF i) locked",
-        _UPDATE_FROM,
+        lambda stage, key, cond: f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN "
+        f"{stage} u ON u.{key} = i.id{_where(cond)} FOR UPDATE OF i) locked",
+        _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ",
     ),
     "sqlite": DialectSQL(
         SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, _pipes,
@@ -139,7 +157,7 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         ":run_at", "CAST(NULL AS INTEGER)",
         _FLOOR_BACKUP, "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)",
         None,  # the transaction's write lock covers the whole database
-        _UPDATE_FROM,
+        _update_from, _as_is, None,
     ),
     # MySQL 8 syntax (MariaDB runs it too): CONCAT, <=> (NULL-safe equality, rows too),
     # UPDATE ... JOIN, FOR UPDATE without OF (MariaDB has no OF: it also locks the rows of our own
@@ -153,9 +171,11 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         "CREATE TABLE bench_floor_backup (PRIMARY KEY (id)) AS SELECT i.* FROM inventories i "
         "JOIN bench_floor_targets t ON t.id = i.id",
         None,
-        "SELECT count(*) FROM inventories i JOIN bench_floor_up u ON u.id = i.id FOR UPDATE",
-        "UPDATE inventories i JOIN bench_floor_up u ON u.id = i.id SET i.price = u.price, "
-        "i.inventory_logs_count = u.inventory_logs_count, i.updated_at = u.updated_at",
+        lambda stage, key, cond: f"SELECT count(*) FROM inventories i JOIN {stage} u "
+        f"ON u.{key} = i.id{_where(cond)} FOR UPDATE",
+        lambda stage, key, cond: f"UPDATE inventories i JOIN {stage} u ON u.{key} = i.id "
+        f"SET {_SET.format(i='i.')}{_where(cond)}",
+        _as_is, "ANALYZE TABLE ",
     ),
 }
 DIALECT_SQL["mariadb"] = DIALECT_SQL["mysql"]  # SQLAlchemy's name for mariadb+... URLs
@@ -275,13 +295,13 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
         ("commit: BEGIN", "BEGIN"),
     ]
     if d.lock:
-        steps.append(("commit: lock the rows", d.lock))
+        steps.append(("commit: lock the rows", d.lock("bench_floor_up", "id", "")))
     steps += [
         ("commit: conflicts against the backup",
          "SELECT count(*) FROM bench_floor_up u JOIN bench_floor_backup b ON b.id = u.id "
          "LEFT JOIN inventories i ON i.id = u.id WHERE i.id IS NULL "
          f"OR {differ(f'({live_row})', f'({backup_row})')}"),
-        ("commit: update the items", d.update_from_stage),
+        ("commit: update the items", d.update_from_stage("bench_floor_up", "id", "")),
         ("commit: insert the log rows",
          f"INSERT INTO inventory_logs ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM bench_floor_log "
          "ORDER BY seq"),
