@@ -11,11 +11,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Float, Integer, Numeric, Text, cast, delete, or_, select, type_coerce
+from sqlalchemy import Integer, Numeric, Text, delete, or_, select, type_coerce
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops.database import write_transaction
 from patch_ops.dialects import dialect_of
+from patch_ops.dialects.functions import as_double
 from patch_ops.execution import (
     PAUSED_PHASE,
     PatchError,
@@ -77,10 +78,12 @@ def fractional(col) -> bool:  # type: ignore[no-untyped-def]
 
 
 def read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignore[no-untyped-def]
-    """A mirror's columns for a batch read: decimals come as floats from the database (the
-    frames hold them as float64 anyway), not as one Decimal object per value."""
+    """A mirror's columns for a batch read: decimals come as doubles from the database (the
+    frames hold them as float64 anyway), not as one Decimal object per value. Doubles, not
+    SQLAlchemy's Float: MySQL's ``CAST(x AS FLOAT)`` is single precision (32,782.87 read as
+    32,782.869140625; 20,000,001 as 20,000,000)."""
     return [
-        cast(mirror.c[c], Float).label(c) if fractional(live.c[c]) else mirror.c[c]
+        as_double(mirror.c[c]).label(c) if fractional(live.c[c]) else mirror.c[c]
         for c in columns
     ]
 

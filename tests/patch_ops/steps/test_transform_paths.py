@@ -437,3 +437,30 @@ def test_only_changes_that_keep_their_batch_rows_one_for_one_carry_columns():
         assert carry_columns(sel, batch, ["name"]) is None, why
     windowed = select(batch.c.id, func.sum(batch.c.price).over().label("total"))
     assert carry_columns(windowed, batch, ["name"]) is not None
+
+
+@pytest.mark.parametrize("path", [PYTHON_PATH, SQL_PATH])
+def test_prices_are_read_at_full_precision_on_both_paths(database_url, path):
+    """A batch reads its decimals as doubles. MySQL's ``CAST(x AS FLOAT)`` is single precision
+    (7 digits): 32,782.87 read so is 32,782.869140625, and 8 % more rounds to 35,406 instead of
+    35,405 (35,405.4996); 20,000,001 reads as 20,000,000. The staged prices and the log rows'
+    notes are the decimal results, on every database and both paths."""
+    engine = hand_built(database_url, [32782.87, 20000001, 1250])
+    execution_id = _transform(
+        engine, PRICE, {"adjustment_type": "percentage", "adjustment_value": 8}, path
+    )
+    tables = state.reflect_tables(engine, ("inventories", "inventory_logs"))
+    items = state.mirror_table(engine, tables["inventories"], "stage")
+    logs = state.mirror_table(engine, tables["inventory_logs"], "stage")
+    with engine.connect() as conn:
+        prices = dict(conn.execute(
+            select(items.c.dp_seq, items.c.price).where(items.c.dp_execution_id == execution_id)
+        ).all())
+        notes = conn.execute(
+            select(logs.c.note).where(logs.c.dp_execution_id == execution_id)
+            .order_by(logs.c.inventory_id)
+        ).scalars().all()
+    assert {i: float(p) for i, p in prices.items()} == {1: 35405, 2: 21600001, 3: 1350}
+    assert [n.split(" (")[0] for n in notes] == [
+        "価格調整: 32782.87円 → 35405円", "価格調整: 20000001円 → 21600001円", "価格調整: 1250円 → 1350円"
+    ]
