@@ -29,6 +29,7 @@ from benchmarks import databases
 from benchmarks.common import RESULT_MARK
 from benchmarks.price_adjustment import (
     LOG_COLUMNS,
+    compared_row,
     dialect_sql,
     item_columns,
     new_price_and_note,
@@ -68,16 +69,16 @@ def keyed_names(url: str) -> dict[str, str]:
         state.forget_mirrors()
 
 
-def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tuple[str, str]]:
+def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]) -> list[tuple[str, str]]:
     """``floor_steps`` on the framework's shared tables ``n`` (``keyed_names``): every statement
     of the floor, writing and reading the rows of execution ``:x`` only; the drift check reads
     the approving dry run ``:a``'s backup rows."""
     new, note = new_price_and_note(dialect)
     d = dialect_sql(dialect)
     differ = d.differ
-    cols = ", ".join(columns)
-    live_row = ", ".join(f"i.{c}" for c in columns)
-    backup_row = ", ".join(f"b.{c}" for c in columns)
+    cols = ", ".join(c for c, _ in columns)
+    live_row = ", ".join(f"i.{c}" for c, _ in columns)  # as selected for the backup
+    live_compared, backup_compared = compared_row(d, "i", columns), compared_row(d, "b", columns)
 
     def mine(action: str, alias: str = "") -> str:
         a = f"{alias}." if alias else ""
@@ -125,7 +126,8 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
         ("commit: conflicts against the backup",
          f"SELECT count(*) FROM {up} u JOIN {backup} b ON b.dp_execution_id = u.dp_execution_id "
          "AND b.dp_action = 'B' AND b.dp_seq = u.dp_seq LEFT JOIN inventories i ON i.id = u.dp_seq "
-         f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR {differ(f'({live_row})', f'({backup_row})')})"),
+         f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR "
+         f"{differ(f'({live_compared})', f'({backup_compared})')})"),
         ("commit: update the items", d.update_from_stage(up, "dp_seq", mine("U", "u"))),
         ("commit: insert the log rows",
          f"INSERT INTO inventory_logs ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM {logs} "
@@ -140,7 +142,8 @@ def keyed_steps(dialect: str, columns: list[str], n: dict[str, str]) -> list[tup
          f"SELECT count(*) FROM {logs} s LEFT JOIN inventory_logs l "
          "ON l.id = s.dp_seq + (SELECT max(id) FROM inventory_logs) - "
          f"(SELECT count(*) FROM {logs} WHERE {mine('I')}) WHERE {mine('I', 's')} AND (l.id IS NULL OR "
-         f"{differ('l.inventory_id', 's.inventory_id')} OR {differ('l.note', 's.note')})"),
+         f"{differ('l.inventory_id', 's.inventory_id')} OR "
+         f"{differ(d.exact('l.note'), d.exact('s.note'))})"),
     ]
     return [(name, sql) for name, sql in steps if sql]
 

@@ -30,10 +30,10 @@ FLOOR = ("plan: freeze the target ids", "backup: whole rows", "backup: key")
 
 
 def worker(url: str, server_pid: str, executions: str) -> dict[str, Any]:
-    from sqlalchemy import inspect, text
+    from sqlalchemy import text
 
     from benchmarks.common import StatementTimer, server_cpu_seconds
-    from benchmarks.price_adjustment import FLOOR_TABLES, floor_steps
+    from benchmarks.price_adjustment import FLOOR_TABLES, floor_steps, item_columns
     from patch_ops import state
     from patch_ops.database import catalog_scope, get_engine
     from patch_ops.execution import finish_execution
@@ -84,9 +84,7 @@ def worker(url: str, server_pid: str, executions: str) -> dict[str, Any]:
         step(f"backup {i + 1}", lambda x=x: take_backup(engine, x))
         finish_execution(engine, x, "completed")  # work rows kept (retention)
 
-    quote = engine.dialect.identifier_preparer.quote
-    columns = [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
-    floor = dict(floor_steps(engine.dialect.name, columns))
+    floor = dict(floor_steps(engine.dialect.name, item_columns(engine)))
     for label in (x for x in FLOOR if x in floor):  # MariaDB: keyed as it is made
         def run(sql: str = floor[label]) -> None:
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

@@ -121,6 +121,9 @@ class DialectSQL:
     #: safety floors: fresh planner statistics of a bulk-loaded table, as the job takes them
     #: (None: it takes none)
     analyze: str | None
+    #: (text expression) -> the same, compared byte for byte as the job compares text
+    #: (``patch_ops.dialects.functions.as_bytes``: MySQL compares by collation, 'a' = 'A ')
+    exact: Any
 
 
 _FLOOR_BACKUP = ("CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
@@ -149,7 +152,7 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         _FLOOR_BACKUP, "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)",
         lambda stage, key, cond: f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN "
         f"{stage} u ON u.{key} = i.id{_where(cond)} FOR UPDATE OF i) locked",
-        _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ",
+        _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ", _as_is,
     ),
     "sqlite": DialectSQL(
         SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, _pipes,
@@ -157,7 +160,7 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         ":run_at", "CAST(NULL AS INTEGER)",
         _FLOOR_BACKUP, "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)",
         None,  # the transaction's write lock covers the whole database
-        _update_from, _as_is, None,
+        _update_from, _as_is, None, lambda x: f"({x} COLLATE BINARY)",
     ),
     # MySQL 8 syntax (MariaDB runs it too): CONCAT, <=> (NULL-safe equality, rows too),
     # UPDATE ... JOIN, FOR UPDATE without OF (MariaDB has no OF: it also locks the rows of our own
@@ -175,7 +178,7 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         f"ON u.{key} = i.id{_where(cond)} FOR UPDATE",
         lambda stage, key, cond: f"UPDATE inventories i JOIN {stage} u ON u.{key} = i.id "
         f"SET {_SET.format(i='i.')}{_where(cond)}",
-        _as_is, "ANALYZE TABLE ",
+        _as_is, "ANALYZE TABLE ", lambda x: f"CAST(CONVERT({x} USING utf8mb4) AS BINARY)",
     ),
 }
 DIALECT_SQL["mariadb"] = DIALECT_SQL["mysql"]  # SQLAlchemy's name for mariadb+... URLs
@@ -247,17 +250,16 @@ LOG_COLUMNS = ("inventory_id, delta, operation_type, previous_quantity, current_
 FLOOR_CHECKS = ("plan: drift", "validate", "commit: conflicts", "verify")
 
 
-def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
+def floor_steps(dialect: str, columns: list[tuple[str, bool]]) -> list[tuple[str, str]]:
     """(step, statement) of the safety floor: the job's safety steps (freeze the target set,
     compare it with what the approving dry run saw (drift), back up whole rows, stage the new
     values, check every staged row and the cross-table pairing, commit with row locks and a conflict check against the backup, check live against staged)
     as hand-written set-based SQL, with no Python on the rows and no Dagster. ``columns``: the
-    reflected columns of ``inventories`` (the conflict check compares every one)."""
+    reflected columns of ``inventories`` (``item_columns``: the conflict check compares every one)."""
     new, note = new_price_and_note(dialect)
     d = dialect_sql(dialect)
     differ = d.differ
-    live_row = ", ".join(f"i.{c}" for c in columns)
-    backup_row = ", ".join(f"b.{c}" for c in columns)  # columns: reflected, quoted
+    live_row, backup_row = compared_row(d, "i", columns), compared_row(d, "b", columns)
     steps = [
         ("plan: freeze the target ids",
          "CREATE TABLE bench_floor_targets AS SELECT id FROM inventories ORDER BY id"),
@@ -315,7 +317,8 @@ def floor_steps(dialect: str, columns: list[str]) -> list[tuple[str, str]]:
          "SELECT count(*) FROM bench_floor_log s LEFT JOIN inventory_logs l "
          "ON l.id = s.seq + (SELECT max(id) FROM inventory_logs) - "
          "(SELECT count(*) FROM bench_floor_log) WHERE l.id IS NULL OR "
-         f"{differ('l.inventory_id', 's.inventory_id')} OR {differ('l.note', 's.note')}"),
+         f"{differ('l.inventory_id', 's.inventory_id')} OR "
+         f"{differ(d.exact('l.note'), d.exact('s.note'))}"),
     ]
     return steps
 
@@ -334,12 +337,19 @@ def safety_floor(url: str, run_at: dt.datetime, pct: Decimal) -> dict[str, Any]:
     return result
 
 
-def item_columns(engine: Any) -> list[str]:
-    """The reflected columns of ``inventories``, quoted (the conflict check compares them all)."""
-    from sqlalchemy import inspect
+def item_columns(engine: Any) -> list[tuple[str, bool]]:
+    """The reflected columns of ``inventories``, quoted, each with whether it holds text (the
+    conflict check compares them all, text byte for byte)."""
+    from sqlalchemy import String, inspect
 
     quote = engine.dialect.identifier_preparer.quote
-    return [quote(c["name"]) for c in inspect(engine).get_columns("inventories")]
+    return [(quote(c["name"]), isinstance(c["type"], String))
+            for c in inspect(engine).get_columns("inventories")]
+
+
+def compared_row(d: DialectSQL, alias: str, columns: list[tuple[str, bool]]) -> str:
+    """``alias``'s ``columns`` (``item_columns``) as a row to compare: text byte for byte."""
+    return ", ".join(d.exact(f"{alias}.{c}") if text else f"{alias}.{c}" for c, text in columns)
 
 
 def run_floor_steps(engine: Any, steps: list[tuple[str, str]], params: dict[str, Any],

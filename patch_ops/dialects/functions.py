@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Integer, Numeric, String, case, cast, func
+from sqlalchemy import JSON, BigInteger, Float, Integer, Numeric, String, case, cast, func
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -99,3 +99,47 @@ def _as_double(element: as_double, compiler: Any, **kw: Any) -> str:
 def _as_double_mysql(element: as_double, compiler: Any, **kw: Any) -> str:
     (x,) = element.clauses.clauses
     return f"CAST({compiler.process(x, **kw)} AS DOUBLE)"
+
+
+class as_bytes(FunctionElement[bytes]):  # noqa: N801
+    """A text value compared byte for byte. MySQL/MariaDB compare text by its column's
+    collation: under their defaults ('apple' = 'Apple' = 'apple ', and 'cafe' = 'café' under
+    MySQL 8's ``utf8mb4_0900_ai_ci``) a change of case, accent or trailing spaces is no change.
+    There the text as utf8mb4 bytes (``CONVERT`` first, so a latin1 column and its utf8mb4
+    mirror give the same bytes); SQLite ``COLLATE BINARY`` (a column may declare NOCASE);
+    PostgreSQL as it is (its deterministic collations already tell any two strings apart)."""
+
+    inherit_cache = True
+    name = "as_bytes"
+
+    def __init__(self, expr: Any):
+        super().__init__(expr)
+        self.type = expr.type
+
+
+@compiles(as_bytes)
+def _as_bytes(element: as_bytes, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return str(compiler.process(x, **kw))
+
+
+@compiles(as_bytes, "sqlite")
+def _as_bytes_sqlite(element: as_bytes, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return f"({compiler.process(x, **kw)} COLLATE BINARY)"
+
+
+@compiles(as_bytes, "mysql")
+def _as_bytes_mysql(element: as_bytes, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return f"CAST(CONVERT({compiler.process(x, **kw)} USING utf8mb4) AS BINARY)"
+
+
+def values_differ(a: Any, b: Any, col: Any) -> Any:
+    """``a`` and ``b`` (values of column ``col``) differ, NULL-safe, and text byte for byte
+    (``as_bytes``); JSON is compared as its text (it has no equality on every database)."""
+    if isinstance(col.type, JSON):
+        a, b = cast(a, String), cast(b, String)
+    if isinstance(col.type, JSON | String):
+        a, b = as_bytes(a), as_bytes(b)
+    return a.is_distinct_from(b)

@@ -8,13 +8,13 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import String, and_, cast, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
-from sqlalchemy.types import JSON as JSONType
 
 from patch_ops.dialects import StagedInserts, dialect_of
+from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import (
     ROWCOUNT,
     CommitConflict,
@@ -26,14 +26,6 @@ from patch_ops.execution import (
 )
 from patch_ops.patch import Tables
 from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, targets
-
-
-def values_differ(a: ColumnElement, b: ColumnElement, col) -> ColumnElement:  # type: ignore[no-untyped-def]
-    """``a`` and ``b`` (values of column ``col``) differ, NULL-safe; JSON is compared as text
-    (it has no equality on every database)."""
-    if isinstance(col.type, JSONType):
-        return cast(a, String).is_distinct_from(cast(b, String))
-    return a.is_distinct_from(b)
 
 
 def find_conflicts(

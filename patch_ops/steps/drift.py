@@ -50,6 +50,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import catalog, write_transaction
+from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import (
     ROWCOUNT,
     PlanRefused,
@@ -229,7 +230,7 @@ class _Compare:
         (their link drifted): those still go through the target set."""
         live, fp = self.live[table], self.fps[table]
         b = fp.alias("b")
-        changed = [live.c[c].is_distinct_from(b.c[c]) for c in self.cols[table]]
+        changed = [values_differ(live.c[c], b.c[c], live.c[c]) for c in self.cols[table]]
         approved = and_(b.c.dp_execution_id == self.approver, b.c.dp_action == BACKUP)
         if table == self.patch.driving_table:
             return (

@@ -14,9 +14,10 @@ from sqlalchemy import case, func, or_
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
+from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import load_execution, run_concurrently, written_tables
 from patch_ops.patch import Patch
-from patch_ops.steps.apply import find_conflicts, values_differ
+from patch_ops.steps.apply import find_conflicts
 from patch_ops.steps.result import Aggregates, ResultView, invariant_checks, invariant_problem
 
 MISMATCH_IDS = 20  # ids named per table whose live rows differ

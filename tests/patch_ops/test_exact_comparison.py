@@ -1,0 +1,105 @@
+"""A row the application changed is a changed row, byte for byte, on every database.
+
+MySQL/MariaDB compare text by its column's collation, and under their defaults 'apple' =
+'Apple' = 'apple ' (MySQL 8's ``utf8mb4_0900_ai_ci`` also 'cafe' = 'café'). The commit's
+conflict check, the restore's, verification and drift compare through
+``patch_ops.dialects.functions.values_differ``, which tells such values apart: else the commit
+would overwrite an application's change of case and a restore would undo it, silently."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
+from sqlalchemy.dialects import mysql
+
+from patch_ops.database import get_engine
+from patch_ops.dialects.functions import values_differ
+from patch_ops.execution import CommitConflict
+from patch_ops.steps.backup import take_backup
+from patch_ops.steps.commit import commit_execution
+from patch_ops.steps.plan import plan_execution
+from patch_ops.steps.transform import run_transform
+from patch_ops.steps.validate import validate_execution
+from resources.memory import MemoryGuard
+from stockrx_patches.registry import default_registry
+from stockrx_patches.tables import inventories, inventory_logs
+from tests.support.stockrx import (
+    PRICE_JOB,
+    digest,
+    failure_description,
+    hand_built,
+    latest_execution,
+    prices,
+    run_job,
+    run_patch,
+)
+
+PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
+
+
+def test_text_values_differ_byte_for_byte(database_url):
+    engine = get_engine(database_url)
+    latin1 = String(50).with_variant(mysql.VARCHAR(50, charset="latin1"), "mysql", "mariadb")
+    md = MetaData()
+    pairs = Table("pairs", md, Column("id", Integer, primary_key=True, autoincrement=False),
+                  Column("a", latin1), Column("b", String(50)))
+    md.create_all(engine)
+    rows = [
+        (1, "apple", "Apple"),  # case
+        (2, "apple", "apple "),  # a trailing space
+        (3, "cafe", "café"),  # an accent
+        (4, "same", "same"),
+        (5, None, None),
+        (6, "x", None),
+        (7, "café", "café"),  # the same text in latin1 and in utf8mb4 (MySQL): the same
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(pairs), [{"id": i, "a": a, "b": b} for i, a, b in rows])
+        differ = conn.execute(
+            select(pairs.c.id).where(values_differ(pairs.c.a, pairs.c.b, pairs.c.b))
+            .order_by(pairs.c.id)
+        ).scalars().all()
+        plain = conn.execute(select(pairs.c.id).where(pairs.c.a.is_distinct_from(pairs.c.b))
+                             .order_by(pairs.c.id)).scalars().all()
+    assert differ == [1, 2, 3, 6]
+    if engine.dialect.name == "mysql":  # what a plain comparison misses there
+        assert plain == [6]
+
+
+def test_the_commit_refuses_when_the_app_changed_only_the_case_of_a_name(database_url):
+    engine = hand_built(database_url, [100, 200, 300])
+    registry = default_registry()
+    patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
+    config = patch.config_class(adjustment_type="percentage", adjustment_value=8, dry_run=False)
+    execution_id = plan_execution(engine, patch, settings, config)
+    take_backup(engine, execution_id)
+    run_transform(engine, patch, execution_id, MemoryGuard())
+    assert validate_execution(engine, patch, settings, execution_id)[0]
+    old_prices = prices(engine)
+    with engine.begin() as app:
+        app.execute(update(inventories).where(inventories.c.id == 2).values(name="Item 2"))
+    with pytest.raises(CommitConflict, match=r"inventories: 1 row\(s\), ids \[2\]"):
+        commit_execution(engine, execution_id)
+    assert prices(engine) == old_prices  # nothing committed
+
+
+def test_a_restore_refuses_a_log_row_the_app_changed_only_in_case(database_url):
+    engine = hand_built(database_url, [100, 200, 300])
+    result = run_patch(database_url, PRICE_JOB, PCT8)
+    assert result.success, failure_description(result)
+    patched = latest_execution(engine, PRICE_JOB)["execution_id"]
+    with engine.begin() as app:  # the note of the patch's log row for item 2, in capitals
+        log_id, note = app.execute(
+            select(inventory_logs.c.id, inventory_logs.c.note)
+            .where(inventory_logs.c.inventory_id == 2).order_by(inventory_logs.c.id.desc())
+        ).first()
+        assert "(percentage:8)" in note
+        app.execute(update(inventory_logs).where(inventory_logs.c.id == log_id)
+                    .values(note=note.replace("percentage", "PERCENTAGE")))
+    after_app = digest(engine)
+    refused = run_job(database_url, "restore_patch", "plan_restore",
+                      {"execution_id": patched, "dry_run": False})
+    assert not refused.success
+    assert "changed 1 row(s) after the patch; restore refused" in failure_description(refused)
+    assert latest_execution(engine)["report"]["conflicts"]["inventory_logs"]["ids"] == [log_id]
+    assert digest(engine) == after_app  # the application's change is kept
