@@ -8,6 +8,8 @@ stage, so they run where the data is. A custom check (``@pa.check`` / ``@pa.data
 runs there only through a SQL twin declared on it with :func:`sql_twin`; a check that compiles
 to neither makes the patch refuse the in-database path, naming the check (none is skipped).
 Column types (pandera's dtype/coerce) are the stage columns' own: a value is stored in its type.
+Text is compared byte for byte, as pandas compares it (``as_bytes``): under MySQL's default
+collations 'ADJUST' would be in ``isin(["adjust"])`` and 'a' and 'A ' one value for ``unique``.
 
 Why this rather than pandera's Ibis backend: Ibis is not a dependency, and these checks are a
 handful of comparisons; measured, the compiled checks add one query per table per batch that
@@ -22,10 +24,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy import String, and_, func, not_, or_, select
 from sqlalchemy.sql import ColumnElement, FromClause
 
-from patch_ops.dialects.functions import char_length
+from patch_ops.dialects.functions import as_bytes, char_length
 from patch_ops.patch import Patch
 
 if TYPE_CHECKING:  # pandera is for the op processes: loading the code location skips it
@@ -72,7 +74,23 @@ class SqlCheck:
     dtype: str = ""
 
 
+def exact(col: ColumnElement[Any]) -> ColumnElement[Any]:
+    """``col`` compared as pandas compares it: text byte for byte (``as_bytes``)."""
+    return as_bytes(col) if isinstance(col.type, String) else col
+
+
 def _builtin(name: str, stats: dict[str, Any], col: ColumnElement[Any]) -> ColumnElement[bool]:
+    if name == "str_length":  # in characters: of the text, not of its bytes
+        n = char_length(col)
+        if stats.get("exact_value") is not None:
+            return n == stats["exact_value"]
+        parts = []
+        if stats.get("min_value") is not None:
+            parts.append(n >= stats["min_value"])
+        if stats.get("max_value") is not None:
+            parts.append(n <= stats["max_value"])
+        return and_(*parts)
+    col = exact(col)
     if name == "greater_than":
         return col > stats["min_value"]
     if name == "greater_than_or_equal_to":
@@ -94,16 +112,6 @@ def _builtin(name: str, stats: dict[str, Any], col: ColumnElement[Any]) -> Colum
         return col.in_(list(stats["allowed_values"]))
     if name == "notin":
         return col.not_in(list(stats["forbidden_values"]))
-    if name == "str_length":
-        n = char_length(col)
-        if stats.get("exact_value") is not None:
-            return n == stats["exact_value"]
-        parts = []
-        if stats.get("min_value") is not None:
-            parts.append(n >= stats["min_value"])
-        if stats.get("max_value") is not None:
-            parts.append(n <= stats["max_value"])
-        return and_(*parts)
     raise KeyError(name)
 
 
@@ -170,7 +178,7 @@ def _frame_twin(twin: Callable[[Any], ColumnElement[bool]]) -> Predicate:
 
 def _unique(column: str) -> Predicate:
     def passes(rel: FromClause) -> ColumnElement[bool]:
-        col = rel.c[column]
+        col = exact(rel.c[column])
         dupes = select(col).group_by(col).having(func.count() > 1).correlate(None)
         return not_(col.in_(dupes.scalar_subquery()))
 

@@ -8,13 +8,17 @@ would overwrite an application's change of case and a restore would undo it, sil
 
 from __future__ import annotations
 
+import pandas as pd
+import pandera.pandas as pa
 import pytest
+from pandera.typing import Series
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
 from sqlalchemy.dialects import mysql
 
 from patch_ops.database import get_engine
 from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import CommitConflict
+from patch_ops.sql_checks import compile_schema, failing
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
 from patch_ops.steps.plan import plan_execution
@@ -35,6 +39,11 @@ from tests.support.stockrx import (
 )
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
+
+
+class Kinds(pa.DataFrameModel):
+    kind: Series[str] = pa.Field(isin=["add", "adjust"])
+    code: Series[str] = pa.Field(unique=True, ne="x")
 
 
 def test_text_values_differ_byte_for_byte(database_url):
@@ -103,3 +112,29 @@ def test_a_restore_refuses_a_log_row_the_app_changed_only_in_case(database_url):
     assert "changed 1 row(s) after the patch; restore refused" in failure_description(refused)
     assert latest_execution(engine)["report"]["conflicts"]["inventory_logs"]["ids"] == [log_id]
     assert digest(engine) == after_app  # the application's change is kept
+
+
+def test_compiled_text_checks_reject_what_pandera_rejects(database_url):
+    """The in-database path's compiled pandera checks judge text as pandas does: 'ADJUST' is
+    not in ``isin(["adjust", ...])``, and 'a', 'A' and 'a ' are three values for ``unique``."""
+    rows = [(1, "adjust", "a"), (2, "ADJUST", "A"), (3, "adjust ", "a "), (4, "add", "X"),
+            (5, "add", "b"), (6, "add", "b")]
+    frame = pd.DataFrame(rows, columns=["id", "kind", "code"])
+    try:
+        Kinds.validate(frame.drop(columns="id"), lazy=True)
+        pandas_failing: set[int] = set()
+    except pa.errors.SchemaErrors as exc:
+        pandas_failing = {int(frame.loc[i, "id"]) for i in exc.failure_cases["index"].dropna()}
+    assert pandas_failing == {2, 3, 5, 6}
+
+    engine = get_engine(database_url)
+    md = MetaData()
+    checked = Table("checked", md, Column("id", Integer, primary_key=True, autoincrement=False),
+                    Column("kind", String(20)), Column("code", String(20)))
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(checked), [{"id": i, "kind": k, "code": c} for i, k, c in rows])
+        sql_failing = set(conn.execute(
+            select(checked.c.id).where(failing(compile_schema(Kinds), checked))
+        ).scalars())
+    assert sql_failing == pandas_failing
