@@ -19,13 +19,7 @@ from patch_ops.database import get_engine
 from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import CommitConflict
 from patch_ops.sql_checks import compile_schema, failing
-from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
-from patch_ops.steps.plan import plan_execution
-from patch_ops.steps.transform import run_transform
-from patch_ops.steps.validate import validate_execution
-from resources.memory import MemoryGuard
-from stockrx_patches.registry import default_registry
 from stockrx_patches.tables import inventories, inventory_logs
 from tests.support.stockrx import (
     PRICE_JOB,
@@ -36,6 +30,7 @@ from tests.support.stockrx import (
     prices,
     run_job,
     run_patch,
+    validated_price_run,
 )
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
@@ -77,13 +72,7 @@ def test_text_values_differ_byte_for_byte(database_url):
 
 def test_the_commit_refuses_when_the_app_changed_only_the_case_of_a_name(database_url):
     engine = hand_built(database_url, [100, 200, 300])
-    registry = default_registry()
-    patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
-    config = patch.config_class(adjustment_type="percentage", adjustment_value=8, dry_run=False)
-    execution_id = plan_execution(engine, patch, settings, config)
-    take_backup(engine, execution_id)
-    run_transform(engine, patch, execution_id, MemoryGuard())
-    assert validate_execution(engine, patch, settings, execution_id)[0]
+    execution_id, _ = validated_price_run(engine)
     old_prices = prices(engine)
     with engine.begin() as app:
         app.execute(update(inventories).where(inventories.c.id == 2).values(name="Item 2"))

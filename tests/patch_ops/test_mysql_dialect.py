@@ -42,13 +42,7 @@ from patch_ops.dialects.types import UTCDateTime
 from patch_ops.execution import CommitConflict, load_execution
 from patch_ops.state import INSERT, UPDATE, mirror_table, targets
 from patch_ops.steps.apply import lock_target_rows, staged_inserts
-from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
-from patch_ops.steps.plan import plan_execution
-from patch_ops.steps.transform import run_transform
-from patch_ops.steps.validate import validate_execution
-from resources.memory import MemoryGuard
-from stockrx_patches.registry import default_registry
 from stockrx_patches.seed import seed_demo
 from stockrx_patches.tables import create_stockrx_schema, inventories, inventory_logs
 from tests.support.mysql import MySQLServer, MySQLUnavailable, app_engine, mysql_required
@@ -61,6 +55,7 @@ from tests.support.stockrx import (
     latest_execution,
     prices,
     run_patch,
+    validated_price_run,
 )
 
 pytestmark = pytest.mark.mysql
@@ -91,18 +86,6 @@ def mode1_url(mode1_server: MySQLServer) -> Iterator[str]:
     url = mode1_server.create_database()
     yield url
     mode1_server.drop_database(url)
-
-
-def validated_price_run(engine: Engine) -> tuple[str, Any]:
-    """A real price run (+8 %) planned, backed up, transformed and validated: (id, patch)."""
-    registry = default_registry()
-    patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
-    config = patch.config_class(adjustment_type="percentage", adjustment_value=8, dry_run=False)
-    execution_id = plan_execution(engine, patch, settings, config)
-    take_backup(engine, execution_id)
-    run_transform(engine, patch, execution_id, MemoryGuard())
-    assert validate_execution(engine, patch, settings, execution_id)[0]
-    return execution_id, patch
 
 
 def show_create(engine: Engine, table: str) -> str:

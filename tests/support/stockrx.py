@@ -167,6 +167,25 @@ def run_patch(
     return run_job(url, job_name, "plan_patch", config, defs, instance)
 
 
+def validated_price_run(engine: Engine) -> tuple[str, Any]:
+    """A real price run (+8 %) planned, backed up, transformed and validated, by the steps
+    themselves (no approval, no Dagster), its commit still to come: (its id, the patch)."""
+    from patch_ops.steps.backup import take_backup
+    from patch_ops.steps.plan import plan_execution
+    from patch_ops.steps.transform import run_transform
+    from patch_ops.steps.validate import validate_execution
+    from resources.memory import MemoryGuard
+
+    registry = default_registry()
+    patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
+    config = patch.config_class(adjustment_type="percentage", adjustment_value=8, dry_run=False)
+    execution_id = plan_execution(engine, patch, settings, config)
+    take_backup(engine, execution_id)
+    run_transform(engine, patch, execution_id, MemoryGuard())
+    assert validate_execution(engine, patch, settings, execution_id)[0]
+    return execution_id, patch
+
+
 def latest_execution(engine: Engine, patch_name: str | None = None) -> dict[str, Any]:
     q = select(executions).order_by(executions.c.started_at.desc(), executions.c.execution_id)
     if patch_name:

@@ -14,13 +14,8 @@ from patch_ops import state
 from patch_ops.execution import CommitConflict, load_execution, run_concurrently
 from patch_ops.state import executions, rejects
 from patch_ops.steps.apply import lock_target_rows
-from patch_ops.steps.backup import take_backup
 from patch_ops.steps.commit import commit_execution
-from patch_ops.steps.plan import plan_execution
-from patch_ops.steps.transform import run_transform
-from patch_ops.steps.validate import validate_execution
-from resources.memory import MemoryGuard
-from stockrx_patches.registry import RegistryError, default_registry, load_project_config
+from stockrx_patches.registry import RegistryError, load_project_config
 from stockrx_patches.tables import inventories
 from tests.support import slow_patches
 from tests.support.stockrx import (
@@ -32,6 +27,7 @@ from tests.support.stockrx import (
     prices,
     run_patch,
     seeded,
+    validated_price_run,
 )
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
@@ -103,13 +99,7 @@ def test_an_app_update_racing_the_commit_is_not_overwritten(pg_url):
     # starts: the commit waits for the row's lock, then finds the row no longer equal to its
     # backup, and commits nothing. A plain UPDATE from the stage would overwrite the change.
     engine = hand_built(pg_url, [100, 200, 300])
-    registry = default_registry()
-    patch, settings = registry.patches[PRICE_JOB], registry.settings(PRICE_JOB)
-    config = patch.config_class(adjustment_type="percentage", adjustment_value=8, dry_run=False)
-    execution_id = plan_execution(engine, patch, settings, config)
-    take_backup(engine, execution_id)
-    run_transform(engine, patch, execution_id, MemoryGuard())
-    assert validate_execution(engine, patch, settings, execution_id)[0]
+    execution_id, _ = validated_price_run(engine)
     old_prices = prices(engine)
     waiting = text(
         "SELECT count(*) FROM pg_stat_activity "
