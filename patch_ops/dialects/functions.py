@@ -103,26 +103,36 @@ def _as_double_mysql(element: as_double, compiler: Any, **kw: Any) -> str:
     return f"({compiler.process(x, **kw)} + 0E0)"
 
 
-class as_bytes(FunctionElement[bytes]):  # noqa: N801
+class as_bytes(FunctionElement[Any]):  # noqa: N801
     """A text value compared byte for byte. MySQL/MariaDB compare text by its column's
     collation: under their defaults ('apple' = 'Apple' = 'apple ', and 'cafe' = 'café' under
     MySQL 8's ``utf8mb4_0900_ai_ci``) a change of case, accent or trailing spaces is no change.
     There the text as utf8mb4 bytes (``CONVERT`` first, so a latin1 column and its utf8mb4
     mirror give the same bytes); SQLite ``COLLATE BINARY`` (a column may declare NOCASE);
-    PostgreSQL as it is (its deterministic collations already tell any two strings apart)."""
+    PostgreSQL as ``text`` in collation "C" (a ``citext`` column compares without case, and
+    an ``en_US`` one orders 'a' before 'B'). Ordered so, text is in code point order, as
+    Python orders it."""
 
     inherit_cache = True
     name = "as_bytes"
 
     def __init__(self, expr: Any):
         super().__init__(expr)
-        self.type = expr.type
+        # the values it is compared with are bound as plain text: a column type's collation
+        # would be stated on them too (PostgreSQL refuses two explicit collations)
+        self.type = String() if isinstance(expr.type, String) else expr.type
 
 
 @compiles(as_bytes)
 def _as_bytes(element: as_bytes, compiler: Any, **kw: Any) -> str:
     (x,) = element.clauses.clauses
     return str(compiler.process(x, **kw))
+
+
+@compiles(as_bytes, "postgresql")
+def _as_bytes_postgresql(element: as_bytes, compiler: Any, **kw: Any) -> str:
+    (x,) = element.clauses.clauses
+    return f'(CAST({compiler.process(x, **kw)} AS TEXT) COLLATE "C")'
 
 
 @compiles(as_bytes, "sqlite")

@@ -18,7 +18,8 @@ from sqlalchemy.dialects import mysql
 from patch_ops.database import get_engine
 from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import CommitConflict
-from patch_ops.sql_checks import compile_schema, failing
+from patch_ops.sql_checks import compile_schema
+from patch_ops.sql_checks import failing as failing_rows
 from patch_ops.steps.commit import commit_execution
 from stockrx_patches.tables import inventories, inventory_logs
 from tests.support.stockrx import (
@@ -124,6 +125,39 @@ def test_compiled_text_checks_reject_what_pandera_rejects(database_url):
     with engine.begin() as conn:
         conn.execute(insert(checked), [{"id": i, "kind": k, "code": c} for i, k, c in rows])
         sql_failing = set(conn.execute(
-            select(checked.c.id).where(failing(compile_schema(Kinds), checked))
+            select(checked.c.id).where(failing_rows(compile_schema(Kinds), checked))
         ).scalars())
     assert sql_failing == pandas_failing
+
+
+class Ranked(pa.DataFrameModel):
+    kind: Series[str] = pa.Field(ge="B")
+
+
+@pytest.mark.postgres
+def test_postgresql_citext_and_linguistic_collations_compare_byte_for_byte(pg_url):
+    """PostgreSQL: a ``citext`` column ('apple' = 'Apple') is compared as text, and an ICU
+    collation's order ('a' before 'B') gives way to code point order ('B' before 'a'), as pandas
+    orders text; the columns as the framework reflects them."""
+    engine = get_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS citext")
+        conn.exec_driver_sql('CREATE TABLE words (id int PRIMARY KEY, a citext, b citext, '
+                             'kind text COLLATE "en-x-icu")')
+        conn.exec_driver_sql("INSERT INTO words VALUES (1, 'apple', 'Apple', 'a'), "
+                             "(2, 'same', 'same', 'B'), (3, 'x', 'X', 'A')")
+    words = Table("words", MetaData(), autoload_with=engine)
+    frame = pd.DataFrame({"kind": ["a", "B", "A"]}, index=[1, 2, 3])
+    with pytest.raises(pa.errors.SchemaErrors) as pandas_says:
+        Ranked.validate(frame, lazy=True)
+    assert set(pandas_says.value.failure_cases["index"]) == {3}
+    with engine.connect() as conn:
+        plain = conn.execute(select(words.c.id).where(words.c.a.is_distinct_from(words.c.b))
+                             ).scalars().all()
+        differ = conn.execute(select(words.c.id).where(
+            values_differ(words.c.a, words.c.b, words.c.a)).order_by(words.c.id)).scalars().all()
+        failing = set(conn.execute(
+            select(words.c.id).where(failing_rows(compile_schema(Ranked), words))).scalars())
+    assert plain == []  # what citext's own equality sees
+    assert differ == [1, 3]
+    assert failing == {3}
