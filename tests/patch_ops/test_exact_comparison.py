@@ -8,13 +8,16 @@ would overwrite an application's change of case and a restore would undo it, sil
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pandera.pandas as pa
 import pytest
 from pandera.typing import Series
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
 from sqlalchemy.dialects import mysql
 
+from patch_ops import state
 from patch_ops.database import get_engine
 from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import CommitConflict
@@ -161,3 +164,25 @@ def test_postgresql_citext_and_linguistic_collations_compare_byte_for_byte(pg_ur
     assert plain == []  # what citext's own equality sees
     assert differ == [1, 3]
     assert failing == {3}
+
+
+@pytest.mark.mysql
+def test_the_runbook_query_finds_prices_read_in_single_precision(mysql_url):
+    """docs/runbook.md §17's query, as written there, names the items of a run whose prices were
+    computed from single-precision reads: the stage as the code before c087ce8 wrote it (35,406
+    for 32,782.87 and 21,600,000 for 20,000,001 at +8 %, as that code committed on MariaDB)."""
+    runbook = (Path(__file__).resolve().parents[2] / "docs" / "runbook.md").read_text("utf-8")
+    section = runbook.split("## 17. ", 1)[1]
+    query = section.split("```sql\n", 1)[1].split("```", 1)[0]
+    engine = hand_built(mysql_url, [32782.87, 20000001, 1250])
+    execution_id, _ = validated_price_run(engine)
+    commit_execution(engine, execution_id)
+    tables = state.reflect_tables(engine, ("inventories",))
+    stage = state.mirror_table(engine, tables["inventories"], "stage")
+    with engine.begin() as conn:
+        for item, written in ((1, 35406), (2, 21600000)):
+            conn.execute(update(stage).where(stage.c.dp_execution_id == execution_id,
+                                             stage.c.dp_seq == item).values(price=written))
+        found = conn.execute(text(query), {"pct": 8, "execution_id": execution_id}).all()
+    assert [(r.item_id, float(r.written), float(r.exact)) for r in found] == [
+        (1, 35406, 35405), (2, 21600000, 21600001)]
