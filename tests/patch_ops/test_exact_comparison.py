@@ -4,7 +4,9 @@ MySQL/MariaDB compare text by its column's collation, and under their defaults '
 'Apple' = 'apple ' (MySQL 8's ``utf8mb4_0900_ai_ci`` also 'cafe' = 'café'). The commit's
 conflict check, the restore's, verification and drift compare through
 ``patch_ops.dialects.functions.values_differ``, which tells such values apart: else the commit
-would overwrite an application's change of case and a restore would undo it, silently."""
+would overwrite an application's change of case and a restore would undo it, silently. The same
+on PostgreSQL for ``citext``. The compiled pandera checks judge text as pandas does (``as_bytes``),
+and the runbook's query finds the prices written from single-precision reads (§17)."""
 
 from __future__ import annotations
 
