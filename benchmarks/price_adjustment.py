@@ -152,7 +152,8 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         _FLOOR_BACKUP, "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)",
         lambda stage, key, cond: f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN "
         f"{stage} u ON u.{key} = i.id{_where(cond)} FOR UPDATE OF i) locked",
-        _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ", _as_is,
+        _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ",
+        lambda x: f'(CAST({x} AS TEXT) COLLATE "C")',
     ),
     "sqlite": DialectSQL(
         SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, _pipes,
