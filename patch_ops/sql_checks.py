@@ -8,7 +8,7 @@ stage, so they run where the data is. A custom check (``@pa.check`` / ``@pa.data
 runs there only through a SQL twin declared on it with :func:`sql_twin`; a check that compiles
 to neither makes the patch refuse the in-database path, naming the check (none is skipped).
 Column types (pandera's dtype/coerce) are the stage columns' own: a value is stored in its type.
-Text is compared byte for byte, as pandas compares it (``as_bytes``): under MySQL's default
+Text is compared byte for byte, as pandas compares it (``exact``): under MySQL's default
 collations 'ADJUST' would be in ``isin(["adjust"])`` and 'a' and 'A ' one value for ``unique``.
 
 Why this rather than pandera's Ibis backend: Ibis is not a dependency, and these checks are a
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, and_, func, not_, or_, select
+from sqlalchemy import and_, func, not_, or_, select
 from sqlalchemy.sql import ColumnElement, FromClause
 
-from patch_ops.dialects.functions import as_bytes, char_length
+from patch_ops.dialects.functions import char_length, exact
 from patch_ops.patch import Patch
 
 if TYPE_CHECKING:  # pandera is for the op processes: loading the code location skips it
@@ -72,11 +72,6 @@ class SqlCheck:
     column: str | None
     passes: Predicate
     dtype: str = ""
-
-
-def exact(col: ColumnElement[Any]) -> ColumnElement[Any]:
-    """``col`` compared as pandas compares it: text byte for byte (``as_bytes``)."""
-    return as_bytes(col) if isinstance(col.type, String) else col
 
 
 def _builtin(name: str, stats: dict[str, Any], col: ColumnElement[Any]) -> ColumnElement[bool]:

@@ -147,11 +147,14 @@ def _as_bytes_mysql(element: as_bytes, compiler: Any, **kw: Any) -> str:
     return f"CAST(CONVERT({compiler.process(x, **kw)} USING utf8mb4) AS BINARY)"
 
 
+def exact(x: Any) -> Any:
+    """``x`` as it is compared with other values: text byte for byte (``as_bytes``)."""
+    return as_bytes(x) if isinstance(x.type, String) else x
+
+
 def values_differ(a: Any, b: Any, col: Any) -> Any:
     """``a`` and ``b`` (values of column ``col``) differ, NULL-safe, and text byte for byte
-    (``as_bytes``); JSON is compared as its text (it has no equality on every database)."""
+    (``exact``); JSON is compared as its text (it has no equality on every database)."""
     if isinstance(col.type, JSON):
         a, b = cast(a, String), cast(b, String)
-    if isinstance(col.type, JSON | String):
-        a, b = as_bytes(a), as_bytes(b)
-    return a.is_distinct_from(b)
+    return exact(a).is_distinct_from(exact(b))
