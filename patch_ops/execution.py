@@ -139,14 +139,17 @@ def set_execution(conn: Connection, execution_id: str, **values: Any) -> None:
     )
 
 
-def _insert_offset(ex: dict[str, Any], table: str) -> int | None:
+def inserted_offset(ex: dict[str, Any], table: str) -> int | None:
+    """The offset a committed execution's inserted ids have from their ``dp_seq`` when its
+    commit handed them out as one block, to it alone (``DatabaseDialect.insert_staged``);
+    None when the ids were written to the stage."""
     return ((ex.get("report") or {}).get("insert_id_offsets") or {}).get(table)
 
 
 def inserted_id(st, ex: dict[str, Any], table: str):  # type: ignore[no-untyped-def]
     """The live id of a staged insert of a committed execution: ``dp_seq`` plus the offset its
     commit recorded (ids handed out as one block), else the id the commit wrote to the stage."""
-    return offset_id(st, _insert_offset(ex, table))
+    return offset_id(st, inserted_offset(ex, table))
 
 
 def inserted_id_range(conn: Connection, st, ex: dict[str, Any], table: str) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
@@ -154,7 +157,7 @@ def inserted_id_range(conn: Connection, st, ex: dict[str, Any], table: str) -> t
     it inserted none). Checks that add ``live.id BETWEEN lo AND hi`` read the inserted rows by
     the live table's key instead of scanning the whole table, all its history included (1M new
     log rows among 3M: a post-verification check 15.4 -> 9.8 s)."""
-    offset = _insert_offset(ex, table)
+    offset = inserted_offset(ex, table)
     col = st.c.dp_seq if offset is not None else st.c.id  # min/max of dp_seq: from the index
     lo, hi = conn.execute(
         select(func.min(col), func.max(col)).where(
