@@ -23,7 +23,6 @@ from sqlalchemy.engine import Engine, make_url
 
 from benchmarks.common import REPO_ROOT, log
 from patch_ops.dialects.mysql import GROUP_MEMORY
-from patch_ops.dialects.postgresql import WORK_MEM_KB
 from stockrx_patches.tables import STOCKRX_TABLES
 
 SEED = 20261129
@@ -420,15 +419,12 @@ MYSQL_SESSION = ("SET SESSION sql_mode = 'TRADITIONAL', time_zone = '+00:00', "
 
 
 def baseline_engine(url: str) -> Engine:
-    """An engine for the baselines, with the job's SQLite settings (WAL, synchronous NORMAL),
-    its MySQL/MariaDB session (sql_mode TRADITIONAL, UTC, READ COMMITTED) and its PostgreSQL
-    ``work_mem`` (the benchmark's server has the default 4 MB, which the job raises), without
-    importing the framework (so the baselines' process start-up stays minimal)."""
+    """An engine for the baselines, with the job's SQLite settings (WAL, synchronous NORMAL) and
+    its MySQL/MariaDB session (sql_mode TRADITIONAL, UTC, READ COMMITTED), without importing the
+    framework (so the baselines' process start-up stays minimal)."""
     if is_mysql(url):
         return create_engine(url, isolation_level="READ COMMITTED",
                              connect_args={"init_command": MYSQL_SESSION})
-    if make_url(url).get_backend_name() == "postgresql":
-        return create_engine(url, connect_args={"options": f"-c work_mem={WORK_MEM_KB}kB"})
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         from sqlalchemy import event

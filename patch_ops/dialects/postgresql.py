@@ -1,6 +1,5 @@
 """PostgreSQL (psycopg 3): COPY for bulk rows, the table's own sequence for new ids,
-transaction-local statement timeouts, ANALYZE after bulk loads, memory for a run's hashes and
-sorts (``WORK_MEM_KB``)."""
+transaction-local statement timeouts, ANALYZE after bulk loads."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from sqlalchemy import (
     Select,
     Table,
     cast,
-    event,
     func,
     literal,
     select,
@@ -34,29 +32,9 @@ if TYPE_CHECKING:  # pandas is for the op processes: loading the code location s
     import pandas as pd
 
 
-#: ``work_mem`` of the framework's sessions, in kB, where the server's is lower: the commit's
-#: conflict check and its ``UPDATE ... FROM`` the stage hash every row of a run, and at the
-#: default 4 MB spill them to disk (300k rows: the commit 15 % slower; benchmarks/README.md,
-#: session 26). Per sort or hash of a statement, as the server's own setting is.
-WORK_MEM_KB = 64 << 10
-#: One statement, which sets nothing where the server already gives as much (pg_settings: kB).
-_WORK_MEM_SETUP = (
-    f"SELECT set_config('work_mem', '{WORK_MEM_KB}kB', false) FROM pg_settings "
-    f"WHERE name = 'work_mem' AND setting::bigint < {WORK_MEM_KB}"
-)
-
-
 class PostgreSQLDialect(DatabaseDialect):
     name = "postgresql"
     features = Features(statement_timeout=True, stores_utc_offset=True)
-
-    def configure(self, engine: Engine) -> None:
-        @event.listens_for(engine, "connect")
-        def on_connect(dbapi_conn, record):  # type: ignore[no-untyped-def]
-            cursor = dbapi_conn.cursor()
-            cursor.execute(_WORK_MEM_SETUP)
-            cursor.close()
-            dbapi_conn.commit()  # a session setting: kept by the pooled connection
 
     def bulk_insert(self, conn: Connection, table: Table, df: pd.DataFrame) -> None:
         """COPY on psycopg 3 (the COPY text built column-wise by frames.copy_text; the

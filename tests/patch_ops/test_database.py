@@ -77,28 +77,3 @@ def test_framework_tables_are_made_while_the_application_writes(tmp_path) -> Non
     ensure_framework_tables(engine)
     assert app == ["database is locked"]  # the application waits (it has a busy timeout)
     assert inspect(engine).has_table("data_patch_executions")
-
-
-@pytest.mark.postgres
-def test_postgres_sessions_get_the_work_mem_of_a_run_and_keep_a_larger_one(pg_url) -> None:  # type: ignore[no-untyped-def]
-    """The framework's PostgreSQL sessions hash and sort a run's rows in memory: work_mem is
-    raised to ``WORK_MEM_KB`` (the server's default is 4 MB), on every pooled connection, and
-    never lowered (here a session that starts with 256 MB keeps it)."""
-    from sqlalchemy import text
-
-    from patch_ops.dialects.postgresql import WORK_MEM_KB
-
-    engine = get_engine(pg_url)
-    with engine.connect() as a, engine.connect() as b:  # two connections of the pool
-        for conn in (a, b):
-            kb = conn.execute(text("SELECT setting::bigint FROM pg_settings WHERE name = 'work_mem'"))
-            assert kb.scalar_one() == WORK_MEM_KB == 64 * 1024
-        a.rollback()  # a rolled-back transaction keeps it: a session setting, committed
-    with engine.connect() as conn:
-        assert conn.execute(text("SHOW work_mem")).scalar_one() == "64MB"
-    engine.dispose()
-    sep = "&" if "?" in pg_url else "?"
-    larger = get_engine(f"{pg_url}{sep}options=-c%20work_mem%3D256MB")
-    with larger.connect() as conn:
-        assert conn.execute(text("SHOW work_mem")).scalar_one() == "256MB"
-    larger.dispose()
