@@ -77,3 +77,46 @@ def test_framework_tables_are_made_while_the_application_writes(tmp_path) -> Non
     ensure_framework_tables(engine)
     assert app == ["database is locked"]  # the application waits (it has a busy timeout)
     assert inspect(engine).has_table("data_patch_executions")
+
+
+@pytest.mark.postgres
+def test_a_postgres_commit_hashes_in_memory_for_its_transaction_only(pg_url) -> None:  # type: ignore[no-untyped-def]
+    """The commit's transaction (its row locks, conflict check and UPDATE ... FROM the stage)
+    gets ``COMMIT_WORK_MEM_KB`` of work_mem where the server gives less, set before the locks;
+    the next transaction of the pooled connection has the server's again, and a session that
+    has more keeps it."""
+    from sqlalchemy import event, text
+
+    from patch_ops.dialects.postgresql import COMMIT_WORK_MEM_KB
+    from patch_ops.steps.commit import commit_execution
+    from tests.support.stockrx import seeded, validated_price_run
+
+    assert COMMIT_WORK_MEM_KB == 64 * 1024
+    engine = seeded(pg_url, items=50)
+    execution_id, _ = validated_price_run(engine)
+    seen: list[str] = []
+
+    def keep(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if "inventories" in statement or "work_mem" in statement:
+            cursor.execute("SHOW work_mem")  # what the statement about to run gets
+            seen.append(f"{cursor.fetchone()[0]} {statement.split()[0]} {'work_mem' in statement}")
+
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        commit_execution(engine, execution_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+    # the setting first, then every statement on the items (locks, conflict check, UPDATE)
+    assert seen[0].endswith(" True"), seen
+    assert {s.split()[0] for s in seen[1:]} == {"64MB"}, seen
+    assert len(seen) >= 4 and any(s.split()[1] == "UPDATE" for s in seen), seen
+    with engine.connect() as conn:
+        assert conn.execute(text("SHOW work_mem")).scalar_one() != "64MB"  # transaction-local
+    sep = "&" if "?" in pg_url else "?"
+    larger = get_engine(f"{pg_url}{sep}options=-c%20work_mem%3D256MB")
+    with larger.begin() as conn:
+        from patch_ops.dialects import dialect_of
+
+        dialect_of(conn).update_joined(conn)
+        assert conn.execute(text("SHOW work_mem")).scalar_one() == "256MB"
+    larger.dispose()
