@@ -122,7 +122,6 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
          f"WHERE {mine('I')} GROUP BY inventory_id) l ON l.inventory_id = u.dp_seq "
          f"WHERE {mine('U', 'u')} AND (l.n IS NULL OR l.n <> 1)"),
         ("commit: BEGIN", "BEGIN"),
-        ("commit: memory", d.commit_memory),
         ("commit: lock the rows", d.lock and d.lock(up, "dp_seq", mine("U", "u"))),
         ("commit: conflicts against the backup",
          f"SELECT count(*) FROM {up} u JOIN {backup} b ON b.dp_execution_id = u.dp_execution_id "

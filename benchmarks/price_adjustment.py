@@ -60,7 +60,6 @@ from benchmarks import common, databases, harness
 from benchmarks.contenders import EXECUTORS
 from benchmarks.price_contenders import CONTENDERS, WORKER_NAMES, benchmark, fmt_price
 from benchmarks.price_report import render
-from patch_ops.dialects.postgresql import COMMIT_WORK_MEM_KB
 
 # ---------------------------------------------------------------------------------------------
 # Baselines (run in a child process: `--worker bare|naive`)
@@ -125,9 +124,6 @@ class DialectSQL:
     #: (text expression) -> the same, compared byte for byte as the job compares text
     #: (``patch_ops.dialects.functions.as_bytes``: MySQL compares by collation, 'a' = 'A ')
     exact: Any
-    #: safety floors: the commit transaction's memory, as the job's commit sets it
-    #: (``DatabaseDialect.update_joined``; None: the session's, MySQL's engine has GROUP_MEMORY)
-    commit_memory: str | None = None
 
 
 _FLOOR_BACKUP = ("CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
@@ -158,7 +154,6 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         f"{stage} u ON u.{key} = i.id{_where(cond)} FOR UPDATE OF i) locked",
         _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ",
         lambda x: f'(CAST({x} AS TEXT) COLLATE "C")',
-        f"SET LOCAL work_mem = '{COMMIT_WORK_MEM_KB}kB'",
     ),
     "sqlite": DialectSQL(
         SQLITE_NEW, SQLITE_OLD_TEXT, SQLITE_NEW_TEXT, _pipes,
@@ -302,8 +297,6 @@ def floor_steps(dialect: str, columns: list[tuple[str, bool]]) -> list[tuple[str
         # none either.
         ("commit: BEGIN", "BEGIN"),
     ]
-    if d.commit_memory:
-        steps.append(("commit: memory", d.commit_memory))
     if d.lock:
         steps.append(("commit: lock the rows", d.lock("bench_floor_up", "id", "")))
     steps += [

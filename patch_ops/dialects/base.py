@@ -211,9 +211,8 @@ class DatabaseDialect:
         rows is computed once and cheaply (a no-op where the database needs no telling)."""
 
     def update_joined(self, conn: Connection) -> None:
-        """Plan the rest of ``conn``'s transaction for statements that join many rows to the
-        stage's: a commit's row locks, conflict check and UPDATE (a no-op where the database
-        needs no telling)."""
+        """Plan the rest of ``conn``'s transaction for an UPDATE of many rows joined to the
+        stage's rows (a no-op where the database needs no telling)."""
 
     def check_deferred_constraints(self, conn: Connection) -> None:
         """Check now the constraints the schema defers to commit (a trial apply never commits)."""

@@ -1,6 +1,5 @@
 """PostgreSQL (psycopg 3): COPY for bulk rows, the table's own sequence for new ids,
-transaction-local statement timeouts, ANALYZE after bulk loads, the commit's memory
-(``COMMIT_WORK_MEM_KB``)."""
+transaction-local statement timeouts, ANALYZE after bulk loads."""
 
 from __future__ import annotations
 
@@ -31,14 +30,6 @@ from patch_ops.frames import copy_text, plain_rows
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
     import pandas as pd
-
-
-#: ``work_mem`` (kB) of a commit's (or a trial apply's) transaction where the server gives less:
-#: its row locks, conflict check and ``UPDATE ... FROM`` the stage hash every row of the run, and
-#: at the default 4 MB spill to disk (300k rows: the commit 15 % slower). Only there: given to
-#: whole sessions, validation's and verification's grouped passes got slower with it
-#: (benchmarks/README.md, session 26).
-COMMIT_WORK_MEM_KB = 64 << 10
 
 
 class PostgreSQLDialect(DatabaseDialect):
@@ -138,14 +129,6 @@ class PostgreSQLDialect(DatabaseDialect):
 
     def check_deferred_constraints(self, conn: Connection) -> None:
         conn.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
-
-    def update_joined(self, conn: Connection) -> None:
-        # transaction-local (set_config's third argument); never lowers the server's setting
-        kb = COMMIT_WORK_MEM_KB
-        conn.execute(text(
-            f"SELECT set_config('work_mem', '{kb}kB', true) FROM pg_settings "
-            f"WHERE name = 'work_mem' AND setting::bigint < {kb}"
-        ))
 
     def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
         # The table's own sequence, one value per dp_seq of the span. Other sessions may take

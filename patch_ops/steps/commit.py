@@ -15,7 +15,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import write_transaction
-from patch_ops.dialects import dialect_of
 from patch_ops.execution import (
     CommitConflict,
     DatabaseRefused,
@@ -66,7 +65,6 @@ def _commit(
 ) -> dict[str, int]:
     execution_id, decl = ex["execution_id"], ex["declaration"]
     with write_transaction(engine) as conn:
-        dialect_of(conn).update_joined(conn)  # for the locks and the conflict check too
         lock_target_rows(conn, tables, execution_id, decl)
         conflicts = find_conflicts(conn, engine, tables, ex, "backup", limit=1000)
         if conflicts:
