@@ -1,8 +1,9 @@
 """After commit, when the inserted rows' ids are one block handed out to the execution alone
 (the offset its commit recorded), the checks that read none of the stage's columns read the
-inserted rows by the live table's key only: the stage's join is left out by the database
-(``ResultView.inserted``; PostgreSQL and MariaDB do, SQLite in some queries). Checks that compare with what was committed still join it, and a
-change the application made after the commit is still found."""
+inserted rows by the live table's key only: the database leaves the stage's join out
+(``ResultView.inserted``; PostgreSQL and MariaDB always, SQLite in some queries). Checks that
+compare with what was committed still join it, and a change the application made after the
+commit is still found."""
 
 from __future__ import annotations
 
