@@ -130,6 +130,7 @@ class ResultView:
             # what was committed beside what is live: verification compares them in the pass
             staged = [st.c[c].label(f"dp_staged_{c}")
                       for c in self.declaration["inserts"].get(table, ())]
+            q = select(*live.c, st.c.dp_source_id, *staged)
             offset = inserted_offset(self.execution, table)
             if span is not None and offset is not None:
                 # One block of ids, handed out to this execution alone: the live rows in it
@@ -137,12 +138,9 @@ class ResultView:
                 # LEFT JOIN on the stage's key, PostgreSQL and MariaDB leave it out of a check
                 # that reads none of them (the invariants: a join over every inserted row less)
                 on = and_(cond, st.c.dp_seq == live.c.id - offset)
-                q = (select(*live.c, st.c.dp_source_id, *staged)
-                     .select_from(live.outerjoin(st, on)).where(live.c.id.between(*span)))
+                q = q.select_from(live.outerjoin(st, on)).where(live.c.id.between(*span))
             else:
-                new_id = inserted_id(st, self.execution, table)
-                q = (select(*live.c, st.c.dp_source_id, *staged)
-                     .join(st, live.c.id == new_id).where(cond))
+                q = q.join(st, live.c.id == inserted_id(st, self.execution, table)).where(cond)
                 if span is not None:
                     q = q.where(live.c.id.between(*span))
         else:

@@ -23,8 +23,7 @@ from patch_ops import state
 from patch_ops.database import get_engine
 from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import CommitConflict
-from patch_ops.sql_checks import compile_schema
-from patch_ops.sql_checks import failing as failing_rows
+from patch_ops.sql_checks import compile_schema, failing
 from patch_ops.steps.commit import commit_execution
 from stockrx_patches.tables import inventories, inventory_logs
 from tests.support.stockrx import (
@@ -130,7 +129,7 @@ def test_compiled_text_checks_reject_what_pandera_rejects(database_url):
     with engine.begin() as conn:
         conn.execute(insert(checked), [{"id": i, "kind": k, "code": c} for i, k, c in rows])
         sql_failing = set(conn.execute(
-            select(checked.c.id).where(failing_rows(compile_schema(Kinds), checked))
+            select(checked.c.id).where(failing(compile_schema(Kinds), checked))
         ).scalars())
     assert sql_failing == pandas_failing
 
@@ -161,11 +160,11 @@ def test_postgresql_citext_and_linguistic_collations_compare_byte_for_byte(pg_ur
                              ).scalars().all()
         differ = conn.execute(select(words.c.id).where(
             values_differ(words.c.a, words.c.b, words.c.a)).order_by(words.c.id)).scalars().all()
-        failing = set(conn.execute(
-            select(words.c.id).where(failing_rows(compile_schema(Ranked), words))).scalars())
+        rejected = set(conn.execute(
+            select(words.c.id).where(failing(compile_schema(Ranked), words))).scalars())
     assert plain == []  # what citext's own equality sees
     assert differ == [1, 3]
-    assert failing == {3}
+    assert rejected == {3}
 
 
 @pytest.mark.mysql
