@@ -81,6 +81,8 @@ def load_project_config(path: Path | None = None) -> ProjectConfig:
                 max_held_back_percent=_percent(entry, "max_held_back_percent", 10.0),
                 refusal_search_seconds=_positive(entry, "refusal_search_seconds", 300.0),
                 refusal_attempt_seconds=_positive(entry, "refusal_attempt_seconds", 30.0),
+                trial_slice_rows=_count(entry, "trial_slice_rows", 10_000),
+                trial_slice_seconds=_positive(entry, "trial_slice_seconds", 1.0, zero=True),
                 max_drift_percent=_percent(entry, "max_drift_percent", 1.0),
                 require_distinct_approver=_flag(entry, "require_distinct_approver", False),
             )

@@ -166,11 +166,21 @@ def _refusal(conn: Connection, table: str, action: str) -> Iterator[None]:
         raise DatabaseRefused(f"{action} {table}: {reason}", {"table": table}) from None
 
 
-def _of_sources(st, sources: tuple[int, int] | None) -> list[ColumnElement[bool]]:  # type: ignore[no-untyped-def]
-    """The condition that picks the stage rows of driving rows ``lo..hi`` (none: all)."""
-    if sources is None:
-        return []
-    return [st.c.dp_source_id.between(*sources)]
+#: Per (action, table), an inclusive range of ``dp_seq`` (a slice of the stage, ``trial_slices``).
+SeqRanges = dict[tuple[str, str], tuple[int, int]]
+
+
+def _picked(  # type: ignore[no-untyped-def]
+    st, key: tuple[str, str], sources: tuple[int, int] | None, seqs: SeqRanges | None
+) -> list[ColumnElement[bool]] | None:
+    """The conditions that pick the stage rows to apply: of driving rows ``sources`` (lo..hi),
+    or of the ``seqs`` range of this action and table; None: none of them (all: [])."""
+    picked = [] if sources is None else [st.c.dp_source_id.between(*sources)]
+    if seqs is not None:
+        if key not in seqs:
+            return None
+        picked.append(st.c.dp_seq.between(*seqs[key]))
+    return picked
 
 
 def apply_staged(
@@ -182,19 +192,24 @@ def apply_staged(
     trial: bool = False,
     id_offsets: dict[str, int] | None = None,
     sources: tuple[int, int] | None = None,
+    seqs: SeqRanges | None = None,
 ) -> dict[str, int]:
     """The staged updates and inserts, applied to the live tables on ``conn`` (commit or trial).
 
     ``id_offsets`` receives, per table, the offset of inserted ids (``inserted_id``).
     ``sources`` (trial only): apply only the changes of the driving rows whose ids lie in this
-    inclusive range (the search for the rows the database refuses, ``steps.holdback``)."""
-    if sources is not None and not trial:
+    inclusive range (the search for the rows the database refuses, ``steps.holdback``).
+    ``seqs`` (trial only): apply only the stage rows in these ``dp_seq`` ranges (a slice)."""
+    if (sources is not None or seqs is not None) and not trial:
         raise PatchError("only a trial apply may apply part of the stage")
     counts: dict[str, int] = {}
     for table, cols in decl["updates"].items():
         live = tables[table]
         st = mirror_table(engine, live, "stage")
-        picked = _of_sources(st, sources)
+        picked = _picked(st, (UPDATE, table), sources, seqs)
+        if picked is None:
+            counts[f"{table}_updated"] = 0
+            continue
         expected = conn.execute(
             select(func.count()).select_from(st).where(
                 st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE, *picked
@@ -226,11 +241,11 @@ def apply_staged(
         st = mirror_table(engine, live, "stage")
         if trial:
             # ids -dp_seq, computed in the INSERT: the stage itself is never rewritten
-            cond = and_(
-                st.c.dp_execution_id == execution_id,
-                st.c.dp_action == INSERT,
-                *_of_sources(st, sources),
-            )
+            picked = _picked(st, (INSERT, table), sources, seqs)
+            if picked is None:
+                counts[f"{table}_inserted"] = 0
+                continue
+            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT, *picked)
             with _refusal(conn, table, "insert into"):
                 res = conn.execute(
                     insert(live).from_select(

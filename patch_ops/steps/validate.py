@@ -28,6 +28,7 @@ from patch_ops.execution import (
 from patch_ops.patch import FAIL, Patch, PatchSettings
 from patch_ops.steps.holdback import (
     Refusal,
+    Trial,
     approved_refusals,
     digest,
     find_refused,
@@ -35,7 +36,7 @@ from patch_ops.steps.holdback import (
     held_back_rows,
     hold_back,
     name_refused,
-    trial_attempt,
+    sliced_trial,
 )
 from patch_ops.steps.report import (
     build_report,
@@ -81,11 +82,12 @@ def validate_execution(
         # one all-or-nothing transaction: a new refusal there changes nothing and is named
         # (drift). Applying everything twice would double the cost of the commit.
         held = hold_back_as_approved(engine, execution_id, approver, log)
-    refusal, broken, report, sections, rejects = run_checks(
+    tried, broken, report, sections, rejects = run_checks(
         engine, patch, settings, ex, trial=not approver
     )
-    trial = f"skipped: approving dry run {approver} passed it on the same plan" if approver else (
-        "refused" if refusal else "passed")
+    refusal = tried.refusal if tried is not None else None
+    trial = (f"skipped: approving dry run {approver} passed it on the same plan" if tried is None
+             else tried.describe())
     refused = None
     if refusal is not None:
         held, refused = settle_refusal(engine, settings, ex, refusal, log)
@@ -132,12 +134,12 @@ def validate_execution(
 
 def run_checks(
     engine: Engine, patch: Patch, settings: PatchSettings, ex: dict[str, Any], trial: bool
-) -> tuple[Refusal | None, list[dict[str, Any]], dict[str, Any], dict[str, Any], list[Any]]:
-    """The checks of the would-be result, at once on their own connections: (the trial apply's
-    refusal if ``trial``, the broken invariants, the impact report, its sections, the reject
-    sample). The invariants' passes compute the report's counts and sums over the same rows."""
+) -> tuple[Trial | None, list[dict[str, Any]], dict[str, Any], dict[str, Any], list[Any]]:
+    """The checks of the would-be result, at once on their own connections: (the trial apply
+    if ``trial``, the broken invariants, the impact report, its sections, the reject sample).
+    The invariants' passes compute the report's counts and sums over the same rows."""
     execution_id = ex["execution_id"]
-    trials = [functools.partial(trial_apply, engine, execution_id)] if trial else []
+    trials = [functools.partial(trial_apply, engine, settings, execution_id)] if trial else []
     checks = invariant_checks(
         engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds,
         aggregates=report_aggregates,
@@ -153,16 +155,18 @@ def run_checks(
         ],
         settings.check_connections,
     )
-    refusal = results.pop(0) if trial else None
+    tried = results.pop(0) if trial else None
     n = len(checks.calls)
     sections, rejects, report = results[n:]
-    return refusal, checks.broken(results[:n]), report, sections, rejects
+    return tried, checks.broken(results[:n]), report, sections, rejects
 
 
-def trial_apply(engine: Engine, execution_id: str) -> Refusal | None:
-    """Apply the staged changes in a transaction that is always rolled back, so the database's
+def trial_apply(engine: Engine, settings: PatchSettings, execution_id: str) -> Trial:
+    """Apply the staged changes in transactions that are always rolled back, so the database's
     own rules (CHECK, NOT NULL, unique and foreign keys, triggers: also those of columns and
-    constraints the patch does not know) judge them before commit. Returns the refusal or None.
+    constraints the patch does not know) judge them before commit: in slices that each hold
+    their row locks about ``trial_slice_seconds`` (``sliced_trial``), so the application's
+    writes wait for one slice, not for the whole stage.
 
     Inserted rows get ids ``-dp_seq`` here: no sequence value is used up and no id can collide
     with a row the application inserts meanwhile.
@@ -170,7 +174,7 @@ def trial_apply(engine: Engine, execution_id: str) -> Refusal | None:
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
     tables = state.reflect_tables(engine, ex["declaration"]["tables"])
-    return trial_attempt(engine, tables, ex)[0]
+    return sliced_trial(engine, tables, ex, settings.trial_slice_rows, settings.trial_slice_seconds)
 
 
 def allowed_held_back(settings: PatchSettings, ex: dict[str, Any]) -> int:
@@ -213,7 +217,7 @@ def settle_refusal(
                       f"({settings.max_held_back_percent:g} % of {total:,}: {allowed:,} rows), "
                       f"so nothing is held back or committed; {rows}")
     hold_back(engine, execution_id, found.refused)
-    again = trial_apply(engine, execution_id)
+    again = trial_apply(engine, settings, execution_id).refusal
     if again is not None:
         return info, (f"{head}: {again.reason} (also without the {named}; {rows})")
     info.update(held_back_section(engine, execution_id, settings, total))
