@@ -396,7 +396,7 @@ class PatchSettings:
     refusal_attempt_seconds: float = 30.0
     #: Validation's trial apply runs in slices, each its own rolled-back transaction: the first
     #: of this many rows (of the stage's largest table), the next sized to hold their row locks
-    #: ``trial_slice_seconds`` (0: every slice ``trial_slice_rows``; patch_ops.steps.holdback).
+    #: ``trial_slice_seconds`` (0: every slice ``trial_slice_rows``; patch_ops.steps.trial).
     trial_slice_rows: int = 10_000
     trial_slice_seconds: float = 1.0
     #: Above this share of the target set (percent, 0-100) changed since the approving dry run

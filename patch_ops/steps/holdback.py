@@ -47,7 +47,6 @@ from patch_ops.execution import (
 from patch_ops.patch import Tables
 from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, rejects
 from patch_ops.steps.apply import SeqRanges, apply_staged
-from patch_ops.steps.batching import BatchSizer
 
 #: Driving rows named (with their values) in reports and failure messages.
 SAMPLE = 10
@@ -239,87 +238,6 @@ def trial_attempt(
             if trans.is_active:
                 trans.rollback()
         return None, _close(trans, opened)
-
-
-@dataclass
-class Trial:
-    """What a trial apply found: the refusal (None: passed), in how many slices, the longest
-    time one slice held its transaction (its row locks), and the whole trial's seconds."""
-
-    refusal: Refusal | None = None
-    slices: int = 0
-    longest_seconds: float = 0.0
-    seconds: float = 0.0
-
-    def describe(self) -> str:
-        verdict = "refused" if self.refusal is not None else "passed"
-        if self.slices <= 1:
-            return verdict
-        return (f"{verdict} in {self.slices:,} slices of the stage, each its own rolled-back "
-                f"transaction (the longest held its row locks {self.longest_seconds:.2f} s)")
-
-
-def sliced_trial(
-    engine: Engine, tables: Tables, ex: dict[str, Any], first_rows: int, slice_seconds: float
-) -> Trial:
-    """The trial apply in slices, so the application waits for one slice's row locks (SQLite:
-    the write lock), never for the whole stage's, as it would for one transaction. Each slice is
-    a ``dp_seq`` range of every (action, table) of the stage (read by the stage's key), of
-    about the same share of each; the first has ``first_rows`` rows of the largest, the next
-    are sized by ``BatchSizer`` to hold their transaction ``slice_seconds`` (0: every slice
-    ``first_rows``). Stops at the first refused slice. A stage of one slice is applied whole.
-
-    Every staged row meets the database's rules in its slice; only a rule between rows of two
-    slices (two changed rows given one unique value) waits for the commit, which names the
-    rows it refuses (``find_refused``)."""
-    started = time.perf_counter()
-    execution_id, decl = ex["execution_id"], ex["declaration"]
-    keys = [(UPDATE, t) for t in decl["updates"]] + [(INSERT, t) for t in decl["inserts"]]
-    stages = {key: mirror_table(engine, tables[key[1]], "stage") for key in keys}
-
-    def mine(key: tuple[str, str]) -> Any:
-        st = stages[key]
-        return and_(st.c.dp_execution_id == execution_id, st.c.dp_action == key[0])
-
-    with engine.connect() as conn:
-        counts = {}
-        for key, st in stages.items():
-            n, first = conn.execute(select(func.count(), func.min(st.c.dp_seq)).where(mine(key))).one()
-            if n:
-                counts[key] = (int(n), int(first) - 1)  # (rows, last dp_seq applied)
-    base = max((n for n, _ in counts.values()), default=0)
-    trial = Trial()
-    if base <= first_rows:
-        trial.refusal, trial.longest_seconds = trial_attempt(engine, tables, ex)
-        trial.slices = 1
-        trial.seconds = time.perf_counter() - started
-        return trial
-    sizer = BatchSizer(first_rows, slice_seconds, fixed=not slice_seconds)
-    after = {key: last for key, (_, last) in counts.items()}
-    while after:
-        size, ranges = sizer.size, {}
-        with engine.connect() as conn:
-            for key, last in list(after.items()):
-                st, rows = stages[key], -(-size * counts[key][0] // base)  # ceil
-                page = (select(st.c.dp_seq).where(mine(key), st.c.dp_seq > last)
-                        .order_by(st.c.dp_seq).limit(rows).subquery())
-                hi = conn.execute(select(func.max(page.c.dp_seq))).scalar()
-                if hi is None:
-                    del after[key]
-                    continue
-                ranges[key] = (last + 1, int(hi))
-                after[key] = int(hi)
-        if not ranges:
-            break
-        refusal, took = trial_attempt(engine, tables, ex, seqs=ranges)
-        trial.slices += 1
-        trial.longest_seconds = max(trial.longest_seconds, took)
-        if refusal is not None:
-            trial.refusal = refusal
-            break
-        sizer.record(size, took)
-    trial.seconds = time.perf_counter() - started
-    return trial
 
 
 def _close(trans: Any, opened: float) -> float:

@@ -28,7 +28,6 @@ from patch_ops.execution import (
 from patch_ops.patch import FAIL, Patch, PatchSettings
 from patch_ops.steps.holdback import (
     Refusal,
-    Trial,
     approved_refusals,
     digest,
     find_refused,
@@ -36,7 +35,6 @@ from patch_ops.steps.holdback import (
     held_back_rows,
     hold_back,
     name_refused,
-    sliced_trial,
 )
 from patch_ops.steps.report import (
     build_report,
@@ -46,6 +44,7 @@ from patch_ops.steps.report import (
     report_sections,
 )
 from patch_ops.steps.result import SAMPLE_ROWS, invariant_checks, invariant_problem
+from patch_ops.steps.trial import Trial, sliced_trial
 
 
 def validate_execution(
@@ -165,7 +164,7 @@ def trial_apply(engine: Engine, settings: PatchSettings, execution_id: str) -> T
     """Apply the staged changes in transactions that are always rolled back, so the database's
     own rules (CHECK, NOT NULL, unique and foreign keys, triggers: also those of columns and
     constraints the patch does not know) judge them before commit: in slices that each hold
-    their row locks about ``trial_slice_seconds`` (``sliced_trial``), so the application's
+    their row locks about ``trial_slice_seconds`` (``patch_ops.steps.trial``), so the application's
     writes wait for one slice, not for the whole stage.
 
     Inserted rows get ids ``-dp_seq`` here: no sequence value is used up and no id can collide

@@ -24,6 +24,7 @@ from tests.support.stockrx import (
     defs_with,
     digest,
     failure_description,
+    hand_built,
     latest_execution,
     run_patch,
 )
@@ -85,6 +86,22 @@ def test_a_refusal_fails_the_run_by_default_naming_the_row(database_url):
     assert not result.success
     message = failure_description(result)
     assert PRICE_CAP in message and "rows 19 (" in message and "price 250 → 270" in message
+
+
+def test_two_slices_giving_two_rows_one_unique_value_are_refused(database_url):
+    # items 1 (100 yen) and 6 (100.4) both become 108: in two slices, each passes alone
+    engine = hand_built(database_url, [100, 200, 300, 400, 500, 100.4])
+    with engine.begin() as conn:
+        conn.execute(text("CREATE UNIQUE INDEX ux_inventories_price ON inventories (price)"))
+    before = digest(engine, TABLES)
+    defs = defs_with((InventoryPriceAdjustment(), sliced_settings()))
+    result = run_patch(database_url, PRICE_JOB, DRY, defs=defs)
+    assert not result.success
+    assert digest(engine, TABLES) == before
+    message = failure_description(result)
+    assert "two staged inventories rows would share the unique key ux_inventories_price (price = " \
+        in message, message
+    assert "no single driving row is refused on its own" in message
 
 
 def lock_waits(conn) -> bool:  # type: ignore[no-untyped-def]
