@@ -3,11 +3,12 @@ and hold them back so the rest can be committed.
 
 When a trial apply is refused (a CHECK, NOT NULL, foreign key or unique constraint, a trigger:
 also those the patch does not know), ``find_refused`` bisects the staged driving rows, knowing
-nothing of the constraint. Each *attempt* applies the changes of one range of driving rows on
-the live tables in a transaction of its own that is always rolled back, every statement bounded
-by ``attempt_seconds`` (the statement timeout, which also ends a lock wait), so no attempt holds
-row locks longer than that and the application waits between attempts, never for the whole
-search. One transaction per attempt rather than savepoints in one long transaction: InnoDB keeps
+nothing of the constraint: first in ranges of ``chunk`` driving rows (the patch's
+``trial_slice_rows``), then halving the refused ones. Each *attempt* applies the changes of one
+range of driving rows on the live tables in a transaction of its own that is always rolled back,
+every statement bounded by ``attempt_seconds`` (the statement timeout, which also ends a lock
+wait), so no attempt holds row locks longer than that, nor more rows than a chunk, and the
+application waits between attempts, never for the whole search. One transaction per attempt rather than savepoints in one long transaction: InnoDB keeps
 the row locks a rolled-back savepoint took until the transaction ends, so a search in one
 transaction would hold every row it touched until its end. ``budget_seconds`` bounds the whole
 search; ``limit`` stops it once more driving rows are refused than may be held back.
@@ -105,6 +106,7 @@ def bisect(
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     sample: int = SAMPLE,
+    chunk: int | None = None,
 ) -> tuple[dict[int, Refusal], int, str | None, int]:
     """Find the refused items among ``n`` (indexes 0..n-1), all of them refused together with
     ``first``. Level by level: a refused range is halved and its left half tried; a clean left
@@ -114,7 +116,9 @@ def bisect(
 
     About 1.5 log2(n) attempts for one refused item, k times that for k. Stops once more than
     ``limit`` items are known to be refused (disjoint refused ranges count one each; then up to
-    ``sample`` of them are named, one per range) or at ``deadline``. Returns (index → refusal,
+    ``sample`` of them are named, one per range) or at ``deadline``. ``chunk``: the items are
+    first tried in consecutive ranges of at most ``chunk`` (no attempt holds more), and only
+    the refused ones are halved (``first`` is then not used). Returns (index → refusal,
     attempts, why it stopped or None, refused at least).
     """
     found: dict[int, Refusal] = {}
@@ -139,6 +143,12 @@ def bisect(
             found[i] = refusal
 
     try:
+        if chunk and n > chunk:
+            level = []
+            for i in range(0, n, chunk):
+                j = min(i + chunk, n) - 1
+                if (refusal := tried(i, j)) is not None:
+                    level.append((i, j, refusal))
         while level:
             following: list[tuple[int, int, Refusal | None]] = []
             for done, (i, j, refusal) in enumerate(level):
@@ -253,9 +263,11 @@ def find_refused(
     limit: int | None,
     budget_seconds: float,
     attempt_seconds: float | None,
+    chunk: int | None = None,
 ) -> SearchResult:
     """The driving rows whose staged changes the database refuses (``first``: the refusal of the
-    whole stage), found by ``bisect`` with ``trial_attempt`` (module docstring)."""
+    whole stage), found by ``bisect`` with ``trial_attempt`` (module docstring), first in ranges
+    of ``chunk`` driving rows if given."""
     started = time.monotonic()
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
@@ -271,7 +283,7 @@ def find_refused(
         return refusal
 
     found, result.attempts, result.stopped, result.at_least = bisect(
-        len(ids), probe, first, limit, deadline=started + budget_seconds
+        len(ids), probe, first, limit, deadline=started + budget_seconds, chunk=chunk
     )
     result.refused = {ids[i]: r for i, r in found.items()}
     result.complete = result.stopped is None

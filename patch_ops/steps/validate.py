@@ -107,6 +107,7 @@ def validate_execution(
         "budget_seconds": settings.refusal_search_seconds,
         "attempt_seconds": settings.refusal_attempt_seconds,
         "limit": max(allowed_held_back(settings, ex), SAMPLE_ROWS),
+        "chunk": settings.trial_slice_rows,
     }
     report["validation"] = {
         "passed": not problems,
@@ -191,7 +192,7 @@ def settle_refusal(
     found = find_refused(
         engine, execution_id, refusal, limit=max(allowed, SAMPLE_ROWS),
         budget_seconds=settings.refusal_search_seconds,
-        attempt_seconds=settings.refusal_attempt_seconds,
+        attempt_seconds=settings.refusal_attempt_seconds, chunk=settings.trial_slice_rows,
     )
     with engine.connect() as conn:
         sample, named, rows = name_refused(conn, engine, ex, found.refused, found.at_least)

@@ -246,12 +246,29 @@ def test_the_search_on_a_real_database_finds_them_among_20000(sqlite_url, bad):
     assert held["search"]["attempts"] <= len(bad) * (2 * math.ceil(math.log2(N)) + 1)
 
 
+@pytest.mark.parametrize("bad", [{7_777}, {3, 4_000, 11_111, 15_000, 19_999}],
+                         ids=["one", "five"])
+def test_in_chunks_no_attempt_holds_more_than_a_chunk(bad):
+    probes: list[tuple[int, int]] = []
+
+    def probe(i: int, j: int) -> Refusal | None:
+        probes.append((i, j))
+        return Refusal("row", "inventories") if any(i <= b <= j for b in bad) else None
+
+    found, attempts, stopped, _ = bisect(N, probe, Refusal("all", "t"), N // 10, chunk=1_000)
+    assert set(found) == bad and stopped is None and attempts == len(probes)
+    assert max(j - i + 1 for i, j in probes) == 1_000
+    assert attempts <= N // 1_000 + len(bad) * (2 * math.ceil(math.log2(1_000)) + 1)
+
+
 def test_a_refusal_of_rows_only_together_names_none():
     def probe(i: int, j: int) -> Refusal | None:  # 10 and 11 refuse only together
         return Refusal("unique", "t") if i <= 10 and j >= 11 else None
 
     found, _, stopped, _ = bisect(64, probe, Refusal("unique", "t"))
     assert found == {} and stopped is None
+    for chunk in (8, 11):  # 10 and 11 in one chunk, then in two
+        assert bisect(64, probe, Refusal("unique", "t"), chunk=chunk)[:3:2] == ({}, None)
 
 
 def test_a_spent_time_budget_stops_the_search(database_url):
