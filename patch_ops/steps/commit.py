@@ -97,6 +97,7 @@ def name_commit_refusal(engine: Engine, ex: dict[str, Any], exc: DatabaseRefused
         engine, execution_id, Refusal(str(exc), str(exc.details.get("table", ""))),
         limit=int(limits.get("limit", 10)), budget_seconds=float(limits.get("budget_seconds", 300)),
         attempt_seconds=limits.get("attempt_seconds"), chunk=limits.get("chunk"),
+        chunk_seconds=float(limits.get("chunk_seconds", 0.0)),
     )
     with engine.connect() as conn:
         sample, named, rows = name_refused(conn, engine, ex, found.refused, found.at_least)

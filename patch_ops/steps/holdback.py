@@ -3,11 +3,11 @@ and hold them back so the rest can be committed.
 
 When a trial apply is refused (a CHECK, NOT NULL, foreign key or unique constraint, a trigger:
 also those the patch does not know), ``find_refused`` bisects the staged driving rows, knowing
-nothing of the constraint: first in ranges of ``chunk`` driving rows (the patch's
-``trial_slice_rows``), then halving the refused ones. Each *attempt* applies the changes of one
+nothing of the constraint: first in ranges of driving rows sized as the trial's slices (the
+patch's ``trial_slice_rows`` and ``trial_slice_seconds``), then halving the refused ones. Each *attempt* applies the changes of one
 range of driving rows on the live tables in a transaction of its own that is always rolled back,
 every statement bounded by ``attempt_seconds`` (the statement timeout, which also ends a lock
-wait), so no attempt holds row locks longer than that, nor more rows than a chunk, and the
+wait), so no attempt holds row locks longer than that, nor more rows than a range, and the
 application waits between attempts, never for the whole search. One transaction per attempt rather than savepoints in one long transaction: InnoDB keeps
 the row locks a rolled-back savepoint took until the transaction ends, so a search in one
 transaction would hold every row it touched until its end. ``budget_seconds`` bounds the whole
@@ -48,6 +48,7 @@ from patch_ops.execution import (
 from patch_ops.patch import Tables
 from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, rejects
 from patch_ops.steps.apply import SeqRanges, apply_staged
+from patch_ops.steps.batching import BatchSizer
 
 #: Driving rows named (with their values) in reports and failure messages.
 SAMPLE = 10
@@ -106,7 +107,7 @@ def bisect(
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     sample: int = SAMPLE,
-    chunk: int | None = None,
+    chunks: BatchSizer | None = None,
 ) -> tuple[dict[int, Refusal], int, str | None, int]:
     """Find the refused items among ``n`` (indexes 0..n-1), all of them refused together with
     ``first``. Level by level: a refused range is halved and its left half tried; a clean left
@@ -116,9 +117,9 @@ def bisect(
 
     About 1.5 log2(n) attempts for one refused item, k times that for k. Stops once more than
     ``limit`` items are known to be refused (disjoint refused ranges count one each; then up to
-    ``sample`` of them are named, one per range) or at ``deadline``. ``chunk``: the items are
-    first tried in consecutive ranges of at most ``chunk`` (no attempt holds more), and only
-    the refused ones are halved (``first`` is then not used). Returns (index → refusal,
+    ``sample`` of them are named, one per range) or at ``deadline``. ``chunks``: the items are
+    first tried in consecutive ranges sized by it (by the time each took), and only the refused
+    ones are halved (``first`` is then not used). Returns (index → refusal,
     attempts, why it stopped or None, refused at least).
     """
     found: dict[int, Refusal] = {}
@@ -143,12 +144,14 @@ def bisect(
             found[i] = refusal
 
     try:
-        if chunk and n > chunk:
-            level = []
-            for i in range(0, n, chunk):
-                j = min(i + chunk, n) - 1
+        if chunks is not None and n > chunks.size:
+            level, i = [], 0
+            while i < n:
+                j, started = min(i + chunks.size, n) - 1, clock()
                 if (refusal := tried(i, j)) is not None:
                     level.append((i, j, refusal))
+                chunks.record(j - i + 1, clock() - started)
+                i = j + 1
         while level:
             following: list[tuple[int, int, Refusal | None]] = []
             for done, (i, j, refusal) in enumerate(level):
@@ -264,10 +267,12 @@ def find_refused(
     budget_seconds: float,
     attempt_seconds: float | None,
     chunk: int | None = None,
+    chunk_seconds: float = 0.0,
 ) -> SearchResult:
     """The driving rows whose staged changes the database refuses (``first``: the refusal of the
     whole stage), found by ``bisect`` with ``trial_attempt`` (module docstring), first in ranges
-    of ``chunk`` driving rows if given."""
+    of ``chunk`` driving rows if given, the next sized to take ``chunk_seconds`` (0: all
+    ``chunk``)."""
     started = time.monotonic()
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
@@ -283,7 +288,8 @@ def find_refused(
         return refusal
 
     found, result.attempts, result.stopped, result.at_least = bisect(
-        len(ids), probe, first, limit, deadline=started + budget_seconds, chunk=chunk
+        len(ids), probe, first, limit, deadline=started + budget_seconds,
+        chunks=BatchSizer(chunk, chunk_seconds, fixed=not chunk_seconds) if chunk else None,
     )
     result.refused = {ids[i]: r for i, r in found.items()}
     result.complete = result.stopped is None

@@ -108,6 +108,7 @@ def validate_execution(
         "attempt_seconds": settings.refusal_attempt_seconds,
         "limit": max(allowed_held_back(settings, ex), SAMPLE_ROWS),
         "chunk": settings.trial_slice_rows,
+        "chunk_seconds": settings.trial_slice_seconds,
     }
     report["validation"] = {
         "passed": not problems,
@@ -193,6 +194,7 @@ def settle_refusal(
         engine, execution_id, refusal, limit=max(allowed, SAMPLE_ROWS),
         budget_seconds=settings.refusal_search_seconds,
         attempt_seconds=settings.refusal_attempt_seconds, chunk=settings.trial_slice_rows,
+        chunk_seconds=settings.trial_slice_seconds,
     )
     with engine.connect() as conn:
         sample, named, rows = name_refused(conn, engine, ex, found.refused, found.at_least)

@@ -13,6 +13,7 @@ import math
 import pytest
 from sqlalchemy import select, update
 
+from patch_ops.steps.batching import BatchSizer
 from patch_ops.steps.holdback import Refusal, bisect
 from patch_ops.steps.report import impact_lines
 from stockrx_patches.cli import main as cli_main
@@ -255,10 +256,25 @@ def test_in_chunks_no_attempt_holds_more_than_a_chunk(bad):
         probes.append((i, j))
         return Refusal("row", "inventories") if any(i <= b <= j for b in bad) else None
 
-    found, attempts, stopped, _ = bisect(N, probe, Refusal("all", "t"), N // 10, chunk=1_000)
+    fixed = BatchSizer(1_000, 0, fixed=True)
+    found, attempts, stopped, _ = bisect(N, probe, Refusal("all", "t"), N // 10, chunks=fixed)
     assert set(found) == bad and stopped is None and attempts == len(probes)
     assert max(j - i + 1 for i, j in probes) == 1_000
     assert attempts <= N // 1_000 + len(bad) * (2 * math.ceil(math.log2(1_000)) + 1)
+
+
+def test_chunks_are_sized_by_the_time_they_take():
+    now, sizes = [0.0], []
+
+    def probe(i: int, j: int) -> Refusal | None:  # 1,000 rows a second, none refused
+        sizes.append(j - i + 1)
+        now[0] += (j - i + 1) / 1_000
+        return None
+
+    found = bisect(10_000, probe, Refusal("x", "t"), chunks=BatchSizer(100, 1.0),
+                   clock=lambda: now[0])[0]
+    assert found == {} and sum(sizes) == 10_000
+    assert sizes[:5] == [100, 200, 400, 800, 1_000] and max(sizes) == 1_000
 
 
 def test_a_refusal_of_rows_only_together_names_none():
@@ -268,7 +284,8 @@ def test_a_refusal_of_rows_only_together_names_none():
     found, _, stopped, _ = bisect(64, probe, Refusal("unique", "t"))
     assert found == {} and stopped is None
     for chunk in (8, 11):  # 10 and 11 in one chunk, then in two
-        assert bisect(64, probe, Refusal("unique", "t"), chunk=chunk)[:3:2] == ({}, None)
+        chunks = BatchSizer(chunk, 0, fixed=True)
+        assert bisect(64, probe, Refusal("unique", "t"), chunks=chunks)[:3:2] == ({}, None)
 
 
 def test_a_spent_time_budget_stops_the_search(database_url):
