@@ -166,7 +166,7 @@ def _refusal(conn: Connection, table: str, action: str) -> Iterator[None]:
         raise DatabaseRefused(f"{action} {table}: {reason}", {"table": table}) from None
 
 
-#: Per (action, table), an inclusive range of ``dp_seq`` (a slice of the stage, ``trial_slices``).
+#: Per (action, table), an inclusive range of ``dp_seq`` (a slice of the stage: ``steps.trial``).
 SeqRanges = dict[tuple[str, str], tuple[int, int]]
 
 

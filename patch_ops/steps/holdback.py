@@ -4,12 +4,13 @@ and hold them back so the rest can be committed.
 When a trial apply is refused (a CHECK, NOT NULL, foreign key or unique constraint, a trigger:
 also those the patch does not know), ``find_refused`` bisects the staged driving rows, knowing
 nothing of the constraint: first in ranges of driving rows sized as the trial's slices (the
-patch's ``trial_slice_rows`` and ``trial_slice_seconds``), then halving the refused ones. Each *attempt* applies the changes of one
-range of driving rows on the live tables in a transaction of its own that is always rolled back,
-every statement bounded by ``attempt_seconds`` (the statement timeout, which also ends a lock
-wait), so no attempt holds row locks longer than that, nor more rows than a range, and the
-application waits between attempts, never for the whole search. One transaction per attempt rather than savepoints in one long transaction: InnoDB keeps
-the row locks a rolled-back savepoint took until the transaction ends, so a search in one
+patch's ``trial_slice_rows`` and ``trial_slice_seconds``), then halving the refused ones. Each
+*attempt* applies the changes of one range of driving rows on the live tables in a transaction
+of its own that is always rolled back, every statement bounded by ``attempt_seconds`` (the
+statement timeout, which also ends a lock wait), so no attempt holds row locks longer than that,
+nor more rows than a range, and the application waits between attempts, never for the whole
+search. One transaction per attempt rather than savepoints in one long transaction: InnoDB
+keeps the row locks a rolled-back savepoint took until the transaction ends, so a search in one
 transaction would hold every row it touched until its end. ``budget_seconds`` bounds the whole
 search; ``limit`` stops it once more driving rows are refused than may be held back.
 
@@ -119,8 +120,8 @@ def bisect(
     ``limit`` items are known to be refused (disjoint refused ranges count one each; then up to
     ``sample`` of them are named, one per range) or at ``deadline``. ``chunks``: the items are
     first tried in consecutive ranges sized by it (by the time each took), and only the refused
-    ones are halved (``first`` is then not used). Returns (index → refusal,
-    attempts, why it stopped or None, refused at least).
+    ones are halved (``first`` is then not used). Returns (index → refusal, attempts, why it
+    stopped or None, refused at least).
     """
     found: dict[int, Refusal] = {}
     attempts = 0

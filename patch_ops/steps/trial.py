@@ -1,7 +1,8 @@
 """Validation's trial apply in slices: the staged changes applied on the live tables in
 transactions that are always rolled back, so the database's own rules judge them before commit,
 while the application's writes wait for one slice's row locks (SQLite: the write lock), never
-for the whole stage's, as they would for one transaction (30 s at 1,000,000 items).
+for the whole stage's, as they would for one transaction (16-20 s at 1,000,000 items here:
+benchmarks/README.md, session 27).
 
 Each slice is a ``dp_seq`` range of every (action, table) of the stage, read by the stage's
 key. Every staged row meets the database's rules in its slice. A rule between rows of two
@@ -12,7 +13,6 @@ sums the whole change) is judged by the commit, which names the rows it refuses.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +27,12 @@ from patch_ops.steps.holdback import Refusal, trial_attempt
 
 @dataclass
 class Trial:
-    """What a trial apply found: the refusal (None: passed), in how many slices, the longest
-    time one slice held its transaction (its row locks), and the whole trial's seconds."""
+    """What a trial apply found: the refusal (None: passed), in how many slices, and the longest
+    time one slice held its transaction (its row locks)."""
 
     refusal: Refusal | None = None
     slices: int = 0
     longest_seconds: float = 0.0
-    seconds: float = 0.0
 
     def describe(self) -> str:
         verdict = "refused" if self.refusal is not None else "passed"
@@ -51,7 +50,6 @@ def sliced_trial(
     by ``BatchSizer`` to hold their transaction ``slice_seconds`` (0: every slice
     ``first_rows``). Stops at the first refused slice. A stage of one slice is applied whole;
     one of several is then checked for a unique value two slices share."""
-    started = time.perf_counter()
     execution_id, decl = ex["execution_id"], ex["declaration"]
     keys = [(UPDATE, t) for t in decl["updates"]] + [(INSERT, t) for t in decl["inserts"]]
     stages = {key: mirror_table(engine, tables[key[1]], "stage") for key in keys}
@@ -72,7 +70,6 @@ def sliced_trial(
     if base <= first_rows:
         trial.refusal, trial.longest_seconds = trial_attempt(engine, tables, ex)
         trial.slices = 1
-        trial.seconds = time.perf_counter() - started
         return trial
     sizer = BatchSizer(first_rows, slice_seconds, fixed=not slice_seconds)
     while after:
@@ -98,7 +95,6 @@ def sliced_trial(
         sizer.record(size, took)
     if trial.refusal is None:
         trial.refusal = shared_unique_value(engine, tables, ex)
-    trial.seconds = time.perf_counter() - started
     return trial
 
 
