@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     insert,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine
 
@@ -93,3 +94,15 @@ def expired_items(
             for i in ids
         ])
         dialect_of(conn).reset_id_sequences(conn, [inv, lots, logs])
+
+
+def priced_items(url: str, n: int, capped: tuple[int, ...] = ()) -> tuple[Engine, MetaData]:
+    """``production_schema`` with ``n`` items at 100 yen (+8 %: 108) and, if ``capped``, the
+    price cap, those items at 250 (+8 %: 270, which the cap refuses)."""
+    engine, md = production_schema(url, price_cap=bool(capped))
+    expired_items(engine, md, n, {})
+    if capped:
+        inv = md.tables["inventories"]
+        with engine.begin() as conn:
+            conn.execute(update(inv).where(inv.c.id.in_(capped)).values(price=250))
+    return engine, md

@@ -24,6 +24,7 @@ from tests.support.production import (
     PRICE_CAP,
     RESERVED_CHECK,
     expired_items,
+    priced_items,
     production_schema,
 )
 from tests.support.stockrx import (
@@ -130,12 +131,7 @@ def test_refusals_of_every_row_are_named_and_nothing_changes(database_url, case)
 
 # -- patches that are not scheduled: fail by default; hold_back when set ----------------------
 def price_items(url: str):  # type: ignore[no-untyped-def]
-    engine, md = production_schema(url, price_cap=True)
-    expired_items(engine, md, 20, {})
-    with engine.begin() as conn:
-        inv = md.tables["inventories"]
-        conn.execute(update(inv).where(inv.c.id.in_([5, 12])).values(price=250))
-    return engine, md
+    return priced_items(url, 20, capped=(5, 12))
 
 
 def prices_of(engine, md) -> dict[int, float]:  # type: ignore[no-untyped-def]

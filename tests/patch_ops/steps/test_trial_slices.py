@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import make_url, select, text, update
+from sqlalchemy import make_url, select, text
 
 from patch_ops.database import get_engine
 from patch_ops.steps.backup import take_backup
@@ -19,7 +19,7 @@ from patch_ops.steps.validate import trial_apply
 from resources.memory import MemoryGuard
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.registry import default_registry
-from tests.support.production import PRICE_CAP, expired_items, production_schema
+from tests.support.production import PRICE_CAP, priced_items
 from tests.support.stockrx import (
     defs_with,
     digest,
@@ -40,19 +40,8 @@ def sliced_settings(**kw):  # type: ignore[no-untyped-def]
     return dataclasses.replace(default_registry().settings(PRICE_JOB), **SLICED, **kw)
 
 
-def items(url: str, n: int, capped: tuple[int, ...] = ()):  # type: ignore[no-untyped-def]
-    """``n`` items at 100 yen (+8 %: 108); ``capped`` at 250, which the price cap refuses at 270."""
-    engine, md = production_schema(url, price_cap=bool(capped))
-    expired_items(engine, md, n, {})
-    if capped:
-        inv = md.tables["inventories"]
-        with engine.begin() as conn:
-            conn.execute(update(inv).where(inv.c.id.in_(capped)).values(price=250))
-    return engine, md
-
-
 def test_a_dry_run_tries_its_stage_slice_by_slice_and_says_so(database_url):
-    engine, _ = items(database_url, 18)
+    engine, _ = priced_items(database_url, 18)
     before = digest(engine, TABLES)
     defs = defs_with((InventoryPriceAdjustment(), sliced_settings()))
     result = run_patch(database_url, PRICE_JOB, DRY, defs=defs)
@@ -65,7 +54,7 @@ def test_a_dry_run_tries_its_stage_slice_by_slice_and_says_so(database_url):
 
 
 def test_a_refusal_in_a_late_slice_is_found_and_held_back(database_url):
-    engine, md = items(database_url, 20, capped=(6, 19))
+    engine, md = priced_items(database_url, 20, capped=(6, 19))
     before = digest(engine, TABLES)
     defs = defs_with((InventoryPriceAdjustment(), sliced_settings(on_refused_rows="hold_back")))
     result = run_patch(database_url, PRICE_JOB, DRY, defs=defs)
@@ -80,7 +69,7 @@ def test_a_refusal_in_a_late_slice_is_found_and_held_back(database_url):
 
 
 def test_a_refusal_fails_the_run_by_default_naming_the_row(database_url):
-    engine, _ = items(database_url, 20, capped=(19,))
+    engine, _ = priced_items(database_url, 20, capped=(19,))
     defs = defs_with((InventoryPriceAdjustment(), sliced_settings()))
     result = run_patch(database_url, PRICE_JOB, DRY, defs=defs)
     assert not result.success
@@ -123,7 +112,7 @@ def test_the_application_waits_for_one_slice_not_the_whole_stage(server, request
     # who waits for a lock: the administrator's to see on MariaDB (PROCESS)
     watcher = get_engine(url if server == "pg_url" else request.getfixturevalue(
         "mysql_server").root_url(make_url(url).database))
-    engine, md = items(url, 12)
+    engine, md = priced_items(url, 12)
     settings = sliced_settings()
     patch = InventoryPriceAdjustment()
     config = patch.config_class(**DRY)
