@@ -1,7 +1,8 @@
 """Small charts for the impact report, as Markdown (Dagster's UI, the CLI and logs all show it).
 
 ``change_histogram`` buckets the per-row change (after - before) of one numeric column of an
-execution in SQL: one query for min/max/count, one counting the rows per bucket. Bucket
+execution in SQL: one query for min/max/count, one counting the rows per bucket (or none, when
+a pass of the caller's counted the rows below edges guessed right: ``below_edges``). Bucket
 edges are "nice" numbers (1, 2, 2.5, 5 x 10^k) chosen in Python and sent as bound parameters, so
 the SQL is the same on SQLite and PostgreSQL (no FLOOR, no width_bucket, no casts that round on
 one backend and truncate on the other). ``histogram_markdown`` renders it as a table with
@@ -12,10 +13,11 @@ kept in the execution's report and rendered later.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import Table, and_, case, func, literal, select
+from sqlalchemy import ColumnElement, Table, and_, case, func, literal, select
 from sqlalchemy.engine import Connection
 
 from patch_ops.state import BACKUP, UPDATE
@@ -103,6 +105,14 @@ class ChangeSpread(NamedTuple):
     unchanged: int  # of them, with a change of exactly 0
 
 
+def below_edges(change: ColumnElement[Any], edges: Sequence[float]) -> list[ColumnElement[Any]]:
+    """Aggregates for a pass that reads ``change`` anyway: how many changes lie below each inner
+    edge of ``edges``. Given to ``change_histogram`` as ``counted`` with those edges, they are its
+    counts per bucket when the edges are the ones it picks: the same comparisons of the change
+    with the same bound edges as its bucketing query, without that second pass."""
+    return [func.count(case((change < e, 1))) for e in edges[1:-1]]
+
+
 def change_histogram(
     conn: Connection,
     stage: Table,
@@ -112,6 +122,7 @@ def change_histogram(
     *,
     max_buckets: int = DEFAULT_BUCKETS,
     spread: ChangeSpread | None = None,
+    counted: tuple[Sequence[float], Sequence[int]] | None = None,
 ) -> Histogram:
     """Histogram of ``stage.column - backup.column`` over the rows an execution updates.
 
@@ -124,7 +135,9 @@ def change_histogram(
     and picked a nested loop, quadratic at scale, which is why this once was a GROUP BY over
     ``UNION ALL``: 10.6 s for the two queries at a million rows, where the report's sums take
     1.5 s over the same key join. Two queries, whatever the number of rows; one when the caller
-    has the change's ``spread`` from a pass of its own over the same pairs (the impact report).
+    has the change's ``spread`` from a pass of its own over the same pairs (the impact report);
+    none when that pass also ``counted`` the changes below edges (``below_edges``) that turn out
+    to be the ones picked here (a real run guesses its approving dry run's: the same plan).
     """
     if column not in stage.c or column not in backup.c:
         raise KeyError(f"column {column!r} is not in {stage.name} and {backup.name}")
@@ -160,17 +173,21 @@ def change_histogram(
     lo_f, hi_f = float(lo), float(hi)
     edges = nice_edges(lo_f, hi_f, max_buckets)
     n = len(edges) - 1
-    # Each change's bucket in one searched CASE (the edges rise, so the first edge it is below
-    # names it), grouped: a row is compared until its bucket is found, not with every edge
-    # (2 comparisons per bucket per row). Open-ended first and last buckets: every non-null
-    # change lands in exactly one bucket, whatever the float noise in the edges.
-    bucket: Any = (case(*[(change < edges[i + 1], i) for i in range(n - 1)], else_=n - 1)
-                   if n > 1 else literal(0))
-    per = select(bucket.label("bucket")).where(change.is_not(None)).subquery("bucketed")
-    found = {int(b): int(k) for b, k in conn.execute(
-        select(per.c.bucket, func.count()).group_by(per.c.bucket)
-    )}
-    counts = [found.get(i, 0) for i in range(n)]
+    if counted is not None and [float(e) for e in counted[0]] == edges:
+        below = [0, *(int(k) for k in counted[1]), int(rows)]
+        counts = [below[i + 1] - below[i] for i in range(n)]
+    else:
+        # Each change's bucket in one searched CASE (the edges rise, so the first edge it is
+        # below names it), grouped: a row is compared until its bucket is found, not with every
+        # edge (2 comparisons per bucket per row). Open-ended first and last buckets: every
+        # non-null change lands in exactly one bucket, whatever the float noise in the edges.
+        bucket: Any = (case(*[(change < edges[i + 1], i) for i in range(n - 1)], else_=n - 1)
+                       if n > 1 else literal(0))
+        per = select(bucket.label("bucket")).where(change.is_not(None)).subquery("bucketed")
+        found = {int(b): int(k) for b, k in conn.execute(
+            select(per.c.bucket, func.count()).group_by(per.c.bucket)
+        )}
+        counts = [found.get(i, 0) for i in range(n)]
     return Histogram(
         column=column,
         edges=tuple(edges),

@@ -11,7 +11,7 @@ from sqlalchemy import Integer, Numeric, and_, case, func, select
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
-from patch_ops.charts import ChangeSpread, change_histogram, histogram_markdown
+from patch_ops.charts import ChangeSpread, below_edges, change_histogram, histogram_markdown
 from patch_ops.execution import HELD_BACK, config_of, jsonable, load_execution, run_context
 from patch_ops.patch import Patch
 from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE, mirror_table
@@ -50,44 +50,71 @@ def reject_sample(engine: Engine, execution_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def change_aggregates(rows: Any, numeric: list[str]) -> list[Any]:
+#: Bucket edges guessed for the histograms of an execution's report: table -> column -> edges.
+Edges = Mapping[str, Mapping[str, list[float]]]
+
+
+def change_aggregates(rows: Any, numeric: list[str], edges: Mapping[str, list[float]]) -> list[Any]:
     """Over the updated rows (``ResultView.updated``): the count, and per numeric column the
     sums before and after, the spread of the change and what its histogram needs of it (so
-    the histogram does not pass again for that)."""
+    the histogram does not pass again for that): with ``edges`` guessed for the column, the
+    changes below each (``below_edges``)."""
     aggs: list[Any] = [func.count()]
     for c in numeric:
         change = rows.c[c] - rows.c[f"before_{c}"]
         aggs += [func.sum(rows.c[f"before_{c}"]), func.sum(rows.c[c]), func.min(change),
                  func.max(change), func.count(change), func.count(case((change == 0, 1)))]
+        aggs += below_edges(change, edges.get(c, []))
     return aggs
 
 
-def report_aggregates(view: ResultView) -> Aggregates:
+def report_aggregates(view: ResultView, edges: Edges | None = None) -> Aggregates:
     """What the impact report counts and sums over the rows an execution updates and inserts:
-    the invariants' passes over the same rows compute it too (``invariant_checks``)."""
+    the invariants' passes over the same rows compute it too (``invariant_checks``); with the
+    histograms' ``edges`` guessed (``approved_edges``), their counts too."""
     decl = view.declaration
     out: Aggregates = {}
     for table, cols in decl["updates"].items():
         rows = view.updated(table)
         numeric = [c for c in cols if _is_numeric(view.tables[table].c[c])]
-        out[f"updates:{table}"] = (rows, change_aggregates(rows, numeric))
+        guessed = (edges or {}).get(table, {})
+        out[f"updates:{table}"] = (rows, change_aggregates(rows, numeric, guessed))
     for table in decl["inserts"]:
         out[f"inserts:{table}"] = (view.inserted(table), [func.count()])
     return out
 
 
+def approved_edges(engine: Engine, approver: str | None) -> Edges:
+    """The bucket edges of the histograms in the report of ``approver``, the dry run that
+    approved a real run: the same plan, so most likely the edges of the real run's own
+    histograms, which its impact report then counts in its pass over the updated rows
+    (``change_histogram`` keeps those counts only if the edges are the ones it picks)."""
+    if not approver:
+        return {}
+    with engine.connect() as conn:
+        report = load_execution(conn, approver)["report"] or {}
+    return {
+        table: {c: [float(e) for e in h["edges"]] for c, h in (upd.get("histograms") or {}).items()}
+        for table, upd in (report.get("updates") or {}).items()
+    }
+
+
 def build_report(
-    engine: Engine, execution_id: str, computed: Mapping[str, Future[Any]] | None = None
+    engine: Engine,
+    execution_id: str,
+    computed: Mapping[str, Future[Any]] | None = None,
+    edges: Edges | None = None,
 ) -> dict[str, Any]:
     """Counts, before/after sums and min/max change of every changed numeric column, samples.
 
-    ``computed``: the rows of ``report_aggregates`` the invariants' passes computed (one that
-    is None, or missing, is computed here)."""
+    ``computed``: the rows of ``report_aggregates`` (with the histograms' guessed ``edges``)
+    the invariants' passes computed (one that is None, or missing, is computed here)."""
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
-    wanted = report_aggregates(ResultView(engine, tables, execution_id, False, decl, ex))
+    edges = edges or {}
+    wanted = report_aggregates(ResultView(engine, tables, execution_id, False, decl, ex), edges)
     report: dict[str, Any] = {
         "patch": ex["patch_name"],
         "execution_id": execution_id,
@@ -116,10 +143,14 @@ def build_report(
             cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
             numeric = [c for c in cols if _is_numeric(live.c[c])]
             rows, *vals = aggregated(f"updates:{table}")
+            guessed = edges.get(table, {})
             stats: dict[str, Any] = {}
             spreads: dict[str, ChangeSpread] = {}
-            for i, c in enumerate(numeric if rows else ()):
-                s_before, s_after, d_min, d_max, n, unchanged = vals[6 * i : 6 * i + 6]
+            counted: dict[str, tuple[list[float], list[int]]] = {}
+            at = 0
+            for c in numeric if rows else ():
+                s_before, s_after, d_min, d_max, n, unchanged = vals[at : at + 6]
+                at += 6
                 stats[c] = {
                     "sum_before": _num(s_before),
                     "sum_after": _num(s_after),
@@ -127,6 +158,10 @@ def build_report(
                     "max_change": _num(d_max),
                 }
                 spreads[c] = ChangeSpread(d_min, d_max, n, unchanged)
+                if c in guessed:
+                    inner = max(len(guessed[c]) - 2, 0)
+                    counted[c] = (guessed[c], list(vals[at : at + inner]))
+                    at += inner
             sample = conn.execute(
                 select(st.c.dp_seq.label("id"), *[bk.c[c].label(f"{c}_before") for c in cols],
                        *[st.c[c].label(f"{c}_after") for c in cols])
@@ -142,7 +177,8 @@ def build_report(
                 "sample": [{k: jsonable(v) for k, v in r.items()} for r in sample],
                 # The distribution of each numeric change that is not the same for every row.
                 "histograms": {
-                    c: change_histogram(conn, st, bk, c, execution_id, spread=spreads[c]).to_json()
+                    c: change_histogram(conn, st, bk, c, execution_id, spread=spreads[c],
+                                        counted=counted.get(c)).to_json()
                     for c, s in stats.items()
                     if s["min_change"] != s["max_change"]
                 },

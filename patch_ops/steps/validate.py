@@ -37,6 +37,7 @@ from patch_ops.steps.holdback import (
     name_refused,
 )
 from patch_ops.steps.report import (
+    approved_edges,
     build_report,
     reject_sample,
     render_markdown,
@@ -138,12 +139,18 @@ def run_checks(
 ) -> tuple[Trial | None, list[dict[str, Any]], dict[str, Any], dict[str, Any], list[Any]]:
     """The checks of the would-be result, at once on their own connections: (the trial apply
     if ``trial``, the broken invariants, the impact report, its sections, the reject sample).
-    The invariants' passes compute the report's counts and sums over the same rows."""
+    The invariants' passes compute the report's counts and sums over the same rows; in a real
+    run that a dry run approved, also its histograms' counts (over the dry run's bucket edges,
+    kept when they are this run's too), so a pass over the updated rows can be made in a longer
+    pass over a join of them (``join_passes``) without the histogram waiting for it."""
     execution_id = ex["execution_id"]
+    approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
+    edges = approved_edges(engine, approver)
     trials = [functools.partial(trial_apply, engine, settings, execution_id)] if trial else []
     checks = invariant_checks(
         engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds,
-        aggregates=report_aggregates,
+        aggregates=functools.partial(report_aggregates, edges=edges),
+        join_passes=approver is not None,
     )
     results = run_concurrently(
         [
@@ -152,7 +159,7 @@ def run_checks(
             functools.partial(report_sections, engine, patch, ex),
             functools.partial(reject_sample, engine, execution_id),
             # last: it waits for its aggregates from the passes above, started before it
-            functools.partial(build_report, engine, execution_id, checks.aggregates),
+            functools.partial(build_report, engine, execution_id, checks.aggregates, edges),
         ],
         settings.check_connections,
     )

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, event, func, select
 
 from patch_ops import state
 from patch_ops.charts import (
@@ -200,6 +200,37 @@ def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
         assert report["rows"] == alone.rows
     else:
         assert report["rows"] == 0 and report["histograms"] == {} and report["stats"] == {}
+    engine.dispose()
+
+
+@pytest.mark.parametrize("guess", ["right", "wrong"])
+def test_the_report_keeps_counts_below_guessed_edges_only_when_they_are_its_own(
+    database_url: str, guess: str
+) -> None:
+    """Given bucket edges (a real run guesses its approving dry run's), the impact report counts
+    the changes below them in its pass over the updated rows, and the histogram keeps those
+    counts only when the edges are the ones it picks: then no bucketing query runs; else it
+    buckets the changes itself. The same report either way, in every database."""
+    engine, execution_id = _staged_execution(
+        database_url, adjustment_type="set_value", adjustment_value=10_000  # ups and downs
+    )
+    plain = build_report(engine, execution_id)
+    edges = plain["updates"]["inventories"]["histograms"]["price"]["edges"]
+    assert len(edges) > 3
+    if guess == "wrong":
+        edges = [e * 2 for e in edges]
+    seen: list[str] = []
+
+    def statement(conn, cursor, sql, *args):  # type: ignore[no-untyped-def]
+        seen.append(sql)
+
+    event.listen(engine, "before_cursor_execute", statement)
+    try:
+        guessed = build_report(engine, execution_id, edges={"inventories": {"price": edges}})
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+    assert guessed == plain
+    assert bool([s for s in seen if "bucketed" in s]) == (guess == "wrong")
     engine.dispose()
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Engine
 
 from patch_ops.execution import run_concurrently
 from patch_ops.patch import Invariant, PatchSettings
@@ -36,7 +37,14 @@ from resources.memory import MemoryGuard
 from stockrx_patches.invariants import screened
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.tables import batches, inventories, inventory_logs
-from tests.support.stockrx import hand_built
+from tests.support.stockrx import (
+    PRICE_JOB,
+    failure_description,
+    hand_built,
+    latest_execution,
+    run_patch,
+    seeded,
+)
 
 SETTINGS = PatchSettings(description="test patch", estimated_records=100, batch_size=4,
                          require_approved_plan=False)
@@ -449,3 +457,34 @@ def test_a_pass_over_a_join_with_grouped_rows_runs_in_one_postgres_process(pg_ur
     with engine.connect() as conn:
         default = conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar()
     assert seen["grouped"] == "0" and seen["other"] == default != "0"
+
+
+def test_an_approved_real_run_counts_its_histogram_in_its_one_pass_over_the_items(database_url):
+    """A real run's validation guesses the bucket edges its approving dry run's histograms have
+    (the same plan): its impact report counts the histogram in the invariants' pass over the
+    items, which is made in their join with their grouped log rows. No bucketing query and no
+    pass of its own over the items: the histogram the dry run showed, all the same."""
+    engine = seeded(database_url)
+    config = {"adjustment_type": "percentage", "adjustment_value": 8}
+    dry = run_patch(database_url, PRICE_JOB, {**config, "dry_run": True}, approve=False)
+    assert dry.success, failure_description(dry)
+    shown = latest_execution(engine, PRICE_JOB)["report"]["updates"]["inventories"]["histograms"]
+    assert len(shown["price"]["counts"]) > 2
+    seen: list[str] = []
+
+    def statement(conn, cursor, sql, *args):  # type: ignore[no-untyped-def]
+        seen.append(sql)
+
+    event.listen(Engine, "before_cursor_execute", statement)
+    try:
+        real = run_patch(database_url, PRICE_JOB, {**config, "dry_run": False}, approve=False)
+    finally:
+        event.remove(Engine, "before_cursor_execute", statement)
+    assert real.success, failure_description(real)
+    ex = latest_execution(engine, PRICE_JOB)
+    assert ex["approved_by_execution_id"] and not ex["dry_run"]
+    assert ex["report"]["updates"]["inventories"]["histograms"] == shown
+    assert not [s for s in seen if "bucketed" in s]
+    # the items' own aggregates (before values) only ever in the pass over the join
+    over_items = [s for s in seen if "before_inventory_logs_count" in s]
+    assert over_items and all("logs_of_item" in s for s in over_items)
