@@ -140,9 +140,10 @@ def run_checks(
     """The checks of the would-be result, at once on their own connections: (the trial apply
     if ``trial``, the broken invariants, the impact report, its sections, the reject sample).
     The invariants' passes compute the report's counts and sums over the same rows; in a real
-    run that a dry run approved, also its histograms' counts (over the dry run's bucket edges,
-    kept when they are this run's too), so a pass over the updated rows can be made in a longer
-    pass over a join of them (``join_passes``) without the histogram waiting for it."""
+    run that a dry run approved, also its histograms' counts over the dry run's bucket edges
+    (kept when they are this run's too): no bucketing pass after them. The pass over the
+    updated rows is not made in the longer one over their join with the grouped log rows
+    (``join_passes``): on two connections, the two at once end sooner (benchmarks/README.md)."""
     execution_id = ex["execution_id"]
     approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
     edges = approved_edges(engine, approver)
@@ -150,7 +151,6 @@ def run_checks(
     checks = invariant_checks(
         engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds,
         aggregates=functools.partial(report_aggregates, edges=edges),
-        join_passes=approver is not None,
     )
     results = run_concurrently(
         [

@@ -459,11 +459,11 @@ def test_a_pass_over_a_join_with_grouped_rows_runs_in_one_postgres_process(pg_ur
     assert seen["grouped"] == "0" and seen["other"] == default != "0"
 
 
-def test_an_approved_real_run_counts_its_histogram_in_its_one_pass_over_the_items(database_url):
+def test_an_approved_real_run_counts_its_histogram_in_its_pass_over_the_items(database_url):
     """A real run's validation guesses the bucket edges its approving dry run's histograms have
-    (the same plan): its impact report counts the histogram in the invariants' pass over the
-    items, which is made in their join with their grouped log rows. No bucketing query and no
-    pass of its own over the items: the histogram the dry run showed, all the same."""
+    (the same plan): its impact report counts the histogram in the pass over the updated items
+    that sums their changes. No bucketing query: the histogram the dry run showed, all the
+    same."""
     engine = seeded(database_url)
     config = {"adjustment_type": "percentage", "adjustment_value": 8}
     dry = run_patch(database_url, PRICE_JOB, {**config, "dry_run": True}, approve=False)
@@ -485,6 +485,3 @@ def test_an_approved_real_run_counts_its_histogram_in_its_one_pass_over_the_item
     assert ex["approved_by_execution_id"] and not ex["dry_run"]
     assert ex["report"]["updates"]["inventories"]["histograms"] == shown
     assert not [s for s in seen if "bucketed" in s]
-    # the items' own aggregates (before values) only ever in the pass over the join
-    over_items = [s for s in seen if "before_inventory_logs_count" in s]
-    assert over_items and all("logs_of_item" in s for s in over_items)
