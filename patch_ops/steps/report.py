@@ -159,7 +159,7 @@ def build_report(
                 }
                 spreads[c] = ChangeSpread(d_min, d_max, n, unchanged)
                 if c in guessed:
-                    inner = max(len(guessed[c]) - 2, 0)
+                    inner = len(guessed[c][1:-1])  # as below_edges counts them
                     counted[c] = (guessed[c], list(vals[at : at + inner]))
                     at += inner
             sample = conn.execute(

@@ -74,7 +74,7 @@ def validate_execution(
             f"{failed:,} of {total:,} rows ({failed / total:.1%}) failed validation "
             f"(allowed: {ratio_allowed:.1%})"
         )
-    approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
+    approver = approving_dry_run(ex)
     held: dict[str, Any] = {}
     if approver:
         # The approval covers the rows its dry run held back: the same ones are held back here.
@@ -134,6 +134,11 @@ def validate_execution(
     return not problems, merged
 
 
+def approving_dry_run(ex: dict[str, Any]) -> str | None:
+    """The dry run whose plan approved real run ``ex`` (None: a dry run, or not approved)."""
+    return None if ex["dry_run"] else ex.get("approved_by_execution_id")
+
+
 def run_checks(
     engine: Engine, patch: Patch, settings: PatchSettings, ex: dict[str, Any], trial: bool
 ) -> tuple[Trial | None, list[dict[str, Any]], dict[str, Any], dict[str, Any], list[Any]]:
@@ -145,7 +150,7 @@ def run_checks(
     updated rows is not made in the longer one over their join with the grouped log rows
     (``join_passes``): on two connections, the two at once end sooner (benchmarks/README.md)."""
     execution_id = ex["execution_id"]
-    approver = None if ex["dry_run"] else ex.get("approved_by_execution_id")
+    approver = approving_dry_run(ex)
     edges = approved_edges(engine, approver)
     trials = [functools.partial(trial_apply, engine, settings, execution_id)] if trial else []
     checks = invariant_checks(
