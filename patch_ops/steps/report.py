@@ -88,13 +88,18 @@ def approved_edges(engine: Engine, approver: str | None) -> Edges:
     """The bucket edges of the histograms in the report of ``approver``, the dry run that
     approved a real run: the same plan, so most likely the edges of the real run's own
     histograms, which its impact report then counts in its pass over the updated rows
-    (``change_histogram`` keeps those counts only if the edges are the ones it picks)."""
+    (``change_histogram`` keeps those counts only if the edges are the ones it picks). Only a
+    guess: none when there is no such report."""
     if not approver:
         return {}
+    ex = state.executions
     with engine.connect() as conn:
-        report = load_execution(conn, approver)["report"] or {}
+        report = conn.execute(
+            select(ex.c.report).where(ex.c.execution_id == approver)
+        ).scalar() or {}
     return {
-        table: {c: [float(e) for e in h["edges"]] for c, h in (upd.get("histograms") or {}).items()}
+        table: {c: [float(e) for e in h["edges"]]
+                for c, h in (upd.get("histograms") or {}).items() if h.get("edges")}
         for table, upd in (report.get("updates") or {}).items()
     }
 

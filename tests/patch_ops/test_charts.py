@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 import pytest
-from sqlalchemy import and_, case, event, func, select
+from sqlalchemy import and_, case, event, func, select, update
 
 from patch_ops import state
 from patch_ops.charts import (
@@ -19,7 +19,7 @@ from patch_ops.database import get_engine
 from patch_ops.state import BACKUP
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
-from patch_ops.steps.report import build_report
+from patch_ops.steps.report import approved_edges, build_report
 from patch_ops.steps.transform import run_transform
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import default_registry
@@ -231,6 +231,26 @@ def test_the_report_keeps_counts_below_guessed_edges_only_when_they_are_its_own(
         event.remove(engine, "before_cursor_execute", statement)
     assert guessed == plain
     assert bool([s for s in seen if "bucketed" in s]) == (guess == "wrong")
+    engine.dispose()
+
+
+def test_the_guessed_edges_are_the_approving_reports_or_none(sqlite_url: str) -> None:
+    """A real run guesses the edges of its approving dry run's histograms from that run's
+    report; an approver whose row or report is gone gives no guess (validation goes on
+    bucketing as before, it does not fail on a guess)."""
+    engine, execution_id = _staged_execution(
+        sqlite_url, adjustment_type="set_value", adjustment_value=10_000
+    )
+    report = build_report(engine, execution_id)
+    with engine.begin() as conn:
+        conn.execute(update(state.executions)
+                     .where(state.executions.c.execution_id == execution_id)
+                     .values(report=report))
+    assert approved_edges(engine, execution_id) == {
+        "inventories": {"price": report["updates"]["inventories"]["histograms"]["price"]["edges"]}
+    }
+    assert approved_edges(engine, "no-such-execution") == {}
+    assert approved_edges(engine, None) == {}
     engine.dispose()
 
 
