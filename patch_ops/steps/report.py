@@ -92,10 +92,10 @@ def approved_edges(engine: Engine, approver: str | None) -> Edges:
     guess: none when there is no such report."""
     if not approver:
         return {}
-    ex = state.executions
+    runs = state.executions
     with engine.connect() as conn:
         report = conn.execute(
-            select(ex.c.report).where(ex.c.execution_id == approver)
+            select(runs.c.report).where(runs.c.execution_id == approver)
         ).scalar() or {}
     return {
         table: {c: [float(e) for e in h["edges"]]

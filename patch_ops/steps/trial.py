@@ -1,8 +1,8 @@
 """Validation's trial apply in slices: the staged changes applied on the live tables in
 transactions that are always rolled back, so the database's own rules judge them before commit,
 while the application's writes wait for one slice's row locks (SQLite: the write lock), never
-for the whole stage's, as they would for one transaction (16-20 s at 1,000,000 items here:
-benchmarks/README.md, session 27).
+for the whole stage's, as they would for one transaction: as long as a commit holds them
+(measured in benchmarks/README.md, session 27).
 
 Each slice is a ``dp_seq`` range of every (action, table) of the stage, read by the stage's
 key. Every staged row meets the database's rules in its slice. A rule between rows of two
