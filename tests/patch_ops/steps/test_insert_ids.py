@@ -82,3 +82,17 @@ def test_ids_from_a_broken_block_go_to_the_stage_in_dp_seq_order(pg_url):
     ids = [r.id for r in rows]
     assert ids == sorted(ids) and len(set(ids)) == 300 and None not in ids
     assert ids[0] > 2  # after every id the table has
+
+
+@pytest.mark.postgres
+def test_a_live_table_without_an_id_sequence_is_named(pg_url):
+    """No sequence owns the live ``id`` (a plain bigint column): the commit says so, in one line,
+    instead of failing on the NULL that ``nextval`` would draw."""
+    engine, stage = _staged(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE inventory_logs ALTER COLUMN id DROP DEFAULT")
+        conn.exec_driver_sql("ALTER SEQUENCE inventory_logs_id_seq OWNED BY NONE")
+    with engine.begin() as conn, pytest.raises(ValueError, match=(
+            r"^inventory_logs\.id has no sequence to draw new ids from: make it a serial or "
+            r"identity column$")):
+        assign_insert_ids(conn, inventory_logs, stage, "e")
