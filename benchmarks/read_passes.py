@@ -18,6 +18,7 @@ Markdown, verification's problems, the final data), execution ids and times asid
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
 import sys
@@ -95,6 +96,9 @@ def worker(url: str, server_pid: str) -> dict[str, Any]:
         })
         return result
 
+    # the transform's connections as the job gives them (code before session 29 took none)
+    job_like = ({"connections": settings.check_connections}
+                if "connections" in inspect.signature(run_transform).parameters else {})
     for kind in ("dry", "real"):
         dry = kind == "dry"
         cfg = patch.config_class(**CONFIG, dry_run=dry)
@@ -103,7 +107,7 @@ def worker(url: str, server_pid: str) -> dict[str, Any]:
         ids[x] = kind.upper()
         step(f"{kind} backup", lambda x=x: take_backup(engine, x))
         step(f"{kind} transform", lambda x=x: run_transform(
-            engine, patch, x, MemoryGuard(), batch_seconds=settings.batch_seconds))
+            engine, patch, x, MemoryGuard(), batch_seconds=settings.batch_seconds, **job_like))
         passed, _ = step(f"{kind} validate", lambda x=x: validate_execution(
             engine, patch, settings, x))
         assert passed, f"{kind} run failed validation"

@@ -249,7 +249,7 @@ def build_patch_job(
 
         counts = transform.run_transform(
             step.engine, patch, execution_id, step.memory, log=step.log, on_progress=on_progress,
-            batch_seconds=settings.batch_seconds,
+            batch_seconds=settings.batch_seconds, connections=settings.check_connections,
         )
         if counts.get("paused"):
             step.lifecycle(execution_id).audit(

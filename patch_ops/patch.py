@@ -373,7 +373,8 @@ class PatchSettings:
     #: Longest an invariant query may run (PostgreSQL statement_timeout); longer = not verified.
     query_timeout_seconds: float = 900.0
     #: Read-only check queries (invariants, impact report, post-verification) run at once, each
-    #: on its own connection, beside validation's trial apply. 1: one after another.
+    #: on its own connection, beside validation's trial apply; so do the transform's statements
+    #: that stage a batch's updated and its inserted rows. 1: one after another.
     check_connections: int = 2
     #: When real runs may write (patch_ops.windows); empty: any time.
     maintenance_windows: tuple[MaintenanceWindow, ...] = ()

@@ -113,6 +113,7 @@ def run_transform(
     log: Any = None,
     on_progress: Callable[[int, int, float], None] | None = None,
     batch_seconds: float | None = None,
+    connections: int = 1,
 ) -> dict[str, int]:
     """Transform the frozen target set in keyset batches into the stage tables;
     ``on_progress(done, total, eta_seconds)`` after each batch (the run's progress tag).
@@ -123,6 +124,7 @@ def run_transform(
     (patch_ops.steps.transform_sql) where the patch allows it, else in pandas batches; batches
     sized to take ``batch_seconds`` (the run config's, else this, else 2 s) unless the run config
     fixes batch_size or this is 0 (the patch's setting: every batch at its batch_size).
+    In the database, up to ``connections`` staging statements of a batch run at once.
     """
     log = log or logging.getLogger(__name__)
     with write_transaction(engine) as conn:
@@ -139,7 +141,8 @@ def run_transform(
         fixed=config.batch_size is not None or (not config.batch_seconds and batch_seconds == 0),
     )
     if transform_path(patch, config, log) == SQL_PATH:
-        return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress)
+        return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress,
+                                 connections)
     tables = state.reflect_tables(engine, patch.tables())
     backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
     stages = stage_tables(engine, tables, patch.tables())

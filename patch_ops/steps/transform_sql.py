@@ -25,9 +25,10 @@ and column for column (tests/patch_ops/steps/test_transform_paths.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -36,6 +37,7 @@ from sqlalchemy import (
     String,
     and_,
     case,
+    delete,
     func,
     insert,
     literal,
@@ -54,10 +56,12 @@ from sqlalchemy.sql.visitors import replacement_traverse
 
 from patch_ops import state
 from patch_ops.database import write_transaction
+from patch_ops.dialects import dialect_of
 from patch_ops.execution import (
     PatchError,
     config_of,
     load_execution,
+    run_concurrently,
     run_context,
     set_execution,
     step_counts,
@@ -244,11 +248,14 @@ def run_sql_transform(
     memory: MemoryGuard,
     log: Any = None,
     on_progress: Callable[[int, int, float], None] | None = None,
+    connections: int = 1,
 ) -> dict[str, int]:
     """The transform step in the database (``patch_ops.steps.transform.run_transform`` chooses
     it): the same progress, resume, pause, rejects and counts as the pandas path. The memory
     guard still checks the process and the machine before every batch (the rows stay in the
-    database, so it does not size them)."""
+    database, so it does not size them). With ``connections`` > 1 where a writing transaction
+    does not lock the whole database, a batch's inserted rows are staged on a second
+    connection while its updated rows are (``_stage_in_one_pass``)."""
     log = log or logging.getLogger(__name__)
     execution_id = str(ex["execution_id"])
     config, ctx = config_of(patch, ex), run_context(ex)
@@ -264,6 +271,9 @@ def run_sql_transform(
     staged_inserts, batch_no = int(ex["staged_inserts"]), int(ex["batches_done"])
     progress_of = Progress(done, total, sizer, on_progress)
     paused, optimistic = False, True
+    aside = engine if connections > 1 and dialect_of(engine).features.row_locks else None
+    drop_unfinished_inserts(engine, execution_id, staged_inserts,
+                            [stages[t] for t in patch.inserts])
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
     last = False  # the last batch read: no probe for more (the target set is frozen)
@@ -304,7 +314,7 @@ def run_sql_transform(
                 staged = None
                 if optimistic:
                     staged = _stage_in_one_pass(conn, patch, changes, batch, stages, checks,
-                                              execution_id, staged_inserts)
+                                              execution_id, staged_inserts, aside)
                 bad: set[int] = set()
                 reject_rows: list[dict[str, Any]] = []
                 if staged is None:
@@ -366,14 +376,17 @@ def run_sql_transform(
 def _stage(
     conn: Connection, patch: Patch, changes: SqlChanges, batch: _Batch, stages: dict[str, Any],
     execution_id: str, staged_inserts: int, failing_sources: FromClause | None = None,
-    marks: dict[str, list[SqlCheck]] | None = None,
+    marks: dict[str, list[SqlCheck]] | None = None, only: Collection[str] | None = None,
 ) -> tuple[int, int]:
-    """Stage the batch with one ``INSERT ... SELECT`` per written table; returns (updated rows
-    of the driving table, inserted rows). The rows of ``failing_sources`` are left out; a row
-    that fails one of its table's ``marks`` is staged with dp_action ``FAILED``."""
+    """Stage the batch (its tables in ``only``, else all) with one ``INSERT ... SELECT`` per
+    written table; returns (updated rows of the driving table, inserted rows). The rows of
+    ``failing_sources`` are left out; a row that fails one of its table's ``marks`` is staged
+    with dp_action ``FAILED``."""
     n_upd = n_ins = 0
     for table, rel in batch.checked.items():
         updated = table in changes.updates
+        if only is not None and table not in only:
+            continue
         if updated:
             cols = ["id", *patch.updates[table]]
             src: FromClause = rel
@@ -406,20 +419,26 @@ def _stage(
 def _stage_in_one_pass(
     conn: Connection, patch: Patch, changes: SqlChanges, batch: _Batch, stages: dict[str, Any],
     checks: dict[str, list[SqlCheck]], execution_id: str, staged_inserts: int,
+    aside: Engine | None = None,
 ) -> tuple[int, int] | None:
     """Stage the batch in one pass, its checks evaluated in the same statements: a failing row
     is staged as ``FAILED``. When none is (the usual case) the batch is staged, its checks
     done; when one is, or the database refused a row (a value outside its column's type, a
     duplicate id), the pass is undone (a savepoint) and None returned: the batch is then
     checked first and staged without its failing sources, the rejects named. An updated
-    table's ``unique`` id check is the stage's primary key here (dp_seq is the id)."""
+    table's ``unique`` id check is the stage's primary key here (dp_seq is the id).
+
+    Given ``aside``, a batch that both updates and inserts stages its inserted rows at the same
+    time on a connection of its own, in a transaction committed just before the batch's: a
+    crash between the two leaves them after the execution's ``staged_inserts``, where the
+    step's next start drops them (``drop_unfinished_inserts``)."""
     marks = {t: [c for c in cs if not (t in changes.updates and c.name == UNIQUE
                                        and c.column == "id")]
              for t, cs in checks.items()}
-    savepoint = conn.begin_nested()
-    try:
-        counts = _stage(conn, patch, changes, batch, stages, execution_id, staged_inserts,
-                        marks=marks)
+
+    def staged(on: Connection, tables: Collection[str]) -> tuple[int, int] | None:
+        counts = _stage(on, patch, changes, batch, stages, execution_id, staged_inserts,
+                        marks=marks, only=tables)
         # In primary-key order: a bare LIMIT 1 or count(*) took 0.1 s a batch on PostgreSQL
         # (200k rows; the stage's statistics are of before this load), this a few ms.
         failed = [
@@ -427,21 +446,49 @@ def _stage_in_one_pass(
             .where(st.c.dp_execution_id == execution_id, st.c.dp_action == FAILED)
             .order_by(st.c.dp_execution_id, st.c.dp_action, st.c.dp_seq)
             .limit(1)
-            for st in [stages[t] for t in batch.checked if marks.get(t)]
+            for st in [stages[t] for t in tables if marks.get(t)]
         ]
-        if any(conn.execute(q).first() is not None for q in failed):
-            savepoint.rollback()
-            return None
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise
+        return None if any(on.execute(q).first() is not None for q in failed) else counts
+
+    inserted = [t for t in batch.checked if t not in changes.updates]
+    updated = [t for t in batch.checked if t in changes.updates]
+    savepoint = conn.begin_nested()
+    with contextlib.ExitStack() as stack:
+        other = stack.enter_context(aside.connect()) if aside and inserted and updated else None
         try:
-            savepoint.rollback()
-        except DBAPIError:
-            raise exc from None  # the whole transaction is gone (e.g. a deadlock): its error
+            if other is None:
+                results = [staged(conn, list(batch.checked))]
+            else:  # left uncommitted, the connection's close rolls it back
+                other.begin()
+                results = run_concurrently([lambda: staged(conn, updated),
+                                            lambda: staged(other, inserted)], 2)
+                if None not in results:
+                    other.commit()
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            try:
+                savepoint.rollback()
+            except DBAPIError:
+                raise exc from None  # the whole transaction is gone (e.g. a deadlock): its error
+            return None
+    done = [r for r in results if r is not None]
+    if len(done) < len(results):
+        savepoint.rollback()
         return None
     savepoint.commit()
-    return counts
+    return sum(r[0] for r in done), sum(r[1] for r in done)
+
+
+def drop_unfinished_inserts(engine: Engine, execution_id: str, staged_inserts: int,
+                            stages: list[Any]) -> None:
+    """Drop the execution's inserted rows staged after its ``staged_inserts``: a batch's,
+    committed on their own connection just before a crash kept the batch from committing
+    (``_stage_in_one_pass``); it is staged again."""
+    with write_transaction(engine) as conn:
+        for st in stages:
+            conn.execute(delete(st).where(st.c.dp_execution_id == execution_id,
+                                          st.c.dp_action == INSERT, st.c.dp_seq > staged_inserts))
 
 
 def _kept(rel: FromClause, failing_sources: FromClause) -> ColumnElement[bool]:
