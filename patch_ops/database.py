@@ -337,5 +337,7 @@ def _forget_on_ddl(conn, cursor, statement, parameters, context, executemany):  
 @event.listens_for(Engine, "commit")
 @event.listens_for(Engine, "rollback")
 def _forget_after_ddl_transaction(conn):  # type: ignore[no-untyped-def]
-    if conn.info.pop("stockrx_ddl", False):
+    # an invalidated connection (a statement cut short by a stop) has no info to read: its
+    # rollback must not raise over the stop
+    if conn.invalidated or conn.info.pop("stockrx_ddl", False):
         forget_catalogs()

@@ -206,6 +206,10 @@ class DatabaseDialect:
         """``exc`` is a statement cancelled by ``set_statement_timeout``'s limit."""
         return False
 
+    def interrupt(self, conn: Connection) -> None:
+        """Cancel the statement ``conn`` runs in another thread, if any: that thread gets the
+        driver's error (a no-op where the database cannot: the statement runs to its end)."""
+
     def group_once(self, conn: Connection) -> None:
         """Plan the rest of ``conn``'s transaction so that a grouped subquery joined to other
         rows is computed once and cheaply (a no-op where the database needs no telling)."""

@@ -48,7 +48,7 @@ from patch_ops.dialects.base import (
     UnsupportedServer,
 )
 from patch_ops.dialects.mysql_rows import error_code
-from patch_ops.dialects.mysql_timeouts import TIMEOUT_CODES, StatementWatchdog
+from patch_ops.dialects.mysql_timeouts import TIMEOUT_CODES, StatementWatchdog, kill_query
 from patch_ops.dialects.names import table_sql
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
@@ -231,6 +231,10 @@ class MySQLDialect(DatabaseDialect):
 
     def is_statement_timeout(self, exc: DBAPIError) -> bool:
         return error_code(exc) in TIMEOUT_CODES
+
+    def interrupt(self, conn: Connection) -> None:
+        # the server's id of the connection, as its handshake gave it (no statement: in use)
+        kill_query(conn.engine, conn.connection.driver_connection.thread_id())  # type: ignore[union-attr]
 
     def group_once(self, conn: Connection) -> None:
         # The grouped rows are an internal temporary table: on disk (a million groups) the

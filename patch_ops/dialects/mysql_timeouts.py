@@ -94,15 +94,21 @@ class StatementWatchdog:
             if not self.active or statement != self._statement or self._timer is None:
                 return
             self._fired = statement
-            try:
-                raw = self.engine.raw_connection()
-            except Exception:  # no connection for the kill: the statement runs on
-                return
-            try:
-                cursor = raw.cursor()
-                cursor.execute(f"KILL QUERY {self.connection_id}")
-                cursor.close()
-            except Exception:  # the statement already ended (1094): nothing to kill
-                pass
-            finally:
-                raw.close()
+            kill_query(self.engine, self.connection_id)
+
+
+def kill_query(engine: Engine, connection_id: int) -> None:
+    """Cancel the statement the server's connection ``connection_id`` runs, from a connection
+    of its own (none running, or no connection to be had: nothing happens)."""
+    try:
+        raw = engine.raw_connection()
+    except Exception:  # no connection for the kill: the statement runs on
+        return
+    try:
+        cursor = raw.cursor()
+        cursor.execute(f"KILL QUERY {int(connection_id)}")
+        cursor.close()
+    except Exception:  # the statement already ended (1094): nothing to kill
+        pass
+    finally:
+        raw.close()

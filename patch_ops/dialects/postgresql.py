@@ -121,6 +121,9 @@ class PostgreSQLDialect(DatabaseDialect):
     def is_statement_timeout(self, exc: DBAPIError) -> bool:
         return "statement timeout" in str(exc.orig)
 
+    def interrupt(self, conn: Connection) -> None:
+        conn.connection.driver_connection.cancel_safe()  # type: ignore[union-attr]
+
     def group_once(self, conn: Connection) -> None:
         # No parallel workers: under a parallel join every worker computes the grouped side
         # again in full (a join of 200k rows onto 200k grouped log rows: the HashAggregate 3

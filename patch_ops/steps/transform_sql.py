@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -61,7 +62,6 @@ from patch_ops.execution import (
     PatchError,
     config_of,
     load_execution,
-    run_concurrently,
     run_context,
     set_execution,
     step_counts,
@@ -460,8 +460,8 @@ def _stage_in_one_pass(
                 results = [staged(conn, list(batch.checked))]
             else:  # left uncommitted, the connection's close rolls it back
                 other.begin()
-                results = run_concurrently([lambda: staged(conn, updated),
-                                            lambda: staged(other, inserted)], 2)
+                results = _beside(lambda: staged(conn, updated), other,
+                                  lambda: staged(other, inserted))
                 if None not in results:
                     other.commit()
         except DBAPIError as exc:
@@ -478,6 +478,22 @@ def _stage_in_one_pass(
         return None
     savepoint.commit()
     return sum(r[0] for r in done), sum(r[1] for r in done)
+
+
+def _beside(here: Callable[[], Any], other: Connection, there: Callable[[], Any]) -> list[Any]:
+    """[``here()``, ``there()``]: ``there`` (on ``other``) in a thread of its own while ``here``
+    runs in this one, where a stop signal cancels its statement. Whatever ends
+    ``here`` or the wait early (an error, a stop) cancels ``there``'s statement and waits for
+    it first: ``other`` is never closed while in use."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage") as pool:
+        future = pool.submit(there)
+        try:
+            return [here(), future.result()]
+        except BaseException:
+            if not future.done():
+                dialect_of(other).interrupt(other)
+            wait([future])
+            raise
 
 
 def drop_unfinished_inserts(engine: Engine, execution_id: str, staged_inserts: int,

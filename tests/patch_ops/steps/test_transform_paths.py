@@ -6,7 +6,6 @@ before anything is written, when the run asks for that path."""
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from typing import Any
 
 import pandas as pd
@@ -17,7 +16,6 @@ from pandera.typing import Series
 from sqlalchemy import delete, event, func, select, union_all, update
 
 from patch_ops import state
-from patch_ops.dialects import dialect_of
 from patch_ops.execution import PatchError, load_execution
 from patch_ops.patch import PYTHON_PATH, SQL_PATH
 from patch_ops.state import executions, locks, mirror_by_name, mirror_name, rejects, targets
@@ -255,83 +253,6 @@ def test_the_sql_path_resumes_at_the_batch_after_the_last_staged(sqlite_url):
     run_transform(engine, patch, crashed.execution_id, MemoryGuard())
     assert _counts(engine, crashed.execution_id) == _counts(engine, whole)
     assert _staged(engine, PRICE, crashed.execution_id) == _staged(engine, PRICE, whole)
-
-
-def _written_on_two_connections(engine) -> None:  # type: ignore[no-untyped-def]
-    if not dialect_of(engine).features.row_locks:
-        pytest.skip("one writer at a time here: a batch is staged on one connection")
-
-
-def test_a_batch_stages_its_updated_and_inserted_rows_at_once_on_two_connections(database_url):
-    """Each statement that stages a batch's rows waits at a gate for the other: both get
-    through only if they run at the same time, each on its own connection. The stage equals
-    the one a single connection makes."""
-    engine = seeded(database_url, items=120)
-    _written_on_two_connections(engine)
-    config = {"adjustment_type": "percentage", "adjustment_value": 8}
-    one = _transform(engine, PRICE, config, SQL_PATH, connections=1)
-    _release(engine, one)
-    gate, met = threading.Barrier(2, timeout=30), []
-
-    def meet(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.startswith("INSERT INTO") and "data_patch_stage__" in statement[:60]:
-            met.append((gate.wait(), id(conn)))  # raises BrokenBarrierError if alone
-
-    event.listen(engine, "before_cursor_execute", meet)
-    try:
-        two = _transform(engine, PRICE, config, SQL_PATH, run_at=_run_at(engine, one))
-    finally:
-        event.remove(engine, "before_cursor_execute", meet)
-    assert len(met) == 6 and len({c for _, c in met[:2]}) == 2  # 3 batches, 2 connections
-    assert _counts(engine, two) == _counts(engine, one)
-    assert _staged(engine, PRICE, two) == _staged(engine, PRICE, one)
-
-
-def test_inserted_rows_staged_before_a_crash_kept_their_batch_from_committing_are_staged_once(
-    database_url,
-):
-    """The third batch's log rows are committed on their own connection; then the batch's own
-    transaction fails before it commits. The step's next start drops those rows and stages
-    the batch again: the stage equals an uninterrupted run's."""
-    engine = seeded(database_url, items=200)
-    _written_on_two_connections(engine)
-    config = {"adjustment_type": "percentage", "adjustment_value": 8}
-    whole = _transform(engine, PRICE, config, SQL_PATH, batch_size=30)
-    _release(engine, whole)
-
-    class Crash(Exception):
-        pass
-
-    cursors: list[str] = []
-
-    def crash_at_third_cursor(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.startswith("UPDATE") and "SET phase" in statement and "cursor" in statement:
-            cursors.append(statement)
-            if len(cursors) == 3:
-                raise Crash
-
-    event.listen(engine, "before_cursor_execute", crash_at_third_cursor)
-    try:
-        with pytest.raises(Crash):
-            _transform(engine, PRICE, config, SQL_PATH, batch_size=30,
-                       run_at=_run_at(engine, whole))
-    finally:
-        event.remove(engine, "before_cursor_execute", crash_at_third_cursor)
-    with engine.connect() as conn:
-        crashed = load_execution(conn, conn.execute(
-            select(executions.c.execution_id).order_by(executions.c.started_at.desc())
-        ).scalars().first())
-    with engine.connect() as conn:
-        logs = mirror_by_name(conn, mirror_name("stage", "inventory_logs"))
-        assert logs is not None
-        beyond = conn.execute(select(func.count()).select_from(logs).where(
-            logs.c.dp_execution_id == crashed["execution_id"],
-            logs.c.dp_seq > crashed["staged_inserts"])).scalar_one()
-    assert crashed["batches_done"] == 2 and beyond > 0  # the third batch's, left behind
-    patch = default_registry().patches[PRICE]
-    run_transform(engine, patch, crashed["execution_id"], MemoryGuard(), connections=2)
-    assert _counts(engine, crashed["execution_id"]) == _counts(engine, whole)
-    assert _staged(engine, PRICE, crashed["execution_id"]) == _staged(engine, PRICE, whole)
 
 
 class _PandasOnlySchema(InventorySchema):
