@@ -17,7 +17,9 @@ frozen target set (keyset over the backup, as the pandas path reads it) is
    formatted in Python, as pandera writes them), and the rest staged as in 1; the batch after
    one with failing rows starts with this step.
 3. committed with its rejects and the cursor in one transaction, so a crashed run resumes at
-   the next batch; the window's end pauses at a batch boundary.
+   the next batch; the window's end pauses at a batch boundary. (On two connections, a batch's
+   inserted rows are staged beside its updated rows and committed just before the batch:
+   ``_stage_in_one_pass``.)
 
 Batches are sized by duration (``BatchSizer``). The stages equal the pandas path's row for row
 and column for column (tests/patch_ops/steps/test_transform_paths.py).
@@ -290,8 +292,8 @@ def run_sql_transform(
                 .limit(size)
                 .subquery()
             )
-            # The batch's keys are counted in its own transaction (one connection and one
-            # transaction a batch); leaving it before any write stages nothing.
+            # The batch's keys are counted in its own transaction (one transaction a batch,
+            # its inserted rows' aside); leaving it before any write stages nothing.
             with write_transaction(engine) as conn:
                 n, hi = conn.execute(select(func.count(), func.max(keys.c.dp_seq))).one()
                 if not n:
