@@ -67,7 +67,9 @@ def profile_engine(url: str, outdir: Path, config: dict[str, Any], top: int = 12
     steps = [
         ("plan_patch", plan),
         ("take_backup", lambda: take_backup(engine, ids["x"])),
-        ("transform_batches", lambda: run_transform(engine, patch, ids["x"], MemoryGuard())),
+        ("transform_batches", lambda: run_transform(
+            engine, patch, ids["x"], MemoryGuard(), batch_seconds=settings.batch_seconds,
+            connections=settings.check_connections)),  # as the job's op calls it
         ("validate_changes", validate),
         ("commit_changes", lambda: commit_execution(engine, ids["x"])),
         ("verify_commit", verify),
