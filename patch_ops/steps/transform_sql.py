@@ -274,7 +274,7 @@ def run_sql_transform(
     progress_of = Progress(done, total, sizer, on_progress)
     paused, optimistic = False, True
     aside = engine if connections > 1 and dialect_of(engine).features.row_locks else None
-    drop_unfinished_inserts(engine, execution_id, staged_inserts,
+    _drop_unfinished_inserts(engine, execution_id, staged_inserts,
                             [stages[t] for t in patch.inserts])
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
@@ -386,9 +386,9 @@ def _stage(
     with dp_action ``FAILED``."""
     n_upd = n_ins = 0
     for table, rel in batch.checked.items():
-        updated = table in changes.updates
         if only is not None and table not in only:
             continue
+        updated = table in changes.updates
         if updated:
             cols = ["id", *patch.updates[table]]
             src: FromClause = rel
@@ -433,7 +433,7 @@ def _stage_in_one_pass(
     Given ``aside``, a batch that both updates and inserts stages its inserted rows at the same
     time on a connection of its own, in a transaction committed just before the batch's: a
     crash between the two leaves them after the execution's ``staged_inserts``, where the
-    step's next start drops them (``drop_unfinished_inserts``)."""
+    step's next start drops them (``_drop_unfinished_inserts``)."""
     marks = {t: [c for c in cs if not (t in changes.updates and c.name == UNIQUE
                                        and c.column == "id")]
              for t, cs in checks.items()}
@@ -455,8 +455,7 @@ def _stage_in_one_pass(
     inserted = [t for t in batch.checked if t not in changes.updates]
     updated = [t for t in batch.checked if t in changes.updates]
     savepoint = conn.begin_nested()
-    with contextlib.ExitStack() as stack:
-        other = stack.enter_context(aside.connect()) if aside and inserted and updated else None
+    with aside.connect() if aside and inserted and updated else contextlib.nullcontext() as other:
         try:
             if other is None:
                 results = [staged(conn, list(batch.checked))]
@@ -498,7 +497,7 @@ def _beside(here: Callable[[], Any], other: Connection, there: Callable[[], Any]
             raise
 
 
-def drop_unfinished_inserts(engine: Engine, execution_id: str, staged_inserts: int,
+def _drop_unfinished_inserts(engine: Engine, execution_id: str, staged_inserts: int,
                             stages: list[Any]) -> None:
     """Drop the execution's inserted rows staged after its ``staged_inserts``: a batch's,
     committed on their own connection just before a crash kept the batch from committing
