@@ -116,7 +116,8 @@ class DialectSQL:
     lock: Any
     #: safety floors: (stage, its item id column, condition on it or "") -> the items' UPDATE
     update_from_stage: Any
-    #: safety floors: a text parameter as a selected value
+    #: safety floors: the execution id parameter as a selected value, of the type of the
+    #: framework's execution keys (``patch_ops.dialects.types.EXECUTION_KEY``)
     text_value: Any
     #: safety floors: fresh planner statistics of a bulk-loaded table, as the job takes them
     #: (None: it takes none)
@@ -152,7 +153,7 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         _FLOOR_BACKUP, "ALTER TABLE bench_floor_backup ADD PRIMARY KEY (id)",
         lambda stage, key, cond: f"SELECT count(*) FROM (SELECT i.id FROM inventories i JOIN "
         f"{stage} u ON u.{key} = i.id{_where(cond)} FOR UPDATE OF i) locked",
-        _update_from, lambda param: f"CAST({param} AS VARCHAR(36))", "ANALYZE ",
+        _update_from, lambda param: f"CAST({param} AS UUID)", "ANALYZE ",
         lambda x: f'(CAST({x} AS TEXT) COLLATE "C")',
     ),
     "sqlite": DialectSQL(

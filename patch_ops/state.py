@@ -36,12 +36,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn
+from sqlalchemy.types import TypeEngine, Uuid
 
 from patch_ops.database import catalog, create_tables, write_transaction
-from patch_ops.dialects import dialect_of
+from patch_ops.dialects import MissingPrivilege, dialect_of
 from patch_ops.dialects.names import FRAMEWORK_SCHEMA, framework_schema, table_sql
 from patch_ops.dialects.types import (
     DATETIME_US,
+    EXECUTION_KEY,
     LONG_TEXT,
     TABLE_OPTIONS,
     framework_ddl,
@@ -110,7 +112,7 @@ executions = Table(
 targets = Table(
     "data_patch_targets",
     framework_metadata,
-    Column("execution_id", key_string(36), nullable=False),
+    Column("execution_id", EXECUTION_KEY, nullable=False),
     Column("table_name", key_string(255), nullable=False),
     Column("row_id", BigInteger, nullable=False),
     PrimaryKeyConstraint("execution_id", "table_name", "row_id"),
@@ -175,7 +177,8 @@ def _add_missing_columns(engine: Engine) -> None:
     # One catalog query for all of them (PostgreSQL), not one per table.
     columns = catalog(engine).inspector.get_multi_columns(schema=schema, filter_names=names)
     for table in framework_metadata.sorted_tables:
-        existing = {c["name"] for c in columns.get((schema, table.name), [])}
+        existing = {c["name"]: c["type"] for c in columns.get((schema, table.name), [])}
+        narrow_execution_keys(engine, table, existing)
         missing = [c for c in table.columns if c.name not in existing]
         for col in missing:
             ddl = CreateColumn(col).compile(dialect=engine.dialect)
@@ -207,7 +210,7 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
                 raise ValueError(f"{live.name}.{name} collides with the engine's bookkeeping columns")
         md = MetaData()
         cols: list[Column[Any]] = [
-            Column("dp_execution_id", key_string(36), nullable=False),
+            Column("dp_execution_id", EXECUTION_KEY, nullable=False),
             Column("dp_action", key_string(1), nullable=False),
             Column("dp_seq", BigInteger, nullable=False),
             Column("dp_source_id", BigInteger),
@@ -295,7 +298,9 @@ def widen_or_create_mirror(engine: Engine, live: Table, table: Table) -> None:
         with write_transaction(engine) as conn:
             table.metadata.create_all(conn)
         return
-    existing = {c["name"] for c in known.inspector.get_columns(table.name, schema=table.schema)}
+    existing = {c["name"]: c["type"]
+                for c in known.inspector.get_columns(table.name, schema=table.schema)}
+    narrow_execution_keys(engine, table, existing)
     missing = [c for c in live.columns if c.name not in existing]
     if missing:
         q = engine.dialect.identifier_preparer
@@ -305,6 +310,31 @@ def widen_or_create_mirror(engine: Engine, live: Table, table: Table) -> None:
                 conn.exec_driver_sql(
                     f"ALTER TABLE {table_sql(conn, table)} ADD COLUMN {q.quote(c.name)} {ddl}"
                 )
+
+
+def narrow_execution_keys(engine: Engine, table: Table, found: dict[str, TypeEngine[Any]]) -> None:
+    """``table``'s execution-id key columns (``EXECUTION_KEY``) made as this version makes them,
+    where an earlier version made them text and this database's key is not (PostgreSQL's
+    ``uuid``): converted once, their rows kept (``found``: the columns as they are)."""
+    for col in table.columns:
+        wanted = col.type.dialect_impl(engine.dialect)
+        if col.type is not EXECUTION_KEY or not isinstance(wanted, Uuid):
+            continue
+        if col.name not in found or isinstance(found[col.name], Uuid):
+            continue
+        d = dialect_of(engine)
+        try:
+            with write_transaction(engine) as conn:
+                d.narrow_key(conn, table, col.name)
+        except DBAPIError as exc:
+            reason = str(exc.orig).strip().splitlines()[0]
+            what = f"{table.name}.{col.name} holds execution ids as text (an earlier version's)"
+            if d.is_privilege_error(exc):
+                raise MissingPrivilege(
+                    f"{what}: converting it to uuid needs the table's owner ({reason}); run one "
+                    "patch as the owner of the framework's tables, then as this user again"
+                ) from None
+            raise ValueError(f"{what}: it could not be converted to uuid ({reason})") from None
 
 
 def ensure_mirror_index(engine: Engine, mirror: Table, column: str) -> None:

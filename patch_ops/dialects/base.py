@@ -218,6 +218,11 @@ class DatabaseDialect:
         """Plan the rest of ``conn``'s transaction for an UPDATE of many rows joined to the
         stage's rows (a no-op where the database needs no telling)."""
 
+    def narrow_key(self, conn: Connection, table: Table, column: str) -> None:
+        """Convert ``table``'s ``column``, execution ids as text (an earlier version's), to this
+        database's ``types.EXECUTION_KEY``, its rows kept, in ``conn``'s transaction. Called
+        only where that key is not text (so a no-op here)."""
+
     def check_deferred_constraints(self, conn: Connection) -> None:
         """Check now the constraints the schema defers to commit (a trial apply never commits)."""
 

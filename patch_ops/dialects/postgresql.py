@@ -130,6 +130,19 @@ class PostgreSQLDialect(DatabaseDialect):
         # times, each spilling at work_mem), for the same wall time as one process
         conn.execute(select(func.set_config("max_parallel_workers_per_gather", "0", True)))
 
+    def narrow_key(self, conn: Connection, table: Table, column: str) -> None:
+        # Locked first, then looked at: another process may have converted it meanwhile. The
+        # rewrite rebuilds the table's indexes; the application's tables are not touched.
+        name, q = table_sql(conn, table), conn.dialect.identifier_preparer.quote(column)
+        conn.exec_driver_sql(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
+        now = conn.execute(
+            text("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                 "WHERE attrelid = CAST(:t AS REGCLASS) AND attname = :c"),
+            {"t": name, "c": column},
+        ).scalar_one()
+        if now != "uuid":
+            conn.exec_driver_sql(f"ALTER TABLE {name} ALTER COLUMN {q} TYPE uuid USING {q}::uuid")
+
     def check_deferred_constraints(self, conn: Connection) -> None:
         conn.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
 

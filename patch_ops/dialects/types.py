@@ -7,7 +7,8 @@ PostgreSQL stores the offset (``features.stores_utc_offset``), the others store 
 (``DatabaseDialect.utc_datetime_type``). ``DATETIME_US`` is a naive UTC datetime with
 microseconds (the framework's own timestamps; Rails' ``datetime(6)``). ``LONG_TEXT`` is unbounded
 text (MySQL's ``TEXT`` stops at 64 KB). ``key_string`` is a short text key (an execution's id, a
-table's name) compared byte for byte. ``TABLE_OPTIONS`` are the keyword arguments every table
+table's name) compared byte for byte; ``EXECUTION_KEY`` an execution's id in the bulk tables'
+keys. ``TABLE_OPTIONS`` are the keyword arguments every table
 the framework (or the demo schema) creates passes to ``Table``: InnoDB and utf8mb4 on MySQL and
 MariaDB, ignored elsewhere. Column types are fixed when a ``Table`` is defined, before any
 connection, so the MySQL choices here are SQLAlchemy type variants. ``UTC_NOW`` is the server's
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import DateTime, String, Table, Text
-from sqlalchemy.dialects import mysql
+from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
@@ -52,6 +53,14 @@ def key_string(length: int) -> Any:
     return String(length).with_variant(
         mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), *_MYSQL
     )
+
+
+#: An execution's id where it leads the key of the framework's bulk tables (the frozen targets,
+#: the backup and stage mirrors): PostgreSQL's 16-byte ``uuid`` (bound and read as text), a
+#: third cheaper to write than ``varchar(36)`` (benchmarks/README.md, session 30); elsewhere
+#: ``key_string(36)``. Tables an earlier version made get it at their next use
+#: (``patch_ops.state.narrow_execution_keys``).
+EXECUTION_KEY: Any = key_string(36).with_variant(postgresql.UUID(as_uuid=False), "postgresql")
 
 
 #: ``Table(..., **TABLE_OPTIONS)``: InnoDB (transactions, row locks, foreign keys) and utf8mb4 on

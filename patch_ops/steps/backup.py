@@ -46,7 +46,7 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
                 insert(backup).from_select(
                     ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols],
                     select(
-                        literal(execution_id),
+                        literal(execution_id, backup.c.dp_execution_id.type),
                         literal(BACKUP),
                         live.c.id,
                         literal(None, type_=Integer),

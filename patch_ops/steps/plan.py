@@ -68,7 +68,7 @@ def frozen_rows(sel: Select[Any], execution_id: str, table: str) -> Select[Any]:
     column primary key from that table alone (no join: its ids are distinct already)."""
     ids = sel.subquery()
     id_col = list(ids.c)[0]
-    rows = select(literal(execution_id), literal(table), id_col)
+    rows = select(literal(execution_id, targets.c.execution_id.type), literal(table), id_col)
     return (rows if reads_primary_key(sel) else rows.distinct()).order_by(id_col)
 
 

@@ -404,7 +404,7 @@ def _stage(
         action: ColumnElement[Any] = literal(UPDATE if updated else INSERT, String)
         if marks and marks.get(table):
             action = case((failing(marks[table], src), literal(FAILED, String)), else_=action)
-        q = select(literal(execution_id, String), action, seq, src.c.source_id,
+        q = select(literal(execution_id, stages[table].c.dp_execution_id.type), action, seq, src.c.source_id,
                    *[src.c[c] for c in cols])
         if failing_sources is not None and updated:
             q = q.where(_kept(rel, failing_sources))

@@ -20,6 +20,7 @@ from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
 from patch_ops.dialects import base as dialect_base
 from patch_ops.dialects import dialect_of
+from patch_ops.execution import new_execution_id
 from patch_ops.state import ensure_framework_tables, executions, targets
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
@@ -292,17 +293,18 @@ def test_the_target_digest_hashes_the_same_bytes_on_every_database(database_url,
     engine = get_engine(database_url)
     ensure_framework_tables(engine)
     ids = [17, 3, 2**40, -5, 0, 2**63 - 1, -(2**63), 99, 8]
+    x = new_execution_id()  # a uuid key on PostgreSQL
     with engine.begin() as conn:
         conn.execute(insert(targets), [
-            {"execution_id": "d", "table_name": "inventories", "row_id": i} for i in ids
+            {"execution_id": x, "table_name": "inventories", "row_id": i} for i in ids
         ])
-        got = approval.target_digest(conn, "d", "inventories")
-        none = approval.target_digest(conn, "d", "batches")
+        got = approval.target_digest(conn, x, "inventories")
+        none = approval.target_digest(conn, x, "batches")
         monkeypatch.setattr(approval, "PAGE", 2)  # read in pages of 2 (SQLite)
         monkeypatch.setattr(dialect_base, "ID_PAGE", 2)  # packed in pages of 2 (the servers)
-        paged = approval.target_digest(conn, "d", "inventories")
+        paged = approval.target_digest(conn, x, "inventories")
         server = dialect_of(conn).ids_sha256(
-            conn, select(targets.c.row_id).where(targets.c.execution_id == "d"), b"inventories\0"
+            conn, select(targets.c.row_id).where(targets.c.execution_id == x), b"inventories\0"
         )
     packed = b"inventories\0" + struct.pack(f">{len(ids)}q", *sorted(ids))
     assert got == paged == {"count": len(ids), "sha256": hashlib.sha256(packed).hexdigest()}

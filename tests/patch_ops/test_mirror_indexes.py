@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from sqlalchemy import Index, MetaData, Table, func, insert, inspect, select
+from sqlalchemy import Index, MetaData, Table, func, insert, inspect, literal, select
 
 from patch_ops import state
 from patch_ops.database import get_engine
+from patch_ops.execution import new_execution_id
 from patch_ops.state import BACKUP, mirror_table, source_index_name
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
@@ -106,7 +107,8 @@ def test_the_source_index_of_an_earlier_backup_mirror_is_dropped_and_its_rows_ke
     with engine.begin() as conn:
         conn.execute(insert(backup).from_select(
             ["dp_execution_id", "dp_action", "dp_seq", *live.c.keys()],
-            select(func.lower("e1"), func.lower(BACKUP), live.c.id, *live.c),
+            select(literal(new_execution_id(), backup.c.dp_execution_id.type), func.lower(BACKUP),
+                   live.c.id, *live.c),
         ))
     assert name in _index_names(engine, backup)
 

@@ -10,10 +10,13 @@ from sqlalchemy import insert, select
 
 from patch_ops import state
 from patch_ops.dialects import dialect_of
+from patch_ops.execution import new_execution_id
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import assign_insert_ids
 from stockrx_patches.tables import inventory_logs
 from tests.support.stockrx import T0, hand_built
+
+E = new_execution_id()  # an execution id as the engine makes them (a uuid key on PostgreSQL)
 
 
 def ids_before_insert(engine) -> None:  # type: ignore[no-untyped-def]
@@ -32,7 +35,7 @@ def _staged(database_url: str):  # type: ignore[no-untyped-def]
     with engine.begin() as conn:
         for seq in order:
             conn.execute(insert(stage).values(
-                dp_execution_id="e", dp_action=INSERT, dp_seq=seq, dp_source_id=seq,
+                dp_execution_id=E, dp_action=INSERT, dp_seq=seq, dp_source_id=seq,
                 inventory_id=1, delta=-1, operation_type="remove", previous_quantity=seq,
                 current_quantity=seq - 1, created_at=T0, updated_at=T0,
             ))
@@ -52,8 +55,8 @@ def test_insert_ids_are_one_block_in_dp_seq_order(database_url):
     ids_before_insert(engine)
     with engine.begin() as conn:
         _physical_order_scans(conn)
-        offset = assign_insert_ids(conn, inventory_logs, stage, "e")
-        staged_ids = conn.execute(select(stage.c.id).where(stage.c.dp_execution_id == "e")).scalars()
+        offset = assign_insert_ids(conn, inventory_logs, stage, E)
+        staged_ids = conn.execute(select(stage.c.id).where(stage.c.dp_execution_id == E)).scalars()
         assert set(staged_ids) == {None}  # the stage is not rewritten
     assert offset is not None
     ids = [seq + offset for seq in range(1, 301)]
@@ -74,9 +77,9 @@ def test_ids_from_a_broken_block_go_to_the_stage_in_dp_seq_order(pg_url):
         conn.exec_driver_sql("ALTER SEQUENCE inventory_logs_id_seq INCREMENT BY 2")
     with engine.begin() as conn:
         _physical_order_scans(conn)
-        assert assign_insert_ids(conn, inventory_logs, stage, "e") is None
+        assert assign_insert_ids(conn, inventory_logs, stage, E) is None
         rows = conn.execute(
-            select(stage.c.dp_seq, stage.c.id).where(stage.c.dp_execution_id == "e")
+            select(stage.c.dp_seq, stage.c.id).where(stage.c.dp_execution_id == E)
             .order_by(stage.c.dp_seq)
         ).all()
     ids = [r.id for r in rows]
@@ -95,4 +98,4 @@ def test_a_live_table_without_an_id_sequence_is_named(pg_url):
     with engine.begin() as conn, pytest.raises(ValueError, match=(
             r"^inventory_logs\.id has no sequence to draw new ids from: make it a serial or "
             r"identity column$")):
-        assign_insert_ids(conn, inventory_logs, stage, "e")
+        assign_insert_ids(conn, inventory_logs, stage, E)

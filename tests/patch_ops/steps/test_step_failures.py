@@ -11,7 +11,12 @@ from sqlalchemy import insert, inspect, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from patch_ops import state
-from patch_ops.execution import CommitConflict, load_execution, run_concurrently
+from patch_ops.execution import (
+    CommitConflict,
+    load_execution,
+    new_execution_id,
+    run_concurrently,
+)
 from patch_ops.state import executions, rejects
 from patch_ops.steps.apply import lock_target_rows
 from patch_ops.steps.commit import commit_execution
@@ -132,9 +137,10 @@ def test_the_commit_locks_every_target_row_before_its_conflict_check(pg_url):
     # the application waits instead. Here the application gives up at once (NOWAIT).
     engine = hand_built(pg_url, [100, 200, 300])
     state.ensure_framework_tables(engine)
+    x = new_execution_id()
     with engine.begin() as conn:
         conn.execute(insert(state.targets), [
-            {"execution_id": "e", "table_name": "inventories", "row_id": i} for i in (1, 3)
+            {"execution_id": x, "table_name": "inventories", "row_id": i} for i in (1, 3)
         ])
     tables = state.reflect_tables(engine, ["inventories"])
 
@@ -152,7 +158,7 @@ def test_the_commit_locks_every_target_row_before_its_conflict_check(pg_url):
             return True
 
     with engine.begin() as conn:
-        lock_target_rows(conn, tables, "e", {"updates": {"inventories": ["price"]}})
+        lock_target_rows(conn, tables, x, {"updates": {"inventories": ["price"]}})
         assert [app_can_lock(i) for i in (1, 2, 3)] == [False, True, False]
     assert [app_can_lock(i) for i in (1, 2, 3)] == [True, True, True]  # released at the end
 
