@@ -210,6 +210,11 @@ class DatabaseDialect:
         """Cancel the statement ``conn`` runs in another thread, if any: that thread gets the
         driver's error (a no-op where the database cannot: the statement runs to its end)."""
 
+    def one_process(self, conn: Connection) -> None:
+        """Run the rest of ``conn``'s transaction in one server process (a no-op where the
+        database has no parallel workers): for a pass that runs beside other passes on their
+        own connections, whose workers would take the CPUs the passes beside it need."""
+
     def group_once(self, conn: Connection) -> None:
         """Plan the rest of ``conn``'s transaction so that a grouped subquery joined to other
         rows is computed once and cheaply (a no-op where the database needs no telling)."""

@@ -128,6 +128,9 @@ class PostgreSQLDialect(DatabaseDialect):
         # No parallel workers: under a parallel join every worker computes the grouped side
         # again in full (a join of 200k rows onto 200k grouped log rows: the HashAggregate 3
         # times, each spilling at work_mem), for the same wall time as one process
+        self.one_process(conn)
+
+    def one_process(self, conn: Connection) -> None:
         conn.execute(select(func.set_config("max_parallel_workers_per_gather", "0", True)))
 
     def narrow_key(self, conn: Connection, table: Table, column: str) -> None:

@@ -305,6 +305,7 @@ def invariant_checks(
     aggregates: Callable[[ResultView], Aggregates] | None = None,
     shared_only: Collection[str] = (),
     join_passes: bool = False,
+    beside: bool = False,
 ) -> Checks:
     """The checks of every invariant of ``patch`` on the result: each finds the broken
     invariant with a sample of offending rows, or None. ``aggregates(view)``: aggregates the
@@ -318,6 +319,11 @@ def invariant_checks(
     runs longer counts as broken (``timed_out``), so a bad plan fails the validation, or makes
     post-verification restore, instead of holding the maintenance window and the table locks.
     A shared pass that runs longer marks every invariant in it so.
+
+    ``beside``: the calls will run at once on their own connections; then every pass runs in
+    one server process (``DatabaseDialect.one_process``), as one joined onto grouped rows always
+    does: the workers of one would take the CPUs the longest pass beside it needs
+    (benchmarks/README.md, session 30).
     """
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
@@ -400,6 +406,8 @@ def invariant_checks(
                 # a join onto grouped rows: each parallel worker would group them again
                 if _one_row_per_left_row(source, engine.dialect) is not None:
                     dialect.group_once(conn)
+                elif beside:
+                    dialect.one_process(conn)
                 try:
                     row = conn.execute(select(*cols).select_from(source)).one()
                     for (i, _, exact), n in zip(conds, row[: len(conds)], strict=True):

@@ -156,6 +156,7 @@ def run_checks(
     checks = invariant_checks(
         engine, patch, execution_id, committed=False, timeout_s=settings.query_timeout_seconds,
         aggregates=functools.partial(report_aggregates, edges=edges),
+        beside=settings.check_connections > 1,
     )
     results = run_concurrently(
         [

@@ -68,6 +68,7 @@ def verify_execution(
         engine, patch, execution_id, committed=True, timeout_s=timeout_s,
         aggregates=staged_differences, shared_only=[f"updates:{t}" for t in decl["updates"]],
         join_passes=True,  # nothing here waits on one pass's aggregates
+        beside=connections > 1,
     )
     on_own = {kind: {t: c for t, c in decl[kind].items() if f"{kind}:{t}" not in checks.aggregates}
               for kind, _, _ in WRITTEN}

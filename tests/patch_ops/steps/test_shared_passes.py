@@ -437,10 +437,13 @@ def test_a_pass_over_the_items_is_not_made_in_a_join_that_drops_items(database_u
 
 
 @pytest.mark.postgres
-def test_a_pass_over_a_join_with_grouped_rows_runs_in_one_postgres_process(pg_url):
+@pytest.mark.parametrize("beside", [False, True])
+def test_a_pass_over_a_join_with_grouped_rows_runs_in_one_postgres_process(pg_url, beside):
     """PostgreSQL's parallel workers would each group the log rows again: the pass over the
     items joined with their grouped log rows runs without them, and only that transaction
-    (the pooled connection plans in parallel again after it)."""
+    (the pooled connection plans in parallel again after it). Passes that run beside each
+    other on their own connections (validate's, verify's) all run without them: the workers of
+    one would take the CPUs the other needs."""
     patch = InventoryPriceAdjustment()
     engine, x = _transformed(pg_url, patch)
     seen: dict[str, str] = {}
@@ -451,12 +454,13 @@ def test_a_pass_over_a_join_with_grouped_rows_runs_in_one_postgres_process(pg_ur
             key = "grouped" if "logs_of_item" in statement else "other"
             seen[key] = conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar()
 
-    checks = invariant_checks(engine, patch, x, committed=False, timeout_s=None)
-    assert checks.broken(run_concurrently(checks.calls, 1)) == []
+    checks = invariant_checks(engine, patch, x, committed=False, timeout_s=None, beside=beside)
+    assert checks.broken(run_concurrently(checks.calls, 2 if beside else 1)) == []
     event.remove(engine, "after_cursor_execute", workers)
     with engine.connect() as conn:
         default = conn.exec_driver_sql("SHOW max_parallel_workers_per_gather").scalar()
-    assert seen["grouped"] == "0" and seen["other"] == default != "0"
+    assert default != "0" and seen["grouped"] == "0"
+    assert seen["other"] == ("0" if beside else default)
 
 
 def test_an_approved_real_run_counts_its_histogram_in_its_pass_over_the_items(database_url):
