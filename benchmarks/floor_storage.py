@@ -84,7 +84,7 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
         a = f"{alias}." if alias else ""
         return f"{a}dp_execution_id = :x AND {a}dp_action = '{action}'"
 
-    x = d.text_value(":x")  # as a selected value
+    x = d.execution_value(":x")  # as a selected value
     up, logs, backup = n["stage"], n["logs"], n["backup"]
     analyze = d.analyze
     steps: list[tuple[str, str | None]] = [

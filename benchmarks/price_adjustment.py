@@ -118,7 +118,7 @@ class DialectSQL:
     update_from_stage: Any
     #: safety floors: the execution id parameter as a selected value, of the type of the
     #: framework's execution keys (``patch_ops.dialects.types.EXECUTION_KEY``)
-    text_value: Any
+    execution_value: Any
     #: safety floors: fresh planner statistics of a bulk-loaded table, as the job takes them
     #: (None: it takes none)
     analyze: str | None

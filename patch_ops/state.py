@@ -171,7 +171,8 @@ def ensure_framework_tables(engine: Engine) -> None:
 
 
 def _add_missing_columns(engine: Engine) -> None:
-    """Columns added to the framework tables since a database was set up (never dropped)."""
+    """Columns added to the framework tables since a database was set up (never dropped), and
+    their execution keys as this version makes them (``narrow_execution_keys``)."""
     schema = framework_schema(engine)
     names = [t.name for t in framework_metadata.sorted_tables]
     # One catalog query for all of them (PostgreSQL), not one per table.
@@ -316,13 +317,12 @@ def narrow_execution_keys(engine: Engine, table: Table, found: dict[str, TypeEng
     """``table``'s execution-id key columns (``EXECUTION_KEY``) made as this version makes them,
     where an earlier version made them text and this database's key is not (PostgreSQL's
     ``uuid``): converted once, their rows kept (``found``: the columns as they are)."""
+    d = dialect_of(engine)
     for col in table.columns:
-        wanted = col.type.dialect_impl(engine.dialect)
-        if col.type is not EXECUTION_KEY or not isinstance(wanted, Uuid):
+        if (col.type is not EXECUTION_KEY or col.name not in found
+                or isinstance(found[col.name], Uuid)
+                or not isinstance(col.type.dialect_impl(engine.dialect), Uuid)):
             continue
-        if col.name not in found or isinstance(found[col.name], Uuid):
-            continue
-        d = dialect_of(engine)
         try:
             with write_transaction(engine) as conn:
                 d.narrow_key(conn, table, col.name)

@@ -275,7 +275,7 @@ def run_sql_transform(
     paused, optimistic = False, True
     aside = engine if connections > 1 and dialect_of(engine).features.row_locks else None
     _drop_unfinished_inserts(engine, execution_id, staged_inserts,
-                            [stages[t] for t in patch.inserts])
+                             [stages[t] for t in patch.inserts])
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
     last = False  # the last batch read: no probe for more (the target set is frozen)
@@ -404,8 +404,8 @@ def _stage(
         action: ColumnElement[Any] = literal(UPDATE if updated else INSERT, String)
         if marks and marks.get(table):
             action = case((failing(marks[table], src), literal(FAILED, String)), else_=action)
-        q = select(literal(execution_id, stages[table].c.dp_execution_id.type), action, seq, src.c.source_id,
-                   *[src.c[c] for c in cols])
+        key = literal(execution_id, stages[table].c.dp_execution_id.type)
+        q = select(key, action, seq, src.c.source_id, *[src.c[c] for c in cols])
         if failing_sources is not None and updated:
             q = q.where(_kept(rel, failing_sources))
         target = ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols]
@@ -498,7 +498,7 @@ def _beside(here: Callable[[], Any], other: Connection, there: Callable[[], Any]
 
 
 def _drop_unfinished_inserts(engine: Engine, execution_id: str, staged_inserts: int,
-                            stages: list[Any]) -> None:
+                             stages: list[Any]) -> None:
     """Drop the execution's inserted rows staged after its ``staged_inserts``: a batch's,
     committed on their own connection just before a crash kept the batch from committing
     (``_stage_in_one_pass``); it is staged again."""

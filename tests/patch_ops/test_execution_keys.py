@@ -47,9 +47,9 @@ def as_earlier_version(engine: Engine) -> None:
 
 
 def backup_rows(engine: Engine, execution_id: str) -> int:
-    backup = state.mirror_by_name(engine.connect(), "data_patch_backup__inventories")
-    assert backup is not None
     with engine.connect() as conn:
+        backup = state.mirror_by_name(conn, "data_patch_backup__inventories")
+        assert backup is not None
         return int(conn.execute(select(func.count()).select_from(backup).where(
             backup.c.dp_execution_id == execution_id)).scalar_one())
 
