@@ -29,7 +29,7 @@ What differs here, and why:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Select, Table, delete, event, func, literal_column
@@ -67,8 +67,9 @@ SESSION_SETUP = (
 #: server moves it to disk; both servers' defaults are 16 MiB. A million groups of the price
 #: patch's log check need 64-96 MiB on MariaDB, so this keeps ~3 million in memory.
 GROUP_MEMORY = 256 << 20
-#: The session's own limits, put back when the connection returns to the pool.
-_LIMITS_RESTORE = "stockrx_temp_limits_restore"
+#: The session's own values of the variables a pass changed, put back when the connection
+#: returns to the pool (``None``: left as it was).
+_SESSION_RESTORE = "stockrx_session_restore"
 #: The first versions that enforce CHECK constraints (earlier ones parse and ignore them).
 MIN_MYSQL = (8, 0, 16)
 MIN_MARIADB = (10, 2, 1)
@@ -139,11 +140,15 @@ class MySQLDialect(DatabaseDialect):
 
         @event.listens_for(engine, "checkin")
         def on_checkin(dbapi_conn, record):  # type: ignore[no-untyped-def]
-            restore = record.info.pop(_LIMITS_RESTORE, None) if record is not None else None
-            if restore and dbapi_conn is not None:
+            restore = record.info.pop(_SESSION_RESTORE, None) if record is not None else None
+            changed = {name: v for name, v in (restore or {}).items() if v is not None}
+            if changed and dbapi_conn is not None:
                 try:
                     cursor = dbapi_conn.cursor()
-                    cursor.execute(restore)
+                    cursor.execute(
+                        "SET SESSION " + ", ".join(f"{name} = %s" for name in changed),
+                        tuple(changed.values()),
+                    )
                     cursor.close()
                 except Exception:  # noqa: BLE001 - a broken connection: the pool drops it at its next use
                     record.invalidate()
@@ -238,8 +243,12 @@ class MySQLDialect(DatabaseDialect):
 
     def group_once(self, conn: Connection) -> None:
         # The grouped rows are an internal temporary table: on disk (a million groups) the
-        # join's key lookups make the pass 6x as slow.
+        # join's key lookups make the pass 6x as slow. MariaDB may instead group them again for
+        # every outer row ("split materialized", chosen on statistics that a bulk load left
+        # stale): at a million items that pass took 31 s against 5 s.
         self._temporary_tables_in_memory(conn)
+        if getattr(conn.dialect, "is_mariadb", False):
+            self._session_setting(conn, "optimizer_switch", lambda _: "split_materialized=off")
 
     def update_joined(self, conn: Connection) -> None:
         # A multi-table UPDATE changes only the first table of its join order as it goes; with
@@ -249,23 +258,24 @@ class MySQLDialect(DatabaseDialect):
 
     def _temporary_tables_in_memory(self, conn: Connection) -> None:
         """Internal temporary tables of ``conn`` stay in memory up to ``GROUP_MEMORY``, not the
-        default 16 MiB; the session's own limits return with the connection to the pool (the
-        engine's checkin event, ``configure``)."""
-        info = conn.connection.info
-        if _LIMITS_RESTORE in info:
+        default 16 MiB."""
+        for name in ("tmp_table_size", "max_heap_table_size"):
+            self._session_setting(conn, name, lambda size: max(int(size), GROUP_MEMORY))
+
+    def _session_setting(self, conn: Connection, name: str, value: Callable[[Any], Any]) -> None:
+        """Sets session variable ``name`` (one of ours, never user input) of ``conn`` to
+        ``value(its current value)`` once per checkout; the session's own value returns with
+        the connection to the pool (the engine's checkin event, ``configure``)."""
+        restore = conn.connection.info.setdefault(_SESSION_RESTORE, {})
+        if name in restore:
             return
-        tmp, heap = conn.exec_driver_sql(
-            "SELECT @@session.tmp_table_size, @@session.max_heap_table_size"
-        ).one()
-        if int(tmp) >= GROUP_MEMORY and int(heap) >= GROUP_MEMORY:
+        current = conn.exec_driver_sql(f"SELECT @@session.{name}").scalar()
+        wanted = value(current)
+        if wanted == current:
+            restore[name] = None
             return
-        conn.exec_driver_sql(
-            f"SET SESSION tmp_table_size = {max(int(tmp), GROUP_MEMORY)}, "
-            f"max_heap_table_size = {max(int(heap), GROUP_MEMORY)}"
-        )
-        info[_LIMITS_RESTORE] = (
-            f"SET SESSION tmp_table_size = {int(tmp)}, max_heap_table_size = {int(heap)}"
-        )
+        conn.exec_driver_sql(f"SET SESSION {name} = %s", (wanted,))
+        restore[name] = current
 
     # -- ids -----------------------------------------------------------------------------------
     def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
