@@ -21,7 +21,8 @@ What differs here, and why:
   number); a lock wait that times out (1205) is told apart so the commit can name the table.
 - **Grouped joins** (the invariants' shared pass) and **UPDATEs joined to the stage** (the
   commit, a trial apply) keep their internal temporary tables in memory up to
-  ``GROUP_MEMORY``, not the default 16 MiB (``group_once``, ``update_joined``).
+  ``GROUP_MEMORY``, not the default 16 MiB (``group_once``, ``update_joined``); on MariaDB
+  the grouped rows are grouped once, not again per outer row (``split_materialized=off``).
 - **Statement limits** by a client-side watchdog (``mysql_timeouts``); **ids** of inserted rows
   from one INSERT ... SELECT under AUTO_INCREMENT lock mode 2 (MySQL 8's default), else from
   multi-row INSERTs; **bulk rows** by LOAD DATA LOCAL or multi-row INSERTs (``mysql_rows``).
