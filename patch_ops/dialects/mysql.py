@@ -71,6 +71,12 @@ GROUP_MEMORY = 256 << 20
 #: The session's own values of the variables a pass changed, put back when the connection
 #: returns to the pool (``None``: left as it was).
 _SESSION_RESTORE = "stockrx_session_restore"
+#: Session variables -> their value for a statement whose internal temporary tables must stay
+#: in memory, from their current value (``group_once``, ``update_joined``).
+_IN_MEMORY: dict[str, Callable[[Any], Any]] = {
+    name: lambda size: max(int(size), GROUP_MEMORY)
+    for name in ("tmp_table_size", "max_heap_table_size")
+}
 #: The first versions that enforce CHECK constraints (earlier ones parse and ignore them).
 MIN_MYSQL = (8, 0, 16)
 MIN_MARIADB = (10, 2, 1)
@@ -94,6 +100,11 @@ DATA_REFUSALS = frozenset({
 NOT_DATA = frozenset({
     1040, 1053, 1205, 1213, 1290, 1792, 1927, 2003, 2006, 2013, 2055, *TIMEOUT_CODES,
 })
+
+
+def _set_session(values: dict[str, Any]) -> str:
+    """``SET SESSION`` of the variables ``values`` names, their values as parameters."""
+    return "SET SESSION " + ", ".join(f"{name} = %s" for name in values)
 
 
 class MySQLDialect(DatabaseDialect):
@@ -146,10 +157,7 @@ class MySQLDialect(DatabaseDialect):
             if changed and dbapi_conn is not None:
                 try:
                     cursor = dbapi_conn.cursor()
-                    cursor.execute(
-                        "SET SESSION " + ", ".join(f"{name} = %s" for name in changed),
-                        tuple(changed.values()),
-                    )
+                    cursor.execute(_set_session(changed), tuple(changed.values()))
                     cursor.close()
                 except Exception:  # noqa: BLE001 - a broken connection: the pool drops it at its next use
                     record.invalidate()
@@ -247,36 +255,32 @@ class MySQLDialect(DatabaseDialect):
         # join's key lookups make the pass 6x as slow. MariaDB may instead group them again for
         # every outer row ("split materialized"): it chose that for verification's pass at a
         # million items, 10-12 s against 7 s (31 s once, right after the commit's bulk insert).
-        self._temporary_tables_in_memory(conn)
+        wanted = dict(_IN_MEMORY)
         if getattr(conn.dialect, "is_mariadb", False):
-            self._session_setting(conn, "optimizer_switch", lambda _: "split_materialized=off")
+            wanted["optimizer_switch"] = lambda _: "split_materialized=off"
+        self._session_settings(conn, wanted)
 
     def update_joined(self, conn: Connection) -> None:
         # A multi-table UPDATE changes only the first table of its join order as it goes; with
         # the stage read first, the live rows' positions and new values wait in an internal
         # temporary table, on disk beyond 16 MiB (a million items: twice as slow).
-        self._temporary_tables_in_memory(conn)
+        self._session_settings(conn, _IN_MEMORY)
 
-    def _temporary_tables_in_memory(self, conn: Connection) -> None:
-        """Internal temporary tables of ``conn`` stay in memory up to ``GROUP_MEMORY``, not the
-        default 16 MiB."""
-        for name in ("tmp_table_size", "max_heap_table_size"):
-            self._session_setting(conn, name, lambda size: max(int(size), GROUP_MEMORY))
-
-    def _session_setting(self, conn: Connection, name: str, value: Callable[[Any], Any]) -> None:
-        """Sets session variable ``name`` (one of ours, never user input) of ``conn`` to
-        ``value(its current value)`` once per checkout; the session's own value returns with
-        the connection to the pool (the engine's checkin event, ``configure``)."""
+    def _session_settings(self, conn: Connection, wanted: dict[str, Callable[[Any], Any]]) -> None:
+        """Sets each session variable ``name`` of ``wanted`` (ours, never user input) on
+        ``conn`` to ``wanted[name](its current value)``, once per checkout, in one read and one
+        write; the session's own values return with the connection to the pool (the engine's
+        checkin event, ``configure``)."""
         restore = conn.connection.info.setdefault(_SESSION_RESTORE, {})
-        if name in restore:
+        names = [name for name in wanted if name not in restore]
+        if not names:
             return
-        current = conn.exec_driver_sql(f"SELECT @@session.{name}").scalar()
-        wanted = value(current)
-        if wanted == current:
-            restore[name] = None
-            return
-        conn.exec_driver_sql(f"SET SESSION {name} = %s", (wanted,))
-        restore[name] = current
+        now = dict(zip(names, conn.exec_driver_sql(
+            "SELECT " + ", ".join(f"@@session.{name}" for name in names)).one(), strict=True))
+        changed = {name: v for name in names if (v := wanted[name](now[name])) != now[name]}
+        if changed:
+            conn.exec_driver_sql(_set_session(changed), tuple(changed.values()))
+        restore.update({name: now[name] if name in changed else None for name in names})
 
     # -- ids -----------------------------------------------------------------------------------
     def reserve_insert_ids(self, conn: Connection, ins: StagedInserts) -> int | None:
@@ -298,3 +302,4 @@ class MariaDBDialect(MySQLDialect):
     """The same implementation under SQLAlchemy's name for ``mariadb+...`` URLs."""
 
     name = "mariadb"
+
