@@ -13,6 +13,12 @@ filtered by its execution (a time-ordered id from ``new_execution_id``, as the j
 them), and an approving dry run's backup and staged updates already there (untimed) as the
 job's real run finds them; its drift check reads them, as the job's does. Keyed floor + Dagster
 alone is the least a real run on the job's storage can take (the report's "keyed bound").
+
+The ``own`` contender (session 32) is the same floor on the storage a table per execution would
+give (``own_tables``): each table made as its step starts, keyed by the sequence alone (the
+target set by the row id), MySQL/MariaDB's one-statement fills (target set, backup) on InnoDB's
+empty-table bulk path; the approving dry run's backup in a table of its own. Own floor +
+Dagster alone is what a real run on that storage could reach (the report's "own-table bound").
 """
 
 from __future__ import annotations
@@ -69,10 +75,14 @@ def keyed_names(url: str) -> dict[str, str]:
         state.forget_mirrors()
 
 
-def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]) -> list[tuple[str, str]]:
+def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str],
+                own: bool = False) -> list[tuple[str, str]]:
     """``floor_steps`` on the framework's shared tables ``n`` (``keyed_names``): every statement
     of the floor, writing and reading the rows of execution ``:x`` only; the drift check reads
-    the approving dry run ``:a``'s backup rows."""
+    the approving dry run ``:a``'s backup rows. ``own``: on tables of the execution's own
+    instead (``own_tables``: ``n`` also holds their DDL), keyed by the sequence alone, each made
+    as the step that fills it starts; on MySQL/MariaDB the one-statement fills (target set,
+    backup) take InnoDB's empty-table bulk path."""
     new, note = new_price_and_note(dialect)
     d = dialect_sql(dialect)
     differ = d.differ
@@ -82,32 +92,57 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
 
     def mine(action: str, alias: str = "") -> str:
         a = f"{alias}." if alias else ""
-        return f"{a}dp_execution_id = :x AND {a}dp_action = '{action}'"
+        return "1 = 1" if own else f"{a}dp_execution_id = :x AND {a}dp_action = '{action}'"
 
     x = d.execution_value(":x")  # as a selected value
+
+    def key(action: str) -> tuple[str, str]:
+        """The bookkeeping columns a mirror row starts with, and their selected values."""
+        return ("", "") if own else ("dp_execution_id, dp_action, ", f"{x}, '{action}', ")
+
+    def made(role: str, step: str) -> list[tuple[str, str | None]]:
+        return [(f"{step}: make the {role} table", n[f"{role}_ddl"])] if own else []
+
+    bulk = own and dialect not in ("postgresql", "sqlite")
+
+    def bulk_path(step: str, on: bool) -> list[tuple[str, str | None]]:
+        v = 0 if on else 1
+        return [(f"{step}: bulk path {'on' if on else 'off'}",
+                 f"SET SESSION unique_checks = {v}, foreign_key_checks = {v}")] if bulk else []
+
     up, logs, backup = n["stage"], n["logs"], n["backup"]
+    targets = (f"{n['targets']} (row_id) SELECT id" if own else
+               f"{n['targets']} (execution_id, table_name, row_id) SELECT {x}, "
+               "'inventories', id")
+    of_targets = "" if own else " WHERE t.execution_id = :x AND t.table_name = 'inventories'"
+    approved = (f"{n['approved']} a ON a.dp_seq = i.id WHERE " if own else
+                f"{backup} a ON a.dp_seq = i.id WHERE a.dp_execution_id = :a AND "
+                "a.dp_action = 'B' AND ")
+    paired = "" if own else "b.dp_execution_id = u.dp_execution_id AND b.dp_action = 'B' AND "
     analyze = d.analyze
+    (kb, vb), (ku, vu), (ki, vi) = key("B"), key("U"), key("I")
     steps: list[tuple[str, str | None]] = [
-        ("plan: freeze the target ids",
-         f"INSERT INTO {n['targets']} (execution_id, table_name, row_id) "
-         f"SELECT {x}, 'inventories', id FROM inventories ORDER BY id"),
+        *made("targets", "plan"), *bulk_path("plan", True),
+        ("plan: freeze the target ids", f"INSERT INTO {targets} FROM inventories ORDER BY id"),
+        *bulk_path("plan", False),
         ("plan: statistics", analyze and analyze + n["targets"]),
         ("plan: drift since approval",
-         f"SELECT count(*) FROM inventories i JOIN {backup} a ON a.dp_seq = i.id "
-         f"WHERE a.dp_execution_id = :a AND a.dp_action = 'B' AND {differ('i.price', 'a.price')}"),
+         f"SELECT count(*) FROM inventories i JOIN {approved}{differ('i.price', 'a.price')}"),
+        *made("backup", "backup"), *bulk_path("backup", True),
         ("backup: whole rows",
-         f"INSERT INTO {backup} (dp_execution_id, dp_action, dp_seq, dp_source_id, {cols}) "
-         f"SELECT {x}, 'B', i.id, NULL, {live_row} FROM inventories i JOIN {n['targets']} t "
-         "ON t.row_id = i.id WHERE t.execution_id = :x AND t.table_name = 'inventories'"),
+         f"INSERT INTO {backup} ({kb}dp_seq, dp_source_id, {cols}) "
+         f"SELECT {vb}i.id, NULL, {live_row} FROM inventories i JOIN {n['targets']} t "
+         f"ON t.row_id = i.id{of_targets}"),
+        *bulk_path("backup", False),
         ("backup: statistics", analyze and analyze + backup),
+        *made("stage", "transform"), *made("logs", "transform"),
         ("transform: stage the updates",
-         f"INSERT INTO {up} (dp_execution_id, dp_action, dp_seq, dp_source_id, id, price, "
-         "inventory_logs_count, updated_at) "
-         f"SELECT {x}, 'U', id, id, id, {new}, inventory_logs_count + 1, {d.run_at} FROM {backup} "
-         f"WHERE {mine('B')} AND {new} <> price"),
+         f"INSERT INTO {up} ({ku}dp_seq, dp_source_id, id, price, inventory_logs_count, "
+         f"updated_at) SELECT {vu}id, id, id, {new}, inventory_logs_count + 1, {d.run_at} "
+         f"FROM {backup} WHERE {mine('B')} AND {new} <> price"),
         ("transform: stage the log rows",
-         f"INSERT INTO {logs} (dp_execution_id, dp_action, dp_seq, dp_source_id, {LOG_COLUMNS}) "
-         f"SELECT {x}, 'I', row_number() OVER (ORDER BY id), id, id, 0, 'adjust', quantity, "
+         f"INSERT INTO {logs} ({ki}dp_seq, dp_source_id, {LOG_COLUMNS}) "
+         f"SELECT {vi}row_number() OVER (ORDER BY id), id, id, 0, 'adjust', quantity, "
          f"quantity, {note}, {d.null_int}, {d.run_at}, {d.run_at} FROM {backup} "
          f"WHERE {mine('B')} AND {new} <> price"),
         ("transform: statistics", analyze and f"{analyze}{up}, {logs}"),
@@ -124,10 +159,9 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
         ("commit: BEGIN", "BEGIN"),
         ("commit: lock the rows", d.lock and d.lock(up, "dp_seq", mine("U", "u"))),
         ("commit: conflicts against the backup",
-         f"SELECT count(*) FROM {up} u JOIN {backup} b ON b.dp_execution_id = u.dp_execution_id "
-         "AND b.dp_action = 'B' AND b.dp_seq = u.dp_seq LEFT JOIN inventories i ON i.id = u.dp_seq "
-         f"WHERE {mine('U', 'u')} AND (i.id IS NULL OR "
-         f"{differ(f'({live_compared})', f'({backup_compared})')})"),
+         f"SELECT count(*) FROM {up} u JOIN {backup} b ON {paired}b.dp_seq = u.dp_seq "
+         f"LEFT JOIN inventories i ON i.id = u.dp_seq WHERE {mine('U', 'u')} AND (i.id IS NULL "
+         f"OR {differ(f'({live_compared})', f'({backup_compared})')})"),
         ("commit: update the items", d.update_from_stage(up, "dp_seq", mine("U", "u"))),
         ("commit: insert the log rows",
          f"INSERT INTO inventory_logs ({LOG_COLUMNS}) SELECT {LOG_COLUMNS} FROM {logs} "
@@ -148,46 +182,88 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
     return [(name, sql) for name, sql in steps if sql]
 
 
-def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal) -> str:
-    """Untimed: what an approving dry run leaves in the shared tables (its backup rows and staged
-    updates, kept as its fingerprint), then ``settle``. Returns its execution id."""
+def own_tables(url: str) -> dict[str, str]:
+    """Tables of one execution's own, as a table-per-execution storage would make them: the SQL
+    names of ``targets`` (the row id its key), ``backup``, ``stage``, ``logs`` (every column of
+    the live table, nullable, after ``dp_seq``, their key, and ``dp_source_id``) and the
+    approving dry run's backup (``approved``), and ``<role>_ddl``: the ``CREATE TABLE`` of each
+    (but ``approved``, which ``approve`` makes and fills, untimed)."""
+    from sqlalchemy import BigInteger, Column, MetaData, Table
+    from sqlalchemy.schema import CreateTable
+
+    from patch_ops.database import get_engine
+    from patch_ops.dialects.types import mirror_table_options
+
+    engine = get_engine(url)
+    try:
+        md = MetaData()
+        live = {t: Table(t, md, autoload_with=engine) for t in ("inventories", "inventory_logs")}
+        out: dict[str, str] = {}
+        for role, of in (("backup", "inventories"), ("stage", "inventories"),
+                         ("logs", "inventory_logs"), ("approved", "inventories"), ("targets", "")):
+            key = Column("row_id" if not of else "dp_seq", BigInteger, primary_key=True,
+                         autoincrement=False)
+            rest = [] if not of else [Column("dp_source_id", BigInteger), *(
+                Column(c.name, c.type, nullable=True) for c in live[of].columns)]
+            table = Table(f"bench_own_{role}", md, key, *rest,
+                          **(mirror_table_options(live[of]) if of else {}))
+            out[role] = table.name
+            out[f"{role}_ddl"] = str(CreateTable(table).compile(dialect=engine.dialect))
+        return out
+    finally:
+        engine.dispose()
+
+
+def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal,
+            own: bool = False) -> str:
+    """Untimed: what an approving dry run leaves (its backup rows and staged updates, kept as
+    its fingerprint: in the shared tables, or with ``own`` its backup in a table of its own),
+    then ``settle``. Returns its execution id."""
     from patch_ops.execution import new_execution_id
 
     engine = databases.baseline_engine(url)
-    steps = dict(keyed_steps(engine.dialect.name, item_columns(engine), names))
+    columns = item_columns(engine)
     a = new_execution_id()
     with engine.begin() as conn:
-        for name in ("plan: freeze the target ids", "backup: whole rows",
-                     "transform: stage the updates"):
-            conn.execute(sql_statement(steps[name]), {**sql_params(run_at, pct), "x": a})
-        conn.execute(sql_statement(f"DELETE FROM {names['targets']} WHERE execution_id = :x"),
-                     {"x": a})
+        if own:
+            cols = ", ".join(c for c, _ in columns)
+            conn.execute(sql_statement(names["approved_ddl"]))
+            conn.execute(sql_statement(f"INSERT INTO {names['approved']} (dp_seq, dp_source_id, "
+                                       f"{cols}) SELECT id, NULL, {cols} FROM inventories"))
+        else:
+            steps = dict(keyed_steps(engine.dialect.name, columns, names))
+            for name in ("plan: freeze the target ids", "backup: whole rows",
+                         "transform: stage the updates"):
+                conn.execute(sql_statement(steps[name]), {**sql_params(run_at, pct), "x": a})
+            conn.execute(sql_statement(f"DELETE FROM {names['targets']} WHERE execution_id = :x"),
+                         {"x": a})
     engine.dispose()
     databases.settle(url)
     return a
 
 
 def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal, names: dict[str, str],
-                approval: str, execution: str) -> dict[str, Any]:
+                approval: str, execution: str, own: bool = False) -> dict[str, Any]:
     """The keyed floor (``keyed_steps`` on the tables ``names``, execution ``execution``
-    approved by ``approval``) timed step by step on one connection, as ``safety_floor`` times
-    its own (the same result); every check must find nothing. Imports nothing of the framework
-    (the ``--worker keyed`` child)."""
+    approved by ``approval``; ``own``: on tables of its own) timed step by step on one
+    connection, as ``safety_floor`` times its own (the same result); every check must find
+    nothing. Imports nothing of the framework (the ``--worker keyed|own`` child)."""
     engine = databases.baseline_engine(url)
-    steps = keyed_steps(engine.dialect.name, item_columns(engine), names)
+    steps = keyed_steps(engine.dialect.name, item_columns(engine), names, own)
     params = {**sql_params(run_at, pct), "x": execution, "a": approval}
-    result = run_floor_steps(engine, steps, params, "keyed floor")
+    result = run_floor_steps(engine, steps, params, f"{'own' if own else 'keyed'} floor")
     engine.dispose()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The price benchmark's ``keyed`` contender (``benchmarks.price_contenders``), a child
-    process: with ``--approve``, make the tables and an approving dry run's rows (untimed) and
-    print both; else time the keyed floor that ``--keyed`` (that output) names."""
+    """The price benchmark's ``keyed`` and ``own`` contenders (``benchmarks.price_contenders``),
+    a child process: with ``--approve``, make the tables and an approving dry run's rows
+    (untimed) and print both; else time the floor on the tables that ``--keyed`` (that output)
+    names."""
     warnings.simplefilter("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=["keyed"], required=True)
+    ap.add_argument("--worker", choices=["keyed", "own"], required=True)
     ap.add_argument("--database-url", required=True)
     ap.add_argument("--run-at", required=True)
     ap.add_argument("--percentage", default="8")
@@ -201,13 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.approve:
         from patch_ops.execution import new_execution_id
 
-        names = keyed_names(url)
-        approval = approve(url, names, run_at, pct)
+        own = args.worker == "own"
+        names = own_tables(url) if own else keyed_names(url)
+        approval = approve(url, names, run_at, pct, own)
         # the framework's time-ordered ids, as the job's: its rows go in at the keys' right end
         result: Any = [names, approval, new_execution_id()]
     else:
         names, approval, execution = json.loads(args.keyed)
-        result = keyed_floor(url, run_at, pct, names, approval, execution)
+        result = keyed_floor(url, run_at, pct, names, approval, execution, args.worker == "own")
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 

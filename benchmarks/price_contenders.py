@@ -60,16 +60,18 @@ def percentage_of_config(path: Path) -> Decimal:
 
 
 WORKER_NAMES = {"bare": "bare SQL", "naive": "naive ORM", "floor": "safety floor (SQL)",
-                "keyed": "safety floor on shared keyed tables (SQL)"}
+                "keyed": "safety floor on shared keyed tables (SQL)",
+                "own": "safety floor on tables of its own (SQL)"}
 
 
 def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
                args: argparse.Namespace) -> Outcome:
-    module = "benchmarks.floor_storage" if kind == "keyed" else "benchmarks.price_adjustment"
+    stored = kind in ("keyed", "own")
+    module = "benchmarks.floor_storage" if stored else "benchmarks.price_adjustment"
     cmd = [sys.executable, "-m", module, "--worker", kind, "--database-url", url,
            "--run-at", run_at.isoformat(), "--percentage", str(pct),
            "--naive-rows", str(args.naive_rows)]
-    if kind == "keyed":  # the framework's tables and an approving dry run's rows, untimed
+    if stored:  # the tables and an approving dry run's rows, untimed
         made = common.run_monitored([*cmd, "--approve"], env=dict(os.environ),
                                     timeout=args.timeout)
         if (approved := result_of(made)) is None:
@@ -230,7 +232,7 @@ def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dic
 # ---------------------------------------------------------------------------------------------
 
 
-CONTENDERS = ("bare", "naive", "floor", "keyed", "dagster", "job", "zero")
+CONTENDERS = ("bare", "naive", "floor", "keyed", "own", "dagster", "job", "zero")
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -342,7 +344,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
             at = job(prefix, label, s)
             if prefix == "job" and at is not None:
                 run_at = at
-    for key in ("bare", "naive", "floor", "keyed"):
+    for key in ("bare", "naive", "floor", "keyed", "own"):
         if key in args.only and (first or key != "naive"):
             url = copies.fresh(key)
             try:
@@ -376,6 +378,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
         "bare": lambda o: same(o.digest, ref, "full") + " to job real",
         "floor": lambda o: same(o.digest, ref, "full") + " to job real",
         "keyed": lambda o: same(o.digest, ref, "full") + " to job real",
+        "own": lambda o: same(o.digest, ref, "full") + " to job real",
         "dagster": lambda o: "no data (uses no database)",
         "naive": lambda o: same(o.digest, ref, "subset") + f" to job real on items ≤ {subset:,}",
         "job_dry": lambda o: same(o.digest, seeded, "full") + " to seed",
