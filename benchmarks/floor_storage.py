@@ -16,9 +16,12 @@ alone is the least a real run on the job's storage can take (the report's "keyed
 
 The ``own`` contender (session 32) is the same floor on the storage a table per execution would
 give (``own_tables``): each table made as its step starts, keyed by the sequence alone (the
-target set by the row id), MySQL/MariaDB's one-statement fills (target set, backup) on InnoDB's
-empty-table bulk path; the approving dry run's backup in a table of its own. Own floor +
+target set by the row id); the approving dry run's backup in a table of its own. Own floor +
 Dagster alone is what a real run on that storage could reach (the report's "own-table bound").
+``own_bulk`` fills MySQL/MariaDB's one-statement fills (target set, backup) on InnoDB's
+empty-table bulk path (``unique_checks=0``): measured, not a design to copy, for on MariaDB
+10.11 a fill that meets a duplicate key there reports success and leaves the table empty
+(benchmarks/README.md, session 32).
 """
 
 from __future__ import annotations
@@ -76,13 +79,13 @@ def keyed_names(url: str) -> dict[str, str]:
 
 
 def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str],
-                own: bool = False) -> list[tuple[str, str]]:
+                own: bool = False, bulk: bool = False) -> list[tuple[str, str]]:
     """``floor_steps`` on the framework's shared tables ``n`` (``keyed_names``): every statement
     of the floor, writing and reading the rows of execution ``:x`` only; the drift check reads
     the approving dry run ``:a``'s backup rows. ``own``: on tables of the execution's own
     instead (``own_tables``: ``n`` also holds their DDL), keyed by the sequence alone, each made
-    as the step that fills it starts; on MySQL/MariaDB the one-statement fills (target set,
-    backup) take InnoDB's empty-table bulk path."""
+    as the step that fills it starts; with ``bulk``, MySQL/MariaDB's one-statement fills
+    (target set, backup) take InnoDB's empty-table bulk path."""
     new, note = new_price_and_note(dialect)
     d = dialect_sql(dialect)
     differ = d.differ
@@ -103,7 +106,7 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
     def made(role: str, step: str) -> list[tuple[str, str | None]]:
         return [(f"{step}: make the {role} table", n[f"{role}_ddl"])] if own else []
 
-    bulk = own and dialect not in ("postgresql", "sqlite")
+    bulk = bulk and own and dialect not in ("postgresql", "sqlite")
 
     def bulk_path(step: str, on: bool) -> list[tuple[str, str | None]]:
         v = 0 if on else 1
@@ -243,13 +246,15 @@ def approve(url: str, names: dict[str, str], run_at: dt.datetime, pct: Decimal,
 
 
 def keyed_floor(url: str, run_at: dt.datetime, pct: Decimal, names: dict[str, str],
-                approval: str, execution: str, own: bool = False) -> dict[str, Any]:
+                approval: str, execution: str, own: bool = False,
+                bulk: bool = False) -> dict[str, Any]:
     """The keyed floor (``keyed_steps`` on the tables ``names``, execution ``execution``
-    approved by ``approval``; ``own``: on tables of its own) timed step by step on one
+    approved by ``approval``; ``own``: on tables of its own, ``bulk``: some filled on the bulk
+    path) timed step by step on one
     connection, as ``safety_floor`` times its own (the same result); every check must find
-    nothing. Imports nothing of the framework (the ``--worker keyed|own`` child)."""
+    nothing. Imports nothing of the framework (the ``--worker keyed|own|own_bulk`` child)."""
     engine = databases.baseline_engine(url)
-    steps = keyed_steps(engine.dialect.name, item_columns(engine), names, own)
+    steps = keyed_steps(engine.dialect.name, item_columns(engine), names, own, bulk)
     params = {**sql_params(run_at, pct), "x": execution, "a": approval}
     result = run_floor_steps(engine, steps, params, f"{'own' if own else 'keyed'} floor")
     engine.dispose()
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     names."""
     warnings.simplefilter("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=["keyed", "own"], required=True)
+    ap.add_argument("--worker", choices=["keyed", "own", "own_bulk"], required=True)
     ap.add_argument("--database-url", required=True)
     ap.add_argument("--run-at", required=True)
     ap.add_argument("--percentage", default="8")
@@ -277,14 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.approve:
         from patch_ops.execution import new_execution_id
 
-        own = args.worker == "own"
+        own = args.worker.startswith("own")
         names = own_tables(url) if own else keyed_names(url)
         approval = approve(url, names, run_at, pct, own)
         # the framework's time-ordered ids, as the job's: its rows go in at the keys' right end
         result: Any = [names, approval, new_execution_id()]
     else:
         names, approval, execution = json.loads(args.keyed)
-        result = keyed_floor(url, run_at, pct, names, approval, execution, args.worker == "own")
+        result = keyed_floor(url, run_at, pct, names, approval, execution,
+                             args.worker.startswith("own"), args.worker == "own_bulk")
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 

@@ -12,7 +12,9 @@ transaction, then a count of that execution's rows by its key; the keyless ``CRE
 of the safety floor beside them. With ``--own-tables``, also a table made for the round's
 execution alone (its ``CREATE TABLE`` timed with its insert): with the shared key, with the row
 id alone as its key, and (MySQL/MariaDB) the latter filled on the empty-table bulk path (``unique_checks=0, foreign_key_checks=0``: one undo
-record for the statement, the index built by sorting). Medians of the rounds.
+record for the statement, the index built by sorting; measured only: on MariaDB 10.11 such a fill
+that meets a duplicate key leaves the table empty without an error, benchmarks/README.md session
+32). Medians of the rounds.
 """
 
 from __future__ import annotations

@@ -61,12 +61,13 @@ def percentage_of_config(path: Path) -> Decimal:
 
 WORKER_NAMES = {"bare": "bare SQL", "naive": "naive ORM", "floor": "safety floor (SQL)",
                 "keyed": "safety floor on shared keyed tables (SQL)",
-                "own": "safety floor on tables of its own (SQL)"}
+                "own": "safety floor on tables of its own (SQL)",
+                "own_bulk": "safety floor on tables of its own, bulk path (SQL)"}
 
 
 def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
                args: argparse.Namespace) -> Outcome:
-    stored = kind in ("keyed", "own")
+    stored = kind in ("keyed", "own", "own_bulk")
     module = "benchmarks.floor_storage" if stored else "benchmarks.price_adjustment"
     cmd = [sys.executable, "-m", module, "--worker", kind, "--database-url", url,
            "--run-at", run_at.isoformat(), "--percentage", str(pct),
@@ -232,7 +233,7 @@ def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dic
 # ---------------------------------------------------------------------------------------------
 
 
-CONTENDERS = ("bare", "naive", "floor", "keyed", "own", "dagster", "job", "zero")
+CONTENDERS = ("bare", "naive", "floor", "keyed", "own", "own_bulk", "dagster", "job", "zero")
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -344,7 +345,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
             at = job(prefix, label, s)
             if prefix == "job" and at is not None:
                 run_at = at
-    for key in ("bare", "naive", "floor", "keyed", "own"):
+    for key in ("bare", "naive", "floor", "keyed", "own", "own_bulk"):
         if key in args.only and (first or key != "naive"):
             url = copies.fresh(key)
             try:
@@ -379,6 +380,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
         "floor": lambda o: same(o.digest, ref, "full") + " to job real",
         "keyed": lambda o: same(o.digest, ref, "full") + " to job real",
         "own": lambda o: same(o.digest, ref, "full") + " to job real",
+        "own_bulk": lambda o: same(o.digest, ref, "full") + " to job real",
         "dagster": lambda o: "no data (uses no database)",
         "naive": lambda o: same(o.digest, ref, "subset") + f" to job real on items ≤ {subset:,}",
         "job_dry": lambda o: same(o.digest, seeded, "full") + " to seed",

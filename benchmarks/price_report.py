@@ -13,7 +13,7 @@ from benchmarks.contenders import Outcome
 from benchmarks.price_contenders import fmt_price
 from benchmarks.rounds import summary
 
-ORDER = ("bare", "naive", "floor", "keyed", "own", "dagster", "job_dry", "job_real", "against_dry", "against_real",
+ORDER = ("bare", "naive", "floor", "keyed", "own", "own_bulk", "dagster", "job_dry", "job_real", "against_dry", "against_real",
          "zero_dry", "zero_real")
 
 
@@ -104,7 +104,7 @@ def render_round(res: dict[str, Any]) -> str:
         "both far less sensitive to the machine's load "
         "than wall times (naive: ×scale). " + report.RSS_FOOTNOTE,
     ]
-    for floor in (outs.get("floor"), outs.get("keyed"), outs.get("own")):
+    for floor in (outs.get(k) for k in ("floor", "keyed", "own", "own_bulk")):
         if floor and floor.steps:
             lines += ["", f"### {floor.name}: time per step", "",
                       report.table(["step", "s"], floor.steps)]

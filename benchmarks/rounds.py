@@ -91,7 +91,9 @@ BOUNDS = (("floor", "bound", "bound = safety floor + Dagster alone, same round; 
           ("keyed", "keyed bound", "keyed bound = safety floor on shared keyed tables + "
            "Dagster alone, same round: the job's storage, `benchmarks/floor_storage.py`"),
           ("own", "own-table bound", "own-table bound = safety floor on tables of the "
-           "execution's own + Dagster alone, same round: what that storage could reach"))
+           "execution's own + Dagster alone, same round: what that storage could reach"),
+          ("own_bulk", "own-table bound, bulk path", "the same, the target set and backup "
+           "filled on MySQL/MariaDB's empty-table bulk path"))
 
 
 def _bounds(rounds: list[dict[str, Outcome]]) -> list[str]:
