@@ -66,7 +66,7 @@ from patch_ops.execution import (
 )
 from patch_ops.lifecycle import Lifecycle
 from patch_ops.patch import Patch, PatchRunConfig
-from patch_ops.state import executions, targets
+from patch_ops.state import executions, target_ids, targets
 from patch_ops.steps.drift import SAMPLE, hold_back_drift, schema_changes, schema_of
 
 PLAN_VERSION = "stockrx-plan-v2"  # v2: the schema of the touched tables
@@ -129,9 +129,7 @@ def target_digest(conn: Connection, execution_id: str, table: str) -> dict[str, 
     """Count and SHA-256 of an execution's frozen ids of one table, in keyset order, a page at
     a time (memory stays flat): packed by the database where it can
     (``DatabaseDialect.ids_sha256``, the same bytes hashed), else read here id by id."""
-    mine = select(targets.c.row_id).where(
-        targets.c.execution_id == execution_id, targets.c.table_name == table
-    )
+    mine = target_ids(execution_id, table)
     prefix = table.encode() + b"\0"
     server = dialect_of(conn).ids_sha256(conn, mine, prefix)
     if server is not None:

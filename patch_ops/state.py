@@ -30,6 +30,7 @@ from sqlalchemy import (
     Table,
     false,
     inspect,
+    select,
     text,
     true,
 )
@@ -145,6 +146,14 @@ locks = Table(
     schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
+
+def target_ids(execution_id: str, table: str) -> Any:
+    """The row ids of ``table`` in an execution's frozen target set: the one statement every
+    step that reads the target set starts from."""
+    return select(targets.c.row_id).where(
+        targets.c.execution_id == execution_id, targets.c.table_name == table
+    )
+
 
 #: ``check_name`` in ``data_patch_rejects`` of a driving row held back because what the patch
 #: reads or writes of it changed since the approving dry run (``patch_ops.steps.drift``).

@@ -25,7 +25,7 @@ from patch_ops.execution import (
     written_tables,
 )
 from patch_ops.patch import Tables
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, targets
+from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, target_ids
 
 
 def find_conflicts(
@@ -101,9 +101,7 @@ def lock_target_rows(
         return
     for table in decl["updates"]:
         live = tables[table]
-        ids = select(targets.c.row_id).where(
-            targets.c.execution_id == execution_id, targets.c.table_name == table
-        )
+        ids = target_ids(execution_id, table)
         try:
             dialect.lock_rows(conn, select(live.c.id).where(live.c.id.in_(ids)).with_for_update())
         except DBAPIError as exc:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.execution import ROWCOUNT, load_execution, set_execution, utcnow
-from patch_ops.state import BACKUP, mirror_table, targets
+from patch_ops.state import BACKUP, mirror_table, target_ids
 
 
 def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str, int]:
@@ -38,9 +38,7 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
         for table, backup in backups.items():
             live = tables[table]
             conn.execute(delete(backup).where(backup.c.dp_execution_id == execution_id))
-            ids = select(targets.c.row_id).where(
-                targets.c.execution_id == execution_id, targets.c.table_name == table
-            )
+            ids = target_ids(execution_id, table)
             cols = [c.name for c in live.columns]
             counts[table] = conn.execute(
                 insert(backup).from_select(
@@ -70,8 +68,6 @@ def _targeted_tables(conn: Connection, execution_id: str, tables: list[str]) -> 
         table
         for table in sorted(set(tables))
         if conn.execute(
-            select(targets.c.row_id)
-            .where(targets.c.execution_id == execution_id, targets.c.table_name == table)
-            .limit(1)
+            target_ids(execution_id, table).limit(1)
         ).first() is not None
     ]
