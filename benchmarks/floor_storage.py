@@ -45,6 +45,7 @@ from benchmarks.price_adjustment import (
     run_floor_steps,
     sql_params,
     sql_statement,
+    validation_steps,
 )
 
 
@@ -149,16 +150,8 @@ def keyed_steps(dialect: str, columns: list[tuple[str, bool]], n: dict[str, str]
          f"quantity, {note}, {d.null_int}, {d.run_at}, {d.run_at} FROM {backup} "
          f"WHERE {mine('B')} AND {new} <> price"),
         ("transform: statistics", analyze and f"{analyze}{up}, {logs}"),
-        ("validate: every staged item",
-         f"SELECT count(*) FROM {up} WHERE {mine('U')} AND (price IS NULL OR price < 0 "
-         "OR inventory_logs_count < 1)"),
-        ("validate: every staged log row",
-         f"SELECT count(*) FROM {logs} WHERE {mine('I')} AND (note IS NULL OR previous_quantity < 0 "
-         "OR current_quantity <> previous_quantity)"),
-        ("validate: one log row per changed item",
-         f"SELECT count(*) FROM {up} u LEFT JOIN (SELECT inventory_id, count(*) AS n FROM {logs} "
-         f"WHERE {mine('I')} GROUP BY inventory_id) l ON l.inventory_id = u.dp_seq "
-         f"WHERE {mine('U', 'u')} AND (l.n IS NULL OR l.n <> 1)"),
+        *validation_steps(d, up, "dp_seq", logs, backup, f"{paired}b.dp_seq = u.dp_seq",
+                          lambda alias="": mine("U" if alias else "I", alias)),
         ("commit: BEGIN", "BEGIN"),
         ("commit: lock the rows", d.lock and d.lock(up, "dp_seq", mine("U", "u"))),
         ("commit: conflicts against the backup",
@@ -190,7 +183,7 @@ def own_tables(url: str) -> dict[str, str]:
     names of ``targets`` (the row id its key), ``backup``, ``stage``, ``logs`` (every column of
     the live table, nullable, after ``dp_seq``, their key, and ``dp_source_id``) and the
     approving dry run's backup (``approved``), and ``<role>_ddl``: the ``CREATE TABLE`` of each
-    (but ``approved``, which ``approve`` makes and fills, untimed)."""
+    (the timed steps run them; ``approve`` runs ``approved_ddl``, untimed)."""
     from sqlalchemy import BigInteger, Column, MetaData, Table
     from sqlalchemy.schema import CreateTable
 

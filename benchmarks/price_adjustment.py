@@ -125,6 +125,8 @@ class DialectSQL:
     #: (text expression) -> the same, compared byte for byte as the job compares text
     #: (``patch_ops.dialects.functions.as_bytes``: MySQL compares by collation, 'a' = 'A ')
     exact: Any
+    #: a text's length in characters (pandera's ``str_length``)
+    chars: str = "char_length"
 
 
 _FLOOR_BACKUP = ("CREATE TABLE bench_floor_backup AS SELECT i.* FROM inventories i "
@@ -162,7 +164,7 @@ DIALECT_SQL: dict[str, DialectSQL] = {
         ":run_at", "CAST(NULL AS INTEGER)",
         _FLOOR_BACKUP, "CREATE UNIQUE INDEX bench_floor_backup_id ON bench_floor_backup (id)",
         None,  # the transaction's write lock covers the whole database
-        _update_from, _as_is, None, lambda x: f"({x} COLLATE BINARY)",
+        _update_from, _as_is, None, lambda x: f"({x} COLLATE BINARY)", "length",
     ),
     # MySQL 8 syntax (MariaDB runs it too): CONCAT, <=> (NULL-safe equality, rows too),
     # UPDATE ... JOIN, FOR UPDATE without OF (MariaDB has no OF: it also locks the rows of our own
@@ -245,11 +247,56 @@ FLOOR_TABLES = ("bench_floor_targets", "bench_floor_backup", "bench_floor_up", "
 FLOOR_APPROVED = "CREATE TABLE bench_floor_approved AS SELECT id, price FROM inventories"
 
 
+#: ``stockrx_patches.schemas``' bounds, written out: importing them would import pandera into the
+#: floors' processes, whose wall time counts.
+MAX_PRICE, MAX_INT = 99_999_999.99, 2**31 - 1
+
 #: The columns of a log row that the floors stage and insert.
 LOG_COLUMNS = ("inventory_id, delta, operation_type, previous_quantity, current_quantity, note, "
                "user_id, created_at, updated_at")
 #: The floors' steps that check something: each must find nothing.
 FLOOR_CHECKS = ("plan: drift", "validate", "commit: conflicts", "verify")
+
+
+def validation_steps(d: DialectSQL, up: str, up_id: str, logs: str, backup: str, paired: str,
+                     mine: Any) -> list[tuple[str, str]]:
+    """The floors' validation: what the patch declares, as hand-written set-based SQL (session 32;
+    before it they checked two staged columns and one invariant). Every changed item's whole
+    after-image (the staged columns, the others from its before-image) against
+    ``InventorySchema`` and the invariants on its before-image (``inventory_logs_count`` up by
+    one, the price changed); every staged log row against ``InventoryLogSchema``; and in one
+    pass over the changed items and their grouped log rows, the invariants that pair them (one
+    log row per item, no log row of another item, delta 0, ``adjust``, the item's quantity).
+    ``up``/``logs``/``backup``: the stage of the items, of the log rows, the backup; ``up_id``
+    the item id column of ``up`` and the backup; ``paired`` joins ``u`` to its before-image
+    ``b``; ``mine(alias)``: the condition picking one execution's rows of each."""
+    from stockrx_patches.tables import OPERATION_TYPES
+
+    kinds = ", ".join(f"'{k}'" for k in OPERATION_TYPES)
+    grouped = (f"SELECT inventory_id, count(*) AS n, count(CASE WHEN delta <> 0 OR "
+               "operation_type <> 'adjust' THEN 1 END) AS odd, min(previous_quantity) AS pmin, "
+               "max(previous_quantity) AS pmax, min(current_quantity) AS cmin, "
+               f"max(current_quantity) AS cmax FROM {logs} WHERE {mine()} GROUP BY inventory_id")
+    return [
+        ("validate: every changed item's whole row",
+         f"SELECT count(*) FROM {up} u JOIN {backup} b ON {paired} WHERE {mine('u')} AND ("
+         f"u.price IS NULL OR u.price < 0 OR u.price > {MAX_PRICE} OR u.price = b.price OR "
+         "u.inventory_logs_count IS NULL OR u.inventory_logs_count <> b.inventory_logs_count + 1 "
+         f"OR b.name IS NULL OR {d.chars}(b.name) NOT BETWEEN 1 AND 255 OR b.quantity IS NULL "
+         f"OR b.quantity NOT BETWEEN 0 AND {MAX_INT} OR b.status IS NULL OR b.status NOT IN "
+         "(0, 1) OR b.batches_count IS NULL OR b.batches_count < 0)"),
+        ("validate: every staged log row",
+         f"SELECT count(*) FROM {logs} WHERE {mine()} AND (inventory_id IS NULL OR "
+         f"inventory_id <= 0 OR operation_type IS NULL OR operation_type NOT IN ({kinds}) OR "
+         "previous_quantity IS NULL OR previous_quantity < 0 OR current_quantity IS NULL OR "
+         "current_quantity < 0 OR delta IS NULL OR previous_quantity + delta <> current_quantity)"),
+        ("validate: the log rows against the changed items",
+         "SELECT count(CASE WHEN l.n IS NULL OR l.n <> 1 OR l.odd > 0 OR l.pmin <> b.quantity "
+         "OR l.pmax <> b.quantity OR l.cmin <> b.quantity OR l.cmax <> b.quantity THEN 1 END) "
+         f"+ ((SELECT count(*) FROM {logs} WHERE {mine()}) - coalesce(sum(l.n), 0)) "
+         f"FROM {up} u JOIN {backup} b ON {paired} LEFT JOIN ({grouped}) l "
+         f"ON l.inventory_id = u.{up_id} WHERE {mine('u')}"),
+    ]
 
 
 def floor_steps(dialect: str, columns: list[tuple[str, bool]]) -> list[tuple[str, str]]:
@@ -283,16 +330,8 @@ def floor_steps(dialect: str, columns: list[tuple[str, bool]]) -> list[tuple[str
          f"previous_quantity, quantity AS current_quantity, {note} AS note, "
          f"{d.null_int} AS user_id, {d.run_at} AS created_at, {d.run_at} AS updated_at "
          f"FROM bench_floor_backup WHERE {new} <> price"),
-        ("validate: every staged item",
-         "SELECT count(*) FROM bench_floor_up WHERE price IS NULL OR price < 0 "
-         "OR inventory_logs_count < 1"),
-        ("validate: every staged log row",
-         "SELECT count(*) FROM bench_floor_log WHERE note IS NULL OR previous_quantity < 0 "
-         "OR current_quantity <> previous_quantity"),
-        ("validate: one log row per changed item",
-         "SELECT count(*) FROM bench_floor_up u LEFT JOIN (SELECT inventory_id, count(*) AS n "
-         "FROM bench_floor_log GROUP BY inventory_id) l ON l.inventory_id = u.id "
-         "WHERE l.n IS NULL OR l.n <> 1"),
+        *validation_steps(d, "bench_floor_up", "id", "bench_floor_log", "bench_floor_backup",
+                          "u.id = b.id", lambda alias="": "1 = 1"),
         # No trial apply: a real run approved by a dry run skips it (its dry run passed it on
         # the same plan, and the commit is all-or-nothing), so the least a real run takes has
         # none either.
