@@ -302,7 +302,8 @@ def validation_steps(d: DialectSQL, up: str, up_id: str, logs: str, backup: str,
 def floor_steps(dialect: str, columns: list[tuple[str, bool]]) -> list[tuple[str, str]]:
     """(step, statement) of the safety floor: the job's safety steps (freeze the target set,
     compare it with what the approving dry run saw (drift), back up whole rows, stage the new
-    values, check every staged row and the cross-table pairing, commit with row locks and a conflict check against the backup, check live against staged)
+    values, check what the patch declares (``validation_steps``), commit with row locks and a
+    conflict check against the backup, check live against staged)
     as hand-written set-based SQL, with no Python on the rows and no Dagster. ``columns``: the
     reflected columns of ``inventories`` (``item_columns``: the conflict check compares every one)."""
     new, note = new_price_and_note(dialect)
