@@ -37,8 +37,8 @@ def bounds(outs: dict[str, Outcome]) -> list[str]:
             f"{empty.process.wall_s:.1f} s = {least:.1f} s = "
             f"{least / bare.process.wall_s:.2f}× bare SQL's wall ({bare.process.wall_s:.1f} s): "
             "the least a real run can take that keeps the safety steps and runs as a Dagster "
-            "job on this path, before pandera, the impact report, history and audit (target "
-            "for the job: ≤ 2×)."
+            "job on this path (its checks as hand-written SQL; no impact report, history or "
+            "audit; target for the job: ≤ 2×)."
         )
     return ["", "### Bounds", "", *lines] if lines else []
 
