@@ -26,6 +26,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     PrimaryKeyConstraint,
+    Select,
     String,
     Table,
     false,
@@ -147,7 +148,8 @@ locks = Table(
     **TABLE_OPTIONS,
 )
 
-def target_ids(execution_id: str, table: str) -> Any:
+
+def target_ids(execution_id: str, table: str) -> Select[tuple[int]]:
     """The row ids of ``table`` in an execution's frozen target set: the one statement every
     step that reads the target set starts from."""
     return select(targets.c.row_id).where(
