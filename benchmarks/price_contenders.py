@@ -63,11 +63,14 @@ WORKER_NAMES = {"bare": "bare SQL", "naive": "naive ORM", "floor": "safety floor
                 "keyed": "safety floor on shared keyed tables (SQL)",
                 "own": "safety floor on tables of its own (SQL)",
                 "own_bulk": "safety floor on tables of its own, bulk path (SQL)"}
+#: The safety floors: the hand-written steps on their own keyless tables, then on the job's
+#: storage and on tables of the execution's own (``benchmarks.floor_storage``).
+FLOORS = ("floor", "keyed", "own", "own_bulk")
 
 
 def run_worker(kind: str, url: str, run_at: dt.datetime, pct: Decimal,
                args: argparse.Namespace) -> Outcome:
-    stored = kind in ("keyed", "own", "own_bulk")
+    stored = kind in FLOORS[1:]
     module = "benchmarks.floor_storage" if stored else "benchmarks.price_adjustment"
     cmd = [sys.executable, "-m", module, "--worker", kind, "--database-url", url,
            "--run-at", run_at.isoformat(), "--percentage", str(pct),
@@ -233,7 +236,7 @@ def run_profile(url: str, setup: JobSetup, args: argparse.Namespace) -> list[dic
 # ---------------------------------------------------------------------------------------------
 
 
-CONTENDERS = ("bare", "naive", "floor", "keyed", "own", "own_bulk", "dagster", "job", "zero")
+CONTENDERS = ("bare", "naive", *FLOORS, "dagster", "job", "zero")
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -345,7 +348,7 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
             at = job(prefix, label, s)
             if prefix == "job" and at is not None:
                 run_at = at
-    for key in ("bare", "naive", "floor", "keyed", "own", "own_bulk"):
+    for key in ("bare", "naive", *FLOORS):
         if key in args.only and (first or key != "naive"):
             url = copies.fresh(key)
             try:
@@ -376,11 +379,8 @@ def one_round(args: argparse.Namespace, setup: JobSetup, copies: databases.Copie
                                        if "job_real" in outcomes else None, "full")
         + " to job real, its run's instant aside",
         "against_dry": lambda o: same(o.digest, seeded, "full") + " to seed",
-        "bare": lambda o: same(o.digest, ref, "full") + " to job real",
-        "floor": lambda o: same(o.digest, ref, "full") + " to job real",
-        "keyed": lambda o: same(o.digest, ref, "full") + " to job real",
-        "own": lambda o: same(o.digest, ref, "full") + " to job real",
-        "own_bulk": lambda o: same(o.digest, ref, "full") + " to job real",
+        **{key: lambda o: same(o.digest, ref, "full") + " to job real"
+           for key in ("bare", *FLOORS)},
         "dagster": lambda o: "no data (uses no database)",
         "naive": lambda o: same(o.digest, ref, "subset") + f" to job real on items ≤ {subset:,}",
         "job_dry": lambda o: same(o.digest, seeded, "full") + " to seed",

@@ -10,11 +10,11 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.contenders import Outcome
-from benchmarks.price_contenders import fmt_price
+from benchmarks.price_contenders import FLOORS, fmt_price
 from benchmarks.rounds import summary
 
-ORDER = ("bare", "naive", "floor", "keyed", "own", "own_bulk", "dagster", "job_dry", "job_real", "against_dry", "against_real",
-         "zero_dry", "zero_real")
+ORDER = ("bare", "naive", *FLOORS, "dagster", "job_dry", "job_real", "against_dry",
+         "against_real", "zero_dry", "zero_real")
 
 
 def bounds(outs: dict[str, Outcome]) -> list[str]:
@@ -104,7 +104,7 @@ def render_round(res: dict[str, Any]) -> str:
         "both far less sensitive to the machine's load "
         "than wall times (naive: ×scale). " + report.RSS_FOOTNOTE,
     ]
-    for floor in (outs.get(k) for k in ("floor", "keyed", "own", "own_bulk")):
+    for floor in (outs.get(k) for k in FLOORS):
         if floor and floor.steps:
             lines += ["", f"### {floor.name}: time per step", "",
                       report.table(["step", "s"], floor.steps)]

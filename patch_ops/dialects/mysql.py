@@ -302,4 +302,3 @@ class MariaDBDialect(MySQLDialect):
     """The same implementation under SQLAlchemy's name for ``mariadb+...`` URLs."""
 
     name = "mariadb"
-
