@@ -21,8 +21,9 @@ from patch_ops.execution import (
     set_execution,
 )
 from patch_ops.lifecycle import AUDIT
-from patch_ops.state import UPDATE, executions, mirror_by_name, mirror_name, target_ids
+from patch_ops.state import UPDATE, executions, mirror_by_name, mirror_name
 from patch_ops.steps.plan import work_config
+from patch_ops.target_sets import target_ids
 from patch_ops.windows import (
     MIN_TIME_BUDGET_SECONDS,
     OVERRUN_FACTOR,
@@ -168,7 +169,7 @@ def rows_changed_again(conn: Connection, info: PlanInfo, earlier: Any) -> int | 
         stage = mirror_by_name(conn, mirror_name("stage", table))
         if stage is None:
             continue
-        mine = target_ids(info.execution_id, table)
+        mine = target_ids(conn, info.execution_id, table)
         theirs = and_(stage.c.dp_execution_id == earlier_id, stage.c.dp_action == UPDATE)
         total += conn.execute(
             select(func.count()).select_from(stage).where(theirs, stage.c.dp_seq.in_(mine))

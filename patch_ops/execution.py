@@ -25,7 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.patch import Patch, PatchRunConfig, PatchSettings, RunContext
-from patch_ops.state import INSERT, UPDATE, executions, locks, targets
+from patch_ops.state import INSERT, UPDATE, executions, locks
+from patch_ops.target_sets import delete_targets
 
 #: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
 #: window), status 'paused': progress kept, table locks released, continued by a later run.
@@ -266,7 +267,7 @@ def drop_work_rows(
                 if table in fingerprint:
                     mine = and_(mine, mirror.c.dp_action != UPDATE)
                 conn.execute(delete(mirror).where(mine))
-    conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
+    delete_targets(conn, execution_id, decl.get("tables", []))
     # data_patch_rejects stays: it explains why a run failed.
 
 

@@ -1,7 +1,8 @@
 """Durable state of the engine, kept in the StockRx database next to the data it protects.
 
 - ``data_patch_executions``: the execution history (one row per patch, restore or purge run).
-- ``data_patch_targets``: the frozen target set of each execution (table, id).
+- ``data_patch_targets``: the frozen target sets of executions planned by earlier versions
+  (table, id); each new execution's are tables of their own (``patch_ops.target_sets``).
 - ``data_patch_rejects``: rows whose transform output failed validation.
 - ``data_patch_locks``: one row per table while an execution holds it.
 - per target table T, mirror tables built from T's reflected columns:
@@ -26,12 +27,10 @@ from sqlalchemy import (
     Integer,
     MetaData,
     PrimaryKeyConstraint,
-    Select,
     String,
     Table,
     false,
     inspect,
-    select,
     text,
     true,
 )
@@ -107,6 +106,9 @@ executions = Table(
     # Where the commit sits in the database's log, for point-in-time recovery: the position
     # read inside the commit transaction ("before": the patch not yet in it) and right after.
     Column("commit_position", JSON),
+    # Where the execution's work rows are (patch_ops.target_sets): NULL, the shared tables (an
+    # earlier version's execution); 1, its target sets in tables of their own.
+    Column("storage", Integer),
     schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
@@ -147,14 +149,6 @@ locks = Table(
     schema=FRAMEWORK_SCHEMA,
     **TABLE_OPTIONS,
 )
-
-
-def target_ids(execution_id: str, table: str) -> Select[tuple[int]]:
-    """The row ids of ``table`` in an execution's frozen target set: the one statement every
-    step that reads the target set starts from."""
-    return select(targets.c.row_id).where(
-        targets.c.execution_id == execution_id, targets.c.table_name == table
-    )
 
 
 #: ``check_name`` in ``data_patch_rejects`` of a driving row held back because what the patch

@@ -25,7 +25,8 @@ from patch_ops.execution import (
     written_tables,
 )
 from patch_ops.patch import Tables
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, target_ids
+from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
+from patch_ops.target_sets import target_ids
 
 
 def find_conflicts(
@@ -101,7 +102,7 @@ def lock_target_rows(
         return
     for table in decl["updates"]:
         live = tables[table]
-        ids = target_ids(execution_id, table)
+        ids = target_ids(conn, execution_id, table)
         try:
             dialect.lock_rows(conn, select(live.c.id).where(live.c.id.in_(ids)).with_for_update())
         except DBAPIError as exc:

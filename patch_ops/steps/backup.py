@@ -12,7 +12,8 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.execution import ROWCOUNT, load_execution, set_execution, utcnow
-from patch_ops.state import BACKUP, mirror_table, target_ids
+from patch_ops.state import BACKUP, mirror_table
+from patch_ops.target_sets import target_ids
 
 
 def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str, int]:
@@ -38,7 +39,7 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
         for table, backup in backups.items():
             live = tables[table]
             conn.execute(delete(backup).where(backup.c.dp_execution_id == execution_id))
-            ids = target_ids(execution_id, table)
+            ids = target_ids(conn, execution_id, table)
             cols = [c.name for c in live.columns]
             counts[table] = conn.execute(
                 insert(backup).from_select(
@@ -68,6 +69,6 @@ def _targeted_tables(conn: Connection, execution_id: str, tables: list[str]) -> 
         table
         for table in sorted(set(tables))
         if conn.execute(
-            target_ids(execution_id, table).limit(1)
+            target_ids(conn, execution_id, table).limit(1)
         ).first() is not None
     ]

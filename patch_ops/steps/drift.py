@@ -67,8 +67,8 @@ from patch_ops.state import (
     executions,
     mirror_name,
     rejects,
-    targets,
 )
+from patch_ops.target_sets import TargetSet, target_set
 
 #: The mirror kind earlier versions kept fingerprints in: still dropped with them (the purge).
 APPROVED = "approved"
@@ -203,6 +203,8 @@ class _Compare:
         self.live = dict(state.reflect_tables(conn, patch.tables()))
         self.fps: dict[str, Table] = {}
         self.staged: dict[str, Table] = {}
+        self.frozen: dict[str, TargetSet] = {
+            t: target_set(conn, execution_id, t) for t in patch.tables()}
         for table, names in self.cols.items():
             missing = sorted(set(names) - set(self.live[table].c.keys()))
             if missing:
@@ -238,15 +240,15 @@ class _Compare:
                 .select_from(b.join(live, live.c.id == b.c.dp_seq))
                 .where(approved, or_(*changed))
             ), b
+        frozen = self.frozen[table]
         return (
             select(*extra)
             .select_from(
-                targets.join(live, live.c.id == targets.c.row_id).join(
+                frozen.table.join(live, live.c.id == frozen.row_id).join(
                     b, and_(approved, b.c.dp_seq == live.c.id),
                 )
             )
-            .where(targets.c.execution_id == self.execution_id, targets.c.table_name == table,
-                   or_(*changed))
+            .where(frozen.mine, or_(*changed))
         ), b
 
     def sources(self) -> Any:
@@ -362,16 +364,12 @@ def hold_back_drift(
             for i in page
         ])
         _leave_targets(conn, cmp, page)
-    counts: dict[str, int] = {
-        str(t): int(n)
-        for t, n in conn.execute(
-            select(targets.c.table_name, func.count())
-            .where(targets.c.execution_id == execution_id)
-            .group_by(targets.c.table_name)
-        )
-    }
     report = dict(ex["report"] or {})
-    report["targets"] = {t: int(counts.get(t, 0)) for t in (report.get("targets") or {})}
+    report["targets"] = {
+        t: int(conn.execute(select(func.count()).select_from(cmp.frozen[t].ids().subquery()))
+               .scalar_one())
+        for t in (report.get("targets") or {})
+    }
     report["drift"] = section
     set_execution(conn, execution_id, target_count=total - count, report=report)
     return section
@@ -379,10 +377,9 @@ def hold_back_drift(
 
 def _leave_targets(conn: Connection, cmp: _Compare, page: list[int]) -> None:
     """Take driving rows ``page`` and their related rows out of the real run's target set."""
-    patch, me = cmp.patch, cmp.execution_id
-    mine = and_(targets.c.execution_id == me)
-    conn.execute(delete(targets).where(
-        mine, targets.c.table_name == patch.driving_table, targets.c.row_id.in_(page)))
+    patch = cmp.patch
+    driving = cmp.frozen[patch.driving_table]
+    conn.execute(delete(driving.table).where(driving.mine, driving.row_id.in_(page)))
     for table, fk in patch.related.items():
         live = cmp.live[table]
         ids: Any = select(live.c.id).where(live.c[fk].in_(page))
@@ -391,8 +388,8 @@ def _leave_targets(conn: Connection, cmp: _Compare, page: list[int]) -> None:
             ids = union(ids, select(fp.c.dp_seq).where(
                 fp.c.dp_execution_id == cmp.approver, fp.c.dp_action == BACKUP,
                 cmp.source(table, fp).in_(page)))
-        conn.execute(delete(targets).where(
-            mine, targets.c.table_name == table, targets.c.row_id.in_(ids)))
+        frozen = cmp.frozen[table]
+        conn.execute(delete(frozen.table).where(frozen.mine, frozen.row_id.in_(ids)))
 
 
 def _columns(cols: dict[str, tuple[str, ...]]) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Column, Select, Table, insert, literal, select
+from sqlalchemy import Column, Select, Table, insert, select
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
@@ -47,8 +47,9 @@ from patch_ops.patch import (
     Tables,
 )
 from patch_ops.sql_checks import sql_path_problem
-from patch_ops.state import executions, mirror_table, targets
+from patch_ops.state import executions, mirror_table
 from patch_ops.steps.locks import ABANDONED, acquire_locks
+from patch_ops.target_sets import OWN_TARGETS, create_target_tables
 
 
 def check_columns(tables: Tables, patch: Patch) -> None:
@@ -61,14 +62,14 @@ def check_columns(tables: Tables, patch: Patch) -> None:
             )
 
 
-def frozen_rows(sel: Select[Any], execution_id: str, table: str) -> Select[Any]:
-    """The target rows of ``sel`` (a patch's id select) for ``table``, in id order: each
-    execution's ids then go into the targets' key one after the other, at its right end (the
-    id is time-ordered). Distinct, by a DISTINCT pass unless ``sel`` reads a table's own one-
-    column primary key from that table alone (no join: its ids are distinct already)."""
+def frozen_ids(sel: Select[Any]) -> Select[Any]:
+    """The target ids of ``sel`` (a patch's id select), in id order: they then go into their
+    table's key one after the other, at its right end. Distinct, by a DISTINCT pass unless
+    ``sel`` reads a table's own one-column primary key from that table alone (no join: its ids
+    are distinct already)."""
     ids = sel.subquery()
     id_col = list(ids.c)[0]
-    rows = select(literal(execution_id, targets.c.execution_id.type), literal(table), id_col)
+    rows = select(id_col)
     return (rows if reads_primary_key(sel) else rows.distinct()).order_by(id_col)
 
 
@@ -114,7 +115,7 @@ def plan_execution(
     """Create the execution, validate everything, lock the tables, freeze the target set.
 
     ``checks`` are called twice: ``before_freeze`` (config and tables are valid) and
-    ``after_freeze`` (in the freezing transaction, target set in data_patch_targets, execution row
+    ``after_freeze`` (in the freezing transaction, target set frozen (``target_sets``), execution row
     filled in: target_count, estimated_seconds); raising PlanRefused there refuses the run before
     any write to StockRx tables, recorded in history.
 
@@ -195,6 +196,7 @@ def plan_execution(
                 batch_size=batch_size,
                 memory_limit_mb=memory_limit,
                 heartbeat_at=utcnow(),
+                storage=OWN_TARGETS,
             )
         )
     try:
@@ -221,15 +223,13 @@ def plan_execution(
         for table in patch.tables():
             state.drop_backup_source_index(engine, mirror_table(engine, tables[table], "backup"))
             mirror_table(engine, tables[table], "stage")
+        frozen = create_target_tables(engine, execution_id, patch.tables())
         with write_transaction(engine) as conn:
             acquire_locks(conn, patch.tables(), execution_id, dagster_run_id, run_finished, log)
             counts = {}
             for table, sel in selects.items():
                 counts[table] = conn.execute(
-                    insert(targets).from_select(
-                        ["execution_id", "table_name", "row_id"],
-                        frozen_rows(sel, execution_id, table),
-                    ),
+                    insert(frozen[table]).from_select(["row_id"], frozen_ids(sel)),
                     execution_options=ROWCOUNT,
                 ).rowcount
             target_count = counts[patch.driving_table]
@@ -252,7 +252,7 @@ def plan_execution(
         raise
     # Fresh statistics for the backup's and the transform's joins on the frozen ids (stale, the
     # planner takes them for a handful: a nested loop over every target, twice as slow)
-    state.analyze(engine, [targets])
+    state.analyze(engine, [frozen[t] for t in selects])
     log.info(
         f"planned execution {execution_id} of {patch.name} "
         f"({'DRY RUN' if config.dry_run else 'REAL RUN'}): "

@@ -1,4 +1,4 @@
-"""Purge: remove the work data (backup, stage, targets, rejects, an approving dry run's
+"""Purge: remove the work data (backup, stage, target sets (their tables dropped), rejects, an approving dry run's
 fingerprint) of patch executions that finished more than the retention period ago, recorded as
 an execution of kind ``purge``. A purged execution can no longer be restored (restore says so)."""
 
@@ -18,6 +18,7 @@ from patch_ops.state import executions
 from patch_ops.steps.drift import APPROVED, drop_fingerprint
 from patch_ops.steps.report import md_table
 from patch_ops.steps.restore import new_execution, recorded
+from patch_ops.target_sets import drop_target_tables, target_counts
 
 PURGE_NAME = "purge_expired_backups"
 
@@ -35,7 +36,8 @@ def _work_rows(conn: Connection, execution_id: str, decl: dict[str, Any]) -> dic
                 ).scalar_one()
                 if n:
                     counts[mirror.name] = n
-    for t in (state.targets, state.rejects):
+    counts.update(target_counts(conn, execution_id, (decl or {}).get("tables", [])))
+    for t in (state.rejects,):
         n = conn.execute(
             select(func.count()).select_from(t).where(t.c.execution_id == execution_id)
         ).scalar_one()
@@ -128,6 +130,8 @@ def purge_backups(
                     report = dict(ex["report"] or {})
                     report["backup_purged"] = {"by": purge_id, "at": utcnow().isoformat(" ")}
                     set_execution(conn, f["execution_id"], report=report)
+                # emptied above; dropped after that commit (DDL would commit it on MySQL)
+                drop_target_tables(engine, f["execution_id"], (ex["declaration"] or {}).get("tables", []))
         total = sum(sum(f["rows"].values()) for f in found)
         report = {
             "cutoff": cutoff.isoformat(" "),

@@ -13,9 +13,10 @@ from sqlalchemy import func, insert, select, update
 
 from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
-from patch_ops.state import DRIFTED, executions, mirror_by_name, mirror_name, rejects, targets
+from patch_ops.state import DRIFTED, executions, mirror_by_name, mirror_name, rejects
 from patch_ops.steps.drift import drift_columns
 from patch_ops.steps.purge import purge_backups
+from patch_ops.target_sets import target_counts, target_set
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
@@ -83,8 +84,8 @@ def work_rows(engine, execution_id: str) -> dict[tuple[str, str], int]:  # type:
                 m = mirror_by_name(conn, mirror_name(kind, table))
                 out[kind, table] = 0 if m is None else int(conn.execute(
                     select(func.count()).where(m.c.dp_execution_id == execution_id)).scalar_one())
-        out["targets", ""] = int(conn.execute(select(func.count()).where(
-            targets.c.execution_id == execution_id)).scalar_one())
+        out["targets", ""] = sum(target_counts(
+            conn, execution_id, ["inventories", "inventory_logs"]).values())
     return out
 
 
@@ -264,9 +265,9 @@ def test_a_related_rows_drift_holds_back_its_driving_row(database_url):
     assert "inventories 1: quantity before 100" in drift["sample"][0]["values"]
     with engine.connect() as conn:
         lots = dict(conn.execute(select(batches.c.lot_code, batches.c.quantity)).all())
-        left = conn.execute(select(func.count()).where(
-            targets.c.execution_id == ex["execution_id"], targets.c.table_name == "batches",
-            targets.c.row_id == lot_a)).scalar_one()
+        frozen = target_set(conn, ex["execution_id"], "batches")
+        left = conn.execute(select(func.count()).select_from(frozen.table).where(
+            frozen.mine, frozen.row_id == lot_a)).scalar_one()
     assert lots["A"] == 29 and lots["B"] == 20  # item 1 held back: its lots left as they are
     assert lots["H"] == 0 and lots["E"] == 0  # items 3 and 2: written off
     assert left == 0  # lot A left the target set with its item

@@ -1,8 +1,9 @@
 """The keys the plan writes under (benchmarks/README.md, session 17): execution ids are
-time-ordered UUIDs, so each execution's target and mirror rows go in after every earlier
-execution's in the database's own order (appended to the shared keys, not split into their
-middle), next to executions with the random ids of earlier versions; a patch's select of a
-table's own key is frozen without a DISTINCT pass. On SQLite, PostgreSQL and MariaDB."""
+time-ordered UUIDs, so each execution's mirror rows go in after every earlier execution's in the
+database's own order (appended to the shared keys, not split into their middle), next to
+executions with the random ids of earlier versions, whose shared target rows stay; a patch's
+select of a table's own key is frozen without a DISTINCT pass, into a target set table of the
+execution's own. On SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from patch_ops import state
 from patch_ops.execution import finish_execution, new_execution_id
 from patch_ops.state import BACKUP, executions, mirror_table, targets
 from patch_ops.steps.backup import take_backup
-from patch_ops.steps.plan import frozen_rows, plan_execution, reads_primary_key
+from patch_ops.steps.plan import frozen_ids, plan_execution, reads_primary_key
+from patch_ops.target_sets import create_target_tables, target_counts, target_table_name
 from stockrx_patches.registry import default_registry
 from tests.support.stockrx import seeded
 
@@ -61,9 +63,6 @@ def test_each_execution_keys_its_rows_after_every_earlier_one(database_url):
     live = state.reflect_tables(engine, ["inventories"])["inventories"]
     backup = mirror_table(engine, live, "backup")
     with engine.connect() as conn:
-        by_key = conn.execute(
-            select(targets.c.execution_id).distinct().where(targets.c.execution_id != old)
-            .order_by(targets.c.execution_id)).scalars().all()
         in_backup = conn.execute(
             select(backup.c.dp_execution_id).distinct().order_by(backup.c.dp_execution_id)
         ).scalars().all()
@@ -74,8 +73,10 @@ def test_each_execution_keys_its_rows_after_every_earlier_one(database_url):
             for x in made]
         old_kept = conn.execute(select(func.count()).where(
             targets.c.execution_id == old)).scalar_one()
-    assert by_key == in_backup == by_start == made  # the database's order is the time order
+        frozen = [target_counts(conn, x, ["inventories"]) for x in made]
+    assert in_backup == by_start == made  # the database's order is the time order
     assert counts == [30, 30, 30] and old_kept == 2
+    assert frozen == [{target_table_name(x, "inventories"): 30} for x in made]
 
 
 
@@ -93,7 +94,7 @@ def test_a_select_of_a_tables_own_key_is_frozen_without_a_distinct_pass():
     ):
         assert not reads_primary_key(sel), sel
     for sel, distinct in ((select(inv.c.id), False), (select(lots.c.inventory_id), True)):
-        text = str(frozen_rows(sel, "x", "inventories"))
+        text = str(frozen_ids(sel))
         assert text.startswith("SELECT DISTINCT") == distinct and "ORDER BY" in text
 
 
@@ -103,12 +104,11 @@ def test_repeated_ids_of_a_join_are_frozen_once(database_url):
     live = state.reflect_tables(engine, ["inventories", "batches"])
     inv, lots = live["inventories"], live["batches"]
     joined = select(inv.c.id).join_from(inv, lots, lots.c.inventory_id == inv.c.id)
-    with engine.begin() as conn:
+    own = create_target_tables(engine, new_execution_id(), ["inventories"])["inventories"]
+    with engine.begin() as conn:  # into the table keyed by the id: a repeat would fail
         lots_n = conn.execute(select(func.count()).select_from(joined.subquery())).scalar_one()
         items_n = conn.execute(
             select(func.count(lots.c.inventory_id.distinct()))).scalar_one()
-        x = new_execution_id()
-        conn.execute(insert(targets).from_select(
-            ["execution_id", "table_name", "row_id"], frozen_rows(joined, x, "inventories")))
-        frozen = conn.execute(select(func.count()).where(targets.c.execution_id == x)).scalar_one()
+        conn.execute(insert(own).from_select(["row_id"], frozen_ids(joined)))
+        frozen = conn.execute(select(func.count()).select_from(own)).scalar_one()
     assert lots_n > items_n == frozen > 0

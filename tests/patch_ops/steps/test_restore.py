@@ -20,6 +20,7 @@ from patch_ops.audit import AuditKeyring, read_events, verify_chain
 from patch_ops.lifecycle import AUDIT
 from patch_ops.patch import Changes, Patch, PatchSettings
 from patch_ops.state import executions, mirror_name
+from patch_ops.target_sets import target_counts
 from resources.audit import AuditLog
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
@@ -262,8 +263,8 @@ def _work_rows(engine, execution_id: str) -> int:  # type: ignore[no-untyped-def
                 n += conn.execute(text(
                     f"SELECT count(*) FROM {mirror_name(kind, t)} WHERE dp_execution_id = :e"
                 ), {"e": execution_id}).scalar_one()
-        n += conn.execute(text("SELECT count(*) FROM data_patch_targets WHERE execution_id = :e"),
-                          {"e": execution_id}).scalar_one()
+        n += sum(target_counts(conn, execution_id, ["inventories", "batches", "inventory_logs"])
+                 .values())
     return n
 
 

@@ -18,10 +18,11 @@ from sqlalchemy import delete, event, func, select, union_all, update
 from patch_ops import state
 from patch_ops.execution import PatchError, load_execution
 from patch_ops.patch import PYTHON_PATH, SQL_PATH
-from patch_ops.state import executions, locks, mirror_by_name, mirror_name, rejects, targets
+from patch_ops.state import executions, locks, mirror_by_name, mirror_name, rejects
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.transform import run_transform, transform_path
+from patch_ops.target_sets import existing_tables
 from resources.memory import MemoryGuard
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.registry import default_registry
@@ -352,9 +353,9 @@ def test_asking_the_sql_path_of_a_patch_that_cannot_take_it_is_refused_at_plan(
             ("failed", "planning", 0)
         ]
         assert "_PandasOnlySchema.round_prices" in rows[0]["error_message"]
-        assert conn.execute(select(func.count()).select_from(targets)).scalar_one() == 0
+        assert existing_tables(conn, rows[0]["execution_id"], patch.tables()) == []
         assert conn.execute(select(func.count()).select_from(locks)).scalar_one() == 0
-        for table in patch.tables():  # the backup (and stage) tables are not even created
+        for table in patch.tables():  # the backup (and stage, target) tables are not even made
             assert mirror_by_name(conn, mirror_name("backup", table)) is None
             assert mirror_by_name(conn, mirror_name("stage", table)) is None
 
