@@ -26,7 +26,7 @@ from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.patch import Patch, PatchRunConfig, PatchSettings, RunContext
 from patch_ops.state import INSERT, UPDATE, executions, locks
-from patch_ops.target_sets import delete_targets
+from patch_ops.target_sets import delete_shared_targets, drop_target_tables
 
 #: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
 #: window), status 'paused': progress kept, table locks released, continued by a later run.
@@ -184,8 +184,10 @@ def finish_execution(
     **values: Any,
 ) -> None:
     """Close an execution: status, completion time, locks released, scratch data dropped (but
-    the ``fingerprint`` of an approving dry run: ``drop_work_rows``). A committed execution
-    closed as failed (not restored) is ``UNVERIFIED``: its data changed."""
+    the ``fingerprint`` of an approving dry run: ``drop_work_rows``), then its target set
+    tables. A committed execution closed as failed (not restored) is ``UNVERIFIED``: its data
+    changed."""
+    dropped: list[str] = []
     with write_transaction(engine) as conn:
         if status == "failed" and values.get("phase", "committed") == "committed":
             if load_execution(conn, execution_id)["phase"] == "committed":
@@ -200,7 +202,8 @@ def finish_execution(
         )
         conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
         if not keep_work_tables:
-            drop_work_rows(conn, execution_id, fingerprint)
+            dropped = drop_work_rows(conn, execution_id, fingerprint)
+    drop_target_tables(engine, execution_id, dropped)  # after that commit (DDL commits on MySQL)
 
 
 def stop_execution(engine: Engine, execution_id: str, stop: dict[str, Any]) -> dict[str, Any]:
@@ -252,10 +255,12 @@ def running_executions(engine: Engine, dagster_run_id: str) -> list[str]:
 
 def drop_work_rows(
     conn: Connection, execution_id: str, fingerprint: Collection[str] = ()
-) -> None:
+) -> list[str]:
     """Backup/stage/target rows of an execution that never reached live tables. Of the tables
     in ``fingerprint`` its backup rows and staged updates stay: an approving dry run's record of
-    what it read and would write (``steps.drift``), dropped when it can approve nothing."""
+    what it read and would write (``steps.drift``), dropped when it can approve nothing.
+    Returns its declared tables: the caller drops their target set tables after its commit
+    (``target_sets.drop_target_tables``)."""
     ex = load_execution(conn, execution_id)
     decl = ex.get("declaration") or {}
     for table in decl.get("tables", []):
@@ -267,8 +272,9 @@ def drop_work_rows(
                 if table in fingerprint:
                     mine = and_(mine, mirror.c.dp_action != UPDATE)
                 conn.execute(delete(mirror).where(mine))
-    delete_targets(conn, execution_id, decl.get("tables", []))
+    delete_shared_targets(conn, execution_id)
     # data_patch_rejects stays: it explains why a run failed.
+    return list(decl.get("tables", []))
 
 
 def declaration_of(patch: Patch) -> dict[str, Any]:

@@ -112,14 +112,14 @@ def target_ids(conn: Connection, execution_id: str, table: str) -> Select[tuple[
     return target_set(conn, execution_id, table).ids()
 
 
-def delete_targets(conn: Connection, execution_id: str, tables: Iterable[str]) -> None:
-    """Empty an execution's target sets, in ``conn``'s transaction (their tables stay until the
-    purge drops them: a DROP would commit that transaction on MySQL)."""
+def delete_shared_targets(conn: Connection, execution_id: str) -> None:
+    """Delete an earlier version's execution's ids from the shared table, in ``conn``'s
+    transaction. An execution's own tables are not emptied row by row: they are dropped after
+    the transaction that closes it (``drop_target_tables``; a DROP would commit that transaction
+    on MySQL), and a crash in between leaves them to the purge, which finds them by name. No
+    step reads the target set of another execution than its own, so rows left there are inert."""
     if not own_storage(conn, execution_id):
         conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
-        return
-    for t in existing_tables(conn, execution_id, tables):
-        conn.execute(delete(t))
 
 
 def existing_tables(conn: Connection, execution_id: str, tables: Iterable[str]) -> list[Table]:
@@ -146,8 +146,8 @@ def target_counts(conn: Connection, execution_id: str, tables: Iterable[str]) ->
 
 
 def drop_target_tables(engine: Engine, execution_id: str, tables: Iterable[str]) -> None:
-    """Drop an execution's target set tables, each on a connection of its own (the purge, after
-    the transaction that emptied its work rows)."""
+    """Drop an execution's target set tables if they exist, each on a connection of its own,
+    after the transaction that closed the execution (a finished dry run, the purge)."""
     for name in tables:
         own_table(engine, execution_id, name).drop(engine, checkfirst=True)
 

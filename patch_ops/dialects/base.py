@@ -74,6 +74,11 @@ class StagedInserts:
     count: int
 
 
+def locking_select(live: Table, ids: Select[Any]) -> Select[Any]:
+    """``SELECT id FROM live WHERE id IN (ids) FOR UPDATE``: the portable row-lock statement."""
+    return select(live.c.id).where(live.c.id.in_(ids)).with_for_update()
+
+
 class DatabaseDialect:
     """The portable way; subclasses override what their database does differently."""
 
@@ -187,14 +192,14 @@ class DatabaseDialect:
         return None
 
     # -- locks and limits ----------------------------------------------------------------------
-    def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
-        """Take the row locks of ``locking`` (a ``SELECT ... FOR UPDATE``) without keeping the
-        rows: streamed and dropped a page at a time (fetching 10M ids at once took the commit
-        step to ~1.8 GB)."""
+    def lock_rows(self, conn: Connection, live: Table, ids: Select[Any]) -> None:
+        """Take the row locks of the rows of ``live`` whose ``id`` the one-column ``ids``
+        selects (an execution's target set), without keeping the rows: streamed and dropped a
+        page at a time (fetching 10M ids at once took the commit step to ~1.8 GB)."""
         if not self.features.row_locks:
             return
         streamed = {"stream_results": True, "yield_per": 10_000}
-        locked = conn.execute(locking, execution_options=streamed)
+        locked = conn.execute(locking_select(live, ids), execution_options=streamed)
         for _ in locked.partitions():
             pass
 

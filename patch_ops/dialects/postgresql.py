@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
 
-from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts
+from patch_ops.dialects.base import DatabaseDialect, Features, StagedInserts, locking_select
 from patch_ops.dialects.names import table_sql
 from patch_ops.frames import copy_text, plain_rows
 
@@ -108,10 +108,10 @@ class PostgreSQLDialect(DatabaseDialect):
         # the insert position (not the write position, which moves a page at a time)
         return str(conn.execute(select(func.pg_current_wal_insert_lsn())).scalar_one())
 
-    def lock_rows(self, conn: Connection, locking: Select[Any]) -> None:
+    def lock_rows(self, conn: Connection, live: Table, ids: Select[Any]) -> None:
         # The server locks every row as it reads it and sends back one count, not the ids
         # (sending 1M ids to the client cost ~8 s of the commit at 1M rows).
-        conn.execute(select(func.count()).select_from(locking.subquery()))
+        conn.execute(select(func.count()).select_from(locking_select(live, ids).subquery()))
 
     def set_statement_timeout(self, conn: Connection, seconds: float) -> None:
         ms = int(seconds * 1000)

@@ -104,7 +104,7 @@ def lock_target_rows(
         live = tables[table]
         ids = target_ids(conn, execution_id, table)
         try:
-            dialect.lock_rows(conn, select(live.c.id).where(live.c.id.in_(ids)).with_for_update())
+            dialect.lock_rows(conn, live, ids)
         except DBAPIError as exc:
             if not dialect.is_lock_timeout(exc):
                 raise

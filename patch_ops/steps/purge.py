@@ -1,4 +1,4 @@
-"""Purge: remove the work data (backup, stage, target sets (their tables dropped), rejects, an approving dry run's
+"""Purge: remove the work data (backup, stage, target sets, rejects, an approving dry run's
 fingerprint) of patch executions that finished more than the retention period ago, recorded as
 an execution of kind ``purge``. A purged execution can no longer be restored (restore says so)."""
 
@@ -37,12 +37,10 @@ def _work_rows(conn: Connection, execution_id: str, decl: dict[str, Any]) -> dic
                 if n:
                     counts[mirror.name] = n
     counts.update(target_counts(conn, execution_id, (decl or {}).get("tables", [])))
-    for t in (state.rejects,):
-        n = conn.execute(
-            select(func.count()).select_from(t).where(t.c.execution_id == execution_id)
-        ).scalar_one()
-        if n:
-            counts[t.name] = n
+    n = conn.execute(select(func.count()).where(state.rejects.c.execution_id == execution_id)
+                     ).scalar_one()
+    if n:
+        counts[state.rejects.name] = n
     return counts
 
 
@@ -119,7 +117,7 @@ def purge_backups(
                         .mappings()
                         .one()
                     )
-                    drop_work_rows(conn, f["execution_id"])
+                    tables = drop_work_rows(conn, f["execution_id"])
                     drop_fingerprint(conn, f["execution_id"],
                                      (ex["declaration"] or {}).get("tables", []))
                     conn.execute(
@@ -130,8 +128,8 @@ def purge_backups(
                     report = dict(ex["report"] or {})
                     report["backup_purged"] = {"by": purge_id, "at": utcnow().isoformat(" ")}
                     set_execution(conn, f["execution_id"], report=report)
-                # emptied above; dropped after that commit (DDL would commit it on MySQL)
-                drop_target_tables(engine, f["execution_id"], (ex["declaration"] or {}).get("tables", []))
+                # after that commit: a DROP would commit it on MySQL
+                drop_target_tables(engine, f["execution_id"], tables)
         total = sum(sum(f["rows"].values()) for f in found)
         report = {
             "cutoff": cutoff.isoformat(" "),

@@ -74,9 +74,8 @@ def test_an_execution_freezes_its_targets_in_tables_of_its_own(database_url):
     engine = hand_built(database_url, [100, 200, 300])
     dry = run(database_url, True)
     assert dry["storage"] == OWN_TARGETS and shared_rows(engine, dry["execution_id"]) == 0
-    with engine.connect() as conn:  # a finished dry run's ids are gone, its tables stay (purge)
-        assert target_counts(conn, dry["execution_id"], TABLES) == {
-            target_table_name(dry["execution_id"], t): 0 for t in TABLES}
+    with engine.connect() as conn:  # a finished dry run's tables are dropped
+        assert existing_tables(conn, dry["execution_id"], TABLES) == []
     done = run(database_url, False)
     assert done["approved_by_execution_id"] == dry["execution_id"]
     assert frozen(engine, done["execution_id"]) == [1, 2, 3]
