@@ -100,11 +100,18 @@ def own_storage(conn: Connection, execution_id: str) -> bool:
 
 def target_set(conn: Connection, execution_id: str, table: str) -> TargetSet:
     """Where an execution's frozen ids of ``table`` are."""
+    return target_sets(conn, execution_id, [table])[table]
+
+
+def target_sets(conn: Connection, execution_id: str, tables: Iterable[str]) -> dict[str, TargetSet]:
+    """Where an execution's frozen ids of each of ``tables`` are (its storage read once)."""
     if own_storage(conn, execution_id):
-        return TargetSet(own_table(conn, execution_id, table), true())
-    return TargetSet(
-        targets, and_(targets.c.execution_id == execution_id, targets.c.table_name == table)
-    )
+        return {t: TargetSet(own_table(conn, execution_id, t), true()) for t in tables}
+    return {
+        t: TargetSet(targets, and_(targets.c.execution_id == execution_id,
+                                   targets.c.table_name == t))
+        for t in tables
+    }
 
 
 def target_ids(conn: Connection, execution_id: str, table: str) -> Select[tuple[int]]:

@@ -68,7 +68,7 @@ from patch_ops.state import (
     mirror_name,
     rejects,
 )
-from patch_ops.target_sets import TargetSet, target_set
+from patch_ops.target_sets import TargetSet, target_sets
 
 #: The mirror kind earlier versions kept fingerprints in: still dropped with them (the purge).
 APPROVED = "approved"
@@ -203,8 +203,7 @@ class _Compare:
         self.live = dict(state.reflect_tables(conn, patch.tables()))
         self.fps: dict[str, Table] = {}
         self.staged: dict[str, Table] = {}
-        self.frozen: dict[str, TargetSet] = {
-            t: target_set(conn, execution_id, t) for t in patch.tables()}
+        self.frozen: dict[str, TargetSet] = target_sets(conn, execution_id, patch.tables())
         for table, names in self.cols.items():
             missing = sorted(set(names) - set(self.live[table].c.keys()))
             if missing:
