@@ -7,9 +7,12 @@ The fixed cost of an op (issue 22) is mostly statements that do not move data: c
 above the price floor) on a small seeded database and counts, per op, every statement its
 process sent: a ``sitecustomize`` put on the children's ``PYTHONPATH`` listens to every engine's
 ``before_cursor_execute`` and appends one line per statement to a file; the Dagster event log
-gives each op's process id.
+gives each op's process id. Each line carries the statement's time too (``before`` to
+``after_cursor_execute``), so ``--changed --show OP`` says where a real op's time goes: with
+``--changed`` the runs change rows (the patch's own config) instead of none.
 
     python -m benchmarks.statement_counts --postgres [--code REV] [--items 2000]
+    python -m benchmarks.statement_counts --mysql --items 1000000 --changed --show commit_changes
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ LOG_ENV = "STOCKRX_STATEMENT_LOG"
 
 SITECUSTOMIZE = f'''
 import os
+import time
 
 def _listen():
     from sqlalchemy import event
@@ -38,13 +42,18 @@ def _listen():
     path = os.environ["{LOG_ENV}"]
 
     def before(conn, cursor, statement, params, context, executemany):
+        conn.info["statement_started"] = time.perf_counter()
+
+    def after(conn, cursor, statement, params, context, executemany):
         if conn.engine.url.get_backend_name() == "sqlite":
             return  # the Dagster instance's own storage
+        seconds = time.perf_counter() - conn.info.pop("statement_started")
         line = " ".join(statement.split())
         with open(path, "a") as f:
-            f.write(f"{{os.getpid()}}\\t{{line}}\\n")
+            f.write(f"{{os.getpid()}}\\t{{seconds:.4f}}\\t{{line}}\\n")
 
     event.listen(Engine, "before_cursor_execute", before)
+    event.listen(Engine, "after_cursor_execute", after)
 
 if os.environ.get("{LOG_ENV}"):
     _listen()
@@ -69,12 +78,17 @@ def kind_of(statement: str) -> str:
     return "other"
 
 
+def statements(log: Path) -> list[tuple[str, float, str]]:
+    """The log's lines as (pid, seconds, one-line statement)."""
+    rows = (line.split("\t", 2) for line in log.read_text().splitlines())
+    return [(pid, float(seconds), statement) for pid, seconds, statement in rows]
+
+
 def count(log: Path, pids: dict[int, str]) -> dict[str, collections.Counter[str]]:
     per_op: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     if not log.exists():
         return per_op
-    for line in log.read_text().splitlines():
-        pid, _, statement = line.partition("\t")
+    for pid, _, statement in statements(log):
         op = pids.get(int(pid), f"pid {pid} (no op)")
         per_op[op][kind_of(statement)] += 1
         per_op[op]["all"] += 1
@@ -99,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--sqlite", action="store_true", help="temporary SQLite files")
     p.add_argument("--items", type=int, default=2000)
     p.add_argument("--code", metavar="REV", help="as benchmarks.price_adjustment --code")
+    p.add_argument("--changed", action="store_true",
+                   help="run the patch's own config (rows change) instead of a 0-row run")
     p.add_argument("--show", metavar="OP", help="also print the statement shapes of these ops (comma-separated; all: every op)")
     args = p.parse_args(argv)
     args.database_url, args.mysql_copy = None, "insert"
@@ -112,26 +128,31 @@ def main(argv: list[str] | None = None) -> int:
         copies = databases.make_copies(args, work)
         try:
             url = copies.fresh("counts")
-            above_all = {"min_price": 1e9}
-            for label, base in (("0-row dry run", setup.dry_config),
-                                ("0-row real run", setup.real_config)):
+            extra = {} if args.changed else {"min_price": 1e9}
+            rows = "" if args.changed else "0-row "
+            for label, base in ((f"{rows}dry run", setup.dry_config),
+                                (f"{rows}real run", setup.real_config)):
                 log = work / f"{label.replace(' ', '_')}.log"
                 os.environ[LOG_ENV] = str(log)
                 out = contenders.run_dagster_job(JOB, label, url,
-                                                 setup.config_files(base, above_all), code,
+                                                 setup.config_files(base, extra), code,
                                                  work, 600, AUDIT_KEY)
                 steps = out.timings.steps if out.timings else []
                 pids = {s.pid: s.step for s in steps if s.pid}
                 print(f"{label}: {'ok' if out.ok else 'FAILED ' + '; '.join(out.notes)}")
                 print(render(f"{label}, {code.label}", count(log, pids)))
                 for op in (args.show or "").split(",") if args.show else []:
-                    shapes = collections.Counter(
-                        f"[{kind_of(s)}] {s[:150]}"
-                        for pid, _, s in (ln.partition("\t") for ln in log.read_text().splitlines())
-                        if op in ("all", pids.get(int(pid))))
-                    print(f"\n{op}:")
-                    for shape, n in shapes.most_common():
-                        print(f"  {n:4d}  {shape}")
+                    calls = collections.Counter[str]()
+                    seconds: dict[str, float] = collections.defaultdict(float)
+                    for pid, secs, statement in statements(log):
+                        if op in ("all", pids.get(int(pid))):
+                            shape = f"[{kind_of(statement)}] {statement[:150]}"
+                            calls[shape] += 1
+                            seconds[shape] += secs
+                    step = next((f" (op {x.duration_s:.2f} s)" for x in steps if x.step == op), "")
+                    print(f"\n{op}{step}: {sum(seconds.values()):.2f} s of SQL")
+                    for shape, secs in sorted(seconds.items(), key=lambda kv: -kv[1]):
+                        print(f"  {secs:8.3f} s {calls[shape]:4d}×  {shape}")
                 print()
         finally:
             copies.close()
