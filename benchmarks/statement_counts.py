@@ -6,10 +6,9 @@ The fixed cost of an op (issue 22) is mostly statements that do not move data: c
 0-row dry run and its approved 0-row real run of ``inventory_price_adjustment`` (no item is
 above the price floor) on a small seeded database and counts, per op, every statement its
 process sent: a ``sitecustomize`` put on the children's ``PYTHONPATH`` listens to every engine's
-``before_cursor_execute`` and appends one line per statement to a file; the Dagster event log
-gives each op's process id. Each line carries the statement's time too (``before`` to
-``after_cursor_execute``), so ``--changed --show OP`` says where a real op's time goes: with
-``--changed`` the runs change rows (the patch's own config) instead of none.
+``before_cursor_execute`` and ``after_cursor_execute`` and appends one line per statement, with
+its time, to a file; the Dagster event log gives each op's process id. With ``--changed`` the
+runs use the patch's own config (rows change), so ``--show OP`` says where a real op's time goes.
 
     python -m benchmarks.statement_counts --postgres [--code REV] [--items 2000]
     python -m benchmarks.statement_counts --mysql --items 1000000 --changed --show commit_changes
@@ -79,15 +78,15 @@ def kind_of(statement: str) -> str:
 
 
 def statements(log: Path) -> list[tuple[str, float, str]]:
-    """The log's lines as (pid, seconds, one-line statement)."""
+    """The log's lines as (pid, seconds, one-line statement); none if the run sent none."""
+    if not log.exists():
+        return []
     rows = (line.split("\t", 2) for line in log.read_text().splitlines())
     return [(pid, float(seconds), statement) for pid, seconds, statement in rows]
 
 
 def count(log: Path, pids: dict[int, str]) -> dict[str, collections.Counter[str]]:
     per_op: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    if not log.exists():
-        return per_op
     for pid, _, statement in statements(log):
         op = pids.get(int(pid), f"pid {pid} (no op)")
         per_op[op][kind_of(statement)] += 1
