@@ -253,6 +253,9 @@ class MySQLCopies(ServerCopies):
             for t in self.tables:
                 cur.execute(f"SHOW CREATE TABLE {_mysql_ident(self.template)}.{_mysql_ident(t)}")
                 self.ddl[t] = str(cur.fetchone()[1])
+            cur.execute("SELECT @@innodb_buffer_pool_size, @@innodb_flush_method")
+            pool, flush = cur.fetchone()
+        self.description += f", buffer pool {int(pool) // 2**20} MB ({flush})"
         self.expected = self._shape(self.template)
 
 
@@ -372,8 +375,11 @@ class ReseedInPlace:
         pass
 
 
-#: The throwaway MariaDB's buffer pool: the throwaway PostgreSQL's shared_buffers.
-MYSQL_SERVER_ARGS = ("--innodb-buffer-pool-size=256M",)
+#: The throwaway MariaDB's buffer pool: the throwaway PostgreSQL's shared_buffers. InnoDB reads
+#: around the OS page cache (O_DIRECT) where PostgreSQL reads through it, so at 1M items this pool
+#: holds less of the data than PostgreSQL can; ``--mysql-buffer-pool`` measures another size.
+MYSQL_BUFFER_POOL = "256M"
+MYSQL_SERVER_ARGS = (f"--innodb-buffer-pool-size={MYSQL_BUFFER_POOL}",)
 
 
 def make_copies(args: Any, workdir: Path) -> Copies:
@@ -388,7 +394,9 @@ def make_copies(args: Any, workdir: Path) -> Copies:
         from tests.support.mysql import MySQLServer
 
         # Production durability: binary log on, innodb_flush_log_at_trx_commit=1, sync_binlog=1.
-        mserver = MySQLServer.from_env(durable=True, extra_args=MYSQL_SERVER_ARGS).start()
+        pool = getattr(args, "mysql_buffer_pool", MYSQL_BUFFER_POOL)
+        mserver = MySQLServer.from_env(
+            durable=True, extra_args=(f"--innodb-buffer-pool-size={pool}",)).start()
         try:
             return MySQLCopies(mserver, args.items, owns_server=not mserver.is_external,
                                method=getattr(args, "mysql_copy", "tablespace"))

@@ -510,6 +510,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mysql-copy", choices=databases.MYSQL_COPY_METHODS, default="tablespace",
                    help="how --mysql copies the seeded data for each contender: tablespace "
                    "(InnoDB file copy, local server; the default) or insert (INSERT ... SELECT)")
+    p.add_argument("--mysql-buffer-pool", default=databases.MYSQL_BUFFER_POOL, metavar="SIZE",
+                   help="the throwaway MariaDB's innodb_buffer_pool_size (default "
+                   f"{databases.MYSQL_BUFFER_POOL}, PostgreSQL's shared_buffers)")
     p.add_argument("--items", type=int, default=100_000, help="items to seed (default 100,000)")
     p.add_argument("--naive-rows", type=int, default=20_000,
                    help="items the naive ORM baseline processes; its times are scaled to --items")
