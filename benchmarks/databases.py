@@ -379,7 +379,11 @@ class ReseedInPlace:
 #: around the OS page cache (O_DIRECT) where PostgreSQL reads through it, so at 1M items this pool
 #: holds less of the data than PostgreSQL can; ``--mysql-buffer-pool`` measures another size.
 MYSQL_BUFFER_POOL = "256M"
-MYSQL_SERVER_ARGS = (f"--innodb-buffer-pool-size={MYSQL_BUFFER_POOL}",)
+
+
+def mysql_server_args(buffer_pool: str = MYSQL_BUFFER_POOL) -> tuple[str, ...]:
+    """The throwaway MariaDB's options beyond ``tests.support.mysql``'s."""
+    return (f"--innodb-buffer-pool-size={buffer_pool}",)
 
 
 def make_copies(args: Any, workdir: Path) -> Copies:
@@ -395,8 +399,7 @@ def make_copies(args: Any, workdir: Path) -> Copies:
 
         # Production durability: binary log on, innodb_flush_log_at_trx_commit=1, sync_binlog=1.
         pool = getattr(args, "mysql_buffer_pool", MYSQL_BUFFER_POOL)
-        mserver = MySQLServer.from_env(
-            durable=True, extra_args=(f"--innodb-buffer-pool-size={pool}",)).start()
+        mserver = MySQLServer.from_env(durable=True, extra_args=mysql_server_args(pool)).start()
         try:
             return MySQLCopies(mserver, args.items, owns_server=not mserver.is_external,
                                method=getattr(args, "mysql_copy", "tablespace"))

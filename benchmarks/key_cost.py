@@ -145,12 +145,12 @@ def main() -> None:
     args = ap.parse_args()
     from sqlalchemy import create_engine
 
-    from benchmarks.databases import MYSQL_SERVER_ARGS
+    from benchmarks.databases import mysql_server_args
 
     if args.mysql:
         from tests.support.mysql import MySQLServer
 
-        server: Any = MySQLServer.from_env(durable=True, extra_args=MYSQL_SERVER_ARGS).start()
+        server: Any = MySQLServer.from_env(durable=True, extra_args=mysql_server_args()).start()
     else:
         from tests.support.postgres import PostgresServer
 

@@ -118,8 +118,7 @@ def purge_backups(
                         .one()
                     )
                     tables = drop_work_rows(conn, f["execution_id"])
-                    drop_fingerprint(conn, f["execution_id"],
-                                     (ex["declaration"] or {}).get("tables", []))
+                    drop_fingerprint(conn, f["execution_id"], tables)
                     conn.execute(
                         delete(state.rejects).where(
                             state.rejects.c.execution_id == f["execution_id"]
