@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import ColumnElement, Table, and_, case, func, literal, select
+from sqlalchemy import ColumnElement, case, func, literal, select
 from sqlalchemy.engine import Connection
 
-from patch_ops.state import BACKUP, UPDATE
+from patch_ops.work_rows import WorkRows
 
 DEFAULT_BUCKETS = 12
 BAR_WIDTH = 30
@@ -115,10 +115,9 @@ def below_edges(change: ColumnElement[Any], edges: Sequence[float]) -> list[Colu
 
 def change_histogram(
     conn: Connection,
-    stage: Table,
-    backup: Table,
+    stage: WorkRows,
+    backup: WorkRows,
     column: str,
-    execution_id: str,
     *,
     max_buckets: int = DEFAULT_BUCKETS,
     spread: ChangeSpread | None = None,
@@ -126,9 +125,9 @@ def change_histogram(
 ) -> Histogram:
     """Histogram of ``stage.column - backup.column`` over the rows an execution updates.
 
-    ``stage``/``backup`` are the execution's mirror tables (``data_patch_stage__T``,
-    ``data_patch_backup__T``); a stage row (action U) is paired with the backup row (action B)
-    of the same execution and ``dp_seq``. Rows where either side is NULL are left out.
+    ``stage``/``backup`` are the execution's staged updates and before-images of T
+    (``patch_ops.work_rows``); a staged update is paired with the before-image of the same
+    ``dp_seq``. Rows where either side is NULL are left out.
 
     The pairing is a join on the mirrors' primary keys. The engine ANALYZEs both mirrors after
     loading them (backup, transform). Without statistics PostgreSQL estimated one row per side
@@ -140,21 +139,12 @@ def change_histogram(
     to be the ones picked here (a real run guesses its approving dry run's: the same plan).
     """
     if column not in stage.c or column not in backup.c:
-        raise KeyError(f"column {column!r} is not in {stage.name} and {backup.name}")
+        raise KeyError(f"column {column!r} is not in {stage.table.name} and {backup.table.name}")
     st, bk = stage, backup
     paired = (
         select((st.c[column] - bk.c[column]).label("change"))
-        .select_from(
-            st.join(
-                bk,
-                and_(
-                    bk.c.dp_execution_id == st.c.dp_execution_id,
-                    bk.c.dp_action == BACKUP,
-                    bk.c.dp_seq == st.c.dp_seq,
-                ),
-            )
-        )
-        .where(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+        .select_from(st.table.join(bk.table, bk.at(st.seq)))
+        .where(st.mine)
         .subquery("paired")
     )
     change = paired.c.change

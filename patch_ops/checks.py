@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import and_, false, func, select
+from sqlalchemy import false, func, select
 from sqlalchemy.engine import Connection
 
 from patch_ops.execution import (
@@ -21,7 +21,7 @@ from patch_ops.execution import (
     set_execution,
 )
 from patch_ops.lifecycle import AUDIT
-from patch_ops.state import UPDATE, executions, mirror_by_name, mirror_name
+from patch_ops.state import UPDATE, executions
 from patch_ops.steps.plan import work_config
 from patch_ops.target_sets import target_ids
 from patch_ops.windows import (
@@ -34,6 +34,7 @@ from patch_ops.windows import (
     real_run_window,
     utc_naive,
 )
+from patch_ops.work_rows import existing_rows
 from resources.audit import AuditLog
 
 
@@ -166,13 +167,12 @@ def rows_changed_again(conn: Connection, info: PlanInfo, earlier: Any) -> int | 
         return None
     earlier_id, total = earlier["execution_id"], 0
     for table in info.patch.updates:
-        stage = mirror_by_name(conn, mirror_name("stage", table))
-        if stage is None:
+        theirs = existing_rows(conn, table, earlier_id, UPDATE)
+        if theirs is None:
             continue
         mine = target_ids(conn, info.execution_id, table)
-        theirs = and_(stage.c.dp_execution_id == earlier_id, stage.c.dp_action == UPDATE)
         total += conn.execute(
-            select(func.count()).select_from(stage).where(theirs, stage.c.dp_seq.in_(mine))
+            select(func.count()).select_from(theirs.table).where(theirs.mine, theirs.seq.in_(mine))
         ).scalar_one()
     return total
 

@@ -25,8 +25,9 @@ from patch_ops.execution import (
     written_tables,
 )
 from patch_ops.patch import Tables
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
+from patch_ops.state import BACKUP, INSERT, UPDATE
 from patch_ops.target_sets import target_ids
+from patch_ops.work_rows import WorkRows, work_rows
 
 
 def find_conflicts(
@@ -48,45 +49,44 @@ def find_conflicts(
     found: dict[str, list[int]] = {}
     for table in written_tables(decl):
         live = tables[table]
-        st = mirror_table(engine, live, "stage")
         ids: list[int] = []
         if table in decl["updates"]:
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+            st = work_rows(engine, live, execution_id, UPDATE)
             if against == "backup":
-                bk = mirror_table(engine, live, "backup")
+                bk = work_rows(engine, live, execution_id, BACKUP)
                 cols = [c.name for c in live.columns if c.name in bk.c]
                 differs = or_(
                     live.c.id.is_(None), *[values_differ(live.c[c], bk.c[c], live.c[c]) for c in cols]
                 )
                 q = (
-                    select(st.c.dp_seq)
-                    .select_from(st)
-                    .join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP))
-                    .outerjoin(live, live.c.id == st.c.dp_seq)
-                    .where(cond, differs)
+                    select(st.seq)
+                    .select_from(st.table)
+                    .join(bk.table, bk.at(st.seq))
+                    .outerjoin(live, live.c.id == st.seq)
+                    .where(st.mine, differs)
                 )
             else:
                 cols = decl["updates"][table]
                 differs = or_(
                     live.c.id.is_(None), *[values_differ(live.c[c], st.c[c], live.c[c]) for c in cols]
                 )
-                q = select(st.c.dp_seq).select_from(st).outerjoin(
-                    live, live.c.id == st.c.dp_seq
-                ).where(cond, differs)
-            ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
+                q = select(st.seq).select_from(st.table).outerjoin(
+                    live, live.c.id == st.seq
+                ).where(st.mine, differs)
+            ids += list(conn.execute(q.order_by(st.seq).limit(limit)).scalars())
         if table in decl["inserts"] and against == "stage":
             cols = decl["inserts"][table]
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
-            new_id = inserted_id(st, ex, table)
+            ins = work_rows(engine, live, execution_id, INSERT)
+            new_id = inserted_id(ins, ex, table)
             on = live.c.id == new_id
-            span = inserted_id_range(conn, st, ex, table)
+            span = inserted_id_range(conn, ins, ex, table)
             if span is not None:
                 on = and_(on, live.c.id.between(*span))  # the inserted rows, not all the table
             differs = or_(
-                live.c.id.is_(None), *[values_differ(live.c[c], st.c[c], live.c[c]) for c in cols]
+                live.c.id.is_(None), *[values_differ(live.c[c], ins.c[c], live.c[c]) for c in cols]
             )
-            q = select(new_id).select_from(st).outerjoin(live, on).where(cond, differs)
-            ids += list(conn.execute(q.order_by(st.c.dp_seq).limit(limit)).scalars())
+            q = select(new_id).select_from(ins.table).outerjoin(live, on).where(ins.mine, differs)
+            ids += list(conn.execute(q.order_by(ins.seq).limit(limit)).scalars())
         if ids:
             found[table] = ids
     return found
@@ -116,20 +116,19 @@ def lock_target_rows(
             ) from None
 
 
-def staged_inserts(conn: Connection, live, st, execution_id: str) -> StagedInserts | None:  # type: ignore[no-untyped-def]
-    """The rows an execution staged for insertion into ``live`` (None: there are none)."""
-    cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+def staged_inserts(conn: Connection, live: Any, ins: WorkRows) -> StagedInserts | None:
+    """The rows ``ins`` an execution staged for insertion into ``live`` (None: there are none)."""
     n, first, last = conn.execute(
-        select(func.count(), func.min(st.c.dp_seq), func.max(st.c.dp_seq)).where(cond)
+        select(func.count(), func.min(ins.seq), func.max(ins.seq)).where(ins.mine)
     ).one()
     if not n:
         return None
     span = int(last) - int(first) + 1
-    return StagedInserts(live, st, cond, int(first), span, int(n))
+    return StagedInserts(live, ins.table, ins.mine, int(first), span, int(n))
 
 
-def assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | None:  # type: ignore[no-untyped-def]
-    """Hand out the real ids of the staged inserts of ``live`` before inserting them, so the
+def assign_insert_ids(conn: Connection, live: Any, ins: WorkRows) -> int | None:
+    """Hand out the real ids of the staged inserts ``ins`` of ``live`` before inserting them, so the
     inserted rows are known exactly. Ids ascend in ``dp_seq`` order (the order the patch produced
     the rows: an item's chain of log rows reads right when ordered by id).
 
@@ -138,7 +137,7 @@ def assign_insert_ids(conn: Connection, live, st, execution_id: str) -> int | No
     (``DatabaseDialect.reserve_insert_ids``). Only where ``features.ids_before_insert``; the
     commit itself calls ``DatabaseDialect.insert_staged``, which works everywhere.
     """
-    inserts = staged_inserts(conn, live, st, execution_id)
+    inserts = staged_inserts(conn, live, ins)
     if inserts is None:
         return None
     return dialect_of(conn).reserve_insert_ids(conn, inserts)
@@ -169,16 +168,17 @@ def _refusal(conn: Connection, table: str, action: str) -> Iterator[None]:
 SeqRanges = dict[tuple[str, str], tuple[int, int]]
 
 
-def _picked(  # type: ignore[no-untyped-def]
-    st, key: tuple[str, str], sources: tuple[int, int] | None, seqs: SeqRanges | None
+def _picked(
+    st: WorkRows, table: str, sources: tuple[int, int] | None, seqs: SeqRanges | None
 ) -> list[ColumnElement[bool]] | None:
     """The conditions that pick the stage rows to apply: of driving rows ``sources`` (lo..hi),
     or of the ``seqs`` range of this action and table; None: none of them (all: [])."""
-    picked = [] if sources is None else [st.c.dp_source_id.between(*sources)]
+    picked = [st.mine] if sources is None else [st.mine, st.c.dp_source_id.between(*sources)]
     if seqs is not None:
+        key = (st.action, table)
         if key not in seqs:
             return None
-        picked.append(st.c.dp_seq.between(*seqs[key]))
+        picked.append(st.seq.between(*seqs[key]))
     return picked
 
 
@@ -204,15 +204,13 @@ def apply_staged(
     counts: dict[str, int] = {}
     for table, cols in decl["updates"].items():
         live = tables[table]
-        st = mirror_table(engine, live, "stage")
-        picked = _picked(st, (UPDATE, table), sources, seqs)
+        st = work_rows(engine, live, execution_id, UPDATE)
+        picked = _picked(st, table, sources, seqs)
         if picked is None:
             counts[f"{table}_updated"] = 0
             continue
         expected = conn.execute(
-            select(func.count()).select_from(st).where(
-                st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE, *picked
-            )
+            select(func.count()).select_from(st.table).where(*picked)
         ).scalar_one()
         if not expected:
             counts[f"{table}_updated"] = 0
@@ -221,12 +219,7 @@ def apply_staged(
         with _refusal(conn, table, "update"):
             res = conn.execute(
                 update(live)
-                .where(
-                    live.c.id == st.c.dp_seq,
-                    st.c.dp_execution_id == execution_id,
-                    st.c.dp_action == UPDATE,
-                    *picked,
-                )
+                .where(live.c.id == st.seq, *picked)
                 .values({c: st.c[c] for c in cols})
             )
         if res.rowcount != expected:
@@ -237,25 +230,24 @@ def apply_staged(
         counts[f"{table}_updated"] = expected
     for table, cols in decl["inserts"].items():
         live = tables[table]
-        st = mirror_table(engine, live, "stage")
+        ins = work_rows(engine, live, execution_id, INSERT)
         if trial:
             # ids -dp_seq, computed in the INSERT: the stage itself is never rewritten
-            picked = _picked(st, (INSERT, table), sources, seqs)
+            picked = _picked(ins, table, sources, seqs)
             if picked is None:
                 counts[f"{table}_inserted"] = 0
                 continue
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT, *picked)
             with _refusal(conn, table, "insert into"):
                 res = conn.execute(
                     insert(live).from_select(
                         ["id", *cols],
-                        select((-st.c.dp_seq).label("id"), *[st.c[c] for c in cols]).where(cond),
+                        select((-ins.seq).label("id"), *[ins.c[c] for c in cols]).where(*picked),
                     ),
                     execution_options=ROWCOUNT,
                 )
             counts[f"{table}_inserted"] = res.rowcount
             continue
-        inserts = staged_inserts(conn, live, st, execution_id)
+        inserts = staged_inserts(conn, live, ins)
         if inserts is None:
             counts[f"{table}_inserted"] = 0
             continue

@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import Integer, delete, insert, literal, select
+from sqlalchemy import Integer, literal, select
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
 from patch_ops.database import write_transaction
 from patch_ops.execution import ROWCOUNT, load_execution, set_execution, utcnow
-from patch_ops.state import BACKUP, mirror_table
+from patch_ops.state import BACKUP
 from patch_ops.target_sets import target_ids
+from patch_ops.work_rows import work_rows
 
 
 def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str, int]:
@@ -28,36 +29,31 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
     tables = state.reflect_tables(engine, decl["tables"])
     with engine.connect() as conn:
         targeted = _targeted_tables(conn, execution_id, decl["tables"])
-    backups = {table: mirror_table(engine, tables[table], "backup") for table in targeted}
+    backups = {table: work_rows(engine, tables[table], execution_id, BACKUP) for table in targeted}
     for table, backup in backups.items():
         fk = decl.get("related", {}).get(table)
         if fk:  # the transform reads these rows by fk range, one batch of driving ids at a time
             # made before the backup transaction, never in it (DDL commits it on MySQL)
-            state.ensure_mirror_index(engine, backup, fk)
+            state.ensure_mirror_index(engine, backup.table, fk)
     counts: dict[str, int] = {}
     with write_transaction(engine) as conn:
         for table, backup in backups.items():
             live = tables[table]
-            conn.execute(delete(backup).where(backup.c.dp_execution_id == execution_id))
+            conn.execute(backup.delete())
             ids = target_ids(conn, execution_id, table)
             cols = [c.name for c in live.columns]
             counts[table] = conn.execute(
-                insert(backup).from_select(
-                    ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols],
-                    select(
-                        literal(execution_id, backup.c.dp_execution_id.type),
-                        literal(BACKUP),
-                        live.c.id,
-                        literal(None, type_=Integer),
-                        *[live.c[c] for c in cols],
-                    ).where(live.c.id.in_(ids)),
+                backup.fill(
+                    ["dp_seq", "dp_source_id", *cols],
+                    select(live.c.id, literal(None, type_=Integer), *[live.c[c] for c in cols])
+                    .where(live.c.id.in_(ids)),
                 ),
                 execution_options=ROWCOUNT,
             ).rowcount
         report = dict(ex["report"] or {})
         report["backup"] = counts
         set_execution(conn, execution_id, phase="backed_up", report=report, heartbeat_at=utcnow())
-    state.analyze(engine, list(backups.values()))  # the targets' at plan, after the freeze
+    state.analyze(engine, [b.table for b in backups.values()])  # the targets' at plan, after the freeze
     log.info("backup taken: " + ", ".join(f"{n:,} {t}" for t, n in counts.items()))
     return counts
 

@@ -26,8 +26,9 @@ from patch_ops.execution import (
 )
 from patch_ops.failpoints import failpoint
 from patch_ops.patch import Patch
-from patch_ops.state import drop_source_index, locks, mirror_table
+from patch_ops.state import FAILED, INSERT, UPDATE, drop_source_index, locks
 from patch_ops.windows import now_naive as clock_now
+from patch_ops.work_rows import Stages, WorkRows, distinct_tables, work_rows
 
 #: Reject rows stored per batch at most (each names its source row, check and value).
 MAX_REJECTS_STORED = 1000
@@ -63,12 +64,17 @@ class Progress:
         return True
 
 
-def stage_tables(engine: Engine, tables: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    """The stage mirrors of ``names``, without their ``dp_source_id`` index: nothing reads it
-    during the batches, and kept up it was a third of the staging inserts' time. The readers
-    that need it make it again, whenever this ran or was killed (``state.ensure_source_index``)."""
-    stages = {t: mirror_table(engine, tables[t], "stage") for t in names}
-    for stage in stages.values():
+def stage_rows(engine: Engine, tables: Any, patch: Patch,
+               execution_id: str) -> Stages:
+    """The execution's stage rows by (action, table): ``UPDATE`` of each table the patch updates,
+    ``INSERT`` of each it inserts into, ``FAILED`` of both; their mirrors without the
+    ``dp_source_id`` index: nothing reads it during the batches, and kept up it was a third of
+    the staging inserts' time. The readers that need it make it again, whenever this ran or was
+    killed (``state.ensure_source_index``)."""
+    wanted = [(UPDATE, t) for t in patch.updates] + [(INSERT, t) for t in patch.inserts]
+    wanted += [(FAILED, t) for t in patch.written_tables()]
+    stages = {(a, t): work_rows(engine, tables[t], execution_id, a) for a, t in wanted}
+    for stage in distinct_tables(stages.values()):
         drop_source_index(engine, stage)
     return stages
 
@@ -89,8 +95,7 @@ def read_columns(mirror, live, columns: list[str]) -> list[Any]:  # type: ignore
 
 
 def unreadable_sources(
-    conn: Connection, patch: Patch, backups: dict[str, Any], tables: Any, execution_id: str,
-    lo: int, hi: int,
+    conn: Connection, patch: Patch, backups: dict[str, WorkRows], tables: Any, lo: int, hi: int,
 ) -> list[dict[str, Any]]:
     """Reject rows for the batch's source rows (driving ids ``lo``..``hi``) whose numeric
     columns hold something that is not a number (SQLite stores any value in any column): the
@@ -108,16 +113,15 @@ def unreadable_sources(
         if not tests:
             continue
         # the driving table's dp_seq is its id: the primary key's range, as the batch read
-        ranged = b.c.dp_seq if name == patch.driving_table else b.c[key]
+        ranged = b.seq if name == patch.driving_table else b.c[key]
         rows = conn.execute(
             select(b.c[key].label("src"),
                    *[type_coerce(b.c[c], Text).label(f"value_{c}") for c in tests],
                    *[t.label(f"bad_{c}") for c, t in tests.items()])
-            .where(b.c.dp_execution_id == execution_id, ranged.between(lo, hi),
-                   or_(*tests.values()))
+            .where(b.mine, ranged.between(lo, hi), or_(*tests.values()))
         ).mappings().all()
         found += [
-            {"execution_id": execution_id, "source_id": int(r["src"]), "table_name": name,
+            {"execution_id": b.execution_id, "source_id": int(r["src"]), "table_name": name,
              "column_name": c, "check_name": "a number (the column's type)",
              "failure_case": str(r[f"value_{c}"])}
             for r in rows for c in tests if r[f"bad_{c}"]

@@ -35,8 +35,6 @@ import math
 from typing import Any
 
 from sqlalchemy import (
-    Table,
-    and_,
     delete,
     func,
     insert,
@@ -69,6 +67,7 @@ from patch_ops.state import (
     rejects,
 )
 from patch_ops.target_sets import TargetSet, target_sets
+from patch_ops.work_rows import WorkRows, delete_work_rows, existing_rows
 
 #: The mirror kind earlier versions kept fingerprints in: still dropped with them (the purge).
 APPROVED = "approved"
@@ -99,10 +98,10 @@ def drift_columns(patch: Patch) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _source_of(patch: Patch, table: str, mirror: Table) -> Any:
+def _source_of(patch: Patch, table: str, mirror: WorkRows) -> Any:
     """The driving row id of a row of ``table`` (None: it cannot be traced to one)."""
     if table == patch.driving_table:
-        return mirror.c.dp_seq
+        return mirror.seq
     fk = patch.related.get(table)
     return mirror.c[fk] if fk else literal(None)
 
@@ -145,8 +144,7 @@ def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: 
     """Drop the fingerprints of this patch's earlier dry runs that can approve nothing: not
     completed, older than ``valid_hours``, or used by a real run that committed (a cancelled
     one's work rows stay: a run with its config continues it). Their ids are read first and
-    deleted by key: MariaDB ran ``dp_execution_id IN (SELECT ...)`` in a DELETE as a dependent
-    subquery, once per kept row (2.4 s over one kept 100k-row fingerprint)."""
+    deleted by key (``delete_work_rows``)."""
     real = executions.alias("real")
     used = (
         select(real.c.execution_id)
@@ -166,13 +164,14 @@ def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: 
         ),
     )).all()
     kept = [i for i, status in gone if status == "completed"]
+    legacy = [i for i, _ in gone]
     for table in patch.tables():
-        for kind, ids in (("backup", kept), ("stage", kept), (APPROVED, [i for i, _ in gone])):
-            mirror = state.mirror_by_name(conn, mirror_name(kind, table)) if ids else None
-            if mirror is not None:
-                for at in range(0, len(ids), PAGE):
-                    page = ids[at : at + PAGE]
-                    conn.execute(delete(mirror).where(mirror.c.dp_execution_id.in_(page)))
+        delete_work_rows(conn, table, kept)
+        mirror = state.mirror_by_name(conn, mirror_name(APPROVED, table)) if legacy else None
+        if mirror is not None:
+            for at in range(0, len(legacy), PAGE):
+                page = legacy[at : at + PAGE]
+                conn.execute(delete(mirror).where(mirror.c.dp_execution_id.in_(page)))
 
 
 def drop_fingerprint(conn: Connection, execution_id: str, tables: list[str]) -> int:
@@ -201,8 +200,8 @@ class _Compare:
         self.patch, self.execution_id, self.approver = patch, execution_id, approver
         self.cols = drift_columns(patch)
         self.live = dict(state.reflect_tables(conn, patch.tables()))
-        self.fps: dict[str, Table] = {}
-        self.staged: dict[str, Table] = {}
+        self.fps: dict[str, WorkRows] = {}
+        self.staged: dict[str, WorkRows] = {}
         self.frozen: dict[str, TargetSet] = target_sets(conn, execution_id, patch.tables())
         for table, names in self.cols.items():
             missing = sorted(set(names) - set(self.live[table].c.keys()))
@@ -210,8 +209,8 @@ class _Compare:
                 raise PlanRefused(
                     f"drift column(s) missing in table {table!r}: {', '.join(missing)}"
                 )
-            fp = state.mirror_by_name(conn, mirror_name("backup", table))
-            st = state.mirror_by_name(conn, mirror_name("stage", table))
+            fp = existing_rows(conn, table, approver, BACKUP)
+            st = existing_rows(conn, table, approver, UPDATE)
             if fp is None or st is None or not set(names) <= set(fp.c.keys()):
                 raise PlanRefused(f"approving dry run {approver} kept no record of its values")
             self.fps[table], self.staged[table] = fp, st
@@ -232,19 +231,18 @@ class _Compare:
         live, fp = self.live[table], self.fps[table]
         b = fp.alias("b")
         changed = [values_differ(live.c[c], b.c[c], live.c[c]) for c in self.cols[table]]
-        approved = and_(b.c.dp_execution_id == self.approver, b.c.dp_action == BACKUP)
         if table == self.patch.driving_table:
             return (
                 select(*extra)
-                .select_from(b.join(live, live.c.id == b.c.dp_seq))
-                .where(approved, or_(*changed))
+                .select_from(b.table.join(live, live.c.id == b.seq))
+                .where(b.mine, or_(*changed))
             ), b
         frozen = self.frozen[table]
         return (
             select(*extra)
             .select_from(
                 frozen.table.join(live, live.c.id == frozen.row_id).join(
-                    b, and_(approved, b.c.dp_seq == live.c.id),
+                    b.table, b.at(live.c.id),
                 )
             )
             .where(frozen.mine, or_(*changed))
@@ -269,9 +267,8 @@ class _Compare:
             q = (
                 q.add_columns(src, live.c.id, *[live.c[c] for c in names],
                               *[b.c[c] for c in names], *[u.c[c] for c in names],
-                              u.c.dp_seq.label("staged"))
-                .outerjoin(u, and_(u.c.dp_execution_id == self.approver,
-                                   u.c.dp_action == UPDATE, u.c.dp_seq == live.c.id))
+                              u.seq.label("staged"))
+                .outerjoin(u.table, u.at(live.c.id))
                 .where(src.in_(ids))
                 .order_by(src, live.c.id)
             )
@@ -384,9 +381,7 @@ def _leave_targets(conn: Connection, cmp: _Compare, page: list[int]) -> None:
         ids: Any = select(live.c.id).where(live.c[fk].in_(page))
         fp = cmp.fps.get(table)
         if fp is not None:  # also where the link itself drifted: the dry run's
-            ids = union(ids, select(fp.c.dp_seq).where(
-                fp.c.dp_execution_id == cmp.approver, fp.c.dp_action == BACKUP,
-                cmp.source(table, fp).in_(page)))
+            ids = union(ids, fp.select_seq().where(cmp.source(table, fp).in_(page)))
         frozen = cmp.frozen[table]
         conn.execute(delete(frozen.table).where(frozen.mine, frozen.row_id.in_(ids)))
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, union
+from sqlalchemy import func, insert, select, union
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -44,12 +44,12 @@ from patch_ops.execution import (
     load_execution,
     set_execution,
     utcnow,
-    written_tables,
 )
 from patch_ops.patch import Tables
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table, rejects
+from patch_ops.state import BACKUP, INSERT, UPDATE, rejects
 from patch_ops.steps.apply import SeqRanges, apply_staged
 from patch_ops.steps.batching import BatchSizer
+from patch_ops.work_rows import WorkRows, distinct_tables, work_rows
 
 #: Driving rows named (with their values) in reports and failure messages.
 SAMPLE = 10
@@ -182,25 +182,28 @@ def bisect(
     return found, attempts, None, len(found)
 
 
-def index_sources(engine: Engine, tables: Tables, decl: dict[str, Any]) -> None:
+def staged_rows(engine: Engine, tables: Tables, ex: dict[str, Any]) -> list[WorkRows]:
+    """An execution's staged updates and inserts, of every table it writes."""
+    decl = ex["declaration"]
+    return [work_rows(engine, tables[t], ex["execution_id"], action)
+            for action, written in ((UPDATE, decl["updates"]), (INSERT, decl["inserts"]))
+            for t in written]
+
+
+def index_sources(engine: Engine, tables: Tables, ex: dict[str, Any]) -> None:
     """The stage's index by driving row (``state.ensure_source_index``), made if the transform
     dropped it: every attempt below picks a range of driving rows, and the hold-back deletes by
     them. Before any transaction of the caller (DDL commits on MySQL)."""
-    for table in written_tables(decl):
-        state.ensure_source_index(engine, mirror_table(engine, tables[table], "stage"))
+    for stage in distinct_tables(staged_rows(engine, tables, ex)):
+        state.ensure_source_index(engine, stage)
 
 
 def source_ids(conn: Connection, engine: Engine, tables: Tables, ex: dict[str, Any]) -> array:
     """The distinct driving row ids of an execution's staged changes, ascending (8 bytes each)."""
-    decl, execution_id = ex["declaration"], ex["execution_id"]
-    parts = []
-    for table in written_tables(decl):
-        st = mirror_table(engine, tables[table], "stage")
-        parts.append(
-            select(st.c.dp_source_id.label("s")).where(
-                st.c.dp_execution_id == execution_id, st.c.dp_source_id.is_not(None)
-            )
-        )
+    parts = [
+        select(st.c.dp_source_id.label("s")).where(st.mine, st.c.dp_source_id.is_not(None))
+        for st in staged_rows(engine, tables, ex)
+    ]
     ids = array("q")
     if not parts:
         return ids
@@ -278,7 +281,7 @@ def find_refused(
     with engine.connect() as conn:
         ex = load_execution(conn, execution_id)
     tables = state.reflect_tables(engine, ex["declaration"]["tables"])
-    index_sources(engine, tables, ex["declaration"])
+    index_sources(engine, tables, ex)
     with engine.connect() as conn:
         ids = source_ids(conn, engine, tables, ex)
     result = SearchResult()
@@ -309,16 +312,14 @@ def describe_sources(
         chunk = [int(i) for i in ids[start : start + CHUNK]]
         for table, cols in decl["updates"].items():
             live = tables[table]
-            st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
-            on = and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq,
-                      bk.c.dp_action == BACKUP)
+            st = work_rows(engine, live, execution_id, UPDATE)
+            bk = work_rows(engine, live, execution_id, BACKUP)
             q = (
-                select(st.c.dp_source_id, st.c.dp_seq, *[bk.c[c] for c in cols],
+                select(st.c.dp_source_id, st.seq, *[bk.c[c] for c in cols],
                        *[st.c[c] for c in cols])
-                .select_from(st.join(bk, on))
-                .where(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE,
-                       st.c.dp_source_id.in_(chunk))
-                .order_by(st.c.dp_source_id, st.c.dp_seq)
+                .select_from(st.table.join(bk.table, bk.at(st.seq)))
+                .where(st.mine, st.c.dp_source_id.in_(chunk))
+                .order_by(st.c.dp_source_id, st.seq)
             )
             for row in conn.execute(q):
                 before, after = row[2 : 2 + len(cols)], row[2 + len(cols) :]
@@ -329,11 +330,10 @@ def describe_sources(
                 ]
                 parts[int(row[0])].append(f"{table} {row[1]}: " + ", ".join(changed))
         for table in decl["inserts"]:
-            st = mirror_table(engine, tables[table], "stage")
+            st = work_rows(engine, tables[table], execution_id, INSERT)
             q = (
                 select(st.c.dp_source_id, func.count())
-                .where(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT,
-                       st.c.dp_source_id.in_(chunk))
+                .where(st.mine, st.c.dp_source_id.in_(chunk))
                 .group_by(st.c.dp_source_id)
             )
             for source, n in conn.execute(q):
@@ -355,7 +355,7 @@ def hold_back(engine: Engine, execution_id: str, refused: dict[int, Refusal]) ->
         ex = load_execution(conn, execution_id)
     decl = ex["declaration"]
     tables = state.reflect_tables(engine, decl["tables"])
-    index_sources(engine, tables, decl)
+    index_sources(engine, tables, ex)
     ids = sorted(refused)
     with write_transaction(engine) as conn:
         values = describe_sources(conn, engine, tables, ex, ids)
@@ -367,18 +367,12 @@ def hold_back(engine: Engine, execution_id: str, refused: dict[int, Refusal]) ->
         ]
         for start in range(0, len(rows), CHUNK):
             conn.execute(insert(rejects), rows[start : start + CHUNK])
-        for table in written_tables(decl):
-            st = mirror_table(engine, tables[table], "stage")
+        for st in staged_rows(engine, tables, ex):
             for start in range(0, len(ids), CHUNK):
-                conn.execute(
-                    delete(st).where(st.c.dp_execution_id == execution_id,
-                                     st.c.dp_source_id.in_(ids[start : start + CHUNK]))
-                )
-        driving = mirror_table(engine, tables[decl["driving_table"]], "stage")
+                conn.execute(st.delete(st.c.dp_source_id.in_(ids[start : start + CHUNK])))
+        driving = work_rows(engine, tables[decl["driving_table"]], execution_id, UPDATE)
         left = conn.execute(
-            select(func.count()).select_from(driving).where(
-                driving.c.dp_execution_id == execution_id, driving.c.dp_action == UPDATE
-            )
+            select(func.count()).select_from(driving.table).where(driving.mine)
         ).scalar_one()
         set_execution(conn, execution_id, staged_updates=left, heartbeat_at=utcnow())
     return rows

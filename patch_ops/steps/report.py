@@ -7,16 +7,17 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from sqlalchemy import Integer, Numeric, and_, case, func, select
+from sqlalchemy import Integer, Numeric, case, func, select
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
 from patch_ops.charts import ChangeSpread, below_edges, change_histogram, histogram_markdown
 from patch_ops.execution import HELD_BACK, config_of, jsonable, load_execution, run_context
 from patch_ops.patch import Patch
-from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE, mirror_table
+from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE
 from patch_ops.steps.drift import drift_markdown
 from patch_ops.steps.result import SAMPLE_ROWS, Aggregates, ResultView
+from patch_ops.work_rows import work_rows
 
 SECTION_ROWS = 1000  # rows of each extra report section kept in the JSON report
 SECTION_ROWS_MD = 50  # ... and shown in the Markdown report
@@ -141,11 +142,9 @@ def build_report(
 
         for table, cols in decl["updates"].items():
             live = tables[table]
-            st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
-            joined = st.join(
-                bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id, bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)
-            )
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+            st = work_rows(engine, live, execution_id, UPDATE)
+            bk = work_rows(engine, live, execution_id, BACKUP)
+            joined = st.table.join(bk.table, bk.at(st.seq))
             numeric = [c for c in cols if _is_numeric(live.c[c])]
             rows, *vals = aggregated(f"updates:{table}")
             guessed = edges.get(table, {})
@@ -168,11 +167,11 @@ def build_report(
                     counted[c] = (guessed[c], list(vals[at : at + inner]))
                     at += inner
             sample = conn.execute(
-                select(st.c.dp_seq.label("id"), *[bk.c[c].label(f"{c}_before") for c in cols],
+                select(st.seq.label("id"), *[bk.c[c].label(f"{c}_before") for c in cols],
                        *[st.c[c].label(f"{c}_after") for c in cols])
                 .select_from(joined)
-                .where(cond)
-                .order_by(st.c.dp_seq)
+                .where(st.mine)
+                .order_by(st.seq)
                 .limit(SAMPLE_ROWS)
             ).mappings()
             report["updates"][table] = {
@@ -182,18 +181,17 @@ def build_report(
                 "sample": [{k: jsonable(v) for k, v in r.items()} for r in sample],
                 # The distribution of each numeric change that is not the same for every row.
                 "histograms": {
-                    c: change_histogram(conn, st, bk, c, execution_id, spread=spreads[c],
+                    c: change_histogram(conn, st, bk, c, spread=spreads[c],
                                         counted=counted.get(c)).to_json()
                     for c, s in stats.items()
                     if s["min_change"] != s["max_change"]
                 },
             }
         for table, cols in decl["inserts"].items():
-            st = mirror_table(engine, tables[table], "stage")
-            cond = and_(st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT)
+            st = work_rows(engine, tables[table], execution_id, INSERT)
             rows = aggregated(f"inserts:{table}")[0]
             sample = conn.execute(
-                select(*[st.c[c] for c in cols]).where(cond).order_by(st.c.dp_seq).limit(SAMPLE_ROWS)
+                select(*[st.c[c] for c in cols]).where(st.mine).order_by(st.seq).limit(SAMPLE_ROWS)
             ).mappings()
             report["inserts"][table] = {
                 "rows": rows,

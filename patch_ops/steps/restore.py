@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, insert, not_, or_, select, update
+from sqlalchemy import func, insert, not_, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from patch_ops import state
@@ -38,10 +38,11 @@ from patch_ops.execution import (
     set_execution,
     utcnow,
 )
-from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
+from patch_ops.state import BACKUP, INSERT, UPDATE, executions
 from patch_ops.steps.apply import find_conflicts, lock_target_rows
 from patch_ops.steps.locks import acquire_locks
 from patch_ops.steps.report import md_table
+from patch_ops.work_rows import work_rows
 
 CONFLICT_SAMPLE = 10
 
@@ -83,39 +84,29 @@ def restore_rows(
     # Conflicting rows → their source rows; every change of such a source is left alone.
     bad_sources: set[int] = set()
     for table, ids in conflicts.items():
-        st = mirror_table(engine, tables[table], "stage")
+        upd = work_rows(engine, tables[table], execution_id, UPDATE)
+        ins = work_rows(engine, tables[table], execution_id, INSERT)
         for chunk in _chunks(ids, 1000):
             # A live id is dp_seq of an updated row but id of an inserted one (a table can be
             # both updated and inserted into: match each action on its own key).
-            bad_sources.update(
-                s
-                for s in conn.execute(
-                    select(st.c.dp_source_id).where(
-                        st.c.dp_execution_id == execution_id,
-                        or_(
-                            and_(st.c.dp_action == UPDATE, st.c.dp_seq.in_(chunk)),
-                            and_(st.c.dp_action == INSERT, inserted_id(st, ex, table).in_(chunk)),
-                        ),
-                    )
-                ).scalars()
-                if s is not None
-            )
+            for q in (select(upd.c.dp_source_id).where(upd.mine, upd.seq.in_(chunk)),
+                      select(ins.c.dp_source_id).where(
+                          ins.mine, inserted_id(ins, ex, table).in_(chunk))):
+                bad_sources.update(s for s in conn.execute(q).scalars() if s is not None)
     keep_out = list(bad_sources)
     updated: dict[str, int] = {}
     deleted: dict[str, int] = {}
     for table, cols in decl["updates"].items():
         live = tables[table]
-        st, bk = mirror_table(engine, live, "stage"), mirror_table(engine, live, "backup")
-        cond = [bk.c.dp_execution_id == execution_id, bk.c.dp_action == BACKUP, live.c.id == bk.c.dp_seq]
-        to_restore = select(st.c.dp_seq).where(
-            st.c.dp_execution_id == execution_id,
-            st.c.dp_action == UPDATE,
+        st = work_rows(engine, live, execution_id, UPDATE)
+        bk = work_rows(engine, live, execution_id, BACKUP)
+        to_restore = st.select_seq().where(
             *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
         )
         if apply:
             res = conn.execute(
                 update(live)
-                .where(*cond, bk.c.dp_seq.in_(to_restore))
+                .where(bk.at(live.c.id), bk.seq.in_(to_restore))
                 .values({c: bk.c[c] for c in cols})
             )
             updated[table] = res.rowcount
@@ -125,11 +116,9 @@ def restore_rows(
             ).scalar_one()
     for table in reversed(list(decl["inserts"])):  # children before the parents they point to
         live = tables[table]
-        st = mirror_table(engine, live, "stage")
+        st = work_rows(engine, live, execution_id, INSERT)
         to_delete = select(inserted_id(st, ex, table)).where(
-            st.c.dp_execution_id == execution_id,
-            st.c.dp_action == INSERT,
-            *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
+            st.mine, *([not_(st.c.dp_source_id.in_(keep_out))] if keep_out else []),
         )
         if apply:
             deleted[table] = dialect_of(conn).delete_ids(conn, live, to_delete)
@@ -204,23 +193,12 @@ def _missing_backup(conn: Connection, engine: Engine, target_id: str, decl: dict
     tables = state.reflect_tables(engine, decl["tables"])
     missing = []
     for table in decl["updates"]:
-        st = mirror_table(engine, tables[table], "stage")
-        bk = mirror_table(engine, tables[table], "backup")
+        st = work_rows(engine, tables[table], target_id, UPDATE)
+        bk = work_rows(engine, tables[table], target_id, BACKUP)
         n = conn.execute(
             select(func.count())
-            .select_from(
-                st.outerjoin(
-                    bk,
-                    and_(
-                        bk.c.dp_execution_id == st.c.dp_execution_id,
-                        bk.c.dp_seq == st.c.dp_seq,
-                        bk.c.dp_action == BACKUP,
-                    ),
-                )
-            )
-            .where(
-                st.c.dp_execution_id == target_id, st.c.dp_action == UPDATE, bk.c.dp_seq.is_(None)
-            )
+            .select_from(st.table.outerjoin(bk.table, bk.at(st.seq)))
+            .where(st.mine, bk.seq.is_(None))
         ).scalar_one()
         if n:
             missing.append(f"{table} ({n:,} rows)")
@@ -241,13 +219,13 @@ def _conflict_sample(
     out: dict[str, Any] = {}
     for table, ids in conflicts.items():
         live = tables[table]
-        st = mirror_table(engine, live, "stage")
+        action = UPDATE if table in decl["updates"] else INSERT
+        st = work_rows(engine, live, target_id, action)
         cols = list(
             dict.fromkeys([*decl["updates"].get(table, []), *decl["inserts"].get(table, [])])
         )
         first = ids[:CONFLICT_SAMPLE]
-        key = st.c.dp_seq if table in decl["updates"] else inserted_id(st, target, table)
-        action = UPDATE if table in decl["updates"] else INSERT
+        key = st.seq if action == UPDATE else inserted_id(st, target, table)
         rows = conn.execute(
             select(
                 key.label("id"),
@@ -256,8 +234,8 @@ def _conflict_sample(
                 *[st.c[c].label(f"{c}_patched") for c in cols],
                 *[live.c[c].label(f"{c}_now") for c in cols],
             )
-            .select_from(st.outerjoin(live, live.c.id == key))
-            .where(st.c.dp_execution_id == target_id, st.c.dp_action == action, key.in_(first))
+            .select_from(st.table.outerjoin(live, live.c.id == key))
+            .where(st.mine, key.in_(first))
             .order_by(key)
         ).mappings()
         sample = []

@@ -32,7 +32,6 @@ from sqlalchemy import (
     Select,
     SelectBase,
     Subquery,
-    and_,
     case,
     func,
     literal,
@@ -55,7 +54,8 @@ from patch_ops.execution import (
     load_execution,
 )
 from patch_ops.patch import Invariant, Patch, Tables
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
+from patch_ops.state import BACKUP, INSERT, UPDATE
+from patch_ops.work_rows import WorkRows, work_rows
 
 SAMPLE_ROWS = 10
 
@@ -80,48 +80,41 @@ class ResultView:
     #: table -> the live ids its committed inserts span: read once, however many checks ask
     spans: dict[str, tuple[int, int] | None] = field(default_factory=dict, repr=False)
 
-    def _stage(self, table: str):  # type: ignore[no-untyped-def]
-        return mirror_table(self.engine, self.tables[table], "stage")
-
-    def _backup(self, table: str):  # type: ignore[no-untyped-def]
-        return mirror_table(self.engine, self.tables[table], "backup")
+    def _rows(self, table: str, action: str) -> WorkRows:
+        return work_rows(self.engine, self.tables[table], self.execution_id, action)
 
     def _cols(self, table: str) -> list[str]:
         return [c.name for c in self.tables[table].columns]
 
     def updated(self, table: str):  # type: ignore[no-untyped-def]
-        st, bk, live = self._stage(table), self._backup(table), self.tables[table]
+        st, bk = self._rows(table, UPDATE), self._rows(table, BACKUP)
+        live = self.tables[table]
         changed = self.declaration["updates"].get(table, ())
-        on_backup = and_(
-            bk.c.dp_execution_id == st.c.dp_execution_id,
-            bk.c.dp_seq == st.c.dp_seq,
-            bk.c.dp_action == BACKUP,
-        )
+        on_backup = bk.at(st.seq)
         if self.committed:
             # Every staged update has its backup row, so a LEFT JOIN is the same join; but on
             # its primary key it lets PostgreSQL drop the backup from a query that reads no
             # before_ column: one join over every updated row less for each such check.
-            joined = st.outerjoin(bk, on_backup).join(live, live.c.id == st.c.dp_seq)
+            joined = st.table.outerjoin(bk.table, on_backup).join(live, live.c.id == st.seq)
             # what was committed beside what is live: verification compares them in the pass
             cols = [live.c[c] for c in self._cols(table)]
             cols += [st.c[c].label(f"dp_staged_{c}") for c in changed]
         else:
-            joined = st.join(bk, on_backup)
+            joined = st.table.join(bk.table, on_backup)
             # id from the stage's primary key, so joins on it can use the index
             cols = [
-                (st.c.dp_seq if c == "id" else st.c[c] if c in changed else bk.c[c]).label(c)
+                (st.seq if c == "id" else st.c[c] if c in changed else bk.c[c]).label(c)
                 for c in self._cols(table)
             ]
         q = (
             select(*cols, *[bk.c[c].label(f"before_{c}") for c in changed], st.c.dp_source_id)
             .select_from(joined)
-            .where(st.c.dp_execution_id == self.execution_id, st.c.dp_action == UPDATE)
+            .where(st.mine)
         )
         return q.subquery(f"updated_{table}")
 
     def inserted(self, table: str):  # type: ignore[no-untyped-def]
-        st, live = self._stage(table), self.tables[table]
-        cond = and_(st.c.dp_execution_id == self.execution_id, st.c.dp_action == INSERT)
+        st, live = self._rows(table, INSERT), self.tables[table]
         if self.committed:
             if table not in self.spans:
                 with self.engine.connect() as conn:
@@ -137,14 +130,15 @@ class ResultView:
                 # are the rows it inserted, so the stage is joined only for its columns. As a
                 # LEFT JOIN on the stage's key, PostgreSQL and MariaDB leave it out of a check
                 # that reads none of them (the invariants: a join over every inserted row less)
-                on = and_(cond, st.c.dp_seq == live.c.id - offset)
-                q = q.select_from(live.outerjoin(st, on)).where(live.c.id.between(*span))
+                q = q.select_from(live.outerjoin(st.table, st.at(live.c.id - offset)))
+                q = q.where(live.c.id.between(*span))
             else:
-                q = q.join(st, live.c.id == inserted_id(st, self.execution, table)).where(cond)
+                q = q.join(st.table, live.c.id == inserted_id(st, self.execution, table))
+                q = q.where(st.mine)
                 if span is not None:
                     q = q.where(live.c.id.between(*span))
         else:
-            q = select(*[st.c[c] for c in self._cols(table)], st.c.dp_source_id).where(cond)
+            q = select(*[st.c[c] for c in self._cols(table)], st.c.dp_source_id).where(st.mine)
         return q.subquery(f"inserted_{table}")
 
     def table(self, table: str):  # type: ignore[no-untyped-def]
@@ -164,14 +158,10 @@ class ResultView:
             return where(
                 select(*live.c, literal(None, type_=Integer).label("dp_source_id")), live
             ).subquery(name)
-        st = self._stage(table)
+        st = self._rows(table, UPDATE)
         # NOT EXISTS, not NOT IN: PostgreSQL runs NOT IN (subquery) as a nested loop when the
         # subquery does not fit in work_mem (quadratic at a million rows); an anti-join is linear
-        staged = select(st.c.dp_seq).where(
-            st.c.dp_execution_id == self.execution_id,
-            st.c.dp_action == UPDATE,
-            st.c.dp_seq == live.c.id,
-        )
+        staged = select(st.seq).where(st.at(live.c.id))
         untouched = select(*live.c, literal(None, type_=Integer).label("dp_source_id")).where(
             ~staged.exists()
         )

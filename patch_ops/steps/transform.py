@@ -35,7 +35,7 @@ from patch_ops.execution import (
 )
 from patch_ops.patch import PYTHON_PATH, SQL_PATH, Changes, Patch, PatchRunConfig
 from patch_ops.sql_checks import sql_path_problem
-from patch_ops.state import BACKUP, INSERT, UPDATE, executions, mirror_table
+from patch_ops.state import BACKUP, INSERT, UPDATE, executions
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
     BatchSizer,
@@ -43,11 +43,12 @@ from patch_ops.steps.batching import (
     fractional,
     pause_execution,
     read_columns,
-    stage_tables,
+    stage_rows,
     unreadable_sources,
     window_stop,
 )
 from patch_ops.steps.transform_sql import run_sql_transform
+from patch_ops.work_rows import Stages, distinct_tables, work_rows
 from resources.memory import MemoryGuard
 
 if TYPE_CHECKING:  # pandas is for the op processes: loading the code location skips it
@@ -144,8 +145,8 @@ def run_transform(
         return run_sql_transform(engine, patch, ex, sizer, memory, log, on_progress,
                                  connections)
     tables = state.reflect_tables(engine, patch.tables())
-    backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
-    stages = stage_tables(engine, tables, patch.tables())
+    backups = {t: work_rows(engine, tables[t], execution_id, BACKUP) for t in patch.tables()}
+    stages = stage_rows(engine, tables, patch, execution_id)
     driving = backups[patch.driving_table]
     live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
 
@@ -187,11 +188,10 @@ def run_transform(
                     .where(
                         # the whole primary key prefix (dp_action too): an index range scan
                         # from the cursor, not a walk from the execution's first row each batch
-                        driving.c.dp_execution_id == execution_id,
-                        driving.c.dp_action == BACKUP,
-                        driving.c.dp_seq > cursor,
+                        driving.mine,
+                        driving.seq > cursor,
                     )
-                    .order_by(driving.c.dp_seq)
+                    .order_by(driving.seq)
                     .limit(size),
                 )
                 if not rows:
@@ -211,21 +211,17 @@ def run_transform(
                     rel_rows = fetch_rows(
                         conn,
                         select(*read_columns(b, tables[rel], live_cols[rel]))
-                        .where(b.c.dp_execution_id == execution_id, b.c[fk].between(lo, hi))
-                        .order_by(b.c.dp_seq),
+                        .where(b.mine, b.c[fk].between(lo, hi))
+                        .order_by(b.seq),
                     )
                     frames[rel] = _frame(rel_rows, live_cols[rel], tables[rel])
-                unreadable = unreadable_sources(
-                    conn, patch, backups, tables, execution_id, lo, hi
-                )
+                unreadable = unreadable_sources(conn, patch, backups, tables, lo, hi)
             if unreadable:
                 frames = without_sources(patch, frames, {r["source_id"] for r in unreadable})
             changes = patch.transform(frames, config, ctx)
             accepted, reject_rows = _validate_batch(patch, frames, changes)
             reject_rows += unreadable
-            staged, n_upd, n_ins = _stage_rows(
-                patch, accepted, stages, execution_id, staged_inserts
-            )
+            staged, n_upd, n_ins = _stage_rows(patch, accepted, stages, staged_inserts)
             staged_inserts += n_ins
             for r in reject_rows:
                 r["execution_id"] = execution_id
@@ -272,15 +268,14 @@ def run_transform(
     with write_transaction(engine) as conn:
         set_execution(conn, execution_id, phase="transformed", peak_rss_mb=budget.peak_rss_mb)
         ex = load_execution(conn, execution_id)
-    state.analyze(engine, list(stages.values()))
+    state.analyze(engine, distinct_tables(stages.values()))
     return step_counts(ex)
 
 
 def _stage_rows(
     patch: Patch,
     accepted: Changes,
-    stages: dict[str, Any],
-    execution_id: str,
+    stages: Stages,
     staged_inserts: int,
 ) -> tuple[list[tuple[Any, pd.DataFrame]], int, int]:
     """A batch's accepted changes as stage rows: ([(stage table, rows)], updated rows of the
@@ -292,8 +287,9 @@ def _stage_rows(
         if not df.empty:
             upd = df[["source_id", "id", *patch.updates[table]]]
             upd = upd.rename(columns={"source_id": "dp_source_id"})
-            upd = upd.assign(dp_execution_id=execution_id, dp_action=UPDATE, dp_seq=upd["id"])
-            staged.append((stages[table], upd))
+            rows = stages[(UPDATE, table)]
+            upd = upd.assign(**rows.values(), dp_seq=upd["id"])
+            staged.append((rows.table, upd))
             if table == patch.driving_table:
                 n_upd += len(upd)
     for table, df in accepted.inserts.items():
@@ -302,9 +298,10 @@ def _stage_rows(
             ins = ins.rename(columns={"source_id": "dp_source_id"})
             first = staged_inserts + n_ins + 1
             seq = range(first, first + len(ins))
-            ins = ins.assign(dp_execution_id=execution_id, dp_action=INSERT, dp_seq=seq)
+            rows = stages[(INSERT, table)]
+            ins = ins.assign(**rows.values(), dp_seq=seq)
             n_ins += len(ins)
-            staged.append((stages[table], ins))
+            staged.append((rows.table, ins))
     return staged, n_upd, n_ins
 
 

@@ -40,7 +40,6 @@ from sqlalchemy import (
     String,
     and_,
     case,
-    delete,
     func,
     insert,
     literal,
@@ -71,7 +70,7 @@ from patch_ops.execution import (
 )
 from patch_ops.patch import Patch, SqlChanges
 from patch_ops.sql_checks import UNIQUE, SqlCheck, case_text, compile_schema, failing
-from patch_ops.state import BACKUP, FAILED, INSERT, UPDATE, executions, mirror_table
+from patch_ops.state import BACKUP, FAILED, INSERT, UPDATE, executions
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
     BatchSizer,
@@ -79,10 +78,11 @@ from patch_ops.steps.batching import (
     pause_execution,
     paused_message,
     read_columns,
-    stage_tables,
+    stage_rows,
     unreadable_sources,
     window_stop,
 )
+from patch_ops.work_rows import Stages, WorkRows, distinct_tables, work_rows
 from resources.memory import MemoryGuard
 
 
@@ -262,8 +262,8 @@ def run_sql_transform(
     execution_id = str(ex["execution_id"])
     config, ctx = config_of(patch, ex), run_context(ex)
     tables = state.reflect_tables(engine, patch.tables())
-    backups = {t: mirror_table(engine, tables[t], "backup") for t in patch.tables()}
-    stages = stage_tables(engine, tables, patch.tables())
+    backups = {t: work_rows(engine, tables[t], execution_id, BACKUP) for t in patch.tables()}
+    stages = stage_rows(engine, tables, patch, execution_id)
     checks = {t: compile_schema(m) for t, m in patch.schemas.items()}
     live_cols = {t: [c.name for c in tables[t].columns] for t in patch.tables()}
     driving = backups[patch.driving_table]
@@ -274,8 +274,7 @@ def run_sql_transform(
     progress_of = Progress(done, total, sizer, on_progress)
     paused, optimistic = False, True
     aside = engine if connections > 1 and dialect_of(engine).features.row_locks else None
-    _drop_unfinished_inserts(engine, execution_id, staged_inserts,
-                             [stages[t] for t in patch.inserts])
+    _drop_unfinished_inserts(engine, staged_inserts, [stages[(INSERT, t)] for t in patch.inserts])
     if done:
         log.info(f"resuming transform in the database at id > {cursor} ({done:,}/{total:,} done)")
     last = False  # the last batch read: no probe for more (the target set is frozen)
@@ -285,10 +284,9 @@ def run_sql_transform(
             batch_started = time.monotonic()
             size = sizer.size
             keys = (
-                select(driving.c.dp_seq)
-                .where(driving.c.dp_execution_id == execution_id, driving.c.dp_action == BACKUP,
-                       driving.c.dp_seq > cursor)
-                .order_by(driving.c.dp_seq)
+                select(driving.seq)
+                .where(driving.mine, driving.seq > cursor)
+                .order_by(driving.seq)
                 .limit(size)
                 .subquery()
             )
@@ -303,11 +301,10 @@ def run_sql_transform(
                     break
                 batch_no += 1
                 hi, last = int(hi), n < size  # a short batch: the backup holds no more
-                unreadable = unreadable_sources(conn, patch, backups, tables, execution_id,
-                                                cursor + 1, hi)
+                unreadable = unreadable_sources(conn, patch, backups, tables, cursor + 1, hi)
                 skip = sorted({int(r["source_id"]) for r in unreadable})
-                before = {t: _before(patch, t, backups[t], tables[t], live_cols[t], execution_id,
-                                     cursor, hi, skip)
+                before = {t: _before(patch, t, backups[t], tables[t], live_cols[t], cursor, hi,
+                                     skip)
                           for t in [patch.driving_table, *patch.related]}
                 changes = patch.sql_transform(before, config, ctx)
                 if changes is None:
@@ -316,7 +313,7 @@ def run_sql_transform(
                 staged = None
                 if optimistic:
                     staged = _stage_in_one_pass(conn, patch, changes, batch, stages, checks,
-                                              execution_id, staged_inserts, aside)
+                                                staged_inserts, aside)
                 bad: set[int] = set()
                 reject_rows: list[dict[str, Any]] = []
                 if staged is None:
@@ -331,8 +328,8 @@ def run_sql_transform(
                             select(rel.c.source_id).where(failing(checks[t], rel)).correlate(None)
                             for t, rel in batch.checked.items() if checks.get(t)
                         ]).subquery("failing_sources")
-                    staged = _stage(conn, patch, changes, batch, stages, execution_id,
-                                    staged_inserts, failing_sources=failing_sources)
+                    staged = _stage(conn, patch, changes, batch, stages, staged_inserts,
+                                    failing_sources=failing_sources)
                 # a batch with failing rows is staged in two passes; so is the next one
                 optimistic = not bad
                 n_upd, n_ins = staged
@@ -371,13 +368,13 @@ def run_sql_transform(
     with write_transaction(engine) as conn:
         set_execution(conn, execution_id, phase="transformed", peak_rss_mb=budget.peak_rss_mb)
         ex = load_execution(conn, execution_id)
-    state.analyze(engine, list(stages.values()))
+    state.analyze(engine, distinct_tables(stages.values()))
     return step_counts(ex)
 
 
 def _stage(
-    conn: Connection, patch: Patch, changes: SqlChanges, batch: _Batch, stages: dict[str, Any],
-    execution_id: str, staged_inserts: int, failing_sources: FromClause | None = None,
+    conn: Connection, patch: Patch, changes: SqlChanges, batch: _Batch, stages: Stages,
+    staged_inserts: int, failing_sources: FromClause | None = None,
     marks: dict[str, list[SqlCheck]] | None = None, only: Collection[str] | None = None,
 ) -> tuple[int, int]:
     """Stage the batch (its tables in ``only``, else all) with one ``INSERT ... SELECT`` per
@@ -401,15 +398,15 @@ def _stage(
                 numbered = numbered.where(_kept(rel, failing_sources))
             src = numbered.subquery(f"numbered_{table}")
             seq = src.c.dp_rn + literal(staged_inserts + n_ins, BigInteger)
-        action: ColumnElement[Any] = literal(UPDATE if updated else INSERT, String)
+        rows = stages[(UPDATE if updated else INSERT, table)]
+        action: ColumnElement[Any] | None = None
         if marks and marks.get(table):
-            action = case((failing(marks[table], src), literal(FAILED, String)), else_=action)
-        key = literal(execution_id, stages[table].c.dp_execution_id.type)
-        q = select(key, action, seq, src.c.source_id, *[src.c[c] for c in cols])
+            action = case((failing(marks[table], src), literal(FAILED, String)),
+                          else_=literal(rows.action, String))
+        q = select(seq, src.c.source_id, *[src.c[c] for c in cols])
         if failing_sources is not None and updated:
             q = q.where(_kept(rel, failing_sources))
-        target = ["dp_execution_id", "dp_action", "dp_seq", "dp_source_id", *cols]
-        res = conn.execute(insert(stages[table]).from_select(target, q),
+        res = conn.execute(rows.fill(["dp_seq", "dp_source_id", *cols], q, action),
                            execution_options={"preserve_rowcount": True})
         if not updated:
             n_ins += res.rowcount
@@ -419,9 +416,8 @@ def _stage(
 
 
 def _stage_in_one_pass(
-    conn: Connection, patch: Patch, changes: SqlChanges, batch: _Batch, stages: dict[str, Any],
-    checks: dict[str, list[SqlCheck]], execution_id: str, staged_inserts: int,
-    aside: Engine | None = None,
+    conn: Connection, patch: Patch, changes: SqlChanges, batch: _Batch, stages: Stages,
+    checks: dict[str, list[SqlCheck]], staged_inserts: int, aside: Engine | None = None,
 ) -> tuple[int, int] | None:
     """Stage the batch in one pass, its checks evaluated in the same statements: a failing row
     is staged as ``FAILED``. When none is (the usual case) the batch is staged, its checks
@@ -439,17 +435,9 @@ def _stage_in_one_pass(
              for t, cs in checks.items()}
 
     def staged(on: Connection, tables: Collection[str]) -> tuple[int, int] | None:
-        counts = _stage(on, patch, changes, batch, stages, execution_id, staged_inserts,
-                        marks=marks, only=tables)
-        # In primary-key order: a bare LIMIT 1 or count(*) took 0.1 s a batch on PostgreSQL
-        # (200k rows; the stage's statistics are of before this load), this a few ms.
-        failed = [
-            select(st.c.dp_seq)
-            .where(st.c.dp_execution_id == execution_id, st.c.dp_action == FAILED)
-            .order_by(st.c.dp_execution_id, st.c.dp_action, st.c.dp_seq)
-            .limit(1)
-            for st in [stages[t] for t in tables if marks.get(t)]
-        ]
+        counts = _stage(on, patch, changes, batch, stages, staged_inserts, marks=marks,
+                        only=tables)
+        failed = [stages[(FAILED, t)].first() for t in tables if marks.get(t)]
         return None if any(on.execute(q).first() is not None for q in failed) else counts
 
     inserted = [t for t in batch.checked if t not in changes.updates]
@@ -497,15 +485,14 @@ def _beside(here: Callable[[], Any], other: Connection, there: Callable[[], Any]
             raise
 
 
-def _drop_unfinished_inserts(engine: Engine, execution_id: str, staged_inserts: int,
-                             stages: list[Any]) -> None:
+def _drop_unfinished_inserts(engine: Engine, staged_inserts: int,
+                             inserts: list[WorkRows]) -> None:
     """Drop the execution's inserted rows staged after its ``staged_inserts``: a batch's,
     committed on their own connection just before a crash kept the batch from committing
     (``_stage_in_one_pass``); it is staged again."""
     with write_transaction(engine) as conn:
-        for st in stages:
-            conn.execute(delete(st).where(st.c.dp_execution_id == execution_id,
-                                          st.c.dp_action == INSERT, st.c.dp_seq > staged_inserts))
+        for ins in inserts:
+            conn.execute(ins.delete(ins.seq > staged_inserts))
 
 
 def _kept(rel: FromClause, failing_sources: FromClause) -> ColumnElement[bool]:
@@ -514,26 +501,22 @@ def _kept(rel: FromClause, failing_sources: FromClause) -> ColumnElement[bool]:
 
 
 def _before(
-    patch: Patch, table: str, backup: Any, live: Any, columns: list[str], execution_id: str,
-    cursor: int, hi: int, skip: list[int],
+    patch: Patch, table: str, backup: WorkRows, live: Any, columns: list[str], cursor: int,
+    hi: int, skip: list[int],
 ) -> FromClause:
     """The batch's before-images of ``table`` (driving ids in (``cursor``, ``hi``]), with the
     live columns as the pandas path reads them, without the ``skip``ped (unreadable) sources."""
     b = backup
     if table == patch.driving_table:
         key = b.c.id
-        where: list[ColumnElement[bool]] = [
-            b.c.dp_execution_id == execution_id, b.c.dp_action == BACKUP,
-            b.c.dp_seq > cursor, b.c.dp_seq <= hi,
-        ]
+        where: list[ColumnElement[bool]] = [b.mine, b.seq > cursor, b.seq <= hi]
     else:
         key = b.c[patch.related[table]]
-        where = [b.c.dp_execution_id == execution_id, b.c.dp_action == BACKUP,
-                 key > cursor, key <= hi]
+        where = [b.mine, key > cursor, key <= hi]
     if skip:
         where.append(key.not_in(skip))
     # ``id`` as dp_seq (a backup's dp_seq is the row's id): joins on id are primary-key lookups
     # (SQLite joined two such subqueries on the unindexed id column row by row: quadratic).
-    cols = [b.c.dp_seq.label("id") if c == "id" else c for c in columns]
+    cols = [b.seq.label("id") if c == "id" else c for c in columns]
     read = [c if not isinstance(c, str) else read_columns(b, live, [c])[0] for c in cols]
     return select(*read).where(and_(*where)).subquery(f"batch_{table}")

@@ -16,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, func, inspect, select, union_all
+from sqlalchemy import func, inspect, select, union_all
 from sqlalchemy.engine import Engine
 
 from patch_ops.patch import Tables
-from patch_ops.state import BACKUP, INSERT, UPDATE, mirror_table
+from patch_ops.state import BACKUP, INSERT, UPDATE
 from patch_ops.steps.batching import BatchSizer
 from patch_ops.steps.holdback import Refusal, trial_attempt
+from patch_ops.work_rows import work_rows
 
 
 @dataclass
@@ -52,17 +53,13 @@ def sliced_trial(
     one of several is then checked for a unique value two slices share."""
     execution_id, decl = ex["execution_id"], ex["declaration"]
     keys = [(UPDATE, t) for t in decl["updates"]] + [(INSERT, t) for t in decl["inserts"]]
-    stages = {key: mirror_table(engine, tables[key[1]], "stage") for key in keys}
-
-    def mine(key: tuple[str, str]) -> Any:
-        st = stages[key]
-        return and_(st.c.dp_execution_id == execution_id, st.c.dp_action == key[0])
+    stages = {key: work_rows(engine, tables[key[1]], execution_id, key[0]) for key in keys}
 
     counts: dict[tuple[str, str], int] = {}
     after: dict[tuple[str, str], int] = {}  # the last dp_seq tried, per (action, table)
     with engine.connect() as conn:
         for key, st in stages.items():
-            n, first = conn.execute(select(func.count(), func.min(st.c.dp_seq)).where(mine(key))).one()
+            n, first = conn.execute(select(func.count(), func.min(st.seq)).where(st.mine)).one()
             if n:
                 counts[key], after[key] = int(n), int(first) - 1
     base = max(counts.values(), default=0)
@@ -77,8 +74,8 @@ def sliced_trial(
         with engine.connect() as conn:
             for key, last in list(after.items()):
                 st, rows = stages[key], -(-size * counts[key] // base)  # its share, rounded up
-                page = (select(st.c.dp_seq).where(mine(key), st.c.dp_seq > last)
-                        .order_by(st.c.dp_seq).limit(rows).subquery())
+                page = (st.select_seq().where(st.seq > last)
+                        .order_by(st.seq).limit(rows).subquery())
                 hi = conn.execute(select(func.max(page.c.dp_seq))).scalar()
                 if hi is None:
                     del after[key]
@@ -116,24 +113,22 @@ def shared_unique_value(engine: Engine, tables: Tables, ex: dict[str, Any]) -> R
     execution_id, decl = ex["execution_id"], ex["declaration"]
     for table in {*decl["updates"], *decl["inserts"]}:
         written = {*decl["updates"].get(table, ()), *decl["inserts"].get(table, ())}
-        st = mirror_table(engine, tables[table], "stage")
         for name, cols in unique_keys(engine, table):
             if not written & set(cols):
                 continue
             parts = []
             if table in decl["updates"]:
-                bk = mirror_table(engine, tables[table], "backup")
-                on = and_(bk.c.dp_execution_id == st.c.dp_execution_id,
-                          bk.c.dp_action == BACKUP, bk.c.dp_seq == st.c.dp_seq)
+                st = work_rows(engine, tables[table], execution_id, UPDATE)
+                bk = work_rows(engine, tables[table], execution_id, BACKUP)
                 wrote = set(decl["updates"][table])
                 parts.append(
                     select(*[(st.c[c] if c in wrote else bk.c[c]).label(c) for c in cols])
-                    .select_from(st.join(bk, on))
-                    .where(st.c.dp_execution_id == execution_id, st.c.dp_action == UPDATE)
+                    .select_from(st.table.join(bk.table, bk.at(st.seq)))
+                    .where(st.mine)
                 )
             if set(cols) <= set(decl["inserts"].get(table, ())):
-                parts.append(select(*[st.c[c] for c in cols]).where(
-                    st.c.dp_execution_id == execution_id, st.c.dp_action == INSERT))
+                ins = work_rows(engine, tables[table], execution_id, INSERT)
+                parts.append(select(*[ins.c[c] for c in cols]).where(ins.mine))
             if not parts:
                 continue
             rows = union_all(*parts).subquery()

@@ -16,11 +16,12 @@ from patch_ops.charts import (
     nice_edges,
 )
 from patch_ops.database import get_engine
-from patch_ops.state import BACKUP
+from patch_ops.state import BACKUP, UPDATE
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.report import approved_edges, build_report
 from patch_ops.steps.transform import run_transform
+from patch_ops.work_rows import WorkRows
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import default_registry
 from stockrx_patches.seed import seed_demo
@@ -83,6 +84,11 @@ def _mirrors(engine: Any) -> tuple[Any, Any]:
     return state.mirror_table(engine, live, "stage"), state.mirror_table(engine, live, "backup")
 
 
+def _rows(st: Any, bk: Any, execution_id: str) -> tuple[WorkRows, WorkRows]:
+    """The execution's staged updates and before-images, as change_histogram pairs them."""
+    return WorkRows(st, execution_id, UPDATE), WorkRows(bk, execution_id, BACKUP)
+
+
 def _changes_in_python(engine: Any, execution_id: str) -> list[float]:
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
@@ -120,7 +126,7 @@ def test_change_histogram_counts_every_staged_update_once(
     engine, execution_id = _staged_execution(database_url, **config)
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
-        hist = change_histogram(conn, st, bk, "price", execution_id, max_buckets=12)
+        hist = change_histogram(conn, *_rows(st, bk, execution_id), "price", max_buckets=12)
     changes = _changes_in_python(engine, execution_id)
     assert hist.rows == len(changes) > 0
     assert sum(hist.counts) == hist.rows
@@ -168,7 +174,7 @@ def test_change_histogram_counts_as_one_condition_per_bucket_did(
     engine, execution_id = _staged_execution(database_url, **config)
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
-        hist = change_histogram(conn, st, bk, "price", execution_id)
+        hist = change_histogram(conn, *_rows(st, bk, execution_id), "price")
     assert hist.rows > 0
     assert list(hist.counts) == _counts_per_bucket_condition(engine, execution_id, hist.edges)
     engine.dispose()
@@ -190,7 +196,7 @@ def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
     engine, execution_id = _staged_execution(database_url, **config)
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
-        alone = change_histogram(conn, st, bk, "price", execution_id)
+        alone = change_histogram(conn, *_rows(st, bk, execution_id), "price")
     report = build_report(engine, execution_id)["updates"]["inventories"]
     assert bool(alone.rows) == has_changes, alone  # "changes" must not pass on an empty histogram
     if has_changes:
@@ -260,8 +266,8 @@ def test_change_histogram_of_an_execution_without_updates(sqlite_url: str) -> No
     )
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
-        hist = change_histogram(conn, st, bk, "price", execution_id)
-        md = histogram_markdown(change_histogram(conn, st, bk, "price", execution_id))
+        hist = change_histogram(conn, *_rows(st, bk, execution_id), "price")
+        md = histogram_markdown(change_histogram(conn, *_rows(st, bk, execution_id), "price"))
     assert hist.rows == 0 and hist.counts == ()
     assert "No changed price values." in md
     engine.dispose()
@@ -273,7 +279,7 @@ def test_change_histogram_of_a_constant_change_is_one_bucket(sqlite_url: str) ->
     )
     st, bk = _mirrors(engine)
     with engine.connect() as conn:
-        hist = change_histogram(conn, st, bk, "inventory_logs_count", execution_id)
+        hist = change_histogram(conn, *_rows(st, bk, execution_id), "inventory_logs_count")
     assert hist.edges == (1.0, 1.0) and hist.counts == (hist.rows,)
     assert "| +1 | " in histogram_markdown(hist)
     engine.dispose()
@@ -285,7 +291,7 @@ def test_change_histogram_rejects_an_unknown_column(sqlite_url: str) -> None:
     )
     st, bk = _mirrors(engine)
     with engine.connect() as conn, pytest.raises(KeyError):
-        change_histogram(conn, st, bk, "no_such_column", execution_id)
+        change_histogram(conn, *_rows(st, bk, execution_id), "no_such_column")
     engine.dispose()
 
 

@@ -43,6 +43,7 @@ from patch_ops.execution import CommitConflict, load_execution
 from patch_ops.state import INSERT, UPDATE, mirror_table, targets
 from patch_ops.steps.apply import lock_target_rows, staged_inserts
 from patch_ops.steps.commit import commit_execution
+from patch_ops.work_rows import WorkRows
 from stockrx_patches.seed import seed_demo
 from stockrx_patches.tables import create_stockrx_schema, inventories, inventory_logs
 from tests.support.mysql import MySQLServer, MySQLUnavailable, app_engine, mysql_required
@@ -504,7 +505,7 @@ def test_staged_inserts_get_known_ids_while_the_application_inserts(mysql_url):
     try:
         time.sleep(0.2)
         with write_transaction(engine) as conn:
-            ins = staged_inserts(conn, inventory_logs, stage, "e")
+            ins = staged_inserts(conn, inventory_logs, WorkRows(stage, "e", INSERT))
             assert ins is not None
             inserted, offset = dialect_of(conn).insert_staged(conn, ins, [
                 c.name for c in inventory_logs.columns if c.name != "id"])
@@ -544,7 +545,7 @@ def test_staged_inserts_take_the_way_the_servers_lock_mode_allows(request, lock_
                  lambda _c, _cur, sql, *_: sent.append(" ".join(sql.split())))
     with write_transaction(engine) as conn:
         assert mysql_rows.autoinc_lock_mode(conn) == lock_mode
-        ins = staged_inserts(conn, inventory_logs, stage, "e")
+        ins = staged_inserts(conn, inventory_logs, WorkRows(stage, "e", INSERT))
         assert ins is not None
         assert dialect_of(conn).insert_staged(conn, ins, [
             c.name for c in inventory_logs.columns if c.name != "id"])[0] == 30

@@ -25,6 +25,7 @@ from patch_ops.database import get_engine, write_transaction
 from patch_ops.dialects import dialect_of, mysql_rows
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import staged_inserts
+from patch_ops.work_rows import WorkRows
 from stockrx_patches.tables import inventory_logs
 from tests.support import stockrx as sx
 from tests.support.mysql import MySQLServer, app_engine
@@ -70,7 +71,7 @@ def _insert_staged(
     engine: Engine, live: Table, stage: Table, way: Way = mysql_rows.insert_staged
 ) -> tuple[int, int | None]:
     with write_transaction(engine) as conn:
-        ins = staged_inserts(conn, live, stage, "e")
+        ins = staged_inserts(conn, live, WorkRows(stage, "e", INSERT))
         assert ins is not None
         return way(conn, ins, [c.name for c in live.columns if c.name != "id"])
 
@@ -165,7 +166,7 @@ def test_a_staged_insert_past_the_time_limit_is_cancelled(mysql_url, way):
         app.exec_driver_sql("INSERT INTO things (s) VALUES ('a')")  # not committed
         with pytest.raises(OperationalError) as err, write_transaction(engine) as conn:
             dialect_of(conn).set_statement_timeout(conn, 0.5)
-            ins = staged_inserts(conn, live, stage, "e")
+            ins = staged_inserts(conn, live, WorkRows(stage, "e", INSERT))
             assert ins is not None
             way(conn, ins, ["s"])
         app.rollback()

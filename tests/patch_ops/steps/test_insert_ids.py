@@ -13,6 +13,7 @@ from patch_ops.dialects import dialect_of
 from patch_ops.execution import new_execution_id
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import assign_insert_ids
+from patch_ops.work_rows import WorkRows
 from stockrx_patches.tables import inventory_logs
 from tests.support.stockrx import T0, hand_built
 
@@ -55,7 +56,7 @@ def test_insert_ids_are_one_block_in_dp_seq_order(database_url):
     ids_before_insert(engine)
     with engine.begin() as conn:
         _physical_order_scans(conn)
-        offset = assign_insert_ids(conn, inventory_logs, stage, E)
+        offset = assign_insert_ids(conn, inventory_logs, WorkRows(stage, E, INSERT))
         staged_ids = conn.execute(select(stage.c.id).where(stage.c.dp_execution_id == E)).scalars()
         assert set(staged_ids) == {None}  # the stage is not rewritten
     assert offset is not None
@@ -77,7 +78,7 @@ def test_ids_from_a_broken_block_go_to_the_stage_in_dp_seq_order(pg_url):
         conn.exec_driver_sql("ALTER SEQUENCE inventory_logs_id_seq INCREMENT BY 2")
     with engine.begin() as conn:
         _physical_order_scans(conn)
-        assert assign_insert_ids(conn, inventory_logs, stage, E) is None
+        assert assign_insert_ids(conn, inventory_logs, WorkRows(stage, E, INSERT)) is None
         rows = conn.execute(
             select(stage.c.dp_seq, stage.c.id).where(stage.c.dp_execution_id == E)
             .order_by(stage.c.dp_seq)
@@ -98,4 +99,4 @@ def test_a_live_table_without_an_id_sequence_is_named(pg_url):
     with engine.begin() as conn, pytest.raises(ValueError, match=(
             r"^inventory_logs\.id has no sequence to draw new ids from: make it a serial or "
             r"identity column$")):
-        assign_insert_ids(conn, inventory_logs, stage, E)
+        assign_insert_ids(conn, inventory_logs, WorkRows(stage, E, INSERT))

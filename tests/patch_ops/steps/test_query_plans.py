@@ -17,6 +17,7 @@ from patch_ops.execution import config_of, inserted_id_range, load_execution
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import find_conflicts
 from patch_ops.steps.result import ResultView
+from patch_ops.work_rows import WorkRows
 from stockrx_patches.registry import default_registry
 from tests.support.stockrx import latest_execution, run_patch, seeded
 
@@ -108,7 +109,7 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     live = tables["inventory_logs"]
     st = mirror_table(engine, live, "stage")
     with engine.connect() as conn:
-        span = inserted_id_range(conn, st, ex, "inventory_logs")
+        span = inserted_id_range(conn, WorkRows(st, ex["execution_id"], INSERT), ex, "inventory_logs")
         staged = conn.execute(
             select(func.count()).select_from(st).where(
                 st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == INSERT
