@@ -129,7 +129,7 @@ def change_histogram(
     (``patch_ops.work_rows``); a staged update is paired with the before-image of the same
     ``dp_seq``. Rows where either side is NULL are left out.
 
-    The pairing is a join on the mirrors' primary keys. The engine ANALYZEs both mirrors after
+    The pairing is a join on the two tables' primary keys. The engine ANALYZEs both after
     loading them (backup, transform). Without statistics PostgreSQL estimated one row per side
     and picked a nested loop, quadratic at scale, which is why this once was a GROUP BY over
     ``UNION ALL``: 10.6 s for the two queries at a million rows, where the report's sums take

@@ -25,8 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops.database import write_transaction
 from patch_ops.patch import Patch, PatchRunConfig, PatchSettings, RunContext
 from patch_ops.state import FAILED, INSERT, executions, locks
-from patch_ops.target_sets import delete_shared_targets, drop_target_tables
-from patch_ops.work_rows import WORK_ACTIONS, WorkRows, existing_rows
+from patch_ops.target_sets import delete_shared_targets
+from patch_ops.work_rows import WORK_ACTIONS, WorkRows, drop_own_tables, existing_rows
 
 #: Phase of an execution whose transform stopped at its deadline (the end of its maintenance
 #: window), status 'paused': progress kept, table locks released, continued by a later run.
@@ -180,8 +180,8 @@ def finish_execution(
     **values: Any,
 ) -> None:
     """Close an execution: status, completion time, locks released, scratch data dropped (but
-    the ``fingerprint`` of an approving dry run: ``drop_work_rows``), then its target set
-    tables. A committed execution closed as failed (not restored) is ``UNVERIFIED``: its data
+    the ``fingerprint`` of an approving dry run: ``drop_work_rows``), then its tables of its
+    own. A committed execution closed as failed (not restored) is ``UNVERIFIED``: its data
     changed."""
     dropped: list[str] = []
     with write_transaction(engine) as conn:
@@ -199,7 +199,8 @@ def finish_execution(
         conn.execute(delete(locks).where(locks.c.execution_id == execution_id))
         if not keep_work_tables:
             dropped = drop_work_rows(conn, execution_id, fingerprint)
-    drop_target_tables(engine, execution_id, dropped)  # after that commit (DDL commits on MySQL)
+    # after that commit (DDL commits on MySQL)
+    drop_own_tables(engine, [execution_id], dropped, fingerprint)
 
 
 def stop_execution(engine: Engine, execution_id: str, stop: dict[str, Any]) -> dict[str, Any]:
@@ -255,15 +256,15 @@ def drop_work_rows(
     """Backup/stage/target rows of an execution that never reached live tables. Of the tables
     in ``fingerprint`` its backup rows and staged updates stay: an approving dry run's record of
     what it read and would write (``steps.drift``), dropped when it can approve nothing.
-    Returns its declared tables: the caller drops their target set tables after its commit
-    (``target_sets.drop_target_tables``)."""
+    Returns its declared tables: the caller drops its tables of its own of them after its
+    commit (``work_rows.drop_own_tables``)."""
     ex = load_execution(conn, execution_id)
     decl = ex.get("declaration") or {}
     for table in decl.get("tables", []):
         # a fingerprint's backup rows stay, and its staged updates
         for action in (INSERT, FAILED) if table in fingerprint else WORK_ACTIONS:
             rows = existing_rows(conn, table, execution_id, action)
-            if rows is not None:
+            if rows is not None and rows.shared:  # tables of its own are dropped after
                 conn.execute(rows.delete())
     delete_shared_targets(conn, execution_id)
     # data_patch_rejects stays: it explains why a run failed.

@@ -5,11 +5,12 @@
   (table, id); each new execution's are tables of their own (``patch_ops.target_sets``).
 - ``data_patch_rejects``: rows whose transform output failed validation.
 - ``data_patch_locks``: one row per table while an execution holds it.
-- per target table T, mirror tables built from T's reflected columns:
-  ``data_patch_backup__T`` (before-images) and ``data_patch_stage__T`` (after-images of updated
-  rows, and rows to insert); an approving dry run's stay as its fingerprint
-  (``patch_ops.steps.drift``; earlier versions copied them to ``data_patch_approved__T``).
-  They have every column of T, nullable and unconstrained, plus ``dp_*`` bookkeeping columns.
+- work rows tables built from a live table T's reflected columns (``work_table``): every
+  column of T, nullable and unconstrained, plus ``dp_*`` bookkeeping columns. Each new
+  execution's are tables of its own (``patch_ops.work_rows`` decides where they are); earlier
+  versions' executions keep theirs in the shared mirrors ``data_patch_backup__T``
+  (before-images) and ``data_patch_stage__T`` (after-images of updated rows, rows to insert;
+  earlier still, fingerprints were copied to ``data_patch_approved__T``).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ BACKUP, UPDATE, INSERT = "B", "U", "I"
 #: write inside a savepoint that is then rolled back: never committed, never read by a step.
 FAILED = "F"
 
-_mirror_cache: dict[tuple[str, str | None, str, str], Table] = {}
+_mirror_cache: dict[tuple[str, str | None, str], Table] = {}
 _mirror_lock = threading.Lock()
 
 
@@ -205,20 +206,32 @@ def mirror_name(kind: str, table: str) -> str:
 def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
     """A mirror (``MIRROR_KINDS``) of a live table, created (or widened) to match its columns."""
     assert kind in MIRROR_KINDS
+    return work_table(engine, live, mirror_name(kind, live.name), shared=True)
+
+
+def work_table(engine: Engine, live: Table, name: str, shared: bool) -> Table:
+    """Table ``name`` of work rows of live table ``live``, created (or widened) to match its
+    columns: ``dp_seq``, ``dp_source_id`` and every column of ``live``, nullable and
+    unconstrained. A ``shared`` mirror holds every execution's rows, keyed by (``dp_execution_id``,
+    ``dp_action``, ``dp_seq``); a table of one execution's rows of one action is keyed by
+    ``dp_seq`` alone (``patch_ops.work_rows``)."""
     schema = framework_schema(engine)
-    key = (str(engine.url), schema, kind, live.name)
+    key = (str(engine.url), schema, name)
     with _mirror_lock:
         cached = _mirror_cache.get(key)
         if cached is not None and set(live.c.keys()) <= set(cached.c.keys()):
             return cached
-        for name in live.c.keys():
-            if name in MIRROR_COLUMNS:
-                raise ValueError(f"{live.name}.{name} collides with the engine's bookkeeping columns")
+        for col in live.c.keys():
+            if col in MIRROR_COLUMNS:
+                raise ValueError(f"{live.name}.{col} collides with the engine's bookkeeping columns")
         md = MetaData()
-        cols: list[Column[Any]] = [
+        owner: list[Column[Any]] = [
             Column("dp_execution_id", EXECUTION_KEY, nullable=False),
             Column("dp_action", key_string(1), nullable=False),
-            Column("dp_seq", BigInteger, nullable=False),
+        ] if shared else []
+        cols: list[Column[Any]] = [
+            *owner,
+            Column("dp_seq", BigInteger, nullable=False, autoincrement=False),
             Column("dp_source_id", BigInteger),
         ]
         cols += [Column(c.name, c.type, nullable=True) for c in live.columns]
@@ -227,10 +240,10 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
         # (the search for refused rows and their hold-back) make it first (``ensure_source_index``)
         # and the transform drops it (``drop_source_index``).
         table = Table(
-            mirror_name(kind, live.name),
+            name,
             md,
             *cols,
-            PrimaryKeyConstraint("dp_execution_id", "dp_action", "dp_seq"),
+            PrimaryKeyConstraint(*[c.name for c in owner], "dp_seq"),
             schema=schema,
             **mirror_table_options(live),
         )
@@ -240,50 +253,40 @@ def mirror_table(engine: Engine, live: Table, kind: str) -> Table:
         return table
 
 
-def source_index_name(kind: str, table: str) -> str:
-    return f"ix_{mirror_name(kind, table)}_src"
-
-
-def drop_backup_source_index(engine: Engine, backup: Table) -> None:
-    """Drop the ``dp_source_id`` index an earlier version made on a backup mirror (its rows
-    have no source: it only slowed the bulk backup insert). A one-time migration, so called by
-    the plan only, before the backup it would slow: each op that merely reads the mirror paid
-    a catalog query for it."""
-    table = backup.name.removeprefix(mirror_name("backup", ""))
-    drop_unread_index(engine, backup, source_index_name("backup", table))
-
-
-def drop_unread_index(engine: Engine, mirror: Table, name: str) -> None:
-    """Drop index ``name`` of ``mirror`` if it exists (nothing reads it now; it only slows the
-    bulk inserts), on a connection of its own: DDL commits on MySQL."""
-    _source_index_ddl(engine, mirror, name, present=False)
+def source_index_name(table: str) -> str:
+    """The name of the ``dp_source_id`` index of work rows table ``table``."""
+    return f"ix_{table}_src"
 
 
 def drop_source_index(engine: Engine, stage: Table) -> None:
     """Before the transform's inserts: drop the stage's ``dp_source_id`` index if a reader made
     it (``ensure_source_index``). An index only, never a constraint: the rows are the same."""
-    drop_unread_index(engine, stage, _stage_source_index(stage))
+    _source_index_ddl(engine, stage, present=False)
 
 
 def ensure_source_index(engine: Engine, stage: Table) -> None:
     """Before a reader that picks stage rows by driving row (the refusal search, the hold-back):
-    make the stage's (``dp_execution_id``, ``dp_source_id``) index if it is missing (one sort of
+    make the stage's ``dp_source_id`` index (after ``dp_execution_id`` on a shared mirror) if it is missing (one sort of
     the stage; a transform killed or dropped it since, it is made again here). On a connection
     of its own, outside any transaction: DDL commits on MySQL."""
-    _source_index_ddl(engine, stage, _stage_source_index(stage), present=True)
+    _source_index_ddl(engine, stage, present=True)
 
 
-def _stage_source_index(stage: Table) -> str:
-    return source_index_name("stage", stage.name.removeprefix(mirror_name("stage", "")))
+def _owned_index(mirror: Table, column: str) -> list[Any]:
+    """An index's columns on ``column`` of a work rows table: after the execution on a shared
+    mirror, alone on a table of one execution's rows."""
+    return [*([mirror.c.dp_execution_id] if "dp_execution_id" in mirror.c else []),
+            mirror.c[column]]
 
 
-def _source_index_ddl(engine: Engine, mirror: Table, name: str, present: bool) -> None:
-    """Make (``present``) or drop the ``dp_source_id`` index ``name`` of ``mirror``, unless it
-    already is so."""
+def _source_index_ddl(engine: Engine, mirror: Table, present: bool) -> None:
+    """Make (``present``) or drop the ``dp_source_id`` index of ``mirror``, unless it already
+    is so."""
+    name = source_index_name(mirror.name)
     made = catalog(engine).inspector.get_indexes(mirror.name, schema=mirror.schema)
     if (name in {ix["name"] for ix in made}) == present:
         return
-    index = Index(name, mirror.c.dp_execution_id, mirror.c.dp_source_id)
+    index = Index(name, *_owned_index(mirror, "dp_source_id"))
     try:
         (index.create if present else index.drop)(engine)
     except DBAPIError as exc:
@@ -349,7 +352,7 @@ def ensure_mirror_index(engine: Engine, mirror: Table, column: str) -> None:
     name = f"ix_{mirror.name}_{column}"[:60]
     index = next((ix for ix in mirror.indexes if ix.name == name), None)
     if index is None:
-        index = Index(name, mirror.c.dp_execution_id, mirror.c[column])
+        index = Index(name, *_owned_index(mirror, column))
     try:
         index.create(engine, checkfirst=True)
     except DBAPIError:
@@ -363,6 +366,14 @@ def forget_mirrors() -> None:
     """Drop this process's cache of mirror tables (what a fresh op process starts with)."""
     with _mirror_lock:
         _mirror_cache.clear()
+
+
+def drop_work_table(engine: Engine, name: str) -> None:
+    """Drop work rows table ``name`` if it exists, and this process's record of it."""
+    schema = framework_schema(engine)
+    with _mirror_lock:
+        _mirror_cache.pop((str(engine.url), schema, name), None)
+    Table(name, MetaData(), schema=schema).drop(engine, checkfirst=True)
 
 
 def require_tables(bind: Engine | Connection, names: tuple[str, ...] | list[str]) -> None:

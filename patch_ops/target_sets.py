@@ -61,11 +61,15 @@ class TargetSet:
         return select(self.row_id).where(self.mine)
 
 
-def target_table_name(execution_id: str, table: str) -> str:
-    """``data_patch_targets_`` and 32 hex digits (51 characters: within MySQL's 64, PostgreSQL's
-    63), the same for the same execution and table in every process."""
+def own_table_name(kind: str, execution_id: str, table: str) -> str:
+    """``data_patch_<kind>_`` and 32 hex digits (51 characters for ``targets``: within MySQL's
+    64, PostgreSQL's 63), the same for the same execution and table in every process."""
     digest = hashlib.sha256(f"{execution_id}\0{table}".encode()).hexdigest()[:32]
-    return f"data_patch_targets_{digest}"
+    return f"data_patch_{kind}_{digest}"
+
+
+def target_table_name(execution_id: str, table: str) -> str:
+    return own_table_name("targets", execution_id, table)
 
 
 def own_table(bind: Engine | Connection, execution_id: str, table: str) -> Table:
@@ -122,8 +126,8 @@ def target_ids(conn: Connection, execution_id: str, table: str) -> Select[tuple[
 def delete_shared_targets(conn: Connection, execution_id: str) -> None:
     """Delete an earlier version's execution's ids from the shared table, in ``conn``'s
     transaction. An execution's own tables are not emptied row by row: they are dropped after
-    the transaction that closes it (``drop_target_tables``; a DROP would commit that transaction
-    on MySQL), and a crash in between leaves them to the purge, which finds them by name. No
+    the transaction that closes it (``work_rows.drop_own_tables``; a DROP would commit that
+    transaction on MySQL), and a crash in between leaves them to the purge, which finds them by name. No
     step reads the target set of another execution than its own, so rows left there are inert."""
     if not own_storage(conn, execution_id):
         conn.execute(delete(targets).where(targets.c.execution_id == execution_id))
@@ -150,11 +154,4 @@ def target_counts(conn: Connection, execution_id: str, tables: Iterable[str]) ->
         t.name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
         for t in existing_tables(conn, execution_id, tables)
     }
-
-
-def drop_target_tables(engine: Engine, execution_id: str, tables: Iterable[str]) -> None:
-    """Drop an execution's target set tables if they exist, each on a connection of its own,
-    after the transaction that closed the execution (a finished dry run, the purge)."""
-    for name in tables:
-        own_table(engine, execution_id, name).drop(engine, checkfirst=True)
 

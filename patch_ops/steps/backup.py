@@ -44,8 +44,9 @@ def take_backup(engine: Engine, execution_id: str, log: Any = None) -> dict[str,
             cols = [c.name for c in live.columns]
             counts[table] = conn.execute(
                 backup.fill(
-                    ["dp_seq", "dp_source_id", *cols],
-                    select(live.c.id, literal(None, type_=Integer), *[live.c[c] for c in cols])
+                    live.c.id,
+                    ["dp_source_id", *cols],
+                    select(literal(None, type_=Integer), *[live.c[c] for c in cols])
                     .where(live.c.id.in_(ids)),
                 ),
                 execution_options=ROWCOUNT,

@@ -26,7 +26,7 @@ from patch_ops.execution import (
 )
 from patch_ops.failpoints import failpoint
 from patch_ops.patch import Patch
-from patch_ops.state import FAILED, INSERT, UPDATE, drop_source_index, locks
+from patch_ops.state import INSERT, UPDATE, drop_source_index, locks
 from patch_ops.windows import now_naive as clock_now
 from patch_ops.work_rows import Stages, WorkRows, distinct_tables, work_rows
 
@@ -67,12 +67,11 @@ class Progress:
 def stage_rows(engine: Engine, tables: Any, patch: Patch,
                execution_id: str) -> Stages:
     """The execution's stage rows by (action, table): ``UPDATE`` of each table the patch updates,
-    ``INSERT`` of each it inserts into, ``FAILED`` of both; their mirrors without the
-    ``dp_source_id`` index: nothing reads it during the batches, and kept up it was a third of
-    the staging inserts' time. The readers that need it make it again, whenever this ran or was
-    killed (``state.ensure_source_index``)."""
+    ``INSERT`` of each it inserts into; their tables without the ``dp_source_id`` index:
+    nothing reads it during the batches, and kept up it was a third of the staging inserts'
+    time. The readers that need it make it again, whenever this ran or was killed
+    (``state.ensure_source_index``)."""
     wanted = [(UPDATE, t) for t in patch.updates] + [(INSERT, t) for t in patch.inserts]
-    wanted += [(FAILED, t) for t in patch.written_tables()]
     stages = {(a, t): work_rows(engine, tables[t], execution_id, a) for a, t in wanted}
     for stage in distinct_tables(stages.values()):
         drop_source_index(engine, stage)

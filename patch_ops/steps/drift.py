@@ -67,7 +67,13 @@ from patch_ops.state import (
     rejects,
 )
 from patch_ops.target_sets import TargetSet, target_sets
-from patch_ops.work_rows import WorkRows, delete_work_rows, existing_rows
+from patch_ops.work_rows import (
+    OWN_WORK_ROWS,
+    WorkRows,
+    delete_work_rows,
+    drop_own_tables,
+    existing_rows,
+)
 
 #: The mirror kind earlier versions kept fingerprints in: still dropped with them (the purge).
 APPROVED = "approved"
@@ -128,7 +134,7 @@ def keep_fingerprint(
             raise PlanRefused(f"drift column(s) missing in table {table!r}: {', '.join(missing)}")
     with write_transaction(engine) as conn:
         ex = load_execution(conn, execution_id)
-        _forget_unusable(conn, patch, execution_id, settings.plan_valid_hours)
+        own = _forget_unusable(conn, patch, execution_id, settings.plan_valid_hours)
         backed_up = (ex["report"] or {}).get("backup") or {}
         report = dict(ex["report"] or {})
         report["approval_fingerprint"] = {
@@ -137,14 +143,16 @@ def keep_fingerprint(
             "kept_in": KEPT_IN,
         }
         set_execution(conn, execution_id, report=report)
+    drop_own_tables(engine, own, patch.tables())  # after that commit (DDL commits on MySQL)
     return list(cols)
 
 
-def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: float) -> None:
+def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: float) -> list[str]:
     """Drop the fingerprints of this patch's earlier dry runs that can approve nothing: not
     completed, older than ``valid_hours``, or used by a real run that committed (a cancelled
     one's work rows stay: a run with its config continues it). Their ids are read first and
-    deleted by key (``delete_work_rows``)."""
+    deleted by key (``delete_work_rows``). Returns those whose work rows are tables of their
+    own that still stand, for the caller to drop after its transaction."""
     real = executions.alias("real")
     used = (
         select(real.c.execution_id)
@@ -152,7 +160,8 @@ def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: 
                real.c.phase.in_(USED_PHASES))
         .exists()
     )
-    gone = conn.execute(select(executions.c.execution_id, executions.c.status).where(
+    gone = conn.execute(select(executions.c.execution_id, executions.c.status,
+                               executions.c.storage).where(
         executions.c.patch_name == patch.name,
         executions.c.dry_run.is_(True),  # only a dry run keeps a fingerprint
         executions.c.execution_id != current,
@@ -163,15 +172,17 @@ def _forget_unusable(conn: Connection, patch: Patch, current: str, valid_hours: 
             used,
         ),
     )).all()
-    kept = [i for i, status in gone if status == "completed"]
-    legacy = [i for i, _ in gone]
+    kept = [(i, (storage or 0) >= OWN_WORK_ROWS) for i, status, storage in gone
+            if status == "completed"]
+    legacy = [i for i, *_ in gone]
     for table in patch.tables():
-        delete_work_rows(conn, table, kept)
+        delete_work_rows(conn, table, [i for i, own in kept if not own])
         mirror = state.mirror_by_name(conn, mirror_name(APPROVED, table)) if legacy else None
         if mirror is not None:
             for at in range(0, len(legacy), PAGE):
                 page = legacy[at : at + PAGE]
                 conn.execute(delete(mirror).where(mirror.c.dp_execution_id.in_(page)))
+    return [i for i, own in kept if own]
 
 
 def drop_fingerprint(conn: Connection, execution_id: str, tables: list[str]) -> int:

@@ -47,9 +47,10 @@ from patch_ops.patch import (
     Tables,
 )
 from patch_ops.sql_checks import sql_path_problem
-from patch_ops.state import executions, mirror_table
+from patch_ops.state import executions
 from patch_ops.steps.locks import ABANDONED, acquire_locks
-from patch_ops.target_sets import OWN_TARGETS, create_target_tables
+from patch_ops.target_sets import create_target_tables
+from patch_ops.work_rows import OWN_WORK_ROWS, create_work_tables
 
 
 def check_columns(tables: Tables, patch: Patch) -> None:
@@ -196,7 +197,7 @@ def plan_execution(
                 batch_size=batch_size,
                 memory_limit_mb=memory_limit,
                 heartbeat_at=utcnow(),
-                storage=OWN_TARGETS,
+                storage=OWN_WORK_ROWS,
             )
         )
     try:
@@ -220,9 +221,7 @@ def plan_execution(
         with engine.connect() as conn:
             for check in checks:
                 check("before_freeze", conn, info)
-        for table in patch.tables():
-            state.drop_backup_source_index(engine, mirror_table(engine, tables[table], "backup"))
-            mirror_table(engine, tables[table], "stage")
+        work_tables = create_work_tables(engine, tables, execution_id, declaration_of(patch))
         frozen = create_target_tables(engine, execution_id, patch.tables())
         with write_transaction(engine) as conn:
             acquire_locks(conn, patch.tables(), execution_id, dagster_run_id, run_finished, log)
@@ -239,7 +238,7 @@ def plan_execution(
                 phase="planned",
                 target_count=target_count,
                 estimated_seconds=estimate_seconds(conn, patch.name, target_count),
-                report={"targets": counts},
+                report={"targets": counts, "work_tables": work_tables},
             )
             for check in checks:
                 check("after_freeze", conn, info)

@@ -18,8 +18,8 @@ from patch_ops.state import BACKUP, executions
 from patch_ops.steps.drift import APPROVED, drop_fingerprint
 from patch_ops.steps.report import md_table
 from patch_ops.steps.restore import new_execution, recorded
-from patch_ops.target_sets import drop_target_tables, target_counts
-from patch_ops.work_rows import WORK_ACTIONS, WorkRows, existing_rows
+from patch_ops.target_sets import target_counts
+from patch_ops.work_rows import WORK_ACTIONS, WorkRows, drop_own_tables, existing_rows
 
 PURGE_NAME = "purge_expired_backups"
 
@@ -37,7 +37,7 @@ def _work_rows(conn: Connection, execution_id: str, decl: dict[str, Any]) -> dic
                 n = conn.execute(
                     select(func.count()).select_from(rows.table).where(rows.mine)
                 ).scalar_one()
-                if n:
+                if n or not rows.shared:  # a table of its own, empty too: it is dropped
                     counts[rows.table.name] = counts.get(rows.table.name, 0) + n
     counts.update(target_counts(conn, execution_id, (decl or {}).get("tables", [])))
     n = conn.execute(select(func.count()).where(state.rejects.c.execution_id == execution_id)
@@ -131,7 +131,7 @@ def purge_backups(
                     report["backup_purged"] = {"by": purge_id, "at": utcnow().isoformat(" ")}
                     set_execution(conn, f["execution_id"], report=report)
                 # after that commit: a DROP would commit it on MySQL
-                drop_target_tables(engine, f["execution_id"], tables)
+                drop_own_tables(engine, [f["execution_id"]], tables)
         total = sum(sum(f["rows"].values()) for f in found)
         report = {
             "cutoff": cutoff.isoformat(" "),

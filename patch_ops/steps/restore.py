@@ -1,7 +1,7 @@
 """Restore: undo a committed patch execution from its backup.
 
 It needs no patch code: it works from what the execution stored, its ``declaration`` (tables,
-updated and inserted columns) and the backup/stage mirror tables. Updated rows get their
+updated and inserted columns) and its work rows (``patch_ops.work_rows``). Updated rows get their
 before-values back (counter caches included: they are declared columns), inserted rows are
 deleted. A row the application changed after the patch is a conflict: the restore refuses and
 lists them, or with ``skip_conflicts`` leaves every change of the conflicting source rows alone
@@ -84,14 +84,18 @@ def restore_rows(
     # Conflicting rows → their source rows; every change of such a source is left alone.
     bad_sources: set[int] = set()
     for table, ids in conflicts.items():
-        upd = work_rows(engine, tables[table], execution_id, UPDATE)
-        ins = work_rows(engine, tables[table], execution_id, INSERT)
+        # A live id is dp_seq of an updated row but id of an inserted one (a table can be both
+        # updated and inserted into: match each action on its own key).
+        keys = []
+        if table in decl["updates"]:
+            upd = work_rows(engine, tables[table], execution_id, UPDATE)
+            keys.append((upd, upd.seq))
+        if table in decl["inserts"]:
+            ins = work_rows(engine, tables[table], execution_id, INSERT)
+            keys.append((ins, inserted_id(ins, ex, table)))
         for chunk in _chunks(ids, 1000):
-            # A live id is dp_seq of an updated row but id of an inserted one (a table can be
-            # both updated and inserted into: match each action on its own key).
-            for q in (select(upd.c.dp_source_id).where(upd.mine, upd.seq.in_(chunk)),
-                      select(ins.c.dp_source_id).where(
-                          ins.mine, inserted_id(ins, ex, table).in_(chunk))):
+            for rows, key in keys:
+                q = select(rows.c.dp_source_id).where(rows.mine, key.in_(chunk))
                 bad_sources.update(s for s in conn.execute(q).scalars() if s is not None)
     keep_out = list(bad_sources)
     updated: dict[str, int] = {}
@@ -189,7 +193,9 @@ def new_execution(conn: Connection, **values: Any) -> str:
 
 
 def _missing_backup(conn: Connection, engine: Engine, target_id: str, decl: dict[str, Any]) -> str:
-    """Tables with staged updates that have no before-image (backup purged or lost)."""
+    """Tables with staged updates that have no before-image (backup purged or lost). Its first
+    call, before the restore's transaction, finds their tables as ``work_rows`` does (a shared
+    mirror's keys converted, a lost table made empty): the later ones only read them."""
     tables = state.reflect_tables(engine, decl["tables"])
     missing = []
     for table in decl["updates"]:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     SelectBase,
     Subquery,
     case,
+    false,
     func,
     literal,
     literal_column,
@@ -86,7 +87,16 @@ class ResultView:
     def _cols(self, table: str) -> list[str]:
         return [c.name for c in self.tables[table].columns]
 
+    def _none(self, table: str, name: str):  # type: ignore[no-untyped-def]
+        """No rows, in the live table's shape: the changes of a kind the patch does not declare
+        for ``table`` (no work rows table to read, none made for the asking)."""
+        live = self.tables[table]
+        return select(*live.c, literal(None, type_=Integer).label("dp_source_id")).where(
+            false()).subquery(name)
+
     def updated(self, table: str):  # type: ignore[no-untyped-def]
+        if table not in self.declaration["updates"]:
+            return self._none(table, f"updated_{table}")
         st, bk = self._rows(table, UPDATE), self._rows(table, BACKUP)
         live = self.tables[table]
         changed = self.declaration["updates"].get(table, ())
@@ -114,6 +124,8 @@ class ResultView:
         return q.subquery(f"updated_{table}")
 
     def inserted(self, table: str):  # type: ignore[no-untyped-def]
+        if table not in self.declaration["inserts"]:
+            return self._none(table, f"inserted_{table}")
         st, live = self._rows(table, INSERT), self.tables[table]
         if self.committed:
             if table not in self.spans:
@@ -158,17 +170,23 @@ class ResultView:
             return where(
                 select(*live.c, literal(None, type_=Integer).label("dp_source_id")), live
             ).subquery(name)
-        st = self._rows(table, UPDATE)
-        # NOT EXISTS, not NOT IN: PostgreSQL runs NOT IN (subquery) as a nested loop when the
-        # subquery does not fit in work_mem (quadratic at a million rows); an anti-join is linear
-        staged = select(st.seq).where(st.at(live.c.id))
-        untouched = select(*live.c, literal(None, type_=Integer).label("dp_source_id")).where(
-            ~staged.exists()
-        )
-        upd, ins = self.updated(table), self.inserted(table)
-        upd_cols = [upd.c[c] for c in self._cols(table)] + [upd.c.dp_source_id]
-        parts = [where(untouched, live), where(select(*upd_cols), upd), where(select(*ins.c), ins)]
-        return union_all(*parts).subquery(name)
+        untouched = select(*live.c, literal(None, type_=Integer).label("dp_source_id"))
+        parts = []
+        if table in self.declaration["updates"]:
+            st = self._rows(table, UPDATE)
+            # NOT EXISTS, not NOT IN: PostgreSQL runs NOT IN (subquery) as a nested loop when
+            # the subquery does not fit in work_mem (quadratic at a million rows); an anti-join
+            # is linear
+            untouched = untouched.where(~select(st.seq).where(st.at(live.c.id)).exists())
+            upd = self.updated(table)
+            parts.append(where(select(*[upd.c[c] for c in self._cols(table)],
+                                      upd.c.dp_source_id), upd))
+        if table in self.declaration["inserts"]:
+            ins = self.inserted(table)
+            parts.append(where(select(*ins.c), ins))
+        if not parts:
+            return where(untouched, live).subquery(name)
+        return union_all(where(untouched, live), *parts).subquery(name)
 
 
 #: The extra aggregates a caller computes in the invariants' passes: key -> (row source, columns)

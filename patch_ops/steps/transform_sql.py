@@ -37,7 +37,6 @@ from typing import Any, cast
 from sqlalchemy import (
     BigInteger,
     Select,
-    String,
     and_,
     case,
     func,
@@ -70,7 +69,7 @@ from patch_ops.execution import (
 )
 from patch_ops.patch import Patch, SqlChanges
 from patch_ops.sql_checks import UNIQUE, SqlCheck, case_text, compile_schema, failing
-from patch_ops.state import BACKUP, FAILED, INSERT, UPDATE, executions
+from patch_ops.state import BACKUP, INSERT, UPDATE, executions
 from patch_ops.steps.batching import (
     MAX_REJECTS_STORED,
     BatchSizer,
@@ -380,7 +379,7 @@ def _stage(
     """Stage the batch (its tables in ``only``, else all) with one ``INSERT ... SELECT`` per
     written table; returns (updated rows of the driving table, inserted rows). The rows of
     ``failing_sources`` are left out; a row that fails one of its table's ``marks`` is staged
-    with dp_action ``FAILED``."""
+    marked failing (``WorkRows.fill``)."""
     n_upd = n_ins = 0
     for table, rel in batch.checked.items():
         if only is not None and table not in only:
@@ -399,14 +398,11 @@ def _stage(
             src = numbered.subquery(f"numbered_{table}")
             seq = src.c.dp_rn + literal(staged_inserts + n_ins, BigInteger)
         rows = stages[(UPDATE if updated else INSERT, table)]
-        action: ColumnElement[Any] | None = None
-        if marks and marks.get(table):
-            action = case((failing(marks[table], src), literal(FAILED, String)),
-                          else_=literal(rows.action, String))
-        q = select(seq, src.c.source_id, *[src.c[c] for c in cols])
+        q = select(src.c.source_id, *[src.c[c] for c in cols])
         if failing_sources is not None and updated:
             q = q.where(_kept(rel, failing_sources))
-        res = conn.execute(rows.fill(["dp_seq", "dp_source_id", *cols], q, action),
+        fails = failing(marks[table], src) if marks and marks.get(table) else None
+        res = conn.execute(rows.fill(seq, ["dp_source_id", *cols], q, fails),
                            execution_options={"preserve_rowcount": True})
         if not updated:
             n_ins += res.rowcount
@@ -437,7 +433,8 @@ def _stage_in_one_pass(
     def staged(on: Connection, tables: Collection[str]) -> tuple[int, int] | None:
         counts = _stage(on, patch, changes, batch, stages, staged_inserts, marks=marks,
                         only=tables)
-        failed = [stages[(FAILED, t)].first() for t in tables if marks.get(t)]
+        failed = [st.first_failed() for (_, t), st in stages.items()
+                  if t in tables and marks.get(t)]
         return None if any(on.execute(q).first() is not None for q in failed) else counts
 
     inserted = [t for t in batch.checked if t not in changes.updates]

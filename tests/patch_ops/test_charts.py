@@ -21,7 +21,7 @@ from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.report import approved_edges, build_report
 from patch_ops.steps.transform import run_transform
-from patch_ops.work_rows import WorkRows
+from patch_ops.work_rows import WorkRows, work_rows
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import default_registry
 from stockrx_patches.seed import seed_demo
@@ -79,26 +79,21 @@ def _staged_execution(url: str, **config: Any) -> tuple[Any, str]:
     return engine, execution_id
 
 
-def _mirrors(engine: Any) -> tuple[Any, Any]:
+def _rows(engine: Any, execution_id: str) -> tuple[WorkRows, WorkRows]:
+    """The execution's staged updates and before-images of the items, as change_histogram
+    pairs them."""
     live = state.reflect_tables(engine, ["inventories"])["inventories"]
-    return state.mirror_table(engine, live, "stage"), state.mirror_table(engine, live, "backup")
-
-
-def _rows(st: Any, bk: Any, execution_id: str) -> tuple[WorkRows, WorkRows]:
-    """The execution's staged updates and before-images, as change_histogram pairs them."""
-    return WorkRows(st, execution_id, UPDATE), WorkRows(bk, execution_id, BACKUP)
+    return (work_rows(engine, live, execution_id, UPDATE),
+            work_rows(engine, live, execution_id, BACKUP))
 
 
 def _changes_in_python(engine: Any, execution_id: str) -> list[float]:
-    st, bk = _mirrors(engine)
+    st, bk = _rows(engine, execution_id)
     with engine.connect() as conn:
         rows = conn.execute(
             select(st.c.price, bk.c.price)
-            .select_from(
-                st.join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id,
-                                 bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP))
-            )
-            .where(st.c.dp_execution_id == execution_id, st.c.dp_action == state.UPDATE)
+            .select_from(st.table.join(bk.table, bk.at(st.seq)))
+            .where(st.mine)
         ).all()
     return [float(a) - float(b) for a, b in rows]
 
@@ -124,9 +119,9 @@ def test_change_histogram_counts_every_staged_update_once(
     database_url: str, config: dict[str, Any]
 ) -> None:
     engine, execution_id = _staged_execution(database_url, **config)
-    st, bk = _mirrors(engine)
+    updates, before = _rows(engine, execution_id)
     with engine.connect() as conn:
-        hist = change_histogram(conn, *_rows(st, bk, execution_id), "price", max_buckets=12)
+        hist = change_histogram(conn, updates, before, "price", max_buckets=12)
     changes = _changes_in_python(engine, execution_id)
     assert hist.rows == len(changes) > 0
     assert sum(hist.counts) == hist.rows
@@ -140,12 +135,11 @@ def test_change_histogram_counts_every_staged_update_once(
 def _counts_per_bucket_condition(engine: Any, execution_id: str, edges: tuple[float, ...]) -> list[int]:
     """The histogram's counts as the report counted them before session 17: one
     ``COUNT(CASE WHEN edge_i <= change < edge_i+1)`` per bucket, open-ended at both ends."""
-    st, bk = _mirrors(engine)
+    st, bk = _rows(engine, execution_id)
     change = (
         select((st.c.price - bk.c.price).label("change"))
-        .select_from(st.join(bk, and_(bk.c.dp_execution_id == st.c.dp_execution_id,
-                                      bk.c.dp_seq == st.c.dp_seq, bk.c.dp_action == BACKUP)))
-        .where(st.c.dp_execution_id == execution_id, st.c.dp_action == state.UPDATE)
+        .select_from(st.table.join(bk.table, bk.at(st.seq)))
+        .where(st.mine)
         .subquery()
     ).c.change
     n, conds = len(edges) - 1, []
@@ -172,9 +166,9 @@ def test_change_histogram_counts_as_one_condition_per_bucket_did(
     condition per bucket gave (the same comparisons with the same bound edges), in every
     database, changes on an edge included."""
     engine, execution_id = _staged_execution(database_url, **config)
-    st, bk = _mirrors(engine)
+    updates, before = _rows(engine, execution_id)
     with engine.connect() as conn:
-        hist = change_histogram(conn, *_rows(st, bk, execution_id), "price")
+        hist = change_histogram(conn, updates, before, "price")
     assert hist.rows > 0
     assert list(hist.counts) == _counts_per_bucket_condition(engine, execution_id, hist.edges)
     engine.dispose()
@@ -194,9 +188,9 @@ def test_the_impact_report_has_the_histogram_the_chart_makes_on_its_own(
     """The report hands the histogram the spread of the change from its own pass over the pairs;
     the histogram must be the one change_histogram computes by itself."""
     engine, execution_id = _staged_execution(database_url, **config)
-    st, bk = _mirrors(engine)
+    updates, before = _rows(engine, execution_id)
     with engine.connect() as conn:
-        alone = change_histogram(conn, *_rows(st, bk, execution_id), "price")
+        alone = change_histogram(conn, updates, before, "price")
     report = build_report(engine, execution_id)["updates"]["inventories"]
     assert bool(alone.rows) == has_changes, alone  # "changes" must not pass on an empty histogram
     if has_changes:
@@ -264,10 +258,10 @@ def test_change_histogram_of_an_execution_without_updates(sqlite_url: str) -> No
     engine, execution_id = _staged_execution(
         sqlite_url, adjustment_type="percentage", adjustment_value=8, min_price=10**8
     )
-    st, bk = _mirrors(engine)
+    updates, before = _rows(engine, execution_id)
     with engine.connect() as conn:
-        hist = change_histogram(conn, *_rows(st, bk, execution_id), "price")
-        md = histogram_markdown(change_histogram(conn, *_rows(st, bk, execution_id), "price"))
+        hist = change_histogram(conn, updates, before, "price")
+        md = histogram_markdown(change_histogram(conn, updates, before, "price"))
     assert hist.rows == 0 and hist.counts == ()
     assert "No changed price values." in md
     engine.dispose()
@@ -277,9 +271,9 @@ def test_change_histogram_of_a_constant_change_is_one_bucket(sqlite_url: str) ->
     engine, execution_id = _staged_execution(
         sqlite_url, adjustment_type="percentage", adjustment_value=8
     )
-    st, bk = _mirrors(engine)
+    updates, before = _rows(engine, execution_id)
     with engine.connect() as conn:
-        hist = change_histogram(conn, *_rows(st, bk, execution_id), "inventory_logs_count")
+        hist = change_histogram(conn, updates, before, "inventory_logs_count")
     assert hist.edges == (1.0, 1.0) and hist.counts == (hist.rows,)
     assert "| +1 | " in histogram_markdown(hist)
     engine.dispose()
@@ -289,9 +283,9 @@ def test_change_histogram_rejects_an_unknown_column(sqlite_url: str) -> None:
     engine, execution_id = _staged_execution(
         sqlite_url, adjustment_type="percentage", adjustment_value=8
     )
-    st, bk = _mirrors(engine)
+    updates, before = _rows(engine, execution_id)
     with engine.connect() as conn, pytest.raises(KeyError):
-        change_histogram(conn, *_rows(st, bk, execution_id), "no_such_column")
+        change_histogram(conn, updates, before, "no_such_column")
     engine.dispose()
 
 

@@ -13,10 +13,11 @@ from sqlalchemy import func, insert, select, update
 
 from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
-from patch_ops.state import DRIFTED, executions, mirror_by_name, mirror_name, rejects
+from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE, executions, rejects
 from patch_ops.steps.drift import drift_columns
 from patch_ops.steps.purge import purge_backups
 from patch_ops.target_sets import target_counts, target_set
+from patch_ops.work_rows import existing_rows
 from stockrx_patches.definitions import build_definitions
 from stockrx_patches.patches.batch_expiry_update import BatchExpiryUpdate
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
@@ -71,19 +72,20 @@ def times_ten(engine, *items: int) -> None:  # type: ignore[no-untyped-def]
 
 def fingerprint_rows(engine, execution_id: str) -> int:  # type: ignore[no-untyped-def]
     """The dry run's rows kept as its fingerprint: backup rows and staged updates of the items."""
-    return work_rows(engine, execution_id)["backup", "inventories"] + work_rows(
-        engine, execution_id)["stage", "inventories"]
+    rows = kept_rows(engine, execution_id)
+    return rows["backup", "inventories"] + rows["update", "inventories"]
 
 
-def work_rows(engine, execution_id: str) -> dict[tuple[str, str], int]:  # type: ignore[no-untyped-def]
-    """(kind, table) -> the execution's rows in that mirror; ("targets", "") its targets."""
+def kept_rows(engine, execution_id: str) -> dict[tuple[str, str], int]:  # type: ignore[no-untyped-def]
+    """(kind, table) -> the execution's work rows of that kind (``backup``, ``update``,
+    ``insert``: 0 when their table is gone); ("targets", "") its targets."""
     out: dict[tuple[str, str], int] = {}
     with engine.connect() as conn:
-        for kind in ("backup", "stage"):
+        for kind, action in (("backup", BACKUP), ("update", UPDATE), ("insert", INSERT)):
             for table in ("inventories", "inventory_logs"):
-                m = mirror_by_name(conn, mirror_name(kind, table))
-                out[kind, table] = 0 if m is None else int(conn.execute(
-                    select(func.count()).where(m.c.dp_execution_id == execution_id)).scalar_one())
+                rows = existing_rows(conn, table, execution_id, action)
+                out[kind, table] = 0 if rows is None else int(conn.execute(
+                    select(func.count()).select_from(rows.table).where(rows.mine)).scalar_one())
         out["targets", ""] = sum(target_counts(
             conn, execution_id, ["inventories", "inventory_logs"]).values())
     return out
@@ -172,9 +174,10 @@ def test_require_distinct_approver_and_the_fingerprints_lifetime(sqlite_url):
     assert run(sqlite_url, True, "alice", strict).success
     dry_id = latest_execution(engine)["execution_id"]
     # what it read and what it would write stay; its staged log rows and targets are gone
-    assert work_rows(engine, dry_id) == {
-        ("backup", "inventories"): 2, ("stage", "inventories"): 2,
-        ("backup", "inventory_logs"): 0, ("stage", "inventory_logs"): 0, ("targets", ""): 0}
+    assert kept_rows(engine, dry_id) == {
+        ("backup", "inventories"): 2, ("update", "inventories"): 2, ("insert", "inventories"): 0,
+        ("backup", "inventory_logs"): 0, ("update", "inventory_logs"): 0,
+        ("insert", "inventory_logs"): 0, ("targets", ""): 0}
 
     refused = run(sqlite_url, False, "Alice", strict)
     assert not refused.success

@@ -24,7 +24,10 @@ from patch_ops.database import get_engine
 from patch_ops.dialects.functions import values_differ
 from patch_ops.execution import CommitConflict
 from patch_ops.sql_checks import compile_schema, failing
+from patch_ops.state import UPDATE
 from patch_ops.steps.commit import commit_execution
+from patch_ops.target_sets import OWN_TARGETS
+from patch_ops.work_rows import work_rows
 from stockrx_patches.tables import inventories, inventory_logs
 from tests.support.stockrx import (
     PRICE_JOB,
@@ -37,6 +40,7 @@ from tests.support.stockrx import (
     run_patch,
     validated_price_run,
 )
+from tests.support.storage import as_stored_by
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8, "dry_run": False}
 
@@ -171,19 +175,22 @@ def test_postgresql_citext_and_linguistic_collations_compare_byte_for_byte(pg_ur
 def test_the_runbook_query_finds_prices_read_in_single_precision(mysql_url):
     """docs/runbook.md §17's query, as written there, names the items of a run whose prices were
     computed from single-precision reads: the stage as the code before c087ce8 wrote it (35,406
-    for 32,782.87 and 21,600,000 for 20,000,001 at +8 %, as that code committed on MariaDB)."""
+    for 32,782.87 and 21,600,000 for 20,000,001 at +8 %, as that code committed on MariaDB), in
+    the shared mirrors where the versions of those runs (before 2026-12-05) kept it."""
     runbook = (Path(__file__).resolve().parents[2] / "docs" / "runbook.md").read_text("utf-8")
     section = runbook.split("## 17. ", 1)[1]
     query = section.split("```sql\n", 1)[1].split("```", 1)[0]
     engine = hand_built(mysql_url, [32782.87, 20000001, 1250])
     execution_id, _ = validated_price_run(engine)
     commit_execution(engine, execution_id)
+    as_stored_by(engine, execution_id, OWN_TARGETS)  # a run of a version of before 2026-12-05
     tables = state.reflect_tables(engine, ("inventories",))
-    stage = state.mirror_table(engine, tables["inventories"], "stage")
+    stage = work_rows(engine, tables["inventories"], execution_id, UPDATE)
+    assert stage.shared and stage.table.name == "data_patch_stage__inventories"
     with engine.begin() as conn:
         for item, written in ((1, 35406), (2, 21600000)):
-            conn.execute(update(stage).where(stage.c.dp_execution_id == execution_id,
-                                             stage.c.dp_seq == item).values(price=written))
+            conn.execute(update(stage.table).where(stage.mine, stage.seq == item)
+                         .values(price=written))
         found = conn.execute(text(query), {"pct": 8, "execution_id": execution_id}).all()
     assert [(r.item_id, float(r.written), float(r.exact)) for r in found] == [
         (1, 35406, 35405), (2, 21600000, 21600001)]

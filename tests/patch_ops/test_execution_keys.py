@@ -1,7 +1,9 @@
 """The execution id where it leads the keys of the framework's bulk tables
 (``patch_ops.dialects.types.EXECUTION_KEY``): PostgreSQL's 16-byte ``uuid``. Tables an earlier
 version made with the ids as text are converted at their next use, their rows kept, so an
-execution made before still restores; a user that does not own them is told so in one line."""
+execution made before (its frozen ids and work rows in those shared tables, where such a version
+kept them: ``tests.support.storage.as_stored_by``) still restores; a user that does not own
+them is told so in one line."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from patch_ops import state
 from patch_ops.database import get_engine
 from tests.patch_ops.steps.test_restore import restore
 from tests.support import stockrx as sx
+from tests.support.storage import as_stored_by
 
 pytestmark = pytest.mark.postgres
 
@@ -37,8 +40,12 @@ def key_types(engine: Engine) -> dict[str, str]:
     return {t: d for t, c, d in rows if BULK.get(t) == c}
 
 
-def as_earlier_version(engine: Engine) -> None:
-    """The bulk tables' execution ids as text, as the versions before this one made them."""
+def as_earlier_version(engine: Engine, execution_id: str) -> None:
+    """Execution ``execution_id`` stored as the versions before this one stored it (its frozen
+    ids and work rows in the shared bulk tables), and those tables' execution ids as text, as
+    those versions made them."""
+    as_stored_by(engine, execution_id, None)
+    assert key_types(engine) == dict.fromkeys(BULK, "uuid")  # made by this version
     with engine.begin() as conn:
         for table, column in BULK.items():
             conn.exec_driver_sql(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE varchar(36)")
@@ -60,8 +67,7 @@ def test_text_keys_are_converted_at_the_next_run_and_an_earlier_backup_restores(
     first = sx.run_patch(pg_url, sx.PRICE_JOB, PCT8)
     assert first.success, sx.failure_description(first)
     earlier = str(sx.latest_execution(engine, sx.PRICE_JOB)["execution_id"])
-    assert key_types(engine) == dict.fromkeys(BULK, "uuid")
-    as_earlier_version(engine)
+    as_earlier_version(engine, earlier)
     assert key_types(engine) == dict.fromkeys(BULK, "character varying")
 
     undone = restore(pg_url, earlier, dry_run=False)
@@ -79,7 +85,7 @@ def test_a_user_that_does_not_own_the_text_keyed_tables_is_told_in_one_line(pg_u
     engine = sx.seeded(pg_url, items=50)
     first = sx.run_patch(pg_url, sx.PRICE_JOB, PCT8)
     assert first.success, sx.failure_description(first)
-    as_earlier_version(engine)
+    as_earlier_version(engine, str(sx.latest_execution(engine, sx.PRICE_JOB)["execution_id"]))
     role, password = f"patcher_{secrets.token_hex(4)}", secrets.token_hex(12)
     u = make_url(pg_url)
     admin = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,

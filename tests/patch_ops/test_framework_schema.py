@@ -17,6 +17,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
 from patch_ops.database import DatabaseUnavailable, check_connection, get_engine
+from patch_ops.target_sets import own_table_name
 from tests.patch_ops.steps.test_restore import restore
 from tests.support.mysql import PATCH_USER_PRIVILEGES, MySQLServer
 from tests.support.postgres import PostgresServer
@@ -121,8 +122,14 @@ def test_a_patch_and_its_restore_need_no_ddl_on_the_stockrx_tables(split: Split)
     tables = inspect(owner).get_table_names(schema=split.stockrx_schema)
     framework = inspect(owner).get_table_names(schema=split.framework_schema)
     assert not [t for t in tables if t.startswith("data_patch_")]
+    work_tables = ex["report"]["work_tables"]  # the run's work rows, in tables of its own
+    assert {t: set(kinds) for t, kinds in work_tables.items()} == {
+        "inventories": {"backup", "update"}, "inventory_logs": {"backup", "insert"}}
+    assert work_tables == {t: {kind: own_table_name(kind, str(ex["execution_id"]), t)
+                               for kind in kinds} for t, kinds in work_tables.items()}
     assert {"data_patch_executions", "data_patch_audit_events",
-            "data_patch_backup__inventories", "data_patch_stage__inventories"} <= set(framework)
+            *[name for kinds in work_tables.values() for name in kinds.values()]} <= set(framework)
+    assert not [t for t in framework if t.startswith(("data_patch_backup__", "data_patch_stage__"))]
 
     undone = restore(split.patch_url, str(ex["execution_id"]), dry_run=False)
     assert undone.success, failure_description(undone)

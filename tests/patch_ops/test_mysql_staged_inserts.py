@@ -25,7 +25,7 @@ from patch_ops.database import get_engine, write_transaction
 from patch_ops.dialects import dialect_of, mysql_rows
 from patch_ops.state import INSERT, mirror_table
 from patch_ops.steps.apply import staged_inserts
-from patch_ops.work_rows import WorkRows
+from patch_ops.work_rows import WorkRows, work_rows
 from stockrx_patches.tables import inventory_logs
 from tests.support import stockrx as sx
 from tests.support.mysql import MySQLServer, app_engine
@@ -243,11 +243,10 @@ def test_ids_written_to_the_stage_serve_verify_and_restore(mysql_url):
     ex = sx.latest_execution(engine, sx.PRICE_JOB)
     assert ex["phase"] == "verified"
     assert "inventory_logs" not in (ex["report"].get("insert_id_offsets") or {})
-    stage = mirror_table(engine, inventory_logs, "stage")
+    stage = work_rows(engine, inventory_logs, ex["execution_id"], INSERT)
     with engine.connect() as conn:
-        ids = list(conn.execute(select(stage.c.id).where(
-            stage.c.dp_execution_id == ex["execution_id"], stage.c.dp_action == INSERT
-        ).order_by(stage.c.dp_seq)).scalars())
+        ids = list(conn.execute(select(stage.c.id).where(stage.mine)
+                                .order_by(stage.seq)).scalars())
     assert len(ids) > 100 and all(b - a == 2 for a, b in zip(ids, ids[1:], strict=False))
     restored = sx.run_job(url, "restore_patch", "plan_restore",
                        {"execution_id": ex["execution_id"], "dry_run": False})

@@ -1,9 +1,11 @@
 """The keys the plan writes under (benchmarks/README.md, session 17): execution ids are
-time-ordered UUIDs, so each execution's mirror rows go in after every earlier execution's in the
-database's own order (appended to the shared keys, not split into their middle), next to
-executions with the random ids of earlier versions, whose shared target rows stay; a patch's
-select of a table's own key is frozen without a DISTINCT pass, into a target set table of the
-execution's own. On SQLite, PostgreSQL and MariaDB."""
+time-ordered UUIDs, so where they lead a shared key (the mirrors that hold the work rows of
+executions of earlier versions) each execution's rows go in after every earlier execution's in
+the database's own order (appended to the shared keys, not split into their middle), next to
+executions with the random ids of earlier versions, whose shared target rows stay; each
+execution of this version keeps its work rows in tables of its own; a patch's select of a
+table's own key is frozen without a DISTINCT pass, into a target set table of the execution's
+own. On SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
@@ -17,9 +19,16 @@ from patch_ops.execution import finish_execution, new_execution_id
 from patch_ops.state import BACKUP, executions, mirror_table, targets
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import frozen_ids, plan_execution, reads_primary_key
-from patch_ops.target_sets import create_target_tables, target_counts, target_table_name
+from patch_ops.target_sets import (
+    OWN_TARGETS,
+    create_target_tables,
+    target_counts,
+    target_table_name,
+)
+from patch_ops.work_rows import work_rows
 from stockrx_patches.registry import default_registry
 from tests.support.stockrx import seeded
+from tests.support.storage import as_stored_by
 
 PRICE = "inventory_price_adjustment"
 
@@ -61,6 +70,13 @@ def test_each_execution_keys_its_rows_after_every_earlier_one(database_url):
         time.sleep(0.002)
 
     live = state.reflect_tables(engine, ["inventories"])["inventories"]
+    own = [work_rows(engine, live, x, BACKUP) for x in made]
+    assert len({rows.table.name for rows in own}) == 3  # a backup table of each execution's own
+    with engine.connect() as conn:
+        own_counts = [conn.execute(select(func.count()).select_from(rows.table)
+                                   .where(rows.mine)).scalar_one() for rows in own]
+    for x in made:  # as the previous version stored them: the backups in the shared mirror
+        as_stored_by(engine, x, OWN_TARGETS)
     backup = mirror_table(engine, live, "backup")
     with engine.connect() as conn:
         in_backup = conn.execute(
@@ -74,10 +90,10 @@ def test_each_execution_keys_its_rows_after_every_earlier_one(database_url):
         old_kept = conn.execute(select(func.count()).where(
             targets.c.execution_id == old)).scalar_one()
         frozen = [target_counts(conn, x, ["inventories"]) for x in made]
+    assert own_counts == [30, 30, 30]
     assert in_backup == by_start == made  # the database's order is the time order
     assert counts == [30, 30, 30] and old_kept == 2
     assert frozen == [{target_table_name(x, "inventories"): 30} for x in made]
-
 
 
 def test_a_select_of_a_tables_own_key_is_frozen_without_a_distinct_pass():

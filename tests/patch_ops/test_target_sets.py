@@ -9,7 +9,7 @@ import datetime as dt
 import hashlib
 import struct
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 
 from patch_ops import approval
@@ -17,14 +17,13 @@ from patch_ops.database import get_engine
 from patch_ops.state import executions, targets
 from patch_ops.steps.purge import purge_backups
 from patch_ops.target_sets import (
-    OWN_TARGETS,
     create_target_tables,
-    drop_target_tables,
     existing_tables,
     target_counts,
     target_ids,
     target_table_name,
 )
+from patch_ops.work_rows import OWN_WORK_ROWS, drop_own_tables
 from tests.support.faults import restore_run
 from tests.support.stockrx import (
     PRICE_JOB,
@@ -34,6 +33,7 @@ from tests.support.stockrx import (
     prices,
     run_patch,
 )
+from tests.support.storage import as_stored_by
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
 TABLES = ["inventories", "inventory_logs"]
@@ -43,20 +43,6 @@ def run(url: str, dry_run: bool) -> dict:  # type: ignore[type-arg]
     result = run_patch(url, PRICE_JOB, {**PCT8, "dry_run": dry_run}, approve=False)
     assert result.success, failure_description(result)
     return latest_execution(get_engine(url))
-
-
-def as_an_earlier_version_left_it(engine: Engine, execution_id: str) -> None:
-    """Move an execution's frozen ids to the shared table and drop its own tables."""
-    with engine.begin() as conn:
-        for t in existing_tables(conn, execution_id, TABLES):
-            ids = conn.execute(select(t.c.row_id)).scalars().all()
-            if ids:
-                table = next(n for n in TABLES if target_table_name(execution_id, n) == t.name)
-                conn.execute(insert(targets), [
-                    {"execution_id": execution_id, "table_name": table, "row_id": i} for i in ids])
-        conn.execute(update(executions).where(executions.c.execution_id == execution_id)
-                     .values(storage=None))
-    drop_target_tables(engine, execution_id, TABLES)
 
 
 def frozen(engine: Engine, execution_id: str) -> list[int]:
@@ -73,7 +59,7 @@ def shared_rows(engine: Engine, execution_id: str) -> int:
 def test_an_execution_freezes_its_targets_in_tables_of_its_own(database_url):
     engine = hand_built(database_url, [100, 200, 300])
     dry = run(database_url, True)
-    assert dry["storage"] == OWN_TARGETS and shared_rows(engine, dry["execution_id"]) == 0
+    assert dry["storage"] == OWN_WORK_ROWS and shared_rows(engine, dry["execution_id"]) == 0
     with engine.connect() as conn:  # a finished dry run's tables are dropped
         assert existing_tables(conn, dry["execution_id"], TABLES) == []
     done = run(database_url, False)
@@ -89,13 +75,13 @@ def test_an_earlier_versions_executions_approve_restore_and_purge(database_url):
     engine = hand_built(database_url, [100, 200, 300])
     before = prices(engine)
     dry = run(database_url, True)
-    as_an_earlier_version_left_it(engine, dry["execution_id"])  # approved across the upgrade
+    as_stored_by(engine, dry["execution_id"], None)  # approved across the upgrade
     done = run(database_url, False)
     assert done["approved_by_execution_id"] == dry["execution_id"]
     x = done["execution_id"]
     with engine.connect() as conn:
         own = approval.target_digest(conn, x, "inventories")
-    as_an_earlier_version_left_it(engine, x)
+    as_stored_by(engine, x, None)
     assert frozen(engine, x) == [1, 2, 3] and shared_rows(engine, x) == 3
     with engine.connect() as conn:  # the same bytes hashed from either table: the same plan
         assert approval.target_digest(conn, x, "inventories") == own == {
@@ -123,7 +109,7 @@ def test_making_or_dropping_the_tables_again_is_harmless(database_url):
     x = dry["execution_id"]
     made = create_target_tables(engine, x, TABLES)  # made again: found, not an error
     assert [t.name for t in made.values()] == [target_table_name(x, t) for t in TABLES]
-    drop_target_tables(engine, x, TABLES)
-    drop_target_tables(engine, x, TABLES)  # gone already: not an error either
+    drop_own_tables(engine, [x], TABLES)
+    drop_own_tables(engine, [x], TABLES)  # gone already: not an error either
     with engine.connect() as conn:
         assert existing_tables(conn, x, TABLES) == []

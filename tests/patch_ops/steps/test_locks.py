@@ -17,13 +17,25 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, func, insert, select, update
 
 from patch_ops.database import write_transaction
 from patch_ops.execution import utcnow
 from patch_ops.jobs import TABLE_TAG_PREFIX
-from patch_ops.state import ensure_framework_tables, executions, locks, mirror_by_name, mirror_name
+from patch_ops.state import (
+    BACKUP,
+    INSERT,
+    UPDATE,
+    ensure_framework_tables,
+    executions,
+    locks,
+    mirror_by_name,
+    mirror_name,
+)
 from patch_ops.steps.locks import acquire_locks, release_stale_locks
+from patch_ops.steps.purge import purge_backups
+from patch_ops.target_sets import existing_tables, target_counts
+from patch_ops.work_rows import existing_rows
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import defs as real_defs
 from stockrx_patches.registry import (
@@ -191,14 +203,35 @@ def test_lock_of_a_killed_process_is_released_as_stale(sqlite_url, dagster_home,
     assert dead["error_message"].startswith("abandoned: its table locks were released as stale")
     assert f"(pid {held[0]['pid']}) is gone from this host" in dead["error_message"]
     assert latest_execution(engine, PRICE_JOB)["status"] == "completed"
-    # Nothing of it reached the live tables: its backup and stage rows are gone with it.
+    # Nothing of it reached the live tables; its backup and staged rows serve no one (phase
+    # ABANDONED is never carried on) and stay in tables of its own, none in the shared mirrors,
+    # until the purge drops them with its target sets.
     assert dead["phase"] == "abandoned"
+    dead_id, tables = dead["execution_id"], dead["declaration"]["tables"]
+    assert "inventories" in tables
+
+    def left(conn, table: str, action: str) -> int | None:  # type: ignore[no-untyped-def]
+        rows = existing_rows(conn, table, dead_id, action)
+        return None if rows is None else conn.execute(
+            select(func.count()).select_from(rows.table).where(rows.mine)).scalar_one()
+
     with engine.connect() as conn:
         for kind in ("backup", "stage"):
             mirror = mirror_by_name(conn, mirror_name(kind, "inventories"))
-            assert mirror is not None
-            left = select(func.count()).where(mirror.c.dp_execution_id == dead["execution_id"])
-            assert conn.execute(left).scalar_one() == 0
+            assert mirror is None or conn.execute(select(func.count()).where(
+                mirror.c.dp_execution_id == dead_id)).scalar_one() == 0
+        assert (left(conn, "inventories", BACKUP) or 0) > 0  # kept until the purge
+        assert (left(conn, "inventories", UPDATE) or 0) > 0  # its first batches
+        assert sum(target_counts(conn, dead_id, tables).values()) > 0
+    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id == dead_id)
+                     .values(started_at=long_ago, completed_at=long_ago))
+    purge_backups(engine, 90, dry_run=False)
+    with engine.connect() as conn:
+        assert [(t, a) for t in tables for a in (BACKUP, UPDATE, INSERT)
+                if left(conn, t, a) is not None] == []
+        assert existing_tables(conn, dead_id, tables) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from sqlalchemy import event, func, select
 
 from patch_ops import state
 from patch_ops.execution import config_of, inserted_id_range, load_execution
-from patch_ops.state import INSERT, mirror_table
+from patch_ops.state import BACKUP, INSERT
 from patch_ops.steps.apply import find_conflicts
 from patch_ops.steps.result import ResultView
-from patch_ops.work_rows import WorkRows
+from patch_ops.work_rows import existing_rows, work_rows
 from stockrx_patches.registry import default_registry
 from tests.support.stockrx import latest_execution, run_patch, seeded
 
@@ -88,12 +88,16 @@ def test_checks_after_commit_join_the_backup_only_when_they_read_before_values(p
         ex["declaration"], ex,
     )
     invariants = patch.invariants(view, config_of(patch, ex))
+    # the execution's before-images of inventories: a table of its own, kept after commit
+    with engine.connect() as conn:
+        kept = existing_rows(conn, "inventories", ex["execution_id"], BACKUP)
+    assert kept is not None and not kept.shared
+    backup = kept.table.name
     # the two checks of the patch that compare with before_ values (before_inventory_logs_count,
     # before_price); the other three read after-images only
     reads_before = {"inventory_logs_count_incremented", "price_actually_changed"}
     assert len(invariants) == 5
     plans = _plans(engine, patch, ex["execution_id"], committed=True)
-    backup = "data_patch_backup__inventories"
     for inv in invariants:
         assert (backup in plans[inv.name]) == (inv.name in reads_before), (
             f"{inv.name}:\n{plans[inv.name]}"
@@ -107,13 +111,11 @@ def test_checks_after_commit_read_only_the_inserted_rows_of_the_live_table(pg_ur
     engine, ex, patch = _verified_price_run(pg_url)
     tables = state.reflect_tables(engine, patch.tables())
     live = tables["inventory_logs"]
-    st = mirror_table(engine, live, "stage")
+    ins = work_rows(engine, live, ex["execution_id"], INSERT)
     with engine.connect() as conn:
-        span = inserted_id_range(conn, WorkRows(st, ex["execution_id"], INSERT), ex, "inventory_logs")
+        span = inserted_id_range(conn, ins, ex, "inventory_logs")
         staged = conn.execute(
-            select(func.count()).select_from(st).where(
-                st.c.dp_execution_id == ex["execution_id"], st.c.dp_action == INSERT
-            )
+            select(func.count()).select_from(ins.table).where(ins.mine)
         ).scalar_one()
         inserted = conn.execute(
             select(func.count()).select_from(live).where(live.c.created_at == ex["run_at"])

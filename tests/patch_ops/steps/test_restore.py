@@ -19,8 +19,9 @@ from sqlalchemy import func, select, text, update
 from patch_ops.audit import AuditKeyring, read_events, verify_chain
 from patch_ops.lifecycle import AUDIT
 from patch_ops.patch import Changes, Patch, PatchSettings
-from patch_ops.state import executions, mirror_name
+from patch_ops.state import BACKUP, INSERT, UPDATE, executions
 from patch_ops.target_sets import target_counts
+from patch_ops.work_rows import existing_rows
 from resources.audit import AuditLog
 from stockrx_patches.cli import main as cli_main
 from stockrx_patches.definitions import build_definitions
@@ -255,17 +256,22 @@ def test_conflict_on_a_row_inserted_into_an_updated_table(database_url):
 # ---------------------------------------------------------------------------------------------
 
 
-def _work_rows(engine, execution_id: str) -> int:  # type: ignore[no-untyped-def]
-    n = 0
+def _work_rows(engine, execution_id: str) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """The execution's work rows (backup, updates, inserts) and frozen ids, by the table that
+    holds them: its tables of its own, empty ones too (the purge drops them all)."""
+    counts: dict[str, int] = {}
+    tables = ["inventories", "batches", "inventory_logs"]
     with engine.connect() as conn:
-        for t in ("inventories", "batches", "inventory_logs"):
-            for kind in ("backup", "stage"):
-                n += conn.execute(text(
-                    f"SELECT count(*) FROM {mirror_name(kind, t)} WHERE dp_execution_id = :e"
-                ), {"e": execution_id}).scalar_one()
-        n += sum(target_counts(conn, execution_id, ["inventories", "batches", "inventory_logs"])
-                 .values())
-    return n
+        for t in tables:
+            for action in (BACKUP, UPDATE, INSERT):
+                rows = existing_rows(conn, t, execution_id, action)
+                if rows is not None:
+                    n = conn.execute(
+                        select(func.count()).select_from(rows.table).where(rows.mine)
+                    ).scalar_one()
+                    counts[rows.table.name] = counts.get(rows.table.name, 0) + n
+        counts.update(target_counts(conn, execution_id, tables))
+    return counts
 
 
 def test_purge_expired_backups(database_url):
@@ -277,7 +283,8 @@ def test_purge_expired_backups(database_url):
     with engine.begin() as conn:
         conn.execute(update(executions).where(executions.c.execution_id == old_id)
                      .values(started_at=long_ago, completed_at=long_ago))
-    old_rows, recent_rows = _work_rows(engine, old_id), _work_rows(engine, recent_id)
+    old_tables, recent_tables = _work_rows(engine, old_id), _work_rows(engine, recent_id)
+    old_rows, recent_rows = sum(old_tables.values()), sum(recent_tables.values())
     assert old_rows and recent_rows
 
     dry = purge(database_url)  # dry run, 90 days from data_patches.yml
@@ -286,7 +293,8 @@ def test_purge_expired_backups(database_url):
     assert ex["kind"] == "purge" and ex["dry_run"] and ex["status"] == "completed"
     assert [e["execution_id"] for e in ex["report"]["executions"]] == [old_id]
     assert ex["report"]["rows"] == old_rows and ex["report"]["retention_days"] == 90
-    assert _work_rows(engine, old_id) == old_rows  # nothing removed
+    assert ex["report"]["executions"][0]["rows"] == old_tables  # every table it would drop
+    assert _work_rows(engine, old_id) == old_tables  # nothing removed
 
     real = purge(database_url, dry_run=False)
     assert real.success, failure_description(real)
@@ -294,7 +302,8 @@ def test_purge_expired_backups(database_url):
     assert purge_ex["kind"] == "purge" and not purge_ex["dry_run"]
     assert purge_ex["processed_records"] == 1 and purge_ex["report"]["rows"] == old_rows
     assert f"Removed: {old_rows:,} rows of 1 execution(s)" in purge_ex["report_markdown"]
-    assert _work_rows(engine, old_id) == 0 and _work_rows(engine, recent_id) == recent_rows
+    # the old execution's tables of its own are gone; the recent one's are untouched
+    assert _work_rows(engine, old_id) == {} and _work_rows(engine, recent_id) == recent_tables
     assert execution(engine, old_id)["report"]["backup_purged"]["by"] == purge_ex["execution_id"]
 
     refused = restore(database_url, old_id, dry_run=False)

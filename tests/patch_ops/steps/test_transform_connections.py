@@ -15,10 +15,12 @@ from sqlalchemy.engine import Engine
 from patch_ops.dialects import dialect_of
 from patch_ops.execution import load_execution
 from patch_ops.patch import SQL_PATH
-from patch_ops.state import INSERT, executions, locks, mirror_by_name, mirror_name
+from patch_ops.state import INSERT, UPDATE, executions, locks
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.transform import run_transform
+from patch_ops.target_sets import own_table_name
+from patch_ops.work_rows import OWN_KINDS, existing_rows
 from resources.memory import MemoryGuard
 from stockrx_patches.registry import default_registry
 from tests.support.stockrx import T0, seeded
@@ -68,19 +70,29 @@ def execution(engine: Engine, execution_id: str) -> dict[str, Any]:
 
 
 def stage_of(engine: Engine, execution_id: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every stage row of the execution, every column but the execution id; and its counts."""
+    """Every stage row of the execution (its inserts, then its updates, each by sequence), every
+    column but its bookkeeping, led by its action; and its counts."""
     ex = execution(engine, execution_id)
     out: dict[str, list[tuple[Any, ...]]] = {"counts": [(
         ex["phase"], ex["processed_records"], ex["staged_updates"], ex["staged_inserts"])]}
     with engine.connect() as conn:
         for table in ("inventories", "inventory_logs"):
-            stage = mirror_by_name(conn, mirror_name("stage", table))
-            assert stage is not None
-            out[table] = [tuple(r) for r in conn.execute(
-                select(*[c for c in stage.c if c.name != "dp_execution_id"])
-                .where(stage.c.dp_execution_id == execution_id)
-                .order_by(stage.c.dp_action, stage.c.dp_seq))]
+            found = {a: existing_rows(conn, table, execution_id, a) for a in (INSERT, UPDATE)}
+            assert any(found.values()), table
+            out[table] = []
+            for action, rows in found.items():
+                if rows is None:
+                    continue
+                out[table] += [(action, *r) for r in conn.execute(
+                    select(*[c for c in rows.c if c.name not in ("dp_execution_id", "dp_action")])
+                    .where(rows.mine).order_by(rows.seq))]
     return out
+
+
+def own_names(execution_id: str) -> list[str]:
+    """The names of the tables an execution of the price patch stages its rows in."""
+    return [own_table_name(OWN_KINDS[a], execution_id, t)
+            for t in ("inventories", "inventory_logs") for a in (UPDATE, INSERT)]
 
 
 def test_a_batch_stages_its_updated_and_inserted_rows_at_once_on_two_connections(database_url):
@@ -94,11 +106,13 @@ def test_a_batch_stages_its_updated_and_inserted_rows_at_once_on_two_connections
     release(engine, one)
     gate, met = threading.Barrier(2, timeout=30), []
 
+    two = planned(engine, run_at=execution(engine, one)["run_at"])
+    stages = tuple(f"INSERT INTO {name}" for name in own_names(two))
+
     def meet(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.startswith("INSERT INTO") and "data_patch_stage__" in statement[:60]:
+        if statement.startswith(stages):
             met.append((gate.wait(), id(conn)))  # raises BrokenBarrierError if alone
 
-    two = planned(engine, run_at=execution(engine, one)["run_at"])
     event.listen(engine, "before_cursor_execute", meet)
     try:
         transform(engine, two, connections=2)
@@ -140,24 +154,26 @@ def test_inserted_rows_staged_before_a_crash_kept_their_batch_from_committing_ar
         event.remove(engine, "before_cursor_execute", crash_at_third_cursor)
     ex = execution(engine, crashed)
     with engine.connect() as conn:
-        logs = mirror_by_name(conn, mirror_name("stage", "inventory_logs"))
+        logs = existing_rows(conn, "inventory_logs", crashed, INSERT)
         assert logs is not None
-        beyond = conn.execute(select(func.count()).select_from(logs).where(
-            logs.c.dp_execution_id == crashed, logs.c.dp_seq > ex["staged_inserts"])).scalar_one()
+        beyond = conn.execute(select(func.count()).select_from(logs.table).where(
+            logs.mine, logs.seq > ex["staged_inserts"])).scalar_one()
     assert ex["batches_done"] == 2 and beyond > 0  # the third batch's, left behind
     transform(engine, crashed, connections=2)
     assert stage_of(engine, crashed) == stage_of(engine, whole)
 
 
-def running_inserts(engine: Engine) -> int:
-    """Statements staging log rows that the server runs now (this user's sessions)."""
+def running_inserts(engine: Engine, execution_id: str) -> int:
+    """Statements staging the execution's log rows that the server runs now (this user's
+    sessions)."""
+    staging = f"INSERT INTO {own_table_name('insert', execution_id, 'inventory_logs')}"
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             return int(conn.execute(text(
                 "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                "AND query LIKE 'INSERT INTO data_patch_stage__inventory_logs%'")).scalar_one())
+                "AND query LIKE :staging"), {"staging": f"{staging}%"}).scalar_one())
         return sum(1 for r in conn.exec_driver_sql("SHOW FULL PROCESSLIST")
-                   if str(r.Info or "").startswith("INSERT INTO data_patch_stage__inventory_logs"))
+                   if str(r.Info or "").startswith(staging))
 
 
 def test_a_stop_cancels_the_statement_on_the_second_connection_and_waits_for_it(database_url):
@@ -168,6 +184,8 @@ def test_a_stop_cancels_the_statement_on_the_second_connection_and_waits_for_it(
     engine = seeded(database_url, items=120)
     two_writers(engine)
     x = planned(engine)
+    logs_name = own_table_name("insert", x, "inventory_logs")
+    items_name = own_table_name("update", x, "inventories")
     blocker = engine.connect()
     blocker.begin()
     released = threading.Event()
@@ -180,18 +198,18 @@ def test_a_stop_cancels_the_statement_on_the_second_connection_and_waits_for_it(
 
     def hold_first_key(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
         # after the step's start has dropped unfinished rows: take the first key's lock
-        if statement.startswith("DELETE FROM") and "data_patch_stage__inventory_logs" in statement:
-            logs = mirror_by_name(blocker, mirror_name("stage", "inventory_logs"))
+        if statement.startswith(f"DELETE FROM {logs_name}"):
+            logs = existing_rows(blocker, "inventory_logs", x, INSERT)
             assert logs is not None
-            blocker.execute(insert(logs).values(
-                dp_execution_id=x, dp_action=INSERT, dp_seq=1, inventory_id=1, delta=0,
+            blocker.execute(insert(logs.table).values(
+                **logs.values(), dp_seq=1, inventory_id=1, delta=0,
                 operation_type="adjust", previous_quantity=0, current_quantity=0,
                 created_at=T0, updated_at=T0))
             safety.start()
 
     def stop_after_own_statement(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.startswith("INSERT INTO data_patch_stage__inventories"):
-            while not running_inserts(engine):  # the other statement reached the server
+        if statement.startswith(f"INSERT INTO {items_name}"):
+            while not running_inserts(engine, x):  # the other statement reached the server
                 assert not released.is_set(), "the log rows' statement never ran"
             raise KeyboardInterrupt("stopped by SIGINT")
 
@@ -201,7 +219,7 @@ def test_a_stop_cancels_the_statement_on_the_second_connection_and_waits_for_it(
         with pytest.raises(KeyboardInterrupt):
             transform(engine, x, connections=2)
         assert not released.is_set(), "the stop waited for the row lock"
-        assert running_inserts(engine) == 0
+        assert running_inserts(engine, x) == 0
     finally:
         event.remove(engine, "after_cursor_execute", hold_first_key)
         event.remove(engine, "after_cursor_execute", stop_after_own_statement)

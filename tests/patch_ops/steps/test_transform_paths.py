@@ -18,11 +18,20 @@ from sqlalchemy import delete, event, func, select, union_all, update
 from patch_ops import state
 from patch_ops.execution import PatchError, load_execution
 from patch_ops.patch import PYTHON_PATH, SQL_PATH
-from patch_ops.state import executions, locks, mirror_by_name, mirror_name, rejects
+from patch_ops.state import (
+    INSERT,
+    UPDATE,
+    executions,
+    locks,
+    mirror_by_name,
+    mirror_name,
+    rejects,
+)
 from patch_ops.steps.backup import take_backup
 from patch_ops.steps.plan import plan_execution
 from patch_ops.steps.transform import run_transform, transform_path
-from patch_ops.target_sets import existing_tables
+from patch_ops.target_sets import existing_tables, own_table_name
+from patch_ops.work_rows import OWN_KINDS, existing_rows, work_rows
 from resources.memory import MemoryGuard
 from stockrx_patches.patches.inventory_price_adjustment import InventoryPriceAdjustment
 from stockrx_patches.registry import default_registry
@@ -76,19 +85,22 @@ def _release(engine, execution_id: str) -> None:  # type: ignore[no-untyped-def]
 
 
 def _staged(engine, name: str, execution_id: str) -> dict[str, list[tuple[Any, ...]]]:  # type: ignore[no-untyped-def]
-    """Every stage row of the execution, every column but the execution id, as the driver
-    returns it (no type processing: a REAL and an INTEGER differ on SQLite)."""
+    """Every stage row of the execution (its inserts, then its updates, each by sequence), every
+    column but its bookkeeping, led by its action, as the driver returns it (no type
+    processing: a REAL and an INTEGER differ on SQLite)."""
     patch = default_registry().patches[name]
-    tables = state.reflect_tables(engine, patch.tables())
-    out = {}
+    out: dict[str, list[tuple[Any, ...]]] = {}
     with engine.connect() as conn:
         for t in patch.written_tables():
-            stage = state.mirror_table(engine, tables[t], "stage")
-            q = (select(*[c for c in stage.c if c.name != "dp_execution_id"])
-                 .where(stage.c.dp_execution_id == execution_id)
-                 .order_by(stage.c.dp_action, stage.c.dp_seq))
-            sql = str(q.compile(conn, compile_kwargs={"literal_binds": True}))
-            out[t] = [tuple(r) for r in conn.exec_driver_sql(sql)]
+            out[t] = []
+            for action in (INSERT, UPDATE):
+                rows = existing_rows(conn, t, execution_id, action)
+                if rows is None:
+                    continue
+                q = (select(*[c for c in rows.c if c.name not in ("dp_execution_id", "dp_action")])
+                     .where(rows.mine).order_by(rows.seq))
+                sql = str(q.compile(conn, compile_kwargs={"literal_binds": True}))
+                out[t] += [(action, *r) for r in conn.exec_driver_sql(sql)]
     return out
 
 
@@ -358,6 +370,9 @@ def test_asking_the_sql_path_of_a_patch_that_cannot_take_it_is_refused_at_plan(
         for table in patch.tables():  # the backup (and stage, target) tables are not even made
             assert mirror_by_name(conn, mirror_name("backup", table)) is None
             assert mirror_by_name(conn, mirror_name("stage", table)) is None
+            for kind in OWN_KINDS.values():
+                own = own_table_name(kind, rows[0]["execution_id"], table)
+                assert mirror_by_name(conn, own) is None, (kind, table)
 
 
 def test_unasked_a_patch_that_cannot_take_the_sql_path_runs_in_python_saying_why(sqlite_url):
@@ -380,8 +395,8 @@ def _stage_update_statements(engine, patch) -> list[str]:  # type: ignore[no-unt
     seen: list[str] = []
 
     def keep(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
-        if statement.lstrip().startswith("INSERT INTO data_patch_stage__inventories"):
-            seen.append(statement)
+        if statement.lstrip().startswith("INSERT INTO data_patch_update_"):
+            seen.append(statement.lstrip())
 
     event.listen(engine, "before_cursor_execute", keep)
     try:
@@ -390,7 +405,8 @@ def _stage_update_statements(engine, patch) -> list[str]:  # type: ignore[no-unt
     finally:
         event.remove(engine, "before_cursor_execute", keep)
     _release(engine, execution_id)
-    return seen
+    items = f"INSERT INTO {own_table_name('update', execution_id, 'inventories')}"
+    return [s for s in seen if s.startswith(items)]
 
 
 def test_updated_rows_derived_from_their_batch_rows_are_checked_without_a_join_back(
@@ -453,14 +469,12 @@ def test_prices_are_read_at_full_precision_on_both_paths(database_url, path):
         engine, PRICE, {"adjustment_type": "percentage", "adjustment_value": 8}, path
     )
     tables = state.reflect_tables(engine, ("inventories", "inventory_logs"))
-    items = state.mirror_table(engine, tables["inventories"], "stage")
-    logs = state.mirror_table(engine, tables["inventory_logs"], "stage")
+    items = work_rows(engine, tables["inventories"], execution_id, UPDATE)
+    logs = work_rows(engine, tables["inventory_logs"], execution_id, INSERT)
     with engine.connect() as conn:
-        prices = dict(conn.execute(
-            select(items.c.dp_seq, items.c.price).where(items.c.dp_execution_id == execution_id)
-        ).all())
+        prices = dict(conn.execute(select(items.seq, items.c.price).where(items.mine)).all())
         notes = conn.execute(
-            select(logs.c.note).where(logs.c.dp_execution_id == execution_id)
+            select(logs.c.note).where(logs.mine)
             .order_by(logs.c.inventory_id)
         ).scalars().all()
     assert {i: float(p) for i, p in prices.items()} == {1: 35405, 2: 21600001, 3: 1350}

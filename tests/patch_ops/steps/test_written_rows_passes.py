@@ -51,17 +51,22 @@ def _per_item_counts(engine, x: str, committed: bool) -> list[tuple[dict, dict]]
     tables = state.reflect_tables(engine, PATCH.tables())
     view = ResultView(engine, tables, x, committed, ex["declaration"], ex)
     items = view.updated("inventories")
-    out = []
+    # Every query built before the connection that runs them, as invariant_checks does: a view
+    # makes the work rows tables it reads that the plan did not (the updates of a table the
+    # execution only inserts into), on a connection of their own, which a SQLite read
+    # transaction begun before does not see.
+    queries = []
+    for t in CHILDREN:
+        whole = view.table(t)
+        old = select(whole.c.inventory_id, func.count()).where(
+            whole.c.inventory_id.in_(select(items.c.id))
+        ).group_by(whole.c.inventory_id)
+        by_item = view.table_where(t, "inventory_id", select(items.c.id))
+        new = select(by_item.c.inventory_id, func.count()).group_by(by_item.c.inventory_id)
+        queries.append((old, new))
     with engine.connect() as conn:
-        for t in CHILDREN:
-            whole = view.table(t)
-            old = select(whole.c.inventory_id, func.count()).where(
-                whole.c.inventory_id.in_(select(items.c.id))
-            ).group_by(whole.c.inventory_id)
-            by_item = view.table_where(t, "inventory_id", select(items.c.id))
-            new = select(by_item.c.inventory_id, func.count()).group_by(by_item.c.inventory_id)
-            out.append((dict(conn.execute(old).all()), dict(conn.execute(new).all())))
-    return out
+        return [(dict(conn.execute(old).all()), dict(conn.execute(new).all()))
+                for old, new in queries]
 
 
 def test_the_changed_items_rows_count_as_in_the_whole_table(database_url):

@@ -6,9 +6,11 @@ import datetime as dt
 
 import pandas as pd
 import pytest
-from sqlalchemy import MetaData, String, Table, cast, func, literal, select, text, update
+from sqlalchemy import MetaData, String, Table, cast, func, literal, select, update
 
 from patch_ops.patch import RunContext
+from patch_ops.state import BACKUP
+from patch_ops.work_rows import existing_rows
 from stockrx_patches.patches.inventory_price_adjustment import (
     InventoryPriceAdjustment,
     PriceAdjustmentConfig,
@@ -233,9 +235,11 @@ def test_works_on_a_table_with_more_columns_than_we_know(database_url):
     real = latest_execution(engine)["execution_id"]  # (its approving dry run's rows are there too)
     with engine.connect() as conn:
         codes = conn.exec_driver_sql("SELECT supplier_code FROM inventories ORDER BY id").scalars().all()
-        backup_cols = conn.execute(text(
-            "SELECT supplier_code FROM data_patch_backup__inventories "
-            "WHERE dp_execution_id = :x ORDER BY dp_seq"), {"x": real}).scalars().all()
+        bk = existing_rows(conn, "inventories", real, BACKUP)  # as the database has it
+        assert bk is not None
+        backup_cols = conn.execute(
+            select(bk.c.supplier_code).where(bk.mine).order_by(bk.seq)
+        ).scalars().all()
     assert codes == ["S-1", "S-2"]
     assert backup_cols == ["S-1", "S-2"]  # the backup captures every column
 
