@@ -15,7 +15,6 @@ from patch_ops.audit import AuditKeyring, read_events
 from patch_ops.database import get_engine
 from patch_ops.state import BACKUP, DRIFTED, INSERT, UPDATE, executions, rejects
 from patch_ops.steps.drift import drift_columns
-from patch_ops.steps.purge import purge_backups
 from patch_ops.target_sets import target_counts, target_set
 from patch_ops.work_rows import existing_rows
 from stockrx_patches.definitions import build_definitions
@@ -35,6 +34,7 @@ from tests.support.stockrx import (
     prices,
     run_patch,
 )
+from tests.support.storage import purge_as_expired
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
 
@@ -206,11 +206,7 @@ def test_require_distinct_approver_and_the_fingerprints_lifetime(sqlite_url):
     assert other.success, failure_description(other)
     assert latest_execution(engine)["execution_id"] != dave_id
     assert fingerprint_rows(engine, dave_id) == 4
-    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
-    with engine.begin() as conn:
-        conn.execute(update(executions).where(executions.c.execution_id == new_id)
-                     .values(started_at=long_ago, completed_at=long_ago))
-    purge_backups(get_engine(sqlite_url), 90, dry_run=False)
+    purge_as_expired(engine, new_id)
     assert fingerprint_rows(engine, new_id) == 0
 
 

@@ -5,17 +5,15 @@ PostgreSQL and MariaDB (as the least-privilege user there)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import struct
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from patch_ops import approval
 from patch_ops.database import get_engine
-from patch_ops.state import executions, targets
-from patch_ops.steps.purge import purge_backups
+from patch_ops.state import targets
 from patch_ops.target_sets import (
     create_target_tables,
     existing_tables,
@@ -33,7 +31,7 @@ from tests.support.stockrx import (
     prices,
     run_patch,
 )
-from tests.support.storage import as_stored_by
+from tests.support.storage import as_stored_by, purge_as_expired
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
 TABLES = ["inventories", "inventory_logs"]
@@ -92,12 +90,7 @@ def test_an_earlier_versions_executions_approve_restore_and_purge(database_url):
     assert restored.success, failure_description(restored)
     assert prices(engine) == before
     newer = run(database_url, True)  # a new execution's tables next to the old shared rows
-    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
-    with engine.begin() as conn:
-        conn.execute(update(executions).where(
-            executions.c.execution_id.in_([x, newer["execution_id"]]))
-            .values(started_at=long_ago, completed_at=long_ago))
-    purge_backups(engine, 90, dry_run=False)
+    purge_as_expired(engine, x, newer["execution_id"])
     assert shared_rows(engine, x) == 0
     with engine.connect() as conn:
         assert existing_tables(conn, newer["execution_id"], TABLES) == []

@@ -6,7 +6,6 @@ abandoned with its rows there (one paused at a window's end resumes there). On S
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from sqlalchemy.engine import Engine
 from patch_ops import state
 from patch_ops.database import get_engine
 from patch_ops.dialects.names import framework_schema
-from patch_ops.state import BACKUP, INSERT, UPDATE, executions
+from patch_ops.state import BACKUP, INSERT, UPDATE
 from patch_ops.steps import locks as lock_rules
-from patch_ops.steps.purge import purge_backups
 from patch_ops.target_sets import OWN_TARGETS, own_table_name
 from patch_ops.work_rows import OWN_KINDS, OWN_WORK_ROWS, existing_rows
 from stockrx_patches.tables import inventories
@@ -42,7 +40,7 @@ from tests.support.stockrx import (
     run_patch,
     seeded,
 )
-from tests.support.storage import as_stored_by
+from tests.support.storage import as_stored_by, purge_as_expired
 
 PCT8 = {"adjustment_type": "percentage", "adjustment_value": 8}
 TABLES = ("inventories", "inventory_logs")
@@ -115,11 +113,7 @@ def test_a_run_keeps_its_work_rows_in_tables_of_its_own(database_url):
     restored = restore_run(database_url, x)
     assert restored.success, failure_description(restored)
     assert prices(engine) == before
-    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
-    with engine.begin() as conn:
-        conn.execute(update(executions).where(executions.c.execution_id == x)
-                     .values(started_at=long_ago, completed_at=long_ago))
-    purge_backups(engine, 90, dry_run=False)
+    purge_as_expired(engine, x)
     assert standing(engine, x) == set()
 
 
@@ -149,11 +143,7 @@ def test_the_previous_versions_executions_approve_restore_and_purge(database_url
     restored = restore_run(database_url, x)
     assert restored.success, failure_description(restored)
     assert prices(engine) == before
-    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
-    with engine.begin() as conn:
-        conn.execute(update(executions).where(executions.c.execution_id == x)
-                     .values(started_at=long_ago, completed_at=long_ago))
-    purge_backups(engine, 90, dry_run=False)
+    purge_as_expired(engine, x)
     assert shared_counts(engine, x) == 0
 
 

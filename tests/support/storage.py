@@ -6,12 +6,15 @@ it, rows and all, so a test can run this version on it."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import insert, literal, select, update
 from sqlalchemy.engine import Engine
 
 from patch_ops import state
 from patch_ops.execution import load_execution
 from patch_ops.state import executions, targets
+from patch_ops.steps.purge import purge_backups
 from patch_ops.target_sets import OWN_TARGETS, existing_tables, own_table_name, target_table_name
 from patch_ops.work_rows import OWN_KINDS, existing_rows, forget_storage, kind_of
 
@@ -55,3 +58,13 @@ def as_stored_by(engine: Engine, execution_id: str, storage: int | None) -> None
         names += [target_table_name(execution_id, t) for t in tables]
     for name in names:
         state.drop_work_table(engine, name)
+
+
+def purge_as_expired(engine: Engine, *execution_ids: str) -> None:
+    """Date executions 100 days back and run the purge (90 days' retention): their work rows,
+    target sets and tables of their own go."""
+    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
+    with engine.begin() as conn:
+        conn.execute(update(executions).where(executions.c.execution_id.in_(execution_ids))
+                     .values(started_at=long_ago, completed_at=long_ago))
+    purge_backups(engine, 90, dry_run=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster import DagsterInstance
-from sqlalchemy import event, func, insert, select, update
+from sqlalchemy import event, func, insert, select
 
 from patch_ops.database import write_transaction
 from patch_ops.execution import utcnow
@@ -33,7 +33,6 @@ from patch_ops.state import (
     mirror_name,
 )
 from patch_ops.steps.locks import acquire_locks, release_stale_locks
-from patch_ops.steps.purge import purge_backups
 from patch_ops.target_sets import existing_tables, target_counts
 from patch_ops.work_rows import existing_rows
 from stockrx_patches.cli import main as cli_main
@@ -53,6 +52,7 @@ from tests.support.stockrx import (
     run_patch,
     seeded,
 )
+from tests.support.storage import purge_as_expired
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
@@ -223,11 +223,7 @@ def test_lock_of_a_killed_process_is_released_as_stale(sqlite_url, dagster_home,
         assert (left(conn, "inventories", BACKUP) or 0) > 0  # kept until the purge
         assert (left(conn, "inventories", UPDATE) or 0) > 0  # its first batches
         assert sum(target_counts(conn, dead_id, tables).values()) > 0
-    long_ago = dt.datetime.now(dt.UTC).replace(tzinfo=None) - dt.timedelta(days=100)
-    with engine.begin() as conn:
-        conn.execute(update(executions).where(executions.c.execution_id == dead_id)
-                     .values(started_at=long_ago, completed_at=long_ago))
-    purge_backups(engine, 90, dry_run=False)
+    purge_as_expired(engine, dead_id)
     with engine.connect() as conn:
         assert [(t, a) for t in tables for a in (BACKUP, UPDATE, INSERT)
                 if left(conn, t, a) is not None] == []
