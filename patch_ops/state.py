@@ -373,7 +373,10 @@ def drop_work_table(engine: Engine, name: str) -> None:
     schema = framework_schema(engine)
     with _mirror_lock:
         _mirror_cache.pop((str(engine.url), schema, name), None)
-    Table(name, MetaData(), schema=schema).drop(engine, checkfirst=True)
+    # In a write transaction: on SQLite a deferred one that looked for the table and then
+    # dropped it fails at once ("database is locked") when the application wrote between.
+    with write_transaction(engine) as conn:
+        Table(name, MetaData(), schema=schema).drop(conn, checkfirst=True)
 
 
 def require_tables(bind: Engine | Connection, names: tuple[str, ...] | list[str]) -> None:

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from patch_ops.database import catalog
+from patch_ops.database import catalog, write_transaction
 from patch_ops.dialects.names import framework_schema
 from patch_ops.dialects.types import TABLE_OPTIONS, framework_ddl
 from patch_ops.state import executions, targets
@@ -89,7 +89,9 @@ def create_target_tables(engine: Engine, execution_id: str, tables: Iterable[str
     with framework_ddl(engine):
         for name in tables:
             made[name] = own_table(engine, execution_id, name)
-            made[name].create(engine, checkfirst=True)
+            # a write transaction: see ``patch_ops.database.create_tables``
+            with write_transaction(engine) as conn:
+                made[name].create(conn, checkfirst=True)
     return made
 
 

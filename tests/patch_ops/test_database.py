@@ -77,3 +77,50 @@ def test_framework_tables_are_made_while_the_application_writes(tmp_path) -> Non
     ensure_framework_tables(engine)
     assert app == ["database is locked"]  # the application waits (it has a busy timeout)
     assert inspect(engine).has_table("data_patch_executions")
+
+
+def test_an_executions_own_tables_are_made_and_dropped_while_the_application_writes(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    """The same for the tables of an execution's own (target sets, work rows): made at plan,
+    dropped when it closes, each in a write transaction (a dry run's report op failed so in
+    the benchmark, session 35: its drop looked for the table, the application wrote, the DROP
+    was refused)."""
+    import sqlite3
+
+    from sqlalchemy import event, inspect
+
+    from patch_ops.database import get_engine
+    from patch_ops.state import ensure_framework_tables
+    from patch_ops.target_sets import create_target_tables, target_table_name
+    from patch_ops.work_rows import drop_own_tables
+
+    path = tmp_path / "app.sqlite"
+    engine = get_engine(f"sqlite:///{path}")
+    ensure_framework_tables(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE app_rows (id INTEGER PRIMARY KEY, n INTEGER)")
+    name = target_table_name("x", "items")
+    app: list[str] = []
+
+    def application_writes(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
+        if name not in statement or statement.lstrip().upper().startswith(("CREATE", "DROP")):
+            return  # right after each look for the table, before its CREATE or DROP
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            other.execute("INSERT INTO app_rows (n) VALUES (1)")
+            other.commit()
+            app.append("written")
+        except sqlite3.OperationalError as exc:
+            app.append(str(exc))
+        finally:
+            other.close()
+
+    for step, made in ((lambda: create_target_tables(engine, "x", ["items"]), True),
+                       (lambda: drop_own_tables(engine, ["x"], ["items"]), False)):
+        app.clear()
+        event.listen(engine, "after_cursor_execute", application_writes)
+        step()
+        event.remove(engine, "after_cursor_execute", application_writes)
+        assert inspect(engine).has_table(name) == made
+        assert app and set(app) == {"database is locked"}  # the application waited each time
