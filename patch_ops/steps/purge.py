@@ -14,12 +14,12 @@ from sqlalchemy.engine import Connection, Engine
 from patch_ops import state
 from patch_ops.database import check_connection, write_transaction
 from patch_ops.execution import PatchError, drop_work_rows, finish_execution, set_execution, utcnow
-from patch_ops.state import BACKUP, executions
+from patch_ops.state import executions
 from patch_ops.steps.drift import APPROVED, drop_fingerprint
 from patch_ops.steps.report import md_table
 from patch_ops.steps.restore import new_execution, recorded
 from patch_ops.target_sets import target_counts
-from patch_ops.work_rows import WORK_ACTIONS, WorkRows, drop_own_tables, existing_rows
+from patch_ops.work_rows import WORK_ACTIONS, drop_own_tables, existing_rows
 
 PURGE_NAME = "purge_expired_backups"
 
@@ -27,18 +27,21 @@ PURGE_NAME = "purge_expired_backups"
 def _work_rows(conn: Connection, execution_id: str, decl: dict[str, Any]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for table in (decl or {}).get("tables", []):
-        found = [existing_rows(conn, table, execution_id, a) for a in WORK_ACTIONS]
-        # an earlier version's copy of a fingerprint, in a mirror of its own
-        legacy = state.mirror_by_name(conn, state.mirror_name(APPROVED, table))
-        if legacy is not None:
-            found.append(WorkRows(legacy, execution_id, BACKUP))
-        for rows in found:
+        for rows in [existing_rows(conn, table, execution_id, a) for a in WORK_ACTIONS]:
             if rows is not None:
                 n = conn.execute(
                     select(func.count()).select_from(rows.table).where(rows.mine)
                 ).scalar_one()
                 if n or not rows.shared:  # a table of its own, empty too: it is dropped
                     counts[rows.table.name] = counts.get(rows.table.name, 0) + n
+        # an earlier version's copy of a fingerprint (its backup and updates), in a mirror of
+        # its own: every row of the execution, as ``drop_fingerprint`` deletes them
+        legacy = state.mirror_by_name(conn, state.mirror_name(APPROVED, table))
+        if legacy is not None:
+            n = conn.execute(select(func.count()).select_from(legacy).where(
+                legacy.c.dp_execution_id == execution_id)).scalar_one()
+            if n:
+                counts[legacy.name] = n
     counts.update(target_counts(conn, execution_id, (decl or {}).get("tables", [])))
     n = conn.execute(select(func.count()).where(state.rejects.c.execution_id == execution_id)
                      ).scalar_one()

@@ -42,12 +42,27 @@ def test_a_mysql_url_whose_driver_is_missing_is_one_clear_line() -> None:
     assert "s3cr3t" not in message and "\n" not in message
 
 
+def application_write(path) -> str:  # type: ignore[no-untyped-def]
+    """One write of the application to SQLite file ``path``, on a connection of its own that
+    does not wait: "written", or why it was refused."""
+    import sqlite3
+
+    other = sqlite3.connect(path, timeout=0)
+    try:
+        other.execute("INSERT INTO app_rows (n) VALUES (1)")
+        other.commit()
+        return "written"
+    except sqlite3.OperationalError as exc:
+        return str(exc)
+    finally:
+        other.close()
+
+
 def test_framework_tables_are_made_while_the_application_writes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """On SQLite, a deferred transaction that looked for a framework table and then created it
     failed at once ("database is locked") when the application committed a write in between
     (a plan failed so in the benchmark with its application stand-in writing). The tables are
     made in a write transaction: the application's write waits for it instead."""
-    import sqlite3
 
     from sqlalchemy import event, inspect
 
@@ -63,15 +78,7 @@ def test_framework_tables_are_made_while_the_application_writes(tmp_path) -> Non
     def application_writes(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
         if app or "data_patch_executions" not in statement:
             return  # once: right after the first look for the executions table
-        other = sqlite3.connect(path, timeout=0)
-        try:
-            other.execute("INSERT INTO app_rows (n) VALUES (1)")
-            other.commit()
-            app.append("written")
-        except sqlite3.OperationalError as exc:
-            app.append(str(exc))
-        finally:
-            other.close()
+        app.append(application_write(path))
 
     event.listen(engine, "after_cursor_execute", application_writes)
     ensure_framework_tables(engine)
@@ -86,7 +93,6 @@ def test_an_executions_own_tables_are_made_and_dropped_while_the_application_wri
     dropped when it closes, each in a write transaction (a dry run's report op failed so in
     the benchmark, session 35: its drop looked for the table, the application wrote, the DROP
     was refused)."""
-    import sqlite3
 
     from sqlalchemy import event, inspect
 
@@ -106,15 +112,7 @@ def test_an_executions_own_tables_are_made_and_dropped_while_the_application_wri
     def application_writes(conn, cursor, statement, *_):  # type: ignore[no-untyped-def]
         if name not in statement or statement.lstrip().upper().startswith(("CREATE", "DROP")):
             return  # right after each look for the table, before its CREATE or DROP
-        other = sqlite3.connect(path, timeout=0)
-        try:
-            other.execute("INSERT INTO app_rows (n) VALUES (1)")
-            other.commit()
-            app.append("written")
-        except sqlite3.OperationalError as exc:
-            app.append(str(exc))
-        finally:
-            other.close()
+        app.append(application_write(path))
 
     for step, made in ((lambda: create_target_tables(engine, "x", ["items"]), True),
                        (lambda: drop_own_tables(engine, ["x"], ["items"]), False)):
